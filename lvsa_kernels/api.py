@@ -1,0 +1,81 @@
+"""The public call: `block_sparse_attn`."""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from .dispatch import select_backend
+from .reference import BlockSparseLayout
+
+__all__ = ["block_sparse_attn", "check_inputs"]
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_inputs(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout) -> None:
+    """Raise ValueError/TypeError naming the offending argument when inputs do not fit together."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor [B, S, H, D], got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name}: expected 4 dims [B, S, H, D], got shape {tuple(t.shape)}")
+        if t.dtype not in _DTYPES:
+            raise TypeError(f"{name}: expected dtype float16, bfloat16, float32 or float64, got {t.dtype}")
+    if not isinstance(layout, BlockSparseLayout):
+        raise TypeError(f"layout: expected a BlockSparseLayout, got {type(layout).__name__}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v: dtypes must match, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v: must be on one device, got {q.device}, {k.device}, {v.device}")
+    B, Sq, H, D = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"k, v: shapes must match [B, Skv, H_kv, D], got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[0] != B:
+        raise ValueError(f"k: batch {k.shape[0]} does not match q's batch {B}")
+    if k.shape[3] != D:
+        raise ValueError(f"k: head dim {k.shape[3]} does not match q's head dim {D}")
+    Hkv = k.shape[2]
+    if Hkv < 1 or H % Hkv:
+        raise ValueError(f"k: H_kv={Hkv} must divide the number of query heads H={H}")
+    if layout.q_len != Sq:
+        raise ValueError(f"layout: covers {layout.q_len} query tokens but q has S={Sq}")
+    if layout.kv_len != k.shape[1]:
+        raise ValueError(f"layout: covers {layout.kv_len} key tokens but k has S={k.shape[1]}")
+    if layout.num_heads not in (1, H):
+        raise ValueError(f"layout: has {layout.num_heads} heads; expected 1 (shared) or H={H}")
+
+
+def block_sparse_attn(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    layout: BlockSparseLayout,
+    *,
+    backend: str = "auto",
+    scale: Optional[float] = None,
+    return_lse: bool = False,
+) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+    """Block-sparse attention ``softmax(q k^T * scale, masked by layout) v``.
+
+    Args:
+        q: ``[B, Sq, H, D]``; k, v: ``[B, Skv, H_kv, D]`` (``H % H_kv == 0``); fp16/bf16 (fp32 where the
+            backend allows). Strided views are fine; the last dim must be contiguous for kernels.
+        layout: `BlockSparseLayout` over ``Sq`` x ``Skv`` tokens, shared (1 head) or per head (H heads).
+        backend: ``"auto"`` (fastest eligible backend, measured once and cached; env
+            ``LVSA_KERNELS_BACKEND`` overrides) or one of ``"triton"``, ``"flashinfer"``, ``"npu"``,
+            ``"sdpa"``, ``"reference"``. An explicit backend that cannot run raises `BackendUnavailable`.
+        scale: softmax scale, default ``1 / sqrt(D)``.
+        return_lse: also return lse ``[B, H, Sq]`` (float32, natural log; -inf for rows with no keys).
+
+    Returns:
+        ``out [B, Sq, H, D]`` in q's dtype, or ``(out, lse)``.
+    """
+    check_inputs(q, k, v, layout)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    chosen = select_backend(backend, q, k, v, layout, float(scale), return_lse)
+    out, lse = chosen.run(q, k, v, layout, float(scale), return_lse)
+    return (out, lse) if return_lse else out
