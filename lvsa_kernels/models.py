@@ -1,0 +1,84 @@
+"""Per-model presets: attention geometry and LVSA defaults of the supported video DiTs.
+
+Numbers come from the models' configs (``third-party-apis.md`` §3) and ``lvsa-pattern.md`` §1/§6.
+Frame counts are latent frames unless a name says ``video_frames``; sizes are in pixels and tokens.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+from .reference import LVSAPattern, latent_frames
+
+__all__ = ["ModelPreset", "MODELS", "get_model"]
+
+
+@dataclass(frozen=True)
+class ModelPreset:
+    """One model's self-attention geometry and LVSA defaults.
+
+    Attributes:
+        name: registry key (``wan``, ``hunyuan15``, ``cogvideox``).
+        title: human-readable model name.
+        heads, head_dim: self-attention heads and head dimension.
+        reference_frames: training horizon in latent frames (the LVSA ``ref``).
+        spatial_factor: VAE spatial downsampling ``s``; ``patch``: transformer spatial patch ``p``.
+        temporal_factor: VAE temporal downsampling (video frames -> latent frames).
+        height, width: default resolution in pixels.
+        text_position: where text tokens sit in the self-attention sequence: ``"none"`` (video only),
+            ``"before"`` or ``"after"`` the video tokens.
+        text_tokens: text tokens in the joint sequence when fixed by the model, else None (varies per prompt).
+    """
+
+    name: str
+    title: str
+    heads: int
+    head_dim: int
+    reference_frames: int
+    spatial_factor: int
+    patch: int
+    height: int
+    width: int
+    text_position: str
+    text_tokens: Optional[int]
+    temporal_factor: int = 4
+
+    def tokens_per_frame(self, height: Optional[int] = None, width: Optional[int] = None) -> int:
+        """Tokens per latent frame ``(height // (s*p)) * (width // (s*p))``; defaults to the preset resolution."""
+        h = self.height if height is None else height
+        w = self.width if width is None else width
+        cell = self.spatial_factor * self.patch
+        if h < cell or w < cell:
+            raise ValueError(f"height x width = {h}x{w} px is smaller than one {cell}x{cell} token cell")
+        return (h // cell) * (w // cell)
+
+    def latent_frames(self, video_frames: int) -> int:
+        """Latent frames for ``video_frames`` video frames: ``(F - 1) // temporal_factor + 1``."""
+        return latent_frames(video_frames, self.temporal_factor)
+
+    def pattern(self, **overrides) -> LVSAPattern:
+        """The model's `LVSAPattern` (W = 3, n_first = 1, its reference horizon); keyword args override."""
+        kwargs = {"window": 3, "n_first": 1, "reference_frames": self.reference_frames}
+        kwargs.update(overrides)
+        return LVSAPattern(**kwargs)
+
+
+MODELS: Dict[str, ModelPreset] = {
+    p.name: p
+    for p in (
+        ModelPreset("wan", "Wan 2.1/2.2 T2V 1.3B", heads=12, head_dim=128, reference_frames=21,
+                    spatial_factor=8, patch=2, height=480, width=832, text_position="none", text_tokens=0),
+        ModelPreset("hunyuan15", "HunyuanVideo 1.5", heads=16, head_dim=128, reference_frames=33,
+                    spatial_factor=16, patch=1, height=480, width=832, text_position="after", text_tokens=None),
+        ModelPreset("cogvideox", "CogVideoX 5B", heads=30, head_dim=64, reference_frames=13,
+                    spatial_factor=8, patch=2, height=480, width=720, text_position="before", text_tokens=226),
+    )
+}
+
+
+def get_model(name: str) -> ModelPreset:
+    """The preset called ``name``; raises ValueError listing the known names."""
+    try:
+        return MODELS[name]
+    except KeyError:
+        raise ValueError(f"model: unknown model {name!r}; known: {sorted(MODELS)}") from None
