@@ -1,60 +1,304 @@
-"""Backend choice for `block_sparse_attn`: explicit override, environment override, or auto."""
+"""Backend choice for `block_sparse_attn`: explicit override, environment override, or measured auto.
+
+``backend="auto"`` (the default of `block_sparse_attn`):
+
+* a fully dense layout runs on dense SDPA (``sdpa``) when it can; with ``return_lse=True`` SDPA cannot,
+  so the choice falls through to the backends below;
+* otherwise every eligible backend for the tensors' device type is timed once on the real tensors
+  (`measure`: warm-up, then the median of a few runs; CUDA events on CUDA, ``perf_counter`` elsewhere)
+  and the fastest wins. Winners are cached per problem class (`problem_key`) in memory and in a JSON
+  file (`cache_file`), so a later process reads the choice instead of timing again;
+* ``reference`` is only used when nothing else is eligible;
+* inside ``torch.compile`` tracing nothing is timed: the cached winner, else the first eligible
+  backend in `PREFERENCE` order, is used;
+* a skipped backend is logged once at WARNING with the reason.
+
+Overrides: the ``backend=`` argument, or the environment variable ``LVSA_KERNELS_BACKEND`` (read when
+the argument is ``"auto"``). An explicit backend that cannot run raises `BackendUnavailable`.
+The cache folder is ``~/.cache/lvsa_kernels`` unless ``LVSA_KERNELS_CACHE_DIR`` names another one.
+
+`timed_choice` is the measurement hook shared with backends that pick among their own variants (the
+NPU backend chooses between two torch_npu ops with it).
+"""
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
-from typing import List, Set, Tuple
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Set
 
+import torch
 from torch import Tensor
 
 from .backends import BackendUnavailable, get_backend, registered_backends
 from .backends.base import Backend
 from .reference import BlockSparseLayout
 
-__all__ = ["select_backend", "candidate_order", "ENV_BACKEND"]
+__all__ = [
+    "ENV_BACKEND", "ENV_CACHE_DIR", "PREFERENCE", "select_backend", "candidate_order", "problem_key",
+    "timed_choice", "measure", "cache_file", "cached_choices", "reset_state",
+]
 
 log = logging.getLogger("lvsa_kernels")
 ENV_BACKEND = "LVSA_KERNELS_BACKEND"
+ENV_CACHE_DIR = "LVSA_KERNELS_CACHE_DIR"
+CACHE_FILE_NAME = "backends.json"
+_CACHE_VERSION = 1
 
-# Preference when several backends are eligible and nothing has been measured yet.
-_PREFERENCE = {
-    "cuda": ["sdpa", "triton", "flashinfer", "reference"],
-    "npu": ["sdpa", "npu", "reference"],
-    "cpu": ["sdpa", "triton", "reference"],
-}
-_warned: Set[Tuple[str, str]] = set()
+# Static preference among sparse backends (used untimed, e.g. while torch.compile traces).
+PREFERENCE = ("triton", "flashinfer", "npu")
+_DENSE = "sdpa"
+_FALLBACK = "reference"
+_WARMUP, _REPEATS = 1, 3
 
-
-def _warn_once(name: str, reason: str) -> None:
-    if (name, reason) not in _warned:
-        _warned.add((name, reason))
-        log.warning("lvsa_kernels auto: skipping backend %r: %s", name, reason)
+_warned: Set[str] = set()
 
 
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        log.warning("lvsa_kernels auto: %s", message)
+
+
+def _warn_skip(name: str, reason: str) -> None:
+    _warn_once(f"skipping backend {name!r}: {reason}")
+
+
+# ---------------------------------------------------------------------------------------- cache
+def cache_file() -> Path:
+    """The JSON file of measured winners: ``$LVSA_KERNELS_CACHE_DIR/backends.json`` or ``~/.cache/lvsa_kernels/backends.json``."""
+    folder = os.environ.get(ENV_CACHE_DIR) or os.path.join(os.path.expanduser("~"), ".cache", "lvsa_kernels")
+    return Path(folder) / CACHE_FILE_NAME
+
+
+def _read_file(path: Path) -> Dict[str, Dict[str, Any]]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        _warn_once(f"cannot read {path} ({exc}); choices will be measured again")
+        return {}
+    if not isinstance(data, dict) or data.get("version") != _CACHE_VERSION or not isinstance(data.get("entries"), dict):
+        _warn_once(f"{path} has an unknown format; choices will be measured again")
+        return {}
+    return data["entries"]
+
+
+def _write_file(path: Path, entries: Dict[str, Dict[str, Any]]) -> None:
+    """Atomically replace ``path`` (temporary file in the same folder + ``os.replace``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump({"version": _CACHE_VERSION, "entries": entries}, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+class _ChoiceCache:
+    """Winners by key: the file's entries, loaded once, plus what this process measured."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.entries: Dict[str, Dict[str, Any]] = _read_file(path)
+
+    def get(self, key: str) -> Optional[str]:
+        entry = self.entries.get(key)
+        return entry.get("winner") if isinstance(entry, dict) else None
+
+    def put(self, key: str, winner: str, times_ms: Mapping[str, float]) -> None:
+        entry = {"winner": winner, "times_ms": {n: round(t, 4) for n, t in times_ms.items()}}
+        self.entries[key] = entry
+        merged = _read_file(self.path)  # keep entries other processes wrote meanwhile
+        merged[key] = entry
+        try:
+            _write_file(self.path, merged)
+        except OSError as exc:
+            _warn_once(f"cannot write {self.path} ({exc}); choices stay in memory only")
+
+
+_state: Optional[_ChoiceCache] = None
+
+
+def _cache() -> _ChoiceCache:
+    global _state
+    path = cache_file()
+    if _state is None or _state.path != path:
+        _state = _ChoiceCache(path)
+    return _state
+
+
+def reset_state() -> None:
+    """Forget the in-memory choices (the next lookup reads the cache file again)."""
+    global _state
+    _state = None
+
+
+def cached_choices() -> Dict[str, Dict[str, Any]]:
+    """All cached winners ``{key: {"winner": name, "times_ms": {...}}}`` (file + this process)."""
+    return dict(_cache().entries)
+
+
+# ---------------------------------------------------------------------------------------- timing
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type != "cpu":
+        module = getattr(torch, device.type, None)
+        sync = getattr(module, "synchronize", None)
+        if callable(sync):
+            sync()
+
+
+def measure(fn: Callable[[], object], device: torch.device) -> float:
+    """Median milliseconds of ``fn()`` on ``device`` after a warm-up (CUDA events on CUDA, else perf_counter)."""
+    for _ in range(_WARMUP):
+        fn()
+    times = []
+    for _ in range(_REPEATS):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            _synchronize(device)
+            t0 = time.perf_counter()
+            fn()
+            _synchronize(device)
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def timed_choice(key: str, candidates: Mapping[str, Callable[[], object]], device: torch.device) -> str:
+    """Name of the fastest candidate for ``key``: cached, else measured once with `measure` and cached.
+
+    ``candidates`` maps names to zero-argument callables, in preference order. A cached winner that is
+    no longer a candidate is measured again. While ``torch.compile`` traces, nothing is timed: the
+    cached winner or else the first candidate is returned. A candidate that raises while being timed is
+    skipped with a WARNING; if all raise, the first candidate's error propagates.
+    """
+    if not candidates:
+        raise ValueError("timed_choice: no candidates")
+    names = list(candidates)
+    cache = _cache()
+    cached = cache.get(key)
+    if cached in candidates:
+        return cached
+    if len(names) == 1 or torch.compiler.is_compiling():
+        return names[0]
+    times: Dict[str, float] = {}
+    errors: Dict[str, Exception] = {}
+    for name in names:
+        try:
+            times[name] = measure(candidates[name], device)
+        except Exception as exc:  # a candidate that fails here must not break auto; it is reported
+            errors[name] = exc
+            _warn_skip(name, f"failed while being timed for {key}: {exc!r}")
+    if not times:
+        raise errors[names[0]]
+    winner = min(times, key=times.__getitem__)
+    cache.put(key, winner, times)
+    log.info("lvsa_kernels auto: %s -> %s (%s)", key, winner,
+             ", ".join(f"{n} {t:.3f} ms" for n, t in times.items()))
+    return winner
+
+
+# ---------------------------------------------------------------------------------------- keys
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    module = getattr(torch, device.type, None)
+    get_name = getattr(module, "get_device_name", None)
+    if device.type != "cpu" and callable(get_name):
+        return str(get_name())
+    return platform.processor() or platform.machine() or device.type
+
+
+def problem_key(q: Tensor, k: Tensor, layout: BlockSparseLayout, return_lse: bool) -> str:
+    """Problem class of a call: device type and name, dtype, head dim, GQA ratio, log2(Sq) rounded,
+    density in 0.1 steps, shared or per-head layout, and whether lse is returned."""
+    gqa = q.shape[2] // k.shape[2]
+    sq = max(q.shape[1], 1)
+    heads = "shared" if layout.num_heads == 1 else "per-head"
+    return (f"{q.device.type}:{_device_name(q.device)}|{str(q.dtype).replace('torch.', '')}|d{q.shape[-1]}"
+            f"|gqa{gqa}|sq2^{round(math.log2(sq))}|density{round(layout.density, 1):.1f}|{heads}"
+            f"|lse{int(return_lse)}")
+
+
+# ---------------------------------------------------------------------------------------- selection
 def candidate_order(device_type: str) -> List[str]:
-    """Backends tried by ``auto`` on ``device_type``, in preference order."""
-    names = _PREFERENCE.get(device_type, ["reference"])
-    return [n for n in names if n in registered_backends()]
+    """Sparse backends that run on ``device_type`` tensors, in preference order (then registration order).
+
+    ``sdpa`` (dense layouts only) and ``reference`` (last resort) are handled separately by `select_backend`.
+    """
+    backends = registered_backends()
+    names = [n for n in PREFERENCE if n in backends]
+    names += [n for n in backends if n not in names and n not in (_DENSE, _FALLBACK)]
+    return [n for n in names if device_type in backends[n].caps.devices]
+
+
+def _explicit(name: str, source: str, q: Tensor, k: Tensor, layout: BlockSparseLayout, return_lse: bool) -> Backend:
+    try:
+        backend = get_backend(name)
+    except ValueError as exc:
+        raise ValueError(f"{source}: {exc}") from None
+    reason = backend.unsupported_reason(q, k, layout, return_lse)
+    if reason:
+        raise BackendUnavailable(f"backend {name!r} ({source}) cannot run these inputs: {reason}")
+    return backend
 
 
 def select_backend(requested: str, q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout,
                    scale: float, return_lse: bool) -> Backend:
-    """Resolve ``requested`` ("auto" or a backend name) to a backend that can run these inputs."""
+    """Resolve ``requested`` ("auto" or a backend name) to a backend that can run these inputs.
+
+    With ``"auto"`` the environment variable ``LVSA_KERNELS_BACKEND``, when set, names the backend
+    instead. An explicit backend that cannot run raises `BackendUnavailable` naming what is missing;
+    ``auto`` measures as described in the module docstring and raises only when no backend at all can run.
+    """
     if not isinstance(requested, str):
         raise TypeError(f"backend: expected a str, got {type(requested).__name__}")
-    if requested == "auto":
-        requested = os.environ.get(ENV_BACKEND, "auto") or "auto"
     if requested != "auto":
-        backend = get_backend(requested)
-        reason = backend.unsupported_reason(q, k, layout, return_lse)
-        if reason:
-            raise BackendUnavailable(f"backend {requested!r} cannot run these inputs: {reason}")
-        return backend
+        return _explicit(requested, "backend argument", q, k, layout, return_lse)
+    env = os.environ.get(ENV_BACKEND, "")
+    if env and env != "auto":
+        return _explicit(env, f"environment variable {ENV_BACKEND}", q, k, layout, return_lse)
+
+    backends = registered_backends()
+    if layout.is_dense and _DENSE in backends:
+        dense = backends[_DENSE]
+        if dense.unsupported_reason(q, k, layout, return_lse) is None:
+            return dense
+    eligible: Dict[str, Backend] = {}
     for name in candidate_order(q.device.type):
-        backend = get_backend(name)
-        reason = backend.unsupported_reason(q, k, layout, return_lse)
+        reason = backends[name].unsupported_reason(q, k, layout, return_lse)
         if reason is None:
-            return backend
-        if not (name == "sdpa" and not layout.is_dense):  # sdpa is only meant for dense layouts
-            _warn_once(name, reason)
-    raise BackendUnavailable(f"no backend can run these inputs on device {q.device.type!r}")
+            eligible[name] = backends[name]
+        else:
+            _warn_skip(name, reason)
+    if not eligible:
+        fallback = backends.get(_FALLBACK)
+        reason = fallback.unsupported_reason(q, k, layout, return_lse) if fallback else "not registered"
+        if reason:
+            raise BackendUnavailable(f"no backend can run these inputs on device {q.device.type!r} "
+                                     f"(reference: {reason})")
+        _warn_once("using the slow 'reference' backend: no other backend is eligible (see the warnings above)")
+        return fallback
+
+    def runner(backend: Backend) -> Callable[[], object]:
+        return lambda: backend.run(q, k, v, layout, scale, return_lse)
+
+    key = problem_key(q, k, layout, return_lse) + "|candidates=" + ",".join(eligible)
+    return eligible[timed_choice(key, {n: runner(b) for n, b in eligible.items()}, q.device)]
