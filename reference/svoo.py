@@ -1,0 +1,404 @@
+"""SVOO planner: online query/key co-clustering and cluster-block selection (spec: svoo-pattern.md §3).
+
+Every (batch element, head) pair is an independent *group*; tensors with a leading ``G`` dim hold
+``G = B * H`` groups in ``(b, h)`` order. Clustering math runs in float32 (float64 for float64 inputs).
+
+Pipeline of one sparse call: cluster (or reuse cached labels with refreshed centroids) -> permute
+q, k, v so that clusters are contiguous -> select (query cluster, key cluster) blocks -> per-head
+variable-block `BlockSparseLayout` over the permuted sequence -> block-sparse attention -> un-permute.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from typing import Collection, Dict, Hashable, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .layout import BlockSparseLayout
+from .svoo_profile import SVOOProfile
+
+__all__ = [
+    "Clusters", "CoClustering", "SVOOPattern", "SVOOPlan", "assign", "assignment_weights", "build_layouts",
+    "co_cluster", "permute_tokens", "refresh_clusters", "segment_means", "select_blocks", "strided_seeds",
+    "unpermute_tokens",
+]
+
+log = logging.getLogger("lvsa_kernels")
+
+_CHUNK_ELEMENTS = 1 << 24  # elements of one [G, rows, clusters] score or one-hot chunk
+
+
+def _acc_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _chunk_rows(groups: int, clusters: int) -> int:
+    return max(1, _CHUNK_ELEMENTS // max(1, groups * clusters))
+
+
+# ---------------------------------------------------------------------------------------------- clustering
+@dataclass(frozen=True)
+class Clusters:
+    """Clustering of one side (queries or keys) for ``G`` groups of ``N`` tokens into ``n`` clusters.
+
+    Attributes:
+        labels: int64 ``[G, N]`` cluster of every token.
+        centroids: float ``[G, n, d]`` cluster means (an empty cluster keeps its previous centroid).
+        sizes: int64 ``[G, n]`` tokens per cluster (0 for empty clusters).
+        perm: int64 ``[G, N]`` stable argsort of ``labels``: position ``s`` of the permuted sequence
+            holds token ``perm[g, s]``; cluster ``i`` occupies a contiguous range.
+    """
+
+    labels: Tensor
+    centroids: Tensor
+    sizes: Tensor
+    perm: Tensor
+
+
+@dataclass(frozen=True)
+class CoClustering:
+    """Query and key clusterings of the same groups."""
+
+    q: Clusters
+    k: Clusters
+
+
+def l2norm_rows(x: Tensor, eps: float = 1e-8) -> Tensor:
+    """Rows of ``x`` divided by ``sqrt(|row|^2 + eps)``."""
+    return x / torch.sqrt((x * x).sum(dim=-1, keepdim=True) + eps)
+
+
+def assignment_weights(c_self: Tensor, c_other: Tensor) -> Tensor:
+    """Matmul form of the co-clustering rule: ``W = l2norm(c_self @ c_otherᵀ) @ c_other``.
+
+    ``c_self`` ``[G, n_self, d]``, ``c_other`` ``[G, n_other, d]`` -> ``[G, n_self, d]``. For a token x,
+    ``argmax_j x·W_j == argmax_j cos(x @ c_otherᵀ, l2norm(c_self @ c_otherᵀ)_j)`` because the cosine's
+    ``|x @ c_otherᵀ|`` is a positive constant per token and the dot product is linear in x.
+    """
+    return l2norm_rows(c_self @ c_other.transpose(1, 2)) @ c_other
+
+
+def assign(x: Tensor, weights: Tensor) -> Tensor:
+    """int64 ``[G, N]`` labels ``argmax_j x·W_j`` for x ``[G, N, d]``, W ``[G, J, d]``.
+
+    Ties and all-zero rows go to the lowest index. Scores are formed in row chunks (never ``[G, N, J]``).
+    """
+    G, N, _ = x.shape
+    rows = _chunk_rows(G, weights.shape[1])
+    wt = weights.transpose(1, 2)
+    labels = torch.empty(G, N, dtype=torch.int64, device=x.device)
+    for r0 in range(0, N, rows):
+        labels[:, r0:r0 + rows] = torch.argmax(x[:, r0:r0 + rows] @ wt, dim=-1)
+    return labels
+
+
+def segment_means(x: Tensor, labels: Tensor, n: int, previous: Tensor) -> Tuple[Tensor, Tensor]:
+    """Per-cluster means of x ``[G, N, d]`` grouped by labels ``[G, N]`` into ``n`` clusters.
+
+    Deterministic (one-hot matmuls summed in a fixed chunk order; no atomics). Returns
+    ``(centroids [G, n, d], sizes int64 [G, n])``; empty clusters keep ``previous`` with size 0.
+    """
+    G, N, d = x.shape
+    sums = torch.zeros(G, n, d, dtype=x.dtype, device=x.device)
+    counts = torch.zeros(G, n, dtype=x.dtype, device=x.device)
+    rows = _chunk_rows(G, n)
+    for r0 in range(0, N, rows):
+        onehot = F.one_hot(labels[:, r0:r0 + rows], n).to(x.dtype)  # [G, m, n]
+        sums += onehot.transpose(1, 2) @ x[:, r0:r0 + rows]
+        counts += onehot.sum(dim=1)
+    sizes = counts.round().to(torch.int64)
+    means = sums / counts.clamp(min=1).unsqueeze(-1)
+    return torch.where((sizes > 0).unsqueeze(-1), means, previous.to(x.dtype)), sizes
+
+
+def strided_seeds(x: Tensor, n: int, generator: torch.Generator) -> Tensor:
+    """Initial centroids ``[G, n, d]``: ``n`` evenly strided tokens of x ``[G, N, d]`` with a random phase per group.
+
+    Tokens are in raster (frame, row, column) order, so strided seeds spread over space and time; they are
+    distinct whenever ``n <= N``. ``generator`` is a CPU generator (same seeds on every device).
+    """
+    G, N, d = x.shape
+    phase = torch.randint(0, N, (G, 1), generator=generator)
+    idx = (phase + torch.arange(n) * N // n) % N
+    return torch.gather(x, 1, idx.to(x.device).unsqueeze(-1).expand(G, n, d))
+
+
+def _clusters(labels: Tensor, centroids: Tensor, sizes: Tensor) -> Clusters:
+    return Clusters(labels, centroids, sizes, torch.sort(labels, dim=1, stable=True).indices)
+
+
+def co_cluster(q: Tensor, k: Tensor, q_clusters: int, k_clusters: int, iterations: int = 2, seed: int = 0,
+               init: Optional[Tuple[Tensor, Tensor]] = None) -> CoClustering:
+    """Bidirectional query/key co-clustering (spec §3.1), keys first in every iteration.
+
+    Args:
+        q: ``[G, Nq, d]``; k: ``[G, Nk, d]`` (any float dtype; computed in float32, float64 for float64).
+        q_clusters, k_clusters: ``n_q``, ``n_k`` (>= 1).
+        iterations: assignment/update rounds (>= 1).
+        seed: seed of the CPU generator for strided seeding (ignored with ``init``).
+        init: warm start ``(q_centroids [G, n_q, d], k_centroids [G, n_k, d])``, e.g. cached centroids.
+    """
+    if q.dim() != 3 or k.dim() != 3 or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
+        raise ValueError(f"q, k: expected [G, Nq, d] and [G, Nk, d], got {tuple(q.shape)} and {tuple(k.shape)}")
+    for name, v in (("q_clusters", q_clusters), ("k_clusters", k_clusters), ("iterations", iterations)):
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
+    acc = _acc_dtype(q)
+    xq, xk = q.to(acc), k.to(acc)
+    if init is None:
+        gen = torch.Generator().manual_seed(seed)
+        cq, ck = strided_seeds(xq, q_clusters, gen), strided_seeds(xk, k_clusters, gen)
+    else:
+        cq, ck = (c.to(device=q.device, dtype=acc) for c in init)
+        G, d = q.shape[0], q.shape[2]
+        if cq.shape != (G, q_clusters, d) or ck.shape != (G, k_clusters, d):
+            raise ValueError(f"init: expected centroids {(G, q_clusters, d)} and {(G, k_clusters, d)}, "
+                             f"got {tuple(cq.shape)} and {tuple(ck.shape)}")
+    for _ in range(iterations):
+        lk = assign(xk, assignment_weights(ck, cq))
+        ck, sk = segment_means(xk, lk, k_clusters, ck)
+        lq = assign(xq, assignment_weights(cq, ck))
+        cq, sq = segment_means(xq, lq, q_clusters, cq)
+    return CoClustering(_clusters(lq, cq, sq), _clusters(lk, ck, sk))
+
+
+def refresh_clusters(x: Tensor, clusters: Clusters) -> Clusters:
+    """Same labels and permutation, centroids recomputed from the current tokens x ``[G, N, d]``."""
+    centroids, sizes = segment_means(x.to(_acc_dtype(x)), clusters.labels, clusters.centroids.shape[1],
+                                     clusters.centroids)
+    return Clusters(clusters.labels, centroids, sizes, clusters.perm)
+
+
+# ---------------------------------------------------------------------------------------------- selection
+def select_blocks(q_centroids: Tensor, k_centroids: Tensor, k_sizes: Tensor, top_p: float,
+                  min_blocks: Tensor, scale: float) -> Tensor:
+    """bool ``[G, n_q, n_k]`` (query cluster, key cluster) blocks to compute (spec §3.4).
+
+    Per query cluster i: size-weighted centroid softmax ``M_ij ∝ |K_j| exp(scale Q̄_i·K̄_j)``; keep the
+    smallest descending prefix whose mass reaches ``top_p`` (the crossing cluster included), and at least
+    ``min_blocks[g]`` clusters (the profile floor). Empty key clusters are never kept; ``top_p >= 1``
+    keeps every non-empty cluster.
+
+    Args:
+        q_centroids ``[G, n_q, d]``, k_centroids ``[G, n_k, d]``, k_sizes int ``[G, n_k]``,
+        min_blocks int ``[G]``, scale: softmax scale.
+    """
+    nonempty = (k_sizes > 0).unsqueeze(1).expand(-1, q_centroids.shape[1], -1)
+    if top_p >= 1:
+        return nonempty.clone()
+    acc = _acc_dtype(q_centroids)
+    logits = (q_centroids.to(acc) @ k_centroids.to(acc).transpose(1, 2)) * scale
+    mass = torch.softmax(logits + torch.log(k_sizes.to(acc)).unsqueeze(1), dim=-1)  # log 0 = -inf: no mass
+    ranked, order = torch.sort(mass, dim=-1, descending=True, stable=True)
+    before = torch.cumsum(ranked, dim=-1).roll(1, dims=-1)  # exclusive prefix mass c_{r-1}
+    before[..., 0] = 0
+    rank = torch.arange(mass.shape[-1], device=mass.device)
+    keep_ranked = (before <= top_p) | (rank < min_blocks.to(mass.device).view(-1, 1, 1))
+    keep = torch.zeros_like(keep_ranked).scatter_(-1, order, keep_ranked)
+    return keep & nonempty
+
+
+def build_layouts(mask: Tensor, q_sizes: Tensor, k_sizes: Tensor, batch: int,
+                  meta: Optional[Dict[str, object]] = None) -> Tuple[BlockSparseLayout, ...]:
+    """One per-head variable-block layout per batch element over the permuted sequence.
+
+    mask bool ``[B*H, n_q, n_k]``, q_sizes ``[B*H, n_q]``, k_sizes ``[B*H, n_k]`` (tokens); query block i of
+    head h is query cluster i, key block j is key cluster j (zero-size blocks allowed).
+    """
+    G = mask.shape[0]
+    if G % batch:
+        raise ValueError(f"mask: {G} groups is not a multiple of batch={batch}")
+    H = G // batch
+    mask, q_sizes, k_sizes = mask.cpu(), q_sizes.cpu(), k_sizes.cpu()
+    return tuple(
+        BlockSparseLayout.from_block_mask(mask[b * H:(b + 1) * H], q_sizes[b * H:(b + 1) * H],
+                                          k_sizes[b * H:(b + 1) * H], dict(meta or {}, pattern="svoo"))
+        for b in range(batch)
+    )
+
+
+# ---------------------------------------------------------------------------------------------- permutation
+def permute_tokens(x: Tensor, perm: Tensor) -> Tensor:
+    """x ``[B, S, H, D]`` reordered per (b, h): ``out[b, s, h] = x[b, perm[b, h, s], h]`` (perm int64 ``[B, H, S]``).
+
+    Returns a ``[B, S, H, D]`` view of a ``[B, H, S, D]`` buffer (last dim contiguous).
+    """
+    B, S, H, D = x.shape
+    if perm.shape != (B, H, S):
+        raise ValueError(f"perm: expected shape {(B, H, S)} for x of shape {tuple(x.shape)}, got {tuple(perm.shape)}")
+    rows = x.transpose(1, 2).reshape(B * H * S, D)
+    base = torch.arange(B * H, device=x.device).unsqueeze(1) * S
+    flat = (perm.to(x.device).reshape(B * H, S) + base).reshape(-1)
+    return rows.index_select(0, flat).view(B, H, S, D).transpose(1, 2)
+
+
+def unpermute_tokens(y: Tensor, perm: Tensor) -> Tensor:
+    """Inverse of `permute_tokens`: ``out[b, perm[b, h, s], h] = y[b, s, h]``."""
+    inverse = torch.empty_like(perm).scatter_(-1, perm, torch.arange(perm.shape[-1], device=perm.device)
+                                              .expand_as(perm).contiguous())
+    return permute_tokens(y, inverse)
+
+
+def _groups(x: Tensor) -> Tensor:
+    """``[B, S, H, D]`` -> ``[B*H, S, D]``."""
+    B, S, H, D = x.shape
+    return x.transpose(1, 2).reshape(B * H, S, D)
+
+
+# ---------------------------------------------------------------------------------------------- pattern
+@dataclass(frozen=True)
+class SVOOPlan:
+    """What `SVOOPattern.plan` returns.
+
+    Attributes:
+        layouts: one layout per batch element (per head, over the permuted sequence); a single
+            ``BlockSparseLayout.dense`` for dense calls.
+        q_perm, k_perm: int64 ``[B, H, S]`` token orders (see `permute_tokens`); None for dense calls.
+        clustering: the co-clustering used (None for dense calls).
+        reclustered: True when this call ran the clustering, False when it reused cached labels.
+    """
+
+    layouts: Tuple[BlockSparseLayout, ...]
+    q_perm: Optional[Tensor]
+    k_perm: Optional[Tensor]
+    clustering: Optional[CoClustering]
+    reclustered: bool
+
+    @property
+    def dense(self) -> bool:
+        return self.q_perm is None
+
+
+@dataclass
+class _CacheEntry:
+    signature: Tuple[object, ...]
+    clustering: CoClustering
+
+
+class SVOOPattern:
+    """SVOO sparse attention: offline per-head profile floor + online query/key co-clustering.
+
+    Args:
+        profile: None (no floor), a CSV path, or an `SVOOProfile` of per (step, layer, head) keep ratios.
+        top_p: mass target of the cluster selection (> 0; >= 1 keeps every block).
+        q_clusters, k_clusters: clusters per (batch element, head).
+        iterations: co-clustering rounds on every (re-)clustering.
+        warmup_steps: the first ``warmup_steps`` denoising steps (0-based ``step < warmup_steps``) are dense.
+        dense_layers: layers that always run dense: an int n (layers ``0 .. n-1``) or a collection of indices.
+        recluster_every: on sparse steps, re-cluster when ``(step - warmup_steps) % recluster_every == 0``
+            or when the (layer, branch) cache is missing or does not fit the input shape.
+        clip: ``(lo, hi)`` band for profile keep ratios; floor ``F_h = int(clip(r_h) * k_clusters)`` key clusters.
+        seed: seed of the strided cluster seeding (same seed -> same clusters).
+
+    Steps are 0-based (``step`` 0 is the first denoising step; profile CSV row ``Step = step + 1``).
+
+    Caches: one per ``(layer, branch)`` so the two classifier-free-guidance branches never share
+    clusters. On reuse steps the cached labels (and permutations) are kept but the centroids are
+    recomputed from the current q, k (O(N d)) and the block map is rebuilt with the current floor: the
+    published method freezes centroids for 20-40 steps, which selects blocks from stale scores (spec §8.2).
+    A re-clustering warm-starts from the cached centroids. With batch B > 1 every (b, h) has its own
+    clusters and each batch element gets its own per-head layout and its own kernel call.
+    Keys are clustered per query head: GQA inputs (H_kv != H) are rejected.
+    """
+
+    def __init__(self, profile: Union[None, str, os.PathLike, SVOOProfile] = None, top_p: float = 0.9,
+                 q_clusters: int = 256, k_clusters: int = 1024, iterations: int = 2, warmup_steps: int = 10,
+                 dense_layers: Union[int, Collection[int]] = 0, recluster_every: int = 20,
+                 clip: Tuple[float, float] = (0.15, 0.20), seed: int = 0) -> None:
+        if not top_p > 0:
+            raise ValueError(f"top_p: expected > 0, got {top_p!r}")
+        for name, v, lo in (("q_clusters", q_clusters, 1), ("k_clusters", k_clusters, 1), ("iterations", iterations, 1),
+                            ("warmup_steps", warmup_steps, 0), ("recluster_every", recluster_every, 1)):
+            if not isinstance(v, int) or v < lo:
+                raise ValueError(f"{name}: expected an int >= {lo}, got {v!r}")
+        lo_clip, hi_clip = clip
+        if not 0 <= lo_clip <= hi_clip <= 1:
+            raise ValueError(f"clip: expected 0 <= lo <= hi <= 1, got {clip!r}")
+        self.profile = profile if profile is None or isinstance(profile, SVOOProfile) else SVOOProfile.load(profile)
+        self.top_p = float(top_p)
+        self.q_clusters, self.k_clusters, self.iterations = q_clusters, k_clusters, iterations
+        self.warmup_steps, self.recluster_every = warmup_steps, recluster_every
+        self.dense_layers = frozenset(range(dense_layers)) if isinstance(dense_layers, int) else frozenset(dense_layers)
+        self.clip = (float(lo_clip), float(hi_clip))
+        self.seed = seed
+        self._cache: Dict[Tuple[int, Hashable], _CacheEntry] = {}
+
+    def is_dense(self, step: int, layer: int) -> bool:
+        """Whether (step, layer) runs dense attention (warm-up step or dense layer)."""
+        return step < self.warmup_steps or layer in self.dense_layers
+
+    def min_blocks(self, step: int, layer: int, heads: int) -> Tensor:
+        """int64 ``[heads]`` profile floor ``int(clip(r_h, lo, hi) * k_clusters)``; zeros without a profile."""
+        if self.profile is None:
+            return torch.zeros(heads, dtype=torch.int64)
+        ratios = self.profile.keep_ratios(step + 1, layer)
+        if ratios.numel() != heads:
+            raise ValueError(f"profile: has {ratios.numel()} heads but the input has H={heads}")
+        clipped = ratios.double().clamp(*self.clip)
+        return torch.floor(clipped * self.k_clusters).to(torch.int64)
+
+    def reset(self) -> None:
+        """Drop every cached clustering (call between videos)."""
+        self._cache.clear()
+
+    def plan(self, q: Tensor, k: Tensor, step: int, layer: int, cache_key: Hashable = None,
+             scale: Optional[float] = None) -> SVOOPlan:
+        """Plan one self-attention call from q ``[B, S, H, D]`` and k ``[B, S, H, D]``.
+
+        ``cache_key`` names the CFG branch (any hashable); ``scale`` is the softmax scale (default 1/sqrt(D)).
+        """
+        if q.dim() != 4 or k.dim() != 4:
+            raise ValueError(f"q, k: expected [B, S, H, D], got {tuple(q.shape)} and {tuple(k.shape)}")
+        B, S, H, D = q.shape
+        if k.shape != q.shape:
+            raise ValueError(f"k: SVOO needs k shaped like q {tuple(q.shape)} (self-attention, H_kv == H), "
+                             f"got {tuple(k.shape)}")
+        if not isinstance(step, int) or step < 0:
+            raise ValueError(f"step: expected a 0-based int >= 0, got {step!r}")
+        if self.is_dense(step, layer):
+            return SVOOPlan((BlockSparseLayout.dense(S),), None, None, None, False)
+        scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+        gq, gk = _groups(q), _groups(k)
+        key = (layer, cache_key)
+        signature = (tuple(q.shape), q.device)
+        entry = self._cache.get(key)
+        reclustered = (entry is None or entry.signature != signature
+                       or (step - self.warmup_steps) % self.recluster_every == 0)
+        if reclustered:
+            init = None
+            if entry is not None and entry.signature == signature:
+                init = (entry.clustering.q.centroids, entry.clustering.k.centroids)
+            clustering = co_cluster(gq, gk, self.q_clusters, self.k_clusters, self.iterations, self.seed, init)
+            log.info("svoo: clustered layer %d branch %r at step %d", layer, cache_key, step)
+        else:
+            clustering = CoClustering(refresh_clusters(gq, entry.clustering.q), refresh_clusters(gk, entry.clustering.k))
+        self._cache[key] = _CacheEntry(signature, clustering)
+        floor = self.min_blocks(step, layer, H).repeat(B)
+        mask = select_blocks(clustering.q.centroids, clustering.k.centroids, clustering.k.sizes, self.top_p, floor, scale)
+        meta = {"step": step, "layer": layer, "top_p": self.top_p, "q_clusters": self.q_clusters,
+                "k_clusters": self.k_clusters}
+        layouts = build_layouts(mask, clustering.q.sizes, clustering.k.sizes, B, meta)
+        return SVOOPlan(layouts, clustering.q.perm.view(B, H, S), clustering.k.perm.view(B, H, S), clustering,
+                        reclustered)
+
+    def attention(self, q: Tensor, k: Tensor, v: Tensor, step: int, layer: int, backend: str = "auto",
+                  branch: Hashable = None, scale: Optional[float] = None) -> Tensor:
+        """SVOO self-attention: q, k, v ``[B, S, H, D]`` -> out ``[B, S, H, D]`` in the original token order.
+
+        Dense steps and layers run ``block_sparse_attn`` with a dense layout; sparse calls permute q, k, v,
+        run ``block_sparse_attn(backend=backend)`` per batch element on its per-head layout, and un-permute.
+        """
+        from lvsa_kernels.api import block_sparse_attn  # lazy: lvsa_kernels imports this package first
+
+        plan = self.plan(q, k, step, layer, cache_key=branch, scale=scale)
+        if plan.dense:
+            return block_sparse_attn(q, k, v, plan.layouts[0], backend=backend, scale=scale)
+        qp, kp, vp = permute_tokens(q, plan.q_perm), permute_tokens(k, plan.k_perm), permute_tokens(v, plan.k_perm)
+        outs = [block_sparse_attn(qp[b:b + 1], kp[b:b + 1], vp[b:b + 1], layout, backend=backend, scale=scale)
+                for b, layout in enumerate(plan.layouts)]
+        return unpermute_tokens(torch.cat(outs) if len(outs) > 1 else outs[0], plan.q_perm)

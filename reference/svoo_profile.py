@@ -1,0 +1,260 @@
+"""SVOO offline sparsity profiles (spec: svoo-pattern.md §1): the CSV table and the profiler math.
+
+A profile holds, per (denoising step, layer, head), the **keep ratio**: the mean over sampled queries of
+the smallest fraction of keys that holds ``tau`` (default 0.95) of the query's softmax mass. CSV format
+(the published one): header ``Step,Layer,Head,Sparsity``, ``Step`` 1-based, ``Layer``/``Head`` 0-based,
+``Sparsity`` = keep ratio in [0, 1] with 4 decimals, one row per grid point.
+"""
+from __future__ import annotations
+
+import csv
+import math
+import os
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["ProfileError", "SVOOProfile", "WanSelfAttnProcessor", "install_wan_processors", "keep_ratio_for_mass",
+           "profile_wan", "sample_query_rows", "sdpa_bshd"]
+
+HEADER = ("Step", "Layer", "Head", "Sparsity")
+_CHUNK_ELEMENTS = 1 << 24  # score elements per query chunk of the profiler
+
+
+class ProfileError(ValueError):
+    """A profile CSV or table is malformed or incomplete; the message names the file, line or grid point."""
+
+
+@dataclass(frozen=True, eq=False)
+class SVOOProfile:
+    """Keep ratios ``keep`` float32 ``[steps, layers, heads]``; index ``step - 1`` holds CSV ``Step = step``."""
+
+    keep: Tensor
+
+    def __post_init__(self) -> None:
+        keep = torch.as_tensor(self.keep, dtype=torch.float32).cpu()
+        if keep.dim() != 3 or min(keep.shape) < 1:
+            raise ProfileError(f"keep: expected a non-empty [steps, layers, heads] table, got shape {tuple(keep.shape)}")
+        if not torch.isfinite(keep).all() or (keep < 0).any() or (keep > 1).any():
+            raise ProfileError("keep: keep ratios must be finite and in [0, 1]")
+        object.__setattr__(self, "keep", keep)
+
+    @property
+    def steps(self) -> int:
+        return self.keep.shape[0]
+
+    @property
+    def layers(self) -> int:
+        return self.keep.shape[1]
+
+    @property
+    def heads(self) -> int:
+        return self.keep.shape[2]
+
+    def keep_ratios(self, step: int, layer: int) -> Tensor:
+        """float32 ``[heads]`` at 1-based ``step`` and 0-based ``layer``; raises ProfileError when missing."""
+        if not (1 <= step <= self.steps and 0 <= layer < self.layers):
+            raise ProfileError(f"profile has no entry for step {step} (1-based), layer {layer}; it covers steps "
+                               f"1..{self.steps} and layers 0..{self.layers - 1}")
+        return self.keep[step - 1, layer]
+
+    def merge_max(self, other: "SVOOProfile") -> "SVOOProfile":
+        """Element-wise maximum (how several calibration prompts are merged)."""
+        if other.keep.shape != self.keep.shape:
+            raise ProfileError(f"merge_max: grids differ, {tuple(self.keep.shape)} vs {tuple(other.keep.shape)}")
+        return SVOOProfile(torch.maximum(self.keep, other.keep))
+
+    def save(self, path: Union[str, os.PathLike]) -> None:
+        """Write the CSV (rows sorted by step, layer, head; 4 decimals)."""
+        with open(path, "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f, lineterminator="\n")
+            w.writerow(HEADER)
+            for (s, l, h), v in zip(torch.cartesian_prod(*(torch.arange(n) for n in self.keep.shape)).tolist(),
+                                    self.keep.reshape(-1).tolist()):
+                w.writerow((s + 1, l, h, f"{v:.4f}"))
+
+    @classmethod
+    def load(cls, path: Union[str, os.PathLike]) -> "SVOOProfile":
+        """Read and validate a CSV: exact header, integer indices, values in [0, 1], no duplicates, complete grid."""
+        entries: Dict[tuple, float] = {}
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = csv.reader(f)
+            header = next(rows, None)
+            if header is None or tuple(c.strip() for c in header) != HEADER:
+                raise ProfileError(f"{path}: expected header {','.join(HEADER)}, got {header!r}")
+            for line, row in enumerate(rows, start=2):
+                if not row:
+                    continue
+                if len(row) != 4:
+                    raise ProfileError(f"{path}:{line}: expected 4 fields, got {len(row)}")
+                try:
+                    s, l, h, v = int(row[0]), int(row[1]), int(row[2]), float(row[3])
+                except ValueError:
+                    raise ProfileError(f"{path}:{line}: cannot parse {row!r}") from None
+                if s < 1 or l < 0 or h < 0:
+                    raise ProfileError(f"{path}:{line}: Step must be >= 1, Layer and Head >= 0, got {row!r}")
+                if not (0 <= v <= 1):
+                    raise ProfileError(f"{path}:{line}: Sparsity (keep ratio) must be in [0, 1], got {v}")
+                if (s, l, h) in entries:
+                    raise ProfileError(f"{path}:{line}: duplicate row for step {s}, layer {l}, head {h}")
+                entries[(s, l, h)] = v
+        if not entries:
+            raise ProfileError(f"{path}: no rows")
+        n_s, n_l, n_h = (max(key[i] for key in entries) + (0 if i == 0 else 1) for i in range(3))
+        keep = torch.full((n_s, n_l, n_h), float("nan"))
+        for (s, l, h), v in entries.items():
+            keep[s - 1, l, h] = v
+        if len(entries) != n_s * n_l * n_h:
+            s, l, h = torch.isnan(keep).nonzero()[0].tolist()
+            raise ProfileError(f"{path}: incomplete grid ({len(entries)} of {n_s}x{n_l}x{n_h} rows); "
+                               f"first missing: step {s + 1}, layer {l}, head {h}")
+        return cls(keep)
+
+
+# ---------------------------------------------------------------------------------------------- profiler math
+def sample_query_rows(n: int, num: Optional[int]) -> Tensor:
+    """int64 query rows: all when ``num`` is None or >= n, the middle row for 1, else ``round(linspace(0, n-1, num))``."""
+    if num is None or num >= n:
+        return torch.arange(n)
+    if num < 1:
+        raise ValueError(f"num_queries: expected None or an int >= 1, got {num!r}")
+    if num == 1:
+        return torch.tensor([(n - 1) // 2])
+    return torch.unique(torch.linspace(0, n - 1, num).round().to(torch.int64))
+
+
+def keep_ratio_for_mass(q: Tensor, k: Tensor, tau: float = 0.95, num_queries: Optional[int] = None,
+                        scale: Optional[float] = None) -> Tensor:
+    """Per-head keep ratio: mean over batch and sampled queries of ``c_i / Skv``.
+
+    ``c_i`` is the smallest number of keys whose softmax mass reaches ``tau`` of the row total (descending
+    sort, cumulative sum, left insertion index + 1), computed in float32 in query chunks (never Sq x Skv).
+
+    Args:
+        q: ``[B, Sq, H, D]``; k: ``[B, Skv, H_kv, D]`` (GQA: head h reads kv head ``h // (H // H_kv)``).
+        tau: target mass in (0, 1]. num_queries: see `sample_query_rows`. scale: default 1/sqrt(D).
+    Returns:
+        float32 ``[H]``.
+    """
+    if not 0 < tau <= 1:
+        raise ValueError(f"tau: expected 0 < tau <= 1, got {tau}")
+    B, Sq, H, D = q.shape
+    Skv, Hkv = k.shape[1], k.shape[2]
+    if H % Hkv:
+        raise ValueError(f"k: H_kv={Hkv} must divide H={H}")
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    kt = k.repeat_interleave(H // Hkv, dim=2).float().permute(0, 2, 3, 1)  # [B, H, D, Skv]
+    rows = sample_query_rows(Sq, num_queries).to(q.device)
+    chunk = max(1, _CHUNK_ELEMENTS // (B * H * Skv))
+    total = torch.zeros(H, dtype=torch.float64, device=q.device)
+    for r0 in range(0, rows.numel(), chunk):
+        qq = q[:, rows[r0:r0 + chunk]].float().transpose(1, 2)  # [B, H, m, D]
+        p = torch.softmax((qq @ kt) * scale, dim=-1)
+        cum = torch.cumsum(torch.sort(p, dim=-1, descending=True).values, dim=-1)
+        need = torch.searchsorted(cum, tau * cum[..., -1:].contiguous()).squeeze(-1) + 1
+        total += need.clamp(max=Skv).double().sum(dim=(0, 2))
+    return (total / (B * rows.numel() * Skv)).float().cpu()
+
+
+# ---------------------------------------------------------------------------------------------- Wan capture
+Attend = Callable[[int, Tensor, Tensor, Tensor], Tensor]
+
+
+def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Wan's interleaved-pair RoPE on ``[B, S, H, D]`` with ``cos``/``sin`` ``[1, S, 1, D]``."""
+    x0, x1 = x[..., 0::2], x[..., 1::2]
+    c, s = cos[..., 0::2], sin[..., 1::2]
+    out = torch.empty_like(x)
+    out[..., 0::2] = x0 * c - x1 * s
+    out[..., 1::2] = x0 * s + x1 * c
+    return out.type_as(x)
+
+
+class WanSelfAttnProcessor:
+    """Processor for diffusers Wan self-attention (``attn1``) with a pluggable attention function.
+
+    Computes q, k, v like diffusers' ``WanAttnProcessor`` (projections, RMSNorm across heads, head split,
+    interleaved RoPE) and returns ``to_out(attend(layer, q, k, v))`` with q, k, v, out ``[B, S, H, D]``.
+    Self-attention only: encoder states, masks and I2V image K/V raise ValueError.
+    """
+
+    def __init__(self, layer: int, attend: Attend) -> None:
+        self.layer = layer
+        self.attend = attend
+
+    def __call__(self, attn, hidden_states: Tensor, encoder_hidden_states: Optional[Tensor] = None,
+                 attention_mask: Optional[Tensor] = None, rotary_emb=None) -> Tensor:
+        if encoder_hidden_states is not None or attention_mask is not None or attn.add_k_proj is not None:
+            raise ValueError("WanSelfAttnProcessor: self-attention (attn1) only; got encoder states, a mask or image K/V")
+        if attn.fused_projections:
+            q, k, v = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+        else:
+            q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        q = attn.norm_q(q).unflatten(2, (attn.heads, -1))
+        k = attn.norm_k(k).unflatten(2, (attn.heads, -1))
+        v = v.unflatten(2, (attn.heads, -1))
+        if rotary_emb is not None:
+            q, k = _rope(q, *rotary_emb), _rope(k, *rotary_emb)
+        out = self.attend(self.layer, q, k, v).flatten(2, 3).type_as(q)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def sdpa_bshd(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Dense attention on ``[B, S, H, D]`` tensors."""
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+
+
+def install_wan_processors(model, attend: Attend) -> Dict[str, object]:
+    """Put a `WanSelfAttnProcessor` on every ``blocks.<i>.attn1`` of a diffusers Wan transformer.
+
+    Returns the previous processors (pass them to ``model.set_attn_processor`` to restore).
+    """
+    previous = dict(model.attn_processors)
+    procs = {}
+    for name, proc in previous.items():
+        parts = name.split(".")
+        procs[name] = WanSelfAttnProcessor(int(parts[1]), attend) if parts[2] == "attn1" else proc
+    model.set_attn_processor(procs)
+    return previous
+
+
+@torch.no_grad()
+def profile_wan(model, latents: Sequence[Tensor], prompt_embeds: Sequence[Tensor], num_steps: int,
+                tau: float = 0.95, num_queries: Optional[int] = None) -> SVOOProfile:
+    """Profile a diffusers ``WanTransformer3DModel`` with dense attention.
+
+    For every calibration input (initial noise ``latents[i]`` ``[B, C, F, H, W]`` and ``prompt_embeds[i]``
+    ``[B, L, text_dim]``) runs ``num_steps`` Euler flow-matching steps (sigma 1 -> 0, timestep = 1000 sigma;
+    one conditional forward per step) and records `keep_ratio_for_mass` of every self-attention layer.
+    Inputs merge by maximum. Returns the profile (CSV ``Step`` = step index + 1).
+    """
+    if len(latents) != len(prompt_embeds) or not latents:
+        raise ValueError("latents, prompt_embeds: expected the same, non-zero number of calibration inputs")
+    if num_steps < 1:
+        raise ValueError(f"num_steps: expected >= 1, got {num_steps}")
+    layers = len(model.blocks)
+    table = torch.zeros(num_steps, layers, model.config.num_attention_heads)
+    current = {"step": 0}
+
+    def attend(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        ratios = keep_ratio_for_mass(q, k, tau, num_queries)
+        row = table[current["step"], layer]
+        torch.maximum(row, ratios, out=row)
+        return sdpa_bshd(q, k, v)
+
+    previous = install_wan_processors(model, attend)
+    try:
+        sigmas = torch.linspace(1.0, 0.0, num_steps + 1)
+        for x, emb in zip(latents, prompt_embeds):
+            for i in range(num_steps):
+                current["step"] = i
+                t = (sigmas[i] * 1000).expand(x.shape[0]).to(x.device)
+                velocity = model(hidden_states=x, timestep=t, encoder_hidden_states=emb, return_dict=False)[0]
+                x = x + (sigmas[i + 1] - sigmas[i]) * velocity
+    finally:
+        model.set_attn_processor(previous)
+    return SVOOProfile(table)
+
