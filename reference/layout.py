@@ -13,7 +13,6 @@ instance, so a layout planned once per denoising step can be shared by every lay
 """
 from __future__ import annotations
 
-import functools
 import types
 from dataclasses import dataclass, field
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
@@ -80,6 +79,16 @@ class BlockSparseLayout:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "meta", types.MappingProxyType(dict(self.meta)))
+        self.validate()
+        # Plain-int facts, computed once so that call paths (and torch.compile tracing) never read tensors.
+        q_sizes = self.block_sizes()[0]
+        nonempty = q_sizes[q_sizes > 0]
+        self._cache["scalars"] = {
+            "q_len": int(self.q_offsets[0, -1]),
+            "kv_len": int(self.kv_offsets[0, -1]),
+            "computed_pairs": int((q_sizes.expand(self.num_heads, -1) * self.keys_per_block()).sum()),
+            "typical_q_block": int(nonempty.median()) if nonempty.numel() else 0,
+        }
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -126,9 +135,7 @@ class BlockSparseLayout:
         cols = mask.reshape(H * nqb, nkb).nonzero(as_tuple=False)[:, 1]
         # rows of head h are rows h*nqb ... h*nqb + nqb - 1 of the flat CSR; row_ptr[h, nqb] == row_ptr[h+1, 0]
         rp = torch.cat([row_ptr[:-1].view(H, nqb), row_ptr[nqb::nqb].view(H, 1)], dim=1)
-        layout = cls(q_off, kv_off, rp.to(_INT).contiguous(), cols.to(_INT).contiguous(), dict(meta or {}))
-        layout.validate()
-        return layout
+        return cls(q_off, kv_off, rp.to(_INT).contiguous(), cols.to(_INT).contiguous(), dict(meta or {}))
 
     @classmethod
     def dense(cls, q_len: int, kv_len: Optional[int] = None) -> "BlockSparseLayout":
@@ -153,12 +160,17 @@ class BlockSparseLayout:
     @property
     def q_len(self) -> int:
         """Query sequence length in tokens."""
-        return int(self.q_offsets[0, -1])
+        return self._cache["scalars"]["q_len"]
 
     @property
     def kv_len(self) -> int:
         """Key sequence length in tokens."""
-        return int(self.kv_offsets[0, -1])
+        return self._cache["scalars"]["kv_len"]
+
+    @property
+    def typical_q_block(self) -> int:
+        """Median size of the non-empty query blocks, in tokens (selects the kernel's tuning class)."""
+        return self._cache["scalars"]["typical_q_block"]
 
     @property
     def nnz(self) -> int:
@@ -384,11 +396,10 @@ class BlockSparseLayout:
         p = sp.ptr.long()
         return csum[p[:, 1:]] - csum[p[:, :-1]]
 
-    @functools.cached_property
+    @property
     def computed_pairs(self) -> int:
         """Number of (query token, key token) pairs computed, summed over layout heads."""
-        q_sizes = self.block_sizes()[0].expand(self.num_heads, -1)
-        return int((q_sizes * self.keys_per_block()).sum())
+        return self._cache["scalars"]["computed_pairs"]
 
     @property
     def density(self) -> float:

@@ -1,0 +1,92 @@
+"""`triton` backend: the hand-written block-sparse kernel of `lvsa_kernels.triton_src`.
+
+Runs on CUDA tensors (fp16/bf16/fp32), or on CPU tensors in Triton's interpreter when
+``TRITON_INTERPRET=1`` (fp16/fp32 only: bf16 ``tl.dot`` is wrong in the interpreter, triton#11584).
+The launch config is tuned once per problem class on the real inputs and cached on disk
+(`lvsa_kernels.triton_src.tuning`); ``LVSA_KERNELS_TRITON_AUTOTUNE=0`` uses the default config instead.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..reference import BlockSparseLayout
+from .base import Backend, Capabilities, register
+
+log = logging.getLogger("lvsa_kernels")
+AUTOTUNE_ENV = "LVSA_KERNELS_TRITON_AUTOTUNE"
+
+
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+if _HAS_TRITON:  # imported eagerly so the custom op exists before any torch.compile trace
+    from ..triton_src import tuning
+    from ..triton_src.launch import run_scheduled, tma_eligible
+    from ..triton_src.schedule import build_schedule
+
+
+class TritonBackend(Backend):
+    name = "triton"
+    caps = Capabilities(devices=frozenset({"cuda", "cpu"}),
+                        dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
+                        head_dims=frozenset({16, 32, 64, 128}))
+
+    def unavailable_reason(self, device: torch.device) -> Optional[str]:
+        if not _HAS_TRITON:
+            return "the 'triton' package is not installed"
+        if device.type == "cpu" and not tuning.interpreting():
+            return "CPU tensors run only in Triton's interpreter (set TRITON_INTERPRET=1 before importing lvsa_kernels)"
+        if device.type == "cuda" and tuning.interpreting():
+            return "TRITON_INTERPRET=1 is set: the interpreter runs on CPU tensors only"
+        return None
+
+    def unsupported_reason(self, q: Tensor, k: Tensor, layout: BlockSparseLayout, return_lse: bool) -> Optional[str]:
+        reason = super().unsupported_reason(q, k, layout, return_lse)
+        if reason:
+            return reason
+        if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+            return "bf16 tl.dot is wrong in the Triton interpreter (triton#11584); use fp16/fp32 on CPU"
+        if q.stride(-1) != 1 or k.stride(-1) != 1:
+            return "the head dim (last dim) of q, k and v must be contiguous"
+        return None
+
+    def run(self, q, k, v, layout, scale, return_lse):
+        if v.stride(-1) != 1:
+            raise ValueError("v: the head dim (last dim) must be contiguous")
+        cfg = choose_config(q, k, v, layout, scale)
+        sched = build_schedule(layout, cfg.block_m, cfg.block_n, q.device)
+        out, lse = run_scheduled(q, k, v, sched, layout.num_heads > 1, scale, cfg)
+        return out, (lse if return_lse else None)
+
+
+def choose_config(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout, scale: float, retune: bool = False):
+    """The launch config for these inputs: tuned (and cached) on first use, unless interpreting or tracing."""
+    if tuning.interpreting():
+        return tuning.INTERPRETER_CONFIG
+    key = tuning.tuning_key(q.device, q.dtype, q.shape[-1], layout.typical_q_block)
+    cfg = None if retune else tuning.lookup(key)
+    if cfg is not None:
+        return cfg
+    candidates = tuning.candidate_configs(q.shape[-1], tma_eligible(q, k, v))
+    if torch.compiler.is_compiling() or os.environ.get(AUTOTUNE_ENV, "1") == "0":
+        return candidates[0]
+    import triton.testing
+
+    per_head = layout.num_heads > 1
+
+    def bench(cfg) -> float:
+        sched = build_schedule(layout, cfg.block_m, cfg.block_n, q.device)
+        return triton.testing.do_bench(lambda: run_scheduled(q, k, v, sched, per_head, scale, cfg),
+                                       warmup=10, rep=60, return_mode="median")
+
+    log.info("lvsa_kernels triton: tuning %d configs for %s", len(candidates), key)
+    best = tuning.tune(key, candidates, bench)
+    log.info("lvsa_kernels triton: chose %s for %s", best, key)
+    return best
+
+
+register(TritonBackend())
