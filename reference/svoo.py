@@ -277,6 +277,7 @@ class SVOOPlan:
 @dataclass
 class _CacheEntry:
     signature: Tuple[object, ...]
+    step: int
     clustering: CoClustering
 
 
@@ -291,7 +292,7 @@ class SVOOPattern:
         warmup_steps: the first ``warmup_steps`` denoising steps (0-based ``step < warmup_steps``) are dense.
         dense_layers: layers that always run dense: an int n (layers ``0 .. n-1``) or a collection of indices.
         recluster_every: on sparse steps, re-cluster when ``(step - warmup_steps) % recluster_every == 0``
-            or when the (layer, branch) cache is missing or does not fit the input shape.
+            (once per step) or when the (layer, branch) cache is missing or does not fit the input shape.
         clip: ``(lo, hi)`` band for profile keep ratios; floor ``F_h = int(clip(r_h) * k_clusters)`` key clusters.
         seed: seed of the strided cluster seeding (same seed -> same clusters).
 
@@ -368,7 +369,7 @@ class SVOOPattern:
         signature = (tuple(q.shape), q.device)
         entry = self._cache.get(key)
         reclustered = (entry is None or entry.signature != signature
-                       or (step - self.warmup_steps) % self.recluster_every == 0)
+                       or (step != entry.step and (step - self.warmup_steps) % self.recluster_every == 0))
         if reclustered:
             init = None
             if entry is not None and entry.signature == signature:
@@ -377,7 +378,7 @@ class SVOOPattern:
             log.info("svoo: clustered layer %d branch %r at step %d", layer, cache_key, step)
         else:
             clustering = CoClustering(refresh_clusters(gq, entry.clustering.q), refresh_clusters(gk, entry.clustering.k))
-        self._cache[key] = _CacheEntry(signature, clustering)
+        self._cache[key] = _CacheEntry(signature, step, clustering)
         floor = self.min_blocks(step, layer, H).repeat(B)
         mask = select_blocks(clustering.q.centroids, clustering.k.centroids, clustering.k.sizes, self.top_p, floor, scale)
         meta = {"step": step, "layer": layer, "top_p": self.top_p, "q_clusters": self.q_clusters,
