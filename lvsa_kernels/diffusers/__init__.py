@@ -1,0 +1,12 @@
+"""diffusers integration: one call turns the self-attention of Wan 2.1 / 2.2, HunyuanVideo 1.5 and
+CogVideoX transformers into LVSA block-sparse attention.
+
+    from lvsa_kernels.diffusers import enable_lvsa, disable_lvsa
+    handle = enable_lvsa(pipe)            # or enable_lvsa(pipe.transformer, key_frame_interval=4, ...)
+    video = pipe(prompt, num_frames=321).frames[0]
+    disable_lvsa(pipe)                    # original processors back
+"""
+from .integration import SUPPORTED_MODELS, LVSAHandle, disable_lvsa, enable_lvsa
+from .state import StepTracker
+
+__all__ = ["enable_lvsa", "disable_lvsa", "LVSAHandle", "StepTracker", "SUPPORTED_MODELS"]

@@ -1,0 +1,135 @@
+"""HunyuanVideo 1.5 (`HunyuanVideo15Transformer3DModel`): LVSA on the joint attention of each block.
+
+The joint sequence is ``[video (T*P); text (L)]`` with padded text. diffusers passes a ``[B, L]`` text
+mask whose valid tokens come first; each batch element runs on its trimmed sequence
+``[video; valid text]`` (a view, no ``S x S`` mask) with a layout planned for its valid text length, so
+padded text keys are invisible and padded text rows output 0.
+"""
+from __future__ import annotations
+
+from typing import Any, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from diffusers import HunyuanVideo15Transformer3DModel
+from diffusers.models.embeddings import apply_rotary_emb
+from diffusers.models.transformers.transformer_hunyuan_video15 import HunyuanVideo15AttnProcessor2_0
+from torch import Tensor, nn
+
+from ..reference import latent_frames
+from .geometry import check_video_tokens
+from .runtime import LVSAProcessorBase, ModelSpec
+
+__all__ = ["LVSAHunyuanVideo15AttnProcessor", "HUNYUAN_VIDEO_15", "text_valid_lengths"]
+
+_HV15_REFERENCE = 33  # 129 video frames
+
+
+def text_valid_lengths(mask: Optional[Tensor], batch: int, text_len: int) -> List[int]:
+    """Valid text tokens per batch element from a ``[B, L]`` prefix mask (None = all valid).
+
+    Raises ValueError when the mask has the wrong shape or its valid tokens are not a prefix.
+    """
+    if mask is None:
+        return [text_len] * batch
+    if mask.dim() != 2 or tuple(mask.shape) != (batch, text_len):
+        raise ValueError(f"attention_mask: expected the [B, L] = [{batch}, {text_len}] text mask, "
+                         f"got shape {tuple(mask.shape)}")
+    valid = mask.bool()
+    lengths = valid.sum(dim=1)
+    prefix = torch.arange(text_len, device=mask.device)[None, :] < lengths[:, None]
+    bad = (valid != prefix).any(dim=1)
+    if bad.any():
+        b = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"attention_mask: LVSA needs each batch element's valid text tokens first, then padding; batch "
+            f"element {b} has mask {valid[b].int().tolist()}"
+        )
+    return [int(n) for n in lengths.tolist()]
+
+
+class LVSAHunyuanVideo15AttnProcessor(LVSAProcessorBase):
+    """Replaces `HunyuanVideo15AttnProcessor2_0`: video and text projections, RMS QK-norm, RoPE on video,
+    LVSA attention over ``[video; valid text]`` per batch element, split output projections."""
+
+    where = "HunyuanVideo 1.5 attn"
+
+    def __call__(self, attn: nn.Module, hidden_states: Tensor, encoder_hidden_states: Optional[Tensor] = None,
+                 attention_mask: Optional[Tensor] = None,
+                 image_rotary_emb: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, Tensor]:
+        if encoder_hidden_states is None:
+            raise ValueError(f"LVSA ({self.where}): joint attention needs encoder_hidden_states (the text stream)")
+        geo = self._geometry()
+        check_video_tokens(geo, hidden_states.shape[1], self.where)
+        batch, text_len = encoder_hidden_states.shape[:2]
+        lengths = self._valid_lengths(attention_mask, batch, text_len)
+
+        query = attn.norm_q(attn.to_q(hidden_states).unflatten(2, (attn.heads, -1)))
+        key = attn.norm_k(attn.to_k(hidden_states).unflatten(2, (attn.heads, -1)))
+        value = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        text_q = attn.add_q_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+        text_k = attn.add_k_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+        text_v = attn.add_v_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+        if attn.norm_added_q is not None:
+            text_q = attn.norm_added_q(text_q)
+        if attn.norm_added_k is not None:
+            text_k = attn.norm_added_k(text_k)
+        query = torch.cat([query, text_q], dim=1)
+        key = torch.cat([key, text_k], dim=1)
+        value = torch.cat([value, text_v], dim=1)
+
+        out = self._attend_trimmed(query, key, value, geo.video_tokens, lengths, text_len)
+        out = out.flatten(2, 3).to(query.dtype)
+        video, text = out[:, :-text_len], out[:, -text_len:]
+        video = attn.to_out[1](attn.to_out[0](video))
+        return video, attn.to_add_out(text)
+
+    def _valid_lengths(self, mask: Optional[Tensor], batch: int, text_len: int) -> List[int]:
+        # every block of one forward gets the same mask tensor: check it and sync to host once
+        cached = self.runtime.forward_cache.get("hv15_text_lengths")
+        if cached is not None and cached[0] is mask and len(cached[1]) == batch:
+            return cached[1]
+        lengths = text_valid_lengths(mask, batch, text_len)
+        self.runtime.forward_cache["hv15_text_lengths"] = (mask, lengths)
+        return lengths
+
+    def _attend_trimmed(self, q: Tensor, k: Tensor, v: Tensor, n_video: int, lengths: List[int],
+                        text_len: int) -> Tensor:
+        """Attention over ``[video; valid text]`` per batch element; padded rows are 0. ``[B, S, H, D]``."""
+        if len(set(lengths)) == 1:  # one call for the whole batch (CFG with equal lengths, no padding)
+            groups = [(slice(None), lengths[0])]
+        else:
+            groups = [(slice(b, b + 1), n) for b, n in enumerate(lengths)]
+        parts = []
+        for rows, n in groups:
+            s = n_video + n
+            o = self.runtime.attend(q[rows, :s], k[rows, :s], v[rows, :s],
+                                    self.runtime.layout(text_tokens=n, text_position="after"))
+            parts.append(o if n == text_len else F.pad(o, (0, 0, 0, 0, 0, text_len - n)))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+
+
+def _self_attention(transformer: nn.Module) -> List[Tuple[str, nn.Module]]:
+    return [(f"transformer_blocks.{i}.attn", block.attn) for i, block in enumerate(transformer.transformer_blocks)]
+
+
+def _reference_frames(config: Any) -> Tuple[int, str]:
+    if config.get("sample_n_frames"):
+        frames = latent_frames(int(config["sample_n_frames"]))
+        return -(-frames // int(config.get("patch_size_t", 1))), "config sample_n_frames"
+    return _HV15_REFERENCE, "HunyuanVideo 1.5 default"
+
+
+HUNYUAN_VIDEO_15 = ModelSpec(
+    name="HunyuanVideo 1.5",
+    transformer_cls=HunyuanVideo15Transformer3DModel,
+    processor_cls=LVSAHunyuanVideo15AttnProcessor,
+    original_processors=(HunyuanVideo15AttnProcessor2_0,),
+    self_attention=_self_attention,
+    frame_dim=2,
+    patch=lambda config: (int(config["patch_size_t"]), int(config["patch_size"]), int(config["patch_size"])),
+    reference_frames=_reference_frames,
+)

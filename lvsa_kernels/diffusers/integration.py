@@ -1,0 +1,207 @@
+"""`enable_lvsa` / `disable_lvsa`: install and remove the LVSA processors on a diffusers pipeline or transformer."""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import logging
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from torch import nn
+
+from ..backends import get_backend
+from ..reference import LVSAPattern
+from .cogvideox import COGVIDEOX
+from .geometry import geometry_from_latents
+from .hunyuan15 import HUNYUAN_VIDEO_15
+from .runtime import LVSARuntime, ModelSpec
+from .wan import WAN
+
+__all__ = ["enable_lvsa", "disable_lvsa", "LVSAHandle", "SUPPORTED_MODELS"]
+
+log = logging.getLogger("lvsa_kernels")
+
+SUPPORTED_MODELS: Tuple[ModelSpec, ...] = (WAN, HUNYUAN_VIDEO_15, COGVIDEOX)
+_KNOBS = tuple(f.name for f in dataclasses.fields(LVSAPattern))
+_ATTR = "_lvsa_handle"
+_PIPELINE_CLASSES: Dict[type, type] = {}
+
+
+class LVSAHandle:
+    """What `enable_lvsa` installed; `disable` undoes it exactly.
+
+    Attributes:
+        runtime: the shared `LVSARuntime` (``runtime.pattern``, ``runtime.tracker.step``, ...).
+        transformers: the transformers that run LVSA (two for Wan 2.2 A14B).
+        pipeline: the pipeline given to `enable_lvsa`, or None.
+    """
+
+    def __init__(self, runtime: LVSARuntime, transformers: Sequence[nn.Module], pipeline: Optional[Any]) -> None:
+        self.runtime = runtime
+        self.transformers = list(transformers)
+        self.pipeline = pipeline
+        self._originals: List[Tuple[nn.Module, Any]] = []
+        self._hooks: List[Any] = []
+        self._pipeline_class: Optional[type] = None
+
+    @property
+    def active(self) -> bool:
+        return bool(self._originals)
+
+    def new_generation(self) -> None:
+        """Restart the rotation at step 0 (done automatically at each pipeline call)."""
+        self.runtime.tracker.new_generation()
+
+    def disable(self) -> None:
+        """Restore the original processor objects, remove the hooks and the pipeline call wrapper."""
+        for attn, processor in self._originals:
+            attn.set_processor(processor)
+        for hook in self._hooks:
+            hook.remove()
+        if self._pipeline_class is not None:
+            self.pipeline.__class__ = self._pipeline_class
+        for obj in [self.pipeline, *self.transformers]:
+            if obj is not None and obj.__dict__.get(_ATTR) is self:
+                del obj.__dict__[_ATTR]
+        self._originals, self._hooks, self._pipeline_class = [], [], None
+
+
+def _spec_for(transformer: Any) -> ModelSpec:
+    for spec in SUPPORTED_MODELS:
+        if isinstance(transformer, spec.transformer_cls):
+            return spec
+    names = ", ".join(s.transformer_cls.__name__ for s in SUPPORTED_MODELS)
+    raise TypeError(f"pipe_or_transformer: expected a pipeline with a supported transformer or one of {names}; "
+                    f"got {type(transformer).__name__}")
+
+
+def _split(pipe_or_transformer: Any) -> Tuple[Optional[Any], List[nn.Module]]:
+    if isinstance(pipe_or_transformer, nn.Module):
+        return None, [pipe_or_transformer]
+    experts = [getattr(pipe_or_transformer, name, None) for name in ("transformer", "transformer_2")]
+    experts = [t for t in experts if t is not None]
+    if not experts:
+        raise TypeError(f"pipe_or_transformer: {type(pipe_or_transformer).__name__} is neither a transformer nor "
+                        "a pipeline with a .transformer")
+    return pipe_or_transformer, experts
+
+
+def _make_pattern(spec: ModelSpec, config: Any, pattern: Optional[LVSAPattern],
+                  knobs: Dict[str, Any]) -> Tuple[LVSAPattern, str]:
+    unknown = sorted(set(knobs) - set(_KNOBS))
+    if unknown:
+        raise TypeError(f"enable_lvsa: unknown knob(s) {unknown}; valid knobs: {list(_KNOBS)}")
+    if pattern is not None:
+        if not isinstance(pattern, LVSAPattern):
+            raise TypeError(f"pattern: expected an LVSAPattern or None, got {type(pattern).__name__}")
+        source = "reference_frames knob" if "reference_frames" in knobs else "given pattern"
+        return dataclasses.replace(pattern, **knobs), source
+    if "reference_frames" in knobs:
+        return LVSAPattern(**knobs), "reference_frames knob"
+    ref, source = spec.reference_frames(config)
+    return LVSAPattern(**{"window": 3, "n_first": 1, "reference_frames": ref, **knobs}), source
+
+
+def _pipeline_class(cls: type) -> type:
+    """A subclass of ``cls`` (same name) whose ``__call__`` starts a new LVSA generation first.
+
+    ``pipe(...)`` looks ``__call__`` up on the class, so wrapping the instance attribute would not work.
+    """
+    if cls not in _PIPELINE_CLASSES:
+        def __call__(self, *args, **kwargs):
+            handle = self.__dict__.get(_ATTR)
+            if handle is not None:
+                handle.new_generation()
+            return cls.__call__(self, *args, **kwargs)
+
+        __call__.__doc__ = cls.__call__.__doc__
+        _PIPELINE_CLASSES[cls] = type(cls.__name__, (cls,), {
+            "__call__": __call__, "__module__": cls.__module__, "__qualname__": cls.__qualname__})
+    return _PIPELINE_CLASSES[cls]
+
+
+def _forward_hooks(runtime: LVSARuntime, spec: ModelSpec, transformer: nn.Module) -> List[Any]:
+    signature = inspect.signature(type(transformer).forward)
+    patch = spec.patch(transformer.config)
+
+    def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        bound = signature.bind_partial(module, *args, **kwargs).arguments
+        if "hidden_states" not in bound or "timestep" not in bound:
+            raise ValueError(f"LVSA ({spec.name}): the transformer call needs hidden_states and timestep")
+        runtime.begin_forward(geometry_from_latents(bound["hidden_states"], spec.frame_dim, patch),
+                              bound["timestep"])
+
+    def post_hook(module: nn.Module, args: tuple, output: Any) -> None:
+        runtime.end_forward()
+
+    return [transformer.register_forward_pre_hook(pre_hook, with_kwargs=True),
+            transformer.register_forward_hook(post_hook)]
+
+
+def enable_lvsa(pipe_or_transformer: Any, pattern: Optional[LVSAPattern] = None, backend: str = "auto",
+                **knobs: Any) -> LVSAHandle:
+    """Run the self-attention of a diffusers video transformer with LVSA block-sparse attention.
+
+    Supported: ``WanTransformer3DModel`` (Wan 2.1 / 2.2, both A14B experts; ``attn1`` only),
+    ``HunyuanVideo15Transformer3DModel`` (joint attention, padded text after the video) and
+    ``CogVideoXTransformer3DModel`` (joint attention, text first).
+
+    Args:
+        pipe_or_transformer: a pipeline (uses ``.transformer`` and ``.transformer_2`` when present, and
+            restarts the rotation at each pipeline call) or a bare transformer (a new generation is
+            detected when the timestep increases; or call ``handle.new_generation()``).
+        pattern: an `LVSAPattern` (latent-frame units); default: window 3, n_first 1 and the model's
+            reference frames (config ``sample_frames`` / ``sample_n_frames`` when present, else Wan 21,
+            Wan2.2-TI2V-5B 31, HunyuanVideo 1.5 33; CogVideoX from its ``sample_frames``, 13 for 5B).
+        backend: ``block_sparse_attn`` backend, ``"auto"`` or a registered name.
+        **knobs: `LVSAPattern` fields that override the pattern (window, n_first, reference_frames,
+            sparsity_scale, key_frame_interval, expand_window, rotate, anchors).
+
+    Returns:
+        An `LVSAHandle`; ``disable_lvsa(pipe_or_transformer)`` or ``handle.disable()`` restores everything.
+    """
+    if not isinstance(backend, str):
+        raise TypeError(f"backend: expected a str, got {type(backend).__name__}")
+    if backend != "auto":
+        get_backend(backend)  # unknown names fail here, not at the first denoising step
+    pipeline, transformers = _split(pipe_or_transformer)
+    specs = [_spec_for(t) for t in transformers]
+    if any(s is not specs[0] for s in specs):
+        raise TypeError("pipe_or_transformer: transformer and transformer_2 must be the same model family")
+    for obj in [pipeline, *transformers]:
+        if obj is not None and _ATTR in obj.__dict__:
+            raise RuntimeError(f"enable_lvsa: LVSA is already enabled on this {type(obj).__name__}; "
+                               "call disable_lvsa() first")
+    spec = specs[0]
+    lvsa_pattern, source = _make_pattern(spec, transformers[0].config, pattern, knobs)
+    runtime = LVSARuntime(lvsa_pattern, backend, spec.name, source)
+    handle = LVSAHandle(runtime, transformers, pipeline)
+
+    for transformer in transformers:
+        for name, attn in spec.self_attention(transformer):
+            if not isinstance(attn.processor, spec.original_processors):
+                raise TypeError(
+                    f"enable_lvsa: {name} uses {type(attn.processor).__name__}; LVSA replaces only "
+                    f"{[c.__name__ for c in spec.original_processors]}"
+                )
+    for transformer in transformers:
+        for _, attn in spec.self_attention(transformer):
+            handle._originals.append((attn, attn.processor))
+            attn.set_processor(spec.processor_cls(runtime))
+        handle._hooks += _forward_hooks(runtime, spec, transformer)
+        transformer.__dict__[_ATTR] = handle
+    if pipeline is not None:
+        handle._pipeline_class = type(pipeline)
+        pipeline.__class__ = _pipeline_class(type(pipeline))
+        pipeline.__dict__[_ATTR] = handle
+    log.debug("LVSA installed on %d %s self-attention layers: %s (reference_frames from %s), backend %s",
+              len(handle._originals), spec.name, lvsa_pattern, source, backend)
+    return handle
+
+
+def disable_lvsa(pipe_or_transformer: Any) -> None:
+    """Undo `enable_lvsa` on the pipeline or transformer it was given (or one of that pipeline's
+    transformers): the original processor objects come back, hooks and the call wrapper go."""
+    handle = getattr(pipe_or_transformer, "__dict__", {}).get(_ATTR)
+    if handle is None:
+        raise ValueError(f"disable_lvsa: LVSA is not enabled on this {type(pipe_or_transformer).__name__}")
+    handle.disable()

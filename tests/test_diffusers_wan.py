@@ -1,0 +1,153 @@
+"""LVSA on a tiny random-weight WanTransformer3DModel (CPU, fp32, reference backend)."""
+import logging
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+from diffusers import WanTransformer3DModel  # noqa: E402
+
+from lvsa_kernels import LVSAPattern  # noqa: E402
+from lvsa_kernels.diffusers import disable_lvsa, enable_lvsa  # noqa: E402
+
+T, H_LAT, W_LAT = 8, 8, 8          # latent frames and size; patch (1, 2, 2) -> P = 16 tokens per frame
+P = (H_LAT // 2) * (W_LAT // 2)
+SPARSE = dict(window=1, n_first=1, reference_frames=2, key_frame_interval=4)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4,
+                              out_channels=4, text_dim=16, freq_dim=256, ffn_dim=32, num_layers=2,
+                              cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
+    return m.eval()
+
+
+def inputs(batch=2, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return dict(hidden_states=torch.randn(batch, 4, T, H_LAT, W_LAT, generator=g),
+                encoder_hidden_states=torch.randn(batch, 12, 16, generator=g))
+
+
+def run(model, x, t):
+    with torch.no_grad():
+        return model(timestep=torch.full((x["hidden_states"].shape[0],), float(t)), **x).sample
+
+
+def test_dense_pattern_matches_original_processors(model):
+    x = inputs()
+    expected = run(model, x, 700)
+    handle = enable_lvsa(model, backend="reference", reference_frames=T)
+    try:
+        assert handle.runtime.pattern.key_frame_interval_for(T) == 1
+        got = run(model, x, 700)
+    finally:
+        disable_lvsa(model)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_sparse_layers_match_masked_sdpa(model):
+    """Every attn1 call equals the original diffusers processor run with the planned layout as a boolean mask."""
+    x = inputs()
+    captured = []
+
+    def record(module, args, output):
+        captured.append((module, [a.clone() if torch.is_tensor(a) else a for a in args], output.clone()))
+
+    originals = {id(b.attn1): b.attn1.processor for b in model.blocks}
+    hooks = [b.attn1.register_forward_hook(record) for b in model.blocks]
+    handle = enable_lvsa(model, backend="reference", **SPARSE)
+    try:
+        run(model, x, 900)
+        captured.clear()
+        run(model, x, 800)  # second denoising step: rotation offset 1
+    finally:
+        disable_lvsa(model)
+        for h in hooks:
+            h.remove()
+    assert handle.runtime.tracker.step == 1
+    layout = LVSAPattern(**SPARSE).plan(T, P, step=1)
+    assert layout.meta["offset"] == 1 and layout.density < 0.9
+    mask = layout.to_token_mask()[0]
+    assert len(captured) == len(model.blocks)
+    for attn, (hidden, _, _, rotary), out in captured:
+        with torch.no_grad():
+            want = originals[id(attn)](attn, hidden, None, mask, rotary)
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+
+
+def test_round_trip_restores_processors_and_outputs(model):
+    x = inputs()
+    before = run(model, x, 500)
+    procs = [(b.attn1.processor, b.attn2.processor) for b in model.blocks]
+    handle = enable_lvsa(model, backend="reference", **SPARSE)
+    assert handle.active
+    assert all(b.attn1.processor is not p1 and b.attn2.processor is p2 for b, (p1, p2) in zip(model.blocks, procs))
+    sparse = run(model, x, 500)
+    disable_lvsa(model)
+    assert not handle.active
+    assert all(b.attn1.processor is p1 and b.attn2.processor is p2 for b, (p1, p2) in zip(model.blocks, procs))
+    assert not model._forward_pre_hooks and not model._forward_hooks
+    assert torch.equal(run(model, x, 500), before)
+    assert not torch.allclose(sparse, before, atol=1e-4)  # the sparse pattern really changed the result
+
+
+def test_default_reference_frames_and_knobs(model):
+    handle = enable_lvsa(model)
+    try:
+        assert handle.runtime.pattern == LVSAPattern(window=3, n_first=1, reference_frames=21)
+        assert handle.runtime.reference_source == "Wan default"
+        with pytest.raises(RuntimeError, match="already enabled"):
+            enable_lvsa(model)
+    finally:
+        disable_lvsa(model)
+    handle = enable_lvsa(model, pattern=LVSAPattern(window=2), key_frame_interval=5)
+    try:
+        assert handle.runtime.pattern == LVSAPattern(window=2, key_frame_interval=5)
+    finally:
+        handle.disable()
+    with pytest.raises(TypeError, match="unknown knob"):
+        enable_lvsa(model, windw=3)
+    with pytest.raises(ValueError, match="unknown backend"):
+        enable_lvsa(model, backend="no-such-backend")
+    with pytest.raises(ValueError, match="not enabled"):
+        disable_lvsa(model)
+    assert all(type(b.attn1.processor).__name__ == "WanAttnProcessor" for b in model.blocks)
+
+
+def test_geometry_mismatch_raises(model):
+    x = inputs(batch=1)
+    enable_lvsa(model, backend="reference", **SPARSE)
+    try:
+        attn = model.blocks[0].attn1
+        with pytest.raises(RuntimeError, match="outside a forward"):
+            attn(torch.randn(1, T * P, 24))
+
+        def bad_tokens(module, args):  # drop one token before attn1: the sequence no longer matches T*P
+            return (args[0][:, :-1], None, None, None)
+
+        h = attn.register_forward_pre_hook(bad_tokens)
+        try:
+            with pytest.raises(ValueError, match=r"127 video tokens.*T=8 frames x P=16"):
+                run(model, x, 500)
+        finally:
+            h.remove()
+    finally:
+        disable_lvsa(model)
+
+
+def test_one_info_line_per_generation(model, caplog):
+    x = inputs()
+    enable_lvsa(model, backend="reference", **SPARSE)
+    try:
+        with caplog.at_level(logging.INFO, logger="lvsa_kernels"):
+            for t in (900, 900, 800, 800, 700):   # one generation, CFG as two calls per step
+                run(model, x, t)
+            run(model, x, 950)                    # timestep went up: a new generation
+    finally:
+        disable_lvsa(model)
+    lines = [r.getMessage() for r in caplog.records if r.name == "lvsa_kernels" and r.levelno == logging.INFO]
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("LVSA engaged on Wan: T=8 P=16 text=0 kfi=4 offset=0")
+    assert "backend=reference" in lines[0] and "density=" in lines[0]
