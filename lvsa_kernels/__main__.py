@@ -11,7 +11,7 @@ import logging
 import sys
 from typing import List, Optional
 
-COMMANDS = ["demo", "plan", "profile"]
+COMMANDS = ["demo", "plan", "profile", "backends"]
 
 
 def main(argv: Optional[List[str]] = None) -> int:
