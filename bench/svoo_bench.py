@@ -1,0 +1,206 @@
+"""SVOO benchmark: clustering, permutation and block-sparse attention vs dense cuDNN SDPA, plus recall.
+
+Wan 2.1 1.3B shape (12 heads x 128, bf16), 81 frames at 480p (21x30x52 = 32,760 tokens) and 720p
+(21x45x80 = 75,600 tokens); q/k are random with cluster structure (random weights are fine for timing);
+the profile floor uses keep ratios in the published Wan 1.3B band 0.15-0.20. Per case it times:
+
+- ``cluster``: co-clustering (a re-clustering step), ``refresh``: centroids from cached labels (reuse step),
+- ``select_layout``: block selection + per-head layouts (includes the host copy of the block map),
+- ``permute`` (q, k, v), ``sparse_attn`` (block_sparse_attn on the permuted tensors), ``unpermute``,
+- ``svoo_reuse`` / ``svoo_recluster``: one full `SVOOPattern.attention` call on a reuse / re-clustering step,
+- ``dense``: cuDNN SDPA on the same q, k, v,
+
+and measures recall = softmax mass covered by the selected blocks for sampled query rows (exact, dense
+softmax over all keys). Writes ``svoo_bench.json`` under ``--out`` and prints a table.
+
+    python3 bench/svoo_bench.py --out "$OUT" [--cases wan480,wan720] [--floors 0.15,0.20] [--time-budget 420]
+    python3 bench/svoo_bench.py --cpu-smoke --out /tmp/svoo_smoke      # tiny sizes, reference backend
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import time
+from typing import Callable, Dict, List
+
+import torch
+import torch.nn.functional as F
+
+from lvsa_kernels import block_sparse_attn
+from lvsa_kernels.reference.svoo import (
+    SVOOPattern, build_layouts, co_cluster, permute_tokens, refresh_clusters, select_blocks, unpermute_tokens,
+)
+from lvsa_kernels.reference.svoo_profile import SVOOProfile
+
+CASES = {"wan480": (21, 30, 52), "wan720": (21, 45, 80), "smoke": (2, 4, 6)}
+
+
+def timer(device: torch.device, reps: int) -> Callable[[Callable[[], object]], float]:
+    """Median milliseconds of ``fn`` (triton.testing.do_bench on CUDA, perf_counter on CPU)."""
+    if device.type == "cuda":
+        import triton.testing
+
+        return lambda fn: float(triton.testing.do_bench(fn, warmup=3, rep=max(20, reps * 10), return_mode="median"))
+
+    def cpu(fn: Callable[[], object]) -> float:
+        fn()
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+
+    return cpu
+
+
+def clustered_qkv(S: int, H: int, D: int, centers: int, device, dtype, seed: int):
+    """q, k, v ``[1, S, H, D]``: q and k drawn around shared per-head centres (peaked attention)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    scale = math.sqrt(8.0 / math.sqrt(D))  # same-centre logits ~ 8
+    c = torch.randn(H, centers, D, generator=g) * scale
+
+    def around() -> torch.Tensor:
+        idx = torch.randint(0, centers, (H, S), generator=g)
+        x = torch.gather(c, 1, idx[..., None].expand(H, S, D)) + 0.5 * scale * torch.randn(H, S, D, generator=g)
+        return x.transpose(0, 1)[None]
+
+    v = torch.randn(1, S, H, D, generator=g)
+    return tuple(t.to(device=device, dtype=dtype).contiguous() for t in (around(), around(), v))
+
+
+def recall(q, k, clustering, mask, rows: torch.Tensor) -> float:
+    """Mean softmax mass (exact, over all keys) covered by the selected blocks for query ``rows`` of each head."""
+    H, D = q.shape[2], q.shape[3]
+    total = 0.0
+    for h in range(H):
+        qq = q[0, rows, h].float()
+        p = torch.softmax(qq @ k[0, :, h].float().T / math.sqrt(D), dim=-1)       # [m, S]
+        sel = mask[h][clustering.q.labels[h, rows]]                                  # [m, n_k]
+        covered = sel.gather(1, clustering.k.labels[h].expand(rows.numel(), -1))    # [m, S]
+        total += float((p * covered).sum(-1).mean())
+    return total / H
+
+
+def run_case(name: str, floor: float, args, device, dtype, measure) -> Dict[str, object]:
+    T, Hh, Ww = CASES[name]
+    S = T * Hh * Ww
+    H, D = args.heads, args.head_dim
+    q, k, v = clustered_qkv(S, H, D, args.centers, device, dtype, seed=0)
+    profile = SVOOProfile(torch.full((2, 1, H), floor))  # steps 1 (clustering) and 2 (reuse)
+    pat = SVOOPattern(profile=profile, top_p=args.top_p, q_clusters=args.q_clusters, k_clusters=args.k_clusters,
+                      iterations=args.iterations, warmup_steps=0, recluster_every=10**6, clip=(0.15, 0.20))
+    gq, gk = (x.transpose(1, 2).reshape(H, S, D) for x in (q, k))
+    scale = 1.0 / math.sqrt(D)
+    res: Dict[str, object] = {"case": name, "tokens": S, "heads": H, "head_dim": D, "dtype": str(dtype),
+                              "floor_keep_ratio": floor, "top_p": args.top_p, "q_clusters": args.q_clusters,
+                              "k_clusters": args.k_clusters, "iterations": args.iterations, "backend": args.backend}
+    cl = co_cluster(gq, gk, args.q_clusters, args.k_clusters, args.iterations, seed=0)
+    floors = pat.min_blocks(0, 0, H)
+    mask = select_blocks(cl.q.centroids, cl.k.centroids, cl.k.sizes, args.top_p, floors, scale)
+    layout = build_layouts(mask, cl.q.sizes, cl.k.sizes, 1)[0]
+    qperm, kperm = cl.q.perm.view(1, H, S), cl.k.perm.view(1, H, S)
+    qp, kp, vp = permute_tokens(q, qperm), permute_tokens(k, kperm), permute_tokens(v, kperm)
+    out_p = block_sparse_attn(qp, kp, vp, layout, backend=args.backend)
+    rows = torch.linspace(0, S - 1, min(S, args.recall_queries)).round().long().unique().to(device)
+    res.update(density=layout.density, nnz=layout.nnz, recall=recall(q, k, cl, mask.cpu(), rows),
+               q_cluster_size_max=int(cl.q.sizes.max()), k_clusters_empty=int((cl.k.sizes == 0).sum()))
+
+    t = {}
+    t["cluster"] = measure(lambda: co_cluster(gq, gk, args.q_clusters, args.k_clusters, args.iterations, seed=0))
+    t["refresh"] = measure(lambda: (refresh_clusters(gq, cl.q), refresh_clusters(gk, cl.k)))
+    t["select_layout"] = measure(lambda: build_layouts(
+        select_blocks(cl.q.centroids, cl.k.centroids, cl.k.sizes, args.top_p, floors, scale), cl.q.sizes, cl.k.sizes, 1))
+    t["permute"] = measure(lambda: (permute_tokens(q, qperm), permute_tokens(k, kperm), permute_tokens(v, kperm)))
+    t["sparse_attn"] = measure(lambda: block_sparse_attn(qp, kp, vp, layout, backend=args.backend))
+    t["unpermute"] = measure(lambda: unpermute_tokens(out_p, qperm))
+    pat.attention(q, k, v, 0, 0, backend=args.backend)  # fill the cache: later steps reuse it
+    t["svoo_reuse"] = measure(lambda: pat.attention(q, k, v, 1, 0, backend=args.backend))
+    t["svoo_recluster"] = measure(lambda: (pat.reset(), pat.attention(q, k, v, 0, 0, backend=args.backend)))
+    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+    if device.type == "cuda":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            t["dense"] = measure(lambda: F.scaled_dot_product_attention(qt, kt, vt))
+    else:
+        t["dense"] = measure(lambda: F.scaled_dot_product_attention(qt, kt, vt))
+    res["ms"] = t
+    overhead = t["refresh"] + t["select_layout"] + t["permute"] + t["unpermute"]
+    res.update(speedup_reuse=t["dense"] / t["svoo_reuse"], speedup_recluster=t["dense"] / t["svoo_recluster"],
+               reuse_overhead_share=overhead / t["sparse_attn"],
+               cluster_permute_share=(t["cluster"] + t["permute"] + t["unpermute"]) / t["sparse_attn"],
+               sparse_effective_tflops=4 * D * layout.computed_pairs / t["sparse_attn"] / 1e9,
+               dense_tflops=4 * H * D * S * S / t["dense"] / 1e9)
+    return res
+
+
+def table(results: List[Dict[str, object]]) -> str:
+    cols = ["case", "floor", "density", "recall", "cluster", "refresh", "sel+lay", "perm", "sparse", "unperm",
+            "reuse", "reclust", "dense", "x reuse", "x reclust", "ovh/sparse"]
+    lines = [" | ".join(cols)]
+    for r in results:
+        if "ms" not in r:
+            lines.append(f"{r['case']} | {r['floor_keep_ratio']} | skipped: {r.get('skipped')}")
+            continue
+        t = r["ms"]
+        vals = [r["case"], f"{r['floor_keep_ratio']:.2f}", f"{r['density']:.3f}", f"{r['recall']:.3f}"]
+        vals += [f"{t[c]:.2f}" for c in ("cluster", "refresh", "select_layout", "permute", "sparse_attn", "unpermute",
+                                         "svoo_reuse", "svoo_recluster", "dense")]
+        vals += [f"{r['speedup_reuse']:.2f}", f"{r['speedup_recluster']:.2f}", f"{r['reuse_overhead_share']:.2f}"]
+        lines.append(" | ".join(vals))
+    return "\n".join(lines)
+
+
+def main(argv: List[str] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
+    ap.add_argument("--cases", default="wan480,wan720")
+    ap.add_argument("--floors", default="0.15,0.20", help="profile keep ratios (clipped to 0.15-0.20)")
+    ap.add_argument("--top-p", type=float, default=0.9)
+    ap.add_argument("--q-clusters", type=int, default=256)
+    ap.add_argument("--k-clusters", type=int, default=1024)
+    ap.add_argument("--iterations", type=int, default=2)
+    ap.add_argument("--heads", type=int, default=12)
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--centers", type=int, default=64, help="cluster centres of the synthetic q/k per head")
+    ap.add_argument("--recall-queries", type=int, default=256)
+    ap.add_argument("--backend", default=None, help="block_sparse_attn backend (default: triton on CUDA)")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--time-budget", type=float, default=420.0, help="seconds; later cases are skipped")
+    ap.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on CPU with the reference backend")
+    args = ap.parse_args(argv)
+    if args.cpu_smoke:
+        args.cases, args.heads, args.head_dim, args.centers = "smoke", 2, 32, 6
+        args.q_clusters, args.k_clusters, args.reps = 8, 16, 1
+        device, dtype = torch.device("cpu"), torch.float32
+        args.backend = args.backend or "reference"
+    else:
+        if not torch.cuda.is_available():
+            ap.error("needs CUDA (use --cpu-smoke for a CPU dry run)")
+        device, dtype = torch.device("cuda"), torch.bfloat16
+        args.backend = args.backend or "triton"
+    os.makedirs(args.out, exist_ok=True)
+    measure = timer(device, args.reps)
+    start = time.time()
+    results: List[Dict[str, object]] = []
+    for name in args.cases.split(","):
+        for floor in (float(x) for x in args.floors.split(",")):
+            if time.time() - start > args.time_budget:
+                results.append({"case": name, "floor_keep_ratio": floor, "skipped": "time budget"})
+                continue
+            results.append(run_case(name, floor, args, device, dtype, measure))
+            print(table(results[-1:]).splitlines()[-1], flush=True)
+    doc = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
+           "results": results}
+    with open(os.path.join(args.out, "svoo_bench.json"), "w") as f:
+        json.dump(doc, f, indent=2)
+    print(table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
