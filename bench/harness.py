@@ -23,7 +23,8 @@ from lvsa_kernels.reference import BlockSparseLayout, reference_attention
 from .baselines import Method, MethodSkipped, Prepared
 from .shapes import BenchCase
 
-__all__ = ["Settings", "TOLERANCE", "run_case", "layout_flops", "summarize"]
+__all__ = ["Settings", "TOLERANCE", "run_case", "layout_flops", "summarize", "make_inputs", "reference_output",
+           "checked_run", "output_errors", "case_seed_offset"]
 
 # Relative error ||out - ref|| / ||ref|| allowed per input dtype.
 TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 1e-3, torch.float32: 1e-5, torch.float64: 1e-10}
@@ -56,7 +57,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _make_inputs(case: BenchCase, device: torch.device, seed: int) -> Tuple[Tensor, Tensor, Tensor]:
+def make_inputs(case: BenchCase, device: torch.device, seed: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """Fresh ``torch.randn`` q ``[B, S, H, D]`` and k, v ``[B, S, H_kv, D]`` in the case's dtype."""
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
     S, D = case.seq_len, case.head_dim
@@ -67,7 +69,7 @@ def _make_inputs(case: BenchCase, device: torch.device, seed: int) -> Tuple[Tens
     return randn(case.heads), randn(case.num_kv_heads), randn(case.num_kv_heads)
 
 
-def _reference(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout,
+def reference_output(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout,
                stride: int) -> Tuple[Tensor, Optional[Tensor], Dict[str, Any]]:
     """float32 reference; with ``stride > 1`` only query blocks 0, stride, 2*stride, ... and text blocks.
 
@@ -100,7 +102,7 @@ def _poison_allocator(q: Tensor) -> None:
     del block
 
 
-def _checked_run(p: Prepared, q: Tensor) -> Tuple[Tensor, str]:
+def checked_run(p: Prepared, q: Tensor) -> Tuple[Tensor, str]:
     """Run once with a poisoned output; returns the ``[B, S, H, D]`` output and how it was poisoned."""
     if p.out_buffer is not None:
         p.out_buffer.fill_(float("nan"))
@@ -115,7 +117,7 @@ def _checked_run(p: Prepared, q: Tensor) -> Tuple[Tensor, str]:
     return p.to_bshd(out), poison
 
 
-def _errors(out: Tensor, ref: Tensor, idx: Optional[Tensor]) -> Dict[str, float]:
+def output_errors(out: Tensor, ref: Tensor, idx: Optional[Tensor]) -> Dict[str, float]:
     o = (out if idx is None else out[:, idx]).float()
     diff = o - ref
     ref_norm = float(torch.linalg.vector_norm(ref))
@@ -176,12 +178,12 @@ def _run_method(m: Method, q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseL
         p = m.prepare(q, k, v, layout, case)
         rec["prepare_s"] = round(time.perf_counter() - t0, 2)
         t0 = time.perf_counter()
-        out, rec["poison"] = _checked_run(p, q)
+        out, rec["poison"] = checked_run(p, q)
         rec["first_call_s"] = round(time.perf_counter() - t0, 2)
         rec["nonfinite"] = int((~torch.isfinite(out)).sum())
         checked = layout.is_dense or not m.dense
         if checked:
-            rec.update(_errors(out, ref, idx))
+            rec.update(output_errors(out, ref, idx))
         else:
             rec["check"] = "not compared: dense method on a sparse layout (computes a different function)"
         del out
@@ -245,8 +247,8 @@ def run_case(case: BenchCase, methods: Sequence[Method], s: Settings,
                    "ideal_speedup": 1.0 / layout.density},
         "flops": flops, "dense_flops": dense_flops, "methods": {},
     }
-    q, k, v = _make_inputs(case, device, s.seed + _seed_offset(case.name))
-    ref, idx, result["reference"] = _reference(q, k, v, layout, s.ref_stride)
+    q, k, v = make_inputs(case, device, s.seed + case_seed_offset(case.name))
+    ref, idx, result["reference"] = reference_output(q, k, v, layout, s.ref_stride)
     log(f"[{case.name}] S={case.seq_len} density={layout.density:.4f} reference {result['reference']['mode']} "
         f"in {result['reference']['seconds']} s")
     for m in methods:
@@ -274,6 +276,6 @@ def _line(rec: Dict[str, Any]) -> str:
     return f"{st}: {rec['ms']:.3f} ms {rec['tflops']:.1f} TFLOP/s{err}{mem} nonfinite={rec['nonfinite']}"
 
 
-def _seed_offset(name: str) -> int:
+def case_seed_offset(name: str) -> int:
     """A stable per-case seed offset (Python's hash() is salted per process)."""
     return zlib.crc32(name.encode()) % 100_000
