@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Collection, Dict, Hashable, Optional, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .layout import BlockSparseLayout
@@ -30,7 +29,7 @@ __all__ = [
 
 log = logging.getLogger("lvsa_kernels")
 
-_CHUNK_ELEMENTS = 1 << 24  # elements of one [G, rows, clusters] score or one-hot chunk
+_CHUNK_ELEMENTS = 1 << 26  # elements of one [G, rows, clusters] score or one-hot chunk (256 MiB in fp32)
 
 
 def _acc_dtype(x: Tensor) -> torch.dtype:
@@ -108,7 +107,8 @@ def segment_means(x: Tensor, labels: Tensor, n: int, previous: Tensor) -> Tuple[
     counts = torch.zeros(G, n, dtype=x.dtype, device=x.device)
     rows = _chunk_rows(G, n)
     for r0 in range(0, N, rows):
-        onehot = F.one_hot(labels[:, r0:r0 + rows], n).to(x.dtype)  # [G, m, n]
+        lab = labels[:, r0:r0 + rows]
+        onehot = torch.zeros(G, lab.shape[1], n, dtype=x.dtype, device=x.device).scatter_(2, lab.unsqueeze(-1), 1.0)
         sums += onehot.transpose(1, 2) @ x[:, r0:r0 + rows]
         counts += onehot.sum(dim=1)
     sizes = counts.round().to(torch.int64)

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from lvsa_kernels import block_sparse_attn
 from lvsa_kernels.backends import registered_backends
+from lvsa_kernels.reference import svoo
 from lvsa_kernels.reference.svoo import (
     SVOOPattern, assign, assignment_weights, co_cluster, l2norm_rows, permute_tokens, segment_means,
     select_blocks, strided_seeds, unpermute_tokens,
@@ -121,6 +122,17 @@ def test_co_cluster_deterministic_and_permutation_contiguous():
         assert (sorted_labels[:, 1:] >= sorted_labels[:, :-1]).all()
         assert torch.equal(torch.sort(ca.perm, dim=1).values, torch.arange(200).expand(3, 200))
         assert torch.equal(ca.sizes, F.one_hot(ca.labels, ca.sizes.shape[1]).sum(1))
+
+
+def test_chunked_clustering_equals_single_chunk(monkeypatch):
+    q, k = _rand(2, 90, 8, dtype=torch.float32, seed=36), _rand(2, 90, 8, dtype=torch.float32, seed=37)
+    whole = co_cluster(q, k, 5, 7, seed=2)
+    monkeypatch.setattr(svoo, "_CHUNK_ELEMENTS", 64)  # a few rows per chunk
+    chunked = co_cluster(q, k, 5, 7, seed=2)
+    for side in ("q", "k"):
+        a, b = getattr(whole, side), getattr(chunked, side)
+        assert torch.equal(a.labels, b.labels) and torch.equal(a.sizes, b.sizes)
+        torch.testing.assert_close(a.centroids, b.centroids)
 
 
 def test_warm_start_uses_given_centroids():
