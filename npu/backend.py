@@ -117,6 +117,7 @@ def _zero_rows_without_keys(out: Tensor, lse: Optional[Tensor], layout: BlockSpa
 
 class NpuBackend(Backend):
     name = "npu"
+    notes = "verified against a CPU stand-in of torch_npu only, not on Ascend hardware"
     _CAPS = dict(dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}), head_dims=None)
 
     @property

@@ -334,6 +334,7 @@ class FlashInferBackend(Backend):
     name = "flashinfer"
     caps = Capabilities(devices=frozenset({"cuda"}), dtypes=frozenset({torch.float16, torch.bfloat16}),
                         head_dims=None)
+    notes = "prebuilt FlashInfer modules cover head dims 64/128 (int32 indices, output dtype = input dtype); others JIT-compile"
 
     def unavailable_reason(self, device: torch.device) -> Optional[str]:
         _, reason = _load()

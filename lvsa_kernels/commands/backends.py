@@ -53,6 +53,7 @@ def backend_status(backend: Backend) -> Dict[str, Any]:
         "dtypes": sorted(str(d).replace("torch.", "") for d in c.dtypes),
         "head_dims": "any" if c.head_dims is None else sorted(c.head_dims),
         "gqa": c.gqa, "per_head_layouts": c.per_head_layouts, "lse": c.lse, "dense_only": c.dense_only,
+        "notes": getattr(backend, "notes", ""),
     }
 
 
@@ -67,6 +68,8 @@ def _text(status: Dict[str, Dict[str, Any]], choices: Dict[str, Dict[str, Any]])
                 lines.append(f"{'':11s}   {device_type}: {reason}")
         flags = [f for f in ("gqa", "per_head_layouts", "lse", "dense_only") if s[f]]
         lines.append(f"{'':11s}   dtypes {', '.join(s['dtypes'])}; head dims {s['head_dims']}; {', '.join(flags)}")
+        if s["notes"]:
+            lines.append(f"{'':11s}   {s['notes']}")
     lines += ["", f"cached auto choices ({cache_file()}; folder from {ENV_CACHE_DIR} or ~/.cache/lvsa_kernels):"]
     if not choices:
         lines.append("  none yet")
