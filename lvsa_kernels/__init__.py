@@ -5,6 +5,16 @@ Public API:
     block_sparse_attn               - run attention on a layout (Triton / FlashInfer / NPU / SDPA / reference)
     reference_attention             - the exact reference every backend is checked against
 """
+import os as _os
+
+# Installed, the folders reference/, triton_src/, npu/ and bench/ live inside this package (setup.py's
+# package_dir). Imported straight from a source checkout (e.g. `python -m pytest` run from the repo root
+# puts the checkout first on sys.path), the same names resolve through the checkout's root folder.
+_root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+if not _os.path.isdir(_os.path.join(_os.path.dirname(__file__), "reference")) and _os.path.isfile(
+        _os.path.join(_root, "setup.py")):
+    __path__.append(_root)
+
 from .reference import (
     BlockSparseLayout,
     LayoutError,

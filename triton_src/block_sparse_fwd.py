@@ -11,8 +11,8 @@ Hopper) — ``USE_TMA`` picks; ``WARP_SPEC`` asks Triton to warp-specialise the 
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+LOG2E = 1.4426950408889634  # host side: folded into qk_scale
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit

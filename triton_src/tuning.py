@@ -46,8 +46,10 @@ def interpreting() -> bool:
 INTERPRETER_CONFIG = KernelConfig(block_m=16, block_n=16, num_warps=1, num_stages=1)
 
 
-def candidate_configs(head_dim: int, tma_ok: bool) -> List[KernelConfig]:
+def candidate_configs(head_dim: int, tma_ok: bool, dtype: torch.dtype = torch.bfloat16) -> List[KernelConfig]:
     """Configs worth timing on a GPU for ``head_dim`` (first = the default when nothing is tuned)."""
+    if dtype == torch.float32:  # 4-byte tiles: keep shared memory under the 227 KB limit
+        return [KernelConfig(64, 32, 4, 2), KernelConfig(64, 64, 4, 2), KernelConfig(32, 32, 4, 2)]
     base = [
         KernelConfig(128, 64, 8, 3), KernelConfig(128, 128, 8, 3), KernelConfig(128, 64, 4, 3),
         KernelConfig(128, 64, 8, 4), KernelConfig(64, 64, 4, 3), KernelConfig(128, 128, 8, 2),

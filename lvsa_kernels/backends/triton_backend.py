@@ -71,7 +71,7 @@ def choose_config(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout, sc
     cfg = None if retune else tuning.lookup(key)
     if cfg is not None:
         return cfg
-    candidates = tuning.candidate_configs(q.shape[-1], tma_eligible(q, k, v))
+    candidates = tuning.candidate_configs(q.shape[-1], tma_eligible(q, k, v), q.dtype)
     if torch.compiler.is_compiling() or os.environ.get(AUTOTUNE_ENV, "1") == "0":
         return candidates[0]
     import triton.testing
