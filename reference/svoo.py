@@ -23,7 +23,7 @@ from .svoo_profile import SVOOProfile
 
 __all__ = [
     "Clusters", "CoClustering", "SVOOPattern", "SVOOPlan", "assign", "assignment_weights", "build_layouts",
-    "co_cluster", "permute_tokens", "refresh_clusters", "segment_means", "select_blocks", "strided_seeds",
+    "co_cluster", "l2norm_rows", "permute_tokens", "refresh_clusters", "segment_means", "select_blocks", "strided_seeds",
     "unpermute_tokens",
 ]
 

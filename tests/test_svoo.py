@@ -9,7 +9,7 @@ from lvsa_kernels import block_sparse_attn
 from lvsa_kernels.backends import registered_backends
 from lvsa_kernels.reference import svoo
 from lvsa_kernels.reference.svoo import (
-    SVOOPattern, assign, assignment_weights, co_cluster, l2norm_rows, permute_tokens, segment_means,
+    SVOOPattern, assign, assignment_weights, co_cluster, permute_tokens, segment_means,
     select_blocks, strided_seeds, unpermute_tokens,
 )
 from lvsa_kernels.reference.svoo_profile import ProfileError, SVOOProfile
