@@ -92,7 +92,7 @@ def reference_output(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout,
     idx = torch.cat([torch.arange(int(off[r]), int(off[r + 1])) for r in rows]).to(q.device)
     ref = reference_attention(q[:, idx].float(), kf, vf, sub)
     _sync(q.device)
-    return ref, idx, {"mode": f"sampled: every {stride}th query block + text + last ({len(rows)} of {nqb} blocks)",
+    return ref, idx, {"mode": f"sampled query blocks 0, {stride}, {2 * stride}, ... + text + last ({len(rows)} of {nqb})",
                       "seconds": round(time.perf_counter() - t0, 2)}
 
 
