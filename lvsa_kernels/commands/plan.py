@@ -1,0 +1,68 @@
+"""Plan one model's LVSA layout and print it: kfi, rotation offset, |G|, |A|, density, ideal speedup
+(1 / density) and the layout's frame map (G global anchor, W window, T text, . skipped)."""
+from __future__ import annotations
+
+import argparse
+
+from ..models import MODELS, ModelPreset, get_model
+from ..reference import BlockSparseLayout, LVSAPattern
+
+HELP = "print a model's LVSA layout (frame map, kfi, |G|, |A|, density) at a horizon"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", choices=sorted(MODELS), default="wan", help="model preset (default wan)")
+    horizon = parser.add_mutually_exclusive_group(required=True)
+    horizon.add_argument("--frames", type=int, help="latent frames T")
+    horizon.add_argument("--video-frames", type=int, help="video frames F (T = (F - 1) // 4 + 1)")
+    parser.add_argument("--step", type=int, default=0, help="0-based denoising step (rotation offset = step mod kfi)")
+    parser.add_argument("--window", type=int, help="local half-window W in latent frames (default 3)")
+    parser.add_argument("--n-first", type=int, help="leading global frames (default 1)")
+    parser.add_argument("--reference", type=int, help="reference horizon in latent frames (default: the model's)")
+    parser.add_argument("--scale", type=float, help="sparsity_scale (default 1.0)")
+    parser.add_argument("--kfi", type=int, help="manual keyframe interval (default auto; 0 = none)")
+    parser.add_argument("--anchors", choices=["published", "constant"], help="anchor rule (default published)")
+    parser.add_argument("--tokens-per-frame", type=int, help="tokens per latent frame (default: the model's)")
+    parser.add_argument("--text-tokens", type=int,
+                        help="text tokens in self-attention (default: the model's; HunyuanVideo 1.5 varies per prompt)")
+
+
+def pattern_from_args(model: ModelPreset, args: argparse.Namespace) -> LVSAPattern:
+    """The model's pattern with the knobs given on the command line."""
+    knobs = {"window": args.window, "n_first": args.n_first, "reference_frames": args.reference,
+             "sparsity_scale": args.scale, "key_frame_interval": args.kfi, "anchors": args.anchors}
+    return model.pattern(**{k: v for k, v in knobs.items() if v is not None})
+
+
+def summary(pattern: LVSAPattern, frames: int, step: int, layout: BlockSparseLayout) -> str:
+    """kfi, offset, |G|, |A| range, frame density and the layout's token density / ideal speedup."""
+    mask = pattern.frame_mask(frames, step)
+    per_row = mask.sum(1)
+    a_lo, a_hi = int(per_row.min()), int(per_row.max())
+    frame_density = mask.float().mean().item()
+    return "\n".join([
+        f"latent frames T={frames}  step={step}  kfi={pattern.key_frame_interval_for(frames)}  "
+        f"offset={pattern.rotation_offset(frames, step)}",
+        f"|G|={len(pattern.global_frames(frames, step))}  global frames={list(pattern.global_frames(frames, step))}",
+        f"|A|={a_lo if a_lo == a_hi else f'{a_lo}..{a_hi}'} frames per query frame",
+        f"frame density={frame_density:.4f}  token density (incl. text)={layout.density:.4f}  "
+        f"ideal speedup={1 / layout.density:.2f}x",
+    ])
+
+
+def run(args: argparse.Namespace) -> int:
+    model = get_model(args.model)
+    frames = args.frames if args.frames is not None else model.latent_frames(args.video_frames)
+    pattern = pattern_from_args(model, args)
+    P = args.tokens_per_frame or model.tokens_per_frame()
+    text = args.text_tokens if args.text_tokens is not None else (model.text_tokens or 0)
+    position = "before" if model.text_position == "before" else "after"
+    layout = pattern.plan(frames, P, step=args.step, text_tokens=text, text_position=position)
+    print(f"{model.title}: {model.heads} heads x {model.head_dim}, {P} tokens/frame, "
+          f"text {model.text_position} video ({text} tokens)")
+    if model.text_tokens is None and args.text_tokens is None and model.text_position != "none":
+        print(f"  (text length varies per prompt for {model.name}; pass --text-tokens to include it)")
+    print(pattern.describe(frames, args.step))
+    print(summary(pattern, frames, args.step, layout))
+    print(layout.describe())
+    return 0
