@@ -1,0 +1,297 @@
+#!/usr/bin/env python3
+"""End-to-end denoising-step benchmark: one transformer forward (batch 1), dense vs LVSA, random weights.
+
+Wan 2.1 1.3B-shaped ``WanTransformer3DModel`` (real config, random bf16 weights) at 480x832 and 81 / 161 /
+321 / 481 video frames (latent T = 21 / 41 / 81 / 121, 60x104 latents, 512 text tokens of dim 4096);
+optionally (``--hunyuan``) HunyuanVideo 1.5 480p-shaped (8.3B parameters, 16 GB in bf16) at 129 / 193 frames.
+Three ways per size, median of ``--repeats`` runs after one warm-up, timed with CUDA events:
+
+* ``dense_cudnn``   diffusers' default processors inside ``sdpa_kernel(SDPBackend.CUDNN_ATTENTION)``;
+* ``dense_default`` diffusers' default dispatch (``native`` SDPA, PyTorch picks the kernel);
+* ``lvsa``          ``enable_lvsa(transformer, backend=--backend)`` with the model's default pattern.
+
+``rel_diff`` = max |lvsa - dense| / max |dense| on the transformer output; it must be tiny where the
+pattern is dense (Wan T = 21, HunyuanVideo T = 33) and is a pattern effect elsewhere.
+
+    python bench/e2e_step.py [--frames 81 161 321 481] [--repeats 3] [--backend triton]
+                             [--json-out e2e_step.json] [--time-budget 1500] [--hunyuan]
+    python bench/e2e_step.py --device cpu --tiny        # CPU dry run on tiny configs (seconds)
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import statistics
+import sys
+import time
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+WAN_1_3B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16,
+                out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
+                qk_norm="rms_norm_across_heads", eps=1e-6)
+WAN_TINY = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+                text_dim=16, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+                qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
+HV15_480P = dict(in_channels=65, out_channels=32, num_attention_heads=16, attention_head_dim=128, num_layers=54,
+                 num_refiner_layers=2, mlp_ratio=4.0, patch_size=1, patch_size_t=1, qk_norm="rms_norm",
+                 text_embed_dim=3584, text_embed_2_dim=1472, image_embed_dim=1152, rope_theta=256.0,
+                 rope_axes_dim=(16, 56, 56), target_size=640, task_type="t2v")
+HV15_TINY = dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=2,
+                 num_refiner_layers=1, mlp_ratio=2.0, patch_size=1, patch_size_t=1, text_embed_dim=16,
+                 text_embed_2_dim=8, image_embed_dim=12, rope_axes_dim=(4, 6, 6), task_type="t2v")
+# tiny configs use head_dim 16, the smallest the Triton kernels take
+# HunyuanVideo 1.5 pipeline text layout: 1000 MLLM + 256 ByT5 + 729 image tokens, mostly padding in T2V
+HV15_TEXT = dict(mllm=1000, mllm_valid=128, byt5=256, byt5_valid=0, image=729)
+HV15_TEXT_TINY = dict(mllm=6, mllm_valid=4, byt5=3, byt5_valid=1, image=2)
+TINY_KNOBS = dict(reference_frames=2, window=1)  # --tiny: make the tiny sizes sparse so the LVSA path runs
+
+
+def latent_frames(frames: int) -> int:
+    return (frames - 1) // 4 + 1
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def build(cls: type, config: Dict[str, Any], device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """Random-weight model created directly on ``device`` in ``dtype``; ``_keep_in_fp32_modules`` stay
+    float32 as ``from_pretrained`` keeps them."""
+    torch.manual_seed(0)
+    with torch.device(device), default_dtype(dtype):
+        model = cls(**config)
+    keep = getattr(model, "_keep_in_fp32_modules", None) or []
+    for name, module in model.named_modules():
+        if any(k in name.split(".") for k in keep):
+            module.to(torch.float32)
+    return model.eval().requires_grad_(False)
+
+
+def wan_inputs(config: Dict[str, Any], frames: int, height: int, width: int, device: torch.device,
+               dtype: torch.dtype) -> Dict[str, Any]:
+    g = torch.Generator(device).manual_seed(1)
+    text = 512 if config["text_dim"] == 4096 else 12
+    return dict(hidden_states=torch.randn(1, config["in_channels"], latent_frames(frames), height // 8, width // 8,
+                                          generator=g, device=device, dtype=dtype),
+                timestep=torch.tensor([999.0], device=device),
+                encoder_hidden_states=torch.randn(1, text, config["text_dim"], generator=g, device=device,
+                                                  dtype=dtype),
+                return_dict=False)
+
+
+def hv15_inputs(config: Dict[str, Any], frames: int, height: int, width: int, device: torch.device,
+                dtype: torch.dtype) -> Dict[str, Any]:
+    g = torch.Generator(device).manual_seed(1)
+    txt = HV15_TEXT if config["text_embed_dim"] == 3584 else HV15_TEXT_TINY
+
+    def prefix_mask(n: int, valid: int) -> Tensor:
+        return (torch.arange(n, device=device) < valid).long()[None]
+
+    return dict(hidden_states=torch.randn(1, config["in_channels"], latent_frames(frames), height // 16, width // 16,
+                                          generator=g, device=device, dtype=dtype),
+                timestep=torch.tensor([999.0], device=device),
+                encoder_hidden_states=torch.randn(1, txt["mllm"], config["text_embed_dim"], generator=g,
+                                                  device=device, dtype=dtype),
+                encoder_attention_mask=prefix_mask(txt["mllm"], txt["mllm_valid"]),
+                encoder_hidden_states_2=torch.randn(1, txt["byt5"], config["text_embed_2_dim"], generator=g,
+                                                    device=device, dtype=dtype),
+                encoder_attention_mask_2=prefix_mask(txt["byt5"], txt["byt5_valid"]),
+                image_embeds=torch.zeros(1, txt["image"], config["image_embed_dim"], device=device, dtype=dtype),
+                return_dict=False)
+
+
+def median_seconds(fn: Callable[[], Any], repeats: int, device: torch.device) -> float:
+    """One warm-up call, then the median of ``repeats`` timed calls (CUDA events on GPU)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize(device)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize(device)
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure(model: nn.Module, inputs: Dict[str, Any], repeats: int, device: torch.device,
+            context: Callable[[], Any]) -> Dict[str, Any]:
+    """Time one forward under ``context``; returns seconds, peak memory and the output (or the error)."""
+    out: List[Tensor] = []
+
+    def step() -> None:
+        out[:] = [model(**inputs)[0]]
+
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        with torch.no_grad(), context():
+            seconds = median_seconds(step, repeats, device)
+    except Exception as exc:  # one failing way (e.g. no cuDNN kernel for a mask) must not stop the sweep
+        return {"status": "error", "error": f"{type(exc).__name__}: {exc}".splitlines()[0][:300]}
+    rec: Dict[str, Any] = {"status": "ok", "seconds": seconds, "output": out[0]}
+    if device.type == "cuda":
+        rec["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return rec
+
+
+def cudnn_context(device: torch.device) -> Callable[[], Any]:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return lambda: sdpa_kernel(SDPBackend.CUDNN_ATTENTION)
+
+
+def run_model(name: str, model: nn.Module, patch: Sequence[int], make_inputs: Callable[[int], Dict[str, Any]],
+              frames: Sequence[int], args: argparse.Namespace, device: torch.device,
+              deadline: float) -> List[Dict[str, Any]]:
+    """Measure the three ways at each video frame count; ``patch`` = (p_t, p_h, p_w)."""
+    from lvsa_kernels.diffusers import enable_lvsa
+    from lvsa_kernels.diffusers.geometry import geometry_from_latents
+
+    knobs = TINY_KNOBS if args.tiny else {}
+    rows = []
+    for f in frames:
+        row: Dict[str, Any] = {"model": name, "frames": f}
+        if time.monotonic() > deadline:
+            row["status"] = "skipped: --time-budget exceeded"
+            rows.append(row)
+            continue
+        inputs = make_inputs(f)
+        geo = geometry_from_latents(inputs["hidden_states"], 2, patch)
+        ways: Dict[str, Dict[str, Any]] = {}
+        if device.type == "cuda":
+            ways["dense_cudnn"] = measure(model, inputs, args.repeats, device, cudnn_context(device))
+        else:
+            ways["dense_cudnn"] = {"status": "skipped: cuDNN SDPA needs CUDA"}
+        ways["dense_default"] = measure(model, inputs, args.repeats, device, contextlib.nullcontext)
+        handle = enable_lvsa(model, backend=args.backend, **knobs)
+        try:
+            ways["lvsa"] = measure(model, inputs, args.repeats, device, contextlib.nullcontext)
+        finally:
+            handle.disable()
+        pattern = handle.runtime.pattern
+        row.update(latent_frames=geo.frames, tokens_per_frame=geo.tokens_per_frame, video_tokens=geo.video_tokens,
+                   kfi=pattern.key_frame_interval_for(geo.frames),
+                   frame_density=float(pattern.frame_mask(geo.frames).float().mean()),
+                   reference_frames=pattern.reference_frames, backend=args.backend)
+        dense = ways["dense_cudnn"] if ways["dense_cudnn"]["status"] == "ok" else ways["dense_default"]
+        lvsa = ways["lvsa"]
+        if dense["status"] == "ok" and lvsa["status"] == "ok":
+            d, s = dense["output"].float(), lvsa["output"].float()
+            row["rel_diff"] = float((s - d).abs().max() / d.abs().max().clamp_min(1e-30))
+            row["nonfinite"] = int((~torch.isfinite(s)).sum() + (~torch.isfinite(d)).sum())
+        for way, rec in ways.items():
+            rec.pop("output", None)
+            row[way] = rec
+            if rec["status"] == "ok" and lvsa["status"] == "ok" and way != "lvsa":
+                row[f"speedup_vs_{way}"] = rec["seconds"] / lvsa["seconds"]
+        rows.append(row)
+        print(format_row(row), flush=True)
+        del inputs, ways, dense, lvsa
+    return rows
+
+
+def _s(rec: Optional[Dict[str, Any]]) -> str:
+    if not rec:
+        return "-"
+    return f"{rec['seconds']:.3f}" if rec["status"] == "ok" else rec["status"].split(":")[0]
+
+
+def _x(v: Optional[float]) -> str:
+    return "-" if v is None else f"{v:.2f}x"
+
+
+HEADER = (f"{'model':<10} {'frames':>6} {'T':>4} {'tokens':>7} {'kfi':>4} {'density':>7} {'cudnn s':>8} "
+          f"{'default s':>9} {'lvsa s':>8} {'vs cudnn':>8} {'vs dflt':>8} {'rel diff':>9}")
+
+
+def format_row(r: Dict[str, Any]) -> str:
+    if "lvsa" not in r:
+        return f"{r['model']:<10} {r['frames']:>6}  {r['status']}"
+    rel = "-" if "rel_diff" not in r else f"{r['rel_diff']:.2e}"
+    return (f"{r['model']:<10} {r['frames']:>6} {r['latent_frames']:>4} {r['video_tokens']:>7} {r['kfi']:>4} "
+            f"{r['frame_density']:>7.3f} {_s(r.get('dense_cudnn')):>8} {_s(r.get('dense_default')):>9} "
+            f"{_s(r.get('lvsa')):>8} {_x(r.get('speedup_vs_dense_cudnn')):>8} "
+            f"{_x(r.get('speedup_vs_dense_default')):>8} {rel:>9}")
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--frames", type=int, nargs="+", help="Wan video frames (default 81 161 321 481; tiny 9 17)")
+    p.add_argument("--hunyuan", action="store_true", help="also HunyuanVideo 1.5 480p-shaped (8.3B, 16 GB bf16)")
+    p.add_argument("--hunyuan-frames", type=int, nargs="+", help="default 129 193; tiny 9 17")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per way after one warm-up (median)")
+    p.add_argument("--backend", default="triton", help="enable_lvsa backend (default triton)")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
+                   help="default bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--tiny", action="store_true", help="tiny configs at 64x64 pixels (CPU dry run)")
+    p.add_argument("--time-budget", type=float, default=float("inf"),
+                   help="seconds; sizes not started before it runs out are skipped")
+    p.add_argument("--json-out", help="write the results as JSON to this path")
+    args = p.parse_args(argv)
+    if args.repeats < 1:
+        p.error("--repeats must be >= 1")
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    from diffusers import HunyuanVideo15Transformer3DModel, WanTransformer3DModel
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("e2e_step: CUDA is not available; use --device cpu --tiny for a dry run", file=sys.stderr)
+        return 2
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    height, width = (64, 64) if args.tiny else (480, 832)
+    deadline = time.monotonic() + args.time_budget
+    print(HEADER)
+    rows: List[Dict[str, Any]] = []
+
+    wan_cfg = WAN_TINY if args.tiny else WAN_1_3B
+    wan = build(WanTransformer3DModel, wan_cfg, device, dtype)
+    rows += run_model("wan-1.3b", wan, wan_cfg["patch_size"], lambda f: wan_inputs(wan_cfg, f, height, width, device, dtype),
+                      args.frames or ([9, 17] if args.tiny else [81, 161, 321, 481]), args, device, deadline)
+    del wan
+    if args.hunyuan:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        hv_cfg = HV15_TINY if args.tiny else HV15_480P
+        hv = build(HunyuanVideo15Transformer3DModel, hv_cfg, device, dtype)
+        rows += run_model("hv-1.5", hv, (1, 1, 1), lambda f: hv15_inputs(hv_cfg, f, height, width, device, dtype),
+                          args.hunyuan_frames or ([9, 17] if args.tiny else [129, 193]), args, device, deadline)
+        del hv
+
+    if args.json_out:
+        import diffusers
+
+        meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+                "torch": torch.__version__, "diffusers": diffusers.__version__, "dtype": str(dtype),
+                "resolution": [height, width], "repeats": args.repeats, "tiny": args.tiny}
+        with open(args.json_out, "w", encoding="utf-8") as fh:
+            json.dump({"meta": meta, "results": rows}, fh, indent=2)
+        print(f"wrote {args.json_out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
