@@ -191,6 +191,19 @@ def flex_factory(mask_builder: str = "create_block_mask") -> Factory:
 # ----------------------------------------------------------------------------- FlashInfer, direct
 _FI_WORKSPACE_BYTES = 128 * 1024 * 1024
 _fi_state: Dict[Any, Any] = {}
+FLASHINFER_JIT_ENV = "LVSA_BENCH_FLASHINFER_JIT"
+
+
+def _flashinfer_jit_policy() -> str:
+    """Forbid FlashInfer JIT builds (minutes of device time) unless ``LVSA_BENCH_FLASHINFER_JIT=1``.
+
+    Sets ``FLASHINFER_DISABLE_JIT=1``: a module that is not prebuilt then fails fast with FlashInfer's
+    ``MissingJITCacheError`` (recorded as the method's error) instead of compiling.
+    """
+    if os.environ.get(FLASHINFER_JIT_ENV) == "1":
+        return "allowed"
+    os.environ["FLASHINFER_DISABLE_JIT"] = "1"
+    return "disabled (prebuilt modules only)"
 
 
 def _flashinfer_skip(q: Tensor, k: Tensor, layout: BlockSparseLayout, case: BenchCase) -> Optional[str]:
@@ -217,6 +230,7 @@ def _flashinfer_module(dtype: torch.dtype, head_dim: int, device: torch.device) 
     ``flashinfer.jit.env.FLASHINFER_AOT_DIR`` at it. Without a matching prebuilt module the case is
     skipped unless ``LVSA_BENCH_FLASHINFER_JIT=1`` allows a JIT build (minutes of device time).
     """
+    jit = _flashinfer_jit_policy()
     key = (dtype, head_dim, str(device))
     if key in _fi_state:
         return _fi_state[key]
@@ -233,7 +247,8 @@ def _flashinfer_module(dtype: torch.dtype, head_dim: int, device: torch.device) 
     backend = determine_attention_backend(device, PosEncodingMode.NONE.value, False, False, dtype, dtype)
     args = (dtype, dtype, dtype, torch.int32, head_dim, head_dim, 0, False, False, False)
     spec = gen_batch_prefill_module(backend, *args)
-    info: Dict[str, Any] = {"flashinfer": flashinfer.__version__, "fi_backend": backend, "module": spec.name}
+    info: Dict[str, Any] = {"flashinfer": flashinfer.__version__, "fi_backend": backend, "module": spec.name,
+                            "jit": jit}
     extras = importlib.util.find_spec("fiprep_extras")
     pre_dir = os.path.join(os.path.dirname(extras.origin), "aot") if extras and extras.origin else None
     so = os.path.join(pre_dir, spec.name, spec.name + ".so") if pre_dir else None
@@ -246,7 +261,7 @@ def _flashinfer_module(dtype: torch.dtype, head_dim: int, device: torch.device) 
     if prebuilt_ok:
         jit_env.FLASHINFER_AOT_DIR = type(jit_env.FLASHINFER_AOT_DIR)(pre_dir)
         info["module_source"] = "prebuilt"
-    elif os.environ.get("LVSA_BENCH_FLASHINFER_JIT") == "1":
+    elif jit == "allowed":
         info["module_source"] = "jit"
     else:
         raise MethodSkipped(f"no prebuilt FlashInfer module {spec.name} for flashinfer {flashinfer.__version__} "
@@ -299,13 +314,20 @@ def _ours_skip(backend: str) -> SkipCheck:
 
 
 def _ours_factory(backend: str) -> Factory:
-    """``lvsa_kernels.block_sparse_attn(q, k, v, layout, backend=backend)`` (autotuning runs in warm-up)."""
+    """``lvsa_kernels.block_sparse_attn(q, k, v, layout, backend=backend)`` (autotuning runs in warm-up).
+
+    For ``backend="flashinfer"`` FlashInfer JIT builds are forbidden unless allowed (`_flashinfer_jit_policy`).
+    """
 
     def prepare(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout, case: BenchCase) -> Prepared:
+        info: Dict[str, Any] = {"backend": backend}
+        if backend == "flashinfer":
+            info["flashinfer_jit"] = _flashinfer_jit_policy()
+
         def fn() -> Tensor:
             return block_sparse_attn(q, k, v, layout, backend=backend)
 
-        return Prepared(fn, info={"backend": backend})
+        return Prepared(fn, info=info)
 
     return prepare
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Write the attention benchmark JSON (from run_gpu.py) into RESULTS.md and a speedup-vs-frames PNG.
 
-    python3 bench/write_results.py --json bench_out/attention_bench.json [--md bench/RESULTS.md]
-                                   [--png bench/speedup_vs_frames.png]
+    python3 bench/write_results.py --json run1/attention_bench.json [run2/attention_bench.json ...]
+                                   [--md bench/RESULTS.md] [--png bench/speedup_vs_frames.png]
 
 Only the section between ``<!-- attention-bench:start -->`` and ``<!-- attention-bench:end -->`` is
 replaced (appended when missing), so other sections of RESULTS.md survive; the same JSON gives the same text.
@@ -63,8 +63,8 @@ def _case_values(c: Dict[str, Any]) -> Dict[str, Optional[float]]:
     }
 
 
-def _summary_table(cases: Sequence[Dict[str, Any]]) -> List[str]:
-    head = ("| T | tokens | pattern | density | dense ms (best) | Flex ms | FlashInfer ms | ours ms | ours (FI backend) ms "
+def _summary_table(cases: Sequence[Dict[str, Any]], with_run: bool) -> List[str]:
+    head = (("| run " if with_run else "") + "| T | tokens | pattern | density | dense ms (best) | Flex ms | FlashInfer ms | ours ms | ours (FI backend) ms "
             "| ours vs dense | ours vs Flex | ours time / FlashInfer | ours eff. TFLOP/s | ours peak extra MiB "
             "| ours rel. err |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -79,7 +79,7 @@ def _summary_table(cases: Sequence[Dict[str, Any]]) -> List[str]:
         tflops = "—" if vals["triton_tflops"] is None else f"{vals['triton_tflops']:.0f}"
         mib = "—" if vals["triton_peak_extra_mib"] is None else f"{vals['triton_peak_extra_mib']:.1f}"
         lines.append(
-            f"| {cs['frames']} | {cs['tokens']:,} | {cs['pattern']} | {c['layout']['density']:.3f} | {dense} "
+            (f"| {c['run']} " if with_run else "") + f"| {cs['frames']} | {cs['tokens']:,} | {cs['pattern']} | {c['layout']['density']:.3f} | {dense} "
             f"| {_ms(m.get('flex'))} | {fi_cell} | {_ms(tri)} | {_ms(m.get('ours_flashinfer'))} "
             f"| {_ratio(vals['triton_speedup_vs_dense'])} | {_ratio(vals['triton_speedup_vs_flex'])} "
             f"| {_ratio(vals['triton_time_over_flashinfer'], '')} "
@@ -134,37 +134,58 @@ def _targets(cases: Sequence[Dict[str, Any]]) -> List[str]:
     return lines
 
 
-def render(doc: Dict[str, Any]) -> str:
-    """The markdown section (markers included) for one benchmark JSON document."""
+def merge(docs: Sequence[Dict[str, Any]]) -> Tuple[List[Dict[str, Any]], List[Dict[str, Any]]]:
+    """Cases of several run_gpu.py documents (a later run's case replaces an earlier one of the same name),
+    each tagged with ``run`` (1-based), and the skipped cases that no run measured."""
+    by_name: Dict[str, Dict[str, Any]] = {}
+    for i, doc in enumerate(docs, 1):
+        for c in doc["cases"]:
+            by_name[c["case"]["name"]] = {**c, "run": i}
+    skipped = [dict(sk, run=i) for i, doc in enumerate(docs, 1) for sk in doc.get("skipped_cases", [])
+               if sk["name"] not in by_name]
+    return list(by_name.values()), skipped
+
+
+def _run_line(doc: Dict[str, Any]) -> str:
+    return (f"{doc['date']} on **{doc['device']}**: torch {doc['torch']} (CUDA {doc.get('cuda')}, cuDNN "
+            f"{doc.get('cudnn')}), Triton {doc['triton']}, FlashInfer {doc.get('flashinfer') or 'not installed'}, "
+            f"lvsa_kernels {doc.get('lvsa_kernels')}" + (f" (commit {doc['git_commit']})" if doc.get("git_commit") else "")
+            + f"; command `{doc['command']}`")
+
+
+def render(docs: Sequence[Dict[str, Any]]) -> str:
+    """The markdown section (markers included) for one or more run_gpu.py JSON documents."""
+    cases, skipped = merge(docs)
     out = [START, "## Attention kernels: one forward call", ""]
-    out.append(f"Measured {doc['date']} on **{doc['device']}**, all methods in one process. torch {doc['torch']} "
-               f"(CUDA {doc.get('cuda')}, cuDNN {doc.get('cudnn')}), Triton {doc['triton']}, "
-               f"FlashInfer {doc.get('flashinfer') or 'not installed'}, lvsa_kernels {doc.get('lvsa_kernels')}"
-               + (f" (commit {doc['git_commit']})" if doc.get("git_commit") else "") + ".")
-    out += ["", f"Command: `{doc['command']}`", ""]
-    st = doc["settings"]
-    timer = ("median of `triton.testing.do_bench`" if doc["device"] != "cpu" else "median of `time.perf_counter`")
-    out.append(f"Inputs: fresh `torch.randn` q/k/v `[B, S, H, D]`; errors vs a float32 `reference_attention` "
-               f"(relative error = ‖out − ref‖ / ‖ref‖; bf16 bar 1e-2); time = {timer} "
-               f"(warm-up {st['warmup_ms']:g} ms, rep ≥ {st['rep_ms']:g} ms and ≥ {st['min_iters']} calls); "
-               "TFLOP/s = 4·B·H·D·(computed pairs) / time; peak extra = peak allocated during one call minus memory "
-               "before it minus a newly allocated output. \"dense\" is the fastest dense SDPA method run (cuDNN, flash) "
-               "over all tokens, mask-free (HunyuanVideo text unpadded). "
-               "† = our FlashInfer backend (the direct BSR baseline needs a uniform block grid, so it skips text).")
+    if len(docs) == 1:
+        out.append(f"Measured {_run_line(docs[0])}. All methods in one process.")
+    else:
+        out.append("Measured in these runs; each case's methods were all measured in the same run (column `run`):")
+        out += [""] + [f"{i}. {_run_line(d)}" for i, d in enumerate(docs, 1)]
+    st = docs[-1]["settings"]
+    timer = ("median of `triton.testing.do_bench`" if docs[-1]["device"] != "cpu" else "median of `time.perf_counter`")
+    out += ["", f"Inputs: fresh `torch.randn` q/k/v `[B, S, H, D]`; errors vs a float32 `reference_attention` "
+                f"(relative error = ‖out − ref‖ / ‖ref‖; bf16 bar 1e-2); time = {timer} "
+                f"(warm-up {st['warmup_ms']:g} ms, rep ≥ {st['rep_ms']:g} ms and ≥ {st['min_iters']} calls); "
+                "TFLOP/s = 4·B·H·D·(computed pairs) / time; peak extra = peak allocated during one call minus memory "
+                "before it minus a newly allocated output. \"dense\" is the fastest dense SDPA method run (cuDNN, "
+                "flash) over all tokens, mask-free (HunyuanVideo text unpadded). † = our FlashInfer backend (the "
+                "direct BSR baseline needs a uniform block grid, so it skips text)."]
     models: Dict[str, List[Dict[str, Any]]] = {}
-    for c in doc["cases"]:
+    for c in cases:
         models.setdefault(c["case"]["model"], []).append(c)
-    for model, cases in models.items():
-        cs = cases[0]["case"]
+    for model, mcases in models.items():
+        cs = mcases[0]["case"]
         out += ["", f"### {model} ({cs['heads']} heads x {cs['head_dim']}, {cs['dtype']}, "
                     f"{cs['tokens_per_frame']} tokens/frame"
                 + (f", {cs['text_tokens']} text tokens after the video" if cs["text_tokens"] else "") + ")", ""]
-        out += _summary_table(cases)
-        out += ["", "<details><summary>all methods</summary>", ""] + _detail_table(cases) + ["", "</details>"]
-    out += ["", "### Issue 3 targets (anchor layout W=4, n_first=1, ref=21)", ""] + _targets(doc["cases"])
-    for sk in doc.get("skipped_cases", []):
-        out.append(f"- case {sk['name']} not run: {sk['reason']}")
-    ref_modes = sorted({c["reference"]["mode"] for c in doc["cases"]})
+        out += _summary_table(mcases, with_run=len(docs) > 1)
+        out += ["", "<details><summary>all methods</summary>", ""] + _detail_table(mcases) + ["", "</details>"]
+    out += ["", "### Issue 3 targets (anchor layout W=4, n_first=1, ref=21)", ""] + _targets(cases)
+    for sk in skipped:
+        out.append(f"- case {sk['name']} not run" + (f" (run {sk['run']})" if len(docs) > 1 else "")
+                   + f": {sk['reason']}")
+    ref_modes = sorted({c["reference"]["mode"] for c in cases})
     out += ["", f"Reference check: {'; '.join(ref_modes) or 'none'}.", END]
     return "\n".join(out) + "\n"
 
@@ -180,28 +201,29 @@ def replace_section(text: str, section: str) -> str:
     return text.rstrip("\n") + "\n\n" + section
 
 
-def plot(doc: Dict[str, Any], path: str) -> None:
+def plot(docs: Sequence[Dict[str, Any]], path: str) -> None:
     """Speedup vs best dense over latent frames T: one panel per (model, pattern), one line per method."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    cases, _ = merge(docs)
     groups: Dict[Tuple[str, str], List[Dict[str, Any]]] = {}
-    for c in doc["cases"]:
+    for c in cases:
         text = f", {c['case']['text_tokens']} text tokens" if c["case"]["text_tokens"] else ""
         groups.setdefault((c["case"]["model"], c["case"]["pattern"] + text), []).append(c)
     if not groups:
         return
-    all_names = sorted({n for c in doc["cases"] for n, r in c["methods"].items() if not r.get("dense")})
+    all_names = sorted({n for c in cases for n, r in c["methods"].items() if not r.get("dense")})
     colors = {n: plt.get_cmap("tab10")(i % 10) for i, n in enumerate(all_names)}
     fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
-    for ax, ((model, pattern), cases) in zip(axes[0], groups.items()):
-        cases = sorted(cases, key=lambda c: c["case"]["frames"])
-        frames = [c["case"]["frames"] for c in cases]
-        ax.plot(frames, [c["layout"]["ideal_speedup"] for c in cases], "k--", label="ideal 1/density")
+    for ax, ((model, pattern), gcases) in zip(axes[0], groups.items()):
+        gcases = sorted(gcases, key=lambda c: c["case"]["frames"])
+        frames = [c["case"]["frames"] for c in gcases]
+        ax.plot(frames, [c["layout"]["ideal_speedup"] for c in gcases], "k--", label="ideal 1/density")
         for name in all_names:
-            pts = [(c["case"]["frames"], c["methods"][name]["speedup_vs_dense"]) for c in cases
+            pts = [(c["case"]["frames"], c["methods"][name]["speedup_vs_dense"]) for c in gcases
                    if _ok(c["methods"].get(name)) and "speedup_vs_dense" in c["methods"][name]]
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=name, color=colors[name])
@@ -209,7 +231,7 @@ def plot(doc: Dict[str, Any], path: str) -> None:
         ax.set(title=f"{model}\n{pattern}", xlabel="latent frames T", ylabel="speedup vs best dense SDPA")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"{doc['device']}, {doc['date']}", fontsize=9)
+    fig.suptitle("; ".join(sorted({f"{d['device']}, {d['date']}" for d in docs})), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110, metadata={"Software": None})
     plt.close(fig)
@@ -217,17 +239,20 @@ def plot(doc: Dict[str, Any], path: str) -> None:
 
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--json", required=True, help="attention_bench.json written by run_gpu.py")
+    p.add_argument("--json", required=True, nargs="+",
+                   help="attention_bench.json file(s) written by run_gpu.py; a later file's case replaces an earlier one")
     p.add_argument("--md", default=os.path.join(_DIR, "RESULTS.md"))
     p.add_argument("--png", default=os.path.join(_DIR, "speedup_vs_frames.png"))
     args = p.parse_args(argv)
-    with open(args.json) as f:
-        doc = json.load(f)
+    docs = []
+    for path in args.json:
+        with open(path) as f:
+            docs.append(json.load(f))
     old = open(args.md).read() if os.path.exists(args.md) else ""
     with open(args.md, "w") as f:
-        f.write(replace_section(old, render(doc)))
-    plot(doc, args.png)
-    print(f"wrote {args.md} and {args.png} ({len(doc['cases'])} cases)")
+        f.write(replace_section(old, render(docs)))
+    plot(docs, args.png)
+    print(f"wrote {args.md} and {args.png} ({len(merge(docs)[0])} cases from {len(docs)} run(s))")
     return 0
 
 
