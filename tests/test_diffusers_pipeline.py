@@ -35,12 +35,12 @@ def tiny_pipeline(two_experts=False):
 
 @pytest.fixture
 def offsets(monkeypatch):
-    """(transformer id, rotation offset, batch) of every attention call the LVSA processors make."""
+    """(rotation offset, layout object id) of every attention call the LVSA processors make."""
     seen = []
     real = runtime_module.block_sparse_attn
 
     def spy(q, k, v, layout, **kw):
-        seen.append((layout.meta["offset"], q.shape[0]))
+        seen.append((layout.meta["offset"], id(layout)))
         return real(q, k, v, layout, **kw)
 
     monkeypatch.setattr(runtime_module, "block_sparse_attn", spy)
@@ -58,7 +58,8 @@ def generate(pipe, steps, output_type="np"):
 def per_step(seen, calls_per_step):
     assert len(seen) % calls_per_step == 0
     steps = [seen[i:i + calls_per_step] for i in range(0, len(seen), calls_per_step)]
-    assert all(len({o for o, _ in s}) == 1 for s in steps), steps  # CFG calls and all layers share one offset
+    # CFG calls and all layers (of both experts) share one offset and one planned layout object per step
+    assert all(len(set(s)) == 1 for s in steps), steps
     return [s[0][0] for s in steps]
 
 
