@@ -159,21 +159,23 @@ def cudnn_context(device: torch.device) -> Callable[[], Any]:
     return lambda: sdpa_kernel(SDPBackend.CUDNN_ATTENTION)
 
 
-def run_model(name: str, model: nn.Module, patch: Sequence[int], make_inputs: Callable[[int], Dict[str, Any]],
-              frames: Sequence[int], args: argparse.Namespace, device: torch.device,
-              deadline: float) -> List[Dict[str, Any]]:
-    """Measure the three ways at each video frame count; ``patch`` = (p_t, p_h, p_w)."""
+def run_model(name: str, build_model: Callable[[], nn.Module], patch: Sequence[int],
+              make_inputs: Callable[[int], Dict[str, Any]], frames: Sequence[int], args: argparse.Namespace,
+              device: torch.device, deadline: float, on_row: Callable[[Dict[str, Any]], None]) -> None:
+    """Measure the three ways at each video frame count and pass each row to ``on_row``; the model is
+    built before the first size that runs; ``patch`` = (p_t, p_h, p_w)."""
     from lvsa_kernels.diffusers import enable_lvsa
     from lvsa_kernels.diffusers.geometry import geometry_from_latents
 
     knobs = TINY_KNOBS if args.tiny else {}
-    rows = []
+    model: Optional[nn.Module] = None
     for f in frames:
         row: Dict[str, Any] = {"model": name, "frames": f}
         if time.monotonic() > deadline:
             row["status"] = "skipped: --time-budget exceeded"
-            rows.append(row)
+            on_row(row)
             continue
+        model = model if model is not None else build_model()
         inputs = make_inputs(f)
         geo = geometry_from_latents(inputs["hidden_states"], 2, patch)
         ways: Dict[str, Dict[str, Any]] = {}
@@ -203,10 +205,8 @@ def run_model(name: str, model: nn.Module, patch: Sequence[int], make_inputs: Ca
             row[way] = rec
             if rec["status"] == "ok" and lvsa["status"] == "ok" and way != "lvsa":
                 row[f"speedup_vs_{way}"] = rec["seconds"] / lvsa["seconds"]
-        rows.append(row)
-        print(format_row(row), flush=True)
+        on_row(row)
         del inputs, ways, dense, lvsa
-    return rows
 
 
 def _s(rec: Optional[Dict[str, Any]]) -> str:
@@ -255,6 +255,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
+    import diffusers
     from diffusers import HunyuanVideo15Transformer3DModel, WanTransformer3DModel
 
     device = torch.device(args.device)
@@ -264,31 +265,33 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     height, width = (64, 64) if args.tiny else (480, 832)
     deadline = time.monotonic() + args.time_budget
-    print(HEADER)
     rows: List[Dict[str, Any]] = []
+    meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+            "torch": torch.__version__, "diffusers": diffusers.__version__, "dtype": str(dtype),
+            "resolution": [height, width], "repeats": args.repeats, "tiny": args.tiny}
+
+    def on_row(row: Dict[str, Any]) -> None:
+        """Print the row and rewrite the JSON, so a run killed by a time limit keeps its finished sizes."""
+        rows.append(row)
+        print(format_row(row), flush=True)
+        if args.json_out:
+            with open(args.json_out, "w", encoding="utf-8") as fh:
+                json.dump({"meta": meta, "results": rows}, fh, indent=2)
+
+    print(HEADER)
 
     wan_cfg = WAN_TINY if args.tiny else WAN_1_3B
-    wan = build(WanTransformer3DModel, wan_cfg, device, dtype)
-    rows += run_model("wan-1.3b", wan, wan_cfg["patch_size"], lambda f: wan_inputs(wan_cfg, f, height, width, device, dtype),
-                      args.frames or ([9, 17] if args.tiny else [81, 161, 321, 481]), args, device, deadline)
-    del wan
+    run_model("wan-1.3b", lambda: build(WanTransformer3DModel, wan_cfg, device, dtype), wan_cfg["patch_size"],
+              lambda f: wan_inputs(wan_cfg, f, height, width, device, dtype),
+              args.frames or ([9, 17] if args.tiny else [81, 161, 321, 481]), args, device, deadline, on_row)
     if args.hunyuan:
         if device.type == "cuda":
-            torch.cuda.empty_cache()
+            torch.cuda.empty_cache()  # the Wan model is gone with run_model's frame
         hv_cfg = HV15_TINY if args.tiny else HV15_480P
-        hv = build(HunyuanVideo15Transformer3DModel, hv_cfg, device, dtype)
-        rows += run_model("hv-1.5", hv, (1, 1, 1), lambda f: hv15_inputs(hv_cfg, f, height, width, device, dtype),
-                          args.hunyuan_frames or ([9, 17] if args.tiny else [129, 193]), args, device, deadline)
-        del hv
-
+        run_model("hv-1.5", lambda: build(HunyuanVideo15Transformer3DModel, hv_cfg, device, dtype), (1, 1, 1),
+                  lambda f: hv15_inputs(hv_cfg, f, height, width, device, dtype),
+                  args.hunyuan_frames or ([9, 17] if args.tiny else [129, 193]), args, device, deadline, on_row)
     if args.json_out:
-        import diffusers
-
-        meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
-                "torch": torch.__version__, "diffusers": diffusers.__version__, "dtype": str(dtype),
-                "resolution": [height, width], "repeats": args.repeats, "tiny": args.tiny}
-        with open(args.json_out, "w", encoding="utf-8") as fh:
-            json.dump({"meta": meta, "results": rows}, fh, indent=2)
         print(f"wrote {args.json_out}")
     return 0
 
