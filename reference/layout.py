@@ -369,18 +369,20 @@ class BlockSparseLayout:
         cols = self.col_idx.long()
         kv_off = self._off(self.kv_offsets).long()
         head = rows // nqb
-        n = cols.numel()
+        start, end = kv_off[head, cols], kv_off[head, cols + 1]
+        keep = end > start  # empty key blocks contribute nothing
+        rows, start, end = rows[keep], start[keep], end[keep]
+        n = rows.numel()
+        # a span continues while the next selected block starts where the previous one ended
+        # (this also merges across unselected empty blocks)
         is_new = torch.ones(n, dtype=torch.bool)
         if n > 1:
-            is_new[1:] = (rows[1:] != rows[:-1]) | (cols[1:] != cols[:-1] + 1)
+            is_new[1:] = (rows[1:] != rows[:-1]) | (start[1:] != end[:-1])
         is_last = torch.ones(n, dtype=torch.bool)
         if n > 1:
             is_last[:-1] = is_new[1:]
-        start = kv_off[head[is_new], cols[is_new]]
-        end = kv_off[head[is_last], cols[is_last] + 1]
         span_rows = rows[is_new]
-        keep = end > start  # spans made only of empty key blocks are dropped
-        start, end, span_rows = start[keep], end[keep], span_rows[keep]
+        start, end = start[is_new], end[is_last]
         counts = torch.bincount(span_rows, minlength=H * nqb)
         ptr = torch.zeros(H * nqb + 1, dtype=torch.int64)
         ptr[1:] = torch.cumsum(counts, 0)

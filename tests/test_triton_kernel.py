@@ -121,8 +121,9 @@ def test_schedule_covers_spans_and_blocks_exactly():
             row = int(s.tile_row[t])
             r = row - h * nqb
             a, b = int(s.tile_start[t]), int(s.tile_end[t])
-            assert int(layout.q_offsets[h, r]) <= a < b <= int(layout.q_offsets[h, r + 1]), "tile straddles a block"
-            assert b - a <= bm
+            assert int(layout.q_offsets[h, r]) <= a < b and b - a <= bm
+            token_rows = layout.to_token_mask()[h, a:b]
+            assert (token_rows == token_rows[0]).all(), "a tile may only span rows with identical keys"
             covered[a:b] += 1
             cols = torch.zeros(layout.kv_len, dtype=torch.int64)
             for i in range(int(s.full_ptr[row]), int(s.full_ptr[row + 1])):
@@ -135,6 +136,13 @@ def test_schedule_covers_spans_and_blocks_exactly():
             work.append(int(s.full_ptr[row + 1] - s.full_ptr[row] + s.tail_ptr[row + 1] - s.tail_ptr[row]))
         assert torch.equal(covered, torch.ones_like(covered)), "every query token in exactly one tile"
         assert work == sorted(work, reverse=True), "heaviest tiles first"
+
+
+def test_blocks_with_identical_spans_share_tiles():
+    layout = BlockSparseLayout.from_block_mask(torch.ones(4, 3, dtype=torch.bool), [10, 10, 10, 10], [7, 7, 7])
+    s = build_schedule(layout, 16, 16, torch.device("cpu"))
+    assert s.max_tiles == 3  # 40 rows of one run -> ceil(40 / 16) tiles, not 4 * ceil(10 / 16)
+    check(*make_qkv(1, 40, 21, 2, 2, 16, torch.float32, seed=19), layout)
 
 
 def test_dense_layout_matches_sdpa():

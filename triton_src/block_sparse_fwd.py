@@ -46,11 +46,12 @@ def _attend(acc, m_i, l_i, q, k_ptr, v_ptr, k_desc, v_desc, starts, ends, lo, hi
         else:
             kv_end = kv0 + BLOCK_N
         k = _load_kv(k_ptr, k_desc, kv0, offs_n, offs_d, stride_ks, kv_end, BLOCK_N, MASKED, USE_TMA)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         if MASKED:
             qk = tl.where((kv0 + offs_n)[None, :] < kv_end, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.math.exp2(qk - m_new[:, None])
+        # scale the row max, then one fused multiply-add per score (qk_scale > 0 keeps the max)
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = _load_kv(v_ptr, v_desc, kv0, offs_n, offs_d, stride_vs, kv_end, BLOCK_N, MASKED, USE_TMA)

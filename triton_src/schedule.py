@@ -1,6 +1,8 @@
 """Kernel schedule: a `BlockSparseLayout` cut into query tiles and key tiles for one (BLOCK_M, BLOCK_N).
 
-Query tiles never straddle query blocks: block ``r`` of ``n`` tokens gives ``ceil(n / BLOCK_M)`` tiles.
+Query tiles never straddle query blocks with different key spans: a run of consecutive blocks that
+attend identical key spans (e.g. every block of a dense layout) is tiled as one, ``ceil(n / BLOCK_M)``
+tiles for a run of ``n`` tokens, so no tile ever needs a per-row mask.
 Each query block's key spans are cut into *full* key tiles (``BLOCK_N`` valid columns, no masking) and
 at most one *tail* tile per span (fewer valid columns, masked in the kernel). Softmax is order-free, so
 the kernel runs all full tiles first and the tails after. Tiles of each head are ordered heaviest
@@ -91,14 +93,13 @@ def _build(layout: BlockSparseLayout, bm: int, bn: int, device: torch.device) ->
     tail_end = s1[has_tail]
     tail_ptr = _csr_ptr(torch.bincount(span_row[has_tail], minlength=n_rows))
 
-    # query tiles per (layout head, block), heaviest first within each head
-    q_off = layout.q_offsets.expand(Hl, -1).long()
-    q_lo, q_hi = q_off[:, :-1].reshape(-1), q_off[:, 1:].reshape(-1)
-    n_qt = (q_hi - q_lo + bm - 1) // bm
-    tile_row = torch.repeat_interleave(torch.arange(n_rows), n_qt)
-    i_in_block = torch.arange(tile_row.numel()) - torch.repeat_interleave(_csr_ptr(n_qt)[:-1], n_qt)
-    tile_start = q_lo[tile_row] + i_in_block * bm
-    tile_end = torch.minimum(tile_start + bm, q_hi[tile_row])
+    # query tiles per run of consecutive blocks with identical key spans, heaviest first within each head
+    run_row, run_lo, run_hi = _query_runs(layout, span_ptr, s0, s1)
+    n_qt = (run_hi - run_lo + bm - 1) // bm
+    tile_row = torch.repeat_interleave(run_row, n_qt)
+    i_in_run = torch.arange(tile_row.numel()) - torch.repeat_interleave(_csr_ptr(n_qt)[:-1], n_qt)
+    tile_start = torch.repeat_interleave(run_lo, n_qt) + i_in_run * bm
+    tile_end = torch.minimum(tile_start + bm, torch.repeat_interleave(run_hi, n_qt))
     work = (full_ptr[1:] - full_ptr[:-1] + tail_ptr[1:] - tail_ptr[:-1])[tile_row]
     tile_head = tile_row // nqb
     # sort by head ascending, then work descending (stable keeps block order among equals)
@@ -121,3 +122,30 @@ def _build(layout: BlockSparseLayout, bm: int, bn: int, device: torch.device) ->
         tail_ptr=dev(tail_ptr), tail_start=dev(tail_start), tail_end=dev(tail_end),
         max_tiles=int(tiles_per_head.max()) if tiles_per_head.numel() else 0,
     )
+
+
+def _query_runs(layout: BlockSparseLayout, span_ptr: Tensor, s0: Tensor, s1: Tensor):
+    """Merge consecutive non-empty query blocks of one head whose key spans are identical.
+
+    Rows of such a run attend exactly the same keys, so tiling the run as one block wastes fewer
+    tile rows (a dense layout of 1560-token frames tiles 21 * 1560 rows as one run) and still never
+    needs a per-row mask. Returns (first flat row, first token, end token) per run, int64.
+    """
+    Hl, nqb = layout.num_heads, layout.num_q_blocks
+    q_off = layout.q_offsets.expand(Hl, -1).tolist()
+    ptr, st, en = span_ptr.tolist(), s0.tolist(), s1.tolist()
+    rows, lo, hi = [], [], []
+    for h in range(Hl):
+        prev = None
+        for r in range(nqb):
+            a, b = q_off[h][r], q_off[h][r + 1]
+            if a == b:
+                continue
+            row = h * nqb + r
+            spans = (st[ptr[row]:ptr[row + 1]], en[ptr[row]:ptr[row + 1]])
+            if spans == prev and hi[-1] == a:
+                hi[-1] = b
+            else:
+                rows.append(row), lo.append(a), hi.append(b)
+                prev = spans
+    return torch.tensor(rows, dtype=torch.int64), torch.tensor(lo, dtype=torch.int64), torch.tensor(hi, dtype=torch.int64)

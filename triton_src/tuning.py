@@ -58,7 +58,7 @@ def candidate_configs(head_dim: int, tma_ok: bool, dtype: torch.dtype = torch.bf
         base += [KernelConfig(128, 128, 4, 3), KernelConfig(64, 128, 4, 3)]
     if tma_ok:
         base += [KernelConfig(c.block_m, c.block_n, c.num_warps, c.num_stages, True) for c in base[:4]]
-        base += [KernelConfig(c.block_m, c.block_n, c.num_warps, c.num_stages, True, True) for c in base[:2]]
+        base += [KernelConfig(64, 64, 4, 3, True), KernelConfig(64, 128, 4, 2, True)]
     return base
 
 

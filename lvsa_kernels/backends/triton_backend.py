@@ -57,22 +57,47 @@ class TritonBackend(Backend):
     def run(self, q, k, v, layout, scale, return_lse):
         if v.stride(-1) != 1:
             raise ValueError("v: the head dim (last dim) must be contiguous")
-        cfg = choose_config(q, k, v, layout, scale)
+        cfg = config_for(q, k, v, layout, scale)
         sched = build_schedule(layout, cfg.block_m, cfg.block_n, q.device)
         out, lse = run_scheduled(q, k, v, sched, layout.num_heads > 1, scale, cfg)
         return out, (lse if return_lse else None)
 
 
+def config_for(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout, scale: float):
+    """The launch config for these inputs, memoised on the layout.
+
+    Eager calls tune on first use (see `choose_config`). Under ``torch.compile`` nothing can be timed
+    or built, so the config (and schedule) cached by an earlier eager call are reused; without one a
+    clear error asks for an eager warm-up call.
+    """
+    tma_strides = _tma_strides_ok(k, v)
+    key = ("triton_config", q.device.type, q.device.index, q.dtype, q.shape[-1], tma_strides)
+    if torch.compiler.is_compiling():
+        cfg = layout._cache.get(key)
+        if cfg is None:
+            raise RuntimeError(
+                "lvsa_kernels triton backend: no tuned config for this layout yet; call block_sparse_attn once "
+                "outside torch.compile (a warm-up) so the kernel is tuned and its schedule is built")
+        return cfg
+    return layout.cached(key, lambda: choose_config(q, k, v, layout, scale))
+
+
+def _tma_strides_ok(k: Tensor, v: Tensor) -> bool:
+    e = k.element_size()
+    return all((s * e) % 16 == 0 for t in (k, v) for s in t.stride()[:3])
+
+
 def choose_config(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout, scale: float, retune: bool = False):
-    """The launch config for these inputs: tuned (and cached) on first use, unless interpreting or tracing."""
+    """Tuned config from the disk cache, else tune now on these inputs (interpreter: fixed small config)."""
     if tuning.interpreting():
         return tuning.INTERPRETER_CONFIG
     key = tuning.tuning_key(q.device, q.dtype, q.shape[-1], layout.typical_q_block)
     cfg = None if retune else tuning.lookup(key)
-    if cfg is not None:
+    tma_ok = tma_eligible(q, k, v)
+    if cfg is not None and (tma_ok or not cfg.use_tma):
         return cfg
-    candidates = tuning.candidate_configs(q.shape[-1], tma_eligible(q, k, v), q.dtype)
-    if torch.compiler.is_compiling() or os.environ.get(AUTOTUNE_ENV, "1") == "0":
+    candidates = tuning.candidate_configs(q.shape[-1], tma_ok, q.dtype)
+    if os.environ.get(AUTOTUNE_ENV, "1") == "0":
         return candidates[0]
     import triton.testing
 
@@ -84,7 +109,7 @@ def choose_config(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout, sc
                                        warmup=10, rep=60, return_mode="median")
 
     log.info("lvsa_kernels triton: tuning %d configs for %s", len(candidates), key)
-    best = tuning.tune(key, candidates, bench)
+    best = tuning.tune(key if tma_ok else key + "|no-tma", candidates, bench)
     log.info("lvsa_kernels triton: chose %s for %s", best, key)
     return best
 
