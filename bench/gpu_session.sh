@@ -47,7 +47,7 @@ main() {
     say "no .whl/ wheels: FlashInfer methods will be skipped"
   fi
   if [[ "${SKIP_INSTALL:-0}" != 1 ]]; then
-    python3 -m pip install --no-deps --no-build-isolation -e . -q || { say "ERROR: pip install -e . failed"; return 1; }
+    python3 -m pip install --no-deps --no-build-isolation . -q || { say "ERROR: pip install . failed"; return 1; }  # the image's old pip cannot do editable installs offline
   fi
   python3 - <<'EOF'
 import importlib.metadata as md, torch, triton
