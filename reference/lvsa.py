@@ -104,14 +104,11 @@ def _window_bounds(f: int, T: int, W: int, g: frozenset, expand: bool) -> Tuple[
 @functools.lru_cache(maxsize=512)
 def _frame_mask_cached(T: int, W: int, g: Tuple[int, ...], expand: bool) -> torch.Tensor:
     gs = frozenset(g)
-    mask = torch.zeros(T, T, dtype=torch.bool)
+    bounds = torch.tensor([_window_bounds(f, T, W, gs, expand) for f in range(T)]).view(T, 2)
+    cols = torch.arange(T)
+    mask = (cols >= bounds[:, :1]) & (cols <= bounds[:, 1:])
     if g:
         mask[:, list(g)] = True
-    for f in range(T):
-        lo, hi = _window_bounds(f, T, W, gs, expand)
-        if hi >= lo:
-            mask[f, lo:hi + 1] = True
-    mask.requires_grad_(False)
     return mask
 
 

@@ -93,11 +93,13 @@ def test_strided_inputs_and_custom_scale():
 
 
 @pytest.mark.parametrize("use_tma", [False, True])
-def test_every_output_element_is_written(use_tma):
+@pytest.mark.parametrize("span_loop", [False, True])
+def test_every_output_element_is_written(use_tma, span_loop):
+    """Both key-tile walks (tile lists, span loop) and both load paths, into a NaN-poisoned output."""
     layout = random_layout(seed=8)
     q, k, v = make_qkv(2, layout.q_len, layout.kv_len, 2, 2, 16, torch.float32, seed=9)
     cfg = INTERPRETER_CONFIG if not CUDA else KernelConfig(64, 64, 4, 2)
-    cfg = KernelConfig(cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, use_tma)
+    cfg = KernelConfig(cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, use_tma, span_loop=span_loop)
     if use_tma and CUDA and torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("tensor descriptors need Hopper")
     sched = build_schedule(layout, cfg.block_m, cfg.block_n, q.device)
@@ -177,7 +179,7 @@ def test_fake_impl_gives_shapes_under_fake_mode():
         q = mode.from_tensor(torch.empty(2, layout.q_len, 4, 32, device=DEVICE))
         k = mode.from_tensor(torch.empty(2, layout.kv_len, 2, 32, device=DEVICE))
         out, lse = torch.ops.lvsa_kernels.triton_block_sparse_fwd(
-            q, k, k, *s.tensors(), s.max_tiles, False, 0.1, 16, 16, 1, 1, False, False)
+            q, k, k, *s.tensors(), s.max_tiles, False, 0.1, 16, 16, 1, 1, False, False, False)
     assert out.shape == (2, layout.q_len, 4, 32) and lse.shape == (2, 4, layout.q_len)
     assert lse.dtype == torch.float32
 

@@ -6,7 +6,9 @@ masking, then the span tails with a column mask. Online softmax in the exp2 doma
 
 Tensors are ``[B, S, H, D]`` with any batch/sequence/head strides and a contiguous head dim.
 K/V are read either with plain pointer arithmetic or through on-device tensor descriptors (TMA on
-Hopper) — ``USE_TMA`` picks; ``WARP_SPEC`` asks Triton to warp-specialise the unmasked loop. Grid: ``(max query tiles per layout head, B * H)``.
+Hopper) — ``USE_TMA`` picks. Key tiles come either from precomputed full/tail tile lists, or
+(``SPAN_LOOP``) straight from the query block's merged spans, the full tiles' addresses then being the
+loop counter (``WARP_SPEC`` asks Triton to warp-specialise that loop). Grid: ``(max query tiles per layout head, B * H)``.
 """
 import triton
 import triton.language as tl
@@ -32,31 +34,62 @@ def _load_kv(ptr, desc, kv0, offs_n, offs_d, stride_s, kv_end,
 
 
 @triton.jit
-def _attend(acc, m_i, l_i, q, k_ptr, v_ptr, k_desc, v_desc, starts, ends, lo, hi,
-            stride_ks, stride_vs, qk_scale,
-            BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
-            USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr, WARP_SPEC: tl.constexpr):
-    """Fold key tiles ``lo .. hi`` of ``starts`` (and ``ends`` when MASKED) into the running softmax."""
+def _step(acc, m_i, l_i, q, k_ptr, v_ptr, k_desc, v_desc, kv0, kv_end, stride_ks, stride_vs, qk_scale,
+          BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
+          USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Fold key tile ``kv0 .. kv0 + BLOCK_N`` (columns from ``kv_end`` on masked when MASKED) into the softmax."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    for i in tl.range(lo, hi, warp_specialize=WARP_SPEC):
+    k = _load_kv(k_ptr, k_desc, kv0, offs_n, offs_d, stride_ks, kv_end, BLOCK_N, MASKED, USE_TMA)
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    if MASKED:
+        qk = tl.where((kv0 + offs_n)[None, :] < kv_end, qk, float("-inf"))
+    # scale the row max, then one fused multiply-add per score (qk_scale > 0 keeps the max)
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = _load_kv(v_ptr, v_desc, kv0, offs_n, offs_d, stride_vs, kv_end, BLOCK_N, MASKED, USE_TMA)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _attend_tile_list(acc, m_i, l_i, q, k_ptr, v_ptr, k_desc, v_desc, starts, ends, lo, hi,
+                      stride_ks, stride_vs, qk_scale,
+                      BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
+                      USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Key tiles ``lo .. hi`` of a precomputed tile list (``starts``; ``ends`` when MASKED)."""
+    for i in tl.range(lo, hi):
         kv0 = tl.load(starts + i)
         if MASKED:
             kv_end = tl.load(ends + i)
         else:
             kv_end = kv0 + BLOCK_N
-        k = _load_kv(k_ptr, k_desc, kv0, offs_n, offs_d, stride_ks, kv_end, BLOCK_N, MASKED, USE_TMA)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        if MASKED:
-            qk = tl.where((kv0 + offs_n)[None, :] < kv_end, qk, float("-inf"))
-        # scale the row max, then one fused multiply-add per score (qk_scale > 0 keeps the max)
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_kv(v_ptr, v_desc, kv0, offs_n, offs_d, stride_vs, kv_end, BLOCK_N, MASKED, USE_TMA)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
-        m_i = m_new
+        acc, m_i, l_i = _step(acc, m_i, l_i, q, k_ptr, v_ptr, k_desc, v_desc, kv0, kv_end, stride_ks, stride_vs,
+                              qk_scale, BLOCK_N, HEAD_DIM, MASKED, USE_TMA, DOT_PRECISION)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _attend_spans(acc, m_i, l_i, q, k_ptr, v_ptr, k_desc, v_desc, span_start, span_end, lo, hi,
+                  stride_ks, stride_vs, qk_scale,
+                  BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr, WARP_SPEC: tl.constexpr):
+    """Key spans ``lo .. hi``: each span's full tiles (addresses from the loop counter), then every tail."""
+    for sp in range(lo, hi):
+        s = tl.load(span_start + sp)
+        full_end = s + ((tl.load(span_end + sp) - s) // BLOCK_N) * BLOCK_N
+        for kv0 in tl.range(s, full_end, BLOCK_N, warp_specialize=WARP_SPEC):
+            acc, m_i, l_i = _step(acc, m_i, l_i, q, k_ptr, v_ptr, k_desc, v_desc, kv0, kv0 + BLOCK_N,
+                                  stride_ks, stride_vs, qk_scale, BLOCK_N, HEAD_DIM, False, USE_TMA, DOT_PRECISION)
+    for sp in range(lo, hi):
+        s = tl.load(span_start + sp)
+        e = tl.load(span_end + sp)
+        t0 = s + ((e - s) // BLOCK_N) * BLOCK_N
+        if t0 < e:
+            acc, m_i, l_i = _step(acc, m_i, l_i, q, k_ptr, v_ptr, k_desc, v_desc, t0, e,
+                                  stride_ks, stride_vs, qk_scale, BLOCK_N, HEAD_DIM, True, USE_TMA, DOT_PRECISION)
     return acc, m_i, l_i
 
 
@@ -69,10 +102,11 @@ def block_sparse_attn_fwd(
     stride_ob, stride_os, stride_oh,
     tile_ptr, tile_start, tile_end, tile_row,
     full_ptr, full_start, tail_ptr, tail_start, tail_end,
+    span_ptr, span_start, span_end,
     qk_scale, q_len, kv_len,
     NUM_HEADS: tl.constexpr, KV_GROUP: tl.constexpr, PER_HEAD_LAYOUT: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr, WARP_SPEC: tl.constexpr,
+    USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr, WARP_SPEC: tl.constexpr, SPAN_LOOP: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -109,12 +143,17 @@ def block_sparse_attn_fwd(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    acc, m_i, l_i = _attend(acc, m_i, l_i, q, k_ptr, v_ptr, k_desc, v_desc, full_start, full_start,
-                            tl.load(full_ptr + row), tl.load(full_ptr + row + 1), stride_ks, stride_vs, qk_scale,
-                            BLOCK_N, HEAD_DIM, False, USE_TMA, DOT_PRECISION, WARP_SPEC)
-    acc, m_i, l_i = _attend(acc, m_i, l_i, q, k_ptr, v_ptr, k_desc, v_desc, tail_start, tail_end,
-                            tl.load(tail_ptr + row), tl.load(tail_ptr + row + 1), stride_ks, stride_vs, qk_scale,
-                            BLOCK_N, HEAD_DIM, True, USE_TMA, DOT_PRECISION, False)
+    if SPAN_LOOP:
+        acc, m_i, l_i = _attend_spans(acc, m_i, l_i, q, k_ptr, v_ptr, k_desc, v_desc, span_start, span_end,
+                                      tl.load(span_ptr + row), tl.load(span_ptr + row + 1), stride_ks, stride_vs,
+                                      qk_scale, BLOCK_N, HEAD_DIM, USE_TMA, DOT_PRECISION, WARP_SPEC)
+    else:
+        acc, m_i, l_i = _attend_tile_list(acc, m_i, l_i, q, k_ptr, v_ptr, k_desc, v_desc, full_start, full_start,
+                                          tl.load(full_ptr + row), tl.load(full_ptr + row + 1), stride_ks, stride_vs,
+                                          qk_scale, BLOCK_N, HEAD_DIM, False, USE_TMA, DOT_PRECISION)
+        acc, m_i, l_i = _attend_tile_list(acc, m_i, l_i, q, k_ptr, v_ptr, k_desc, v_desc, tail_start, tail_end,
+                                          tl.load(tail_ptr + row), tl.load(tail_ptr + row + 1), stride_ks, stride_vs,
+                                          qk_scale, BLOCK_N, HEAD_DIM, True, USE_TMA, DOT_PRECISION)
 
     has_keys = l_i > 0.0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]

@@ -48,11 +48,15 @@ class KernelSchedule:
     tail_ptr: Tensor
     tail_start: Tensor
     tail_end: Tensor
+    span_ptr: Tensor
+    span_start: Tensor
+    span_end: Tensor
     max_tiles: int
 
     def tensors(self):
         return (self.tile_ptr, self.tile_start, self.tile_end, self.tile_row,
-                self.full_ptr, self.full_start, self.tail_ptr, self.tail_start, self.tail_end)
+                self.full_ptr, self.full_start, self.tail_ptr, self.tail_start, self.tail_end,
+                self.span_ptr, self.span_start, self.span_end)
 
 
 def _csr_ptr(counts: Tensor) -> Tensor:
@@ -120,6 +124,7 @@ def _build(layout: BlockSparseLayout, bm: int, bn: int, device: torch.device) ->
         tile_ptr=dev(tile_ptr), tile_start=dev(tile_start), tile_end=dev(tile_end), tile_row=dev(tile_row),
         full_ptr=dev(full_ptr), full_start=dev(full_start),
         tail_ptr=dev(tail_ptr), tail_start=dev(tail_start), tail_end=dev(tail_end),
+        span_ptr=dev(span_ptr), span_start=dev(s0), span_end=dev(s1),
         max_tiles=int(tiles_per_head.max()) if tiles_per_head.numel() else 0,
     )
 

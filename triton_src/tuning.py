@@ -32,10 +32,11 @@ class KernelConfig:
     num_stages: int
     use_tma: bool = False
     warp_spec: bool = False
+    span_loop: bool = False
 
     def __str__(self) -> str:
         return (f"BLOCK_M={self.block_m} BLOCK_N={self.block_n} warps={self.num_warps} "
-                f"stages={self.num_stages} tma={self.use_tma} warp_spec={self.warp_spec}")
+                f"stages={self.num_stages} tma={self.use_tma} warp_spec={self.warp_spec} span_loop={self.span_loop}")
 
 
 def interpreting() -> bool:
@@ -56,10 +57,13 @@ def candidate_configs(head_dim: int, tma_ok: bool, dtype: torch.dtype = torch.bf
     ]
     if head_dim <= 64:
         base += [KernelConfig(128, 128, 4, 3), KernelConfig(64, 128, 4, 3)]
+    spans = [KernelConfig(c.block_m, c.block_n, c.num_warps, c.num_stages, span_loop=True) for c in base[:2]]
     if tma_ok:
         base += [KernelConfig(c.block_m, c.block_n, c.num_warps, c.num_stages, True) for c in base[:4]]
         base += [KernelConfig(64, 64, 4, 3, True), KernelConfig(64, 128, 4, 2, True)]
-    return base
+        spans += [KernelConfig(128, 128, 8, 3, True, span_loop=True), KernelConfig(128, 64, 8, 3, True, span_loop=True),
+                  KernelConfig(128, 128, 8, 3, True, warp_spec=True, span_loop=True)]
+    return base + spans
 
 
 def tuning_key(device: torch.device, dtype: torch.dtype, head_dim: int, typical_q_block: int) -> str:
