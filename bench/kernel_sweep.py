@@ -70,7 +70,7 @@ def main() -> None:
         for cfg in configs:
             entry = {"config": str(cfg)}
             try:
-                sched = build_schedule(layout, cfg.block_m, cfg.block_n, q.device)
+                sched = build_schedule(layout, cfg.block_m, q.device)
                 out = torch.empty_like(q)
                 lse = torch.empty(1, H, S, device="cuda", dtype=torch.float32)
                 handle = launch(q, k, v, out, lse, sched.tensors(), sched.max_tiles, False, scale, cfg)
@@ -86,7 +86,7 @@ def main() -> None:
             print(name, entry, flush=True)
         if best is not None:
             cfg = best[0]
-            sched = build_schedule(layout, cfg.block_m, cfg.block_n, q.device)
+            sched = build_schedule(layout, cfg.block_m, q.device)
             out = torch.full_like(q, float("nan"))
             out, _ = run_scheduled(q, k, v, sched, False, scale, cfg, out=out)
             ref = reference_attention(q.float(), k.float(), v.float(), layout)

@@ -93,16 +93,15 @@ def test_strided_inputs_and_custom_scale():
 
 
 @pytest.mark.parametrize("use_tma", [False, True])
-@pytest.mark.parametrize("span_loop", [False, True])
-def test_every_output_element_is_written(use_tma, span_loop):
-    """Both key-tile walks (tile lists, span loop) and both load paths, into a NaN-poisoned output."""
+def test_every_output_element_is_written(use_tma):
+    """Both load paths (pointers, tensor descriptors), into a NaN-poisoned output."""
     layout = random_layout(seed=8)
     q, k, v = make_qkv(2, layout.q_len, layout.kv_len, 2, 2, 16, torch.float32, seed=9)
     cfg = INTERPRETER_CONFIG if not CUDA else KernelConfig(64, 64, 4, 2)
-    cfg = KernelConfig(cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, use_tma, span_loop=span_loop)
+    cfg = KernelConfig(cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, use_tma)
     if use_tma and CUDA and torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("tensor descriptors need Hopper")
-    sched = build_schedule(layout, cfg.block_m, cfg.block_n, q.device)
+    sched = build_schedule(layout, cfg.block_m, q.device)
     out = torch.full_like(q, float("nan"))
     out, lse = run_scheduled(q, k, v, sched, False, q.shape[-1] ** -0.5, cfg, out=out)
     ref = reference_attention(q, k, v, layout)
@@ -110,39 +109,33 @@ def test_every_output_element_is_written(use_tma, span_loop):
     assert rel_err(out, ref) <= 2e-5
 
 
-def test_schedule_covers_spans_and_blocks_exactly():
+def test_schedule_tiles_cover_each_query_token_once_heaviest_first():
     layout = random_layout(seed=10, heads=2, per_head_sizes=True, nqb=5, nkb=9, max_block=40)
-    bm, bn = 16, 16
-    s = build_schedule(layout, bm, bn, torch.device("cpu"))
-    nqb = layout.num_q_blocks
+    bm = 16
+    s = build_schedule(layout, bm, torch.device("cpu"))
+    token_mask = layout.to_token_mask()
     for h in range(layout.num_heads):
         t0, t1 = int(s.tile_ptr[h]), int(s.tile_ptr[h + 1])
         covered = torch.zeros(layout.q_len, dtype=torch.int64)
         work = []
         for t in range(t0, t1):
             row = int(s.tile_row[t])
-            r = row - h * nqb
             a, b = int(s.tile_start[t]), int(s.tile_end[t])
-            assert int(layout.q_offsets[h, r]) <= a < b and b - a <= bm
-            token_rows = layout.to_token_mask()[h, a:b]
-            assert (token_rows == token_rows[0]).all(), "a tile may only span rows with identical keys"
+            assert 0 < b - a <= bm
+            assert (token_mask[h, a:b] == token_mask[h, a]).all(), "a tile may only span rows with identical keys"
             covered[a:b] += 1
-            cols = torch.zeros(layout.kv_len, dtype=torch.int64)
-            for i in range(int(s.full_ptr[row]), int(s.full_ptr[row + 1])):
-                cols[int(s.full_start[i]):int(s.full_start[i]) + bn] += 1
-            for i in range(int(s.tail_ptr[row]), int(s.tail_ptr[row + 1])):
-                assert 0 < int(s.tail_end[i]) - int(s.tail_start[i]) < bn
-                cols[int(s.tail_start[i]):int(s.tail_end[i])] += 1
-            expected = layout.to_token_mask()[h, a].long()
-            assert torch.equal(cols, expected), "key tiles must cover exactly the selected keys, once"
-            work.append(int(s.full_ptr[row + 1] - s.full_ptr[row] + s.tail_ptr[row + 1] - s.tail_ptr[row]))
+            cols = torch.zeros(layout.kv_len, dtype=torch.bool)
+            for i in range(int(s.span_ptr[row]), int(s.span_ptr[row + 1])):
+                cols[int(s.span_start[i]):int(s.span_end[i])] = True
+            assert torch.equal(cols, token_mask[h, a]), "the row's spans are exactly the tile's keys"
+            work.append(int(cols.sum()))
         assert torch.equal(covered, torch.ones_like(covered)), "every query token in exactly one tile"
         assert work == sorted(work, reverse=True), "heaviest tiles first"
 
 
 def test_blocks_with_identical_spans_share_tiles():
     layout = BlockSparseLayout.from_block_mask(torch.ones(4, 3, dtype=torch.bool), [10, 10, 10, 10], [7, 7, 7])
-    s = build_schedule(layout, 16, 16, torch.device("cpu"))
+    s = build_schedule(layout, 16, torch.device("cpu"))
     assert s.max_tiles == 3  # 40 rows of one run -> ceil(40 / 16) tiles, not 4 * ceil(10 / 16)
     check(*make_qkv(1, 40, 21, 2, 2, 16, torch.float32, seed=19), layout)
 
@@ -174,12 +167,12 @@ def test_fake_impl_gives_shapes_under_fake_mode():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     layout = random_layout(seed=14)
-    s = build_schedule(layout, 16, 16, torch.device(DEVICE))
+    s = build_schedule(layout, 16, torch.device(DEVICE))
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
         q = mode.from_tensor(torch.empty(2, layout.q_len, 4, 32, device=DEVICE))
         k = mode.from_tensor(torch.empty(2, layout.kv_len, 2, 32, device=DEVICE))
         out, lse = torch.ops.lvsa_kernels.triton_block_sparse_fwd(
-            q, k, k, *s.tensors(), s.max_tiles, False, 0.1, 16, 16, 1, 1, False, False, False)
+            q, k, k, *s.tensors(), s.max_tiles, False, 0.1, 16, 16, 1, 1, False, False)
     assert out.shape == (2, layout.q_len, 4, 32) and lse.shape == (2, 4, layout.q_len)
     assert lse.dtype == torch.float32
 

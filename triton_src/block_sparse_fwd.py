@@ -1,14 +1,15 @@
-"""Block-sparse FlashAttention forward kernel that reads a `KernelSchedule` in place.
+"""Block-sparse FlashAttention forward kernel that reads the layout's key spans in place.
 
-One program computes one query tile (``BLOCK_M`` rows inside one query block) for one (batch, head).
-It streams the tile's key tiles straight out of K/V (no gathered copies): first the full tiles with no
-masking, then the span tails with a column mask. Online softmax in the exp2 domain, fp32 accumulators.
+One program computes one query tile (``BLOCK_M`` rows whose keys are identical, see `schedule.py`)
+for one (batch, head). It walks the tile's merged key spans straight out of K/V (no gathered copies):
+for each span the full ``BLOCK_N`` tiles, addressed by the loop counter and never masked, then, in a
+second pass, each span's ragged tail with a column mask. Online softmax in the exp2 domain, fp32
+accumulators.
 
-Tensors are ``[B, S, H, D]`` with any batch/sequence/head strides and a contiguous head dim.
-K/V are read either with plain pointer arithmetic or through on-device tensor descriptors (TMA on
-Hopper) — ``USE_TMA`` picks. Key tiles come either from precomputed full/tail tile lists, or
-(``SPAN_LOOP``) straight from the query block's merged spans, the full tiles' addresses then being the
-loop counter (``WARP_SPEC`` asks Triton to warp-specialise that loop). Grid: ``(max query tiles per layout head, B * H)``.
+Tensors are ``[B, S, H, D]`` with any batch/sequence/head strides and a contiguous head dim. K/V are
+read with plain pointer arithmetic or through on-device tensor descriptors (TMA on Hopper): ``USE_TMA``
+picks; ``WARP_SPEC`` asks Triton to warp-specialise the full-tile loop. Grid:
+``(max query tiles per layout head, B * H)``.
 """
 import triton
 import triton.language as tl
@@ -55,23 +56,6 @@ def _step(acc, m_i, l_i, q, k_ptr, v_ptr, k_desc, v_desc, kv0, kv_end, stride_ks
 
 
 @triton.jit
-def _attend_tile_list(acc, m_i, l_i, q, k_ptr, v_ptr, k_desc, v_desc, starts, ends, lo, hi,
-                      stride_ks, stride_vs, qk_scale,
-                      BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
-                      USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Key tiles ``lo .. hi`` of a precomputed tile list (``starts``; ``ends`` when MASKED)."""
-    for i in tl.range(lo, hi):
-        kv0 = tl.load(starts + i)
-        if MASKED:
-            kv_end = tl.load(ends + i)
-        else:
-            kv_end = kv0 + BLOCK_N
-        acc, m_i, l_i = _step(acc, m_i, l_i, q, k_ptr, v_ptr, k_desc, v_desc, kv0, kv_end, stride_ks, stride_vs,
-                              qk_scale, BLOCK_N, HEAD_DIM, MASKED, USE_TMA, DOT_PRECISION)
-    return acc, m_i, l_i
-
-
-@triton.jit
 def _attend_spans(acc, m_i, l_i, q, k_ptr, v_ptr, k_desc, v_desc, span_start, span_end, lo, hi,
                   stride_ks, stride_vs, qk_scale,
                   BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -101,12 +85,11 @@ def block_sparse_attn_fwd(
     stride_vb, stride_vs, stride_vh,
     stride_ob, stride_os, stride_oh,
     tile_ptr, tile_start, tile_end, tile_row,
-    full_ptr, full_start, tail_ptr, tail_start, tail_end,
     span_ptr, span_start, span_end,
     qk_scale, q_len, kv_len,
     NUM_HEADS: tl.constexpr, KV_GROUP: tl.constexpr, PER_HEAD_LAYOUT: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr, WARP_SPEC: tl.constexpr, SPAN_LOOP: tl.constexpr,
+    USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr, WARP_SPEC: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -143,17 +126,9 @@ def block_sparse_attn_fwd(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    if SPAN_LOOP:
-        acc, m_i, l_i = _attend_spans(acc, m_i, l_i, q, k_ptr, v_ptr, k_desc, v_desc, span_start, span_end,
-                                      tl.load(span_ptr + row), tl.load(span_ptr + row + 1), stride_ks, stride_vs,
-                                      qk_scale, BLOCK_N, HEAD_DIM, USE_TMA, DOT_PRECISION, WARP_SPEC)
-    else:
-        acc, m_i, l_i = _attend_tile_list(acc, m_i, l_i, q, k_ptr, v_ptr, k_desc, v_desc, full_start, full_start,
-                                          tl.load(full_ptr + row), tl.load(full_ptr + row + 1), stride_ks, stride_vs,
-                                          qk_scale, BLOCK_N, HEAD_DIM, False, USE_TMA, DOT_PRECISION)
-        acc, m_i, l_i = _attend_tile_list(acc, m_i, l_i, q, k_ptr, v_ptr, k_desc, v_desc, tail_start, tail_end,
-                                          tl.load(tail_ptr + row), tl.load(tail_ptr + row + 1), stride_ks, stride_vs,
-                                          qk_scale, BLOCK_N, HEAD_DIM, True, USE_TMA, DOT_PRECISION)
+    acc, m_i, l_i = _attend_spans(acc, m_i, l_i, q, k_ptr, v_ptr, k_desc, v_desc, span_start, span_end,
+                                  tl.load(span_ptr + row), tl.load(span_ptr + row + 1), stride_ks, stride_vs,
+                                  qk_scale, BLOCK_N, HEAD_DIM, USE_TMA, DOT_PRECISION, WARP_SPEC)
 
     has_keys = l_i > 0.0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]

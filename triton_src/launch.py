@@ -60,7 +60,7 @@ def launch(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, sched_tens
         scale * LOG2E, Sq, k.shape[1],
         NUM_HEADS=H, KV_GROUP=H // k.shape[2], PER_HEAD_LAYOUT=per_head_layout,
         HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        USE_TMA=cfg.use_tma, DOT_PRECISION=precision, WARP_SPEC=cfg.warp_spec, SPAN_LOOP=cfg.span_loop,
+        USE_TMA=cfg.use_tma, DOT_PRECISION=precision, WARP_SPEC=cfg.warp_spec,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
@@ -69,18 +69,16 @@ def launch(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, sched_tens
 def triton_block_sparse_fwd(
     q: Tensor, k: Tensor, v: Tensor,
     tile_ptr: Tensor, tile_start: Tensor, tile_end: Tensor, tile_row: Tensor,
-    full_ptr: Tensor, full_start: Tensor, tail_ptr: Tensor, tail_start: Tensor, tail_end: Tensor,
     span_ptr: Tensor, span_start: Tensor, span_end: Tensor,
     max_tiles: int, per_head_layout: bool, scale: float,
-    block_m: int, block_n: int, num_warps: int, num_stages: int, use_tma: bool, warp_spec: bool, span_loop: bool,
+    block_m: int, block_n: int, num_warps: int, num_stages: int, use_tma: bool, warp_spec: bool,
 ) -> Tuple[Tensor, Tensor]:
     """Block-sparse attention forward: returns ``(out [B, Sq, H, D], lse [B, H, Sq] float32)``."""
     B, Sq, H, D = q.shape
     out = torch.empty(B, Sq, H, D, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, Sq, dtype=torch.float32, device=q.device)
-    sched = (tile_ptr, tile_start, tile_end, tile_row, full_ptr, full_start, tail_ptr, tail_start, tail_end,
-             span_ptr, span_start, span_end)
-    cfg = KernelConfig(block_m, block_n, num_warps, num_stages, use_tma, warp_spec, span_loop)
+    sched = (tile_ptr, tile_start, tile_end, tile_row, span_ptr, span_start, span_end)
+    cfg = KernelConfig(block_m, block_n, num_warps, num_stages, use_tma, warp_spec)
     launch(q, k, v, out, lse, sched, max_tiles, per_head_layout, scale, cfg)
     return out, lse
 
@@ -97,7 +95,7 @@ def run_scheduled(q: Tensor, k: Tensor, v: Tensor, sched: KernelSchedule, per_he
     if out is None:
         return torch.ops.lvsa_kernels.triton_block_sparse_fwd(
             q, k, v, *sched.tensors(), sched.max_tiles, per_head_layout, scale,
-            cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, cfg.use_tma, cfg.warp_spec, cfg.span_loop)
+            cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, cfg.use_tma, cfg.warp_spec)
     lse = torch.empty(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32, device=q.device)
     launch(q, k, v, out, lse, sched.tensors(), sched.max_tiles, per_head_layout, scale, cfg)
     return out, lse

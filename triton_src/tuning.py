@@ -32,11 +32,10 @@ class KernelConfig:
     num_stages: int
     use_tma: bool = False
     warp_spec: bool = False
-    span_loop: bool = False
 
     def __str__(self) -> str:
         return (f"BLOCK_M={self.block_m} BLOCK_N={self.block_n} warps={self.num_warps} "
-                f"stages={self.num_stages} tma={self.use_tma} warp_spec={self.warp_spec} span_loop={self.span_loop}")
+                f"stages={self.num_stages} tma={self.use_tma} warp_spec={self.warp_spec}")
 
 
 def interpreting() -> bool:
@@ -52,18 +51,16 @@ def candidate_configs(head_dim: int, tma_ok: bool, dtype: torch.dtype = torch.bf
     if dtype == torch.float32:  # 4-byte tiles: keep shared memory under the 227 KB limit
         return [KernelConfig(64, 32, 4, 2), KernelConfig(64, 64, 4, 2), KernelConfig(32, 32, 4, 2)]
     base = [
-        KernelConfig(128, 64, 8, 3), KernelConfig(128, 128, 8, 3), KernelConfig(128, 64, 4, 3),
-        KernelConfig(128, 64, 8, 4), KernelConfig(64, 64, 4, 3), KernelConfig(128, 128, 8, 2),
+        KernelConfig(128, 128, 8, 3), KernelConfig(128, 64, 8, 3), KernelConfig(128, 64, 8, 4),
+        KernelConfig(64, 64, 4, 3),
     ]
     if head_dim <= 64:
         base += [KernelConfig(128, 128, 4, 3), KernelConfig(64, 128, 4, 3)]
-    spans = [KernelConfig(c.block_m, c.block_n, c.num_warps, c.num_stages, span_loop=True) for c in base[:2]]
-    if tma_ok:
-        base += [KernelConfig(c.block_m, c.block_n, c.num_warps, c.num_stages, True) for c in base[:4]]
-        base += [KernelConfig(64, 64, 4, 3, True), KernelConfig(64, 128, 4, 2, True)]
-        spans += [KernelConfig(128, 128, 8, 3, True, span_loop=True), KernelConfig(128, 64, 8, 3, True, span_loop=True),
-                  KernelConfig(128, 128, 8, 3, True, warp_spec=True, span_loop=True)]
-    return base + spans
+    if tma_ok:  # measured fastest on H100 (bench/results/h100_kernel_sweep_run2.json): TMA, 128 x 128, 8 warps
+        base = [KernelConfig(128, 128, 8, 3, True), KernelConfig(128, 128, 8, 3, True, True),
+                KernelConfig(128, 64, 8, 3, True), KernelConfig(128, 128, 8, 2, True),
+                KernelConfig(128, 64, 8, 4, True)] + base
+    return base
 
 
 def tuning_key(device: torch.device, dtype: torch.dtype, head_dim: int, typical_q_block: int) -> str:

@@ -58,7 +58,7 @@ class TritonBackend(Backend):
         if v.stride(-1) != 1:
             raise ValueError("v: the head dim (last dim) must be contiguous")
         cfg = config_for(q, k, v, layout, scale)
-        sched = build_schedule(layout, cfg.block_m, cfg.block_n, q.device)
+        sched = build_schedule(layout, cfg.block_m, q.device)
         out, lse = run_scheduled(q, k, v, sched, layout.num_heads > 1, scale, cfg)
         return out, (lse if return_lse else None)
 
@@ -104,7 +104,7 @@ def choose_config(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout, sc
     per_head = layout.num_heads > 1
 
     def bench(cfg) -> float:
-        sched = build_schedule(layout, cfg.block_m, cfg.block_n, q.device)
+        sched = build_schedule(layout, cfg.block_m, q.device)
         return triton.testing.do_bench(lambda: run_scheduled(q, k, v, sched, per_head, scale, cfg),
                                        warmup=10, rep=60, return_mode="median")
 
