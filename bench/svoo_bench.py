@@ -75,6 +75,7 @@ def clustered_qkv(S: int, H: int, D: int, centers: int, device, dtype, seed: int
 def recall(q, k, clustering, mask, rows: torch.Tensor) -> float:
     """Mean softmax mass (exact, over all keys) covered by the selected blocks for query ``rows`` of each head."""
     H, D = q.shape[2], q.shape[3]
+    mask = mask.to(q.device)
     total = 0.0
     for h in range(H):
         qq = q[0, rows, h].float()
