@@ -106,7 +106,7 @@ def choose_config(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout, sc
     def bench(cfg) -> float:
         sched = build_schedule(layout, cfg.block_m, q.device)
         return triton.testing.do_bench(lambda: run_scheduled(q, k, v, sched, per_head, scale, cfg),
-                                       warmup=25, rep=250, return_mode="median")
+                                       warmup=50, rep=500, return_mode="median")
 
     log.info("lvsa_kernels triton: tuning %d configs for %s", len(candidates), key)
     best = tuning.tune(key if tma_ok else key + "|no-tma", candidates, bench)
