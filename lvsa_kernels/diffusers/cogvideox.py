@@ -13,7 +13,6 @@ from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0, Fuse
 from diffusers.models.embeddings import apply_rotary_emb
 from torch import Tensor, nn
 
-from .geometry import check_video_tokens
 from .runtime import LVSAProcessorBase, ModelSpec
 
 __all__ = ["LVSACogVideoXAttnProcessor", "COGVIDEOX"]
@@ -30,8 +29,7 @@ class LVSACogVideoXAttnProcessor(LVSAProcessorBase):
                  image_rotary_emb: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, Tensor]:
         if attention_mask is not None:
             raise ValueError(f"LVSA ({self.where}): CogVideoX joint attention has no mask; got attention_mask")
-        geo = self._geometry()
-        check_video_tokens(geo, hidden_states.shape[1], self.where)
+        self._geometry(hidden_states.shape[1])
         text_len = encoder_hidden_states.shape[1]
         x = torch.cat([encoder_hidden_states, hidden_states], dim=1)
         if getattr(attn, "fused_projections", False):

@@ -57,12 +57,14 @@ def geometry_from_latents(latents: Tensor, frame_dim: int, patch: Sequence[int])
     return geo
 
 
-def check_video_tokens(geometry: VideoGeometry, video_tokens: int, where: str) -> None:
-    """Raise ValueError when a self-attention call's video token count is not ``T * P``."""
-    if video_tokens != geometry.video_tokens:
+def check_video_tokens(geometry: VideoGeometry, video_tokens: int, where: str, shards: int = 1) -> None:
+    """Raise ValueError when a self-attention call's video tokens times ``shards`` (the Ulysses degree;
+    each rank holds an equal sequence shard) are not ``T * P``."""
+    if video_tokens * shards != geometry.video_tokens:
+        held = f"{video_tokens} video tokens" + (f" per rank x {shards} ranks" if shards > 1 else "")
         raise ValueError(
-            f"LVSA ({where}): the self-attention sequence holds {video_tokens} video tokens, but the "
-            f"transformer input gives T={geometry.frames} frames x P={geometry.tokens_per_frame} tokens per "
-            f"frame = {geometry.video_tokens}. Sequence-splitting context parallelism and custom patch "
-            "embeddings are not supported; call disable_lvsa() to run dense."
+            f"LVSA ({where}): the self-attention sequence holds {held}, but the transformer input gives "
+            f"T={geometry.frames} frames x P={geometry.tokens_per_frame} tokens per frame = "
+            f"{geometry.video_tokens}. Custom patch embeddings and context-parallel plans other than "
+            "diffusers' equal sequence split are not supported; call disable_lvsa() to run dense."
         )

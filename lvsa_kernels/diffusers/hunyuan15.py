@@ -17,7 +17,6 @@ from diffusers.models.transformers.transformer_hunyuan_video15 import HunyuanVid
 from torch import Tensor, nn
 
 from ..reference import latent_frames
-from .geometry import check_video_tokens
 from .runtime import LVSAProcessorBase, ModelSpec
 
 __all__ = ["LVSAHunyuanVideo15AttnProcessor", "HUNYUAN_VIDEO_15", "text_valid_lengths"]
@@ -59,8 +58,7 @@ class LVSAHunyuanVideo15AttnProcessor(LVSAProcessorBase):
                  image_rotary_emb: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, Tensor]:
         if encoder_hidden_states is None:
             raise ValueError(f"LVSA ({self.where}): joint attention needs encoder_hidden_states (the text stream)")
-        geo = self._geometry()
-        check_video_tokens(geo, hidden_states.shape[1], self.where)
+        geo = self._geometry(hidden_states.shape[1])
         batch, text_len = encoder_hidden_states.shape[:2]
         lengths = self._valid_lengths(attention_mask, batch, text_len)
 

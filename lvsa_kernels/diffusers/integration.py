@@ -13,6 +13,7 @@ from ..reference import LVSAPattern
 from .cogvideox import COGVIDEOX
 from .geometry import geometry_from_latents
 from .hunyuan15 import HUNYUAN_VIDEO_15
+from .parallel import ulysses_group
 from .runtime import LVSARuntime, ModelSpec
 from .wan import WAN
 
@@ -52,8 +53,15 @@ class LVSAHandle:
         self.runtime.tracker.new_generation()
 
     def disable(self) -> None:
-        """Restore the original processor objects, remove the hooks and the pipeline call wrapper."""
+        """Restore the original processor objects, remove the hooks and the pipeline call wrapper.
+
+        A parallel config that diffusers' ``enable_parallelism`` set on the LVSA processor (called after
+        ``enable_lvsa``) is passed on to the restored processor, which then runs its own context parallelism.
+        """
         for attn, processor in self._originals:
+            parallel_config = getattr(attn.processor, "_parallel_config", None)
+            if parallel_config is not None:
+                processor._parallel_config = parallel_config
             attn.set_processor(processor)
         for hook in self._hooks:
             hook.remove()
@@ -122,13 +130,17 @@ def _pipeline_class(cls: type) -> type:
 def _forward_hooks(runtime: LVSARuntime, spec: ModelSpec, transformer: nn.Module) -> List[Any]:
     signature = inspect.signature(type(transformer).forward)
     patch = spec.patch(transformer.config)
+    heads = int(transformer.config["num_attention_heads"])
 
     def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        # runs before diffusers' context-parallel split hooks, so it sees the unsplit (global) input
         bound = signature.bind_partial(module, *args, **kwargs).arguments
         if "hidden_states" not in bound or "timestep" not in bound:
             raise ValueError(f"LVSA ({spec.name}): the transformer call needs hidden_states and timestep")
-        runtime.begin_forward(geometry_from_latents(bound["hidden_states"], spec.frame_dim, patch),
-                              bound["timestep"])
+        geometry = geometry_from_latents(bound["hidden_states"], spec.frame_dim, patch)
+        ulysses = ulysses_group(getattr(module, "_parallel_config", None), heads, geometry, spec.name,
+                                spec.context_parallel)
+        runtime.begin_forward(geometry, bound["timestep"], ulysses)
 
     def post_hook(module: nn.Module, args: tuple, output: Any) -> None:
         runtime.end_forward()

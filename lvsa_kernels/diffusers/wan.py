@@ -1,6 +1,8 @@
 """Wan 2.1 / 2.2 (`WanTransformer3DModel`): LVSA on the video-only self-attention ``attn1``.
 
-Cross-attention ``attn2`` (text, I2V image tokens) keeps its diffusers processor.
+Cross-attention ``attn2`` (text, I2V image tokens) keeps its diffusers processor. Under diffusers'
+Ulysses context parallelism (``enable_parallelism``) ``attn1`` runs through the runtime's all-to-all
+(`lvsa_kernels.diffusers.parallel`).
 """
 from __future__ import annotations
 
@@ -12,7 +14,6 @@ from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 from torch import Tensor, nn
 
 from ..reference import latent_frames
-from .geometry import check_video_tokens
 from .runtime import LVSAProcessorBase, ModelSpec
 
 __all__ = ["LVSAWanAttnProcessor", "WAN"]
@@ -43,8 +44,7 @@ class LVSAWanAttnProcessor(LVSAProcessorBase):
                  rotary_emb: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
         if encoder_hidden_states is not None or attention_mask is not None:
             raise ValueError(f"LVSA ({self.where}): self-attention only; got encoder_hidden_states or attention_mask")
-        geo = self._geometry()
-        check_video_tokens(geo, hidden_states.shape[1], self.where)
+        self._geometry(hidden_states.shape[1])
         if getattr(attn, "fused_projections", False):
             query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
         else:
@@ -82,4 +82,5 @@ WAN = ModelSpec(
     frame_dim=2,
     patch=lambda config: tuple(int(p) for p in config["patch_size"]),
     reference_frames=_reference_frames,
+    context_parallel=True,
 )
