@@ -108,7 +108,7 @@ def _worker(rank: int, tmp: str) -> None:
         k, v = (torch.randn(2, S, 2, 16, generator=g) for _ in range(2))
         ug = UlyssesGroup(dist.group.WORLD, WORLD)
         shard = slice(rank * S // WORLD, (rank + 1) * S // WORLD)
-        res["q_heads"] = seq_to_heads(q[:, shard], ug)
+        res["q_heads"], res["k_heads"] = seq_to_heads([q[:, shard], k[:, shard]], ug)
         res["q_back"] = heads_to_seq(res["q_heads"], ug)
         runtime = LVSARuntime(LVSAPattern(**SPARSE), "reference", "test", "test")
         runtime.begin_forward(VideoGeometry(T, H_LAT // 2, W_LAT // 2), 900.0, ug)
@@ -190,6 +190,7 @@ def test_all_to_all_and_gqa_attention(ranks):
     for rank, res in enumerate(ranks):
         shard = slice(rank * S // WORLD, (rank + 1) * S // WORLD)
         torch.testing.assert_close(res["q_heads"], q[:, :, 2 * rank:2 * rank + 2], rtol=0, atol=0)
+        torch.testing.assert_close(res["k_heads"], k[:, :, rank:rank + 1], rtol=0, atol=0)
         torch.testing.assert_close(res["q_back"], q[:, shard], rtol=0, atol=0)
         torch.testing.assert_close(res["gqa"], want[:, shard], **TOL)
 
@@ -237,6 +238,6 @@ def test_ulysses_group_checks_in_process():
 def test_all_to_all_shape_errors():
     ug = UlyssesGroup(None, 2)
     with pytest.raises(ValueError, match=r"q: dim 2 of \[B, S/N, H, D\] = 3"):
-        seq_to_heads(torch.randn(1, 4, 3, 8), ug, "q")
+        seq_to_heads([torch.randn(1, 4, 3, 8)], ug, "q")
     with pytest.raises(ValueError, match="out: expected a 4-D tensor"):
         heads_to_seq(torch.randn(4, 3, 8), ug)

@@ -10,7 +10,7 @@ anything" (uneven shards) and joint text+video attention under context paralleli
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -97,17 +97,23 @@ def _all_to_all(chunks: Tensor, ug: UlyssesGroup) -> Tensor:
     return out
 
 
-def seq_to_heads(x: Tensor, ug: UlyssesGroup, name: str = "x") -> Tensor:
-    """``[B, S/N, H, D]`` sequence shard, all heads -> ``[B, S, H/N, D]`` full sequence, this rank's heads.
+def seq_to_heads(xs: Sequence[Tensor], ug: UlyssesGroup, name: str = "x") -> List[Tensor]:
+    """``[B, S/N, H, D]`` sequence shards, all heads -> ``[B, S, H/N, D]`` full sequence, this rank's heads.
 
     Rank r receives heads ``[r*H/N, (r+1)*H/N)``; the sequence is in rank order (diffusers' equal split).
+    Tensors of one shape and dtype (q, k, v without GQA) travel in one all-to-all.
     """
-    _check(x, 2, ug.degree, name, "[B, S/N, H, D]")
-    b, s, h, d = x.shape
-    n = ug.degree
-    chunks = x.reshape(b, s, n, h // n, d).permute(2, 0, 1, 3, 4).contiguous()  # [N, B, S/N, H/N, D]
-    got = _all_to_all(chunks, ug)                                               # [N (seq shard), B, S/N, H/N, D]
-    return got.permute(1, 0, 2, 3, 4).reshape(b, n * s, h // n, d)
+    for x in xs:
+        _check(x, 2, ug.degree, name, "[B, S/N, H, D]")
+    if any(x.shape != xs[0].shape or x.dtype != xs[0].dtype for x in xs):
+        return [seq_to_heads([x], ug, name)[0] for x in xs]
+    b, s, h, d = xs[0].shape
+    n, m = ug.degree, len(xs)
+    chunks = xs[0].new_empty(n, m * b, s, h // n, d)
+    for i, x in enumerate(xs):  # chunk j = head group j of every tensor
+        chunks[:, i * b:(i + 1) * b].copy_(x.reshape(b, s, n, h // n, d).permute(2, 0, 1, 3, 4))
+    got = _all_to_all(chunks, ug)  # [N (seq shard), m*B, S/N, H/N, D]
+    return list(got.transpose(0, 1).reshape(m * b, n * s, h // n, d).chunk(m))
 
 
 def heads_to_seq(x: Tensor, ug: UlyssesGroup, name: str = "out") -> Tensor:

@@ -11,7 +11,6 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple, Type
 
-import torch
 from torch import Tensor, nn
 
 from ..api import block_sparse_attn
@@ -97,10 +96,7 @@ class LVSARuntime:
         """
         ug = self.ulysses
         if ug is not None:
-            if q.shape == k.shape == v.shape:  # one collective for q, k and v, stacked on the batch axis
-                q, k, v = seq_to_heads(torch.cat([q, k, v]), ug, "q/k/v").chunk(3)
-            else:
-                q, k, v = seq_to_heads(q, ug, "q"), seq_to_heads(k, ug, "k"), seq_to_heads(v, ug, "v")
+            q, k, v = seq_to_heads([q, k, v], ug, "q/k/v")
         out = block_sparse_attn(q, k, v, layout, backend=self.backend)
         if not self.tracker.announced:
             self._announce(q, k, v, layout)
