@@ -1,10 +1,12 @@
-"""Write the end-to-end step (bench/e2e_step.py) and SVOO (bench/svoo_bench.py) JSONs into RESULTS.md.
+"""Write the end-to-end step (bench/e2e_step.py), SVOO (bench/svoo_bench.py) and context-parallel
+(bench/multigpu_step.py) JSONs into RESULTS.md.
 
-Each goes into its own marked section (``<!-- e2e:start/end -->``, ``<!-- svoo:start/end -->``), so the
-attention table written by `write_results.py` and hand-written notes stay untouched.
+Each goes into its own marked section (``<!-- e2e:start/end -->``, ``<!-- svoo:... -->``, ``<!-- cp:... -->``),
+so the attention table written by `write_results.py` and hand-written notes stay untouched.
 
     python3 bench/write_step_results.py --e2e bench/results/h100_e2e_run4.json \
-        --svoo bench/results/h100_svoo_run5.json --md bench/RESULTS.md --png bench/e2e_speedup.png
+        --svoo bench/results/h100_svoo_run5.json --cp bench/results/h200x2_cp_world1.json \
+        bench/results/h200x2_cp_world2.json --md bench/RESULTS.md --png bench/e2e_speedup.png
 """
 from __future__ import annotations
 
@@ -71,6 +73,32 @@ def svoo_section(data: dict, source: str) -> str:
     return "\n".join(lines)
 
 
+def cp_section(runs: List[dict], sources: List[str]) -> str:
+    meta = runs[0]["meta"]
+    lines = [
+        "## Multi-GPU: one Wan 2.1 1.3B-shaped step under diffusers' Ulysses context parallelism",
+        "",
+        f"{meta['device']} x world size, torch {meta['torch']}, diffusers {meta['diffusers']}, NCCL {meta['nccl']} "
+        f"(NCCL_NVLS_ENABLE={meta['NCCL_NVLS_ENABLE']}), {meta['dtype']}, {meta['frames']} frames "
+        f"(T={meta['latent_frames']}, {meta['tokens']:,} tokens), random weights broadcast from rank 0; median of "
+        f"{meta['repeats']} steps after a warm-up. Dense = diffusers' `{meta['dense_backend']}` backend with its own "
+        f"Ulysses; LVSA = `enable_lvsa(backend=\"{meta['lvsa_backend']}\")` under the same parallel config. "
+        "Command: `torchrun --standalone --nproc_per_node N bench/multigpu_step.py --ref /tmp/cp_ref.pt --repeats 2 ...` "
+        f"(raw: {', '.join(f'`{s}`' for s in sources)}).",
+        "",
+        "| GPUs | LVSA s | dense s | LVSA vs dense | LVSA speedup vs 1 GPU | LVSA scaling efficiency | dense scaling efficiency | rel. diff vs 1 GPU (LVSA / dense) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for run in runs:
+        w, r = run["meta"]["world_size"], run["results"]
+        lv, de = r["lvsa"], r["dense"]
+        lines.append(
+            f"| {w} | {lv['seconds']:.3f} | {de['seconds']:.3f} | {de['seconds'] / lv['seconds']:.2f}x | "
+            f"{lv.get('speedup_vs_1gpu', 1.0):.2f}x | {lv.get('efficiency', 1.0):.1%} | {de.get('efficiency', 1.0):.1%} | "
+            f"{lv.get('rel_diff_vs_1gpu', 0.0):.1e} / {de.get('rel_diff_vs_1gpu', 0.0):.1e} |")
+    return "\n".join(lines)
+
+
 def plot_e2e(data: dict, png: str) -> None:
     import matplotlib
 
@@ -95,6 +123,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--e2e")
     ap.add_argument("--svoo")
+    ap.add_argument("--cp", nargs="+", help="multigpu_step.py JSONs, one per world size")
     ap.add_argument("--md", default="bench/RESULTS.md")
     ap.add_argument("--png", help="step speedup plot (written next to RESULTS.md)")
     args = ap.parse_args(argv)
@@ -107,6 +136,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         text = replace_section(text, "e2e", e2e_section(data, args.e2e, args.png))
     if args.svoo:
         text = replace_section(text, "svoo", svoo_section(json.loads(Path(args.svoo).read_text()), args.svoo))
+    if args.cp:
+        runs = sorted((json.loads(Path(p).read_text()) for p in args.cp), key=lambda r: r["meta"]["world_size"])
+        text = replace_section(text, "cp", cp_section(runs, args.cp))
     md.write_text(text)
     print(f"wrote {md}")
     return 0
