@@ -140,6 +140,16 @@ def test_blocks_with_identical_spans_share_tiles():
     check(*make_qkv(1, 40, 21, 2, 2, 16, torch.float32, seed=19), layout)
 
 
+def test_runs_stop_at_empty_blocks_heads_and_differing_spans():
+    mask = torch.tensor([[1, 1, 0], [1, 1, 0], [1, 1, 0], [1, 1, 0], [0, 1, 1]], dtype=torch.bool)
+    layout = BlockSparseLayout.from_block_mask(torch.stack([mask, mask]), [[8, 8, 0, 8, 8]] * 2, [[5, 6, 7]] * 2)
+    s = build_schedule(layout, 16, torch.device("cpu"))
+    tiles = sorted(zip(s.tile_start.tolist(), s.tile_end.tolist()))
+    # per head: rows 0-1 merge (16 tokens, one tile); the empty block 2 ends the run; row 3 alone; row 4 differs
+    assert tiles == sorted([(0, 16), (16, 24), (24, 32)] * 2)
+    check(*make_qkv(1, 32, 18, 2, 2, 16, torch.float32, seed=20), layout)
+
+
 def test_dense_layout_matches_sdpa():
     layout = BlockSparseLayout.dense(70, 90)
     q, k, v = make_qkv(1, 70, 90, 2, 1, 64, torch.float16, seed=11)

@@ -101,23 +101,27 @@ def _query_runs(layout: BlockSparseLayout, span_ptr: Tensor, s0: Tensor, s1: Ten
 
     Rows of such a run attend exactly the same keys, so tiling the run as one block wastes fewer
     tile rows (a dense layout of 1560-token frames tiles 21 * 1560 rows as one run) and still never
-    needs a per-row mask. Returns (first flat row, first token, end token) per run, int64.
+    needs a per-row mask. Only directly adjacent blocks merge (an empty block in between ends a run).
+    Returns (first flat row, first token, end token) per run, int64, vectorised over all rows.
     """
     Hl, nqb = layout.num_heads, layout.num_q_blocks
-    q_off = layout.q_offsets.expand(Hl, -1).tolist()
-    ptr, st, en = span_ptr.tolist(), s0.tolist(), s1.tolist()
-    rows, lo, hi = [], [], []
-    for h in range(Hl):
-        prev = None
-        for r in range(nqb):
-            a, b = q_off[h][r], q_off[h][r + 1]
-            if a == b:
-                continue
-            row = h * nqb + r
-            spans = (st[ptr[row]:ptr[row + 1]], en[ptr[row]:ptr[row + 1]])
-            if spans == prev and hi[-1] == a:
-                hi[-1] = b
-            else:
-                rows.append(row), lo.append(a), hi.append(b)
-                prev = spans
-    return torch.tensor(rows, dtype=torch.int64), torch.tensor(lo, dtype=torch.int64), torch.tensor(hi, dtype=torch.int64)
+    q_off = layout.q_offsets.expand(Hl, -1).long()
+    q_lo, q_hi = q_off[:, :-1].reshape(-1), q_off[:, 1:].reshape(-1)
+    n_rows = Hl * nqb
+    count = span_ptr[1:] - span_ptr[:-1]
+    # row r continues row r - 1 when both are non-empty blocks of one head with equally many spans ...
+    same = torch.zeros(n_rows, dtype=torch.bool)
+    same[1:] = (count[1:] == count[:-1]) & (q_hi[:-1] > q_lo[:-1]) & (torch.arange(1, n_rows) % nqb != 0)
+    # ... and every span equals the span at the same position in row r - 1
+    span_row = torch.repeat_interleave(torch.arange(n_rows), count)
+    pos = torch.arange(s0.numel())
+    check = same[span_row]
+    prev = pos[check] - count[span_row[check]]
+    differs = (s0[check] != s0[prev]) | (s1[check] != s1[prev])
+    same &= torch.bincount(span_row[check][differs], minlength=n_rows) == 0
+    rows = torch.nonzero(q_hi > q_lo).squeeze(1)
+    starts = ~same[rows]
+    run_id = torch.cumsum(starts.long(), 0) - 1
+    run_row = rows[starts]
+    run_hi = torch.zeros(run_row.numel(), dtype=torch.int64).scatter_reduce(0, run_id, q_hi[rows], "amax")
+    return run_row, q_lo[run_row], run_hi
