@@ -434,6 +434,10 @@ class BlockSparseLayout:
             self._cache[key] = build()
         return self._cache[key]
 
+    def cached_or_none(self, key: Any):
+        """What `cached` stored under ``key``, or None (never builds; safe inside torch.compile tracing)."""
+        return self._cache.get(key)
+
     # ------------------------------------------------------------------ display
     def __repr__(self) -> str:
         qs, ks = self.block_sizes()

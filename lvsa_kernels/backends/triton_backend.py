@@ -73,7 +73,7 @@ def config_for(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout, scale
     tma_strides = _tma_strides_ok(k, v)
     key = ("triton_config", q.device.type, q.device.index, q.dtype, q.shape[-1], tma_strides)
     if torch.compiler.is_compiling():
-        cfg = layout._cache.get(key)
+        cfg = layout.cached_or_none(key)
         if cfg is None:
             raise RuntimeError(
                 "lvsa_kernels triton backend: no tuned config for this layout yet; call block_sparse_attn once "
