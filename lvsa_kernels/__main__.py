@@ -11,7 +11,7 @@ import logging
 import sys
 from typing import List, Optional
 
-COMMANDS = ["demo", "plan", "profile", "backends"]
+COMMANDS = ["demo", "plan", "profile", "backends", "tune"]
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -1,0 +1,56 @@
+"""Pre-tune the Triton kernel for a model's LVSA layout on this GPU, or show the tuned launch configs.
+
+Tuning times every candidate config on random inputs of the model's real shape and stores the winner in
+the on-disk cache (``$LVSA_KERNELS_CACHE_DIR/triton_configs.json``, default ``~/.cache/lvsa_kernels``), so
+later processes start with it. ``--show`` prints the cache without tuning (works without a GPU).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from ..models import MODELS, get_model
+
+HELP = "pre-tune the Triton kernel for a model's layout (CUDA), or --show the tuned configs"
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", choices=sorted(MODELS), default="wan", help="model preset (default wan)")
+    parser.add_argument("--frames", type=int, default=121, help="latent frames T (default 121)")
+    parser.add_argument("--dtype", choices=sorted(_DTYPES), default="bf16")
+    parser.add_argument("--retune", action="store_true", help="time the candidates again even if a config is cached")
+    parser.add_argument("--show", action="store_true", help="only print the cached configs")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..triton_src import tuning
+
+    path = tuning.cache_path()
+    if args.show:
+        try:
+            configs = json.loads(path.read_text())
+        except (OSError, ValueError):
+            configs = {}
+        print(f"tuned Triton configs in {path}:" if configs else f"no tuned Triton configs in {path}")
+        for key, cfg in sorted(configs.items()):
+            print(f"  {key}: {tuning.KernelConfig(**cfg)}")
+        return 0
+    if not torch.cuda.is_available():
+        print("tune: needs a CUDA GPU (the CPU interpreter always uses a fixed small config); use --show to list the cache")
+        return 2
+    from ..backends.triton_backend import choose_config
+
+    model = get_model(args.model)
+    text = model.text_tokens or 0
+    layout = model.pattern().plan(args.frames, model.tokens_per_frame(), text_tokens=text,
+                                  text_position="before" if model.text_position == "before" else "after")
+    dtype = _DTYPES[args.dtype]
+    q, k, v = (torch.randn(1, layout.q_len, model.heads, model.head_dim, device="cuda", dtype=dtype) for _ in range(3))
+    cfg = choose_config(q, k, v, layout, model.head_dim ** -0.5, retune=args.retune)
+    key = tuning.tuning_key(q.device, dtype, model.head_dim, layout.typical_q_block)
+    print(f"{model.title}, T={args.frames}, {args.dtype}: {cfg}\n  key {key}\n  cache {path}")
+    return 0
