@@ -109,6 +109,23 @@ def test_every_output_element_is_written(use_tma):
     assert rel_err(out, ref) <= 2e-5
 
 
+@pytest.mark.parametrize("use_tma", [False, True])
+def test_keys_outside_the_layout_never_reach_the_output(use_tma):
+    """NaN/inf in key and value rows that no query block selects must not leak through span tails."""
+    layout = BlockSparseLayout.from_block_mask(torch.tensor([[1, 0, 1], [0, 1, 0]], dtype=torch.bool), [20, 20], [13, 9, 11])
+    q, k, v = make_qkv(1, 40, 33, 2, 2, 16, torch.float32, seed=21)
+    ref = reference_attention(q, k, v, layout)
+    k[:, 13:22], v[:, 13:22] = float("nan"), float("inf")     # key block 1: only query block 1 reads it ...
+    ref[:, 20:] = float("nan")                                 # ... so only its rows may change
+    cfg = INTERPRETER_CONFIG if not CUDA else KernelConfig(64, 64, 4, 2)
+    if use_tma and CUDA and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("tensor descriptors need Hopper")
+    cfg = KernelConfig(cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, use_tma)
+    out, _ = run_scheduled(q, k, v, build_schedule(layout, cfg.block_m, q.device), False, 0.25, cfg)
+    assert torch.isfinite(out[:, :20]).all()
+    assert rel_err(out[:, :20], reference_attention(q, k, v, layout, scale=0.25)[:, :20]) <= 2e-5
+
+
 def test_schedule_tiles_cover_each_query_token_once_heaviest_first():
     layout = random_layout(seed=10, heads=2, per_head_sizes=True, nqb=5, nkb=9, max_block=40)
     bm = 16

@@ -21,9 +21,12 @@ LN2 = tl.constexpr(0.6931471805599453)
 @triton.jit
 def _load_kv(ptr, desc, kv0, offs_n, offs_d, stride_s, kv_end,
              BLOCK_N: tl.constexpr, MASKED: tl.constexpr, USE_TMA: tl.constexpr):
-    """Rows ``kv0 .. kv0 + BLOCK_N`` of one K or V head as a [BLOCK_N, HEAD_DIM] tile."""
+    """Rows ``kv0 .. kv0 + BLOCK_N`` of one K or V head as a [BLOCK_N, HEAD_DIM] tile (rows from ``kv_end``
+    on read as 0 when MASKED, so keys outside the layout never reach the output, even if they hold NaN)."""
     if USE_TMA:
         tile = desc.load([kv0, 0])
+        if MASKED:
+            tile = tl.where((kv0 + offs_n)[:, None] < kv_end, tile, 0.0)
     else:
         rows = kv0 + offs_n
         ptrs = ptr + rows[:, None].to(tl.int64) * stride_s + offs_d[None, :]
