@@ -109,6 +109,7 @@ def test_every_output_element_is_written(use_tma):
     assert rel_err(out, ref) <= 2e-5
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # rows that do read the NaN keys
 @pytest.mark.parametrize("use_tma", [False, True])
 def test_keys_outside_the_layout_never_reach_the_output(use_tma):
     """NaN/inf in key and value rows that no query block selects must not leak through span tails."""
