@@ -4,20 +4,21 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import logging
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from torch import nn
 
 from ..backends import get_backend
-from ..reference import LVSAPattern
+from ..reference import LVSAPattern, SVOOPattern
 from .cogvideox import COGVIDEOX
 from .geometry import geometry_from_latents
 from .hunyuan15 import HUNYUAN_VIDEO_15
 from .parallel import ulysses_group
-from .runtime import LVSARuntime, ModelSpec
+from .runtime import AttentionRuntime, LVSARuntime, ModelSpec
+from .svoo import SVOORuntime, check_no_context_parallel, check_svoo_supported
 from .wan import WAN
 
-__all__ = ["enable_lvsa", "disable_lvsa", "LVSAHandle", "SUPPORTED_MODELS"]
+__all__ = ["enable_lvsa", "enable_svoo", "disable_lvsa", "LVSAHandle", "SUPPORTED_MODELS"]
 
 log = logging.getLogger("lvsa_kernels")
 
@@ -31,12 +32,13 @@ class LVSAHandle:
     """What `enable_lvsa` installed; `disable` undoes it exactly.
 
     Attributes:
-        runtime: the shared `LVSARuntime` (``runtime.pattern``, ``runtime.tracker.step``, ...).
+        runtime: the shared runtime, `LVSARuntime` or `SVOORuntime` (``runtime.pattern``,
+            ``runtime.tracker.step``, ...).
         transformers: the transformers that run LVSA (two for Wan 2.2 A14B).
         pipeline: the pipeline given to `enable_lvsa`, or None.
     """
 
-    def __init__(self, runtime: LVSARuntime, transformers: Sequence[nn.Module], pipeline: Optional[Any]) -> None:
+    def __init__(self, runtime: AttentionRuntime, transformers: Sequence[nn.Module], pipeline: Optional[Any]) -> None:
         self.runtime = runtime
         self.transformers = list(transformers)
         self.pipeline = pipeline
@@ -100,7 +102,7 @@ def _make_pattern(spec: ModelSpec, config: Any, pattern: Optional[LVSAPattern],
         raise TypeError(f"enable_lvsa: unknown knob(s) {unknown}; valid knobs: {list(_KNOBS)}")
     if pattern is not None:
         if not isinstance(pattern, LVSAPattern):
-            raise TypeError(f"pattern: expected an LVSAPattern or None, got {type(pattern).__name__}")
+            raise TypeError(f"pattern: expected an LVSAPattern, an SVOOPattern or None, got {type(pattern).__name__}")
         source = "reference_frames knob" if "reference_frames" in knobs else "given pattern"
         return dataclasses.replace(pattern, **knobs), source
     if "reference_frames" in knobs:
@@ -127,7 +129,7 @@ def _pipeline_class(cls: type) -> type:
     return _PIPELINE_CLASSES[cls]
 
 
-def _forward_hooks(runtime: LVSARuntime, spec: ModelSpec, transformer: nn.Module) -> List[Any]:
+def _forward_hooks(runtime: AttentionRuntime, spec: ModelSpec, transformer: nn.Module) -> List[Any]:
     signature = inspect.signature(type(transformer).forward)
     patch = spec.patch(transformer.config)
     heads = int(transformer.config["num_attention_heads"])
@@ -138,8 +140,10 @@ def _forward_hooks(runtime: LVSARuntime, spec: ModelSpec, transformer: nn.Module
         if "hidden_states" not in bound or "timestep" not in bound:
             raise ValueError(f"LVSA ({spec.name}): the transformer call needs hidden_states and timestep")
         geometry = geometry_from_latents(bound["hidden_states"], spec.frame_dim, patch)
-        ulysses = ulysses_group(getattr(module, "_parallel_config", None), heads, geometry, spec.name,
-                                spec.context_parallel)
+        parallel_config = getattr(module, "_parallel_config", None)
+        if isinstance(runtime, SVOORuntime):
+            check_no_context_parallel(parallel_config)
+        ulysses = ulysses_group(parallel_config, heads, geometry, spec.name, spec.context_parallel)
         runtime.begin_forward(geometry, bound["timestep"], ulysses)
 
     def post_hook(module: nn.Module, args: tuple, output: Any) -> None:
@@ -149,8 +153,20 @@ def _forward_hooks(runtime: LVSARuntime, spec: ModelSpec, transformer: nn.Module
             transformer.register_forward_hook(post_hook)]
 
 
-def enable_lvsa(pipe_or_transformer: Any, pattern: Optional[LVSAPattern] = None, backend: str = "auto",
-                **knobs: Any) -> LVSAHandle:
+def _make_runtime(spec: ModelSpec, transformers: Sequence[nn.Module], pattern: Union[None, LVSAPattern, SVOOPattern],
+                  backend: str, knobs: Dict[str, Any]) -> AttentionRuntime:
+    if isinstance(pattern, SVOOPattern):
+        if knobs:
+            raise TypeError(f"enable_lvsa: LVSA knob(s) {sorted(knobs)} do not apply to an SVOOPattern; "
+                            "set SVOO knobs on the pattern (or use enable_svoo(pipe, **svoo_knobs))")
+        check_svoo_supported(spec, transformers)
+        return SVOORuntime(pattern, backend, spec.name)
+    lvsa_pattern, source = _make_pattern(spec, transformers[0].config, pattern, knobs)
+    return LVSARuntime(lvsa_pattern, backend, spec.name, source)
+
+
+def enable_lvsa(pipe_or_transformer: Any, pattern: Union[None, LVSAPattern, SVOOPattern] = None,
+                backend: str = "auto", **knobs: Any) -> LVSAHandle:
     """Run the self-attention of a diffusers video transformer with LVSA block-sparse attention.
 
     Supported: ``WanTransformer3DModel`` (Wan 2.1 / 2.2, both A14B experts; ``attn1`` only),
@@ -164,9 +180,17 @@ def enable_lvsa(pipe_or_transformer: Any, pattern: Optional[LVSAPattern] = None,
         pattern: an `LVSAPattern` (latent-frame units); default: window 3, n_first 1 and the model's
             reference frames (config ``sample_frames`` / ``sample_n_frames`` when present, else Wan 21,
             Wan2.2-TI2V-5B 31, HunyuanVideo 1.5 33; CogVideoX from its ``sample_frames``, 13 for 5B).
+            Or an `SVOOPattern` (Wan with one transformer only, no context parallelism, no ``knobs``):
+            each ``attn1`` call runs ``pattern.attention`` with the denoising step, the block index as
+            layer and the transformer call's index within the step as CFG branch (0, 1); the pattern's
+            caches are reset at each new generation.
         backend: ``block_sparse_attn`` backend, ``"auto"`` or a registered name.
         **knobs: `LVSAPattern` fields that override the pattern (window, n_first, reference_frames,
             sparsity_scale, key_frame_interval, expand_window, rotate, anchors).
+
+    Raises:
+        NotImplementedError: an `SVOOPattern` on a model other than Wan, on a two-expert pipeline, or
+            with diffusers context parallelism (also raised at the forward when it is enabled later).
 
     Returns:
         An `LVSAHandle`; ``disable_lvsa(pipe_or_transformer)`` or ``handle.disable()`` restores everything.
@@ -184,8 +208,7 @@ def enable_lvsa(pipe_or_transformer: Any, pattern: Optional[LVSAPattern] = None,
             raise RuntimeError(f"enable_lvsa: LVSA is already enabled on this {type(obj).__name__}; "
                                "call disable_lvsa() first")
     spec = specs[0]
-    lvsa_pattern, source = _make_pattern(spec, transformers[0].config, pattern, knobs)
-    runtime = LVSARuntime(lvsa_pattern, backend, spec.name, source)
+    runtime = _make_runtime(spec, transformers, pattern, backend, knobs)
     handle = LVSAHandle(runtime, transformers, pipeline)
 
     for transformer in transformers:
@@ -196,18 +219,29 @@ def enable_lvsa(pipe_or_transformer: Any, pattern: Optional[LVSAPattern] = None,
                     f"{[c.__name__ for c in spec.original_processors]}"
                 )
     for transformer in transformers:
-        for _, attn in spec.self_attention(transformer):
+        for layer, (_, attn) in enumerate(spec.self_attention(transformer)):
             handle._originals.append((attn, attn.processor))
-            attn.set_processor(spec.processor_cls(runtime))
+            attn.set_processor(spec.processor_cls(runtime, layer))
         handle._hooks += _forward_hooks(runtime, spec, transformer)
         transformer.__dict__[_ATTR] = handle
     if pipeline is not None:
         handle._pipeline_class = type(pipeline)
         pipeline.__class__ = _pipeline_class(type(pipeline))
         pipeline.__dict__[_ATTR] = handle
-    log.debug("LVSA installed on %d %s self-attention layers: %s (reference_frames from %s), backend %s",
-              len(handle._originals), spec.name, lvsa_pattern, source, backend)
+    what = (f"LVSA {runtime.pattern} (reference_frames from {runtime.reference_source})"
+            if isinstance(runtime, LVSARuntime) else "SVOO")
+    log.debug("%s installed on %d %s self-attention layers, backend %s", what, len(handle._originals), spec.name,
+              backend)
     return handle
+
+
+def enable_svoo(pipe_or_transformer: Any, backend: str = "auto", **svoo_knobs: Any) -> LVSAHandle:
+    """``enable_lvsa(pipe_or_transformer, pattern=SVOOPattern(**svoo_knobs), backend=backend)``.
+
+    ``svoo_knobs``: `SVOOPattern` arguments (profile, top_p, q_clusters, k_clusters, iterations,
+    warmup_steps, dense_layers, recluster_every, clip, seed). Undo with `disable_lvsa`.
+    """
+    return enable_lvsa(pipe_or_transformer, pattern=SVOOPattern(**svoo_knobs), backend=backend)
 
 
 def disable_lvsa(pipe_or_transformer: Any) -> None:

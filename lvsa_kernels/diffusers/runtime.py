@@ -1,9 +1,10 @@
 """State shared by the LVSA processors of one `enable_lvsa` call, and the processors' common base.
 
-A `LVSARuntime` holds the pattern, the backend, the step tracker, and the geometry and Ulysses group of
-the transformer call in flight (set by a forward pre-hook from the unsplit input). Layouts are planned
-once per (step, geometry, text length) and shared by every layer and every rank; the first attention
-call of a generation logs one INFO summary line.
+An `AttentionRuntime` holds the pattern, the backend, the step tracker, and the geometry and Ulysses
+group of the transformer call in flight (set by a forward pre-hook from the unsplit input). `LVSARuntime`
+plans layouts once per (step, geometry, text length), shared by every layer and every rank; the SVOO
+runtime (`lvsa_kernels.diffusers.svoo`) plans per layer from q and k. The first attention call of a
+generation logs one INFO summary line.
 """
 from __future__ import annotations
 
@@ -20,42 +21,36 @@ from .geometry import VideoGeometry, check_video_tokens
 from .parallel import UlyssesGroup, heads_to_seq, seq_to_heads
 from .state import StepTracker
 
-__all__ = ["LVSARuntime", "LVSAProcessorBase", "ModelSpec"]
+__all__ = ["AttentionRuntime", "LVSARuntime", "LVSAProcessorBase", "ModelSpec"]
 
 log = logging.getLogger("lvsa_kernels")
 
 
-class LVSARuntime:
-    """Pattern, backend, step and current geometry shared by all installed processors.
+class AttentionRuntime:
+    """State shared by all installed processors: backend, step tracker and the transformer call in flight.
+
+    Subclasses say how the video self-attention of one layer runs (`video_attention`).
 
     Args:
-        pattern: the LVSA pattern (latent-frame units).
+        pattern: the sparsity pattern (`LVSAPattern` or `SVOOPattern`).
         backend: ``block_sparse_attn`` backend name or ``"auto"``.
         model: model family name used in messages ("Wan", "HunyuanVideo 1.5", "CogVideoX").
-        reference_source: where ``pattern.reference_frames`` came from (logged).
     """
 
-    def __init__(self, pattern: LVSAPattern, backend: str, model: str, reference_source: str) -> None:
+    def __init__(self, pattern: Any, backend: str, model: str) -> None:
         self.pattern = pattern
         self.backend = backend
         self.model = model
-        self.reference_source = reference_source
         self.tracker = StepTracker()
         self.geometry: Optional[VideoGeometry] = None
         self.ulysses: Optional[UlyssesGroup] = None
         self.forward_cache: Dict[str, Any] = {}
-        self._layouts: Dict[Tuple[int, str], BlockSparseLayout] = {}
-        self._planned_for: Optional[Tuple[int, Optional[int], VideoGeometry]] = None
 
     # ------------------------------------------------------------------ transformer call boundaries
     def begin_forward(self, geometry: VideoGeometry, timestep: Any, ulysses: Optional[UlyssesGroup] = None) -> None:
         """Called by the transformer's forward pre-hook: record the step, the global geometry and the
         Ulysses group (None without context parallelism)."""
         self.tracker.observe(timestep)
-        key = (self.tracker.generation, self.tracker.step, geometry)
-        if key != self._planned_for:
-            self._layouts.clear()
-            self._planned_for = key
         self.geometry = geometry
         self.ulysses = ulysses
         self.forward_cache.clear()
@@ -75,6 +70,35 @@ class LVSARuntime:
             )
         return self.geometry
 
+    def video_attention(self, q: Tensor, k: Tensor, v: Tensor, layer: int) -> Tensor:
+        """Video-only self-attention of layer ``layer``: q, k, v ``[B, S, H, D]`` -> ``[B, S, H, D]``."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement video_attention")
+
+
+class LVSARuntime(AttentionRuntime):
+    """Pattern, backend, step and current geometry shared by all installed LVSA processors.
+
+    Args:
+        pattern: the LVSA pattern (latent-frame units).
+        backend: ``block_sparse_attn`` backend name or ``"auto"``.
+        model: model family name used in messages ("Wan", "HunyuanVideo 1.5", "CogVideoX").
+        reference_source: where ``pattern.reference_frames`` came from (logged).
+    """
+
+    def __init__(self, pattern: LVSAPattern, backend: str, model: str, reference_source: str) -> None:
+        super().__init__(pattern, backend, model)
+        self.reference_source = reference_source
+        self._layouts: Dict[Tuple[int, str], BlockSparseLayout] = {}
+        self._planned_for: Optional[Tuple[int, Optional[int], VideoGeometry]] = None
+
+    def begin_forward(self, geometry: VideoGeometry, timestep: Any, ulysses: Optional[UlyssesGroup] = None) -> None:
+        """As `AttentionRuntime.begin_forward`; layouts are re-planned when the step or geometry changes."""
+        super().begin_forward(geometry, timestep, ulysses)
+        key = (self.tracker.generation, self.tracker.step, geometry)
+        if key != self._planned_for:
+            self._layouts.clear()
+            self._planned_for = key
+
     # ------------------------------------------------------------------ planning and attention
     def layout(self, text_tokens: int = 0, text_position: str = "after") -> BlockSparseLayout:
         """The layout of the current step over ``T*P`` video tokens plus ``text_tokens`` text tokens."""
@@ -86,6 +110,10 @@ class LVSARuntime:
                                        text_tokens=text_tokens, text_position=text_position)
             self._layouts[key] = layout
         return layout
+
+    def video_attention(self, q: Tensor, k: Tensor, v: Tensor, layer: int) -> Tensor:
+        """LVSA attention over the video tokens with the current step's layout (same for every layer)."""
+        return self.attend(q, k, v, self.layout())
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout) -> Tensor:
         """``block_sparse_attn`` on ``[B, S, H, D]`` tensors with the runtime's backend.
@@ -117,7 +145,8 @@ class LVSARuntime:
 
 
 class LVSAProcessorBase:
-    """Common part of the LVSA attention processors (one instance per attention layer).
+    """Common part of the LVSA attention processors (one instance per attention layer; ``layer`` is its
+    0-based index in the transformer).
 
     ``_attention_backend`` / ``_parallel_config`` exist because diffusers' ``set_attention_backend`` and
     ``enable_parallelism`` set them on every processor; the backend is ignored (``enable_lvsa``'s backend
@@ -129,8 +158,9 @@ class LVSAProcessorBase:
     _parallel_config = None
     where = "processor"
 
-    def __init__(self, runtime: LVSARuntime) -> None:
+    def __init__(self, runtime: AttentionRuntime, layer: int) -> None:
         self.runtime = runtime
+        self.layer = layer
 
     def _geometry(self, video_tokens: int) -> VideoGeometry:
         """The global geometry of the call in flight, checked against the ``video_tokens`` this rank holds."""
@@ -147,7 +177,7 @@ class ModelSpec:
     Attributes:
         name: family name used in messages.
         transformer_cls: the diffusers transformer class.
-        processor_cls: the LVSA processor class (constructed with the runtime).
+        processor_cls: the LVSA processor class (constructed with the runtime and the layer index).
         original_processors: processor classes that may be replaced.
         self_attention: the transformer's self-attention modules as ``(name, module)`` pairs.
         frame_dim: latent frame axis of the transformer input (2 for ``[B, C, T, H, W]``).

@@ -43,12 +43,15 @@ class StepTracker:
 
     Attributes:
         step: the current step, or None before the first call of a generation.
+        call: 0-based index of the current transformer call within its step (0 and 1 for the two
+            classifier-free-guidance branches when the pipeline runs them as separate calls).
         generation: counts generations since creation (starts at 0, +1 at each new generation).
         announced: whether the current generation's summary line was logged.
     """
 
     def __init__(self) -> None:
         self.step: Optional[int] = None
+        self.call = 0
         self.generation = 0
         self.announced = False
         self._last: Optional[float] = None
@@ -58,6 +61,7 @@ class StepTracker:
         if self.step is not None:
             self.generation += 1
         self.step = None
+        self.call = 0
         self.announced = False
         self._last = None
 
@@ -67,11 +71,14 @@ class StepTracker:
         if self._last is not None and t > self._last:
             self.new_generation()
         if self.step is None:
-            self.step = 0
+            self.step, self.call = 0, 0
         elif t != self._last:
-            self.step += 1
+            self.step, self.call = self.step + 1, 0
+        else:
+            self.call += 1
         self._last = t
         return self.step
 
     def __repr__(self) -> str:
-        return f"StepTracker(generation={self.generation}, step={self.step}, last_timestep={self._last})"
+        return (f"StepTracker(generation={self.generation}, step={self.step}, call={self.call}, "
+                f"last_timestep={self._last})")

@@ -35,7 +35,8 @@ def _interleaved_rope(x: Tensor, freqs_cos: Tensor, freqs_sin: Tensor) -> Tensor
 
 
 class LVSAWanAttnProcessor(LVSAProcessorBase):
-    """Replaces `WanAttnProcessor` on ``attn1``: projections, RMS QK-norm, RoPE, LVSA attention, output."""
+    """Replaces `WanAttnProcessor` on ``attn1``: projections, RMS QK-norm, RoPE, the runtime's sparse
+    attention (LVSA or SVOO), output."""
 
     where = "Wan attn1"
 
@@ -55,7 +56,7 @@ class LVSAWanAttnProcessor(LVSAProcessorBase):
         if rotary_emb is not None:
             query = _interleaved_rope(query, *rotary_emb)
             key = _interleaved_rope(key, *rotary_emb)
-        out = self.runtime.attend(query, key, value, self.runtime.layout())
+        out = self.runtime.video_attention(query, key, value, self.layer)
         out = out.flatten(2, 3).type_as(query)
         out = attn.to_out[0](out)
         return attn.to_out[1](out)

@@ -1,0 +1,92 @@
+"""SVOO on Wan's self-attention through the diffusers shim.
+
+Each ``attn1`` call runs ``pattern.attention(q, k, v, step, layer, backend, branch)`` with the denoising
+step from the shared `StepTracker`, the block index as ``layer`` and the index of the transformer call
+within the step as ``branch`` (0 and 1 for the two classifier-free-guidance calls, so each branch has
+its own cluster cache; a CFG batch in one call is branch 0 and every batch element gets its own
+clusters). The pattern's caches are dropped at each new generation. Wan 2.1 / 2.2 single-transformer
+models only; no context parallelism.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional, Sequence
+
+from torch import Tensor, nn
+
+from ..reference import SVOOPattern
+from .geometry import VideoGeometry
+from .parallel import UlyssesGroup
+from .runtime import AttentionRuntime, ModelSpec
+from .wan import WAN
+
+__all__ = ["SVOORuntime", "check_svoo_supported", "check_no_context_parallel"]
+
+log = logging.getLogger("lvsa_kernels")
+
+
+def check_svoo_supported(spec: ModelSpec, transformers: Sequence[nn.Module]) -> None:
+    """Raise NotImplementedError unless SVOO can run on ``transformers`` (one Wan transformer, no context
+    parallelism configured)."""
+    if spec is not WAN:
+        raise NotImplementedError(
+            f"SVOO ({spec.name}): the SVOO pattern is supported on Wan (WanTransformer3DModel) only; "
+            "use an LVSAPattern for this model"
+        )
+    if len(transformers) > 1:
+        raise NotImplementedError(
+            "SVOO (Wan): pipelines with two experts (transformer and transformer_2, Wan 2.2 A14B) are not "
+            "supported: the per-layer cluster caches would mix the experts; enable SVOO on one transformer"
+        )
+    for transformer in transformers:
+        check_no_context_parallel(getattr(transformer, "_parallel_config", None))
+
+
+def check_no_context_parallel(parallel_config: Any) -> None:
+    """Raise NotImplementedError when a diffusers parallel config has context parallelism."""
+    if getattr(parallel_config, "context_parallel_config", None) is not None:
+        raise NotImplementedError(
+            "SVOO (Wan): diffusers context parallelism (enable_parallelism with a ContextParallelConfig) is not "
+            "supported with the SVOO pattern; run on one GPU or use an LVSAPattern"
+        )
+
+
+class SVOORuntime(AttentionRuntime):
+    """Runs every installed Wan ``attn1`` processor through an `SVOOPattern`.
+
+    Args:
+        pattern: the SVOO pattern (its caches are reset at each new generation).
+        backend: ``block_sparse_attn`` backend name or ``"auto"``.
+        model: model family name used in messages.
+    """
+
+    def __init__(self, pattern: SVOOPattern, backend: str, model: str) -> None:
+        super().__init__(pattern, backend, model)
+        self._generation: Optional[int] = None
+
+    def begin_forward(self, geometry: VideoGeometry, timestep: Any, ulysses: Optional[UlyssesGroup] = None) -> None:
+        """As `AttentionRuntime.begin_forward`; the first call of a generation resets the SVOO caches."""
+        super().begin_forward(geometry, timestep, ulysses)
+        if self.tracker.generation != self._generation:
+            self.pattern.reset()
+            self._generation = self.tracker.generation
+
+    def video_attention(self, q: Tensor, k: Tensor, v: Tensor, layer: int) -> Tensor:
+        """``pattern.attention`` on q, k, v ``[B, S, H, D]`` at the current step, this layer and CFG branch."""
+        self.current_geometry("SVOO")
+        if not self.tracker.announced:
+            self._announce()
+        return self.pattern.attention(q, k, v, step=self.tracker.step, layer=layer, backend=self.backend,
+                                      branch=self.tracker.call)
+
+    def _announce(self) -> None:
+        self.tracker.announced = True
+        p = self.pattern
+        geo = self.current_geometry("log")
+        log.info(
+            "SVOO on %s: T=%d P=%d top_p=%g q_clusters=%d k_clusters=%d iterations=%d warmup_steps=%d "
+            "recluster_every=%d dense_layers=%s profile=%s backend=%s",
+            self.model, geo.frames, geo.tokens_per_frame, p.top_p, p.q_clusters, p.k_clusters, p.iterations,
+            p.warmup_steps, p.recluster_every, sorted(p.dense_layers), "yes" if p.profile is not None else "none",
+            self.backend,
+        )

@@ -1,0 +1,178 @@
+"""SVOO through the diffusers shim on tiny random-weight Wan models (CPU, fp32, reference backend)."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+import diffusers.models.transformers.transformer_wan as transformer_wan  # noqa: E402
+from diffusers import CogVideoXTransformer3DModel  # noqa: E402
+
+from lvsa_kernels import SVOOPattern  # noqa: E402
+from lvsa_kernels.diffusers import disable_lvsa, enable_lvsa, enable_svoo  # noqa: E402
+
+from test_diffusers_pipeline import tiny_pipeline, tiny_transformer  # noqa: E402
+
+T, H_LAT, W_LAT = 8, 8, 8  # patch (1, 2, 2) -> 16 tokens per frame, S = 128
+SPARSE = dict(top_p=0.5, q_clusters=4, k_clusters=8, iterations=2, warmup_steps=0, recluster_every=2)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_transformer(0)
+
+
+def inputs(batch=2, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return dict(hidden_states=torch.randn(batch, 4, T, H_LAT, W_LAT, generator=g),
+                encoder_hidden_states=torch.randn(batch, 12, 16, generator=g))
+
+
+def run(model, x, t):
+    with torch.no_grad():
+        return model(timestep=torch.full((x["hidden_states"].shape[0],), float(t)), **x).sample
+
+
+class RecordingSVOO(SVOOPattern):
+    """Records (step, layer, branch, cached entries before the call) of every attention call."""
+
+    def __init__(self, **knobs):
+        super().__init__(**knobs)
+        self.calls = []
+
+    def attention(self, q, k, v, step, layer, backend="auto", branch=None, scale=None):
+        self.calls.append((step, layer, branch, len(self._cache)))
+        return super().attention(q, k, v, step, layer, backend=backend, branch=branch, scale=scale)
+
+
+def test_top_p_one_matches_original_processors(model):
+    x = inputs()
+    expected = run(model, x, 700)
+    enable_lvsa(model, pattern=SVOOPattern(top_p=1.0, q_clusters=4, k_clusters=8, warmup_steps=0),
+                backend="reference")
+    try:
+        got = run(model, x, 700)
+    finally:
+        disable_lvsa(model)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_each_attn1_call_equals_pattern_attention(model, monkeypatch):
+    """Each attn1 output equals the original processor whose attention is a twin pattern's `attention`,
+    replayed in the same (step, layer, branch) order so both patterns' caches evolve identically."""
+    x = inputs()
+    captured = []
+
+    def record(module, args, output):
+        captured.append((module, [a.clone() if torch.is_tensor(a) else a for a in args], output.clone()))
+
+    originals = {id(b.attn1): b.attn1.processor for b in model.blocks}
+    layer_of = {id(b.attn1): i for i, b in enumerate(model.blocks)}
+    hooks = [b.attn1.register_forward_hook(record) for b in model.blocks]
+    pattern = RecordingSVOO(**SPARSE)
+    enable_lvsa(model, pattern=pattern, backend="reference")
+    try:
+        for t in (900, 900, 800, 800, 700):   # steps 0, 1 with two CFG calls each, then step 2
+            run(model, x, t)
+    finally:
+        disable_lvsa(model)
+        for h in hooks:
+            h.remove()
+    seen = [c[:3] for c in pattern.calls]
+    assert seen == [(s, layer, b) for s, b in ((0, 0), (0, 1), (1, 0), (1, 1), (2, 0)) for layer in (0, 1)]
+    assert len(captured) == len(seen)
+
+    twin = SVOOPattern(**SPARSE)
+    current, densities = {}, []
+
+    def svoo_dispatch(q, k, v, attn_mask=None, **kw):
+        assert attn_mask is None and q.shape == (2, T * 16, 2, 12)
+        densities.extend(layout.density for layout in SVOOPattern(**SPARSE).plan(q, k, 0, 0).layouts)
+        return twin.attention(q, k, v, backend="reference", **current)
+
+    monkeypatch.setattr(transformer_wan, "dispatch_attention_fn", svoo_dispatch)
+    for (step, layer, branch), (attn, (hidden, _, _, rotary), out) in zip(seen, captured):
+        assert layer_of[id(attn)] == layer
+        current.update(step=step, layer=layer, branch=branch)
+        with torch.no_grad():
+            want = originals[id(attn)](attn, hidden, None, None, rotary)
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    assert max(densities) < 0.9  # the pattern really is sparse
+
+
+def generate(pipe, steps, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return pipe(prompt_embeds=torch.randn(1, 12, 16, generator=g),
+                negative_prompt_embeds=torch.randn(1, 12, 16, generator=g), generator=g,
+                height=32, width=32, num_frames=17, num_inference_steps=steps, guidance_scale=5.0,
+                output_type="latent").frames
+
+
+def test_pipeline_steps_branches_and_cache_reset_per_generation():
+    pipe = tiny_pipeline()
+    pattern = RecordingSVOO(**SPARSE)
+    handle = enable_svoo(pipe, backend="reference", **SPARSE)
+    disable_lvsa(pipe)
+    assert isinstance(handle.runtime.pattern, SVOOPattern) and handle.runtime.pattern.top_p == SPARSE["top_p"]
+    enable_lvsa(pipe, pattern=pattern, backend="reference")
+    try:
+        first = generate(pipe, 3)
+        layers = range(len(pipe.transformer.blocks))
+        expected = [(s, layer, b) for s in range(3) for b in (0, 1) for layer in layers]
+        assert [c[:3] for c in pattern.calls] == expected
+        assert pattern.calls[0][3] == 0 and len(pattern._cache) == 2 * len(layers)  # one cache per (layer, branch)
+        pattern.calls.clear()
+        second = generate(pipe, 3)
+    finally:
+        disable_lvsa(pipe)
+    assert [c[:3] for c in pattern.calls] == expected
+    assert pattern.calls[0][3] == 0   # the new generation started with empty SVOO caches
+    torch.testing.assert_close(second, first, rtol=0, atol=0)  # so it repeats the first one exactly
+    assert type(pipe).__name__ == "WanPipeline" and "_lvsa_handle" not in pipe.__dict__
+
+
+def test_round_trip_restores_processors_and_outputs(model):
+    x = inputs()
+    before = run(model, x, 500)
+    procs = [(b.attn1.processor, b.attn2.processor) for b in model.blocks]
+    handle = enable_svoo(model, backend="reference", **SPARSE)
+    assert handle.active
+    sparse = run(model, x, 500)
+    disable_lvsa(model)
+    assert not handle.active
+    assert all(b.attn1.processor is p1 and b.attn2.processor is p2 for b, (p1, p2) in zip(model.blocks, procs))
+    assert not model._forward_pre_hooks and not model._forward_hooks
+    assert torch.equal(run(model, x, 500), before)
+    assert not torch.allclose(sparse, before, atol=1e-4)  # SVOO really changed the result
+
+
+def test_unsupported_models_and_configs_raise(model):
+    torch.manual_seed(0)
+    cog = CogVideoXTransformer3DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+                                      time_embed_dim=4, text_embed_dim=8, num_layers=1, sample_width=8,
+                                      sample_height=8, sample_frames=9, patch_size=2, max_text_seq_length=4)
+    with pytest.raises(NotImplementedError, match=r"CogVideoX.*supported on Wan"):
+        enable_svoo(cog)
+    assert "_lvsa_handle" not in cog.__dict__
+    with pytest.raises(NotImplementedError, match="two experts"):
+        enable_svoo(tiny_pipeline(two_experts=True))
+    with pytest.raises(TypeError, match="do not apply to an SVOOPattern"):
+        enable_lvsa(model, pattern=SVOOPattern(), window=3)
+
+    cp = SimpleNamespace(context_parallel_config=SimpleNamespace(ring_degree=2, ulysses_degree=1))
+    model._parallel_config = cp
+    try:
+        with pytest.raises(NotImplementedError, match="context parallelism"):
+            enable_svoo(model)
+    finally:
+        del model._parallel_config
+    assert all(type(b.attn1.processor).__name__ == "WanAttnProcessor" for b in model.blocks)
+
+    enable_svoo(model, backend="reference", **SPARSE)  # parallelism enabled after enable_svoo: raises at the forward
+    try:
+        model._parallel_config = cp
+        with pytest.raises(NotImplementedError, match="context parallelism"):
+            run(model, inputs(batch=1), 500)
+    finally:
+        del model._parallel_config
+        disable_lvsa(model)
