@@ -7,30 +7,15 @@ import pytest
 import torch
 
 pytest.importorskip("diffusers")
-from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel  # noqa: E402
+from diffusers import WanPipeline  # noqa: E402
 
 import lvsa_kernels.diffusers.runtime as runtime_module  # noqa: E402
 from lvsa_kernels.diffusers import StepTracker, disable_lvsa, enable_lvsa  # noqa: E402
 
+from tiny_wan import tiny_pipeline, tiny_transformer  # noqa: E402
+
 KFI = 3
 PATTERN = dict(window=1, n_first=1, reference_frames=2, key_frame_interval=KFI)
-
-
-def tiny_transformer(seed):
-    torch.manual_seed(seed)
-    return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4,
-                                 out_channels=4, text_dim=16, freq_dim=256, ffn_dim=32, num_layers=2,
-                                 cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32).eval()
-
-
-def tiny_pipeline(two_experts=False):
-    torch.manual_seed(0)
-    vae = AutoencoderKLWan(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                           temperal_downsample=[False, True, True], latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
-    return WanPipeline(tokenizer=None, text_encoder=None, vae=vae.eval(),
-                       scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-                       transformer=tiny_transformer(1), transformer_2=tiny_transformer(2) if two_experts else None,
-                       boundary_ratio=0.5 if two_experts else None)
 
 
 @pytest.fixture

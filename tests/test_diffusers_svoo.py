@@ -11,7 +11,7 @@ from diffusers import CogVideoXTransformer3DModel  # noqa: E402
 from lvsa_kernels import SVOOPattern  # noqa: E402
 from lvsa_kernels.diffusers import disable_lvsa, enable_lvsa, enable_svoo  # noqa: E402
 
-from test_diffusers_pipeline import tiny_pipeline, tiny_transformer  # noqa: E402
+from tiny_wan import run, tiny_pipeline, tiny_transformer, wan_inputs  # noqa: E402
 
 T, H_LAT, W_LAT = 8, 8, 8  # patch (1, 2, 2) -> 16 tokens per frame, S = 128
 SPARSE = dict(top_p=0.5, q_clusters=4, k_clusters=8, iterations=2, warmup_steps=0, recluster_every=2)
@@ -23,14 +23,7 @@ def model():
 
 
 def inputs(batch=2, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return dict(hidden_states=torch.randn(batch, 4, T, H_LAT, W_LAT, generator=g),
-                encoder_hidden_states=torch.randn(batch, 12, 16, generator=g))
-
-
-def run(model, x, t):
-    with torch.no_grad():
-        return model(timestep=torch.full((x["hidden_states"].shape[0],), float(t)), **x).sample
+    return wan_inputs(T, H_LAT, W_LAT, batch, seed)
 
 
 class RecordingSVOO(SVOOPattern):

@@ -5,10 +5,11 @@ import pytest
 import torch
 
 pytest.importorskip("diffusers")
-from diffusers import WanTransformer3DModel  # noqa: E402
 
 from lvsa_kernels import LVSAPattern  # noqa: E402
 from lvsa_kernels.diffusers import disable_lvsa, enable_lvsa  # noqa: E402
+
+from tiny_wan import run, tiny_transformer, wan_inputs  # noqa: E402
 
 T, H_LAT, W_LAT = 8, 8, 8          # latent frames and size; patch (1, 2, 2) -> P = 16 tokens per frame
 P = (H_LAT // 2) * (W_LAT // 2)
@@ -17,22 +18,11 @@ SPARSE = dict(window=1, n_first=1, reference_frames=2, key_frame_interval=4)
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    m = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4,
-                              out_channels=4, text_dim=16, freq_dim=256, ffn_dim=32, num_layers=2,
-                              cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
-    return m.eval()
+    return tiny_transformer(0)
 
 
 def inputs(batch=2, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return dict(hidden_states=torch.randn(batch, 4, T, H_LAT, W_LAT, generator=g),
-                encoder_hidden_states=torch.randn(batch, 12, 16, generator=g))
-
-
-def run(model, x, t):
-    with torch.no_grad():
-        return model(timestep=torch.full((x["hidden_states"].shape[0],), float(t)), **x).sample
+    return wan_inputs(T, H_LAT, W_LAT, batch, seed)
 
 
 def test_dense_pattern_matches_original_processors(model):
