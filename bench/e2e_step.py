@@ -23,13 +23,14 @@ import argparse
 import contextlib
 import json
 import platform
-import statistics
 import sys
 import time
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
+
+from lvsa_kernels.timing import median_seconds
 
 WAN_1_3B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16,
                 out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
@@ -111,26 +112,6 @@ def hv15_inputs(config: Dict[str, Any], frames: int, height: int, width: int, de
                 return_dict=False)
 
 
-def median_seconds(fn: Callable[[], Any], repeats: int, device: torch.device) -> float:
-    """One warm-up call, then the median of ``repeats`` timed calls (CUDA events on GPU)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize(device)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize(device)
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def measure(model: nn.Module, inputs: Dict[str, Any], repeats: int, device: torch.device,
             context: Callable[[], Any]) -> Dict[str, Any]:
     """Time one forward under ``context``; returns seconds, peak memory and the output (or the error)."""
@@ -144,7 +125,7 @@ def measure(model: nn.Module, inputs: Dict[str, Any], repeats: int, device: torc
         torch.cuda.reset_peak_memory_stats(device)
     try:
         with torch.no_grad(), context():
-            seconds = median_seconds(step, repeats, device)
+            seconds = median_seconds(step, device, repeats)
     except Exception as exc:  # one failing way (e.g. no cuDNN kernel for a mask) must not stop the sweep
         return {"status": "error", "error": f"{type(exc).__name__}: {exc}".splitlines()[0][:300]}
     rec: Dict[str, Any] = {"status": "ok", "seconds": seconds, "output": out[0]}

@@ -27,9 +27,7 @@ import logging
 import math
 import os
 import platform
-import statistics
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Set
 
@@ -39,6 +37,7 @@ from torch import Tensor
 from .backends import BackendUnavailable, get_backend, registered_backends
 from .backends.base import Backend
 from .reference import BlockSparseLayout
+from .timing import median_seconds
 
 __all__ = [
     "ENV_BACKEND", "ENV_CACHE_DIR", "PREFERENCE", "select_backend", "candidate_order", "problem_key",
@@ -149,36 +148,9 @@ def cached_choices() -> Dict[str, Dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------------------------- timing
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type != "cpu":
-        module = getattr(torch, device.type, None)
-        sync = getattr(module, "synchronize", None)
-        if callable(sync):
-            sync()
-
-
 def measure(fn: Callable[[], object], device: torch.device) -> float:
     """Median milliseconds of ``fn()`` on ``device`` after a warm-up (CUDA events on CUDA, else perf_counter)."""
-    for _ in range(_WARMUP):
-        fn()
-    times = []
-    for _ in range(_REPEATS):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            _synchronize(device)
-            t0 = time.perf_counter()
-            fn()
-            _synchronize(device)
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return median_seconds(fn, device, _REPEATS, _WARMUP) * 1e3
 
 
 def timed_choice(key: str, candidates: Mapping[str, Callable[[], object]], device: torch.device) -> str:

@@ -12,7 +12,7 @@ from diffusers import WanPipeline  # noqa: E402
 import lvsa_kernels.diffusers.runtime as runtime_module  # noqa: E402
 from lvsa_kernels.diffusers import StepTracker, disable_lvsa, enable_lvsa  # noqa: E402
 
-from tiny_wan import tiny_pipeline, tiny_transformer  # noqa: E402
+from tiny_wan import tiny_pipeline  # noqa: E402
 
 KFI = 3
 PATTERN = dict(window=1, n_first=1, reference_frames=2, key_frame_interval=KFI)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-import statistics
 import sys
 import time
 from typing import Callable, List, Optional, Tuple
@@ -25,6 +24,7 @@ from ..api import block_sparse_attn
 from ..backends import registered_backends
 from ..models import MODELS, get_model
 from ..reference import BlockSparseLayout, reference_attention
+from ..timing import median_seconds
 
 HELP = "plan Wan 2.1's LVSA layout at 6x horizon, run every backend that can, check and time them"
 
@@ -59,24 +59,6 @@ def _argv(args: argparse.Namespace) -> List[str]:
     return out
 
 
-def _timer(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
-    """Median seconds of ``fn()`` over ``repeats`` calls (CUDA events on GPU, perf_counter on CPU)."""
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def _timed(fn: Callable[[], torch.Tensor], device: torch.device, repeats: int) -> Tuple[torch.Tensor, float]:
     """First result of ``fn`` (warm-up, also checked) and its median time over up to ``repeats`` calls."""
     t0 = time.perf_counter()
@@ -87,7 +69,7 @@ def _timed(fn: Callable[[], torch.Tensor], device: torch.device, repeats: int) -
     if device.type == "cpu" and first > _TIME_BUDGET_S:
         return out, first  # nothing to warm up on CPU; one slow call is measurement enough
     n = max(1, min(repeats, int(_TIME_BUDGET_S / max(first, 1e-9))))
-    return out, _timer(fn, device, n)
+    return out, median_seconds(fn, device, n, warmup=0)
 
 
 def _errors(out: torch.Tensor, ref: torch.Tensor) -> Tuple[float, float]:
