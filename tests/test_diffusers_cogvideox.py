@@ -9,6 +9,8 @@ from diffusers.models.embeddings import get_3d_rotary_pos_embed  # noqa: E402
 from lvsa_kernels import LVSAPattern  # noqa: E402
 from lvsa_kernels.diffusers import disable_lvsa, enable_lvsa  # noqa: E402
 
+from diffusers_checks import assert_dense_pattern_matches_original  # noqa: E402
+
 T, HW, HEAD_DIM, TEXT = 8, 8, 16, 8    # latent [B, T, C, 8, 8], patch 2 -> P = 16 tokens per frame
 P = (HW // 2) ** 2
 SPARSE = dict(window=1, n_first=1, reference_frames=2, key_frame_interval=4)
@@ -43,15 +45,7 @@ def run(model, x, t):
 
 
 def test_dense_pattern_matches_original_processors(model):
-    x = inputs()
-    expected = run(model, x, 700)
-    handle = enable_lvsa(model, backend="reference", reference_frames=T)
-    try:
-        assert handle.runtime.pattern.key_frame_interval_for(T) == 1
-        got = run(model, x, 700)
-    finally:
-        disable_lvsa(model)
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert_dense_pattern_matches_original(model, inputs(), run, T)
 
 
 def test_sparse_layers_match_masked_sdpa(model):

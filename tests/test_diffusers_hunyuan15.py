@@ -11,6 +11,8 @@ from diffusers import HunyuanVideo15Transformer3DModel  # noqa: E402
 
 from lvsa_kernels import LVSAPattern  # noqa: E402
 from lvsa_kernels.diffusers import disable_lvsa, enable_lvsa  # noqa: E402
+
+from diffusers_checks import assert_dense_pattern_matches_original  # noqa: E402
 from lvsa_kernels.diffusers.geometry import VideoGeometry  # noqa: E402
 from lvsa_kernels.diffusers.hunyuan15 import text_valid_lengths  # noqa: E402
 
@@ -58,15 +60,7 @@ def capture_attention(model):
 
 
 def test_dense_pattern_matches_original_processors(model):
-    x = inputs()
-    expected = run(model, x, 700)
-    handle = enable_lvsa(model, backend="reference", reference_frames=T)
-    try:
-        assert handle.runtime.pattern.key_frame_interval_for(T) == 1
-        got = run(model, x, 700)
-    finally:
-        disable_lvsa(model)
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert_dense_pattern_matches_original(model, inputs(), run, T)
 
 
 def test_sparse_layers_match_masked_diffusers_processor(model, monkeypatch):

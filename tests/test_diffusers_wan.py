@@ -9,6 +9,8 @@ pytest.importorskip("diffusers")
 from lvsa_kernels import LVSAPattern  # noqa: E402
 from lvsa_kernels.diffusers import disable_lvsa, enable_lvsa  # noqa: E402
 
+from diffusers_checks import assert_dense_pattern_matches_original  # noqa: E402
+
 from tiny_wan import run, tiny_transformer, wan_inputs  # noqa: E402
 
 T, H_LAT, W_LAT = 8, 8, 8          # latent frames and size; patch (1, 2, 2) -> P = 16 tokens per frame
@@ -26,15 +28,7 @@ def inputs(batch=2, seed=1):
 
 
 def test_dense_pattern_matches_original_processors(model):
-    x = inputs()
-    expected = run(model, x, 700)
-    handle = enable_lvsa(model, backend="reference", reference_frames=T)
-    try:
-        assert handle.runtime.pattern.key_frame_interval_for(T) == 1
-        got = run(model, x, 700)
-    finally:
-        disable_lvsa(model)
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert_dense_pattern_matches_original(model, inputs(), run, T)
 
 
 def test_sparse_layers_match_masked_sdpa(model):
