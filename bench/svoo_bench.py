@@ -2,19 +2,22 @@
 
 Wan 2.1 1.3B shape (12 heads x 128, bf16), 81 frames at 480p (21x30x52 = 32,760 tokens) and 720p
 (21x45x80 = 75,600 tokens); q/k are random with cluster structure (random weights are fine for timing);
-the profile floor uses keep ratios in the published Wan 1.3B band 0.15-0.20. Per case it times:
+the profile floor uses keep ratios in the published Wan 1.3B band 0.15-0.20. It runs SVOO's GPU path
+(device-side plan + packed cluster kernel, `lvsa_kernels.triton_src.cluster_path`) and times per case:
 
-- ``cluster``: co-clustering (a re-clustering step), ``refresh``: centroids from cached labels (reuse step),
-- ``select_layout``: block selection + per-head layouts (includes the host copy of the block map),
-- ``permute`` (q, k, v), ``sparse_attn`` (block_sparse_attn on the permuted tensors), ``unpermute``,
+- ``cluster``: co-clustering with the fused assignment kernel (what a re-clustering step adds),
+- ``refresh``: centroids of the cached clusters from the current q, k (what a reuse step adds),
+- ``select``: block selection, ``permute``: k, v into key-cluster order, ``plan``: the device schedule,
+- ``sparse_attn``: the packed cluster kernel alone (reads q and writes out through the permutation),
 - ``svoo_reuse`` / ``svoo_recluster``: one full `SVOOPattern.attention` call on a reuse / re-clustering step,
 - ``dense``: cuDNN SDPA on the same q, k, v,
 
 and measures recall = softmax mass covered by the selected blocks for sampled query rows (exact, dense
-softmax over all keys). Writes ``svoo_bench.json`` under ``--out`` and prints a table.
+softmax over all keys) and the kernel's error on those rows vs float32 attention over the selected blocks.
+``--sweep`` adds a launch-config sweep of the cluster kernel. Writes ``svoo_bench.json`` under ``--out``.
 
-    python3 bench/svoo_bench.py --out "$OUT" [--cases wan480,wan720] [--floors 0.15,0.20] [--time-budget 420]
-    python3 bench/svoo_bench.py --cpu-smoke --out /tmp/svoo_smoke      # tiny sizes, reference backend
+    python3 bench/svoo_bench.py --out "$OUT" [--cases wan480,wan720] [--floors 0.15,0.20] [--sweep]
+    TRITON_INTERPRET=1 python3 bench/svoo_bench.py --cpu-smoke --out /tmp/svoo_smoke   # tiny, CPU interpreter
 """
 from __future__ import annotations
 
@@ -29,11 +32,12 @@ from typing import Callable, Dict, List
 import torch
 import torch.nn.functional as F
 
-from lvsa_kernels import block_sparse_attn
-from lvsa_kernels.reference.svoo import (
-    SVOOPattern, build_layouts, co_cluster, permute_tokens, refresh_clusters, select_blocks, unpermute_tokens,
-)
+from lvsa_kernels.reference.svoo import SVOOPattern, co_cluster, refresh_clusters, select_blocks
 from lvsa_kernels.reference.svoo_profile import SVOOProfile
+from lvsa_kernels.triton_src import cluster_path
+from lvsa_kernels.triton_src.cluster_launch import cluster_attention, cluster_config
+from lvsa_kernels.triton_src.cluster_schedule import build_cluster_schedule
+from lvsa_kernels.triton_src.tuning import KernelConfig
 
 CASES = {"wan480": (21, 30, 52), "wan720": (21, 45, 80), "smoke": (2, 4, 6)}
 
@@ -86,6 +90,20 @@ def recall(q, k, clustering, mask, rows: torch.Tensor) -> float:
     return total / H
 
 
+def sampled_error(q, k, v, clustering, mask, rows, out) -> float:
+    """Relative error of ``out`` on query ``rows`` vs float32 attention restricted to the selected blocks."""
+    H, D = q.shape[2], q.shape[3]
+    num = den = 0.0
+    for h in range(H):
+        s = q[0, rows, h].float() @ k[0, :, h].float().T / math.sqrt(D)
+        sel = mask[h][clustering.q.labels[h, rows]]
+        allowed = sel.gather(1, clustering.k.labels[h].expand(rows.numel(), -1))
+        ref = torch.softmax(s.masked_fill(~allowed, float("-inf")), dim=-1) @ v[0, :, h].float()
+        num += float((out[0, rows, h].float() - ref).norm() ** 2)
+        den += float(ref.norm() ** 2)
+    return math.sqrt(num / den)
+
+
 def run_case(name: str, floor: float, args, device, dtype, measure) -> Dict[str, object]:
     T, Hh, Ww = CASES[name]
     S = T * Hh * Ww
@@ -93,34 +111,41 @@ def run_case(name: str, floor: float, args, device, dtype, measure) -> Dict[str,
     q, k, v = clustered_qkv(S, H, D, args.centers, device, dtype, seed=0)
     profile = SVOOProfile(torch.full((2, 1, H), floor))  # steps 1 (clustering) and 2 (reuse)
     pat = SVOOPattern(profile=profile, top_p=args.top_p, q_clusters=args.q_clusters, k_clusters=args.k_clusters,
-                      iterations=args.iterations, warmup_steps=0, recluster_every=10**6, clip=(0.15, 0.20))
+                      iterations=args.iterations, warmup_steps=0, recluster_every=10**6, clip=(0.0, 1.0))
     gq, gk = (x.transpose(1, 2).reshape(H, S, D) for x in (q, k))
     scale = 1.0 / math.sqrt(D)
     res: Dict[str, object] = {"case": name, "tokens": S, "heads": H, "head_dim": D, "dtype": str(dtype),
                               "floor_keep_ratio": floor, "top_p": args.top_p, "q_clusters": args.q_clusters,
-                              "k_clusters": args.k_clusters, "iterations": args.iterations, "backend": args.backend}
-    cl = co_cluster(gq, gk, args.q_clusters, args.k_clusters, args.iterations, seed=0)
+                              "k_clusters": args.k_clusters, "iterations": args.iterations}
+    assign_fn = cluster_path.assign_fn(q)
+    cl = co_cluster(gq, gk, args.q_clusters, args.k_clusters, args.iterations, seed=0, assign_fn=assign_fn)
     floors = pat.min_blocks(0, 0, H)
     mask = select_blocks(cl.q.centroids, cl.k.centroids, cl.k.sizes, args.top_p, floors, scale)
-    layout = build_layouts(mask, cl.q.sizes, cl.k.sizes, 1)[0]
-    qperm, kperm = cl.q.perm.view(1, H, S), cl.k.perm.view(1, H, S)
-    qp, kp, vp = permute_tokens(q, qperm), permute_tokens(k, kperm), permute_tokens(v, kperm)
-    out_p = block_sparse_attn(qp, kp, vp, layout, backend=args.backend)
+    kp, vp = cluster_path.permute_keys(k, v, cl.k.perm)
+    cfg = cluster_config(device, dtype, D)
+    sched = build_cluster_schedule(mask, cl.q.sizes, cl.k.sizes, S, cfg.block_m, cfg.block_n)
+    qperm = cl.q.perm.to(torch.int32)
+    out, _ = cluster_attention(q, kp, vp, qperm, sched, scale, cfg)
+    pairs = float((cl.q.sizes.double().reshape(-1) * sched.keys_per_row.double()).sum())
     rows = torch.linspace(0, S - 1, min(S, args.recall_queries)).round().long().unique().to(device)
-    res.update(density=layout.density, nnz=layout.nnz, recall=recall(q, k, cl, mask.cpu(), rows),
-               q_cluster_size_max=int(cl.q.sizes.max()), k_clusters_empty=int((cl.k.sizes == 0).sum()))
+    res.update(density=pairs / (H * S * S), computed_pairs=pairs, recall=recall(q, k, cl, mask, rows),
+               rel_err_sampled=sampled_error(q, k, v, cl, mask, rows, out), config=str(cfg),
+               q_cluster_size_max=int(cl.q.sizes.max()), k_clusters_empty=int((cl.k.sizes == 0).sum()),
+               key_tiles=int(sched.key_count.sum()),
+               query_tiles=int((sched.tile_q1 > sched.tile_q0).sum()))
 
     t = {}
-    t["cluster"] = measure(lambda: co_cluster(gq, gk, args.q_clusters, args.k_clusters, args.iterations, seed=0))
-    t["refresh"] = measure(lambda: (refresh_clusters(gq, cl.q), refresh_clusters(gk, cl.k)))
-    t["select_layout"] = measure(lambda: build_layouts(
-        select_blocks(cl.q.centroids, cl.k.centroids, cl.k.sizes, args.top_p, floors, scale), cl.q.sizes, cl.k.sizes, 1))
-    t["permute"] = measure(lambda: (permute_tokens(q, qperm), permute_tokens(k, kperm), permute_tokens(v, kperm)))
-    t["sparse_attn"] = measure(lambda: block_sparse_attn(qp, kp, vp, layout, backend=args.backend))
-    t["unpermute"] = measure(lambda: unpermute_tokens(out_p, qperm))
-    pat.attention(q, k, v, 0, 0, backend=args.backend)  # fill the cache: later steps reuse it
-    t["svoo_reuse"] = measure(lambda: pat.attention(q, k, v, 1, 0, backend=args.backend))
-    t["svoo_recluster"] = measure(lambda: (pat.reset(), pat.attention(q, k, v, 0, 0, backend=args.backend)))
+    t["cluster"] = measure(lambda: co_cluster(gq, gk, args.q_clusters, args.k_clusters, args.iterations, seed=0,
+                                              assign_fn=assign_fn))
+    t["refresh"] = measure(lambda: (refresh_clusters(cluster_path.gather_rows(q, cl.q.perm), cl.q, permuted=True),
+                                    refresh_clusters(kp, cl.k, permuted=True)))
+    t["select"] = measure(lambda: select_blocks(cl.q.centroids, cl.k.centroids, cl.k.sizes, args.top_p, floors, scale))
+    t["permute"] = measure(lambda: cluster_path.permute_keys(k, v, cl.k.perm))
+    t["plan"] = measure(lambda: build_cluster_schedule(mask, cl.q.sizes, cl.k.sizes, S, cfg.block_m, cfg.block_n))
+    t["sparse_attn"] = measure(lambda: cluster_attention(q, kp, vp, qperm, sched, scale, cfg))
+    pat.attention(q, k, v, 0, 0, backend="triton")  # fill the cache: later steps reuse it
+    t["svoo_reuse"] = measure(lambda: pat.attention(q, k, v, 1, 0, backend="triton"))
+    t["svoo_recluster"] = measure(lambda: (pat.reset(), pat.attention(q, k, v, 0, 0, backend="triton")))
     qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
     if device.type == "cuda":
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -130,28 +155,52 @@ def run_case(name: str, floor: float, args, device, dtype, measure) -> Dict[str,
     else:
         t["dense"] = measure(lambda: F.scaled_dot_product_attention(qt, kt, vt))
     res["ms"] = t
-    overhead = t["refresh"] + t["select_layout"] + t["permute"] + t["unpermute"]
+    reuse_overhead = t["refresh"] + t["select"] + t["permute"] + t["plan"]
     res.update(speedup_reuse=t["dense"] / t["svoo_reuse"], speedup_recluster=t["dense"] / t["svoo_recluster"],
-               reuse_overhead_share=overhead / t["sparse_attn"],
-               cluster_permute_share=(t["cluster"] + t["permute"] + t["unpermute"]) / t["sparse_attn"],
-               sparse_effective_tflops=4 * D * layout.computed_pairs / t["sparse_attn"] / 1e9,
+               reuse_overhead_share=reuse_overhead / t["sparse_attn"],
+               cluster_permute_share=(t["cluster"] + t["permute"]) / t["sparse_attn"],
+               sparse_effective_tflops=4 * D * pairs / t["sparse_attn"] / 1e9,
                dense_tflops=4 * H * D * S * S / t["dense"] / 1e9)
+    if args.sweep and not getattr(args, "swept", False):
+        args.swept = True  # once, on the first case
+        res["sweep"] = sweep(q, kp, vp, qperm, mask, cl, S, scale, measure)
     return res
 
 
+SWEEP = [(128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3), (64, 64, 4, 2), (64, 64, 4, 3),
+         (64, 128, 4, 2), (128, 32, 8, 3), (64, 32, 4, 3)]
+
+
+def sweep(q, kp, vp, qperm, mask, cl, S, scale, measure) -> List[Dict[str, object]]:
+    """Milliseconds of the cluster kernel per launch config (one process: ratios comparable)."""
+    out = []
+    for bm, bn, warps, stages in SWEEP:
+        cfg = KernelConfig(bm, bn, warps, stages)
+        try:
+            sched = build_cluster_schedule(mask, cl.q.sizes, cl.k.sizes, S, bm, bn)
+            ms = measure(lambda: cluster_attention(q, kp, vp, qperm, sched, scale, cfg))
+            out.append({"config": str(cfg), "ms": ms})
+        except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory
+            out.append({"config": str(cfg), "error": f"{type(exc).__name__}: {exc}"[:200]})
+        print("sweep", out[-1], flush=True)
+    return out
+
+
 def table(results: List[Dict[str, object]]) -> str:
-    cols = ["case", "floor", "density", "recall", "cluster", "refresh", "sel+lay", "perm", "sparse", "unperm",
-            "reuse", "reclust", "dense", "x reuse", "x reclust", "ovh/sparse"]
+    cols = ["case", "floor", "density", "recall", "err", "cluster", "refresh", "select", "perm", "plan", "sparse",
+            "reuse", "reclust", "dense", "x reuse", "x reclust", "ovh/sparse", "TF/s"]
     lines = [" | ".join(cols)]
     for r in results:
         if "ms" not in r:
             lines.append(f"{r['case']} | {r['floor_keep_ratio']} | skipped: {r.get('skipped')}")
             continue
         t = r["ms"]
-        vals = [r["case"], f"{r['floor_keep_ratio']:.2f}", f"{r['density']:.3f}", f"{r['recall']:.3f}"]
-        vals += [f"{t[c]:.2f}" for c in ("cluster", "refresh", "select_layout", "permute", "sparse_attn", "unpermute",
+        vals = [r["case"], f"{r['floor_keep_ratio']:.2f}", f"{r['density']:.3f}", f"{r['recall']:.3f}",
+                f"{r['rel_err_sampled']:.1e}"]
+        vals += [f"{t[c]:.2f}" for c in ("cluster", "refresh", "select", "permute", "plan", "sparse_attn",
                                          "svoo_reuse", "svoo_recluster", "dense")]
-        vals += [f"{r['speedup_reuse']:.2f}", f"{r['speedup_recluster']:.2f}", f"{r['reuse_overhead_share']:.2f}"]
+        vals += [f"{r['speedup_reuse']:.2f}", f"{r['speedup_recluster']:.2f}", f"{r['reuse_overhead_share']:.2f}",
+                 f"{r['sparse_effective_tflops']:.0f}"]
         lines.append(" | ".join(vals))
     return "\n".join(lines)
 
@@ -169,7 +218,7 @@ def main(argv: List[str] = None) -> int:
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--centers", type=int, default=64, help="cluster centres of the synthetic q/k per head")
     ap.add_argument("--recall-queries", type=int, default=256)
-    ap.add_argument("--backend", default=None, help="block_sparse_attn backend (default: triton on CUDA)")
+    ap.add_argument("--sweep", action="store_true", help="also time the cluster kernel's launch configs (first case)")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--time-budget", type=float, default=420.0, help="seconds; later cases are skipped")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on CPU with the reference backend")
@@ -178,12 +227,10 @@ def main(argv: List[str] = None) -> int:
         args.cases, args.heads, args.head_dim, args.centers = "smoke", 2, 32, 6
         args.q_clusters, args.k_clusters, args.reps = 8, 16, 1
         device, dtype = torch.device("cpu"), torch.float32
-        args.backend = args.backend or "reference"
     else:
         if not torch.cuda.is_available():
             ap.error("needs CUDA (use --cpu-smoke for a CPU dry run)")
         device, dtype = torch.device("cuda"), torch.bfloat16
-        args.backend = args.backend or "triton"
     os.makedirs(args.out, exist_ok=True)
     measure = timer(device, args.reps)
     start = time.time()

@@ -13,7 +13,7 @@ import logging
 import math
 import os
 from dataclasses import dataclass
-from typing import Collection, Dict, Hashable, Optional, Tuple, Union
+from typing import Callable, Collection, Dict, Hashable, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -23,13 +23,13 @@ from .svoo_profile import SVOOProfile
 
 __all__ = [
     "Clusters", "CoClustering", "SVOOPattern", "SVOOPlan", "assign", "assignment_weights", "build_layouts",
-    "co_cluster", "l2norm_rows", "permute_tokens", "refresh_clusters", "segment_means", "select_blocks", "strided_seeds",
+    "co_cluster", "l2norm_rows", "means_of_sorted", "permute_tokens", "refresh_clusters", "segment_means", "select_blocks", "strided_seeds",
     "unpermute_tokens",
 ]
 
 log = logging.getLogger("lvsa_kernels")
 
-_CHUNK_ELEMENTS = 1 << 26  # elements of one [G, rows, clusters] score or one-hot chunk (256 MiB in fp32)
+_CHUNK_ELEMENTS = 1 << 26  # elements of one [G, rows, clusters] score chunk (256 MiB in fp32)
 
 
 def _acc_dtype(x: Tensor) -> torch.dtype:
@@ -96,24 +96,28 @@ def assign(x: Tensor, weights: Tensor) -> Tensor:
     return labels
 
 
-def segment_means(x: Tensor, labels: Tensor, n: int, previous: Tensor) -> Tuple[Tensor, Tensor]:
+def segment_means(x: Tensor, labels: Tensor, n: int, previous: Tensor,
+                  perm: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """Per-cluster means of x ``[G, N, d]`` grouped by labels ``[G, N]`` into ``n`` clusters.
 
-    Deterministic (one-hot matmuls summed in a fixed chunk order; no atomics). Returns
-    ``(centroids [G, n, d], sizes int64 [G, n])``; empty clusters keep ``previous`` with size 0.
+    Deterministic (tokens sorted by label, then a segmented sum; no atomics), O(N d). ``perm`` is the
+    stable argsort of ``labels`` when the caller already has it. Returns ``(centroids [G, n, d], sizes
+    int64 [G, n])``; empty clusters keep ``previous`` with size 0.
     """
     G, N, d = x.shape
-    sums = torch.zeros(G, n, d, dtype=x.dtype, device=x.device)
-    counts = torch.zeros(G, n, dtype=x.dtype, device=x.device)
-    rows = _chunk_rows(G, n)
-    for r0 in range(0, N, rows):
-        lab = labels[:, r0:r0 + rows]
-        onehot = torch.zeros(G, lab.shape[1], n, dtype=x.dtype, device=x.device).scatter_(2, lab.unsqueeze(-1), 1.0)
-        sums += onehot.transpose(1, 2) @ x[:, r0:r0 + rows]
-        counts += onehot.sum(dim=1)
-    sizes = counts.round().to(torch.int64)
-    means = sums / counts.clamp(min=1).unsqueeze(-1)
-    return torch.where((sizes > 0).unsqueeze(-1), means, previous.to(x.dtype)), sizes
+    if perm is None:
+        perm = torch.sort(labels, dim=1, stable=True).indices
+    sizes = torch.zeros(G, n, dtype=torch.int64, device=x.device).scatter_add_(1, labels, torch.ones_like(labels))
+    return means_of_sorted(torch.gather(x, 1, perm.unsqueeze(-1).expand(G, N, d)), sizes, previous), sizes
+
+
+def means_of_sorted(x_sorted: Tensor, sizes: Tensor, previous: Tensor) -> Tensor:
+    """Means ``[G, n, d]`` of consecutive runs of ``sizes [G, n]`` rows of ``x_sorted [G, N, d]`` (float32 or
+    float64 sums); empty runs keep ``previous``."""
+    acc = _acc_dtype(x_sorted)
+    sums = torch.segment_reduce(x_sorted.to(acc), "sum", lengths=sizes, axis=1, unsafe=True)
+    means = sums / sizes.clamp(min=1).unsqueeze(-1).to(acc)
+    return torch.where((sizes > 0).unsqueeze(-1), means, previous.to(acc))
 
 
 def strided_seeds(x: Tensor, n: int, generator: torch.Generator) -> Tensor:
@@ -128,12 +132,16 @@ def strided_seeds(x: Tensor, n: int, generator: torch.Generator) -> Tensor:
     return torch.gather(x, 1, idx.to(x.device).unsqueeze(-1).expand(G, n, d))
 
 
-def _clusters(labels: Tensor, centroids: Tensor, sizes: Tensor) -> Clusters:
-    return Clusters(labels, centroids, sizes, torch.sort(labels, dim=1, stable=True).indices)
+def _update(x: Tensor, labels: Tensor, previous: Tensor) -> Clusters:
+    """Clusters of x for ``labels``: sizes, means (empty clusters keep ``previous``) and the permutation."""
+    perm = torch.sort(labels, dim=1, stable=True).indices
+    centroids, sizes = segment_means(x, labels, previous.shape[1], previous, perm)
+    return Clusters(labels, centroids, sizes, perm)
 
 
 def co_cluster(q: Tensor, k: Tensor, q_clusters: int, k_clusters: int, iterations: int = 2, seed: int = 0,
-               init: Optional[Tuple[Tensor, Tensor]] = None) -> CoClustering:
+               init: Optional[Tuple[Tensor, Tensor]] = None,
+               assign_fn: Callable[[Tensor, Tensor], Tensor] = assign) -> CoClustering:
     """Bidirectional query/key co-clustering (spec §3.1), keys first in every iteration.
 
     Args:
@@ -142,6 +150,8 @@ def co_cluster(q: Tensor, k: Tensor, q_clusters: int, k_clusters: int, iteration
         iterations: assignment/update rounds (>= 1).
         seed: seed of the CPU generator for strided seeding (ignored with ``init``).
         init: warm start ``(q_centroids [G, n_q, d], k_centroids [G, n_k, d])``, e.g. cached centroids.
+        assign_fn: ``(x [G, N, d], W [G, J, d]) -> int64 labels [G, N]``, the argmax rule of `assign`
+            (e.g. the fused Triton GEMM + argmax of the GPU path).
     """
     if q.dim() != 3 or k.dim() != 3 or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
         raise ValueError(f"q, k: expected [G, Nq, d] and [G, Nk, d], got {tuple(q.shape)} and {tuple(k.shape)}")
@@ -160,18 +170,22 @@ def co_cluster(q: Tensor, k: Tensor, q_clusters: int, k_clusters: int, iteration
             raise ValueError(f"init: expected centroids {(G, q_clusters, d)} and {(G, k_clusters, d)}, "
                              f"got {tuple(cq.shape)} and {tuple(ck.shape)}")
     for _ in range(iterations):
-        lk = assign(xk, assignment_weights(ck, cq))
-        ck, sk = segment_means(xk, lk, k_clusters, ck)
-        lq = assign(xq, assignment_weights(cq, ck))
-        cq, sq = segment_means(xq, lq, q_clusters, cq)
-    return CoClustering(_clusters(lq, cq, sq), _clusters(lk, ck, sk))
+        kc = _update(xk, assign_fn(xk, assignment_weights(ck, cq)), ck)
+        ck = kc.centroids
+        qc = _update(xq, assign_fn(xq, assignment_weights(cq, ck)), cq)
+        cq = qc.centroids
+    return CoClustering(qc, kc)
 
 
-def refresh_clusters(x: Tensor, clusters: Clusters) -> Clusters:
-    """Same labels and permutation, centroids recomputed from the current tokens x ``[G, N, d]``."""
-    centroids, sizes = segment_means(x.to(_acc_dtype(x)), clusters.labels, clusters.centroids.shape[1],
-                                     clusters.centroids)
-    return Clusters(clusters.labels, centroids, sizes, clusters.perm)
+def refresh_clusters(x: Tensor, clusters: Clusters, permuted: bool = False) -> Clusters:
+    """Same labels and permutation, centroids recomputed from the current tokens x ``[G, N, d]``.
+
+    ``permuted=True``: x is already in cluster order (``x[g, s] = tokens[g, perm[g, s]]``), no gather.
+    """
+    if not permuted:
+        x = torch.gather(x, 1, clusters.perm.unsqueeze(-1).expand_as(x))
+    centroids = means_of_sorted(x, clusters.sizes, clusters.centroids)
+    return Clusters(clusters.labels, centroids, clusters.sizes, clusters.perm)
 
 
 # ---------------------------------------------------------------------------------------------- selection
@@ -349,38 +363,18 @@ class SVOOPattern:
 
     def plan(self, q: Tensor, k: Tensor, step: int, layer: int, cache_key: Hashable = None,
              scale: Optional[float] = None) -> SVOOPlan:
-        """Plan one self-attention call from q ``[B, S, H, D]`` and k ``[B, S, H, D]``.
+        """Plan one self-attention call from q ``[B, S, H, D]`` and k ``[B, S, H, D]`` as inspectable layouts.
 
         ``cache_key`` names the CFG branch (any hashable); ``scale`` is the softmax scale (default 1/sqrt(D)).
+        The layouts are built on the host (any backend can run them); `attention` on CUDA skips them and
+        plans on the device.
         """
-        if q.dim() != 4 or k.dim() != 4:
-            raise ValueError(f"q, k: expected [B, S, H, D], got {tuple(q.shape)} and {tuple(k.shape)}")
-        B, S, H, D = q.shape
-        if k.shape != q.shape:
-            raise ValueError(f"k: SVOO needs k shaped like q {tuple(q.shape)} (self-attention, H_kv == H), "
-                             f"got {tuple(k.shape)}")
-        if not isinstance(step, int) or step < 0:
-            raise ValueError(f"step: expected a 0-based int >= 0, got {step!r}")
+        B, S, H, D = self._check(q, k, step)
         if self.is_dense(step, layer):
             return SVOOPlan((BlockSparseLayout.dense(S),), None, None, None, False)
         scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-        gq, gk = _groups(q), _groups(k)
-        key = (layer, cache_key)
-        signature = (tuple(q.shape), q.device)
-        entry = self._cache.get(key)
-        reclustered = (entry is None or entry.signature != signature
-                       or (step != entry.step and (step - self.warmup_steps) % self.recluster_every == 0))
-        if reclustered:
-            init = None
-            if entry is not None and entry.signature == signature:
-                init = (entry.clustering.q.centroids, entry.clustering.k.centroids)
-            clustering = co_cluster(gq, gk, self.q_clusters, self.k_clusters, self.iterations, self.seed, init)
-            log.info("svoo: clustered layer %d branch %r at step %d", layer, cache_key, step)
-        else:
-            clustering = CoClustering(refresh_clusters(gq, entry.clustering.q), refresh_clusters(gk, entry.clustering.k))
-        self._cache[key] = _CacheEntry(signature, step, clustering)
-        floor = self.min_blocks(step, layer, H).repeat(B)
-        mask = select_blocks(clustering.q.centroids, clustering.k.centroids, clustering.k.sizes, self.top_p, floor, scale)
+        clustering, reclustered = self._clusters(q, k, step, layer, cache_key, assign)
+        mask = self._block_map(clustering, step, layer, B, H, scale)
         meta = {"step": step, "layer": layer, "top_p": self.top_p, "q_clusters": self.q_clusters,
                 "k_clusters": self.k_clusters}
         layouts = build_layouts(mask, clustering.q.sizes, clustering.k.sizes, B, meta)
@@ -391,15 +385,104 @@ class SVOOPattern:
                   branch: Hashable = None, scale: Optional[float] = None) -> Tensor:
         """SVOO self-attention: q, k, v ``[B, S, H, D]`` -> out ``[B, S, H, D]`` in the original token order.
 
-        Dense steps and layers run ``block_sparse_attn`` with a dense layout; sparse calls permute q, k, v,
-        run ``block_sparse_attn(backend=backend)`` per batch element on its per-head layout, and un-permute.
+        Dense steps and layers run ``block_sparse_attn`` with a dense layout. Sparse calls with ``backend``
+        "triton", or "auto" on CUDA, run the cluster path (`lvsa_kernels.triton_src.cluster_path`): planned on
+        the device, keys and values permuted once, queries read and outputs written through the permutation by
+        the packed cluster kernel. Other backends permute q, k, v, run ``block_sparse_attn`` per batch element
+        on the host-built per-head layouts of `plan`, and un-permute.
         """
         from lvsa_kernels.api import block_sparse_attn  # lazy: lvsa_kernels imports this package first
 
+        B, S, H, D = self._check(q, k, step)
+        if self.is_dense(step, layer):
+            return block_sparse_attn(q, k, v, BlockSparseLayout.dense(S), backend=backend, scale=scale)
+        path = _cluster_path(q, backend)
+        if path is not None:
+            scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+            cached = self._cached(q, step, layer, branch)
+            if cached is None:  # re-clustering step (or no fitting cache): cluster, then permute
+                clustering, _ = self._clusters(q, k, step, layer, branch, path.assign_fn(q))
+                kp, vp = path.permute_keys(k, v, clustering.k.perm)
+            else:  # reuse step: permute with the cached order, refresh the centroids from the permuted keys
+                kp, vp = path.permute_keys(k, v, cached.k.perm)
+                clustering = CoClustering(refresh_clusters(path.gather_rows(q, cached.q.perm), cached.q, permuted=True),
+                                          refresh_clusters(kp, cached.k, permuted=True))
+                self._store(q, step, layer, branch, clustering)
+            mask = self._block_map(clustering, step, layer, B, H, scale)
+            return path.attend(q, kp, vp, clustering, mask, scale)
         plan = self.plan(q, k, step, layer, cache_key=branch, scale=scale)
-        if plan.dense:
-            return block_sparse_attn(q, k, v, plan.layouts[0], backend=backend, scale=scale)
         qp, kp, vp = permute_tokens(q, plan.q_perm), permute_tokens(k, plan.k_perm), permute_tokens(v, plan.k_perm)
         outs = [block_sparse_attn(qp[b:b + 1], kp[b:b + 1], vp[b:b + 1], layout, backend=backend, scale=scale)
                 for b, layout in enumerate(plan.layouts)]
         return unpermute_tokens(torch.cat(outs) if len(outs) > 1 else outs[0], plan.q_perm)
+
+    # ------------------------------------------------------------------------------------------ internals
+    def _check(self, q: Tensor, k: Tensor, step: int) -> Tuple[int, int, int, int]:
+        if q.dim() != 4 or k.dim() != 4:
+            raise ValueError(f"q, k: expected [B, S, H, D], got {tuple(q.shape)} and {tuple(k.shape)}")
+        if k.shape != q.shape:
+            raise ValueError(f"k: SVOO needs k shaped like q {tuple(q.shape)} (self-attention, H_kv == H), "
+                             f"got {tuple(k.shape)}")
+        if not isinstance(step, int) or step < 0:
+            raise ValueError(f"step: expected a 0-based int >= 0, got {step!r}")
+        return tuple(q.shape)
+
+    def _needs_clustering(self, entry: Optional[_CacheEntry], signature: Tuple[object, ...], step: int) -> bool:
+        return (entry is None or entry.signature != signature
+                or (step != entry.step and (step - self.warmup_steps) % self.recluster_every == 0))
+
+    def _cached(self, q: Tensor, step: int, layer: int, branch: Hashable) -> Optional[CoClustering]:
+        """The cached clustering of (layer, branch) if this call reuses it, else None."""
+        entry = self._cache.get((layer, branch))
+        signature = (tuple(q.shape), q.device)
+        return None if self._needs_clustering(entry, signature, step) else entry.clustering
+
+    def _store(self, q: Tensor, step: int, layer: int, branch: Hashable, clustering: CoClustering) -> None:
+        self._cache[(layer, branch)] = _CacheEntry((tuple(q.shape), q.device), step, clustering)
+
+    def _clusters(self, q: Tensor, k: Tensor, step: int, layer: int, branch: Hashable,
+                  assign_fn: Callable[[Tensor, Tensor], Tensor]) -> Tuple[CoClustering, bool]:
+        """Re-cluster (warm-started from a fitting cache entry) or refresh the cached clusters of q, k
+        ``[B, S, H, D]``; updates the cache. Returns (clustering, reclustered)."""
+        entry = self._cache.get((layer, branch))
+        signature = (tuple(q.shape), q.device)
+        gq, gk = _groups(q), _groups(k)
+        reclustered = self._needs_clustering(entry, signature, step)
+        if reclustered:
+            init = None
+            if entry is not None and entry.signature == signature:
+                init = (entry.clustering.q.centroids, entry.clustering.k.centroids)
+            clustering = co_cluster(gq, gk, self.q_clusters, self.k_clusters, self.iterations, self.seed, init,
+                                    assign_fn)
+            log.info("svoo: clustered layer %d branch %r at step %d", layer, branch, step)
+        else:
+            clustering = CoClustering(refresh_clusters(gq, entry.clustering.q), refresh_clusters(gk, entry.clustering.k))
+        self._store(q, step, layer, branch, clustering)
+        return clustering, reclustered
+
+    def _block_map(self, clustering: CoClustering, step: int, layer: int, B: int, H: int, scale: float) -> Tensor:
+        floor = self.min_blocks(step, layer, H).repeat(B)
+        return select_blocks(clustering.q.centroids, clustering.k.centroids, clustering.k.sizes, self.top_p,
+                             floor, scale)
+
+
+def _cluster_path(q: Tensor, backend: str):
+    """The Triton cluster-path module when ``backend`` asks for it on ``q``'s device, else None."""
+    if backend not in ("triton", "auto"):
+        return None
+    if backend == "auto" and q.device.type != "cuda":
+        return None
+    try:
+        from lvsa_kernels.triton_src import cluster_path
+    except ImportError:
+        if backend == "triton":
+            raise
+        return None
+    reason = cluster_path.unsupported_reason(q)
+    if reason is None:
+        return cluster_path
+    if backend == "triton":
+        from lvsa_kernels.backends import BackendUnavailable
+
+        raise BackendUnavailable(f"SVOO cluster path (triton): {reason}")
+    return None

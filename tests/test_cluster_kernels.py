@@ -1,0 +1,221 @@
+"""SVOO's cluster path: the real Triton kernels (packed cluster attention, key-tile planner, fused
+assignment argmax) against references.
+
+Without CUDA these run in Triton's CPU interpreter (conftest sets TRITON_INTERPRET=1), in fp16/fp32;
+on a CUDA machine they run on the GPU and add bf16.
+"""
+import pytest
+import torch
+
+from lvsa_kernels.reference import SVOOPattern
+from lvsa_kernels.reference.svoo import assign, co_cluster
+from lvsa_kernels.triton_src import cluster_path
+from lvsa_kernels.triton_src.cluster_launch import assign_labels, cluster_attention, cluster_config
+from lvsa_kernels.triton_src.cluster_schedule import build_cluster_schedule
+from lvsa_kernels.triton_src.tuning import KernelConfig
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+DTYPES = [torch.float16, torch.float32] + ([torch.bfloat16] if CUDA else [])
+TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+SMALL = KernelConfig(16, 16, 1, 1) if not CUDA else None  # interpreter tiles; on CUDA the shipped config
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def random_sizes(g, groups, n, total, empty=2):
+    """int64 [groups, n] cluster sizes summing to ``total`` per group, with ``empty`` empty clusters."""
+    out = []
+    for _ in range(groups):
+        cuts = torch.sort(torch.randint(0, total + 1, (n - 1,), generator=g)).values
+        sizes = torch.diff(torch.cat([torch.tensor([0]), cuts, torch.tensor([total])]))
+        sizes[torch.randperm(n, generator=g)[:empty]] = 0
+        sizes[0] += total - sizes.sum()
+        out.append(sizes)
+    return torch.stack(out)
+
+
+def token_mask(mask, q_labels, k_labels):
+    """bool [G, S, S]: token i attends token j iff mask[g, label_q(i), label_k(j)]."""
+    G = mask.shape[0]
+    rows = mask[torch.arange(G)[:, None], q_labels]              # [G, S, n_k]
+    return torch.gather(rows, 2, k_labels[:, None, :].expand(-1, q_labels.shape[1], -1))
+
+
+def masked_reference(q, k, v, allowed, scale):
+    """float64 masked attention on [B, S, H, D] with allowed [B*H, S, S]; empty rows -> 0, lse -inf."""
+    B, S, H, D = q.shape
+    qg, kg, vg = (x.double().transpose(1, 2).reshape(B * H, S, D) for x in (q, k, v))
+    s = (qg @ kg.transpose(1, 2)) * scale
+    s = s.masked_fill(~allowed, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - lse.clamp(min=-1e300).unsqueeze(-1)).nan_to_num(0.0)
+    out = (p @ vg).view(B, H, S, D).transpose(1, 2)
+    return out, lse.view(B, H, S)
+
+
+def labels_and_perm(sizes, g):
+    """Random labels with the given cluster sizes, and their stable argsort."""
+    G, n = sizes.shape
+    labels = torch.stack([torch.repeat_interleave(torch.arange(n), sizes[i])[torch.randperm(int(sizes[i].sum()),
+                                                                                              generator=g)]
+                          for i in range(G)])
+    return labels, torch.sort(labels, dim=1, stable=True).indices
+
+
+def run_case(B, S, H, D, n_q, n_k, dtype, seed, window=16, strided=False, p=0.4):
+    g = torch.Generator().manual_seed(seed)
+    G = B * H
+    q_sizes, k_sizes = random_sizes(g, G, n_q, S), random_sizes(g, G, n_k, S)
+    q_labels, q_perm = labels_and_perm(q_sizes, g)
+    k_labels, k_perm = labels_and_perm(k_sizes, g)
+    mask = torch.rand(G, n_q, n_k, generator=g) < p
+    mask[:, 0] = False          # a query cluster with no keys: output 0, lse -inf
+    mask[:, 1] = True           # a dense row
+    x = torch.randn(3, B, S, H, 2 * D if strided else D, generator=g).to(DEVICE, dtype)
+    q, k, v = (t[..., :D] for t in x) if strided else x
+    scale = D ** -0.5
+    cfg = SMALL or cluster_config(q.device, q.dtype, D)
+    sched = build_cluster_schedule(mask.to(DEVICE), q_sizes.to(DEVICE), k_sizes.to(DEVICE), S, cfg.block_m,
+                                   cfg.block_n, window)
+    kp, vp = cluster_path.permute_keys(k, v, k_perm.to(DEVICE))
+    out, lse = cluster_attention(q, kp, vp, q_perm.to(DEVICE, torch.int32), sched, scale, cfg)
+    ref, ref_lse = masked_reference(q.cpu(), k.cpu(), v.cpu(), token_mask(mask & (k_sizes > 0)[:, None], q_labels,
+                                                                             k_labels), scale)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert torch.isfinite(out).all()
+    assert rel_err(out.cpu(), ref) <= TOL[dtype], rel_err(out.cpu(), ref)
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse.cpu()), finite)
+    assert torch.allclose(lse.cpu()[finite].double(), ref_lse[finite], atol=1e-5 if dtype == torch.float32 else 2e-3)
+    assert (~finite).any() and out.cpu().transpose(1, 2)[~finite].eq(0).all()  # keyless rows: exactly 0
+    return sched, out
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cluster_attention_equals_masked_reference(dtype):
+    run_case(B=2, S=97, H=2, D=16, n_q=5, n_k=11, dtype=dtype, seed=1)
+
+
+def test_window_limited_key_tiles_and_strided_inputs():
+    """Many tiny key clusters: key tiles end where WINDOW segments end, not only at BLOCK_N columns."""
+    sched, _ = run_case(B=1, S=120, H=2, D=32, n_q=3, n_k=60, dtype=torch.float32, seed=2, window=2, strided=True,
+                        p=0.8)
+    c0, count = sched.key_c0.cpu(), sched.key_count.cpu()
+    widths = [int(c0[r, t + 1] - c0[r, t]) for r in range(c0.shape[0]) for t in range(int(count[r]))]
+    assert max(widths) <= sched.block_n
+    assert any(w < sched.block_n for w in widths[:-1])
+
+
+def test_key_tiles_cover_every_selected_key_once():
+    g = torch.Generator().manual_seed(3)
+    G, n_q, n_k, S = 2, 4, 40, 200
+    q_sizes, k_sizes = random_sizes(g, G, n_q, S), random_sizes(g, G, n_k, S, empty=5)
+    mask = torch.rand(G, n_q, n_k, generator=g) < 0.6
+    for window in (1, 4, 16):
+        sched = build_cluster_schedule(mask.to(DEVICE), q_sizes.to(DEVICE), k_sizes.to(DEVICE), S, 16, 16, window)
+        cum, c0, s0, count = (t.cpu() for t in (sched.seg_cum, sched.key_c0, sched.key_s0, sched.key_count))
+        for r in range(G * n_q):
+            sel = int((mask.view(-1, n_k)[r] & (k_sizes[r // n_q] > 0)).sum())
+            total = int(k_sizes[r // n_q][mask.view(-1, n_k)[r]].sum())
+            assert int(sched.keys_per_row[r]) == total
+            n = int(count[r])
+            assert int(c0[r, 0]) == 0 if n else total == 0
+            assert int(c0[r, n]) == total
+            for t in range(n):
+                lo, hi, seg = int(c0[r, t]), int(c0[r, t + 1]), int(s0[r, t])
+                assert 0 < hi - lo <= 16
+                assert int(cum[r, seg]) <= lo < int(cum[r, seg + 1])           # tile starts in its segment
+                assert hi <= int(cum[r, min(seg + window, cum.shape[1] - 1)])  # and ends within the window
+            assert n <= S // 16 + n_k // window + 1 and sel <= n_k
+
+
+def test_query_tiles_partition_every_cluster_heaviest_first():
+    g = torch.Generator().manual_seed(4)
+    G, n_q, n_k, S, bm = 3, 6, 8, 150, 16
+    q_sizes, k_sizes = random_sizes(g, G, n_q, S), random_sizes(g, G, n_k, S)
+    mask = torch.rand(G, n_q, n_k, generator=g) < 0.5
+    sched = build_cluster_schedule(mask.to(DEVICE), q_sizes.to(DEVICE), k_sizes.to(DEVICE), S, bm, 16)
+    q0, q1, row = (t.cpu().long() for t in (sched.tile_q0, sched.tile_q1, sched.tile_row))
+    work = sched.keys_per_row.cpu()
+    starts = torch.cat([torch.zeros(G, 1, dtype=torch.long), q_sizes.cumsum(1)], 1)
+    for gi in range(G):
+        used = q1[gi] > q0[gi]
+        covered = torch.zeros(S, dtype=torch.int64)
+        for a, b, r in zip(q0[gi][used], q1[gi][used], row[gi][used]):
+            i = int(r) - gi * n_q
+            assert starts[gi, i] <= a < b <= starts[gi, i + 1] and b - a <= bm
+            covered[a:b] += 1
+        assert torch.equal(covered, torch.ones(S, dtype=torch.int64))
+        w = work[row[gi][used]]
+        assert torch.all(w[:-1] >= w[1:])  # heaviest rows first
+
+
+@pytest.mark.parametrize("dtype", [torch.float32] + ([torch.bfloat16] if CUDA else []))
+def test_fused_assignment_equals_reference_argmax(dtype):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 77, 32, generator=g)
+    w = torch.randn(2, 19, 32, generator=g)
+    got = assign_labels(x.to(DEVICE), w.to(DEVICE), dtype).cpu()
+    if dtype == torch.float32:
+        assert torch.equal(got, assign(x, w))
+    else:  # bf16 products: the chosen cluster's score is within rounding of the best
+        s = x @ w.transpose(1, 2)
+        chosen = torch.gather(s, 2, got.unsqueeze(-1)).squeeze(-1)
+        assert torch.all(chosen >= s.max(-1).values - 0.05 * s.abs().max())
+    tie = torch.ones(1, 3, 32)  # every cluster scores the same: lowest index, as `assign`
+    assert assign_labels(tie.to(DEVICE), torch.ones(1, 5, 32, device=DEVICE), torch.float32).cpu().eq(0).all()
+
+
+def test_co_cluster_with_fused_assignment_equals_reference():
+    g = torch.Generator().manual_seed(6)
+    q, k = torch.randn(2, 90, 16, generator=g), torch.randn(2, 90, 16, generator=g)
+    ref = co_cluster(q, k, 4, 9, iterations=2, seed=3)
+    got = co_cluster(q.to(DEVICE), k.to(DEVICE), 4, 9, iterations=2, seed=3,
+                     assign_fn=cluster_path.assign_fn(q.to(DEVICE)))
+    for a, b in ((ref.q, got.q), (ref.k, got.k)):
+        assert torch.equal(a.labels, b.labels.cpu()) and torch.equal(a.perm, b.perm.cpu())
+        torch.testing.assert_close(a.centroids, b.centroids.cpu(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_pattern_cluster_path_equals_layout_path_on_recluster_and_reuse_steps(dtype):
+    """`SVOOPattern.attention(backend="triton")` (device plan, packed kernel) == the host-layout path."""
+    B, S, H, D = 2, 130, 2, 32
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(B, S, H, D, generator=g).to(DEVICE, dtype) for _ in range(3))
+    pat = SVOOPattern(top_p=0.8, q_clusters=4, k_clusters=10, warmup_steps=1, recluster_every=2)
+    dense = SVOOPattern(top_p=1.0, q_clusters=4, k_clusters=10, warmup_steps=0)
+    allowed = torch.ones(B * H, S, S, dtype=torch.bool)
+    dense_ref = masked_reference(q.cpu(), k.cpu(), v.cpu(), allowed, D ** -0.5)[0]
+    for step in range(4):  # dense, re-cluster, reuse, re-cluster (warm start)
+        out = pat.attention(q, k, v, step, 0, backend="triton", branch="cond")
+        assert out.shape == q.shape and torch.isfinite(out).all()
+        if step == 0:
+            assert rel_err(out.cpu(), dense_ref) <= TOL[dtype]
+            continue
+        entry = pat._cache[(0, "cond")]
+        assert entry.step == step and entry.clustering.q.perm.device == q.device
+        assert rel_err(out.cpu(), cluster_reference(pat, q, k, v, step)) <= TOL[dtype]
+    # top_p = 1 keeps every non-empty key cluster: exactly dense attention
+    assert rel_err(dense.attention(q, k, v, 0, 0, backend="triton").cpu(), dense_ref) <= TOL[dtype]
+
+
+def cluster_reference(pattern, q, k, v, step):
+    """float64 masked attention with the clusters and block map the pattern used at this step."""
+    B, S, H, D = q.shape
+    cl = pattern._cache[(0, "cond")].clustering
+    mask = pattern._block_map(cl, step, 0, B, H, D ** -0.5).cpu()
+    allowed = token_mask(mask & (cl.k.sizes.cpu() > 0)[:, None], cl.q.labels.cpu(), cl.k.labels.cpu())
+    return masked_reference(q.cpu(), k.cpu(), v.cpu(), allowed, D ** -0.5)[0]
+
+
+def test_unsupported_inputs_are_named():
+    from lvsa_kernels.backends import BackendUnavailable
+
+    pat = SVOOPattern(top_p=0.9, q_clusters=2, k_clusters=4, warmup_steps=0)
+    q = torch.randn(1, 32, 1, 24, device=DEVICE)  # head dim 24 is not a power of two
+    with pytest.raises(BackendUnavailable, match="head dims"):
+        pat.attention(q, q, q, 0, 0, backend="triton")

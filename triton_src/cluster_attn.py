@@ -1,0 +1,161 @@
+"""Triton kernels of the SVOO cluster path: packed cluster-block attention, its key-tile planner and
+the fused assignment GEMM + argmax of the co-clustering.
+
+Vocabulary (all per group ``g = b * H + h``; ``R = G * n_q`` rows, one per query cluster):
+
+- K and V are permuted into key-cluster order once (``KP, VP [G, N, D]``); a row's *segments* are its
+  selected key clusters, contiguous ranges of KP in cluster order.
+- A row's selected keys, concatenated, form its *packed* key sequence: column ``c`` of segment ``s`` is
+  KP row ``c + seg_delta[s]`` where ``seg_cum[s] <= c < seg_cum[s + 1]``. A 74-token cluster then fills
+  74 columns of a 128-column tile instead of a tile of its own.
+- *Key tiles* cut the packed sequence into pieces of at most ``BLOCK_N`` columns that touch at most
+  ``WINDOW`` segments (so the kernel maps columns to KP rows with one [BLOCK_N, WINDOW] compare).
+  `pack_key_tiles` cuts them greedily, one program per row; tile ``t`` starts at column
+  ``tile_c0[r, t]`` in segment ``tile_s0[r, t]`` and ends where tile ``t + 1`` starts.
+
+Queries are never copied: a query tile is up to ``BLOCK_M`` consecutive positions of one query
+cluster in cluster order, and the kernel reads their rows straight from ``q [B, S, H, D]`` through the
+permutation and writes ``out`` / ``lse`` back to the original token positions.
+"""
+import triton
+import triton.language as tl
+
+LN2 = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def pack_key_tiles(seg_cum, tile_c0, tile_s0, tile_count, seg_stride, tile_stride,
+                   BLOCK_N: tl.constexpr, WINDOW: tl.constexpr):
+    """Cut row ``program_id(0)``'s packed key sequence into key tiles (see module docstring).
+
+    seg_cum ``[R, seg_stride]`` int32: exclusive prefix of segment lengths, padded with the row total
+    (so ``seg_cum[r, -1]`` is the total). Writes ``tile_c0[r, :n + 1]`` (column starts, then the total),
+    ``tile_s0[r, :n]`` and ``tile_count[r] = n``.
+    """
+    r = tl.program_id(0).to(tl.int64)
+    cum = seg_cum + r * seg_stride
+    c0_out = tile_c0 + r * tile_stride
+    s0_out = tile_s0 + r * tile_stride
+    total = tl.load(cum + seg_stride - 1)
+    ahead = tl.arange(0, WINDOW) + 1
+    c0 = total * 0
+    s0 = total * 0
+    t = total * 0
+    while c0 < total:
+        tl.store(c0_out + t, c0)
+        tl.store(s0_out + t, s0)
+        c1 = tl.minimum(c0 + BLOCK_N, tl.load(cum + s0 + WINDOW))
+        s0 += tl.sum((tl.load(cum + s0 + ahead) <= c1).to(tl.int32))
+        c0 = c1
+        t += 1
+    tl.store(c0_out + t, total)
+    tl.store(tile_count + r, t)
+
+
+@triton.jit
+def cluster_attn_fwd(
+    Q, KP, VP, O, LSE, Q_PERM,
+    stride_qb, stride_qs, stride_qh,
+    stride_ob, stride_os, stride_oh,
+    tile_row, tile_q0, tile_q1,
+    key_c0, key_s0, key_count, seg_cum, seg_delta,
+    qk_scale, seq_len, q_slots, key_stride, seg_stride,
+    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One program = one query tile (slot ``program_id(0)``) of group ``program_id(1)``.
+
+    Q, O ``[B, S, H, D]`` (any strides, contiguous head dim), KP/VP ``[G, S, D]`` contiguous in key-cluster
+    order, Q_PERM ``[G, S]`` int32 (position -> token), LSE ``[B, H, S]`` float32. Query tile slots
+    ``[G, q_slots]`` (``tile_q0 == tile_q1``: no tile); key tiles, segments: see the module docstring.
+    """
+    pid_t = tl.program_id(0)
+    g = tl.program_id(1).to(tl.int64)
+    slot = g * q_slots + pid_t
+    q0 = tl.load(tile_q0 + slot)
+    q1 = tl.load(tile_q1 + slot)
+    if q0 >= q1:
+        return
+    r = tl.load(tile_row + slot).to(tl.int64)
+    b = g // NUM_HEADS
+    h = g % NUM_HEADS
+
+    offs_m = q0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < q1
+    tok = tl.load(Q_PERM + g * seq_len + offs_m, mask=row_ok, other=0).to(tl.int64)
+    q = tl.load(Q + b * stride_qb + h * stride_qh + tok[:, None] * stride_qs + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+
+    kv_base = g * seq_len * HEAD_DIM
+    c0_ptr = key_c0 + r * key_stride
+    s0_ptr = key_s0 + r * key_stride
+    cum_ptr = seg_cum + r * seg_stride
+    delta_ptr = seg_delta + r * seg_stride
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_w = tl.arange(0, WINDOW)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    for t in range(0, tl.load(key_count + r)):
+        c0 = tl.load(c0_ptr + t)
+        c1 = tl.load(c0_ptr + t + 1)
+        s0 = tl.load(s0_ptr + t)
+        # packed column -> KP row: add the delta of the window segment whose [lo, hi) holds the column
+        lo = tl.load(cum_ptr + s0 + offs_w)
+        hi = tl.load(cum_ptr + s0 + 1 + offs_w)
+        delta = tl.load(delta_ptr + s0 + offs_w)
+        cols = c0 + offs_n
+        inside = (lo[None, :] <= cols[:, None]) & (cols[:, None] < hi[None, :])
+        kv_rows = cols + tl.sum(tl.where(inside, delta[None, :], 0), axis=1)
+        valid = cols < c1
+        kv_offs = kv_base + kv_rows[:, None].to(tl.int64) * HEAD_DIM + offs_d[None, :]
+
+        k = tl.load(KP + kv_offs, mask=valid[:, None], other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        qk = tl.where(valid[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(VP + kv_offs, mask=valid[:, None], other=0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    has_keys = l_i > 0.0
+    out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    tl.store(O + b * stride_ob + h * stride_oh + tok[:, None] * stride_os + offs_d[None, :],
+             out.to(O.dtype.element_ty), mask=row_ok[:, None])
+    lse = tl.where(has_keys, (m_i + tl.math.log2(tl.where(has_keys, l_i, 1.0))) * LN2, float("-inf"))
+    tl.store(LSE + g * seq_len + tok, lse, mask=row_ok)
+
+
+@triton.jit
+def assign_argmax(X, W, LABELS, n_rows, n_clusters,
+                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr):
+    """``LABELS[g, i] = argmax_j X[g, i]·W[g, j]`` (first index on ties) without materialising the scores.
+
+    X ``[G, n_rows, D]``, W ``[G, n_clusters, D]`` contiguous; LABELS int64 ``[G, n_rows]``.
+    Program = ``BLOCK_M`` rows of group ``program_id(1)``.
+    """
+    g = tl.program_id(1).to(tl.int64)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < n_rows
+    x = tl.load(X + (g * n_rows + offs_m[:, None]) * HEAD_DIM + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    best = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    best_j = tl.zeros([BLOCK_M], dtype=tl.int32)
+    offs_j = tl.arange(0, BLOCK_J)
+    for j0 in range(0, n_clusters, BLOCK_J):
+        cols = j0 + offs_j
+        w = tl.load(W + (g * n_clusters + cols[:, None]) * HEAD_DIM + offs_d[None, :],
+                    mask=(cols < n_clusters)[:, None], other=0.0)
+        s = tl.dot(x, tl.trans(w), input_precision=DOT_PRECISION)
+        s = tl.where((cols < n_clusters)[None, :], s, float("-inf"))
+        tile_best, tile_j = tl.max(s, axis=1, return_indices=True, return_indices_tie_break_left=True)
+        better = tile_best > best  # strict: an earlier tile keeps its index on ties
+        best = tl.where(better, tile_best, best)
+        best_j = tl.where(better, j0 + tile_j, best_j)
+    tl.store(LABELS + g * n_rows + offs_m, best_j.to(tl.int64), mask=row_ok)

@@ -1,0 +1,70 @@
+"""SVOO's GPU path: permute K/V once, plan on the device, run the packed cluster kernel.
+
+Used by `SVOOPattern.attention` for ``backend="triton"`` (CUDA, or CPU tensors in Triton's interpreter)
+and for ``backend="auto"`` on CUDA. Nothing here synchronises with the host: the block map, the
+schedule and the kernel stay on the device, so one attention call is a fixed sequence of launches.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from ..reference.svoo import CoClustering
+from .cluster_launch import assign_labels, cluster_attention, cluster_config
+from .cluster_schedule import build_cluster_schedule
+from .tuning import interpreting
+
+__all__ = ["assign_fn", "attend", "gather_rows", "permute_keys", "unsupported_reason"]
+
+_HEAD_DIMS = (16, 32, 64, 128)
+
+
+def unsupported_reason(q: Tensor) -> Optional[str]:
+    """Why the cluster path cannot run on q ``[B, S, H, D]``, or None."""
+    if q.device.type == "cpu" and not interpreting():
+        return "CPU tensors run only in Triton's interpreter (set TRITON_INTERPRET=1 before importing lvsa_kernels)"
+    if q.device.type not in ("cpu", "cuda"):
+        return f"runs on CUDA (or CPU in Triton's interpreter), got device {q.device.type!r}"
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"supports float16/bfloat16/float32, got {q.dtype}"
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        return "bf16 tl.dot is wrong in the Triton interpreter (triton#11584); use fp16/fp32 on CPU"
+    if q.shape[-1] not in _HEAD_DIMS:
+        return f"supports head dims {list(_HEAD_DIMS)}, got {q.shape[-1]}"
+    if q.stride(-1) != 1:
+        return "the head dim (last dim) of q must be contiguous"
+    return None
+
+
+def assign_fn(q: Tensor) -> Callable[[Tensor, Tensor], Tensor]:
+    """The co-clustering's argmax rule as one fused Triton GEMM + argmax: bf16/fp16 tensor-core dot
+    products (float32 accumulation) for half-precision inputs, exact float32 otherwise."""
+    gemm_dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.float32
+    return lambda x, weights: assign_labels(x, weights, gemm_dtype)
+
+
+def gather_rows(x: Tensor, perm: Tensor) -> Tensor:
+    """``[B, S, H, D]`` -> ``[B * H, S, D]`` contiguous with ``out[b * H + h, s] = x[b, perm[b * H + h, s], h]``."""
+    B, S, H, D = x.shape
+    dev = x.device
+    flat = (torch.arange(B, device=dev).view(B, 1, 1) * S + perm.view(B, H, S)) * H + torch.arange(H, device=dev).view(1, H, 1)
+    return x.reshape(B * S * H, D).index_select(0, flat.reshape(-1)).view(B * H, S, D)
+
+
+def permute_keys(k: Tensor, v: Tensor, perm: Tensor) -> Tuple[Tensor, Tensor]:
+    """k, v ``[B, S, H, D]`` in key-cluster order ``perm [B * H, S]``: two contiguous ``[B * H, S, D]``."""
+    return gather_rows(k, perm), gather_rows(v, perm)
+
+
+def attend(q: Tensor, kp: Tensor, vp: Tensor, clustering: CoClustering, mask: Tensor, scale: float) -> Tensor:
+    """Plan on the device and run the packed cluster kernel; returns out ``[B, S, H, D]`` in token order.
+
+    q ``[B, S, H, D]`` in token order; kp, vp from `permute_keys`; mask bool ``[B * H, n_q, n_k]``.
+    """
+    S = q.shape[1]
+    cfg = cluster_config(q.device, q.dtype, q.shape[-1])
+    sched = build_cluster_schedule(mask, clustering.q.sizes, clustering.k.sizes, S, cfg.block_m, cfg.block_n)
+    out, _ = cluster_attention(q, kp, vp, clustering.q.perm.to(torch.int32), sched, scale, cfg)
+    return out
