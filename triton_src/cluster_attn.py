@@ -87,7 +87,8 @@ def cluster_attn_fwd(
     q = tl.load(Q + b * stride_qb + h * stride_qh + tok[:, None] * stride_qs + offs_d[None, :],
                 mask=row_ok[:, None], other=0.0)
 
-    kv_base = g * seq_len * HEAD_DIM
+    k_base = KP + g * seq_len * HEAD_DIM  # per-group offsets below fit int32
+    v_base = VP + g * seq_len * HEAD_DIM
     c0_ptr = key_c0 + r * key_stride
     s0_ptr = key_s0 + r * key_stride
     cum_ptr = seg_cum + r * seg_stride
@@ -110,16 +111,16 @@ def cluster_attn_fwd(
         inside = (lo[None, :] <= cols[:, None]) & (cols[:, None] < hi[None, :])
         kv_rows = cols + tl.sum(tl.where(inside, delta[None, :], 0), axis=1)
         valid = cols < c1
-        kv_offs = kv_base + kv_rows[:, None].to(tl.int64) * HEAD_DIM + offs_d[None, :]
+        kv_offs = kv_rows[:, None] * HEAD_DIM + offs_d[None, :]
 
-        k = tl.load(KP + kv_offs, mask=valid[:, None], other=0.0)
+        k = tl.load(k_base + kv_offs, mask=valid[:, None], other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         qk = tl.where(valid[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
         p = tl.math.exp2(qk * qk_scale - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(VP + kv_offs, mask=valid[:, None], other=0.0)
+        v = tl.load(v_base + kv_offs, mask=valid[:, None], other=0.0)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
 

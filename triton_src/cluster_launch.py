@@ -36,7 +36,7 @@ def cluster_config(device: torch.device, dtype: torch.dtype, head_dim: int) -> K
         return KernelConfig(16, 16, 1, 1)
     if dtype == torch.float32:
         return KernelConfig(64, 32, 4, 2)
-    return KernelConfig(128, 64, 8, 2) if head_dim > 64 else KernelConfig(128, 64, 4, 2)
+    return KernelConfig(128, 128, 8, 3) if head_dim > 64 else KernelConfig(128, 128, 4, 3)
 
 
 @torch.library.custom_op("lvsa_kernels::triton_cluster_attn_fwd", mutates_args=())
