@@ -167,21 +167,22 @@ def run_case(name: str, floor: float, args, device, dtype, measure) -> Dict[str,
     return res
 
 
-SWEEP = [(128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3), (64, 64, 4, 2), (64, 64, 4, 3),
-         (64, 128, 4, 2), (128, 32, 8, 3), (64, 32, 4, 3)]
+SWEEP = [(128, 128, 8, 3, 4), (128, 128, 8, 2, 4), (128, 128, 8, 4, 4), (128, 64, 8, 3, 4), (64, 128, 4, 3, 4),
+         (64, 64, 4, 3, 4), (128, 128, 8, 3, 2), (128, 128, 8, 3, 8)]  # BLOCK_M, BLOCK_N, warps, stages, window
 
 
 def sweep(q, kp, vp, qperm, mask, cl, S, scale, measure) -> List[Dict[str, object]]:
     """Milliseconds of the cluster kernel per launch config (one process: ratios comparable)."""
     out = []
-    for bm, bn, warps, stages in SWEEP:
+    for bm, bn, warps, stages, window in SWEEP:
         cfg = KernelConfig(bm, bn, warps, stages)
+        name = f"{cfg} window={window}"
         try:
-            sched = build_cluster_schedule(mask, cl.q.sizes, cl.k.sizes, S, bm, bn)
+            sched = build_cluster_schedule(mask, cl.q.sizes, cl.k.sizes, S, bm, bn, window)
             ms = measure(lambda: cluster_attention(q, kp, vp, qperm, sched, scale, cfg))
-            out.append({"config": str(cfg), "ms": ms})
+            out.append({"config": name, "ms": ms, "key_tiles": int(sched.key_count.sum())})
         except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory
-            out.append({"config": str(cfg), "error": f"{type(exc).__name__}: {exc}"[:200]})
+            out.append({"config": name, "error": f"{type(exc).__name__}: {exc}"[:200]})
         print("sweep", out[-1], flush=True)
     return out
 

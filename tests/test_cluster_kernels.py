@@ -99,37 +99,49 @@ def test_cluster_attention_equals_masked_reference(dtype):
     run_case(B=2, S=97, H=2, D=16, n_q=5, n_k=11, dtype=dtype, seed=1)
 
 
+def key_tiles_of_row(sched, r):
+    """[(c0, c1, kv_rows of columns c0..c1-1)] of row r decoded from its records as the kernel does."""
+    n_full, n_part = (int(x) for x in sched.key_count[r].cpu())
+    slots, w = sched.key_tiles.shape[1], sched.window
+    recs = sched.key_tiles[r].cpu().long()
+    out = []
+    for t in list(range(n_full)) + list(range(slots - n_part, slots)):
+        c0, c1, d0 = (int(x) for x in recs[t, :3])
+        cols = torch.arange(c0, c1)
+        rows = cols + d0
+        for i in range(1, w):
+            rows += torch.where(cols >= recs[t, 2 * i + 1], recs[t, 2 * i + 2], 0)
+        out.append((c0, c1, rows, t < n_full))
+    return out
+
+
 def test_window_limited_key_tiles_and_strided_inputs():
     """Many tiny key clusters: key tiles end where WINDOW segments end, not only at BLOCK_N columns."""
     sched, _ = run_case(B=1, S=120, H=2, D=32, n_q=3, n_k=60, dtype=torch.float32, seed=2, window=2, strided=True,
                         p=0.8)
-    c0, count = sched.key_c0.cpu(), sched.key_count.cpu()
-    widths = [int(c0[r, t + 1] - c0[r, t]) for r in range(c0.shape[0]) for t in range(int(count[r]))]
+    widths = [c1 - c0 for r in range(sched.key_count.shape[0]) for c0, c1, _, _ in key_tiles_of_row(sched, r)]
     assert max(widths) <= sched.block_n
-    assert any(w < sched.block_n for w in widths[:-1])
+    assert sum(w < sched.block_n for w in widths) > sched.key_count.shape[0]  # more than one partial per row
 
 
 def test_key_tiles_cover_every_selected_key_once():
+    """Decoded key tiles map every selected key token of a row to its KP row exactly once."""
     g = torch.Generator().manual_seed(3)
     G, n_q, n_k, S = 2, 4, 40, 200
     q_sizes, k_sizes = random_sizes(g, G, n_q, S), random_sizes(g, G, n_k, S, empty=5)
     mask = torch.rand(G, n_q, n_k, generator=g) < 0.6
+    k_start = torch.cat([torch.zeros(G, 1, dtype=torch.long), k_sizes.cumsum(1)], 1)
     for window in (1, 4, 16):
         sched = build_cluster_schedule(mask.to(DEVICE), q_sizes.to(DEVICE), k_sizes.to(DEVICE), S, 16, 16, window)
-        cum, c0, s0, count = (t.cpu() for t in (sched.seg_cum, sched.key_c0, sched.key_s0, sched.key_count))
         for r in range(G * n_q):
-            sel = int((mask.view(-1, n_k)[r] & (k_sizes[r // n_q] > 0)).sum())
-            total = int(k_sizes[r // n_q][mask.view(-1, n_k)[r]].sum())
-            assert int(sched.keys_per_row[r]) == total
-            n = int(count[r])
-            assert int(c0[r, 0]) == 0 if n else total == 0
-            assert int(c0[r, n]) == total
-            for t in range(n):
-                lo, hi, seg = int(c0[r, t]), int(c0[r, t + 1]), int(s0[r, t])
-                assert 0 < hi - lo <= 16
-                assert int(cum[r, seg]) <= lo < int(cum[r, seg + 1])           # tile starts in its segment
-                assert hi <= int(cum[r, min(seg + window, cum.shape[1] - 1)])  # and ends within the window
-            assert n <= S // 16 + n_k // window + 1 and sel <= n_k
+            gi, i = divmod(r, n_q)
+            expected = torch.cat([torch.arange(int(k_start[gi, j]), int(k_start[gi, j + 1]))
+                                  for j in range(n_k) if mask[gi, i, j]] + [torch.zeros(0, dtype=torch.long)])
+            assert int(sched.keys_per_row[r]) == expected.numel()
+            tiles = sorted(key_tiles_of_row(sched, r), key=lambda x: x[0])
+            assert torch.equal(torch.cat([t[2] for t in tiles] + [torch.zeros(0, dtype=torch.long)]), expected)
+            assert all(c1 - c0 == 16 if full else 0 < c1 - c0 < 16 for c0, c1, _, full in tiles)
+            assert len(tiles) <= S // 16 + n_k // window + 1
 
 
 def test_query_tiles_partition_every_cluster_heaviest_first():

@@ -9,9 +9,9 @@ Vocabulary (all per group ``g = b * H + h``; ``R = G * n_q`` rows, one per query
   KP row ``c + seg_delta[s]`` where ``seg_cum[s] <= c < seg_cum[s + 1]``. A 74-token cluster then fills
   74 columns of a 128-column tile instead of a tile of its own.
 - *Key tiles* cut the packed sequence into pieces of at most ``BLOCK_N`` columns that touch at most
-  ``WINDOW`` segments (so the kernel maps columns to KP rows with one [BLOCK_N, WINDOW] compare).
-  `pack_key_tiles` cuts them greedily, one program per row; tile ``t`` starts at column
-  ``tile_c0[r, t]`` in segment ``tile_s0[r, t]`` and ends where tile ``t + 1`` starts.
+  ``WINDOW`` segments. `pack_key_tiles` cuts them greedily (one program per row) and writes a small
+  record per tile from which the attention kernel maps its columns to KP rows with ``WINDOW - 1``
+  element-wise selects (no reduction, no index list).
 
 Queries are never copied: a query tile is up to ``BLOCK_M`` consecutive positions of one query
 cluster in cluster order, and the kernel reads their rows straight from ``q [B, S, H, D]`` through the
@@ -24,32 +24,72 @@ LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
-def pack_key_tiles(seg_cum, tile_c0, tile_s0, tile_count, seg_stride, tile_stride,
+def pack_key_tiles(seg_cum, seg_delta, tiles, tile_count, seg_stride, slots,
                    BLOCK_N: tl.constexpr, WINDOW: tl.constexpr):
-    """Cut row ``program_id(0)``'s packed key sequence into key tiles (see module docstring).
+    """Cut row ``program_id(0)``'s packed key sequence into key tiles and write one record per tile.
 
-    seg_cum ``[R, seg_stride]`` int32: exclusive prefix of segment lengths, padded with the row total
-    (so ``seg_cum[r, -1]`` is the total). Writes ``tile_c0[r, :n + 1]`` (column starts, then the total),
-    ``tile_s0[r, :n]`` and ``tile_count[r] = n``.
+    seg_cum, seg_delta ``[R, seg_stride]`` int32 (see module docstring; seg_cum padded with the row total).
+    Record of a tile (``2 * WINDOW + 1`` int32 in ``tiles[r, slot]``): ``c0, c1, delta[s0]``, then for
+    ``w = 1 .. WINDOW - 1``: ``seg_cum[s0 + w], delta[s0 + w] - delta[s0 + w - 1]``, so that the KP row of
+    column c is ``c + delta[s0] + sum_w (c >= seg_cum[s0 + w]) * step_w``. Full tiles (``BLOCK_N``
+    columns) fill slots from the front, partial ones from the back; ``tile_count[r] = (full, partial)``.
     """
     r = tl.program_id(0).to(tl.int64)
     cum = seg_cum + r * seg_stride
-    c0_out = tile_c0 + r * tile_stride
-    s0_out = tile_s0 + r * tile_stride
+    dl = seg_delta + r * seg_stride
+    out = tiles + r * slots * (2 * WINDOW + 1)
     total = tl.load(cum + seg_stride - 1)
     ahead = tl.arange(0, WINDOW) + 1
     c0 = total * 0
     s0 = total * 0
-    t = total * 0
+    n_full = total * 0
+    n_part = total * 0
     while c0 < total:
-        tl.store(c0_out + t, c0)
-        tl.store(s0_out + t, s0)
         c1 = tl.minimum(c0 + BLOCK_N, tl.load(cum + s0 + WINDOW))
+        full = c1 - c0 == BLOCK_N
+        rec = out + tl.where(full, n_full, slots - 1 - n_part).to(tl.int64) * (2 * WINDOW + 1)
+        tl.store(rec, c0)
+        tl.store(rec + 1, c1)
+        tl.store(rec + 2, tl.load(dl + s0))
+        for w in tl.static_range(1, WINDOW):
+            tl.store(rec + 2 * w + 1, tl.load(cum + s0 + w))
+            tl.store(rec + 2 * w + 2, tl.load(dl + s0 + w) - tl.load(dl + s0 + w - 1))
+        n_full += full.to(tl.int32)
+        n_part += 1 - full.to(tl.int32)
         s0 += tl.sum((tl.load(cum + s0 + ahead) <= c1).to(tl.int32))
         c0 = c1
-        t += 1
-    tl.store(c0_out + t, total)
-    tl.store(tile_count + r, t)
+    tl.store(tile_count + 2 * r, n_full)
+    tl.store(tile_count + 2 * r + 1, n_part)
+
+
+@triton.jit
+def _key_tile(acc, m_i, l_i, q, k_base, v_base, rec, qk_scale,
+              BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, WINDOW: tl.constexpr, MASKED: tl.constexpr,
+              DOT_PRECISION: tl.constexpr):
+    """Fold the key tile described by record ``rec`` (see `pack_key_tiles`) into the online softmax."""
+    cols = tl.load(rec) + tl.arange(0, BLOCK_N)
+    kv_rows = cols + tl.load(rec + 2)
+    for w in tl.static_range(1, WINDOW):
+        kv_rows += tl.where(cols >= tl.load(rec + 2 * w + 1), tl.load(rec + 2 * w + 2), 0)
+    kv_offs = kv_rows[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
+    if MASKED:
+        valid = cols < tl.load(rec + 1)
+        k = tl.load(k_base + kv_offs, mask=valid[:, None], other=0.0)
+    else:
+        k = tl.load(k_base + kv_offs)
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    if MASKED:
+        qk = tl.where(valid[None, :], qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if MASKED:
+        v = tl.load(v_base + kv_offs, mask=valid[:, None], other=0.0)
+    else:
+        v = tl.load(v_base + kv_offs)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+    return acc, m_new, l_i
 
 
 @triton.jit
@@ -57,9 +97,8 @@ def cluster_attn_fwd(
     Q, KP, VP, O, LSE, Q_PERM,
     stride_qb, stride_qs, stride_qh,
     stride_ob, stride_os, stride_oh,
-    tile_row, tile_q0, tile_q1,
-    key_c0, key_s0, key_count, seg_cum, seg_delta,
-    qk_scale, seq_len, q_slots, key_stride, seg_stride,
+    tile_row, tile_q0, tile_q1, key_tiles, key_count,
+    qk_scale, seq_len, q_slots, key_slots,
     NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -67,7 +106,8 @@ def cluster_attn_fwd(
 
     Q, O ``[B, S, H, D]`` (any strides, contiguous head dim), KP/VP ``[G, S, D]`` contiguous in key-cluster
     order, Q_PERM ``[G, S]`` int32 (position -> token), LSE ``[B, H, S]`` float32. Query tile slots
-    ``[G, q_slots]`` (``tile_q0 == tile_q1``: no tile); key tiles, segments: see the module docstring.
+    ``[G, q_slots]`` (``tile_q0 == tile_q1``: no tile); key tile records ``[R, key_slots, 2 * WINDOW + 1]``
+    and counts ``[R, 2]`` from `pack_key_tiles`: full tiles run without masks, then the partial ones.
     """
     pid_t = tl.program_id(0)
     g = tl.program_id(1).to(tl.int64)
@@ -87,42 +127,18 @@ def cluster_attn_fwd(
     q = tl.load(Q + b * stride_qb + h * stride_qh + tok[:, None] * stride_qs + offs_d[None, :],
                 mask=row_ok[:, None], other=0.0)
 
-    k_base = KP + g * seq_len * HEAD_DIM  # per-group offsets below fit int32
+    k_base = KP + g * seq_len * HEAD_DIM  # per-group offsets fit int32
     v_base = VP + g * seq_len * HEAD_DIM
-    c0_ptr = key_c0 + r * key_stride
-    s0_ptr = key_s0 + r * key_stride
-    cum_ptr = seg_cum + r * seg_stride
-    delta_ptr = seg_delta + r * seg_stride
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_w = tl.arange(0, WINDOW)
-
+    recs = key_tiles + r * key_slots * (2 * WINDOW + 1)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    for t in range(0, tl.load(key_count + r)):
-        c0 = tl.load(c0_ptr + t)
-        c1 = tl.load(c0_ptr + t + 1)
-        s0 = tl.load(s0_ptr + t)
-        # packed column -> KP row: add the delta of the window segment whose [lo, hi) holds the column
-        lo = tl.load(cum_ptr + s0 + offs_w)
-        hi = tl.load(cum_ptr + s0 + 1 + offs_w)
-        delta = tl.load(delta_ptr + s0 + offs_w)
-        cols = c0 + offs_n
-        inside = (lo[None, :] <= cols[:, None]) & (cols[:, None] < hi[None, :])
-        kv_rows = cols + tl.sum(tl.where(inside, delta[None, :], 0), axis=1)
-        valid = cols < c1
-        kv_offs = kv_rows[:, None] * HEAD_DIM + offs_d[None, :]
-
-        k = tl.load(k_base + kv_offs, mask=valid[:, None], other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        qk = tl.where(valid[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + kv_offs, mask=valid[:, None], other=0.0)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
-        m_i = m_new
+    for t in range(0, tl.load(key_count + 2 * r)):
+        acc, m_i, l_i = _key_tile(acc, m_i, l_i, q, k_base, v_base, recs + t * (2 * WINDOW + 1), qk_scale,
+                                  BLOCK_N, HEAD_DIM, WINDOW, False, DOT_PRECISION)
+    for t in range(key_slots - tl.load(key_count + 2 * r + 1), key_slots):
+        acc, m_i, l_i = _key_tile(acc, m_i, l_i, q, k_base, v_base, recs + t * (2 * WINDOW + 1), qk_scale,
+                                  BLOCK_N, HEAD_DIM, WINDOW, True, DOT_PRECISION)
 
     has_keys = l_i > 0.0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
@@ -160,3 +176,18 @@ def assign_argmax(X, W, LABELS, n_rows, n_clusters,
         best = tl.where(better, tile_best, best)
         best_j = tl.where(better, j0 + tile_j, best_j)
     tl.store(LABELS + g * n_rows + offs_m, best_j.to(tl.int64), mask=row_ok)
+
+
+@triton.jit
+def permute_rows(X, PERM, OUT, stride_xb, stride_xs, stride_xh, seq_len,
+                 NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr):
+    """``OUT[g, s] = X[b, PERM[g, s], h]`` for ``g = b * NUM_HEADS + h``: X ``[B, S, H, D]`` (any strides,
+    contiguous head dim) into OUT ``[G, S, D]`` contiguous; PERM int64 ``[G, S]``."""
+    g = tl.program_id(1).to(tl.int64)
+    offs = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, HEAD_DIM)
+    ok = offs < seq_len
+    tok = tl.load(PERM + g * seq_len + offs, mask=ok, other=0)
+    x = tl.load(X + (g // NUM_HEADS) * stride_xb + (g % NUM_HEADS) * stride_xh + tok[:, None] * stride_xs
+                + offs_d[None, :], mask=ok[:, None], other=0.0)
+    tl.store(OUT + (g * seq_len + offs[:, None]) * HEAD_DIM + offs_d[None, :], x, mask=ok[:, None])

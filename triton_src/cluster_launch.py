@@ -42,8 +42,7 @@ def cluster_config(device: torch.device, dtype: torch.dtype, head_dim: int) -> K
 @torch.library.custom_op("lvsa_kernels::triton_cluster_attn_fwd", mutates_args=())
 def triton_cluster_attn_fwd(
     q: Tensor, kp: Tensor, vp: Tensor, q_perm: Tensor,
-    tile_row: Tensor, tile_q0: Tensor, tile_q1: Tensor,
-    key_c0: Tensor, key_s0: Tensor, key_count: Tensor, seg_cum: Tensor, seg_delta: Tensor,
+    tile_row: Tensor, tile_q0: Tensor, tile_q1: Tensor, key_tiles: Tensor, key_count: Tensor,
     scale: float, block_m: int, block_n: int, window: int, num_warps: int, num_stages: int,
 ) -> Tuple[Tensor, Tensor]:
     """Cluster-packed attention: returns ``(out [B, S, H, D], lse [B, H, S] float32)`` in token order."""
@@ -56,8 +55,8 @@ def triton_cluster_attn_fwd(
     cluster_attn_fwd[grid](
         q, kp, vp, out, lse, q_perm,
         q.stride(0), q.stride(1), q.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        tile_row, tile_q0, tile_q1, key_c0, key_s0, key_count, seg_cum, seg_delta,
-        scale * LOG2E, S, tile_q0.shape[1], key_c0.shape[1], seg_cum.shape[1],
+        tile_row, tile_q0, tile_q1, key_tiles, key_count,
+        scale * LOG2E, S, tile_q0.shape[1], key_tiles.shape[1],
         NUM_HEADS=H, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, WINDOW=window,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=num_warps, num_stages=num_stages,
@@ -84,6 +83,8 @@ def cluster_attention(q: Tensor, kp: Tensor, vp: Tensor, q_perm: Tensor, sched: 
     """
     if (sched.block_m, sched.block_n) != (cfg.block_m, cfg.block_n):
         raise ValueError(f"sched: built for tiles {sched.block_m}x{sched.block_n}, config has {cfg}")
+    if q.shape[1] * q.shape[3] >= 2**31:
+        raise ValueError(f"q: S * D must stay below 2**31 (int32 offsets per group), got shape {tuple(q.shape)}")
     return torch.ops.lvsa_kernels.triton_cluster_attn_fwd(
         q, kp, vp, q_perm, *sched.tensors(), scale, cfg.block_m, cfg.block_n, sched.window, cfg.num_warps,
         cfg.num_stages)

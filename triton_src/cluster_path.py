@@ -9,9 +9,11 @@ from __future__ import annotations
 from typing import Callable, Optional, Tuple
 
 import torch
+import triton
 from torch import Tensor
 
 from ..reference.svoo import CoClustering
+from .cluster_attn import permute_rows
 from .cluster_launch import assign_labels, cluster_attention, cluster_config
 from .cluster_schedule import build_cluster_schedule
 from .tuning import interpreting
@@ -46,11 +48,17 @@ def assign_fn(q: Tensor) -> Callable[[Tensor, Tensor], Tensor]:
 
 
 def gather_rows(x: Tensor, perm: Tensor) -> Tensor:
-    """``[B, S, H, D]`` -> ``[B * H, S, D]`` contiguous with ``out[b * H + h, s] = x[b, perm[b * H + h, s], h]``."""
+    """``[B, S, H, D]`` -> ``[B * H, S, D]`` contiguous with ``out[b * H + h, s] = x[b, perm[b * H + h, s], h]``
+    (one Triton pass; perm int64 ``[B * H, S]``)."""
     B, S, H, D = x.shape
-    dev = x.device
-    flat = (torch.arange(B, device=dev).view(B, 1, 1) * S + perm.view(B, H, S)) * H + torch.arange(H, device=dev).view(1, H, 1)
-    return x.reshape(B * S * H, D).index_select(0, flat.reshape(-1)).view(B * H, S, D)
+    if x.stride(-1) != 1:
+        raise ValueError("x: the head dim (last dim) must be contiguous")
+    out = torch.empty(B * H, S, D, dtype=x.dtype, device=x.device)
+    block = 16 if interpreting() else 64
+    if out.numel():
+        permute_rows[(triton.cdiv(S, block), B * H)](x, perm.contiguous(), out, x.stride(0), x.stride(1), x.stride(2), S,
+                                                     NUM_HEADS=H, HEAD_DIM=D, BLOCK_S=block)
+    return out
 
 
 def permute_keys(k: Tensor, v: Tensor, perm: Tensor) -> Tuple[Tensor, Tensor]:

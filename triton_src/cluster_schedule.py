@@ -18,7 +18,7 @@ from .cluster_attn import pack_key_tiles
 
 __all__ = ["ClusterSchedule", "build_cluster_schedule", "WINDOW"]
 
-WINDOW = 16  # segments one key tile may touch (column -> row map is a [BLOCK_N, WINDOW] compare)
+WINDOW = 4  # segments one key tile may touch (its column -> row map costs WINDOW - 1 selects per column)
 
 
 @dataclass(frozen=True)
@@ -27,9 +27,10 @@ class ClusterSchedule:
 
     tile_row, tile_q0, tile_q1  ``[G, q_slots]``  query tile: its row ``g * n_q + i`` and positions
                                 ``[q0, q1)`` in query-cluster order (``q0 == q1``: empty slot)
-    key_c0, key_s0 ``[R, key_slots + 1]``, key_count ``[R]``   key tiles per row
-    seg_cum, seg_delta ``[R, n_k + window + 1]``             packed segments per row
-    keys_per_row ``[R]``   selected key tokens of each row (its work)
+    key_tiles ``[R, key_slots, 2 * window + 1]``, key_count ``[R, 2]``   key tile records per row
+                (full tiles from the front, partial ones from the back) and their numbers (full, partial)
+    seg_cum, seg_delta ``[R, n_k + window + 1]``   packed segments per row (kept for inspection)
+    keys_per_row ``[R]`` int64   selected key tokens of each row (its work)
     """
 
     block_m: int
@@ -38,16 +39,14 @@ class ClusterSchedule:
     tile_row: Tensor
     tile_q0: Tensor
     tile_q1: Tensor
-    key_c0: Tensor
-    key_s0: Tensor
+    key_tiles: Tensor
     key_count: Tensor
     seg_cum: Tensor
     seg_delta: Tensor
     keys_per_row: Tensor
 
     def tensors(self):
-        return (self.tile_row, self.tile_q0, self.tile_q1, self.key_c0, self.key_s0, self.key_count,
-                self.seg_cum, self.seg_delta)
+        return (self.tile_row, self.tile_q0, self.tile_q1, self.key_tiles, self.key_count)
 
 
 def _exclusive_cumsum(x: Tensor) -> Tensor:
@@ -109,16 +108,15 @@ def build_cluster_schedule(mask: Tensor, q_sizes: Tensor, k_sizes: Tensor, seq_l
 
     # key tiles: greedy cut of each row's packed keys (one Triton program per row)
     key_slots = seq_len // block_n + n_k // window + 1
-    seg_cum32 = seg_cum.to(i32)
-    key_c0 = torch.empty(R, key_slots + 1, dtype=i32, device=dev)
-    key_s0 = torch.empty(R, key_slots + 1, dtype=i32, device=dev)
-    key_count = torch.empty(R, dtype=i32, device=dev)
+    seg_cum32, seg_delta32 = seg_cum.to(i32), seg_delta.to(i32)
+    key_tiles = torch.empty(R, key_slots, 2 * window + 1, dtype=i32, device=dev)
+    key_count = torch.empty(R, 2, dtype=i32, device=dev)
     if R:
-        pack_key_tiles[(R,)](seg_cum32, key_c0, key_s0, key_count, seg_cum32.shape[1], key_s0.shape[1],
+        pack_key_tiles[(R,)](seg_cum32, seg_delta32, key_tiles, key_count, seg_cum32.shape[1], key_slots,
                              BLOCK_N=block_n, WINDOW=window)
     return ClusterSchedule(
         block_m=block_m, block_n=block_n, window=window,
         tile_row=tile_row.to(i32), tile_q0=q0.to(i32), tile_q1=q1.to(i32),
-        key_c0=key_c0, key_s0=key_s0, key_count=key_count,
-        seg_cum=seg_cum32, seg_delta=seg_delta.to(i32), keys_per_row=keys_per_row,
+        key_tiles=key_tiles, key_count=key_count, seg_cum=seg_cum32, seg_delta=seg_delta32,
+        keys_per_row=keys_per_row,
     )
