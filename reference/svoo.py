@@ -132,16 +132,17 @@ def strided_seeds(x: Tensor, n: int, generator: torch.Generator) -> Tensor:
     return torch.gather(x, 1, idx.to(x.device).unsqueeze(-1).expand(G, n, d))
 
 
-def _update(x: Tensor, labels: Tensor, previous: Tensor) -> Clusters:
+def _update(x: Tensor, labels: Tensor, previous: Tensor, means_fn: Callable[..., Tuple[Tensor, Tensor]]) -> Clusters:
     """Clusters of x for ``labels``: sizes, means (empty clusters keep ``previous``) and the permutation."""
     perm = torch.sort(labels, dim=1, stable=True).indices
-    centroids, sizes = segment_means(x, labels, previous.shape[1], previous, perm)
+    centroids, sizes = means_fn(x, labels, previous.shape[1], previous, perm)
     return Clusters(labels, centroids, sizes, perm)
 
 
 def co_cluster(q: Tensor, k: Tensor, q_clusters: int, k_clusters: int, iterations: int = 2, seed: int = 0,
                init: Optional[Tuple[Tensor, Tensor]] = None,
-               assign_fn: Callable[[Tensor, Tensor], Tensor] = assign) -> CoClustering:
+               assign_fn: Callable[[Tensor, Tensor], Tensor] = assign,
+               means_fn: Optional[Callable[..., Tuple[Tensor, Tensor]]] = None) -> CoClustering:
     """Bidirectional query/key co-clustering (spec §3.1), keys first in every iteration.
 
     Args:
@@ -152,6 +153,8 @@ def co_cluster(q: Tensor, k: Tensor, q_clusters: int, k_clusters: int, iteration
         init: warm start ``(q_centroids [G, n_q, d], k_centroids [G, n_k, d])``, e.g. cached centroids.
         assign_fn: ``(x [G, N, d], W [G, J, d]) -> int64 labels [G, N]``, the argmax rule of `assign`
             (e.g. the fused Triton GEMM + argmax of the GPU path).
+        means_fn: ``(x, labels, n, previous, perm) -> (centroids, sizes)`` like `segment_means`. When given,
+            tokens stay in their input dtype (the functions accumulate in float32) instead of being converted.
     """
     if q.dim() != 3 or k.dim() != 3 or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
         raise ValueError(f"q, k: expected [G, Nq, d] and [G, Nk, d], got {tuple(q.shape)} and {tuple(k.shape)}")
@@ -159,10 +162,11 @@ def co_cluster(q: Tensor, k: Tensor, q_clusters: int, k_clusters: int, iteration
         if not isinstance(v, int) or v < 1:
             raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
     acc = _acc_dtype(q)
-    xq, xk = q.to(acc), k.to(acc)
+    xq, xk = (q, k) if means_fn is not None else (q.to(acc), k.to(acc))
+    means_fn = means_fn or segment_means
     if init is None:
         gen = torch.Generator().manual_seed(seed)
-        cq, ck = strided_seeds(xq, q_clusters, gen), strided_seeds(xk, k_clusters, gen)
+        cq, ck = strided_seeds(xq, q_clusters, gen).to(acc), strided_seeds(xk, k_clusters, gen).to(acc)
     else:
         cq, ck = (c.to(device=q.device, dtype=acc) for c in init)
         G, d = q.shape[0], q.shape[2]
@@ -170,9 +174,9 @@ def co_cluster(q: Tensor, k: Tensor, q_clusters: int, k_clusters: int, iteration
             raise ValueError(f"init: expected centroids {(G, q_clusters, d)} and {(G, k_clusters, d)}, "
                              f"got {tuple(cq.shape)} and {tuple(ck.shape)}")
     for _ in range(iterations):
-        kc = _update(xk, assign_fn(xk, assignment_weights(ck, cq)), ck)
+        kc = _update(xk, assign_fn(xk, assignment_weights(ck, cq)), ck, means_fn)
         ck = kc.centroids
-        qc = _update(xq, assign_fn(xq, assignment_weights(cq, ck)), cq)
+        qc = _update(xq, assign_fn(xq, assignment_weights(cq, ck)), cq, means_fn)
         cq = qc.centroids
     return CoClustering(qc, kc)
 
@@ -401,12 +405,11 @@ class SVOOPattern:
             scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
             cached = self._cached(q, step, layer, branch)
             if cached is None:  # re-clustering step (or no fitting cache): cluster, then permute
-                clustering, _ = self._clusters(q, k, step, layer, branch, path.assign_fn(q))
+                clustering, _ = self._clusters(q, k, step, layer, branch, path.assign_fn(q), path.means_fn)
                 kp, vp = path.permute_keys(k, v, clustering.k.perm)
-            else:  # reuse step: permute with the cached order, refresh the centroids from the permuted keys
+            else:  # reuse step: permute with the cached order, refresh the centroids (keys from the permuted keys)
                 kp, vp = path.permute_keys(k, v, cached.k.perm)
-                clustering = CoClustering(refresh_clusters(path.gather_rows(q, cached.q.perm), cached.q, permuted=True),
-                                          refresh_clusters(kp, cached.k, permuted=True))
+                clustering = path.refresh(q, kp, cached)
                 self._store(q, step, layer, branch, clustering)
             mask = self._block_map(clustering, step, layer, B, H, scale)
             return path.attend(q, kp, vp, clustering, mask, scale)
@@ -441,7 +444,8 @@ class SVOOPattern:
         self._cache[(layer, branch)] = _CacheEntry((tuple(q.shape), q.device), step, clustering)
 
     def _clusters(self, q: Tensor, k: Tensor, step: int, layer: int, branch: Hashable,
-                  assign_fn: Callable[[Tensor, Tensor], Tensor]) -> Tuple[CoClustering, bool]:
+                  assign_fn: Callable[[Tensor, Tensor], Tensor],
+                  means_fn: Optional[Callable[..., Tuple[Tensor, Tensor]]] = None) -> Tuple[CoClustering, bool]:
         """Re-cluster (warm-started from a fitting cache entry) or refresh the cached clusters of q, k
         ``[B, S, H, D]``; updates the cache. Returns (clustering, reclustered)."""
         entry = self._cache.get((layer, branch))
@@ -453,7 +457,7 @@ class SVOOPattern:
             if entry is not None and entry.signature == signature:
                 init = (entry.clustering.q.centroids, entry.clustering.k.centroids)
             clustering = co_cluster(gq, gk, self.q_clusters, self.k_clusters, self.iterations, self.seed, init,
-                                    assign_fn)
+                                    assign_fn, means_fn)
             log.info("svoo: clustered layer %d branch %r at step %d", layer, branch, step)
         else:
             clustering = CoClustering(refresh_clusters(gq, entry.clustering.q), refresh_clusters(gk, entry.clustering.k))

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lvsa_kernels.reference import SVOOPattern
-from lvsa_kernels.reference.svoo import assign, co_cluster
+from lvsa_kernels.reference.svoo import assign, co_cluster, segment_means
 from lvsa_kernels.triton_src import cluster_path
 from lvsa_kernels.triton_src.cluster_launch import assign_labels, cluster_attention, cluster_config
 from lvsa_kernels.triton_src.cluster_schedule import build_cluster_schedule
@@ -186,10 +186,29 @@ def test_co_cluster_with_fused_assignment_equals_reference():
     q, k = torch.randn(2, 90, 16, generator=g), torch.randn(2, 90, 16, generator=g)
     ref = co_cluster(q, k, 4, 9, iterations=2, seed=3)
     got = co_cluster(q.to(DEVICE), k.to(DEVICE), 4, 9, iterations=2, seed=3,
-                     assign_fn=cluster_path.assign_fn(q.to(DEVICE)))
+                     assign_fn=cluster_path.assign_fn(q.to(DEVICE)), means_fn=cluster_path.means_fn)
     for a, b in ((ref.q, got.q), (ref.k, got.k)):
         assert torch.equal(a.labels, b.labels.cpu()) and torch.equal(a.perm, b.perm.cpu())
         torch.testing.assert_close(a.centroids, b.centroids.cpu(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cluster_means_through_permutation_and_in_order(dtype):
+    """Triton segment sums == `segment_means`, for strided [B, S, H, D] through perm and [G, S, D] in order."""
+    g = torch.Generator().manual_seed(8)
+    B, S, H, D, n = 2, 70, 3, 32, 9
+    x = torch.randn(B, S, H, 2 * D, generator=g)[..., :D]
+    sizes = random_sizes(g, B * H, n, S, empty=2)
+    labels, perm = labels_and_perm(sizes, g)
+    previous = torch.randn(B * H, n, D, generator=g)
+    xg = x.to(dtype).float().transpose(1, 2).reshape(B * H, S, D)
+    ref, ref_sizes = segment_means(xg, labels, n, previous)
+    assert torch.equal(ref_sizes, sizes)
+    got = cluster_path.cluster_means(x.to(DEVICE, dtype), sizes.to(DEVICE), previous.to(DEVICE), perm.to(DEVICE))
+    torch.testing.assert_close(got.cpu(), ref, rtol=1e-5, atol=1e-5)
+    in_order = torch.gather(xg, 1, perm[..., None].expand(-1, -1, D)).to(DEVICE, dtype)
+    got = cluster_path.cluster_means(in_order, sizes.to(DEVICE), previous.to(DEVICE))
+    torch.testing.assert_close(got.cpu(), ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -191,3 +191,32 @@ def permute_rows(X, PERM, OUT, stride_xb, stride_xs, stride_xh, seq_len,
     x = tl.load(X + (g // NUM_HEADS) * stride_xb + (g % NUM_HEADS) * stride_xh + tok[:, None] * stride_xs
                 + offs_d[None, :], mask=ok[:, None], other=0.0)
     tl.store(OUT + (g * seq_len + offs[:, None]) * HEAD_DIM + offs_d[None, :], x, mask=ok[:, None])
+
+
+@triton.jit
+def segment_sums(X, PERM, STARTS, SUMS, stride_xb, stride_xs, stride_xh, seq_len, n_clusters,
+                 NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, HAS_PERM: tl.constexpr):
+    """``SUMS[g, j] = sum of X[b, PERM[g, s], h]`` over positions ``STARTS[g, j] <= s < STARTS[g, j + 1]``
+    (identity order without PERM), in float32 and a fixed order (deterministic, no atomics).
+
+    X ``[B, S, H, D]`` (any strides, contiguous head dim), PERM int64 ``[G, S]``, STARTS int64
+    ``[G, n_clusters + 1]``, SUMS float32 ``[G, n_clusters, D]``. Program = cluster ``program_id(0)`` of group
+    ``program_id(1)``.
+    """
+    j = tl.program_id(0)
+    g = tl.program_id(1).to(tl.int64)
+    lo = tl.load(STARTS + g * (n_clusters + 1) + j)
+    hi = tl.load(STARTS + g * (n_clusters + 1) + j + 1)
+    base = X + (g // NUM_HEADS) * stride_xb + (g % NUM_HEADS) * stride_xh
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_d = tl.arange(0, HEAD_DIM)
+    acc = tl.zeros([BLOCK_R, HEAD_DIM], dtype=tl.float32)
+    for s0 in range(lo, hi, BLOCK_R):
+        pos = s0 + offs_r
+        ok = pos < hi
+        if HAS_PERM:
+            tok = tl.load(PERM + g * seq_len + pos, mask=ok, other=0)
+        else:
+            tok = pos
+        acc += tl.load(base + tok[:, None] * stride_xs + offs_d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+    tl.store(SUMS + (g * n_clusters + j) * HEAD_DIM + offs_d, tl.sum(acc, axis=0))

@@ -12,13 +12,13 @@ import torch
 import triton
 from torch import Tensor
 
-from ..reference.svoo import CoClustering
-from .cluster_attn import permute_rows
+from ..reference.svoo import Clusters, CoClustering
+from .cluster_attn import permute_rows, segment_sums
 from .cluster_launch import assign_labels, cluster_attention, cluster_config
 from .cluster_schedule import build_cluster_schedule
 from .tuning import interpreting
 
-__all__ = ["assign_fn", "attend", "gather_rows", "permute_keys", "unsupported_reason"]
+__all__ = ["assign_fn", "attend", "cluster_means", "gather_rows", "means_fn", "permute_keys", "refresh", "unsupported_reason"]
 
 _HEAD_DIMS = (16, 32, 64, 128)
 
@@ -45,6 +45,40 @@ def assign_fn(q: Tensor) -> Callable[[Tensor, Tensor], Tensor]:
     products (float32 accumulation) for half-precision inputs, exact float32 otherwise."""
     gemm_dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.float32
     return lambda x, weights: assign_labels(x, weights, gemm_dtype)
+
+
+def cluster_means(x: Tensor, sizes: Tensor, previous: Tensor, perm: Optional[Tensor] = None) -> Tensor:
+    """float32 cluster means ``[G, n, D]`` of x: ``[B, S, H, D]`` read through ``perm [G, S]`` (positions in
+    cluster order -> tokens), or ``[G, S, D]`` already in cluster order (``perm=None``). Clusters are the
+    consecutive runs of ``sizes [G, n]`` positions; empty ones keep ``previous``. One deterministic pass."""
+    if x.dim() == 3:
+        x = x.unsqueeze(2)  # [G, S, 1, D]: group g = batch g, head 0
+    B, S, H, D = x.shape
+    G, n = sizes.shape
+    starts = torch.nn.functional.pad(torch.cumsum(sizes, dim=1), (1, 0))
+    sums = torch.empty(G, n, D, dtype=torch.float32, device=x.device)
+    if G and n:
+        segment_sums[(n, G)](x, perm if perm is not None else starts, starts, sums, x.stride(0), x.stride(1),
+                             x.stride(2), S, n, NUM_HEADS=H, HEAD_DIM=D, BLOCK_R=16 if interpreting() else 32,
+                             HAS_PERM=perm is not None)
+    means = sums / sizes.clamp(min=1).unsqueeze(-1)
+    return torch.where((sizes > 0).unsqueeze(-1), means, previous.float())
+
+
+def refresh(q: Tensor, kp: Tensor, cached: CoClustering) -> CoClustering:
+    """Cached labels and permutations with centroids recomputed from the current q ``[B, S, H, D]`` (read
+    through the query permutation) and kp ``[G, S, D]`` (keys already in key-cluster order)."""
+    cq, ck = cached.q, cached.k
+    return CoClustering(Clusters(cq.labels, cluster_means(q, cq.sizes, cq.centroids, cq.perm), cq.sizes, cq.perm),
+                        Clusters(ck.labels, cluster_means(kp, ck.sizes, ck.centroids), ck.sizes, ck.perm))
+
+
+def means_fn(x: Tensor, labels: Tensor, n: int, previous: Tensor, perm: Tensor) -> Tuple[Tensor, Tensor]:
+    """`segment_means` of the co-clustering on the device: sizes by an integer scatter-add, sums by
+    `segment_sums` through the permutation (x ``[G, N, d]`` in any float dtype)."""
+    sizes = torch.zeros(labels.shape[0], n, dtype=torch.int64, device=labels.device)
+    sizes.scatter_add_(1, labels, torch.ones_like(labels))
+    return cluster_means(x, sizes, previous, perm), sizes
 
 
 def gather_rows(x: Tensor, perm: Tensor) -> Tensor:
