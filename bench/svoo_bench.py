@@ -32,10 +32,10 @@ from typing import Callable, Dict, List
 import torch
 import torch.nn.functional as F
 
-from lvsa_kernels.reference.svoo import SVOOPattern, co_cluster, refresh_clusters, select_blocks
+from lvsa_kernels.reference.svoo import SVOOPattern, co_cluster, select_blocks
 from lvsa_kernels.reference.svoo_profile import SVOOProfile
 from lvsa_kernels.triton_src import cluster_path
-from lvsa_kernels.triton_src.cluster_launch import cluster_attention, cluster_config
+from lvsa_kernels.triton_src.cluster_launch import ClusterConfig, cluster_attention, cluster_config
 from lvsa_kernels.triton_src.cluster_schedule import build_cluster_schedule
 from lvsa_kernels.triton_src.tuning import KernelConfig
 
@@ -118,12 +118,13 @@ def run_case(name: str, floor: float, args, device, dtype, measure) -> Dict[str,
                               "floor_keep_ratio": floor, "top_p": args.top_p, "q_clusters": args.q_clusters,
                               "k_clusters": args.k_clusters, "iterations": args.iterations}
     assign_fn = cluster_path.assign_fn(q)
-    cl = co_cluster(gq, gk, args.q_clusters, args.k_clusters, args.iterations, seed=0, assign_fn=assign_fn)
+    cl = co_cluster(gq, gk, args.q_clusters, args.k_clusters, args.iterations, seed=0, assign_fn=assign_fn,
+                    means_fn=cluster_path.means_fn)
     floors = pat.min_blocks(0, 0, H)
     mask = select_blocks(cl.q.centroids, cl.k.centroids, cl.k.sizes, args.top_p, floors, scale)
     kp, vp = cluster_path.permute_keys(k, v, cl.k.perm)
     cfg = cluster_config(device, dtype, D)
-    sched = build_cluster_schedule(mask, cl.q.sizes, cl.k.sizes, S, cfg.block_m, cfg.block_n)
+    sched = build_cluster_schedule(mask, cl.q.sizes, cl.k.sizes, S, cfg.tiles)
     qperm = cl.q.perm.to(torch.int32)
     out, _ = cluster_attention(q, kp, vp, qperm, sched, scale, cfg)
     pairs = float((cl.q.sizes.double().reshape(-1) * sched.keys_per_row.double()).sum())
@@ -131,17 +132,16 @@ def run_case(name: str, floor: float, args, device, dtype, measure) -> Dict[str,
     res.update(density=pairs / (H * S * S), computed_pairs=pairs, recall=recall(q, k, cl, mask, rows),
                rel_err_sampled=sampled_error(q, k, v, cl, mask, rows, out), config=str(cfg),
                q_cluster_size_max=int(cl.q.sizes.max()), k_clusters_empty=int((cl.k.sizes == 0).sum()),
-               key_tiles=int(sched.key_count.sum()),
-               query_tiles=int((sched.tile_q1 > sched.tile_q0).sum()))
+               key_tiles=[int(kt.count.sum()) for _, kt in sched.parts],
+               query_tiles=[int((qt.q1 > qt.q0).sum()) for qt, _ in sched.parts])
 
     t = {}
     t["cluster"] = measure(lambda: co_cluster(gq, gk, args.q_clusters, args.k_clusters, args.iterations, seed=0,
-                                              assign_fn=assign_fn))
-    t["refresh"] = measure(lambda: (refresh_clusters(cluster_path.gather_rows(q, cl.q.perm), cl.q, permuted=True),
-                                    refresh_clusters(kp, cl.k, permuted=True)))
+                                              assign_fn=assign_fn, means_fn=cluster_path.means_fn))
+    t["refresh"] = measure(lambda: cluster_path.refresh(q, kp, cl))
     t["select"] = measure(lambda: select_blocks(cl.q.centroids, cl.k.centroids, cl.k.sizes, args.top_p, floors, scale))
     t["permute"] = measure(lambda: cluster_path.permute_keys(k, v, cl.k.perm))
-    t["plan"] = measure(lambda: build_cluster_schedule(mask, cl.q.sizes, cl.k.sizes, S, cfg.block_m, cfg.block_n))
+    t["plan"] = measure(lambda: build_cluster_schedule(mask, cl.q.sizes, cl.k.sizes, S, cfg.tiles))
     t["sparse_attn"] = measure(lambda: cluster_attention(q, kp, vp, qperm, sched, scale, cfg))
     pat.attention(q, k, v, 0, 0, backend="triton")  # fill the cache: later steps reuse it
     t["svoo_reuse"] = measure(lambda: pat.attention(q, k, v, 1, 0, backend="triton"))
@@ -167,20 +167,25 @@ def run_case(name: str, floor: float, args, device, dtype, measure) -> Dict[str,
     return res
 
 
-SWEEP = [(128, 128, 8, 3, 4), (128, 128, 8, 2, 4), (128, 128, 8, 4, 4), (128, 64, 8, 3, 4), (64, 128, 4, 3, 4),
-         (64, 64, 4, 3, 4), (128, 128, 8, 3, 2), (128, 128, 8, 3, 8)]  # BLOCK_M, BLOCK_N, warps, stages, window
+_BIG = KernelConfig(128, 128, 8, 3)
+SWEEP = [  # (launch configs, window)
+    ((_BIG,), 4), ((_BIG, KernelConfig(64, 64, 4, 3)), 4), ((_BIG, KernelConfig(64, 128, 4, 3)), 4),
+    ((_BIG, KernelConfig(64, 128, 8, 3)), 4), ((_BIG, KernelConfig(64, 128, 4, 2)), 4),
+    ((KernelConfig(128, 128, 8, 4), KernelConfig(64, 64, 4, 3)), 4), ((_BIG, KernelConfig(64, 64, 4, 3)), 8),
+    ((KernelConfig(64, 64, 4, 3),), 4),
+]
 
 
 def sweep(q, kp, vp, qperm, mask, cl, S, scale, measure) -> List[Dict[str, object]]:
     """Milliseconds of the cluster kernel per launch config (one process: ratios comparable)."""
     out = []
-    for bm, bn, warps, stages, window in SWEEP:
-        cfg = KernelConfig(bm, bn, warps, stages)
+    for parts, window in SWEEP:
+        cfg = ClusterConfig(parts)
         name = f"{cfg} window={window}"
         try:
-            sched = build_cluster_schedule(mask, cl.q.sizes, cl.k.sizes, S, bm, bn, window)
+            sched = build_cluster_schedule(mask, cl.q.sizes, cl.k.sizes, S, cfg.tiles, window)
             ms = measure(lambda: cluster_attention(q, kp, vp, qperm, sched, scale, cfg))
-            out.append({"config": name, "ms": ms, "key_tiles": int(sched.key_count.sum())})
+            out.append({"config": name, "ms": ms, "query_tiles": [int((qt.q1 > qt.q0).sum()) for qt, _ in sched.parts]})
         except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory
             out.append({"config": name, "error": f"{type(exc).__name__}: {exc}"[:200]})
         print("sweep", out[-1], flush=True)

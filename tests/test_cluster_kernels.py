@@ -10,7 +10,7 @@ import torch
 from lvsa_kernels.reference import SVOOPattern
 from lvsa_kernels.reference.svoo import assign, co_cluster, segment_means
 from lvsa_kernels.triton_src import cluster_path
-from lvsa_kernels.triton_src.cluster_launch import assign_labels, cluster_attention, cluster_config
+from lvsa_kernels.triton_src.cluster_launch import ClusterConfig, assign_labels, cluster_attention, cluster_config
 from lvsa_kernels.triton_src.cluster_schedule import build_cluster_schedule
 from lvsa_kernels.triton_src.tuning import KernelConfig
 
@@ -18,7 +18,8 @@ CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 DTYPES = [torch.float16, torch.float32] + ([torch.bfloat16] if CUDA else [])
 TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
-SMALL = KernelConfig(16, 16, 1, 1) if not CUDA else None  # interpreter tiles; on CUDA the shipped config
+# interpreter tiles: big 32-row tiles plus 16-row remainder tiles; on CUDA the shipped config
+SMALL = None if CUDA else ClusterConfig((KernelConfig(32, 16, 1, 1), KernelConfig(16, 16, 1, 1)))
 
 
 def rel_err(a, b):
@@ -78,8 +79,7 @@ def run_case(B, S, H, D, n_q, n_k, dtype, seed, window=16, strided=False, p=0.4)
     q, k, v = (t[..., :D] for t in x) if strided else x
     scale = D ** -0.5
     cfg = SMALL or cluster_config(q.device, q.dtype, D)
-    sched = build_cluster_schedule(mask.to(DEVICE), q_sizes.to(DEVICE), k_sizes.to(DEVICE), S, cfg.block_m,
-                                   cfg.block_n, window)
+    sched = build_cluster_schedule(mask.to(DEVICE), q_sizes.to(DEVICE), k_sizes.to(DEVICE), S, cfg.tiles, window)
     kp, vp = cluster_path.permute_keys(k, v, k_perm.to(DEVICE))
     out, lse = cluster_attention(q, kp, vp, q_perm.to(DEVICE, torch.int32), sched, scale, cfg)
     ref, ref_lse = masked_reference(q.cpu(), k.cpu(), v.cpu(), token_mask(mask & (k_sizes > 0)[:, None], q_labels,
@@ -99,11 +99,11 @@ def test_cluster_attention_equals_masked_reference(dtype):
     run_case(B=2, S=97, H=2, D=16, n_q=5, n_k=11, dtype=dtype, seed=1)
 
 
-def key_tiles_of_row(sched, r):
-    """[(c0, c1, kv_rows of columns c0..c1-1)] of row r decoded from its records as the kernel does."""
-    n_full, n_part = (int(x) for x in sched.key_count[r].cpu())
-    slots, w = sched.key_tiles.shape[1], sched.window
-    recs = sched.key_tiles[r].cpu().long()
+def key_tiles_of_row(key_tiles, window, r):
+    """[(c0, c1, kv_rows of columns c0..c1-1, full)] of row r decoded from its records as the kernel does."""
+    n_full, n_part = (int(x) for x in key_tiles.count[r].cpu())
+    slots, w = key_tiles.records.shape[1], window
+    recs = key_tiles.records[r].cpu().long()
     out = []
     for t in list(range(n_full)) + list(range(slots - n_part, slots)):
         c0, c1, d0 = (int(x) for x in recs[t, :3])
@@ -119,9 +119,11 @@ def test_window_limited_key_tiles_and_strided_inputs():
     """Many tiny key clusters: key tiles end where WINDOW segments end, not only at BLOCK_N columns."""
     sched, _ = run_case(B=1, S=120, H=2, D=32, n_q=3, n_k=60, dtype=torch.float32, seed=2, window=2, strided=True,
                         p=0.8)
-    widths = [c1 - c0 for r in range(sched.key_count.shape[0]) for c0, c1, _, _ in key_tiles_of_row(sched, r)]
-    assert max(widths) <= sched.block_n
-    assert sum(w < sched.block_n for w in widths) > sched.key_count.shape[0]  # more than one partial per row
+    kt = sched.parts[0][1]
+    rows = kt.count.shape[0]
+    widths = [c1 - c0 for r in range(rows) for c0, c1, _, _ in key_tiles_of_row(kt, sched.window, r)]
+    assert max(widths) <= kt.block_n
+    assert sum(w < kt.block_n for w in widths) > rows  # more than one partial tile per row
 
 
 def test_key_tiles_cover_every_selected_key_once():
@@ -132,37 +134,45 @@ def test_key_tiles_cover_every_selected_key_once():
     mask = torch.rand(G, n_q, n_k, generator=g) < 0.6
     k_start = torch.cat([torch.zeros(G, 1, dtype=torch.long), k_sizes.cumsum(1)], 1)
     for window in (1, 4, 16):
-        sched = build_cluster_schedule(mask.to(DEVICE), q_sizes.to(DEVICE), k_sizes.to(DEVICE), S, 16, 16, window)
+        sched = build_cluster_schedule(mask.to(DEVICE), q_sizes.to(DEVICE), k_sizes.to(DEVICE), S, [(16, 16)], window)
+        kt = sched.parts[0][1]
         for r in range(G * n_q):
             gi, i = divmod(r, n_q)
             expected = torch.cat([torch.arange(int(k_start[gi, j]), int(k_start[gi, j + 1]))
                                   for j in range(n_k) if mask[gi, i, j]] + [torch.zeros(0, dtype=torch.long)])
             assert int(sched.keys_per_row[r]) == expected.numel()
-            tiles = sorted(key_tiles_of_row(sched, r), key=lambda x: x[0])
+            tiles = sorted(key_tiles_of_row(kt, window, r), key=lambda x: x[0])
             assert torch.equal(torch.cat([t[2] for t in tiles] + [torch.zeros(0, dtype=torch.long)]), expected)
             assert all(c1 - c0 == 16 if full else 0 < c1 - c0 < 16 for c0, c1, _, full in tiles)
             assert len(tiles) <= S // 16 + n_k // window + 1
 
 
-def test_query_tiles_partition_every_cluster_heaviest_first():
+@pytest.mark.parametrize("tiles", [[(16, 16)], [(16, 16), (8, 16)]])
+def test_query_tiles_partition_every_cluster_heaviest_first(tiles):
+    """Big and small query tiles together cover every query position once, within its cluster; small tiles
+    hold only remainders of at most their rows; each launch runs heavier rows first."""
     g = torch.Generator().manual_seed(4)
-    G, n_q, n_k, S, bm = 3, 6, 8, 150, 16
+    G, n_q, n_k, S = 3, 6, 8, 150
     q_sizes, k_sizes = random_sizes(g, G, n_q, S), random_sizes(g, G, n_k, S)
     mask = torch.rand(G, n_q, n_k, generator=g) < 0.5
-    sched = build_cluster_schedule(mask.to(DEVICE), q_sizes.to(DEVICE), k_sizes.to(DEVICE), S, bm, 16)
-    q0, q1, row = (t.cpu().long() for t in (sched.tile_q0, sched.tile_q1, sched.tile_row))
+    sched = build_cluster_schedule(mask.to(DEVICE), q_sizes.to(DEVICE), k_sizes.to(DEVICE), S, tiles)
+    assert [(qt.block_m, kt.block_n) for qt, kt in sched.parts] == tiles
     work = sched.keys_per_row.cpu()
     starts = torch.cat([torch.zeros(G, 1, dtype=torch.long), q_sizes.cumsum(1)], 1)
     for gi in range(G):
-        used = q1[gi] > q0[gi]
         covered = torch.zeros(S, dtype=torch.int64)
-        for a, b, r in zip(q0[gi][used], q1[gi][used], row[gi][used]):
-            i = int(r) - gi * n_q
-            assert starts[gi, i] <= a < b <= starts[gi, i + 1] and b - a <= bm
-            covered[a:b] += 1
+        for qt, _ in sched.parts:
+            q0, q1, row = (t[gi].cpu().long() for t in (qt.q0, qt.q1, qt.row))
+            used = q1 > q0
+            for a, b, r in zip(q0[used], q1[used], row[used]):
+                i = int(r) - gi * n_q
+                assert starts[gi, i] <= a < b <= starts[gi, i + 1] and b - a <= qt.block_m
+                covered[a:b] += 1
+                if qt.block_m < tiles[0][0]:  # a small tile is the whole remainder of its cluster
+                    assert b == starts[gi, i + 1] and (b - starts[gi, i]) % tiles[0][0] == b - a
+            w = work[row[used]]
+            assert torch.all(w[:-1] >= w[1:])
         assert torch.equal(covered, torch.ones(S, dtype=torch.int64))
-        w = work[row[gi][used]]
-        assert torch.all(w[:-1] >= w[1:])  # heaviest rows first
 
 
 @pytest.mark.parametrize("dtype", [torch.float32] + ([torch.bfloat16] if CUDA else []))

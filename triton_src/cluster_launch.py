@@ -2,12 +2,13 @@
 
 ``torch.ops.lvsa_kernels.triton_cluster_attn_fwd`` has a fake implementation, so ``torch.compile``
 traces through it. Launch configs are fixed per device class (measured on the H100, see
-``bench/RESULTS.md``); ``LVSA_KERNELS_CLUSTER_CONFIG="BLOCK_M,BLOCK_N,warps,stages"`` overrides them.
+``bench/RESULTS.md``) and can be overridden with ``LVSA_KERNELS_CLUSTER_CONFIG``.
 """
 from __future__ import annotations
 
 import os
-from typing import Tuple
+from dataclasses import dataclass
+from typing import List, Tuple
 
 import torch
 import triton
@@ -18,49 +19,71 @@ from .cluster_attn import assign_argmax, cluster_attn_fwd
 from .cluster_schedule import ClusterSchedule
 from .tuning import KernelConfig, interpreting
 
-__all__ = ["CONFIG_ENV", "assign_labels", "cluster_attention", "cluster_config"]
+__all__ = ["CONFIG_ENV", "ClusterConfig", "assign_labels", "cluster_attention", "cluster_config"]
 
 CONFIG_ENV = "LVSA_KERNELS_CLUSTER_CONFIG"
 
 
-def cluster_config(device: torch.device, dtype: torch.dtype, head_dim: int) -> KernelConfig:
-    """Launch config of `cluster_attn_fwd` for ``device`` / ``dtype`` / ``head_dim``."""
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Launch configs of the cluster kernel: big query tiles first, then optionally small remainder tiles."""
+
+    parts: Tuple[KernelConfig, ...]
+
+    @property
+    def tiles(self) -> List[Tuple[int, int]]:
+        """``(block_m, block_n)`` per launch, as `build_cluster_schedule` takes them."""
+        return [(c.block_m, c.block_n) for c in self.parts]
+
+    def __str__(self) -> str:
+        return " + ".join(f"{c.block_m}x{c.block_n}/{c.num_warps}w/{c.num_stages}s" for c in self.parts)
+
+
+def cluster_config(device: torch.device, dtype: torch.dtype, head_dim: int) -> ClusterConfig:
+    """Launch configs of `cluster_attn_fwd` for ``device`` / ``dtype`` / ``head_dim`` (measured on the H100:
+    ``bench/RESULTS.md``). ``LVSA_KERNELS_CLUSTER_CONFIG="128,128,8,3;64,64,4,3"`` overrides them
+    (``BLOCK_M,BLOCK_N,warps,stages`` per launch)."""
     env = os.environ.get(CONFIG_ENV)
     if env:
         try:
-            bm, bn, warps, stages = (int(x) for x in env.split(","))
-        except ValueError:
-            raise ValueError(f"{CONFIG_ENV}: expected 'BLOCK_M,BLOCK_N,warps,stages', got {env!r}") from None
-        return KernelConfig(bm, bn, warps, stages)
+            parts = tuple(KernelConfig(*(int(x) for x in part.split(","))) for part in env.split(";"))
+        except (TypeError, ValueError):
+            raise ValueError(f"{CONFIG_ENV}: expected 'BLOCK_M,BLOCK_N,warps,stages[;...]', got {env!r}") from None
+        return ClusterConfig(parts)
     if interpreting() or device.type != "cuda":
-        return KernelConfig(16, 16, 1, 1)
+        return ClusterConfig((KernelConfig(32, 16, 1, 1), KernelConfig(16, 16, 1, 1)))
     if dtype == torch.float32:
-        return KernelConfig(64, 32, 4, 2)
-    return KernelConfig(128, 128, 8, 3) if head_dim > 64 else KernelConfig(128, 128, 4, 3)
+        return ClusterConfig((KernelConfig(64, 32, 4, 2),))
+    warps = 8 if head_dim > 64 else 4
+    return ClusterConfig((KernelConfig(128, 128, warps, 3), KernelConfig(64, 64, 4, 3)))
 
 
 @torch.library.custom_op("lvsa_kernels::triton_cluster_attn_fwd", mutates_args=())
-def triton_cluster_attn_fwd(
-    q: Tensor, kp: Tensor, vp: Tensor, q_perm: Tensor,
-    tile_row: Tensor, tile_q0: Tensor, tile_q1: Tensor, key_tiles: Tensor, key_count: Tensor,
-    scale: float, block_m: int, block_n: int, window: int, num_warps: int, num_stages: int,
-) -> Tuple[Tensor, Tensor]:
-    """Cluster-packed attention: returns ``(out [B, S, H, D], lse [B, H, S] float32)`` in token order."""
+def triton_cluster_attn_fwd(q: Tensor, kp: Tensor, vp: Tensor, q_perm: Tensor, tiles: List[Tensor], meta: List[int],
+                            scale: float) -> Tuple[Tensor, Tensor]:
+    """Cluster-packed attention: returns ``(out [B, S, H, D], lse [B, H, S] float32)`` in token order.
+
+    ``tiles``: per launch ``query rows, q0, q1, key records, key counts``; ``meta``: ``window`` then per
+    launch ``block_m, block_n, warps, stages`` (see `cluster_attention`).
+    """
     B, S, H, D = q.shape
     out = torch.empty(B, S, H, D, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, S, dtype=torch.float32, device=q.device)
     if B * H == 0 or S == 0:
         return out, lse
-    grid = (tile_q0.shape[1], B * H)
-    cluster_attn_fwd[grid](
-        q, kp, vp, out, lse, q_perm,
-        q.stride(0), q.stride(1), q.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        tile_row, tile_q0, tile_q1, key_tiles, key_count,
-        scale * LOG2E, S, tile_q0.shape[1], key_tiles.shape[1],
-        NUM_HEADS=H, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, WINDOW=window,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=num_warps, num_stages=num_stages,
-    )
+    window = meta[0]
+    for part in range(len(tiles) // 5):
+        row, q0, q1, records, count = tiles[5 * part:5 * part + 5]
+        block_m, block_n, warps, stages = meta[1 + 4 * part:5 + 4 * part]
+        cluster_attn_fwd[(q0.shape[1], B * H)](
+            q, kp, vp, out, lse, q_perm,
+            q.stride(0), q.stride(1), q.stride(2), out.stride(0), out.stride(1), out.stride(2),
+            row, q0, q1, records, count,
+            scale * LOG2E, S, q0.shape[1], records.shape[1],
+            NUM_HEADS=H, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, WINDOW=window,
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            num_warps=warps, num_stages=stages,
+        )
     return out, lse
 
 
@@ -71,23 +94,24 @@ def _fake(q, *args, **kwargs):
 
 
 def cluster_attention(q: Tensor, kp: Tensor, vp: Tensor, q_perm: Tensor, sched: ClusterSchedule, scale: float,
-                      cfg: KernelConfig) -> Tuple[Tensor, Tensor]:
+                      cfg: ClusterConfig) -> Tuple[Tensor, Tensor]:
     """Attention of every query cluster to its selected key clusters.
 
     Args:
         q: ``[B, S, H, D]`` in token order (last dim contiguous).
         kp, vp: ``[B * H, S, D]`` contiguous, keys/values in key-cluster order.
         q_perm: int32 ``[B * H, S]``: position ``s`` in query-cluster order holds token ``q_perm[g, s]``.
-        sched: from `build_cluster_schedule` with ``cfg.block_m`` / ``cfg.block_n``.
+        sched: from `build_cluster_schedule` with ``cfg.tiles``.
     Returns ``(out [B, S, H, D], lse [B, H, S] float32)`` in token order.
     """
-    if (sched.block_m, sched.block_n) != (cfg.block_m, cfg.block_n):
-        raise ValueError(f"sched: built for tiles {sched.block_m}x{sched.block_n}, config has {cfg}")
+    built = [(qt.block_m, kt.block_n) for qt, kt in sched.parts]
+    if built != cfg.tiles:
+        raise ValueError(f"sched: built for tiles {built}, config {cfg} has {cfg.tiles}")
     if q.shape[1] * q.shape[3] >= 2**31:
         raise ValueError(f"q: S * D must stay below 2**31 (int32 offsets per group), got shape {tuple(q.shape)}")
-    return torch.ops.lvsa_kernels.triton_cluster_attn_fwd(
-        q, kp, vp, q_perm, *sched.tensors(), scale, cfg.block_m, cfg.block_n, sched.window, cfg.num_warps,
-        cfg.num_stages)
+    tiles = [t for qt, kt in sched.parts for t in (qt.row, qt.q0, qt.q1, kt.records, kt.count)]
+    meta = [sched.window] + [x for c in cfg.parts for x in (c.block_m, c.block_n, c.num_warps, c.num_stages)]
+    return torch.ops.lvsa_kernels.triton_cluster_attn_fwd(q, kp, vp, q_perm, tiles, meta, scale)
 
 
 def assign_labels(x: Tensor, weights: Tensor, gemm_dtype: torch.dtype) -> Tensor:

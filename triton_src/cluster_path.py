@@ -107,6 +107,6 @@ def attend(q: Tensor, kp: Tensor, vp: Tensor, clustering: CoClustering, mask: Te
     """
     S = q.shape[1]
     cfg = cluster_config(q.device, q.dtype, q.shape[-1])
-    sched = build_cluster_schedule(mask, clustering.q.sizes, clustering.k.sizes, S, cfg.block_m, cfg.block_n)
+    sched = build_cluster_schedule(mask, clustering.q.sizes, clustering.k.sizes, S, cfg.tiles)
     out, _ = cluster_attention(q, kp, vp, clustering.q.perm.to(torch.int32), sched, scale, cfg)
     return out

@@ -8,6 +8,7 @@ plan can be built inside CUDA graphs. See `cluster_attn.py` for the vocabulary.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -16,37 +17,47 @@ i32 = torch.int32
 
 from .cluster_attn import pack_key_tiles
 
-__all__ = ["ClusterSchedule", "build_cluster_schedule", "WINDOW"]
+__all__ = ["ClusterSchedule", "KeyTiles", "QueryTiles", "WINDOW", "build_cluster_schedule"]
 
 WINDOW = 4  # segments one key tile may touch (its column -> row map costs WINDOW - 1 selects per column)
 
 
 @dataclass(frozen=True)
-class ClusterSchedule:
-    """Arrays read by `cluster_attn_fwd` (int32, on the device of the block map).
+class QueryTiles:
+    """Query tiles of one launch: ``row, q0, q1`` int32 ``[G, slots]`` (row ``g * n_q + i`` and positions
+    ``[q0, q1)`` in query-cluster order; ``q0 == q1``: empty slot)."""
 
-    tile_row, tile_q0, tile_q1  ``[G, q_slots]``  query tile: its row ``g * n_q + i`` and positions
-                                ``[q0, q1)`` in query-cluster order (``q0 == q1``: empty slot)
-    key_tiles ``[R, key_slots, 2 * window + 1]``, key_count ``[R, 2]``   key tile records per row
-                (full tiles from the front, partial ones from the back) and their numbers (full, partial)
+    block_m: int
+    row: Tensor
+    q0: Tensor
+    q1: Tensor
+
+
+@dataclass(frozen=True)
+class KeyTiles:
+    """Key tiles of every row for ``block_n`` columns: ``records [R, slots, 2 * window + 1]`` int32 (full tiles
+    from the front, partial ones from the back, see `pack_key_tiles`) and ``count [R, 2]`` (full, partial)."""
+
+    block_n: int
+    records: Tensor
+    count: Tensor
+
+
+@dataclass(frozen=True)
+class ClusterSchedule:
+    """Everything `cluster_attn_fwd` reads besides q, k, v (int32, on the device of the block map).
+
+    parts   one (query tiles, key tiles) pair per kernel launch: big query tiles first, then (optionally)
+            the small ones that hold a query cluster's remainder of at most their ``block_m`` rows
     seg_cum, seg_delta ``[R, n_k + window + 1]``   packed segments per row (kept for inspection)
     keys_per_row ``[R]`` int64   selected key tokens of each row (its work)
     """
 
-    block_m: int
-    block_n: int
     window: int
-    tile_row: Tensor
-    tile_q0: Tensor
-    tile_q1: Tensor
-    key_tiles: Tensor
-    key_count: Tensor
+    parts: Tuple[Tuple[QueryTiles, KeyTiles], ...]
     seg_cum: Tensor
     seg_delta: Tensor
     keys_per_row: Tensor
-
-    def tensors(self):
-        return (self.tile_row, self.tile_q0, self.tile_q1, self.key_tiles, self.key_count)
 
 
 def _exclusive_cumsum(x: Tensor) -> Tensor:
@@ -54,25 +65,29 @@ def _exclusive_cumsum(x: Tensor) -> Tensor:
     return torch.nn.functional.pad(torch.cumsum(x, dim=-1), (1, 0))
 
 
-def build_cluster_schedule(mask: Tensor, q_sizes: Tensor, k_sizes: Tensor, seq_len: int, block_m: int,
-                           block_n: int, window: int = WINDOW) -> ClusterSchedule:
+def build_cluster_schedule(mask: Tensor, q_sizes: Tensor, k_sizes: Tensor, seq_len: int,
+                           tiles: Sequence[Tuple[int, int]], window: int = WINDOW) -> ClusterSchedule:
     """Plan attention of query clusters to their selected key clusters over permuted tokens.
 
     Args:
         mask: bool ``[G, n_q, n_k]``: query cluster i of group g attends key cluster j.
         q_sizes: int ``[G, n_q]``, k_sizes: int ``[G, n_k]``: tokens per cluster (each row sums to seq_len).
         seq_len: tokens per group (S).
-        block_m, block_n: query rows per tile, packed key columns per tile.
+        tiles: ``(block_m, block_n)`` of each launch: one pair, or two where the second has fewer rows: a
+            cluster of s tokens then gets ``s // bm1`` big tiles plus its remainder r as one big tile when
+            ``r > bm2``, else as one small tile (less padding for short remainders).
         window: segments one key tile may touch (a power of two).
-    Rows of a group are ordered heaviest first (most selected keys), so long tiles do not trail the launch.
+    Rows of a group are ordered heaviest first (most selected keys), so long tiles do not trail a launch.
     Empty key clusters are never selected; a query cluster with no selected keys gets output 0, lse -inf.
     """
     G, n_q, n_k = mask.shape
     dev = mask.device
-    q_sizes, k_sizes = q_sizes.to(device=dev, dtype=torch.int64), k_sizes.to(device=dev, dtype=torch.int64)
-    R = G * n_q
     if window < 1 or window & (window - 1):
         raise ValueError(f"window: expected a power of two, got {window}")
+    if len(tiles) not in (1, 2) or (len(tiles) == 2 and tiles[1][0] >= tiles[0][0]):
+        raise ValueError(f"tiles: expected [(bm, bn)] or [(bm1, bn1), (bm2, bn2)] with bm2 < bm1, got {tiles}")
+    q_sizes, k_sizes = q_sizes.to(device=dev, dtype=torch.int64), k_sizes.to(device=dev, dtype=torch.int64)
+    R = G * n_q
     width = n_k + window
 
     # packed segments: each row's selected, non-empty key clusters in cluster order
@@ -86,37 +101,52 @@ def build_cluster_schedule(mask: Tensor, q_sizes: Tensor, k_sizes: Tensor, seq_l
     seg_cum = _exclusive_cumsum(seg_len)
     seg_delta = torch.nn.functional.pad(seg_start - seg_cum[:, :-1], (0, 1))  # same row stride as seg_cum
     keys_per_row = seg_cum[:, -1]
+    seg_cum32, seg_delta32 = seg_cum.to(i32), seg_delta.to(i32)
 
-    # query tiles: rows of a group heaviest first, each row's tokens cut into ceil(size / block_m) tiles;
-    # sum_i ceil(size_i / block_m) <= seq_len // block_m + n_q bounds the slots
-    q_slots = seq_len // block_m + n_q
+    # query tiles: rows of a group heaviest first
     order = torch.argsort(keys_per_row.view(G, n_q), dim=1, descending=True, stable=True)
-    tiles = (q_sizes.gather(1, order) + block_m - 1) // block_m
-    tiles_end = torch.cumsum(tiles, dim=1)
-    slot = torch.arange(q_slots, device=dev).expand(G, q_slots).contiguous()
+    sizes = q_sizes.gather(1, order)
+    q_start = _exclusive_cumsum(q_sizes).gather(1, order)
+    bm = tiles[0][0]
+    small = tiles[1][0] if len(tiles) == 2 else 0
+    rem = sizes % bm
+    big = sizes // bm + (rem > small).long()
+    parts = [_query_tiles(order, sizes, q_start, big, bm, seq_len // bm + n_q)]
+    if small:
+        parts.append(_query_tiles(order, sizes, q_start, ((rem > 0) & (rem <= small)).long(), small, n_q,
+                                  first=sizes // bm * bm))
+
+    key_tiles = {bn: _key_tiles(seg_cum32, seg_delta32, seq_len, n_k, bn, window) for bn in {bn for _, bn in tiles}}
+    return ClusterSchedule(window=window, parts=tuple((qt, key_tiles[bn]) for qt, (_, bn) in zip(parts, tiles)),
+                           seg_cum=seg_cum32, seg_delta=seg_delta32, keys_per_row=keys_per_row)
+
+
+def _query_tiles(order: Tensor, sizes: Tensor, q_start: Tensor, count: Tensor, block_m: int, slots: int,
+                 first: Optional[Tensor] = None) -> QueryTiles:
+    """``count[g, i]`` tiles of ``block_m`` rows for the i-th heaviest cluster of group g (``order``, ``sizes``,
+    ``q_start`` in that order), starting ``first`` rows into the cluster (default 0), in ``slots`` slots."""
+    G, n_q = order.shape
+    dev = order.device
+    tiles_end = torch.cumsum(count, dim=1)
+    slot = torch.arange(slots, device=dev).expand(G, slots).contiguous()
     which = torch.searchsorted(tiles_end, slot, right=True)  # position in `order`; n_q: no tile
     used = which < n_q
     which = which.clamp(max=n_q - 1)
-    cluster = order.gather(1, which)
-    local = slot - (tiles_end.gather(1, which) - tiles.gather(1, which))
-    q_start = _exclusive_cumsum(q_sizes)
-    q0 = q_start.gather(1, cluster) + local * block_m
-    q1 = torch.minimum(q0 + block_m, q_start.gather(1, cluster + 1))
-    q0 = torch.where(used, q0, 0)
-    q1 = torch.where(used, q1, 0)
-    tile_row = torch.arange(G, device=dev).unsqueeze(1) * n_q + cluster
+    local = slot - (tiles_end.gather(1, which) - count.gather(1, which))
+    lo = q_start.gather(1, which) + (0 if first is None else first.gather(1, which))
+    q0 = lo + local * block_m
+    q1 = torch.minimum(q0 + block_m, q_start.gather(1, which) + sizes.gather(1, which))
+    row = torch.arange(G, device=dev).unsqueeze(1) * n_q + order.gather(1, which)
+    return QueryTiles(block_m, row.to(i32), torch.where(used, q0, 0).to(i32), torch.where(used, q1, 0).to(i32))
 
-    # key tiles: greedy cut of each row's packed keys (one Triton program per row)
-    key_slots = seq_len // block_n + n_k // window + 1
-    seg_cum32, seg_delta32 = seg_cum.to(i32), seg_delta.to(i32)
-    key_tiles = torch.empty(R, key_slots, 2 * window + 1, dtype=i32, device=dev)
-    key_count = torch.empty(R, 2, dtype=i32, device=dev)
+
+def _key_tiles(seg_cum: Tensor, seg_delta: Tensor, seq_len: int, n_k: int, block_n: int, window: int) -> KeyTiles:
+    """Greedy cut of each row's packed keys into tile records (one Triton program per row)."""
+    R = seg_cum.shape[0]
+    slots = seq_len // block_n + n_k // window + 1
+    records = torch.empty(R, slots, 2 * window + 1, dtype=i32, device=seg_cum.device)
+    count = torch.empty(R, 2, dtype=i32, device=seg_cum.device)
     if R:
-        pack_key_tiles[(R,)](seg_cum32, seg_delta32, key_tiles, key_count, seg_cum32.shape[1], key_slots,
-                             BLOCK_N=block_n, WINDOW=window)
-    return ClusterSchedule(
-        block_m=block_m, block_n=block_n, window=window,
-        tile_row=tile_row.to(i32), tile_q0=q0.to(i32), tile_q1=q1.to(i32),
-        key_tiles=key_tiles, key_count=key_count, seg_cum=seg_cum32, seg_delta=seg_delta32,
-        keys_per_row=keys_per_row,
-    )
+        pack_key_tiles[(R,)](seg_cum, seg_delta, records, count, seg_cum.shape[1], slots, BLOCK_N=block_n,
+                             WINDOW=window)
+    return KeyTiles(block_n, records, count)
