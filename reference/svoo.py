@@ -129,7 +129,7 @@ def strided_seeds(x: Tensor, n: int, generator: torch.Generator) -> Tensor:
     G, N, d = x.shape
     phase = torch.randint(0, N, (G, 1), generator=generator)
     idx = (phase + torch.arange(n) * N // n) % N
-    return torch.gather(x, 1, idx.to(x.device).unsqueeze(-1).expand(G, n, d))
+    return torch.gather(x, 1, idx.to(x.device, non_blocking=True).unsqueeze(-1).expand(G, n, d))
 
 
 def _update(x: Tensor, labels: Tensor, previous: Tensor, means_fn: Callable[..., Tuple[Tensor, Tensor]]) -> Clusters:
@@ -216,7 +216,8 @@ def select_blocks(q_centroids: Tensor, k_centroids: Tensor, k_sizes: Tensor, top
     before = torch.cumsum(ranked, dim=-1).roll(1, dims=-1)  # exclusive prefix mass c_{r-1}
     before[..., 0] = 0
     rank = torch.arange(mass.shape[-1], device=mass.device)
-    keep_ranked = (before <= top_p) | (rank < min_blocks.to(mass.device).view(-1, 1, 1))
+    floor = min_blocks.to(mass.device, non_blocking=True)  # no stream sync for the small host copy
+    keep_ranked = (before <= top_p) | (rank < floor.view(-1, 1, 1))
     keep = torch.zeros_like(keep_ranked).scatter_(-1, order, keep_ranked)
     return keep & nonempty
 

@@ -149,19 +149,20 @@ def cluster_attn_fwd(
 
 
 @triton.jit
-def assign_argmax(X, W, LABELS, n_rows, n_clusters,
+def assign_argmax(X, W, LABELS, stride_xg, stride_xn, n_rows, n_clusters,
                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr,
                   DOT_PRECISION: tl.constexpr):
     """``LABELS[g, i] = argmax_j X[g, i]·W[g, j]`` (first index on ties) without materialising the scores.
 
-    X ``[G, n_rows, D]``, W ``[G, n_clusters, D]`` contiguous; LABELS int64 ``[G, n_rows]``.
+    X ``[G, n_rows, D]`` (contiguous head dim), W ``[G, n_clusters, D]`` contiguous; LABELS int64 ``[G, n_rows]``.
     Program = ``BLOCK_M`` rows of group ``program_id(1)``.
     """
     g = tl.program_id(1).to(tl.int64)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < n_rows
-    x = tl.load(X + (g * n_rows + offs_m[:, None]) * HEAD_DIM + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    x = tl.load(X + g * stride_xg + offs_m[:, None].to(tl.int64) * stride_xn + offs_d[None, :], mask=row_ok[:, None],
+                other=0.0)
     best = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     best_j = tl.zeros([BLOCK_M], dtype=tl.int32)
     offs_j = tl.arange(0, BLOCK_J)

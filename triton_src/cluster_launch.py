@@ -117,12 +117,14 @@ def cluster_attention(q: Tensor, kp: Tensor, vp: Tensor, q_perm: Tensor, sched: 
 def assign_labels(x: Tensor, weights: Tensor, gemm_dtype: torch.dtype) -> Tensor:
     """int64 ``[G, N]`` labels ``argmax_j x·W_j`` (first index on ties), scores never stored.
 
-    x ``[G, N, d]``, weights ``[G, J, d]``; both are cast to ``gemm_dtype`` (float32: exact IEEE dot
+    x ``[G, N, d]`` (any strides, e.g. a view of ``[1, S, H, D]``), weights ``[G, J, d]``; both are cast to ``gemm_dtype`` (float32: exact IEEE dot
     products; bf16/fp16: tensor-core GEMM with float32 accumulation, where near-ties may flip).
     """
     G, N, d = x.shape
     J = weights.shape[1]
-    x = x.to(gemm_dtype).contiguous()
+    x = x.to(gemm_dtype)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
     w = weights.to(gemm_dtype).contiguous()
     labels = torch.empty(G, N, dtype=torch.int64, device=x.device)
     if interpreting() or x.device.type != "cuda":
@@ -130,7 +132,8 @@ def assign_labels(x: Tensor, weights: Tensor, gemm_dtype: torch.dtype) -> Tensor
     else:
         bm, bj, warps, stages = (64, 64, 4, 2) if gemm_dtype == torch.float32 else (128, 128, 8, 2)
     if G and N:
-        assign_argmax[(triton.cdiv(N, bm), G)](x, w, labels, N, J, HEAD_DIM=d, BLOCK_M=bm, BLOCK_J=bj,
+        assign_argmax[(triton.cdiv(N, bm), G)](x, w, labels, x.stride(0), x.stride(1), N, J, HEAD_DIM=d,
+                                                BLOCK_M=bm, BLOCK_J=bj,
                                                 DOT_PRECISION="ieee", num_warps=warps, num_stages=stages)
     return labels
 

@@ -148,5 +148,5 @@ def _key_tiles(seg_cum: Tensor, seg_delta: Tensor, seq_len: int, n_k: int, block
     count = torch.empty(R, 2, dtype=i32, device=seg_cum.device)
     if R:
         pack_key_tiles[(R,)](seg_cum, seg_delta, records, count, seg_cum.shape[1], slots, BLOCK_N=block_n,
-                             WINDOW=window)
+                             WINDOW=window, num_warps=1)  # a serial walk: one warp, many rows per SM
     return KeyTiles(block_n, records, count)
