@@ -12,6 +12,9 @@ Ways, timed with CUDA events (median of ``--repeats`` after a warm-up):
 The shim derives the denoising step from the timestep: a rising timestep starts a new generation
 (clusters dropped), a falling one is the next step. Profile floor: one keep ratio for every
 (step, layer, head) (``--floor``, clipped to the published Wan 1.3B band 0.15-0.20 unless ``--no-clip``).
+Random weights give nearly uniform attention, so the selected density depends on ``--top-p`` far more than
+with trained weights (where the paper's premise is peaked attention); the mean/min/max token density of
+the layers' block maps is reported with every run.
 
     python3 bench/svoo_e2e.py --out "$OUT" [--frames 81] [--height 720 --width 1280] [--floor 0.15]
     python3 bench/svoo_e2e.py --device cpu --tiny --out /tmp/svoo_e2e     # CPU dry run (interpreter)
@@ -88,15 +91,17 @@ def main(argv: List[str] = None) -> int:
 
     clip = (0.0, 1.0) if args.no_clip else (0.15, 0.20)
     profile = SVOOProfile(torch.full((args.repeats + 2, layers, heads), args.floor))
-    enable_svoo(model, backend="triton", profile=profile, top_p=args.top_p, warmup_steps=0, recluster_every=10**6,
-                clip=clip, **({"q_clusters": 8, "k_clusters": 16} if args.tiny else {}))
+    handle = enable_svoo(model, backend="triton", profile=profile, top_p=args.top_p, warmup_steps=0,
+                         recluster_every=10**6, clip=clip, **({"q_clusters": 8, "k_clusters": 16} if args.tiny else {}))
     try:
         forward(999.0)  # warm-up: compiles the kernels (a new generation: clusters every layer)
         recluster = [timed(lambda: forward(999.0), device) for _ in range(max(1, args.repeats // 2))]
         sparse_out = forward(998.0)
         reuse = [timed(lambda t=997.0 - i: forward(t), device) for i in range(args.repeats)]
+        densities = [d for (_, branch), d in handle.runtime.pattern.cached_densities().items() if branch == 0]
     finally:
         disable_lvsa(model)
+    res.update(density_mean=statistics.mean(densities), density_min=min(densities), density_max=max(densities))
     res.update(svoo_recluster_s=statistics.median(recluster), svoo_reuse_s=statistics.median(reuse))
     res["speedup_reuse"] = res["dense_cudnn_s"] / res["svoo_reuse_s"]
     res["speedup_recluster"] = res["dense_cudnn_s"] / res["svoo_recluster_s"]

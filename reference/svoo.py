@@ -366,6 +366,18 @@ class SVOOPattern:
         """Drop every cached clustering (call between videos)."""
         self._cache.clear()
 
+    def cached_densities(self) -> Dict[Tuple[int, Hashable], float]:
+        """Token density (computed query-key pairs / S², averaged over batch and heads) of the block map that
+        each cached ``(layer, branch)`` clustering selects at the step it was last used."""
+        out = {}
+        for (layer, branch), entry in sorted(self._cache.items(), key=lambda kv: (kv[0][0], repr(kv[0][1]))):
+            B, S, H, D = entry.signature[0]
+            cl = entry.clustering
+            mask = self._block_map(cl, entry.step, layer, B, H, 1.0 / math.sqrt(D))
+            pairs = (mask.double() * cl.q.sizes.double().unsqueeze(2) * cl.k.sizes.double().unsqueeze(1)).sum()
+            out[(layer, branch)] = float(pairs) / (B * H * S * S)
+        return out
+
     def plan(self, q: Tensor, k: Tensor, step: int, layer: int, cache_key: Hashable = None,
              scale: Optional[float] = None) -> SVOOPlan:
         """Plan one self-attention call from q ``[B, S, H, D]`` and k ``[B, S, H, D]`` as inspectable layouts.

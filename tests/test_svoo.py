@@ -282,3 +282,14 @@ def test_triton_backend_on_svoo_layout():
     out = unpermute_tokens(block_sparse_attn(qp, kp, vp, plan.layouts[0], backend="triton"), plan.q_perm)
     ref = pat.attention(q.cpu(), k.cpu(), v.cpu(), 0, 0, backend="reference")
     torch.testing.assert_close(out.cpu(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_cached_densities_report_the_selected_token_share():
+    B, S, H, D = 1, 64, 2, 8
+    q, k, v = (_rand(B, S, H, D, dtype=torch.float32, seed=s) for s in (40, 41, 42))
+    dense = SVOOPattern(top_p=1.0, q_clusters=3, k_clusters=5, warmup_steps=0)
+    dense.plan(q, k, 0, 0, cache_key="c")
+    assert dense.cached_densities() == {(0, "c"): 1.0}
+    sparse = SVOOPattern(top_p=0.3, q_clusters=3, k_clusters=5, warmup_steps=0)
+    plan = sparse.plan(q, k, 0, 0)
+    assert sparse.cached_densities()[(0, None)] == pytest.approx(plan.layouts[0].density)
