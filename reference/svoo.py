@@ -378,6 +378,7 @@ class SVOOPattern:
             out[(layer, branch)] = float(pairs) / (B * H * S * S)
         return out
 
+    @torch.compiler.disable  # stateful (cluster cache) and host-side layouts: runs eagerly inside compiled models
     def plan(self, q: Tensor, k: Tensor, step: int, layer: int, cache_key: Hashable = None,
              scale: Optional[float] = None) -> SVOOPlan:
         """Plan one self-attention call from q ``[B, S, H, D]`` and k ``[B, S, H, D]`` as inspectable layouts.
@@ -398,6 +399,7 @@ class SVOOPattern:
         return SVOOPlan(layouts, clustering.q.perm.view(B, H, S), clustering.k.perm.view(B, H, S), clustering,
                         reclustered)
 
+    @torch.compiler.disable  # stateful cluster cache: torch.compile graph-breaks here and runs it eagerly
     def attention(self, q: Tensor, k: Tensor, v: Tensor, step: int, layer: int, backend: str = "auto",
                   branch: Hashable = None, scale: Optional[float] = None) -> Tensor:
         """SVOO self-attention: q, k, v ``[B, S, H, D]`` -> out ``[B, S, H, D]`` in the original token order.
@@ -406,7 +408,8 @@ class SVOOPattern:
         "triton", or "auto" on CUDA, run the cluster path (`lvsa_kernels.triton_src.cluster_path`): planned on
         the device, keys and values permuted once, queries read and outputs written through the permutation by
         the packed cluster kernel. Other backends permute q, k, v, run ``block_sparse_attn`` per batch element
-        on the host-built per-head layouts of `plan`, and un-permute.
+        on the host-built per-head layouts of `plan`, and un-permute. Under ``torch.compile`` this call is
+        excluded from the graph (``torch.compiler.disable``) and runs eagerly; the rest of the model compiles.
         """
         from lvsa_kernels.api import block_sparse_attn  # lazy: lvsa_kernels imports this package first
 

@@ -260,3 +260,37 @@ def test_unsupported_inputs_are_named():
     q = torch.randn(1, 32, 1, 24, device=DEVICE)  # head dim 24 is not a power of two
     with pytest.raises(BackendUnavailable, match="head dims"):
         pat.attention(q, q, q, 0, 0, backend="triton")
+
+
+def test_torch_compile_fullgraph_traces_through_the_cluster_op():
+    B, S, H, D, n_q, n_k = 1, 64, 2, 16, 3, 7
+    g = torch.Generator().manual_seed(9)
+    q_sizes, k_sizes = random_sizes(g, B * H, n_q, S, empty=0), random_sizes(g, B * H, n_k, S, empty=1)
+    q_labels, q_perm = labels_and_perm(q_sizes, g)
+    k_labels, k_perm = labels_and_perm(k_sizes, g)
+    mask = torch.rand(B * H, n_q, n_k, generator=g) < 0.6
+    q, k, v = (torch.randn(B, S, H, D, generator=g).to(DEVICE) for _ in range(3))
+    cfg = SMALL or cluster_config(q.device, q.dtype, D)
+    sched = build_cluster_schedule(mask.to(DEVICE), q_sizes.to(DEVICE), k_sizes.to(DEVICE), S, cfg.tiles)
+    kp, vp = cluster_path.permute_keys(k, v, k_perm.to(DEVICE))
+    qperm = q_perm.to(DEVICE, torch.int32)
+
+    @torch.compile(fullgraph=True, backend="eager" if not CUDA else "inductor")
+    def f(q):
+        return cluster_attention(q, kp, vp, qperm, sched, D ** -0.5, cfg)[0] * 2.0
+
+    ref = masked_reference(q.cpu(), k.cpu(), v.cpu(), token_mask(mask & (k_sizes > 0)[:, None], q_labels, k_labels),
+                           D ** -0.5)[0]
+    assert rel_err(f(q).cpu(), 2.0 * ref) <= TOL[torch.float32]
+
+
+def test_svoo_attention_under_torch_compile():
+    """A compiled function calling the stateful SVOO pattern runs it eagerly (torch.compiler.disable)."""
+    B, S, H, D = 1, 96, 2, 16
+    g = torch.Generator().manual_seed(10)
+    q, k, v = (torch.randn(B, S, H, D, generator=g).to(DEVICE) for _ in range(3))
+    pat = SVOOPattern(top_p=0.8, q_clusters=3, k_clusters=6, warmup_steps=0)
+    eager = pat.attention(q, k, v, 0, 0, backend="triton")
+    compiled = torch.compile(lambda q, k, v: pat.attention(q, k, v, 1, 0, backend="triton"),
+                             backend="eager" if not CUDA else "inductor")
+    assert rel_err(compiled(q, k, v).cpu(), eager.cpu()) <= 1e-6
