@@ -106,9 +106,16 @@ def segment_means(x: Tensor, labels: Tensor, n: int, previous: Tensor,
     """
     G, N, d = x.shape
     if perm is None:
-        perm = torch.sort(labels, dim=1, stable=True).indices
+        perm = cluster_order(labels, n)
     sizes = torch.zeros(G, n, dtype=torch.int64, device=x.device).scatter_add_(1, labels, torch.ones_like(labels))
     return means_of_sorted(torch.gather(x, 1, perm.unsqueeze(-1).expand(G, N, d)), sizes, previous), sizes
+
+
+def cluster_order(labels: Tensor, n: int) -> Tensor:
+    """Stable argsort ``[G, N]`` of ``labels`` in ``[0, n)``; sorts the narrowest integer type that holds them
+    (a 16-bit radix sort is a quarter of a 64-bit one on the GPU)."""
+    narrow = torch.int16 if n <= 2**15 else torch.int32 if n <= 2**31 else torch.int64
+    return torch.sort(labels.to(narrow), dim=1, stable=True).indices
 
 
 def means_of_sorted(x_sorted: Tensor, sizes: Tensor, previous: Tensor) -> Tensor:
@@ -134,7 +141,7 @@ def strided_seeds(x: Tensor, n: int, generator: torch.Generator) -> Tensor:
 
 def _update(x: Tensor, labels: Tensor, previous: Tensor, means_fn: Callable[..., Tuple[Tensor, Tensor]]) -> Clusters:
     """Clusters of x for ``labels``: sizes, means (empty clusters keep ``previous``) and the permutation."""
-    perm = torch.sort(labels, dim=1, stable=True).indices
+    perm = cluster_order(labels, previous.shape[1])
     centroids, sizes = means_fn(x, labels, previous.shape[1], previous, perm)
     return Clusters(labels, centroids, sizes, perm)
 
