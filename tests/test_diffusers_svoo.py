@@ -124,6 +124,25 @@ def test_pipeline_steps_branches_and_cache_reset_per_generation():
     assert type(pipe).__name__ == "WanPipeline" and "_lvsa_handle" not in pipe.__dict__
 
 
+def test_wan22_two_experts_keep_separate_caches():
+    """Wan 2.2 A14B: the high-noise expert runs the early steps, the low-noise one the rest; each expert's
+    first call clusters (no cache of its own yet) and the experts never read each other's clusters."""
+    pipe = tiny_pipeline(two_experts=True)
+    pattern = RecordingSVOO(**SPARSE)
+    enable_lvsa(pipe, pattern=pattern, backend="reference")
+    try:
+        generate(pipe, 4)
+    finally:
+        disable_lvsa(pipe)
+    layers = len(pipe.transformer.blocks)
+    experts = [b[0] for _, _, b, _ in pattern.calls]
+    assert set(experts) == {0, 1} and experts == sorted(experts)  # expert 0 (high noise) first, then expert 1
+    first_low = experts.index(1)
+    assert pattern.calls[first_low][2] == (1, 0)
+    assert pattern.calls[first_low][3] == 2 * layers  # only expert 0's (layer, branch) caches exist then
+    assert {key[1][0] for key in pattern._cache} == {0, 1} and len(pattern._cache) == 2 * 2 * layers
+
+
 def test_round_trip_restores_processors_and_outputs(model):
     x = inputs()
     before = run(model, x, 500)
@@ -147,8 +166,6 @@ def test_unsupported_models_and_configs_raise(model):
     with pytest.raises(NotImplementedError, match=r"CogVideoX.*supported on Wan"):
         enable_svoo(cog)
     assert "_lvsa_handle" not in cog.__dict__
-    with pytest.raises(NotImplementedError, match="two experts"):
-        enable_svoo(tiny_pipeline(two_experts=True))
     with pytest.raises(TypeError, match="do not apply to an SVOOPattern"):
         enable_lvsa(model, pattern=SVOOPattern(), window=3)
 

@@ -129,7 +129,7 @@ def _pipeline_class(cls: type) -> type:
     return _PIPELINE_CLASSES[cls]
 
 
-def _forward_hooks(runtime: AttentionRuntime, spec: ModelSpec, transformer: nn.Module) -> List[Any]:
+def _forward_hooks(runtime: AttentionRuntime, spec: ModelSpec, transformer: nn.Module, expert: int) -> List[Any]:
     signature = inspect.signature(type(transformer).forward)
     patch = spec.patch(transformer.config)
     heads = int(transformer.config["num_attention_heads"])
@@ -144,7 +144,7 @@ def _forward_hooks(runtime: AttentionRuntime, spec: ModelSpec, transformer: nn.M
         if isinstance(runtime, SVOORuntime):
             check_no_context_parallel(parallel_config)
         ulysses = ulysses_group(parallel_config, heads, geometry, spec.name, spec.context_parallel)
-        runtime.begin_forward(geometry, bound["timestep"], ulysses)
+        runtime.begin_forward(geometry, bound["timestep"], ulysses, expert)
 
     def post_hook(module: nn.Module, args: tuple, output: Any) -> None:
         runtime.end_forward()
@@ -160,7 +160,7 @@ def _make_runtime(spec: ModelSpec, transformers: Sequence[nn.Module], pattern: U
             raise TypeError(f"enable_lvsa: LVSA knob(s) {sorted(knobs)} do not apply to an SVOOPattern; "
                             "set SVOO knobs on the pattern (or use enable_svoo(pipe, **svoo_knobs))")
         check_svoo_supported(spec, transformers)
-        return SVOORuntime(pattern, backend, spec.name)
+        return SVOORuntime(pattern, backend, spec.name, experts=len(transformers))
     lvsa_pattern, source = _make_pattern(spec, transformers[0].config, pattern, knobs)
     return LVSARuntime(lvsa_pattern, backend, spec.name, source)
 
@@ -180,17 +180,18 @@ def enable_lvsa(pipe_or_transformer: Any, pattern: Union[None, LVSAPattern, SVOO
         pattern: an `LVSAPattern` (latent-frame units); default: window 3, n_first 1 and the model's
             reference frames (config ``sample_frames`` / ``sample_n_frames`` when present, else Wan 21,
             Wan2.2-TI2V-5B 31, HunyuanVideo 1.5 33; CogVideoX from its ``sample_frames``, 13 for 5B).
-            Or an `SVOOPattern` (Wan with one transformer only, no context parallelism, no ``knobs``):
-            each ``attn1`` call runs ``pattern.attention`` with the denoising step, the block index as
-            layer and the transformer call's index within the step as CFG branch (0, 1); the pattern's
-            caches are reset at each new generation.
+            Or an `SVOOPattern` (Wan 2.1 / 2.2 incl. both A14B experts, no context parallelism, no
+            ``knobs``): each ``attn1`` call runs ``pattern.attention`` with the denoising step, the block
+            index as layer and the transformer call's index within the step as CFG branch (0, 1; with
+            two experts ``(expert, call)``, so the experts never share clusters); the pattern's caches
+            are reset at each new generation.
         backend: ``block_sparse_attn`` backend, ``"auto"`` or a registered name.
         **knobs: `LVSAPattern` fields that override the pattern (window, n_first, reference_frames,
             sparsity_scale, key_frame_interval, expand_window, rotate, anchors).
 
     Raises:
-        NotImplementedError: an `SVOOPattern` on a model other than Wan, on a two-expert pipeline, or
-            with diffusers context parallelism (also raised at the forward when it is enabled later).
+        NotImplementedError: an `SVOOPattern` on a model other than Wan, or with diffusers context
+            parallelism (also raised at the forward when it is enabled later).
 
     Returns:
         An `LVSAHandle`; ``disable_lvsa(pipe_or_transformer)`` or ``handle.disable()`` restores everything.
@@ -218,11 +219,11 @@ def enable_lvsa(pipe_or_transformer: Any, pattern: Union[None, LVSAPattern, SVOO
                     f"enable_lvsa: {name} uses {type(attn.processor).__name__}; LVSA replaces only "
                     f"{[c.__name__ for c in spec.original_processors]}"
                 )
-    for transformer in transformers:
+    for expert, transformer in enumerate(transformers):
         for layer, (_, attn) in enumerate(spec.self_attention(transformer)):
             handle._originals.append((attn, attn.processor))
             attn.set_processor(spec.processor_cls(runtime, layer))
-        handle._hooks += _forward_hooks(runtime, spec, transformer)
+        handle._hooks += _forward_hooks(runtime, spec, transformer, expert)
         transformer.__dict__[_ATTR] = handle
     if pipeline is not None:
         handle._pipeline_class = type(pipeline)

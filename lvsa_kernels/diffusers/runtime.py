@@ -44,15 +44,18 @@ class AttentionRuntime:
         self.tracker = StepTracker()
         self.geometry: Optional[VideoGeometry] = None
         self.ulysses: Optional[UlyssesGroup] = None
+        self.expert = 0
         self.forward_cache: Dict[str, Any] = {}
 
     # ------------------------------------------------------------------ transformer call boundaries
-    def begin_forward(self, geometry: VideoGeometry, timestep: Any, ulysses: Optional[UlyssesGroup] = None) -> None:
-        """Called by the transformer's forward pre-hook: record the step, the global geometry and the
-        Ulysses group (None without context parallelism)."""
+    def begin_forward(self, geometry: VideoGeometry, timestep: Any, ulysses: Optional[UlyssesGroup] = None,
+                      expert: int = 0) -> None:
+        """Called by the transformer's forward pre-hook: record the step, the global geometry, the
+        Ulysses group (None without context parallelism) and which transformer (expert) runs."""
         self.tracker.observe(timestep)
         self.geometry = geometry
         self.ulysses = ulysses
+        self.expert = expert
         self.forward_cache.clear()
 
     def end_forward(self) -> None:
@@ -91,9 +94,10 @@ class LVSARuntime(AttentionRuntime):
         self._layouts: Dict[Tuple[int, str], BlockSparseLayout] = {}
         self._planned_for: Optional[Tuple[int, Optional[int], VideoGeometry]] = None
 
-    def begin_forward(self, geometry: VideoGeometry, timestep: Any, ulysses: Optional[UlyssesGroup] = None) -> None:
+    def begin_forward(self, geometry: VideoGeometry, timestep: Any, ulysses: Optional[UlyssesGroup] = None,
+                      expert: int = 0) -> None:
         """As `AttentionRuntime.begin_forward`; layouts are re-planned when the step or geometry changes."""
-        super().begin_forward(geometry, timestep, ulysses)
+        super().begin_forward(geometry, timestep, ulysses, expert)
         key = (self.tracker.generation, self.tracker.step, geometry)
         if key != self._planned_for:
             self._layouts.clear()

@@ -4,8 +4,9 @@ Each ``attn1`` call runs ``pattern.attention(q, k, v, step, layer, backend, bran
 step from the shared `StepTracker`, the block index as ``layer`` and the index of the transformer call
 within the step as ``branch`` (0 and 1 for the two classifier-free-guidance calls, so each branch has
 its own cluster cache; a CFG batch in one call is branch 0 and every batch element gets its own
-clusters). The pattern's caches are dropped at each new generation. Wan 2.1 / 2.2 single-transformer
-models only; no context parallelism.
+clusters; with Wan 2.2's two experts the branch is ``(expert, call)``, so each expert has its own caches
+and its first call clusters). The pattern's caches are dropped at each new generation. Wan 2.1 / 2.2;
+no context parallelism.
 """
 from __future__ import annotations
 
@@ -26,17 +27,11 @@ log = logging.getLogger("lvsa_kernels")
 
 
 def check_svoo_supported(spec: ModelSpec, transformers: Sequence[nn.Module]) -> None:
-    """Raise NotImplementedError unless SVOO can run on ``transformers`` (one Wan transformer, no context
-    parallelism configured)."""
+    """Raise NotImplementedError unless SVOO can run on ``transformers`` (Wan, no context parallelism)."""
     if spec is not WAN:
         raise NotImplementedError(
             f"SVOO ({spec.name}): the SVOO pattern is supported on Wan (WanTransformer3DModel) only; "
             "use an LVSAPattern for this model"
-        )
-    if len(transformers) > 1:
-        raise NotImplementedError(
-            "SVOO (Wan): pipelines with two experts (transformer and transformer_2, Wan 2.2 A14B) are not "
-            "supported: the per-layer cluster caches would mix the experts; enable SVOO on one transformer"
         )
     for transformer in transformers:
         check_no_context_parallel(getattr(transformer, "_parallel_config", None))
@@ -58,15 +53,19 @@ class SVOORuntime(AttentionRuntime):
         pattern: the SVOO pattern (its caches are reset at each new generation).
         backend: ``block_sparse_attn`` backend name or ``"auto"``.
         model: model family name used in messages.
+        experts: transformers sharing the runtime (2 for Wan 2.2 A14B): the branch passed to the pattern
+            is then ``(expert, call)``, so each expert has its own cluster caches.
     """
 
-    def __init__(self, pattern: SVOOPattern, backend: str, model: str) -> None:
+    def __init__(self, pattern: SVOOPattern, backend: str, model: str, experts: int = 1) -> None:
         super().__init__(pattern, backend, model)
+        self.experts = experts
         self._generation: Optional[int] = None
 
-    def begin_forward(self, geometry: VideoGeometry, timestep: Any, ulysses: Optional[UlyssesGroup] = None) -> None:
+    def begin_forward(self, geometry: VideoGeometry, timestep: Any, ulysses: Optional[UlyssesGroup] = None,
+                      expert: int = 0) -> None:
         """As `AttentionRuntime.begin_forward`; the first call of a generation resets the SVOO caches."""
-        super().begin_forward(geometry, timestep, ulysses)
+        super().begin_forward(geometry, timestep, ulysses, expert)
         if self.tracker.generation != self._generation:
             self.pattern.reset()
             self._generation = self.tracker.generation
@@ -76,8 +75,9 @@ class SVOORuntime(AttentionRuntime):
         self.current_geometry("SVOO")
         if not self.tracker.announced:
             self._announce()
+        branch = self.tracker.call if self.experts == 1 else (self.expert, self.tracker.call)
         return self.pattern.attention(q, k, v, step=self.tracker.step, layer=layer, backend=self.backend,
-                                      branch=self.tracker.call)
+                                      branch=branch)
 
     def _announce(self) -> None:
         self.tracker.announced = True
