@@ -130,7 +130,8 @@ def assign_labels(x: Tensor, weights: Tensor, gemm_dtype: torch.dtype) -> Tensor
     if interpreting() or x.device.type != "cuda":
         bm, bj, warps, stages = 16, 16, 1, 1
     else:
-        bm, bj, warps, stages = (64, 64, 4, 2) if gemm_dtype == torch.float32 else (128, 128, 8, 2)
+        # bf16: 256 x 64 tiles measured fastest on the H100 (579 / 188 us for the key / query side at 720p)
+        bm, bj, warps, stages = (64, 64, 4, 2) if gemm_dtype == torch.float32 else (256, 64, 8, 3)
     if G and N:
         assign_argmax[(triton.cdiv(N, bm), G)](x, w, labels, x.stride(0), x.stride(1), N, J, HEAD_DIM=d,
                                                 BLOCK_M=bm, BLOCK_J=bj,
