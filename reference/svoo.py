@@ -127,14 +127,18 @@ def means_of_sorted(x_sorted: Tensor, sizes: Tensor, previous: Tensor) -> Tensor
     return torch.where((sizes > 0).unsqueeze(-1), means, previous.to(acc))
 
 
-def strided_seeds(x: Tensor, n: int, generator: torch.Generator) -> Tensor:
+def strided_seeds(x: Tensor, n: int, seed: int, groups: Optional[Tensor] = None, side: int = 0) -> Tensor:
     """Initial centroids ``[G, n, d]``: ``n`` evenly strided tokens of x ``[G, N, d]`` with a random phase per group.
 
     Tokens are in raster (frame, row, column) order, so strided seeds spread over space and time; they are
-    distinct whenever ``n <= N``. ``generator`` is a CPU generator (same seeds on every device).
+    distinct whenever ``n <= N``. The phase of group g comes from a CPU generator seeded with
+    ``(seed, side, groups[g])`` (``groups`` default ``0 .. G-1``), so a group keeps its seeds wherever it is
+    computed (e.g. a head on another Ulysses rank); ``side`` tells queries (0) and keys (1) apart.
     """
     G, N, d = x.shape
-    phase = torch.randint(0, N, (G, 1), generator=generator)
+    ids = range(G) if groups is None else [int(i) for i in groups]
+    phase = torch.tensor([int(torch.randint(0, N, (1,), generator=torch.Generator().manual_seed(
+        (seed * 2 + side) * 1_000_003 + i))) for i in ids]).view(G, 1)
     idx = (phase + torch.arange(n) * N // n) % N
     return torch.gather(x, 1, idx.to(x.device, non_blocking=True).unsqueeze(-1).expand(G, n, d))
 
@@ -149,19 +153,21 @@ def _update(x: Tensor, labels: Tensor, previous: Tensor, means_fn: Callable[...,
 def co_cluster(q: Tensor, k: Tensor, q_clusters: int, k_clusters: int, iterations: int = 2, seed: int = 0,
                init: Optional[Tuple[Tensor, Tensor]] = None,
                assign_fn: Callable[[Tensor, Tensor], Tensor] = assign,
-               means_fn: Optional[Callable[..., Tuple[Tensor, Tensor]]] = None) -> CoClustering:
+               means_fn: Optional[Callable[..., Tuple[Tensor, Tensor]]] = None,
+               groups: Optional[Tensor] = None) -> CoClustering:
     """Bidirectional query/key co-clustering (spec §3.1), keys first in every iteration.
 
     Args:
         q: ``[G, Nq, d]``; k: ``[G, Nk, d]`` (any float dtype; computed in float32, float64 for float64).
         q_clusters, k_clusters: ``n_q``, ``n_k`` (>= 1).
         iterations: assignment/update rounds (>= 1).
-        seed: seed of the CPU generator for strided seeding (ignored with ``init``).
+        seed: seed of the strided seeding (ignored with ``init``); see `strided_seeds` and ``groups``.
         init: warm start ``(q_centroids [G, n_q, d], k_centroids [G, n_k, d])``, e.g. cached centroids.
         assign_fn: ``(x [G, N, d], W [G, J, d]) -> int64 labels [G, N]``, the argmax rule of `assign`
             (e.g. the fused Triton GEMM + argmax of the GPU path).
         means_fn: ``(x, labels, n, previous, perm) -> (centroids, sizes)`` like `segment_means`. When given,
             tokens stay in their input dtype (the functions accumulate in float32) instead of being converted.
+        groups: global ids ``[G]`` of the groups for seeding (default ``0 .. G-1``).
     """
     if q.dim() != 3 or k.dim() != 3 or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
         raise ValueError(f"q, k: expected [G, Nq, d] and [G, Nk, d], got {tuple(q.shape)} and {tuple(k.shape)}")
@@ -172,8 +178,8 @@ def co_cluster(q: Tensor, k: Tensor, q_clusters: int, k_clusters: int, iteration
     xq, xk = (q, k) if means_fn is not None else (q.to(acc), k.to(acc))
     means_fn = means_fn or segment_means
     if init is None:
-        gen = torch.Generator().manual_seed(seed)
-        cq, ck = strided_seeds(xq, q_clusters, gen).to(acc), strided_seeds(xk, k_clusters, gen).to(acc)
+        cq = strided_seeds(xq, q_clusters, seed, groups, side=0).to(acc)
+        ck = strided_seeds(xk, k_clusters, seed, groups, side=1).to(acc)
     else:
         cq, ck = (c.to(device=q.device, dtype=acc) for c in init)
         G, d = q.shape[0], q.shape[2]
@@ -305,6 +311,7 @@ class _CacheEntry:
     signature: Tuple[object, ...]
     step: int
     clustering: CoClustering
+    heads: Optional[Tuple[int, int]] = None
 
 
 class SVOOPattern:
@@ -359,13 +366,16 @@ class SVOOPattern:
         """Whether (step, layer) runs dense attention (warm-up step or dense layer)."""
         return step < self.warmup_steps or layer in self.dense_layers
 
-    def min_blocks(self, step: int, layer: int, heads: int) -> Tensor:
-        """int64 ``[heads]`` profile floor ``int(clip(r_h, lo, hi) * k_clusters)``; zeros without a profile."""
+    def min_blocks(self, step: int, layer: int, heads: int, first: int = 0, total: Optional[int] = None) -> Tensor:
+        """int64 ``[heads]`` profile floor ``int(clip(r_h, lo, hi) * k_clusters)`` of global heads
+        ``first .. first + heads`` of a model with ``total`` heads (default ``heads``); zeros without a profile."""
+        total = heads if total is None else total
         if self.profile is None:
             return torch.zeros(heads, dtype=torch.int64)
         ratios = self.profile.keep_ratios(step + 1, layer)
-        if ratios.numel() != heads:
-            raise ValueError(f"profile: has {ratios.numel()} heads but the input has H={heads}")
+        if ratios.numel() != total:
+            raise ValueError(f"profile: has {ratios.numel()} heads but the model has H={total}")
+        ratios = ratios[first:first + heads]
         clipped = ratios.double().clamp(*self.clip)
         return torch.floor(clipped * self.k_clusters).to(torch.int64)
 
@@ -380,17 +390,19 @@ class SVOOPattern:
         for (layer, branch), entry in sorted(self._cache.items(), key=lambda kv: (kv[0][0], repr(kv[0][1]))):
             B, S, H, D = entry.signature[0]
             cl = entry.clustering
-            mask = self._block_map(cl, entry.step, layer, B, H, 1.0 / math.sqrt(D))
+            mask = self._block_map(cl, entry.step, layer, B, H, 1.0 / math.sqrt(D), entry.heads)
             pairs = (mask.double() * cl.q.sizes.double().unsqueeze(2) * cl.k.sizes.double().unsqueeze(1)).sum()
             out[(layer, branch)] = float(pairs) / (B * H * S * S)
         return out
 
     @torch.compiler.disable  # stateful (cluster cache) and host-side layouts: runs eagerly inside compiled models
     def plan(self, q: Tensor, k: Tensor, step: int, layer: int, cache_key: Hashable = None,
-             scale: Optional[float] = None) -> SVOOPlan:
+             scale: Optional[float] = None, heads: Optional[Tuple[int, int]] = None) -> SVOOPlan:
         """Plan one self-attention call from q ``[B, S, H, D]`` and k ``[B, S, H, D]`` as inspectable layouts.
 
-        ``cache_key`` names the CFG branch (any hashable); ``scale`` is the softmax scale (default 1/sqrt(D)).
+        ``cache_key`` names the CFG branch (any hashable); ``scale`` is the softmax scale (default 1/sqrt(D));
+        ``heads = (first, total)``: q, k hold global heads ``first .. first + H`` of ``total`` (a Ulysses
+        shard: profile floors and cluster seeds follow the global head).
         The layouts are built on the host (any backend can run them); `attention` on CUDA skips them and
         plans on the device.
         """
@@ -398,8 +410,8 @@ class SVOOPattern:
         if self.is_dense(step, layer):
             return SVOOPlan((BlockSparseLayout.dense(S),), None, None, None, False)
         scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-        clustering, reclustered = self._clusters(q, k, step, layer, cache_key, assign)
-        mask = self._block_map(clustering, step, layer, B, H, scale)
+        clustering, reclustered = self._clusters(q, k, step, layer, cache_key, assign, heads=heads)
+        mask = self._block_map(clustering, step, layer, B, H, scale, heads)
         meta = {"step": step, "layer": layer, "top_p": self.top_p, "q_clusters": self.q_clusters,
                 "k_clusters": self.k_clusters}
         layouts = build_layouts(mask, clustering.q.sizes, clustering.k.sizes, B, meta)
@@ -408,10 +420,11 @@ class SVOOPattern:
 
     @torch.compiler.disable  # stateful cluster cache: torch.compile graph-breaks here and runs it eagerly
     def attention(self, q: Tensor, k: Tensor, v: Tensor, step: int, layer: int, backend: str = "auto",
-                  branch: Hashable = None, scale: Optional[float] = None) -> Tensor:
+                  branch: Hashable = None, scale: Optional[float] = None,
+                  heads: Optional[Tuple[int, int]] = None) -> Tensor:
         """SVOO self-attention: q, k, v ``[B, S, H, D]`` -> out ``[B, S, H, D]`` in the original token order.
 
-        Dense steps and layers run ``block_sparse_attn`` with a dense layout. Sparse calls with ``backend``
+        ``heads``: see `plan`. Dense steps and layers run ``block_sparse_attn`` with a dense layout. Sparse calls with ``backend``
         "triton", or "auto" on CUDA, run the cluster path (`lvsa_kernels.triton_src.cluster_path`): planned on
         the device, keys and values permuted once, queries read and outputs written through the permutation by
         the packed cluster kernel. Other backends permute q, k, v, run ``block_sparse_attn`` per batch element
@@ -428,15 +441,15 @@ class SVOOPattern:
             scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
             cached = self._cached(q, step, layer, branch)
             if cached is None:  # re-clustering step (or no fitting cache): cluster, then permute
-                clustering, _ = self._clusters(q, k, step, layer, branch, path.assign_fn(q), path.means_fn)
+                clustering, _ = self._clusters(q, k, step, layer, branch, path.assign_fn(q), path.means_fn, heads)
                 kp, vp = path.permute_keys(k, v, clustering.k.perm)
             else:  # reuse step: permute with the cached order, refresh the centroids (keys from the permuted keys)
                 kp, vp = path.permute_keys(k, v, cached.k.perm)
                 clustering = path.refresh(q, kp, cached)
-                self._store(q, step, layer, branch, clustering)
-            mask = self._block_map(clustering, step, layer, B, H, scale)
+                self._store(q, step, layer, branch, clustering, heads)
+            mask = self._block_map(clustering, step, layer, B, H, scale, heads)
             return path.attend(q, kp, vp, clustering, mask, scale)
-        plan = self.plan(q, k, step, layer, cache_key=branch, scale=scale)
+        plan = self.plan(q, k, step, layer, cache_key=branch, scale=scale, heads=heads)
         qp, kp, vp = permute_tokens(q, plan.q_perm), permute_tokens(k, plan.k_perm), permute_tokens(v, plan.k_perm)
         outs = [block_sparse_attn(qp[b:b + 1], kp[b:b + 1], vp[b:b + 1], layout, backend=backend, scale=scale)
                 for b, layout in enumerate(plan.layouts)]
@@ -463,12 +476,14 @@ class SVOOPattern:
         signature = (tuple(q.shape), q.device)
         return None if self._needs_clustering(entry, signature, step) else entry.clustering
 
-    def _store(self, q: Tensor, step: int, layer: int, branch: Hashable, clustering: CoClustering) -> None:
-        self._cache[(layer, branch)] = _CacheEntry((tuple(q.shape), q.device), step, clustering)
+    def _store(self, q: Tensor, step: int, layer: int, branch: Hashable, clustering: CoClustering,
+               heads: Optional[Tuple[int, int]] = None) -> None:
+        self._cache[(layer, branch)] = _CacheEntry((tuple(q.shape), q.device), step, clustering, heads)
 
     def _clusters(self, q: Tensor, k: Tensor, step: int, layer: int, branch: Hashable,
                   assign_fn: Callable[[Tensor, Tensor], Tensor],
-                  means_fn: Optional[Callable[..., Tuple[Tensor, Tensor]]] = None) -> Tuple[CoClustering, bool]:
+                  means_fn: Optional[Callable[..., Tuple[Tensor, Tensor]]] = None,
+                  heads: Optional[Tuple[int, int]] = None) -> Tuple[CoClustering, bool]:
         """Re-cluster (warm-started from a fitting cache entry) or refresh the cached clusters of q, k
         ``[B, S, H, D]``; updates the cache. Returns (clustering, reclustered)."""
         entry = self._cache.get((layer, branch))
@@ -479,16 +494,21 @@ class SVOOPattern:
             init = None
             if entry is not None and entry.signature == signature:
                 init = (entry.clustering.q.centroids, entry.clustering.k.centroids)
+            B, _, H, _ = q.shape
+            first, total = heads or (0, H)
+            groups = (torch.arange(B).view(B, 1) * total + first + torch.arange(H)).reshape(-1)
             clustering = co_cluster(gq, gk, self.q_clusters, self.k_clusters, self.iterations, self.seed, init,
-                                    assign_fn, means_fn)
+                                    assign_fn, means_fn, groups)
             log.info("svoo: clustered layer %d branch %r at step %d", layer, branch, step)
         else:
             clustering = CoClustering(refresh_clusters(gq, entry.clustering.q), refresh_clusters(gk, entry.clustering.k))
-        self._store(q, step, layer, branch, clustering)
+        self._store(q, step, layer, branch, clustering, heads)
         return clustering, reclustered
 
-    def _block_map(self, clustering: CoClustering, step: int, layer: int, B: int, H: int, scale: float) -> Tensor:
-        floor = self.min_blocks(step, layer, H).repeat(B)
+    def _block_map(self, clustering: CoClustering, step: int, layer: int, B: int, H: int, scale: float,
+                   heads: Optional[Tuple[int, int]] = None) -> Tensor:
+        first, total = heads or (0, H)
+        floor = self.min_blocks(step, layer, H, first, total).repeat(B)
         return select_blocks(clustering.q.centroids, clustering.k.centroids, clustering.k.sizes, self.top_p,
                              floor, scale)
 

@@ -1,4 +1,4 @@
-"""LVSA under diffusers' own Ulysses context parallelism: 2 CPU processes (gloo) vs one process.
+"""LVSA and SVOO under diffusers' own Ulysses context parallelism: 2 CPU processes (gloo) vs one process.
 
 Two ranks (torch.multiprocessing.spawn, gloo, a FileStore in the test's tmp dir) run a tiny random Wan
 transformer (4 heads x 16) under ``enable_parallelism(ContextParallelConfig(ulysses_degree=2))`` with
@@ -23,8 +23,9 @@ pytest.importorskip("diffusers")
 from diffusers import ContextParallelConfig, WanTransformer3DModel  # noqa: E402
 from diffusers.models._modeling_parallel import ContextParallelOutput  # noqa: E402
 
-from lvsa_kernels import LVSAPattern, block_sparse_attn  # noqa: E402
+from lvsa_kernels import LVSAPattern, SVOOPattern, block_sparse_attn  # noqa: E402
 from lvsa_kernels.diffusers import disable_lvsa, enable_lvsa  # noqa: E402
+from lvsa_kernels.reference.svoo_profile import SVOOProfile  # noqa: E402
 from lvsa_kernels.diffusers.geometry import VideoGeometry  # noqa: E402
 from lvsa_kernels.diffusers.parallel import UlyssesGroup, heads_to_seq, seq_to_heads, ulysses_group  # noqa: E402
 from lvsa_kernels.diffusers.runtime import LVSARuntime  # noqa: E402
@@ -36,6 +37,14 @@ S = T * P
 SPARSE = dict(window=1, n_first=1, reference_frames=2, key_frame_interval=4)
 TIMESTEPS = (900.0, 800.0)                  # two denoising steps: rotation offsets 0 and 1
 TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+def svoo_pattern() -> SVOOPattern:
+    """Sparse SVOO over the two steps (cluster, then reuse) with a different profile floor per head, so a
+    rank that used the wrong heads' floors or seeds would differ from the single process."""
+    floors = torch.tensor([0.1, 0.3, 0.5, 0.2]).expand(len(TIMESTEPS), 2, 4)
+    return SVOOPattern(profile=SVOOProfile(floors), top_p=0.3, q_clusters=4, k_clusters=8, warmup_steps=0,
+                       recluster_every=2, clip=(0.0, 1.0))
 
 
 def tiny_wan(heads: int = 4) -> WanTransformer3DModel:
@@ -101,6 +110,11 @@ def _worker(rank: int, tmp: str) -> None:
         _enable_cp(model, ulysses_degree=WORLD)
         enable_lvsa(model, backend="reference", **SPARSE)
         res["cp_then_lvsa"] = denoise(model, x)
+        # SVOO under Ulysses: each rank clusters its two heads over the full sequence
+        model = tiny_wan()
+        _enable_cp(model, ulysses_degree=WORLD)
+        enable_lvsa(model, pattern=svoo_pattern(), backend="reference")
+        res["svoo"] = denoise(model, x)
 
         # GQA through the runtime's all-to-all: q 4 heads, k/v 2 heads, one random layout
         g = torch.Generator().manual_seed(5)
@@ -152,7 +166,10 @@ def single():
     model = tiny_wan()
     dense = denoise(model, x)
     enable_lvsa(model, backend="reference", **SPARSE)
-    return {"lvsa": denoise(model, x), "dense": dense}
+    lvsa = denoise(model, x)
+    model = tiny_wan()
+    enable_lvsa(model, pattern=svoo_pattern(), backend="reference")
+    return {"lvsa": lvsa, "dense": dense, "svoo": denoise(model, x)}
 
 
 def test_single_process_pattern_is_sparse(single):
@@ -167,6 +184,15 @@ def test_ulysses_equals_single_process(ranks, single, order):
     for res in ranks:
         assert len(res[order]) == len(TIMESTEPS)
         for got, want in zip(res[order], single["lvsa"]):
+            torch.testing.assert_close(got, want, **TOL)
+
+
+def test_svoo_under_ulysses_equals_single_process(ranks, single):
+    for step in range(len(TIMESTEPS)):
+        diff = (single["svoo"][step] - single["dense"][step]).abs().max()
+        assert diff > 1e-2 * single["dense"][step].abs().max()  # SVOO really is sparse here
+    for res in ranks:
+        for got, want in zip(res["svoo"], single["svoo"]):
             torch.testing.assert_close(got, want, **TOL)
 
 

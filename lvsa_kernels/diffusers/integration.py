@@ -15,7 +15,7 @@ from .geometry import geometry_from_latents
 from .hunyuan15 import HUNYUAN_VIDEO_15
 from .parallel import ulysses_group
 from .runtime import AttentionRuntime, LVSARuntime, ModelSpec
-from .svoo import SVOORuntime, check_no_context_parallel, check_svoo_supported
+from .svoo import SVOORuntime, check_svoo_supported
 from .wan import WAN
 
 __all__ = ["enable_lvsa", "enable_svoo", "disable_lvsa", "LVSAHandle", "SUPPORTED_MODELS"]
@@ -141,8 +141,6 @@ def _forward_hooks(runtime: AttentionRuntime, spec: ModelSpec, transformer: nn.M
             raise ValueError(f"LVSA ({spec.name}): the transformer call needs hidden_states and timestep")
         geometry = geometry_from_latents(bound["hidden_states"], spec.frame_dim, patch)
         parallel_config = getattr(module, "_parallel_config", None)
-        if isinstance(runtime, SVOORuntime):
-            check_no_context_parallel(parallel_config)
         ulysses = ulysses_group(parallel_config, heads, geometry, spec.name, spec.context_parallel)
         runtime.begin_forward(geometry, bound["timestep"], ulysses, expert)
 
@@ -180,8 +178,7 @@ def enable_lvsa(pipe_or_transformer: Any, pattern: Union[None, LVSAPattern, SVOO
         pattern: an `LVSAPattern` (latent-frame units); default: window 3, n_first 1 and the model's
             reference frames (config ``sample_frames`` / ``sample_n_frames`` when present, else Wan 21,
             Wan2.2-TI2V-5B 31, HunyuanVideo 1.5 33; CogVideoX from its ``sample_frames``, 13 for 5B).
-            Or an `SVOOPattern` (Wan 2.1 / 2.2 incl. both A14B experts, no context parallelism, no
-            ``knobs``): each ``attn1`` call runs ``pattern.attention`` with the denoising step, the block
+            Or an `SVOOPattern` (Wan 2.1 / 2.2 incl. both A14B experts, also under Ulysses; no ``knobs``): each ``attn1`` call runs ``pattern.attention`` with the denoising step, the block
             index as layer and the transformer call's index within the step as CFG branch (0, 1; with
             two experts ``(expert, call)``, so the experts never share clusters); the pattern's caches
             are reset at each new generation.
@@ -190,8 +187,7 @@ def enable_lvsa(pipe_or_transformer: Any, pattern: Union[None, LVSAPattern, SVOO
             sparsity_scale, key_frame_interval, expand_window, rotate, anchors).
 
     Raises:
-        NotImplementedError: an `SVOOPattern` on a model other than Wan, or with diffusers context
-            parallelism (also raised at the forward when it is enabled later).
+        NotImplementedError: an `SVOOPattern` on a model other than Wan (also raised at the forward when it is enabled later).
 
     Returns:
         An `LVSAHandle`; ``disable_lvsa(pipe_or_transformer)`` or ``handle.disable()`` restores everything.

@@ -33,6 +33,11 @@ class UlyssesGroup:
     group: Any
     degree: int
 
+    @property
+    def rank(self) -> int:
+        """This process's rank in the group (rank r holds heads ``[r*H/N, (r+1)*H/N)`` after `seq_to_heads`)."""
+        return dist.get_rank(self.group)
+
 
 def ulysses_group(parallel_config: Any, heads: int, geometry: VideoGeometry, where: str,
                   supported: bool = True) -> Optional[UlyssesGroup]:

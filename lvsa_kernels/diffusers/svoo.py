@@ -5,8 +5,8 @@ step from the shared `StepTracker`, the block index as ``layer`` and the index o
 within the step as ``branch`` (0 and 1 for the two classifier-free-guidance calls, so each branch has
 its own cluster cache; a CFG batch in one call is branch 0 and every batch element gets its own
 clusters; with Wan 2.2's two experts the branch is ``(expert, call)``, so each expert has its own caches
-and its first call clusters). The pattern's caches are dropped at each new generation. Wan 2.1 / 2.2;
-no context parallelism.
+and its first call clusters). The pattern's caches are dropped at each new generation. Wan 2.1 / 2.2,
+also under diffusers' Ulysses context parallelism (each rank clusters its own heads over the full sequence).
 """
 from __future__ import annotations
 
@@ -17,32 +17,21 @@ from torch import Tensor, nn
 
 from ..reference import SVOOPattern
 from .geometry import VideoGeometry
-from .parallel import UlyssesGroup
+from .parallel import UlyssesGroup, heads_to_seq, seq_to_heads
 from .runtime import AttentionRuntime, ModelSpec
 from .wan import WAN
 
-__all__ = ["SVOORuntime", "check_svoo_supported", "check_no_context_parallel"]
+__all__ = ["SVOORuntime", "check_svoo_supported"]
 
 log = logging.getLogger("lvsa_kernels")
 
 
 def check_svoo_supported(spec: ModelSpec, transformers: Sequence[nn.Module]) -> None:
-    """Raise NotImplementedError unless SVOO can run on ``transformers`` (Wan, no context parallelism)."""
+    """Raise NotImplementedError unless SVOO can run on ``transformers`` (Wan 2.1 / 2.2)."""
     if spec is not WAN:
         raise NotImplementedError(
             f"SVOO ({spec.name}): the SVOO pattern is supported on Wan (WanTransformer3DModel) only; "
             "use an LVSAPattern for this model"
-        )
-    for transformer in transformers:
-        check_no_context_parallel(getattr(transformer, "_parallel_config", None))
-
-
-def check_no_context_parallel(parallel_config: Any) -> None:
-    """Raise NotImplementedError when a diffusers parallel config has context parallelism."""
-    if getattr(parallel_config, "context_parallel_config", None) is not None:
-        raise NotImplementedError(
-            "SVOO (Wan): diffusers context parallelism (enable_parallelism with a ContextParallelConfig) is not "
-            "supported with the SVOO pattern; run on one GPU or use an LVSAPattern"
         )
 
 
@@ -71,13 +60,24 @@ class SVOORuntime(AttentionRuntime):
             self._generation = self.tracker.generation
 
     def video_attention(self, q: Tensor, k: Tensor, v: Tensor, layer: int) -> Tensor:
-        """``pattern.attention`` on q, k, v ``[B, S, H, D]`` at the current step, this layer and CFG branch."""
+        """``pattern.attention`` on q, k, v ``[B, S, H, D]`` at the current step, this layer and CFG branch.
+
+        Under Ulysses (degree N) the inputs are this rank's ``[B, S/N, H, D]`` shards: they are exchanged to
+        ``[B, S, H/N, D]``, clustered and attended for this rank's heads (profile floors and cluster seeds of
+        the global heads, so the result equals one GPU's) and exchanged back."""
         self.current_geometry("SVOO")
         if not self.tracker.announced:
             self._announce()
         branch = self.tracker.call if self.experts == 1 else (self.expert, self.tracker.call)
-        return self.pattern.attention(q, k, v, step=self.tracker.step, layer=layer, backend=self.backend,
-                                      branch=branch)
+        ug = self.ulysses
+        if ug is None:
+            return self.pattern.attention(q, k, v, step=self.tracker.step, layer=layer, backend=self.backend,
+                                          branch=branch)
+        q, k, v = seq_to_heads([q, k, v], ug, "q/k/v")
+        heads = (ug.rank * q.shape[2], ug.degree * q.shape[2])
+        out = self.pattern.attention(q, k, v, step=self.tracker.step, layer=layer, backend=self.backend,
+                                     branch=branch, heads=heads)
+        return heads_to_seq(out, ug)
 
     def _announce(self) -> None:
         self.tracker.announced = True
