@@ -23,7 +23,7 @@ from .svoo_profile import SVOOProfile
 
 __all__ = [
     "Clusters", "CoClustering", "SVOOPattern", "SVOOPlan", "assign", "assignment_weights", "build_layouts",
-    "co_cluster", "l2norm_rows", "means_of_sorted", "permute_tokens", "refresh_clusters", "segment_means", "select_blocks", "strided_seeds",
+    "co_cluster", "l2norm_rows", "means_of_sorted", "with_text", "permute_tokens", "refresh_clusters", "segment_means", "select_blocks", "strided_seeds",
     "unpermute_tokens",
 ]
 
@@ -282,6 +282,33 @@ def _groups(x: Tensor) -> Tensor:
     return x.transpose(1, 2).reshape(B * H, S, D)
 
 
+def _text_last(perm: Tensor, text_tokens: int) -> Tensor:
+    """Video order ``perm [G, N]`` extended by the ``text_tokens`` positions after the video, unpermuted."""
+    if not text_tokens:
+        return perm
+    N = perm.shape[1]
+    return torch.cat([perm, torch.arange(N, N + text_tokens, device=perm.device).expand(perm.shape[0], -1)], dim=1)
+
+
+def with_text(clustering: CoClustering, mask: Tensor, text_tokens: int
+              ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(q_sizes, k_sizes, q_perm, k_perm, mask)`` of the video clustering extended by one text block.
+
+    With ``text_tokens > 0`` the text (after the video, unpermuted) becomes query block ``n_q`` and key block
+    ``n_k``: every video cluster attends it, and it attends every block. Sizes ``[G, n + 1]``, perms
+    ``[G, N + text_tokens]``, mask ``[G, n_q + 1, n_k + 1]``; without text the inputs come back unchanged.
+    """
+    q, k = clustering.q, clustering.k
+    if not text_tokens:
+        return q.sizes, k.sizes, q.perm, k.perm, mask
+    G, n_q, n_k = mask.shape
+    ext = torch.ones(G, n_q + 1, n_k + 1, dtype=torch.bool, device=mask.device)
+    ext[:, :n_q, :n_k] = mask
+    pad = torch.nn.functional.pad
+    return (pad(q.sizes, (0, 1), value=text_tokens), pad(k.sizes, (0, 1), value=text_tokens),
+            _text_last(q.perm, text_tokens), _text_last(k.perm, text_tokens), ext)
+
+
 # ---------------------------------------------------------------------------------------------- pattern
 @dataclass(frozen=True)
 class SVOOPlan:
@@ -397,66 +424,75 @@ class SVOOPattern:
 
     @torch.compiler.disable  # stateful (cluster cache) and host-side layouts: runs eagerly inside compiled models
     def plan(self, q: Tensor, k: Tensor, step: int, layer: int, cache_key: Hashable = None,
-             scale: Optional[float] = None, heads: Optional[Tuple[int, int]] = None) -> SVOOPlan:
+             scale: Optional[float] = None, heads: Optional[Tuple[int, int]] = None, text_tokens: int = 0) -> SVOOPlan:
         """Plan one self-attention call from q ``[B, S, H, D]`` and k ``[B, S, H, D]`` as inspectable layouts.
 
         ``cache_key`` names the CFG branch (any hashable); ``scale`` is the softmax scale (default 1/sqrt(D));
         ``heads = (first, total)``: q, k hold global heads ``first .. first + H`` of ``total`` (a Ulysses
-        shard: profile floors and cluster seeds follow the global head).
+        shard: profile floors and cluster seeds follow the global head). ``text_tokens``: the last
+        ``text_tokens`` positions are (valid) text: only the video part is clustered; text is one extra query
+        and key block, unpermuted at the end: video clusters attend their selected video clusters and all text,
+        text attends everything.
         The layouts are built on the host (any backend can run them); `attention` on CUDA skips them and
         plans on the device.
         """
-        B, S, H, D = self._check(q, k, step)
+        B, S, H, D = self._check(q, k, step, text_tokens)
         if self.is_dense(step, layer):
             return SVOOPlan((BlockSparseLayout.dense(S),), None, None, None, False)
         scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-        clustering, reclustered = self._clusters(q, k, step, layer, cache_key, assign, heads=heads)
+        n_video = S - text_tokens
+        clustering, reclustered = self._clusters(q[:, :n_video], k[:, :n_video], step, layer, cache_key, assign,
+                                                 heads=heads)
         mask = self._block_map(clustering, step, layer, B, H, scale, heads)
+        q_sizes, k_sizes, q_perm, k_perm, mask = with_text(clustering, mask, text_tokens)
         meta = {"step": step, "layer": layer, "top_p": self.top_p, "q_clusters": self.q_clusters,
-                "k_clusters": self.k_clusters}
-        layouts = build_layouts(mask, clustering.q.sizes, clustering.k.sizes, B, meta)
-        return SVOOPlan(layouts, clustering.q.perm.view(B, H, S), clustering.k.perm.view(B, H, S), clustering,
-                        reclustered)
+                "k_clusters": self.k_clusters, "text_tokens": text_tokens}
+        layouts = build_layouts(mask, q_sizes, k_sizes, B, meta)
+        return SVOOPlan(layouts, q_perm.view(B, H, S), k_perm.view(B, H, S), clustering, reclustered)
 
     @torch.compiler.disable  # stateful cluster cache: torch.compile graph-breaks here and runs it eagerly
     def attention(self, q: Tensor, k: Tensor, v: Tensor, step: int, layer: int, backend: str = "auto",
                   branch: Hashable = None, scale: Optional[float] = None,
-                  heads: Optional[Tuple[int, int]] = None) -> Tensor:
+                  heads: Optional[Tuple[int, int]] = None, text_tokens: int = 0) -> Tensor:
         """SVOO self-attention: q, k, v ``[B, S, H, D]`` -> out ``[B, S, H, D]`` in the original token order.
 
-        ``heads``: see `plan`. Dense steps and layers run ``block_sparse_attn`` with a dense layout. Sparse calls with ``backend``
-        "triton", or "auto" on CUDA, run the cluster path (`lvsa_kernels.triton_src.cluster_path`): planned on
-        the device, keys and values permuted once, queries read and outputs written through the permutation by
-        the packed cluster kernel. Other backends permute q, k, v, run ``block_sparse_attn`` per batch element
-        on the host-built per-head layouts of `plan`, and un-permute. Under ``torch.compile`` this call is
-        excluded from the graph (``torch.compiler.disable``) and runs eagerly; the rest of the model compiles.
+        ``heads``, ``text_tokens``: see `plan`. Dense steps and layers run ``block_sparse_attn`` with a dense
+        layout. Sparse calls with ``backend`` "triton", or "auto" on CUDA, run the cluster path
+        (`lvsa_kernels.triton_src.cluster_path`): planned on the device, keys and values permuted once, queries
+        read and outputs written through the permutation by the packed cluster kernel. Other backends permute
+        q, k, v, run ``block_sparse_attn`` per batch element on the host-built per-head layouts of `plan`, and
+        un-permute. Under ``torch.compile`` this call is excluded from the graph (``torch.compiler.disable``)
+        and runs eagerly; the rest of the model compiles.
         """
         from lvsa_kernels.api import block_sparse_attn  # lazy: lvsa_kernels imports this package first
 
-        B, S, H, D = self._check(q, k, step)
+        B, S, H, D = self._check(q, k, step, text_tokens)
         if self.is_dense(step, layer):
             return block_sparse_attn(q, k, v, BlockSparseLayout.dense(S), backend=backend, scale=scale)
         path = _cluster_path(q, backend)
         if path is not None:
             scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-            cached = self._cached(q, step, layer, branch)
+            n_video = S - text_tokens
+            qv, kv = q[:, :n_video], k[:, :n_video]
+            cached = self._cached(qv, step, layer, branch)
             if cached is None:  # re-clustering step (or no fitting cache): cluster, then permute
-                clustering, _ = self._clusters(q, k, step, layer, branch, path.assign_fn(q), path.means_fn, heads)
-                kp, vp = path.permute_keys(k, v, clustering.k.perm)
+                clustering, _ = self._clusters(qv, kv, step, layer, branch, path.assign_fn(q), path.means_fn, heads)
+                kp, vp = path.permute_keys(k, v, _text_last(clustering.k.perm, text_tokens))
             else:  # reuse step: permute with the cached order, refresh the centroids (keys from the permuted keys)
-                kp, vp = path.permute_keys(k, v, cached.k.perm)
-                clustering = path.refresh(q, kp, cached)
-                self._store(q, step, layer, branch, clustering, heads)
+                kp, vp = path.permute_keys(k, v, _text_last(cached.k.perm, text_tokens))
+                clustering = path.refresh(qv, kp[:, :n_video], cached)
+                self._store(qv, step, layer, branch, clustering, heads)
             mask = self._block_map(clustering, step, layer, B, H, scale, heads)
-            return path.attend(q, kp, vp, clustering, mask, scale)
-        plan = self.plan(q, k, step, layer, cache_key=branch, scale=scale, heads=heads)
+            q_sizes, k_sizes, q_perm, _, mask = with_text(clustering, mask, text_tokens)
+            return path.attend(q, kp, vp, q_sizes, k_sizes, q_perm, mask, scale)
+        plan = self.plan(q, k, step, layer, cache_key=branch, scale=scale, heads=heads, text_tokens=text_tokens)
         qp, kp, vp = permute_tokens(q, plan.q_perm), permute_tokens(k, plan.k_perm), permute_tokens(v, plan.k_perm)
         outs = [block_sparse_attn(qp[b:b + 1], kp[b:b + 1], vp[b:b + 1], layout, backend=backend, scale=scale)
                 for b, layout in enumerate(plan.layouts)]
         return unpermute_tokens(torch.cat(outs) if len(outs) > 1 else outs[0], plan.q_perm)
 
     # ------------------------------------------------------------------------------------------ internals
-    def _check(self, q: Tensor, k: Tensor, step: int) -> Tuple[int, int, int, int]:
+    def _check(self, q: Tensor, k: Tensor, step: int, text_tokens: int = 0) -> Tuple[int, int, int, int]:
         if q.dim() != 4 or k.dim() != 4:
             raise ValueError(f"q, k: expected [B, S, H, D], got {tuple(q.shape)} and {tuple(k.shape)}")
         if k.shape != q.shape:
@@ -464,6 +500,8 @@ class SVOOPattern:
                              f"got {tuple(k.shape)}")
         if not isinstance(step, int) or step < 0:
             raise ValueError(f"step: expected a 0-based int >= 0, got {step!r}")
+        if not isinstance(text_tokens, int) or not 0 <= text_tokens < q.shape[1]:
+            raise ValueError(f"text_tokens: expected an int in [0, S={q.shape[1]}), got {text_tokens!r}")
         return tuple(q.shape)
 
     def _needs_clustering(self, entry: Optional[_CacheEntry], signature: Tuple[object, ...], step: int) -> bool:

@@ -294,3 +294,28 @@ def test_svoo_attention_under_torch_compile():
     compiled = torch.compile(lambda q, k, v: pat.attention(q, k, v, 1, 0, backend="triton"),
                              backend="eager" if not CUDA else "inductor")
     assert rel_err(compiled(q, k, v).cpu(), eager.cpu()) <= 1e-6
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_video_clusters_with_trailing_text(backend):
+    """Text after the video (HunyuanVideo): video clusters attend their selected video clusters and all text,
+    text attends everything; the text is never permuted. Cluster path and host-layout path alike."""
+    B, n_video, n_text, H, D = 2, 100, 20, 2, 16
+    S = n_video + n_text
+    g = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(B, S, H, D, generator=g).to(DEVICE) for _ in range(3))
+    pat = SVOOPattern(top_p=0.5, q_clusters=4, k_clusters=8, warmup_steps=0, recluster_every=2)
+    for step in (0, 1):  # cluster, then reuse
+        out = pat.attention(q, k, v, step, 0, backend=backend, branch="c", text_tokens=n_text)
+        cl = pat._cache[(0, "c")].clustering
+        mask = pat._block_map(cl, step, 0, B, H, D ** -0.5).cpu()
+        video = token_mask(mask & (cl.k.sizes.cpu() > 0)[:, None], cl.q.labels.cpu(), cl.k.labels.cpu())
+        allowed = torch.ones(B * H, S, S, dtype=torch.bool)
+        allowed[:, :n_video, :n_video] = video
+        ref = masked_reference(q.cpu(), k.cpu(), v.cpu(), allowed, D ** -0.5)[0]
+        assert video.float().mean() < 0.9 and rel_err(out.cpu(), ref) <= TOL[torch.float32]
+    dense = SVOOPattern(top_p=1.0, q_clusters=4, k_clusters=8, warmup_steps=0)
+    full = masked_reference(q.cpu(), k.cpu(), v.cpu(), torch.ones(B * H, S, S, dtype=torch.bool), D ** -0.5)[0]
+    assert rel_err(dense.attention(q, k, v, 0, 0, backend=backend, text_tokens=n_text).cpu(), full) <= 2e-5
+    with pytest.raises(ValueError, match="text_tokens"):
+        pat.attention(q, k, v, 2, 0, backend=backend, text_tokens=S)

@@ -149,3 +149,31 @@ def test_round_trip_and_defaults(model):
         assert handle.runtime.reference_source == "HunyuanVideo 1.5 default"
     finally:
         handle.disable()
+
+
+def test_svoo_on_joint_attention(model):
+    """SVOO on HunyuanVideo 1.5: only the video is clustered, the valid text is one block after it. top_p = 1
+    equals the original processors; a sparse pattern keeps one cache per (layer, batch element) because the
+    two elements have different valid text lengths."""
+    from lvsa_kernels import SVOOPattern
+    from lvsa_kernels.diffusers import enable_svoo
+
+    x = inputs()
+    expected = run(model, x, 700)
+    enable_svoo(model, backend="reference", top_p=1.0, q_clusters=4, k_clusters=8, warmup_steps=0)
+    try:
+        torch.testing.assert_close(run(model, x, 700), expected, rtol=1e-5, atol=1e-5)
+    finally:
+        disable_lvsa(model)
+    pattern = SVOOPattern(top_p=0.3, q_clusters=4, k_clusters=8, warmup_steps=0, recluster_every=2)
+    enable_lvsa(model, pattern=pattern, backend="reference")
+    try:
+        first = run(model, x, 900)
+        second = run(model, x, 800)   # reuses the clusters of the first step
+    finally:
+        disable_lvsa(model)
+    assert torch.isfinite(first).all() and torch.isfinite(second).all()
+    assert not torch.allclose(second, run(model, x, 800), atol=1e-4)  # really sparse
+    layers = len(model.transformer_blocks)
+    assert sorted(pattern._cache) == [(layer, (0, part)) for layer in range(layers) for part in (0, 1)]
+    assert all(e.step == 1 and e.clustering.q.perm.shape == (2, T * P) for e in pattern._cache.values())

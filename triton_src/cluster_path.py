@@ -67,7 +67,8 @@ def cluster_means(x: Tensor, sizes: Tensor, previous: Tensor, perm: Optional[Ten
 
 def refresh(q: Tensor, kp: Tensor, cached: CoClustering) -> CoClustering:
     """Cached labels and permutations with centroids recomputed from the current q ``[B, S, H, D]`` (read
-    through the query permutation) and kp ``[G, S, D]`` (keys already in key-cluster order)."""
+    through the query permutation) and kp ``[G, S, D]`` (keys already in key-cluster order); strided views
+    (e.g. the video part of a longer sequence) are fine."""
     cq, ck = cached.q, cached.k
     return CoClustering(Clusters(cq.labels, cluster_means(q, cq.sizes, cq.centroids, cq.perm), cq.sizes, cq.perm),
                         Clusters(ck.labels, cluster_means(kp, ck.sizes, ck.centroids), ck.sizes, ck.perm))
@@ -100,13 +101,15 @@ def permute_keys(k: Tensor, v: Tensor, perm: Tensor) -> Tuple[Tensor, Tensor]:
     return gather_rows(k, perm), gather_rows(v, perm)
 
 
-def attend(q: Tensor, kp: Tensor, vp: Tensor, clustering: CoClustering, mask: Tensor, scale: float) -> Tensor:
+def attend(q: Tensor, kp: Tensor, vp: Tensor, q_sizes: Tensor, k_sizes: Tensor, q_perm: Tensor, mask: Tensor,
+           scale: float) -> Tensor:
     """Plan on the device and run the packed cluster kernel; returns out ``[B, S, H, D]`` in token order.
 
-    q ``[B, S, H, D]`` in token order; kp, vp from `permute_keys`; mask bool ``[B * H, n_q, n_k]``.
+    q ``[B, S, H, D]`` in token order; kp, vp from `permute_keys`; q_sizes ``[B * H, n_q]``, k_sizes
+    ``[B * H, n_k]`` (tokens per block), q_perm ``[B * H, S]``, mask bool ``[B * H, n_q, n_k]``.
     """
     S = q.shape[1]
     cfg = cluster_config(q.device, q.dtype, q.shape[-1])
-    sched = build_cluster_schedule(mask, clustering.q.sizes, clustering.k.sizes, S, cfg.tiles)
-    out, _ = cluster_attention(q, kp, vp, clustering.q.perm.to(torch.int32), sched, scale, cfg)
+    sched = build_cluster_schedule(mask, q_sizes, k_sizes, S, cfg.tiles)
+    out, _ = cluster_attention(q, kp, vp, q_perm.to(torch.int32), sched, scale, cfg)
     return out

@@ -1,4 +1,4 @@
-"""HunyuanVideo 1.5 (`HunyuanVideo15Transformer3DModel`): LVSA on the joint attention of each block.
+"""HunyuanVideo 1.5 (`HunyuanVideo15Transformer3DModel`): LVSA (or SVOO) on the joint attention of each block.
 
 The joint sequence is ``[video (T*P); text (L)]`` with padded text. diffusers passes a ``[B, L]`` text
 mask whose valid tokens come first; each batch element runs on its trimmed sequence
@@ -49,7 +49,8 @@ def text_valid_lengths(mask: Optional[Tensor], batch: int, text_len: int) -> Lis
 
 class LVSAHunyuanVideo15AttnProcessor(LVSAProcessorBase):
     """Replaces `HunyuanVideo15AttnProcessor2_0`: video and text projections, RMS QK-norm, RoPE on video,
-    LVSA attention over ``[video; valid text]`` per batch element, split output projections."""
+    the runtime's joint attention (LVSA or SVOO) over ``[video; valid text]`` per batch element, split output
+    projections."""
 
     where = "HunyuanVideo 1.5 attn"
 
@@ -102,10 +103,10 @@ class LVSAHunyuanVideo15AttnProcessor(LVSAProcessorBase):
         else:
             groups = [(slice(b, b + 1), n) for b, n in enumerate(lengths)]
         parts = []
-        for rows, n in groups:
+        for part, (rows, n) in enumerate(groups):
             s = n_video + n
-            o = self.runtime.attend(q[rows, :s], k[rows, :s], v[rows, :s],
-                                    self.runtime.layout(text_tokens=n, text_position="after"))
+            o = self.runtime.joint_attention(q[rows, :s], k[rows, :s], v[rows, :s], self.layer, n,
+                                             part=None if len(groups) == 1 else part)
             parts.append(o if n == text_len else F.pad(o, (0, 0, 0, 0, 0, text_len - n)))
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
 

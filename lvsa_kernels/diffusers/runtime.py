@@ -77,6 +77,13 @@ class AttentionRuntime:
         """Video-only self-attention of layer ``layer``: q, k, v ``[B, S, H, D]`` -> ``[B, S, H, D]``."""
         raise NotImplementedError(f"{type(self).__name__} does not implement video_attention")
 
+    def joint_attention(self, q: Tensor, k: Tensor, v: Tensor, layer: int, text_tokens: int,
+                        part: Optional[int] = None) -> Tensor:
+        """Attention over ``[video; text_tokens valid text tokens]`` (text after the video) of layer ``layer``:
+        ``[B, S, H, D]`` -> ``[B, S, H, D]``. ``part`` numbers the calls one transformer call makes for
+        different text lengths (one per batch element), None for a single call."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement joint_attention")
+
 
 class LVSARuntime(AttentionRuntime):
     """Pattern, backend, step and current geometry shared by all installed LVSA processors.
@@ -118,6 +125,11 @@ class LVSARuntime(AttentionRuntime):
     def video_attention(self, q: Tensor, k: Tensor, v: Tensor, layer: int) -> Tensor:
         """LVSA attention over the video tokens with the current step's layout (same for every layer)."""
         return self.attend(q, k, v, self.layout())
+
+    def joint_attention(self, q: Tensor, k: Tensor, v: Tensor, layer: int, text_tokens: int,
+                        part: Optional[int] = None) -> Tensor:
+        """LVSA attention over ``[video; text]`` with the step's layout for ``text_tokens`` text tokens after the video."""
+        return self.attend(q, k, v, self.layout(text_tokens=text_tokens, text_position="after"))
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout) -> Tensor:
         """``block_sparse_attn`` on ``[B, S, H, D]`` tensors with the runtime's backend.

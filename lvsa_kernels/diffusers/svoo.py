@@ -1,4 +1,4 @@
-"""SVOO on Wan's self-attention through the diffusers shim.
+"""SVOO on Wan's self-attention and HunyuanVideo 1.5's joint attention through the diffusers shim.
 
 Each ``attn1`` call runs ``pattern.attention(q, k, v, step, layer, backend, branch)`` with the denoising
 step from the shared `StepTracker`, the block index as ``layer`` and the index of the transformer call
@@ -6,7 +6,8 @@ within the step as ``branch`` (0 and 1 for the two classifier-free-guidance call
 its own cluster cache; a CFG batch in one call is branch 0 and every batch element gets its own
 clusters; with Wan 2.2's two experts the branch is ``(expert, call)``, so each expert has its own caches
 and its first call clusters). The pattern's caches are dropped at each new generation. Wan 2.1 / 2.2,
-also under diffusers' Ulysses context parallelism (each rank clusters its own heads over the full sequence).
+also under diffusers' Ulysses context parallelism (each rank clusters its own heads over the full sequence);
+HunyuanVideo 1.5 through `joint_attention` (video clustered, the valid text one extra block after it).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from ..reference import SVOOPattern
 from .geometry import VideoGeometry
 from .parallel import UlyssesGroup, heads_to_seq, seq_to_heads
 from .runtime import AttentionRuntime, ModelSpec
+from .hunyuan15 import HUNYUAN_VIDEO_15
 from .wan import WAN
 
 __all__ = ["SVOORuntime", "check_svoo_supported"]
@@ -27,11 +29,11 @@ log = logging.getLogger("lvsa_kernels")
 
 
 def check_svoo_supported(spec: ModelSpec, transformers: Sequence[nn.Module]) -> None:
-    """Raise NotImplementedError unless SVOO can run on ``transformers`` (Wan 2.1 / 2.2)."""
-    if spec is not WAN:
+    """Raise NotImplementedError unless SVOO can run on ``transformers`` (Wan 2.1 / 2.2, HunyuanVideo 1.5)."""
+    if spec not in (WAN, HUNYUAN_VIDEO_15):
         raise NotImplementedError(
-            f"SVOO ({spec.name}): the SVOO pattern is supported on Wan (WanTransformer3DModel) only; "
-            "use an LVSAPattern for this model"
+            f"SVOO ({spec.name}): the SVOO pattern is supported on Wan (WanTransformer3DModel) and HunyuanVideo 1.5 "
+            "(HunyuanVideo15Transformer3DModel) only; use an LVSAPattern for this model"
         )
 
 
@@ -78,6 +80,20 @@ class SVOORuntime(AttentionRuntime):
         out = self.pattern.attention(q, k, v, step=self.tracker.step, layer=layer, backend=self.backend,
                                      branch=branch, heads=heads)
         return heads_to_seq(out, ug)
+
+    def joint_attention(self, q: Tensor, k: Tensor, v: Tensor, layer: int, text_tokens: int,
+                        part: Optional[int] = None) -> Tensor:
+        """``pattern.attention`` over ``[video; text]`` (HunyuanVideo 1.5): the video part is clustered, the
+        ``text_tokens`` valid text tokens after it form one block (see `SVOOPattern.plan`). Calls for different
+        text lengths within one transformer call (``part``: the batch element) keep separate caches."""
+        self.current_geometry("SVOO")
+        if not self.tracker.announced:
+            self._announce()
+        branch = self.tracker.call if self.experts == 1 else (self.expert, self.tracker.call)
+        if part is not None:
+            branch = (branch, part)
+        return self.pattern.attention(q, k, v, step=self.tracker.step, layer=layer, backend=self.backend,
+                                      branch=branch, text_tokens=text_tokens)
 
     def _announce(self) -> None:
         self.tracker.announced = True
