@@ -127,18 +127,27 @@ def means_of_sorted(x_sorted: Tensor, sizes: Tensor, previous: Tensor) -> Tensor
     return torch.where((sizes > 0).unsqueeze(-1), means, previous.to(acc))
 
 
+def _mix64(x: int) -> int:
+    """splitmix64 finaliser: a well-spread 64-bit hash of a non-negative int (pure Python, platform independent)."""
+    x = (x + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return x ^ (x >> 31)
+
+
 def strided_seeds(x: Tensor, n: int, seed: int, groups: Optional[Tensor] = None, side: int = 0) -> Tensor:
-    """Initial centroids ``[G, n, d]``: ``n`` evenly strided tokens of x ``[G, N, d]`` with a random phase per group.
+    """Initial centroids ``[G, n, d]``: ``n`` evenly strided tokens of x ``[G, N, d]`` with a pseudo-random phase
+    per group.
 
     Tokens are in raster (frame, row, column) order, so strided seeds spread over space and time; they are
-    distinct whenever ``n <= N``. The phase of group g comes from a CPU generator seeded with
-    ``(seed, side, groups[g])`` (``groups`` default ``0 .. G-1``), so a group keeps its seeds wherever it is
-    computed (e.g. a head on another Ulysses rank); ``side`` tells queries (0) and keys (1) apart.
+    distinct whenever ``n <= N``. The phase of group g is a hash of ``(seed, side, groups[g])`` (``groups``
+    default ``0 .. G-1``), so a group keeps its seeds wherever it is computed (e.g. a head on another Ulysses
+    rank); ``side`` tells queries (0) and keys (1) apart.
     """
     G, N, d = x.shape
     ids = range(G) if groups is None else [int(i) for i in groups]
-    phase = torch.tensor([int(torch.randint(0, N, (1,), generator=torch.Generator().manual_seed(
-        (seed * 2 + side) * 1_000_003 + i))) for i in ids]).view(G, 1)
+    base = _mix64(seed * 2 + side)
+    phase = torch.tensor([_mix64(base ^ i) % N for i in ids], dtype=torch.int64).view(G, 1)
     idx = (phase + torch.arange(n) * N // n) % N
     return torch.gather(x, 1, idx.to(x.device, non_blocking=True).unsqueeze(-1).expand(G, n, d))
 
