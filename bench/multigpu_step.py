@@ -13,7 +13,10 @@ inputs are broadcast so every rank holds the same), 481 video frames at 480x832 
 ulysses_degree=N))``. Two ways, each a warm-up then the median of ``--repeats`` barrier-to-barrier steps:
 
 * ``lvsa``  ``enable_lvsa(transformer, backend=--backend)`` with the default pattern (kfi 9 at T = 121);
-* ``dense`` diffusers' ``--dense-backend`` (``_native_cudnn``: cuDNN SDPA, with diffusers' own Ulysses).
+* ``dense`` diffusers' ``--dense-backend`` (``_native_cudnn``: cuDNN SDPA, with diffusers' own Ulysses);
+* ``svoo``  ``enable_svoo(transformer, backend=--backend, top_p=--svoo-top-p)``, floor 0.15 for every head:
+  the warm-up clusters every layer, the timed steps (falling timesteps) reuse the clusters. Random weights
+  give nearly uniform attention, so ``--svoo-top-p`` (default 0.3) sets the density (reported).
 
 With N > 1, rank 0's output is compared with the one-GPU output in ``--ref`` (``rel_diff`` = max |a - b| /
 max |b|, must be <= ``--tolerance``), and ``efficiency`` = t_1 / (N * t_N). NCCL's NVLink multicast stays
@@ -43,7 +46,7 @@ from torch import Tensor, nn
 
 from lvsa_kernels.bench.e2e_step import TINY_KNOBS, WAN_1_3B, WAN_TINY, build, latent_frames, wan_inputs
 
-WAYS = ("lvsa", "dense")
+WAYS = ("lvsa", "dense", "svoo")
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -56,7 +59,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--backend", help="enable_lvsa backend (default triton; tiny: reference)")
     p.add_argument("--dense-backend", help="diffusers attention backend for dense (default _native_cudnn; "
                                            "CPU: native)")
-    p.add_argument("--ways", nargs="+", choices=WAYS, default=list(WAYS))
+    p.add_argument("--ways", nargs="+", choices=WAYS, default=["lvsa", "dense"])
+    p.add_argument("--svoo-top-p", type=float, default=0.3, help="top_p of the svoo way")
     p.add_argument("--tolerance", type=float, default=1e-2, help="max rel_diff vs the one-GPU output (bf16)")
     p.add_argument("--time-budget", type=float, default=float("inf"),
                    help="seconds; ways not started before it runs out are skipped (rank 0's clock decides)")
@@ -119,8 +123,19 @@ def checksum(model: nn.Module) -> float:
     return float(sum(p.detach().double().sum() for p in model.parameters()))
 
 
-def timed_step(model: nn.Module, inputs: Dict[str, Any], repeats: int, device: torch.device) -> Dict[str, Any]:
-    """Warm-up, then ``repeats`` steps timed from a barrier to a barrier after every rank synchronised."""
+def timed_step(model: nn.Module, inputs: Dict[str, Any], repeats: int, device: torch.device,
+               falling_timesteps: bool = False) -> Dict[str, Any]:
+    """Warm-up, then ``repeats`` steps timed from a barrier to a barrier after every rank synchronised.
+
+    ``falling_timesteps``: each call gets a timestep one below the previous one (a new denoising step)."""
+    calls = iter(range(repeats + 1))
+
+    def step_inputs() -> Dict[str, Any]:
+        i = next(calls)
+        if not falling_timesteps:
+            return inputs
+        return dict(inputs, timestep=inputs["timestep"] - i)
+
     def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -129,12 +144,12 @@ def timed_step(model: nn.Module, inputs: Dict[str, Any], repeats: int, device: t
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     with torch.no_grad():
-        out = model(**inputs)[0]
+        out = model(**step_inputs())[0]
         times: List[float] = []
         for _ in range(repeats):
             sync()
             t0 = time.perf_counter()
-            out = model(**inputs)[0]
+            out = model(**step_inputs())[0]
             sync()
             times.append(time.perf_counter() - t0)
     rec: Dict[str, Any] = {"status": "ok", "seconds": statistics.median(times), "all_seconds": times, "output": out}
@@ -153,10 +168,24 @@ def rel_diff(out: Tensor, ref: Tensor) -> float:
 def run_way(way: str, model: nn.Module, inputs: Dict[str, Any], args: argparse.Namespace,
             device: torch.device) -> Dict[str, Any]:
     """One way's record (seconds, memory, output); LVSA is installed for its run only."""
-    from lvsa_kernels.diffusers import enable_lvsa
+    from lvsa_kernels.diffusers import enable_lvsa, enable_svoo
+    from lvsa_kernels.reference.svoo_profile import SVOOProfile
 
     if way == "dense":
         return timed_step(model, inputs, args.repeats, device)
+    if way == "svoo":
+        cfg = model.config
+        profile = SVOOProfile(torch.full((args.repeats + 2, cfg["num_layers"], cfg["num_attention_heads"]), 0.15))
+        tiny = {"q_clusters": 8, "k_clusters": 16} if args.tiny else {}
+        handle = enable_svoo(model, backend=args.backend, profile=profile, top_p=args.svoo_top_p, warmup_steps=0,
+                             recluster_every=10**6, **tiny)
+        try:
+            rec = timed_step(model, inputs, args.repeats, device, falling_timesteps=True)
+            densities = handle.runtime.pattern.cached_densities().values()
+        finally:
+            handle.disable()
+        rec.update(top_p=args.svoo_top_p, density_mean=statistics.mean(densities), backend=args.backend)
+        return rec
     handle = enable_lvsa(model, backend=args.backend, **(TINY_KNOBS if args.tiny else {}))
     try:
         rec = timed_step(model, inputs, args.repeats, device)

@@ -5,7 +5,7 @@ Each goes into its own marked section (``<!-- e2e:start/end -->``, ``<!-- svoo:.
 so the attention table written by `write_results.py` and hand-written notes stay untouched.
 
     python3 bench/write_step_results.py --e2e bench/results/h100_e2e_run4.json \
-        --svoo bench/results/h100_svoo_cluster_run8.json --svoo-e2e bench/results/h100_svoo_e2e_topp0.3.json --cp bench/results/h200x2_cp_world1.json \
+        --svoo bench/results/h100_svoo_cluster_run10.json --svoo-e2e bench/results/h100_svoo_e2e_topp0.3.json --cp bench/results/h200x2_cp_world1.json \
         bench/results/h200x2_cp_world2.json --md bench/RESULTS.md --png bench/e2e_speedup.png
 """
 from __future__ import annotations
