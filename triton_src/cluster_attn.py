@@ -1,5 +1,6 @@
-"""Triton kernels of the SVOO cluster path: packed cluster-block attention, its key-tile planner and
-the fused assignment GEMM + argmax of the co-clustering.
+"""Triton kernels of the SVOO cluster path: packed cluster-block attention and its key-tile planner, the
+fused assignment GEMM + argmax of the co-clustering, the row permutation of K/V and deterministic
+per-cluster sums (centroids).
 
 Vocabulary (all per group ``g = b * H + h``; ``R = G * n_q`` rows, one per query cluster):
 
