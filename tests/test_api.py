@@ -185,6 +185,9 @@ def test_demo_runs_every_backend(monkeypatch, capsys):
     assert rec.calls >= 2  # checked once, then timed
     table = out.split("check")[1]
     assert "recorder" in table and "reference" in table and "skipped sdpa" in table
+    svoo = out.split("SVOO:")[1]  # the SVOO part: every path checked on sampled rows
+    assert "density" in svoo and "recall" in svoo and "FAILED" not in svoo
+    assert "reference (host layouts)" in svoo and "ok" in svoo
 
 
 def test_demo_fails_when_a_backend_disagrees(monkeypatch, capsys):
