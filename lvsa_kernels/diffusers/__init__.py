@@ -6,7 +6,7 @@ CogVideoX transformers into LVSA block-sparse attention.
     video = pipe(prompt, num_frames=321).frames[0]
     disable_lvsa(pipe)                    # original processors back
 
-    handle = enable_svoo(pipe, top_p=0.9)  # SVOO (Wan only): enable_lvsa(pipe, pattern=SVOOPattern(...))
+    handle = enable_svoo(pipe, top_p=0.9)  # SVOO (Wan, HunyuanVideo 1.5): enable_lvsa(pipe, pattern=SVOOPattern(...))
 """
 from .integration import SUPPORTED_MODELS, LVSAHandle, disable_lvsa, enable_lvsa, enable_svoo
 from .state import StepTracker
