@@ -217,10 +217,14 @@ def test_text_split_run_matches_reference(fake_fi, position):
     q, k, v = _qkv(2, layout.q_len, layout.kv_len, 4, 2, 16, seed=8)
     out, lse = fb.FlashInferBackend().run(q, k, v, layout, 0.2, True)
     _check(out, lse, q, k, v, layout, 0.2)
-    assert fake_fi.dense_calls == 2 * 2                                # per batch element: text keys + text queries
+    assert fake_fi.dense_calls == 0  # text runs as one-block BSR plans (prebuilt module), never single_prefill
     out2, none = fb.FlashInferBackend().run(q, k, v, layout, 0.2, False)
     assert none is None and torch.equal(out2, out)
-    assert [p[0] for p in fake_fi.plans] == ["bsr"]                      # planned once, reused
+    video, to_text, from_text = fake_fi.plans                            # planned once, reused
+    assert video[0] == to_text[0] == from_text[0] == "bsr"
+    n_text, n_video = 5, layout.q_len - 5
+    assert to_text[1:5] == (n_video, n_text, n_video, n_text)           # video queries x text keys: one block
+    assert from_text[1:5] == (n_text, layout.kv_len, n_text, layout.kv_len)  # text queries x all keys
 
 
 def test_variable_run_per_head_gqa_matches_reference(fake_fi):

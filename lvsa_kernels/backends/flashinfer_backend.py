@@ -6,7 +6,7 @@ A layout is converted once into one of three plans, chosen in this order:
   ``BlockSparseAttentionWrapper`` (BSR: R-token query rows, C-token key blocks);
 * ``text`` - a shared LVSA layout with one leading or trailing text block (``meta["text_q_blocks"]``,
   ``meta["text_kv_blocks"]``): the video queries run as BSR over the video keys, plus a dense side call
-  over the text keys (``flashinfer.single_prefill_with_kv_cache``), merged by log-sum-exp; the text
+  over the text keys (a one-block BSR plan on the same prebuilt module), merged by log-sum-exp; the text
   queries run dense over all keys;
 * ``variable`` - anything else (per-head layouts, non-uniform blocks) runs on
   ``VariableBlockSparseAttentionWrapper`` (one block map per KV head, HND layout).
@@ -272,12 +272,23 @@ def _bsr_runner(fi: ModuleType, layout: BlockSparseLayout, q: Tensor, k: Tensor,
     return run_looped
 
 
+def _one_block_bsr(fi: ModuleType, q_len: int, kv_len: int, q: Tensor, k: Tensor, scale: float):
+    """Dense ``q_len x kv_len`` attention as a BSR plan with a single block: it runs on the same (prebuilt)
+    block-sparse module as the video part, so text needs no JIT build of FlashInfer's single-prefill module."""
+    one = {"indptr": torch.tensor([0, 1], dtype=torch.int32), "indices": torch.tensor([0], dtype=torch.int32),
+           "M": q_len, "N": kv_len, "R": q_len, "C": kv_len}
+    return _plan_bsr(fi, one, q, k, scale)
+
+
 def _text_runner(fi: ModuleType, layout: BlockSparseLayout, q: Tensor, k: Tensor, scale: float) -> Callable:
     split = text_split(layout)
     wrapper = _plan_bsr(fi, split.video_bsr, q, k, scale)
+    n_qv, n_qt = (split.q_video.stop - split.q_video.start), (split.q_text.stop - split.q_text.start)
+    video_to_text = _one_block_bsr(fi, n_qv, split.kv_text.stop - split.kv_text.start, q, k, scale)
+    text_to_all = _one_block_bsr(fi, n_qt, k.shape[1], q, k, scale)
 
-    def dense(qq, kk, vv):
-        return fi.single_prefill_with_kv_cache(qq, kk, vv, causal=False, sm_scale=scale, return_lse=True)
+    def dense(plan, qq, kk, vv):
+        return plan.run(qq, kk, vv, return_lse=True)
 
     def run_text(q, k, v, return_lse):
         out = torch.empty_like(q)
@@ -285,11 +296,11 @@ def _text_runner(fi: ModuleType, layout: BlockSparseLayout, q: Tensor, k: Tensor
         for b in range(q.shape[0]):
             qv = q[b, split.q_video]
             o_vid, l_vid = wrapper.run(qv, k[b, split.kv_video], v[b, split.kv_video], return_lse=True)
-            o_txt, l_txt = dense(qv, k[b, split.kv_text], v[b, split.kv_text])
+            o_txt, l_txt = dense(video_to_text, qv, k[b, split.kv_text], v[b, split.kv_text])
             o, l = merge_states_base2(o_vid, l_vid, o_txt, l_txt)
             out[b, split.q_video] = o
             lse[b, :, split.q_video] = _natural_lse(l)
-            o, l = dense(q[b, split.q_text], k[b], v[b])
+            o, l = dense(text_to_all, q[b, split.q_text], k[b], v[b])
             out[b, split.q_text] = o
             lse[b, :, split.q_text] = _natural_lse(l)
         return out, (lse if return_lse else None)
