@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from lvsa_kernels.reference.svoo import SVOOPattern, co_cluster, select_blocks
 from lvsa_kernels.reference.svoo_profile import SVOOProfile
+from lvsa_kernels.svoo_eval import clustered_qkv, sampled_rows, selected_attention
 from lvsa_kernels.triton_src import cluster_path
 from lvsa_kernels.triton_src.cluster_launch import ClusterConfig, cluster_attention, cluster_config
 from lvsa_kernels.triton_src.cluster_schedule import build_cluster_schedule
@@ -61,47 +62,9 @@ def timer(device: torch.device, reps: int) -> Callable[[Callable[[], object]], f
     return cpu
 
 
-def clustered_qkv(S: int, H: int, D: int, centers: int, device, dtype, seed: int):
-    """q, k, v ``[1, S, H, D]``: q and k drawn around shared per-head centres (peaked attention)."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    scale = math.sqrt(8.0 / math.sqrt(D))  # same-centre logits ~ 8
-    c = torch.randn(H, centers, D, generator=g) * scale
-
-    def around() -> torch.Tensor:
-        idx = torch.randint(0, centers, (H, S), generator=g)
-        x = torch.gather(c, 1, idx[..., None].expand(H, S, D)) + 0.5 * scale * torch.randn(H, S, D, generator=g)
-        return x.transpose(0, 1)[None]
-
-    v = torch.randn(1, S, H, D, generator=g)
-    return tuple(t.to(device=device, dtype=dtype).contiguous() for t in (around(), around(), v))
-
-
-def recall(q, k, clustering, mask, rows: torch.Tensor) -> float:
-    """Mean softmax mass (exact, over all keys) covered by the selected blocks for query ``rows`` of each head."""
-    H, D = q.shape[2], q.shape[3]
-    mask = mask.to(q.device)
-    total = 0.0
-    for h in range(H):
-        qq = q[0, rows, h].float()
-        p = torch.softmax(qq @ k[0, :, h].float().T / math.sqrt(D), dim=-1)       # [m, S]
-        sel = mask[h][clustering.q.labels[h, rows]]                                  # [m, n_k]
-        covered = sel.gather(1, clustering.k.labels[h].expand(rows.numel(), -1))    # [m, S]
-        total += float((p * covered).sum(-1).mean())
-    return total / H
-
-
-def sampled_error(q, k, v, clustering, mask, rows, out) -> float:
-    """Relative error of ``out`` on query ``rows`` vs float32 attention restricted to the selected blocks."""
-    H, D = q.shape[2], q.shape[3]
-    num = den = 0.0
-    for h in range(H):
-        s = q[0, rows, h].float() @ k[0, :, h].float().T / math.sqrt(D)
-        sel = mask[h][clustering.q.labels[h, rows]]
-        allowed = sel.gather(1, clustering.k.labels[h].expand(rows.numel(), -1))
-        ref = torch.softmax(s.masked_fill(~allowed, float("-inf")), dim=-1) @ v[0, :, h].float()
-        num += float((out[0, rows, h].float() - ref).norm() ** 2)
-        den += float(ref.norm() ** 2)
-    return math.sqrt(num / den)
+def sampled_error(out: torch.Tensor, ref: torch.Tensor, rows: torch.Tensor) -> float:
+    """Relative error of ``out [1, S, H, D]`` on query ``rows`` vs ``ref [rows, H, D]``."""
+    return float((out[0, rows].float() - ref).norm() / ref.norm())
 
 
 def run_case(name: str, floor: float, args, device, dtype, measure) -> Dict[str, object]:
@@ -128,9 +91,10 @@ def run_case(name: str, floor: float, args, device, dtype, measure) -> Dict[str,
     qperm = cl.q.perm.to(torch.int32)
     out, _ = cluster_attention(q, kp, vp, qperm, sched, scale, cfg)
     pairs = float((cl.q.sizes.double().reshape(-1) * sched.keys_per_row.double()).sum())
-    rows = torch.linspace(0, S - 1, min(S, args.recall_queries)).round().long().unique().to(device)
-    res.update(density=pairs / (H * S * S), computed_pairs=pairs, recall=recall(q, k, cl, mask, rows),
-               rel_err_sampled=sampled_error(q, k, v, cl, mask, rows, out), config=str(cfg),
+    rows = sampled_rows(S, args.recall_queries, device)
+    ref, recall = selected_attention(q, k, v, cl, mask, rows)
+    res.update(density=pairs / (H * S * S), computed_pairs=pairs, recall=recall,
+               rel_err_sampled=sampled_error(out, ref, rows), config=str(cfg),
                q_cluster_size_max=int(cl.q.sizes.max()), k_clusters_empty=int((cl.k.sizes == 0).sum()),
                key_tiles=[int(kt.count.sum()) for _, kt in sched.parts],
                query_tiles=[int((qt.q1 > qt.q0).sum()) for qt, _ in sched.parts])

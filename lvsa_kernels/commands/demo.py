@@ -176,41 +176,20 @@ _SVOO_CPU = dict(frames=6, tokens_per_frame=64, heads=2, head_dim=16, q_clusters
 _SVOO_SAMPLED_ROWS = 64  # query rows per head checked against the float32 reference
 
 
-def _clustered_qkv(S: int, H: int, D: int, centres: int, device: torch.device, dtype: torch.dtype):
-    """q, k, v ``[1, S, H, D]``; q and k drawn around shared per-head centres (peaked attention, as trained
-    weights give; random q/k would make every key cluster look equally relevant)."""
-    g = torch.Generator().manual_seed(0)
-    spread = (8.0 / D ** 0.5) ** 0.5  # same-centre logits ~ 8
-    c = torch.randn(H, centres, D, generator=g) * spread
-
-    def around() -> torch.Tensor:
-        idx = torch.randint(0, centres, (H, S), generator=g)
-        x = torch.gather(c, 1, idx[..., None].expand(H, S, D)) + 0.5 * spread * torch.randn(H, S, D, generator=g)
-        return x.transpose(0, 1)[None]
-
-    return tuple(t.to(device=device, dtype=dtype).contiguous() for t in (around(), around(), torch.randn(1, S, H, D,
-                                                                                                        generator=g)))
-
-
 def _svoo(device: torch.device, dtype: torch.dtype, repeats: int) -> int:
     """SVOO on clustered q/k: plan, run every path that can, check sampled rows; 1 if a path disagrees."""
     from ..backends import BackendUnavailable
     from ..reference import SVOOPattern
+    from ..svoo_eval import clustered_qkv, sampled_rows, selected_attention
 
     geo = _SVOO_CPU if device.type == "cpu" else _SVOO_CUDA
     S, H, D = geo["frames"] * geo["tokens_per_frame"], geo["heads"], geo["head_dim"]
-    q, k, v = _clustered_qkv(S, H, D, geo["centres"], device, dtype)
+    q, k, v = clustered_qkv(S, H, D, geo["centres"], device, dtype)
     pattern = SVOOPattern(top_p=0.9, q_clusters=geo["q_clusters"], k_clusters=geo["k_clusters"], warmup_steps=0)
     plan = pattern.plan(q, k, step=0, layer=0)  # clusters (cached: the calls below reuse them) + host layouts
-    mask, cl = plan.layouts[0].to_block_mask().to(device), plan.clustering
-    rows = torch.linspace(0, S - 1, min(S, _SVOO_SAMPLED_ROWS)).round().long().unique().to(device)
-    refs, recall = [], 0.0
-    for h in range(H):
-        logits = (q[0, rows, h].float() @ k[0, :, h].float().T) / D ** 0.5
-        allowed = mask[h][cl.q.labels[h, rows]].gather(1, cl.k.labels[h].expand(rows.numel(), -1))
-        recall += float((torch.softmax(logits, -1) * allowed).sum(-1).mean()) / H
-        refs.append(torch.softmax(logits.masked_fill(~allowed, float("-inf")), -1) @ v[0, :, h].float())
-    ref = torch.stack(refs, 1)  # [rows, H, D]
+    mask, cl = plan.layouts[0].to_block_mask(), plan.clustering
+    rows = sampled_rows(S, _SVOO_SAMPLED_ROWS, device)
+    ref, recall = selected_attention(q, k, v, cl, mask, rows)
     print(f"\nSVOO: {S} tokens (synthetic clustered q/k), H={H} D={D} {str(dtype)[6:]} on {device}, "
           f"{geo['q_clusters']} query / {geo['k_clusters']} key clusters, top_p 0.9: density "
           f"{plan.layouts[0].density:.3f}, recall {recall:.3f} (softmax mass of the selected blocks, sampled rows)")
