@@ -49,14 +49,11 @@ class ClusterSchedule:
 
     parts   one (query tiles, key tiles) pair per kernel launch: big query tiles first, then (optionally)
             the small ones that hold a query cluster's remainder of at most their ``block_m`` rows
-    seg_cum, seg_delta ``[R, n_k + window + 1]``   packed segments per row (kept for inspection)
     keys_per_row ``[R]`` int64   selected key tokens of each row (its work)
     """
 
     window: int
     parts: Tuple[Tuple[QueryTiles, KeyTiles], ...]
-    seg_cum: Tensor
-    seg_delta: Tensor
     keys_per_row: Tensor
 
 
@@ -118,7 +115,7 @@ def build_cluster_schedule(mask: Tensor, q_sizes: Tensor, k_sizes: Tensor, seq_l
 
     key_tiles = {bn: _key_tiles(seg_cum32, seg_delta32, seq_len, n_k, bn, window) for bn in {bn for _, bn in tiles}}
     return ClusterSchedule(window=window, parts=tuple((qt, key_tiles[bn]) for qt, (_, bn) in zip(parts, tiles)),
-                           seg_cum=seg_cum32, seg_delta=seg_delta32, keys_per_row=keys_per_row)
+                           keys_per_row=keys_per_row)
 
 
 def _query_tiles(order: Tensor, sizes: Tensor, q_start: Tensor, count: Tensor, block_m: int, slots: int,
