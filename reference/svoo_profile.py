@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .wan_qkv import wan_self_attention_qkv
+
 __all__ = ["ProfileError", "SVOOProfile", "WanSelfAttnProcessor", "install_wan_processors", "keep_ratio_for_mass",
            "profile_wan", "sample_query_rows", "sdpa_bshd"]
 
@@ -163,16 +165,6 @@ def keep_ratio_for_mass(q: Tensor, k: Tensor, tau: float = 0.95, num_queries: Op
 Attend = Callable[[int, Tensor, Tensor, Tensor], Tensor]
 
 
-def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Wan's interleaved-pair RoPE on ``[B, S, H, D]`` with ``cos``/``sin`` ``[1, S, 1, D]``."""
-    x0, x1 = x[..., 0::2], x[..., 1::2]
-    c, s = cos[..., 0::2], sin[..., 1::2]
-    out = torch.empty_like(x)
-    out[..., 0::2] = x0 * c - x1 * s
-    out[..., 1::2] = x0 * s + x1 * c
-    return out.type_as(x)
-
-
 class WanSelfAttnProcessor:
     """Processor for diffusers Wan self-attention (``attn1``) with a pluggable attention function.
 
@@ -189,15 +181,7 @@ class WanSelfAttnProcessor:
                  attention_mask: Optional[Tensor] = None, rotary_emb=None) -> Tensor:
         if encoder_hidden_states is not None or attention_mask is not None or attn.add_k_proj is not None:
             raise ValueError("WanSelfAttnProcessor: self-attention (attn1) only; got encoder states, a mask or image K/V")
-        if attn.fused_projections:
-            q, k, v = attn.to_qkv(hidden_states).chunk(3, dim=-1)
-        else:
-            q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-        q = attn.norm_q(q).unflatten(2, (attn.heads, -1))
-        k = attn.norm_k(k).unflatten(2, (attn.heads, -1))
-        v = v.unflatten(2, (attn.heads, -1))
-        if rotary_emb is not None:
-            q, k = _rope(q, *rotary_emb), _rope(k, *rotary_emb)
+        q, k, v = wan_self_attention_qkv(attn, hidden_states, rotary_emb)
         out = self.attend(self.layer, q, k, v).flatten(2, 3).type_as(q)
         return attn.to_out[1](attn.to_out[0](out))
 

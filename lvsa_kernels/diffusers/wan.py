@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from typing import Any, List, Optional, Tuple
 
-import torch
 from diffusers import WanTransformer3DModel
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 from torch import Tensor, nn
 
 from ..reference import latent_frames
+from ..reference.wan_qkv import wan_self_attention_qkv
 from .runtime import LVSAProcessorBase, ModelSpec
 
 __all__ = ["LVSAWanAttnProcessor", "WAN"]
@@ -21,17 +21,6 @@ __all__ = ["LVSAWanAttnProcessor", "WAN"]
 _WAN_REFERENCE = 21       # Wan 2.1 / 2.2 T2V: 81 video frames
 _WAN22_5B_REFERENCE = 31  # Wan2.2-TI2V-5B: 121 video frames
 _WAN22_5B_CHANNELS = 48   # its latent channels (Wan 2.2 VAE); every other Wan transformer has 16 (or 36 for I2V)
-
-
-def _interleaved_rope(x: Tensor, freqs_cos: Tensor, freqs_sin: Tensor) -> Tensor:
-    """Wan RoPE on interleaved pairs of ``x [B, S, H, D]``; freqs ``[1, S, 1, D]``."""
-    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
-    cos = freqs_cos[..., 0::2]
-    sin = freqs_sin[..., 1::2]
-    out = torch.empty_like(x)
-    out[..., 0::2] = x1 * cos - x2 * sin
-    out[..., 1::2] = x1 * sin + x2 * cos
-    return out.type_as(x)
 
 
 class LVSAWanAttnProcessor(LVSAProcessorBase):
@@ -46,16 +35,7 @@ class LVSAWanAttnProcessor(LVSAProcessorBase):
         if encoder_hidden_states is not None or attention_mask is not None:
             raise ValueError(f"LVSA ({self.where}): self-attention only; got encoder_hidden_states or attention_mask")
         self._geometry(hidden_states.shape[1])
-        if getattr(attn, "fused_projections", False):
-            query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
-        else:
-            query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-        query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
-        key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
-        value = value.unflatten(2, (attn.heads, -1))
-        if rotary_emb is not None:
-            query = _interleaved_rope(query, *rotary_emb)
-            key = _interleaved_rope(key, *rotary_emb)
+        query, key, value = wan_self_attention_qkv(attn, hidden_states, rotary_emb)
         out = self.runtime.video_attention(query, key, value, self.layer)
         out = out.flatten(2, 3).type_as(query)
         out = attn.to_out[0](out)
