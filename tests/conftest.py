@@ -6,9 +6,23 @@ config instead of autotuning every new problem class (tests check results, not s
 """
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 else:
     os.environ.setdefault("LVSA_KERNELS_TRITON_AUTOTUNE", "0")
+
+
+@pytest.fixture
+def isolated_dispatch_cache(monkeypatch, tmp_path):
+    """Backend choices cached in a fresh folder, no LVSA_KERNELS_BACKEND override, no remembered warnings."""
+    from lvsa_kernels import dispatch
+
+    monkeypatch.setenv(dispatch.ENV_CACHE_DIR, str(tmp_path))
+    monkeypatch.delenv(dispatch.ENV_BACKEND, raising=False)
+    monkeypatch.setattr(dispatch, "_warned", set())
+    dispatch.reset_state()
+    yield
+    dispatch.reset_state()

@@ -1,5 +1,6 @@
 """Checks shared by the per-model diffusers tests. Import only after ``pytest.importorskip("diffusers")``."""
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator, List, Sequence, Tuple
 
 import torch
 
@@ -16,3 +17,47 @@ def assert_dense_pattern_matches_original(model, x: dict, run: Callable, frames:
     finally:
         disable_lvsa(model)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def _clone(x):
+    if torch.is_tensor(x):
+        return x.clone()
+    if isinstance(x, (tuple, list)):
+        return tuple(_clone(i) for i in x)
+    if isinstance(x, dict):
+        return {k: _clone(v) for k, v in x.items()}
+    return x
+
+
+@contextmanager
+def recorded_calls(modules: Sequence[torch.nn.Module], with_kwargs: bool = False) -> Iterator[List[tuple]]:
+    """Record ``(module, args, output)`` (``(module, kwargs, output)`` with ``with_kwargs``), cloned, of every
+    forward of ``modules`` while the block runs; the hooks are removed afterwards."""
+    calls: List[tuple] = []
+
+    def record(module, args, *rest):
+        inputs, output = (rest[0], rest[1]) if with_kwargs else (args, rest[0])
+        calls.append((module, _clone(inputs), _clone(output)))
+
+    hooks = [m.register_forward_hook(record, with_kwargs=with_kwargs) for m in modules]
+    try:
+        yield calls
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def second_step_calls(model: torch.nn.Module, modules: Sequence[torch.nn.Module], run: Callable, x: dict,
+                      with_kwargs: bool = False, **knobs) -> Tuple[List[tuple], object]:
+    """``enable_lvsa(model, backend="reference", **knobs)``, one call at timestep 900 and one at 800 (the second
+    denoising step: rotation offset 1), LVSA disabled again. Returns the `recorded_calls` of ``modules``
+    during the second step, and the handle."""
+    with recorded_calls(modules, with_kwargs) as calls:
+        handle = enable_lvsa(model, backend="reference", **knobs)
+        try:
+            run(model, x, 900)
+            calls.clear()
+            run(model, x, 800)
+        finally:
+            disable_lvsa(model)
+    return calls, handle

@@ -9,7 +9,7 @@ from diffusers.models.embeddings import get_3d_rotary_pos_embed  # noqa: E402
 from lvsa_kernels import LVSAPattern  # noqa: E402
 from lvsa_kernels.diffusers import disable_lvsa, enable_lvsa  # noqa: E402
 
-from diffusers_checks import assert_dense_pattern_matches_original  # noqa: E402
+from diffusers_checks import assert_dense_pattern_matches_original, second_step_calls  # noqa: E402
 
 T, HW, HEAD_DIM, TEXT = 8, 8, 16, 8    # latent [B, T, C, 8, 8], patch 2 -> P = 16 tokens per frame
 P = (HW // 2) ** 2
@@ -52,22 +52,7 @@ def test_sparse_layers_match_masked_sdpa(model):
     """Each attn1 call equals the original processor given the planned layout as a boolean mask."""
     x = inputs()
     originals = {id(b.attn1): b.attn1.processor for b in model.transformer_blocks}
-    calls = []
-
-    def record(module, args, kwargs, output):
-        calls.append((module, {k: v.clone() if torch.is_tensor(v) else v for k, v in kwargs.items()},
-                      tuple(o.clone() for o in output)))
-
-    hooks = [b.attn1.register_forward_hook(record, with_kwargs=True) for b in model.transformer_blocks]
-    enable_lvsa(model, backend="reference", **SPARSE)
-    try:
-        run(model, x, 900)
-        calls.clear()
-        run(model, x, 800)   # step 1
-    finally:
-        disable_lvsa(model)
-        for h in hooks:
-            h.remove()
+    calls, _ = second_step_calls(model, [b.attn1 for b in model.transformer_blocks], run, x, with_kwargs=True, **SPARSE)
     layout = LVSAPattern(**SPARSE).plan(T, P, step=1, text_tokens=TEXT, text_position="before")
     assert layout.meta["offset"] == 1 and layout.density < 0.9
     mask = layout.to_token_mask()[0].expand(2, -1, -1)

@@ -12,7 +12,7 @@ from diffusers import HunyuanVideo15Transformer3DModel  # noqa: E402
 from lvsa_kernels import LVSAPattern  # noqa: E402
 from lvsa_kernels.diffusers import disable_lvsa, enable_lvsa  # noqa: E402
 
-from diffusers_checks import assert_dense_pattern_matches_original  # noqa: E402
+from diffusers_checks import assert_dense_pattern_matches_original, second_step_calls  # noqa: E402
 from lvsa_kernels.diffusers.geometry import VideoGeometry  # noqa: E402
 from lvsa_kernels.diffusers.hunyuan15 import text_valid_lengths  # noqa: E402
 
@@ -47,18 +47,6 @@ def run(model, x, t):
         return model(timestep=torch.full((2,), float(t)), **x).sample
 
 
-def capture_attention(model):
-    """Record (attn, kwargs, (video_out, text_out)) of every joint attention call."""
-    calls = []
-
-    def record(module, args, kwargs, output):
-        calls.append((module, {k: v.clone() if torch.is_tensor(v) else v for k, v in kwargs.items()},
-                      tuple(o.clone() for o in output)))
-
-    hooks = [b.attn.register_forward_hook(record, with_kwargs=True) for b in model.transformer_blocks]
-    return calls, hooks
-
-
 def test_dense_pattern_matches_original_processors(model):
     assert_dense_pattern_matches_original(model, inputs(), run, T)
 
@@ -67,16 +55,7 @@ def test_sparse_layers_match_masked_diffusers_processor(model, monkeypatch):
     """Each layer equals the original processor (its padding mask) AND the planned LVSA token mask, on valid rows."""
     x = inputs()
     originals = {id(b.attn): b.attn.processor for b in model.transformer_blocks}
-    calls, hooks = capture_attention(model)
-    enable_lvsa(model, backend="reference", **SPARSE)
-    try:
-        run(model, x, 900)
-        calls.clear()
-        run(model, x, 800)   # step 1
-    finally:
-        disable_lvsa(model)
-        for h in hooks:
-            h.remove()
+    calls, _ = second_step_calls(model, [b.attn for b in model.transformer_blocks], run, x, with_kwargs=True, **SPARSE)
     assert len(calls) == len(model.transformer_blocks)
     text_len = calls[0][1]["encoder_hidden_states"].shape[1]
     layout = LVSAPattern(**SPARSE).plan(T, P, step=1, text_tokens=text_len, text_position="after")

@@ -11,19 +11,15 @@ from diffusers import CogVideoXTransformer3DModel  # noqa: E402
 from lvsa_kernels import SVOOPattern  # noqa: E402
 from lvsa_kernels.diffusers import disable_lvsa, enable_lvsa, enable_svoo  # noqa: E402
 
-from tiny_wan import run, tiny_pipeline, tiny_transformer, wan_inputs  # noqa: E402
+from diffusers_checks import recorded_calls  # noqa: E402
+from tiny_wan import T, assert_round_trip, inputs, run, tiny_pipeline, tiny_transformer  # noqa: E402
 
-T, H_LAT, W_LAT = 8, 8, 8  # patch (1, 2, 2) -> 16 tokens per frame, S = 128
 SPARSE = dict(top_p=0.5, q_clusters=4, k_clusters=8, iterations=2, warmup_steps=0, recluster_every=2)
 
 
 @pytest.fixture(scope="module")
 def model():
     return tiny_transformer(0)
-
-
-def inputs(batch=2, seed=1):
-    return wan_inputs(T, H_LAT, W_LAT, batch, seed)
 
 
 class RecordingSVOO(SVOOPattern):
@@ -54,23 +50,16 @@ def test_each_attn1_call_equals_pattern_attention(model, monkeypatch):
     """Each attn1 output equals the original processor whose attention is a twin pattern's `attention`,
     replayed in the same (step, layer, branch) order so both patterns' caches evolve identically."""
     x = inputs()
-    captured = []
-
-    def record(module, args, output):
-        captured.append((module, [a.clone() if torch.is_tensor(a) else a for a in args], output.clone()))
-
     originals = {id(b.attn1): b.attn1.processor for b in model.blocks}
     layer_of = {id(b.attn1): i for i, b in enumerate(model.blocks)}
-    hooks = [b.attn1.register_forward_hook(record) for b in model.blocks]
     pattern = RecordingSVOO(**SPARSE)
-    enable_lvsa(model, pattern=pattern, backend="reference")
-    try:
-        for t in (900, 900, 800, 800, 700):   # steps 0, 1 with two CFG calls each, then step 2
-            run(model, x, t)
-    finally:
-        disable_lvsa(model)
-        for h in hooks:
-            h.remove()
+    with recorded_calls([b.attn1 for b in model.blocks]) as captured:
+        enable_lvsa(model, pattern=pattern, backend="reference")
+        try:
+            for t in (900, 900, 800, 800, 700):   # steps 0, 1 with two CFG calls each, then step 2
+                run(model, x, t)
+        finally:
+            disable_lvsa(model)
     seen = [c[:3] for c in pattern.calls]
     assert seen == [(s, layer, b) for s, b in ((0, 0), (0, 1), (1, 0), (1, 1), (2, 0)) for layer in (0, 1)]
     assert len(captured) == len(seen)
@@ -144,18 +133,7 @@ def test_wan22_two_experts_keep_separate_caches():
 
 
 def test_round_trip_restores_processors_and_outputs(model):
-    x = inputs()
-    before = run(model, x, 500)
-    procs = [(b.attn1.processor, b.attn2.processor) for b in model.blocks]
-    handle = enable_svoo(model, backend="reference", **SPARSE)
-    assert handle.active
-    sparse = run(model, x, 500)
-    disable_lvsa(model)
-    assert not handle.active
-    assert all(b.attn1.processor is p1 and b.attn2.processor is p2 for b, (p1, p2) in zip(model.blocks, procs))
-    assert not model._forward_pre_hooks and not model._forward_hooks
-    assert torch.equal(run(model, x, 500), before)
-    assert not torch.allclose(sparse, before, atol=1e-4)  # SVOO really changed the result
+    assert_round_trip(model, lambda: enable_svoo(model, backend="reference", **SPARSE))
 
 
 def test_unsupported_models_and_configs_raise(model):

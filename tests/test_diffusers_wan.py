@@ -9,11 +9,10 @@ pytest.importorskip("diffusers")
 from lvsa_kernels import LVSAPattern  # noqa: E402
 from lvsa_kernels.diffusers import disable_lvsa, enable_lvsa  # noqa: E402
 
-from diffusers_checks import assert_dense_pattern_matches_original  # noqa: E402
+from diffusers_checks import assert_dense_pattern_matches_original, second_step_calls  # noqa: E402
 
-from tiny_wan import run, tiny_transformer, wan_inputs  # noqa: E402
+from tiny_wan import H_LAT, T, W_LAT, assert_round_trip, inputs, run, tiny_transformer  # noqa: E402
 
-T, H_LAT, W_LAT = 8, 8, 8          # latent frames and size; patch (1, 2, 2) -> P = 16 tokens per frame
 P = (H_LAT // 2) * (W_LAT // 2)
 SPARSE = dict(window=1, n_first=1, reference_frames=2, key_frame_interval=4)
 
@@ -23,10 +22,6 @@ def model():
     return tiny_transformer(0)
 
 
-def inputs(batch=2, seed=1):
-    return wan_inputs(T, H_LAT, W_LAT, batch, seed)
-
-
 def test_dense_pattern_matches_original_processors(model):
     assert_dense_pattern_matches_original(model, inputs(), run, T)
 
@@ -34,22 +29,8 @@ def test_dense_pattern_matches_original_processors(model):
 def test_sparse_layers_match_masked_sdpa(model):
     """Every attn1 call equals the original diffusers processor run with the planned layout as a boolean mask."""
     x = inputs()
-    captured = []
-
-    def record(module, args, output):
-        captured.append((module, [a.clone() if torch.is_tensor(a) else a for a in args], output.clone()))
-
     originals = {id(b.attn1): b.attn1.processor for b in model.blocks}
-    hooks = [b.attn1.register_forward_hook(record) for b in model.blocks]
-    handle = enable_lvsa(model, backend="reference", **SPARSE)
-    try:
-        run(model, x, 900)
-        captured.clear()
-        run(model, x, 800)  # second denoising step: rotation offset 1
-    finally:
-        disable_lvsa(model)
-        for h in hooks:
-            h.remove()
+    captured, handle = second_step_calls(model, [b.attn1 for b in model.blocks], run, x, **SPARSE)
     assert handle.runtime.tracker.step == 1
     layout = LVSAPattern(**SPARSE).plan(T, P, step=1)
     assert layout.meta["offset"] == 1 and layout.density < 0.9
@@ -62,19 +43,7 @@ def test_sparse_layers_match_masked_sdpa(model):
 
 
 def test_round_trip_restores_processors_and_outputs(model):
-    x = inputs()
-    before = run(model, x, 500)
-    procs = [(b.attn1.processor, b.attn2.processor) for b in model.blocks]
-    handle = enable_lvsa(model, backend="reference", **SPARSE)
-    assert handle.active
-    assert all(b.attn1.processor is not p1 and b.attn2.processor is p2 for b, (p1, p2) in zip(model.blocks, procs))
-    sparse = run(model, x, 500)
-    disable_lvsa(model)
-    assert not handle.active
-    assert all(b.attn1.processor is p1 and b.attn2.processor is p2 for b, (p1, p2) in zip(model.blocks, procs))
-    assert not model._forward_pre_hooks and not model._forward_hooks
-    assert torch.equal(run(model, x, 500), before)
-    assert not torch.allclose(sparse, before, atol=1e-4)  # the sparse pattern really changed the result
+    assert_round_trip(model, lambda: enable_lvsa(model, backend="reference", **SPARSE))
 
 
 def test_default_reference_frames_and_knobs(model):

@@ -16,21 +16,9 @@ from lvsa_kernels import dispatch
 from lvsa_kernels.backends import base, registered_backends
 from lvsa_kernels.backends.base import Backend, Capabilities
 from lvsa_kernels.commands import backends as backends_command
+from random_inputs import random_qkv
 
-
-@pytest.fixture(autouse=True)
-def isolated_cache(monkeypatch, tmp_path):
-    monkeypatch.setenv(dispatch.ENV_CACHE_DIR, str(tmp_path))
-    monkeypatch.delenv(dispatch.ENV_BACKEND, raising=False)
-    monkeypatch.setattr(dispatch, "_warned", set())
-    dispatch.reset_state()
-    yield
-    dispatch.reset_state()
-
-
-def _qkv(B, Sq, Skv, H, Hkv, D, seed, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    return tuple(torch.randn(B, s, h, D, generator=g).to(dtype) for s, h in ((Sq, H), (Skv, Hkv), (Skv, Hkv)))
+pytestmark = pytest.mark.usefixtures("isolated_dispatch_cache")
 
 
 def _random_layout(seed, heads=1):
@@ -47,7 +35,7 @@ def _random_layout(seed, heads=1):
 @pytest.mark.parametrize("seed,heads,kv_heads", [(0, 1, 2), (1, 4, 2), (2, 4, 4)])
 def test_every_runnable_backend_matches_reference(seed, heads, kv_heads):
     layout = _random_layout(seed, heads=heads)
-    q, k, v = _qkv(2, layout.q_len, layout.kv_len, 4, kv_heads, 16, seed=seed + 10)
+    q, k, v = random_qkv(2, layout.q_len, layout.kv_len, 4, kv_heads, 16, seed=seed + 10)
     ref_out, ref_lse = reference_attention(q, k, v, layout, scale=0.3, return_lse=True)
     ran = []
     for name, backend in registered_backends().items():
@@ -60,7 +48,7 @@ def test_every_runnable_backend_matches_reference(seed, heads, kv_heads):
 
 
 def test_dense_layout_routes_to_sdpa_and_matches():
-    q, k, v = _qkv(1, 24, 24, 4, 2, 16, seed=3)
+    q, k, v = random_qkv(1, 24, 24, 4, 2, 16, seed=3)
     layout = BlockSparseLayout.dense(24)
     assert dispatch.select_backend("auto", q, k, v, layout, 0.25, False).name == "sdpa"
     torch.testing.assert_close(block_sparse_attn(q, k, v, layout), reference_attention(q, k, v, layout),
@@ -102,7 +90,7 @@ def toys(monkeypatch):
 
 def test_auto_measures_once_caches_and_reloads(toys, tmp_path, caplog):
     layout = _random_layout(4)
-    q, k, v = _qkv(1, layout.q_len, layout.kv_len, 2, 2, 8, seed=5)
+    q, k, v = random_qkv(1, layout.q_len, layout.kv_len, 2, 2, 8, seed=5)
     with caplog.at_level(logging.WARNING, logger="lvsa_kernels"):
         out = block_sparse_attn(q, k, v, layout)
         block_sparse_attn(q, k, v, layout)
@@ -124,7 +112,7 @@ def test_auto_measures_once_caches_and_reloads(toys, tmp_path, caplog):
 
 def test_a_second_process_reads_the_cache(toys, tmp_path):
     layout = _random_layout(6)
-    q, k, v = _qkv(1, layout.q_len, layout.kv_len, 2, 2, 8, seed=7)
+    q, k, v = random_qkv(1, layout.q_len, layout.kv_len, 2, 2, 8, seed=7)
     block_sparse_attn(q, k, v, layout)
     key = dispatch.problem_key(q, k, layout, False) + "|candidates=slow,fast"
     data = json.loads((tmp_path / "backends.json").read_text())
@@ -138,7 +126,7 @@ def test_a_second_process_reads_the_cache(toys, tmp_path):
 def test_corrupt_cache_file_is_measured_again(toys, tmp_path, caplog):
     (tmp_path / "backends.json").write_text("{not json")
     layout = _random_layout(8)
-    q, k, v = _qkv(1, layout.q_len, layout.kv_len, 2, 2, 8, seed=9)
+    q, k, v = random_qkv(1, layout.q_len, layout.kv_len, 2, 2, 8, seed=9)
     with caplog.at_level(logging.WARNING, logger="lvsa_kernels"):
         assert dispatch.select_backend("auto", q, k, v, layout, 0.3, False).name == "fast"
     assert "cannot read" in caplog.text and len(toys["timed"]) == 2
@@ -148,14 +136,14 @@ def test_corrupt_cache_file_is_measured_again(toys, tmp_path, caplog):
 def test_no_timing_while_compiling(toys, tmp_path, monkeypatch):
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     layout = _random_layout(10)
-    q, k, v = _qkv(1, layout.q_len, layout.kv_len, 2, 2, 8, seed=11)
+    q, k, v = random_qkv(1, layout.q_len, layout.kv_len, 2, 2, 8, seed=11)
     assert dispatch.select_backend("auto", q, k, v, layout, 0.3, False).name == "slow"   # first in order
     assert toys["timed"] == [] and not (tmp_path / "backends.json").exists()
 
 
 def test_overrides_argument_and_environment(toys, monkeypatch):
     layout = _random_layout(12)
-    q, k, v = _qkv(1, layout.q_len, layout.kv_len, 2, 2, 8, seed=13)
+    q, k, v = random_qkv(1, layout.q_len, layout.kv_len, 2, 2, 8, seed=13)
     assert dispatch.select_backend("slow", q, k, v, layout, 0.3, False).name == "slow"
     monkeypatch.setenv(dispatch.ENV_BACKEND, "reference")
     assert dispatch.select_backend("auto", q, k, v, layout, 0.3, False).name == "reference"
@@ -168,7 +156,7 @@ def test_overrides_argument_and_environment(toys, monkeypatch):
 
 def test_explicit_unavailable_backend_names_what_is_missing(toys):
     layout = _random_layout(14)
-    q, k, v = _qkv(1, layout.q_len, layout.kv_len, 2, 2, 8, seed=15)
+    q, k, v = random_qkv(1, layout.q_len, layout.kv_len, 2, 2, 8, seed=15)
     with pytest.raises(BackendUnavailable, match="'broken'.*needs a widget"):
         block_sparse_attn(q, k, v, layout, backend="broken")
     with pytest.raises(BackendUnavailable, match="'sdpa'.*dense layouts only"):
@@ -179,7 +167,7 @@ def test_explicit_unavailable_backend_names_what_is_missing(toys):
 
 def test_reference_only_when_nothing_else_runs(toys, monkeypatch, caplog):
     layout = _random_layout(16)
-    q, k, v = _qkv(1, layout.q_len, layout.kv_len, 2, 2, 8, seed=17)
+    q, k, v = random_qkv(1, layout.q_len, layout.kv_len, 2, 2, 8, seed=17)
     q64, k64, v64 = (x.double() for x in (q, k, v))              # the toys take float32 only
     with caplog.at_level(logging.WARNING, logger="lvsa_kernels"):
         assert dispatch.select_backend("auto", q64, k64, v64, layout, 0.3, False).name == "reference"
@@ -188,7 +176,7 @@ def test_reference_only_when_nothing_else_runs(toys, monkeypatch, caplog):
 
 
 def test_unavailable_real_backends_raise_here():
-    q, k, v = _qkv(1, 8, 8, 2, 2, 8, seed=18, dtype=torch.float16)
+    q, k, v = random_qkv(1, 8, 8, 2, 2, 8, seed=18, dtype=torch.float16)
     layout = BlockSparseLayout.dense(8)
     for name, backend in registered_backends().items():
         reason = backend.unsupported_reason(q, k, layout, False)
@@ -204,7 +192,7 @@ def _expected_reason(backend, device_type):
 
 def test_backends_command_is_truthful(toys, tmp_path, capsys):
     layout = LVSAPattern(window=1, n_first=1, reference_frames=3).plan(6, 4)
-    q, k, v = _qkv(1, layout.q_len, layout.kv_len, 2, 2, 8, seed=19)
+    q, k, v = random_qkv(1, layout.q_len, layout.kv_len, 2, 2, 8, seed=19)
     block_sparse_attn(q, k, v, layout)
     parser = argparse.ArgumentParser()
     backends_command.add_arguments(parser)

@@ -13,20 +13,9 @@ from lvsa_kernels import dispatch
 from lvsa_kernels.npu import backend as nb
 from lvsa_kernels.npu.detect import load_torch_npu
 from lvsa_kernels.npu.groups import span_groups, tile_grid
+from random_inputs import random_qkv
 
-
-@pytest.fixture(autouse=True)
-def isolated_cache(monkeypatch, tmp_path):
-    monkeypatch.setenv(dispatch.ENV_CACHE_DIR, str(tmp_path))
-    monkeypatch.delenv(dispatch.ENV_BACKEND, raising=False)
-    dispatch.reset_state()
-    yield
-    dispatch.reset_state()
-
-
-def _qkv(B, Sq, Skv, H, Hkv, D, seed, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    return tuple(torch.randn(B, s, h, D, generator=g).to(dtype) for s, h in ((Sq, H), (Skv, Hkv), (Skv, Hkv)))
+pytestmark = pytest.mark.usefixtures("isolated_dispatch_cache")
 
 
 def _distinct_span_lists(layout):
@@ -52,7 +41,7 @@ def test_unavailable_without_torch_npu():
     assert "torch_npu" not in sys.modules
     module, reason = load_torch_npu()
     assert module is None and "not installed" in reason
-    q, k, v = _qkv(1, 8, 8, 2, 2, 8, seed=0)
+    q, k, v = random_qkv(1, 8, 8, 2, 2, 8, seed=0)
     with pytest.raises(BackendUnavailable, match="torch_npu"):
         block_sparse_attn(q, k, v, BlockSparseLayout.dense(8), backend="npu")
 
@@ -84,7 +73,7 @@ def test_no_device_is_reported(monkeypatch):
 def test_cpu_tensors_need_the_standin_hook(monkeypatch):
     mod = npu_standin.install(monkeypatch)
     monkeypatch.delattr(mod, "LVSA_KERNELS_CPU_STANDIN")
-    q, k, v = _qkv(1, 8, 8, 2, 2, 8, seed=0)
+    q, k, v = random_qkv(1, 8, 8, 2, 2, 8, seed=0)
     reason = nb.NpuBackend().unsupported_reason(q, k, BlockSparseLayout.dense(8), False)
     assert reason and "['npu']" in reason
 
@@ -95,7 +84,7 @@ def test_fusion_groups_masks_and_outputs(monkeypatch, text_position):
     mod = npu_standin.install(monkeypatch)
     layout = LVSAPattern(window=1, n_first=1, reference_frames=3, key_frame_interval=3).plan(
         8, 5, step=1, text_tokens=3, text_position=text_position)
-    q, k, v = _qkv(2, layout.q_len, layout.kv_len, 4, 2, 8, seed=1)
+    q, k, v = random_qkv(2, layout.q_len, layout.kv_len, 4, 2, 8, seed=1)
     out, lse = block_sparse_attn(q, k, v, layout, backend="npu", scale=0.3, return_lse=True)
     _assert_matches_reference(out, lse, q, k, v, layout, 0.3, 1e-5)
     calls = [c for name, c in mod.calls if name == "npu_fusion_attention"]
@@ -113,7 +102,7 @@ def test_fusion_per_head_layout_with_gqa_and_empty_rows(monkeypatch):
     mask[2, 1] = False                                       # head 2, query block 1: no keys -> 0 / -inf
     mask[0, 3] = True
     layout = BlockSparseLayout.from_block_mask(mask, [[3, 4, 2, 5]] * 4, [[2, 3, 4, 1, 3]] * 4)
-    q, k, v = _qkv(1, 14, 13, 4, 2, 8, seed=3)
+    q, k, v = random_qkv(1, 14, 13, 4, 2, 8, seed=3)
     out, lse = block_sparse_attn(q, k, v, layout, backend="npu", return_lse=True)
     _assert_matches_reference(out, lse, q, k, v, layout, 8 ** -0.5, 1e-5)
     calls = [c for name, c in mod.calls if name == "npu_fusion_attention"]
@@ -143,7 +132,7 @@ def test_tile_grid_is_exact():
 def test_block_sparse_variant_mask_and_output(monkeypatch, dtype):
     mod = npu_standin.install(monkeypatch)
     layout = _grid_layout(heads=4)
-    q, k, v = _qkv(2, layout.q_len, layout.kv_len, 4, 2, 64, seed=5, dtype=dtype)
+    q, k, v = random_qkv(2, layout.q_len, layout.kv_len, 4, 2, 64, seed=5, dtype=dtype)
     out, lse = nb.run_block_sparse(mod, q, k, v, layout, 0.125, True)
     ref_out, ref_lse = reference_attention(q, k, v, layout, scale=0.125, return_lse=True)
     tol = 1e-3 if dtype == torch.float16 else 1e-2
@@ -162,7 +151,7 @@ def test_variant_chosen_by_measurement_and_cached(monkeypatch, tmp_path):
     real_measure = dispatch.measure
     monkeypatch.setattr(dispatch, "measure", lambda fn, dev: timed.append(1) or real_measure(fn, dev))
     layout = _grid_layout()
-    q, k, v = _qkv(1, layout.q_len, layout.kv_len, 2, 2, 64, seed=6, dtype=torch.float16)
+    q, k, v = random_qkv(1, layout.q_len, layout.kv_len, 2, 2, 64, seed=6, dtype=torch.float16)
     for _ in range(2):
         out = block_sparse_attn(q, k, v, layout, backend="npu")
         torch.testing.assert_close(out, reference_attention(q, k, v, layout), rtol=1e-3, atol=1e-3)
@@ -177,6 +166,6 @@ def test_fp32_runs_fusion_only_without_timing(monkeypatch):
     mod = npu_standin.install(monkeypatch)
     monkeypatch.setattr(dispatch, "measure", lambda fn, dev: pytest.fail("nothing to choose between"))
     layout = _grid_layout()
-    q, k, v = _qkv(1, layout.q_len, layout.kv_len, 2, 1, 64, seed=7)
+    q, k, v = random_qkv(1, layout.q_len, layout.kv_len, 2, 1, 64, seed=7)
     block_sparse_attn(q, k, v, layout, backend="npu")
     assert {name for name, _ in mod.calls} == {"npu_fusion_attention"}
