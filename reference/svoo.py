@@ -203,13 +203,9 @@ def co_cluster(q: Tensor, k: Tensor, q_clusters: int, k_clusters: int, iteration
     return CoClustering(qc, kc)
 
 
-def refresh_clusters(x: Tensor, clusters: Clusters, permuted: bool = False) -> Clusters:
-    """Same labels and permutation, centroids recomputed from the current tokens x ``[G, N, d]``.
-
-    ``permuted=True``: x is already in cluster order (``x[g, s] = tokens[g, perm[g, s]]``), no gather.
-    """
-    if not permuted:
-        x = torch.gather(x, 1, clusters.perm.unsqueeze(-1).expand_as(x))
+def refresh_clusters(x: Tensor, clusters: Clusters) -> Clusters:
+    """Same labels and permutation, centroids recomputed from the current tokens x ``[G, N, d]``."""
+    x = torch.gather(x, 1, clusters.perm.unsqueeze(-1).expand_as(x))
     centroids = means_of_sorted(x, clusters.sizes, clusters.centroids)
     return Clusters(clusters.labels, centroids, clusters.sizes, clusters.perm)
 

@@ -29,9 +29,9 @@ class RecordingSVOO(SVOOPattern):
         super().__init__(**knobs)
         self.calls = []
 
-    def attention(self, q, k, v, step, layer, backend="auto", branch=None, scale=None):
+    def attention(self, q, k, v, step, layer, branch=None, **kwargs):
         self.calls.append((step, layer, branch, len(self._cache)))
-        return super().attention(q, k, v, step, layer, backend=backend, branch=branch, scale=scale)
+        return super().attention(q, k, v, step, layer, branch=branch, **kwargs)
 
 
 def test_top_p_one_matches_original_processors(model):

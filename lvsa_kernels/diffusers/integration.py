@@ -178,16 +178,17 @@ def enable_lvsa(pipe_or_transformer: Any, pattern: Union[None, LVSAPattern, SVOO
         pattern: an `LVSAPattern` (latent-frame units); default: window 3, n_first 1 and the model's
             reference frames (config ``sample_frames`` / ``sample_n_frames`` when present, else Wan 21,
             Wan2.2-TI2V-5B 31, HunyuanVideo 1.5 33; CogVideoX from its ``sample_frames``, 13 for 5B).
-            Or an `SVOOPattern` (Wan 2.1 / 2.2 incl. both A14B experts, also under Ulysses; no ``knobs``): each ``attn1`` call runs ``pattern.attention`` with the denoising step, the block
-            index as layer and the transformer call's index within the step as CFG branch (0, 1; with
-            two experts ``(expert, call)``, so the experts never share clusters); the pattern's caches
-            are reset at each new generation.
+            Or an `SVOOPattern` (Wan 2.1 / 2.2 incl. both A14B experts, also under Ulysses, and
+            HunyuanVideo 1.5; no ``knobs``): each self-attention call runs ``pattern.attention`` with the
+            denoising step, the block index as layer and the transformer call's index within the step as
+            CFG branch (0, 1; with two experts ``(expert, call)``, so the experts never share clusters);
+            the pattern's caches are reset at each new generation.
         backend: ``block_sparse_attn`` backend, ``"auto"`` or a registered name.
         **knobs: `LVSAPattern` fields that override the pattern (window, n_first, reference_frames,
             sparsity_scale, key_frame_interval, expand_window, rotate, anchors).
 
     Raises:
-        NotImplementedError: an `SVOOPattern` on a model other than Wan (also raised at the forward when it is enabled later).
+        NotImplementedError: an `SVOOPattern` on a model other than Wan or HunyuanVideo 1.5.
 
     Returns:
         An `LVSAHandle`; ``disable_lvsa(pipe_or_transformer)`` or ``handle.disable()`` restores everything.

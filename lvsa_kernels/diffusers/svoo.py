@@ -62,38 +62,35 @@ class SVOORuntime(AttentionRuntime):
             self._generation = self.tracker.generation
 
     def video_attention(self, q: Tensor, k: Tensor, v: Tensor, layer: int) -> Tensor:
-        """``pattern.attention`` on q, k, v ``[B, S, H, D]`` at the current step, this layer and CFG branch.
-
-        Under Ulysses (degree N) the inputs are this rank's ``[B, S/N, H, D]`` shards: they are exchanged to
-        ``[B, S, H/N, D]``, clustered and attended for this rank's heads (profile floors and cluster seeds of
-        the global heads, so the result equals one GPU's) and exchanged back."""
-        self.current_geometry("SVOO")
-        if not self.tracker.announced:
-            self._announce()
-        branch = self.tracker.call if self.experts == 1 else (self.expert, self.tracker.call)
-        ug = self.ulysses
-        if ug is None:
-            return self.pattern.attention(q, k, v, step=self.tracker.step, layer=layer, backend=self.backend,
-                                          branch=branch)
-        q, k, v = seq_to_heads([q, k, v], ug, "q/k/v")
-        heads = (ug.rank * q.shape[2], ug.degree * q.shape[2])
-        out = self.pattern.attention(q, k, v, step=self.tracker.step, layer=layer, backend=self.backend,
-                                     branch=branch, heads=heads)
-        return heads_to_seq(out, ug)
+        """``pattern.attention`` on q, k, v ``[B, S, H, D]`` at the current step, this layer and CFG branch."""
+        return self._attention(q, k, v, layer)
 
     def joint_attention(self, q: Tensor, k: Tensor, v: Tensor, layer: int, text_tokens: int,
                         part: Optional[int] = None) -> Tensor:
         """``pattern.attention`` over ``[video; text]`` (HunyuanVideo 1.5): the video part is clustered, the
         ``text_tokens`` valid text tokens after it form one block (see `SVOOPattern.plan`). Calls for different
         text lengths within one transformer call (``part``: the batch element) keep separate caches."""
+        return self._attention(q, k, v, layer, text_tokens, part)
+
+    def _attention(self, q: Tensor, k: Tensor, v: Tensor, layer: int, text_tokens: int = 0,
+                   part: Optional[int] = None) -> Tensor:
+        """The pattern's attention with this call's step and branch. Under Ulysses (degree N) the inputs are
+        this rank's ``[B, S/N, H, D]`` shards: they are exchanged to ``[B, S, H/N, D]``, clustered and attended
+        for this rank's heads (profile floors and cluster seeds of the global heads, so the result equals one
+        GPU's) and exchanged back."""
         self.current_geometry("SVOO")
         if not self.tracker.announced:
             self._announce()
         branch = self.tracker.call if self.experts == 1 else (self.expert, self.tracker.call)
         if part is not None:
             branch = (branch, part)
-        return self.pattern.attention(q, k, v, step=self.tracker.step, layer=layer, backend=self.backend,
-                                      branch=branch, text_tokens=text_tokens)
+        ug, heads = self.ulysses, None
+        if ug is not None:
+            q, k, v = seq_to_heads([q, k, v], ug, "q/k/v")
+            heads = (ug.rank * q.shape[2], ug.degree * q.shape[2])
+        out = self.pattern.attention(q, k, v, step=self.tracker.step, layer=layer, backend=self.backend,
+                                     branch=branch, heads=heads, text_tokens=text_tokens)
+        return out if ug is None else heads_to_seq(out, ug)
 
     def _announce(self) -> None:
         self.tracker.announced = True
