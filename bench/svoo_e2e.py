@@ -25,14 +25,12 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 from typing import Any, Dict, List
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from e2e_step import WAN_1_3B, WAN_TINY, build, wan_inputs  # noqa: E402
+from lvsa_kernels.bench.e2e_step import WAN_1_3B, WAN_TINY, build, wan_inputs
 
 
 def timed(fn, device: torch.device) -> float:
@@ -67,14 +65,16 @@ def main(argv: List[str] = None) -> int:
     if device.type == "cpu" and not args.tiny:
         ap.error("the CPU runs the Triton interpreter: use --tiny")
 
+    from diffusers import WanTransformer3DModel
     from torch.nn.attention import SDPBackend, sdpa_kernel
+
     from lvsa_kernels.diffusers import disable_lvsa, enable_svoo
     from lvsa_kernels.reference.svoo_profile import SVOOProfile
 
     config = WAN_TINY if args.tiny else WAN_1_3B
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     height, width = (64, 64) if args.tiny else (args.height, args.width)
-    model = build(__import__("diffusers").WanTransformer3DModel, config, device, dtype)
+    model = build(WanTransformer3DModel, config, device, dtype)
     inputs = wan_inputs(config, args.frames, height, width, device, dtype)
     layers, heads = config["num_layers"], config["num_attention_heads"]
     res: Dict[str, Any] = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
