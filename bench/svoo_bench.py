@@ -26,6 +26,7 @@ import json
 import math
 import os
 import statistics
+import sys
 import time
 from typing import Callable, Dict, List
 
@@ -212,8 +213,11 @@ def main(argv: List[str] = None) -> int:
                 continue
             results.append(run_case(name, floor, args, device, dtype, measure))
             print(table(results[-1:]).splitlines()[-1], flush=True)
+    import triton
+
     doc = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
-           "results": results}
+           "triton": triton.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+           "command": " ".join(["python3", *sys.argv]), "results": results}
     with open(os.path.join(args.out, "svoo_bench.json"), "w") as f:
         json.dump(doc, f, indent=2)
     print(table(results))

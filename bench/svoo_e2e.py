@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 from typing import Any, Dict, List
 
@@ -77,8 +78,14 @@ def main(argv: List[str] = None) -> int:
     model = build(WanTransformer3DModel, config, device, dtype)
     inputs = wan_inputs(config, args.frames, height, width, device, dtype)
     layers, heads = config["num_layers"], config["num_attention_heads"]
+    import diffusers
+    import triton
+
     res: Dict[str, Any] = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                           "torch": torch.__version__, "frames": args.frames, "resolution": [height, width],
+                           "torch": torch.__version__, "triton": triton.__version__,
+                           "diffusers": diffusers.__version__,
+                           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                           "command": " ".join(["python3", *sys.argv]), "frames": args.frames, "resolution": [height, width],
                            "floor": args.floor, "top_p": args.top_p, "repeats": args.repeats}
 
     def forward(t: float) -> torch.Tensor:

@@ -56,7 +56,8 @@ def svoo_section(data: dict, source: str, e2e: List[dict], e2e_sources: List[str
     lines = [
         "## SVOO: co-clustering + device-side plan + packed cluster kernel vs dense (one attention call)",
         "",
-        f"{data['device']}, torch {data['torch']}, Wan 2.1 1.3B shape (12 heads x 128, bf16), 81 frames, 256 query / "
+        f"{data['date'] + ', ' if 'date' in data else ''}{data['device']}, torch {data['torch']}"
+        f"{', Triton ' + data['triton'] if 'triton' in data else ''}, Wan 2.1 1.3B shape (12 heads x 128, bf16), 81 frames, 256 query / "
         "1024 key clusters, 2 iterations, top_p 0.9, profile floor = the given keep ratio for every head; synthetic "
         "q/k drawn around 64 shared centres per head (peaked attention, as with trained weights). Command: "
         "`python3 bench/svoo_bench.py --cases wan720,wan480 --floors 0.15,0.20,0.12 --sweep` "
