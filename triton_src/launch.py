@@ -1,8 +1,10 @@
-"""Host side of the Triton kernel: the launch, and its registration as a torch custom op.
+"""Host side of the Triton kernels: the launches, and their registration as torch custom ops.
 
-``torch.ops.lvsa_kernels.triton_block_sparse_fwd`` has a fake (meta) implementation, so
-``torch.compile(fullgraph=True)`` traces through `block_sparse_attn(..., backend="triton")` without
-graph breaks. The schedule arrays (see `schedule.py`) are ordinary tensor arguments of the op.
+``torch.ops.lvsa_kernels.triton_block_sparse_fwd`` (portable kernel) and
+``torch.ops.lvsa_kernels.triton_block_sparse_fwd_hopper`` (warp-specialised Gluon kernel, sm_90) have fake
+(meta) implementations, so ``torch.compile(fullgraph=True)`` traces through
+`block_sparse_attn(..., backend="triton")` without graph breaks. The schedule arrays (see `schedule.py`)
+are ordinary tensor arguments of the ops.
 """
 from __future__ import annotations
 
@@ -13,10 +15,10 @@ import triton
 from torch import Tensor
 
 from .block_sparse_fwd import LOG2E, block_sparse_attn_fwd
-from .schedule import KernelSchedule
+from .schedule import KernelSchedule, KeyTiles
 from .tuning import KernelConfig
 
-__all__ = ["launch", "run_scheduled", "tma_eligible"]
+__all__ = ["hopper_eligible", "launch", "launch_hopper", "run_scheduled", "tma_eligible"]
 
 _allocator_set = False
 
@@ -35,6 +37,55 @@ def tma_eligible(q: Tensor, k: Tensor, v: Tensor) -> bool:
         return False
     e = k.element_size()
     return all(t.data_ptr() % 16 == 0 and all((s * e) % 16 == 0 for s in t.stride()[:3]) for t in (k, v))
+
+
+def hopper_eligible(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    """Whether the warp-specialised Gluon kernel can run: an sm_90 GPU, bf16/fp16, head dim 64 or 128,
+    q/k/v rows readable by TMA (16-byte aligned bases and strides), and a Triton that ships Gluon for Hopper."""
+    if q.device.type != "cuda" or torch.cuda.get_device_capability(q.device) != (9, 0):
+        return False
+    if q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] not in (64, 128):
+        return False
+    e = q.element_size()
+    if not all(t.data_ptr() % 16 == 0 and all((s * e) % 16 == 0 for s in t.stride()[:3]) for t in (q, k, v)):
+        return False
+    try:
+        from . import block_sparse_hopper  # noqa: F401 - needs triton.experimental.gluon's Hopper module
+    except ImportError:
+        return False
+    return True
+
+
+def launch_hopper(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, sched_tensors: Tuple[Tensor, ...],
+                  key_tiles: Tuple[Tensor, ...], max_tiles: int, per_head_layout: bool, scale: float,
+                  cfg: KernelConfig):
+    """Run the Hopper kernel (same contract as `launch`); a negative ``scale`` runs as ``-q`` with ``-scale``."""
+    from triton.experimental.gluon import language as gl
+
+    from .block_sparse_hopper import HALF_M, block_sparse_attn_fwd_hopper
+
+    B, Sq, H, D = q.shape
+    if max_tiles == 0 or B == 0:
+        return None
+    if scale < 0:
+        q, scale = -q, -scale
+    _ensure_tma_allocator()
+    gdt = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
+    grid = (max_tiles, B * H)
+    return block_sparse_attn_fwd_hopper[grid](
+        q, k, v, out, lse,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        *sched_tensors[:4], *key_tiles,
+        scale * LOG2E, Sq, k.shape[1],
+        NUM_HEADS=H, KV_GROUP=H // k.shape[2], PER_HEAD_LAYOUT=per_head_layout,
+        HEAD_DIM=D, BLOCK_N=cfg.block_n, STAGES=cfg.num_stages,
+        Q_LAYOUT=gl.NVMMASharedLayout.get_default_for([int(HALF_M), D], gdt),
+        KV_LAYOUT=gl.NVMMASharedLayout.get_default_for([cfg.block_n, D], gdt),
+        CONSUMER_REGS=240, num_warps=4, maxnreg=168,
+    )
 
 
 def launch(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, sched_tensors: Tuple[Tensor, ...],
@@ -83,19 +134,52 @@ def triton_block_sparse_fwd(
     return out, lse
 
 
+@torch.library.custom_op("lvsa_kernels::triton_block_sparse_fwd_hopper", mutates_args=())
+def triton_block_sparse_fwd_hopper(
+    q: Tensor, k: Tensor, v: Tensor,
+    tile_ptr: Tensor, tile_start: Tensor, tile_end: Tensor, tile_row: Tensor,
+    row_kv_ptr: Tensor, kv_tile_start: Tensor, kv_tile_end: Tensor,
+    max_tiles: int, per_head_layout: bool, scale: float, block_n: int, num_stages: int,
+) -> Tuple[Tensor, Tensor]:
+    """Block-sparse attention forward on Hopper: returns ``(out [B, Sq, H, D], lse [B, H, Sq] float32)``."""
+    B, Sq, H, D = q.shape
+    out = torch.empty(B, Sq, H, D, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, H, Sq, dtype=torch.float32, device=q.device)
+    cfg = KernelConfig(128, block_n, 4, num_stages, True, True, "hopper")
+    launch_hopper(q, k, v, out, lse, (tile_ptr, tile_start, tile_end, tile_row),
+                  (row_kv_ptr, kv_tile_start, kv_tile_end), max_tiles, per_head_layout, scale, cfg)
+    return out, lse
+
+
 @triton_block_sparse_fwd.register_fake
 def _fake(q, k, v, *args, **kwargs):
     B, Sq, H, D = q.shape
     return q.new_empty(B, Sq, H, D), q.new_empty(B, H, Sq, dtype=torch.float32)
 
 
+triton_block_sparse_fwd_hopper.register_fake(_fake)
+
+
 def run_scheduled(q: Tensor, k: Tensor, v: Tensor, sched: KernelSchedule, per_head_layout: bool,
-                  scale: float, cfg: KernelConfig, out: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
-    """Run with a prepared schedule; through the custom op unless ``out`` (a buffer to write) is given."""
+                  scale: float, cfg: KernelConfig, out: Optional[Tensor] = None,
+                  key_tiles: Optional[KeyTiles] = None) -> Tuple[Tensor, Tensor]:
+    """Run with a prepared schedule (and, for the Hopper kernel, the key tiles of ``cfg.block_n``);
+    through the custom op unless ``out`` (a buffer to write) is given."""
+    hopper = cfg.kernel == "hopper"
+    if hopper and (key_tiles is None or key_tiles.block_n != cfg.block_n):
+        raise ValueError(f"the hopper kernel needs the key tiles of BLOCK_N={cfg.block_n}")
     if out is None:
+        if hopper:
+            return torch.ops.lvsa_kernels.triton_block_sparse_fwd_hopper(
+                q, k, v, *sched.tensors()[:4], *key_tiles.tensors(), sched.max_tiles, per_head_layout, scale,
+                cfg.block_n, cfg.num_stages)
         return torch.ops.lvsa_kernels.triton_block_sparse_fwd(
             q, k, v, *sched.tensors(), sched.max_tiles, per_head_layout, scale,
             cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, cfg.use_tma, cfg.warp_spec)
     lse = torch.empty(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32, device=q.device)
-    launch(q, k, v, out, lse, sched.tensors(), sched.max_tiles, per_head_layout, scale, cfg)
+    if hopper:
+        launch_hopper(q, k, v, out, lse, sched.tensors(), key_tiles.tensors(), sched.max_tiles, per_head_layout,
+                      scale, cfg)
+    else:
+        launch(q, k, v, out, lse, sched.tensors(), sched.max_tiles, per_head_layout, scale, cfg)
     return out, lse

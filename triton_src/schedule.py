@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ..reference import BlockSparseLayout
 
-__all__ = ["KernelSchedule", "build_schedule"]
+__all__ = ["KernelSchedule", "KeyTiles", "build_key_tiles", "build_schedule"]
 
 
 @dataclass(frozen=True)
@@ -125,3 +125,51 @@ def _query_runs(layout: BlockSparseLayout, span_ptr: Tensor, s0: Tensor, s1: Ten
     run_row = rows[starts]
     run_hi = torch.zeros(run_row.numel(), dtype=torch.int64).scatter_reduce(0, run_id, q_hi[rows], "amax")
     return run_row, q_lo[run_row], run_hi
+
+
+@dataclass(frozen=True)
+class KeyTiles:
+    """Each query-block row's key tiles of ``block_n`` columns, for kernels that walk a flat tile list.
+
+    row_ptr   [Hl*nQB + 1]  key tiles of flat row r: row_ptr[r] : row_ptr[r + 1]
+    start     [nK]          first key token of the tile
+    end       [nK]          one past its last key token (``end - start < block_n`` only for a span's ragged tail)
+
+    The tiles of a row cover its merged key spans exactly, in span order.
+    """
+
+    block_n: int
+    row_ptr: Tensor
+    start: Tensor
+    end: Tensor
+
+    def tensors(self):
+        return (self.row_ptr, self.start, self.end)
+
+
+def build_key_tiles(layout: BlockSparseLayout, block_n: int, device: torch.device) -> KeyTiles:
+    """The cached `KeyTiles` of ``layout`` for key tiles of ``block_n`` columns on ``device``."""
+    key = ("triton_key_tiles", block_n, str(device))
+    return layout.cached(key, lambda: _build_key_tiles(layout, block_n, torch.device(device)))
+
+
+def _build_key_tiles(layout: BlockSparseLayout, bn: int, device: torch.device) -> KeyTiles:
+    sp = layout.spans
+    span_ptr = torch.cat([sp.ptr[:, :-1].reshape(-1), sp.ptr[-1:, -1]]).long()
+    s0, s1 = sp.start.long(), sp.end.long()
+    n_tiles = (s1 - s0 + bn - 1) // bn
+    first = torch.repeat_interleave(s0, n_tiles)
+    i_in_span = torch.arange(first.numel()) - torch.repeat_interleave(_csr_ptr(n_tiles)[:-1], n_tiles)
+    start = first + i_in_span * bn
+    end = torch.minimum(start + bn, torch.repeat_interleave(s1, n_tiles))
+    tiles_ptr = _csr_ptr(n_tiles)
+    row_ptr = tiles_ptr[span_ptr]
+
+    def dev(t: Tensor) -> Tensor:
+        if t.numel() and int(t.max()) >= 2**31:
+            raise ValueError("key tile index exceeds int32")
+        if t.numel() == 0:
+            t = torch.zeros(1, dtype=torch.int64)
+        return t.to(torch.int32).to(device)
+
+    return KeyTiles(block_n=bn, row_ptr=dev(row_ptr), start=dev(start), end=dev(end))

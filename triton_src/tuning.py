@@ -32,8 +32,11 @@ class KernelConfig:
     num_stages: int
     use_tma: bool = False
     warp_spec: bool = False
+    kernel: str = "portable"  # "portable" (block_sparse_fwd.py) or "hopper" (block_sparse_hopper.py, sm_90 only)
 
     def __str__(self) -> str:
+        if self.kernel == "hopper":
+            return f"hopper BLOCK_M={self.block_m} BLOCK_N={self.block_n} stages={self.num_stages}"
         return (f"BLOCK_M={self.block_m} BLOCK_N={self.block_n} warps={self.num_warps} "
                 f"stages={self.num_stages} tma={self.use_tma} warp_spec={self.warp_spec}")
 
@@ -46,7 +49,14 @@ def interpreting() -> bool:
 INTERPRETER_CONFIG = KernelConfig(block_m=16, block_n=16, num_warps=1, num_stages=1)
 
 
-def candidate_configs(head_dim: int, tma_ok: bool, dtype: torch.dtype = torch.bfloat16) -> List[KernelConfig]:
+def hopper_configs(head_dim: int) -> List[KernelConfig]:
+    """Configs of the warp-specialised Hopper kernel (128-row query tiles; shared memory holds Q and the ring)."""
+    ring = [(128, 2), (64, 4), (128, 3)] if head_dim <= 64 else [(128, 2), (64, 4), (64, 3)]
+    return [KernelConfig(128, bn, 4, stages, True, True, "hopper") for bn, stages in ring]
+
+
+def candidate_configs(head_dim: int, tma_ok: bool, dtype: torch.dtype = torch.bfloat16,
+                      hopper_ok: bool = False) -> List[KernelConfig]:
     """Configs worth timing on a GPU for ``head_dim`` (first = the default when nothing is tuned)."""
     if dtype == torch.float32:  # 4-byte tiles: keep shared memory under the 227 KB limit
         return [KernelConfig(64, 32, 4, 2), KernelConfig(64, 64, 4, 2), KernelConfig(32, 32, 4, 2)]
@@ -60,6 +70,8 @@ def candidate_configs(head_dim: int, tma_ok: bool, dtype: torch.dtype = torch.bf
         base = [KernelConfig(128, 128, 8, 3, True), KernelConfig(128, 128, 8, 3, True, True),
                 KernelConfig(128, 64, 8, 3, True), KernelConfig(128, 128, 8, 2, True),
                 KernelConfig(128, 64, 8, 4, True)] + base
+    if hopper_ok:
+        base = hopper_configs(head_dim) + base
     return base
 
 

@@ -25,8 +25,8 @@ AUTOTUNE_ENV = "LVSA_KERNELS_TRITON_AUTOTUNE"
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
 if _HAS_TRITON:  # imported eagerly so the custom op exists before any torch.compile trace
     from ..triton_src import tuning
-    from ..triton_src.launch import run_scheduled, tma_eligible
-    from ..triton_src.schedule import build_schedule
+    from ..triton_src.launch import hopper_eligible, run_scheduled, tma_eligible
+    from ..triton_src.schedule import build_key_tiles, build_schedule
 
 
 class TritonBackend(Backend):
@@ -58,9 +58,14 @@ class TritonBackend(Backend):
         if v.stride(-1) != 1:
             raise ValueError("v: the head dim (last dim) must be contiguous")
         cfg = config_for(q, k, v, layout, scale)
-        sched = build_schedule(layout, cfg.block_m, q.device)
-        out, lse = run_scheduled(q, k, v, sched, layout.num_heads > 1, scale, cfg)
+        out, lse = _run(q, k, v, layout, scale, cfg)
         return out, (lse if return_lse else None)
+
+
+def _run(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout, scale: float, cfg):
+    sched = build_schedule(layout, cfg.block_m, q.device)
+    key_tiles = build_key_tiles(layout, cfg.block_n, q.device) if cfg.kernel == "hopper" else None
+    return run_scheduled(q, k, v, sched, layout.num_heads > 1, scale, cfg, key_tiles=key_tiles)
 
 
 def config_for(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout, scale: float):
@@ -70,7 +75,7 @@ def config_for(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout, scale
     or built, so the config (and schedule) cached by an earlier eager call are reused; without one a
     clear error asks for an eager warm-up call.
     """
-    tma_strides = _tma_strides_ok(k, v)
+    tma_strides = _tma_strides_ok(q, k, v)
     key = ("triton_config", q.device.type, q.device.index, q.dtype, q.shape[-1], tma_strides)
     if torch.compiler.is_compiling():
         cfg = layout.cached_or_none(key)
@@ -82,34 +87,34 @@ def config_for(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout, scale
     return layout.cached(key, lambda: choose_config(q, k, v, layout, scale))
 
 
-def _tma_strides_ok(k: Tensor, v: Tensor) -> bool:
+def _tma_strides_ok(q: Tensor, k: Tensor, v: Tensor) -> bool:
     e = k.element_size()
-    return all((s * e) % 16 == 0 for t in (k, v) for s in t.stride()[:3])
+    return all((s * e) % 16 == 0 for t in (q, k, v) for s in t.stride()[:3])
 
 
 def choose_config(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout, scale: float, retune: bool = False):
     """Tuned config from the disk cache, else tune now on these inputs (interpreter: fixed small config)."""
     if tuning.interpreting():
         return tuning.INTERPRETER_CONFIG
-    key = tuning.tuning_key(q.device, q.dtype, q.shape[-1], layout.typical_q_block)
-    cfg = None if retune else tuning.lookup(key)
     tma_ok = tma_eligible(q, k, v)
-    if cfg is not None and (tma_ok or not cfg.use_tma):
+    hopper_ok = hopper_eligible(q, k, v)
+    # the key names the kernels that may compete, so a config tuned without the Hopper kernel is not reused with it
+    key = tuning.tuning_key(q.device, q.dtype, q.shape[-1], layout.typical_q_block) + \
+        ("|hopper" if hopper_ok else "|tma" if tma_ok else "|no-tma")
+    cfg = None if retune else tuning.lookup(key)
+    if cfg is not None:
         return cfg
-    candidates = tuning.candidate_configs(q.shape[-1], tma_ok, q.dtype)
+    candidates = tuning.candidate_configs(q.shape[-1], tma_ok, q.dtype, hopper_ok)
     if os.environ.get(AUTOTUNE_ENV, "1") == "0":
         return candidates[0]
     import triton.testing
 
-    per_head = layout.num_heads > 1
-
     def bench(cfg) -> float:
-        sched = build_schedule(layout, cfg.block_m, q.device)
-        return triton.testing.do_bench(lambda: run_scheduled(q, k, v, sched, per_head, scale, cfg),
+        return triton.testing.do_bench(lambda: _run(q, k, v, layout, scale, cfg),
                                        warmup=50, rep=500, return_mode="median")
 
     log.info("lvsa_kernels triton: tuning %d configs for %s", len(candidates), key)
-    best = tuning.tune(key if tma_ok else key + "|no-tma", candidates, bench)
+    best = tuning.tune(key, candidates, bench)
     log.info("lvsa_kernels triton: chose %s for %s", best, key)
     return best
 

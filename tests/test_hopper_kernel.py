@@ -1,0 +1,143 @@
+"""The warp-specialised Gluon kernel (sm_90) against the float64 reference, every Hopper launch config.
+
+The CPU interpreter cannot run Gluon kernels: without an sm_90 GPU only the key-tile list it reads is
+checked here; the kernel tests run on the GPU (their log is committed under bench/results/).
+"""
+import pytest
+import torch
+
+from lvsa_kernels import BlockSparseLayout, LVSAPattern, reference_attention
+from lvsa_kernels.triton_src.launch import hopper_eligible, run_scheduled
+from lvsa_kernels.triton_src.schedule import build_key_tiles, build_schedule
+from lvsa_kernels.triton_src.tuning import hopper_configs
+
+HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+needs_hopper = pytest.mark.skipif(not HOPPER, reason="the Gluon kernel runs on sm_90 GPUs only")
+TOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def ragged_layout(seed, heads=1, nqb=5, nkb=6, max_block=300):
+    """Blocks of 0..max_block tokens (key spans of several tiles plus ragged tails), an empty and a dense row."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(heads, nqb, nkb, generator=g) < 0.5
+    mask[:, 0] = False
+    mask[:, 1] = True
+    qs = torch.randint(1, max_block + 1, (nqb,), generator=g)
+    ks = torch.randint(0, max_block + 1, (nkb,), generator=g)
+    return BlockSparseLayout.from_block_mask(mask if heads > 1 else mask[0], qs, ks)
+
+
+def test_key_tiles_cover_each_rows_spans_exactly():
+    layout = ragged_layout(seed=1, heads=2)
+    for bn in (64, 128):
+        kt = build_key_tiles(layout, bn, torch.device("cpu"))
+        sp = layout.spans
+        span_ptr = torch.cat([sp.ptr[:, :-1].reshape(-1), sp.ptr[-1:, -1]])
+        for row in range(span_ptr.numel() - 1):
+            want = torch.zeros(layout.kv_len, dtype=torch.int64)
+            for i in range(int(span_ptr[row]), int(span_ptr[row + 1])):
+                want[int(sp.start[i]):int(sp.end[i])] = 1
+            got = torch.zeros(layout.kv_len, dtype=torch.int64)
+            for t in range(int(kt.row_ptr[row]), int(kt.row_ptr[row + 1])):
+                a, b = int(kt.start[t]), int(kt.end[t])
+                assert 0 < b - a <= bn
+                got[a:b] += 1
+            assert torch.equal(got, want), "key tiles cover the row's keys exactly once"
+
+
+def run_hopper(q, k, v, layout, scale, cfg, poison=True):
+    sched = build_schedule(layout, cfg.block_m, q.device)
+    tiles = build_key_tiles(layout, cfg.block_n, q.device)
+    out = torch.full_like(q, float("nan")) if poison else None
+    return run_scheduled(q, k, v, sched, layout.num_heads > 1, scale, cfg, out=out, key_tiles=tiles)
+
+
+def check(q, k, v, layout, cfg, scale=None, poison=True):
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    assert hopper_eligible(q, k, v)
+    out, lse = run_hopper(q, k, v, layout, scale, cfg, poison)
+    ref, ref_lse = reference_attention(q.double(), k.double(), v.double(), layout, scale=scale, return_lse=True)
+    assert not torch.isnan(out).any(), "every output element written, none NaN"
+    assert rel_err(out, ref) <= TOL[q.dtype], (cfg, rel_err(out, ref))
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite)
+    assert torch.allclose(lse[finite].double(), ref_lse[finite], atol=2e-3)
+    return out, lse
+
+
+def qkv(B, Sq, Skv, H, Hkv, D, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, S, h, D, generator=g).to("cuda", dtype) for S, h in ((Sq, H), (Skv, Hkv), (Skv, Hkv)))
+
+
+CONFIGS = [(d, c) for d in (64, 128) for c in hopper_configs(d)]
+
+
+@needs_hopper
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("head_dim,cfg", CONFIGS, ids=[f"d{d}-{c.block_n}x{c.num_stages}" for d, c in CONFIGS])
+def test_ragged_spans_empty_rows_gqa_batch2(dtype, head_dim, cfg):
+    layout = ragged_layout(seed=2)
+    out, lse = check(*qkv(2, layout.q_len, layout.kv_len, 4, 2, head_dim, dtype, seed=3), layout, cfg)
+    empty = slice(0, int(layout.q_offsets[0, 1]))
+    assert (out[:, empty] == 0).all() and torch.isneginf(lse[:, :, empty]).all()
+
+
+@needs_hopper
+@pytest.mark.parametrize("cfg", hopper_configs(128), ids=str)
+@pytest.mark.parametrize("text_position", ["after", "before"])
+def test_lvsa_layout_with_text(cfg, text_position):
+    layout = LVSAPattern(window=2, reference_frames=5, key_frame_interval=3).plan(
+        9, 200, step=2, text_tokens=77, text_position=text_position)
+    check(*qkv(1, layout.q_len, layout.kv_len, 3, 3, 128, torch.bfloat16, seed=4), layout, cfg)
+
+
+@needs_hopper
+@pytest.mark.parametrize("cfg", hopper_configs(128), ids=str)
+def test_per_head_layout(cfg):
+    layout = ragged_layout(seed=5, heads=3)
+    check(*qkv(1, layout.q_len, layout.kv_len, 3, 1, 128, torch.bfloat16, seed=6), layout, cfg)
+
+
+@needs_hopper
+@pytest.mark.parametrize("scale", [-0.3, 0.0, 0.05, 3.0])
+def test_strided_inputs_and_any_scale(scale):
+    layout = ragged_layout(seed=7)
+    B, H, D = 2, 2, 128
+    g = torch.Generator().manual_seed(8)
+    q = torch.randn(B, layout.q_len, H, 2 * D, generator=g).to("cuda", torch.bfloat16)[..., D:]
+    k, v = torch.randn(B, layout.kv_len, 2, H, D, generator=g).to("cuda", torch.bfloat16).unbind(2)
+    assert not q.is_contiguous() and not k.is_contiguous()  # views of fused projections
+    check(q, k, v, layout, hopper_configs(128)[0], scale=scale)
+
+
+@needs_hopper
+def test_keys_outside_the_layout_never_reach_the_output():
+    layout = BlockSparseLayout.from_block_mask(torch.tensor([[1, 0, 1], [0, 1, 0]], dtype=torch.bool),
+                                               [150, 90], [130, 100, 77])
+    q, k, v = qkv(1, 240, 307, 2, 2, 128, torch.bfloat16, seed=9)
+    k[:, 130:230], v[:, 130:230] = float("nan"), float("inf")  # key block 1: only query block 1 reads it
+    for cfg in hopper_configs(128):
+        out, _ = run_hopper(q, k, v, layout, 0.1, cfg)
+        assert torch.isfinite(out[:, :150]).all(), cfg
+        ref = reference_attention(q.double(), k.double(), v.double(), layout, scale=0.1)
+        assert rel_err(out[:, :150], ref[:, :150]) <= 1e-2, cfg
+
+
+@needs_hopper
+def test_long_lvsa_rows_match_the_portable_kernel():
+    """A Wan-like layout (1560-token frames: 24-row remainder tiles, spans of many tiles) against the portable kernel."""
+    from lvsa_kernels.triton_src.tuning import KernelConfig
+
+    layout = LVSAPattern(window=3).plan(13, 1560, step=1)
+    q, k, v = qkv(1, layout.q_len, layout.kv_len, 2, 2, 128, torch.bfloat16, seed=10)
+    portable = KernelConfig(128, 64, 8, 3)
+    ref, ref_lse = run_scheduled(q, k, v, build_schedule(layout, 128, q.device), False, 0.088, portable)
+    for cfg in hopper_configs(128):
+        out, lse = run_hopper(q, k, v, layout, 0.088, cfg)
+        assert rel_err(out, ref) <= 5e-3, cfg
+        assert torch.allclose(lse, ref_lse, atol=1e-3), cfg

@@ -1,0 +1,240 @@
+"""Hopper (sm_90) block-sparse attention forward in Gluon, warp-specialised in the manner of FlashAttention-3.
+
+Same inputs, schedule and results as the portable kernel (`block_sparse_fwd.py`), for bf16/fp16 with head dim
+64 or 128. One program computes one query tile of up to 128 rows (rows that attend identical keys, see
+`schedule.py`) for one (batch, head), with three partitions that meet in shared memory:
+
+* loader (1 warp): TMA-loads the tile's two 64-row halves of Q once, then every key tile of the tile's
+  key list (``kv_tile_start/kv_tile_end``, see `schedule.build_kv_tiles`) as a K tile and a V tile into a
+  ``STAGES``-deep ring; ``*_ready`` barriers say a slot is filled, ``*_empty`` barriers (two arrivals, one per
+  consumer) that it may be refilled;
+* two consumers (one warpgroup each, 64 query rows each): ``S = Q K^T`` on the tensor cores (wgmma, both
+  operands in shared memory), online softmax in registers (exp2 domain, fp32), ``O += P V`` with P from
+  registers. The next tile's ``Q K^T`` is issued before the previous tile's ``P V`` and runs while the
+  softmax of the current tile is computed (FA3's intra-warpgroup overlap); the two consumers interleave
+  on the tensor cores by themselves.
+
+Ragged key tiles (``kv_end - kv0 < BLOCK_N``) are the only masked ones: their scores are scaled first, then
+columns from ``kv_end`` on are set to -inf, and the V rows from ``kv_end`` on are zeroed in shared memory
+before ``P V`` (a TMA tile reads whatever follows the span, which may hold NaN). A consumer whose 64 rows
+all lie past the tile's end only walks the barriers. Rows without keys write 0 and lse = -inf.
+
+The kernel takes a non-negative softmax scale (the host negates q for a negative one). The CPU interpreter
+cannot run Gluon: this kernel is tested on the GPU; the portable kernel keeps the interpreter tests.
+"""
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait,
+)
+
+HALF_M = gl.constexpr(64)  # query rows per consumer warpgroup (the wgmma M of one warpgroup)
+LN2 = gl.constexpr(0.6931471805599453)
+
+
+@gluon.jit
+def _softmax_step(s, m_i, l_i, kv0, kv_end, qk_scale, BLOCK_N: gl.constexpr, s_layout: gl.constexpr):
+    """Fold scores ``s [64, BLOCK_N]`` of keys ``kv0 ..`` into the running max/sum; returns (p, m, l, alpha)."""
+    if kv0 + BLOCK_N > kv_end:
+        cols = kv0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        s = gl.where((cols < kv_end)[None, :], s * qk_scale, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(s, 1))
+        p = gl.exp2(s - m_new[:, None])
+    else:  # full tile: one fused multiply-add per score (qk_scale >= 0 keeps the max)
+        m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+        p = gl.exp2(s * qk_scale - m_new[:, None])
+    alpha = gl.exp2(m_i - m_new)
+    l_i = l_i * alpha + gl.sum(p, 1)
+    return p, m_new, l_i, alpha
+
+
+@gluon.jit
+def _zero_v_tail(v_buf, kv0, kv_end, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr):
+    """Zero rows ``kv_end - kv0 ..`` of a ragged V tile in shared memory (keys outside the span may hold NaN)."""
+    if kv0 + BLOCK_N > kv_end:
+        blk: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+        rows = kv0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, blk))
+        v = v_buf.load(blk)
+        v_buf.store(gl.where((rows < kv_end)[:, None], v, gl.zeros_like(v)))
+        fence_async_shared()
+        gl.thread_barrier()
+
+
+@gluon.jit
+def _consume(args, HALF: gl.constexpr):
+    (q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
+     kv_tile_start, kv_tile_end, i_lo, n_kv, q0, q1, o_base, stride_os, lse_base, qk_scale) = args
+    STAGES: gl.constexpr = k_smem.type.shape[0]
+    BLOCK_N: gl.constexpr = k_smem.type.shape[1]
+    HEAD_DIM: gl.constexpr = k_smem.type.shape[2]
+    ROWS: gl.constexpr = q_smem.type.shape[1]
+    dtype: gl.constexpr = q_smem.dtype
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, HEAD_DIM, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+
+    r0 = q0 + HALF * ROWS
+    m_i = gl.full([ROWS], float("-inf"), gl.float32, row_s)
+    l_i = gl.full([ROWS], 0.0, gl.float32, row_s)
+    acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)
+    s_init = gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout)
+    if r0 >= q1:  # no rows of this tile here: only keep the ring moving
+        for j in range(n_kv):
+            stage = j % STAGES
+            phase = (j // STAGES) & 1
+            mbarrier.wait(k_ready.index(stage), phase)
+            mbarrier.arrive(k_empty.index(stage), count=1)
+            mbarrier.wait(v_ready.index(stage), phase)
+            mbarrier.arrive(v_empty.index(stage), count=1)
+    elif n_kv > 0:
+        q = q_smem.index(HALF)
+        mbarrier.wait(q_bar.index(HALF), 0)
+        mbarrier.wait(k_ready.index(0), 0)
+        s_tok = warpgroup_mma(q, k_smem.index(0).permute((1, 0)), s_init, use_acc=False, is_async=True)
+        s = warpgroup_mma_wait(0, deps=(s_tok, ))
+        mbarrier.arrive(k_empty.index(0), count=1)
+        kv0 = gl.load(kv_tile_start + i_lo)
+        kv_end = gl.load(kv_tile_end + i_lo)
+        p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, kv0, kv_end, qk_scale, BLOCK_N, s_layout)
+        for j in range(1, n_kv):
+            stage = j % STAGES
+            phase = (j // STAGES) & 1
+            prev = (j - 1) % STAGES
+            prev_phase = ((j - 1) // STAGES) & 1
+            # S_j = Q K_j^T first, then O += P_{j-1} V_{j-1}: the softmax of S_j overlaps the P V product
+            mbarrier.wait(k_ready.index(stage), phase)
+            s_tok = warpgroup_mma(q, k_smem.index(stage).permute((1, 0)), s_init, use_acc=False, is_async=True)
+            mbarrier.wait(v_ready.index(prev), prev_phase)
+            _zero_v_tail(v_smem.index(prev), kv0, kv_end, BLOCK_N, HEAD_DIM)
+            p_op = gl.convert_layout(p.to(dtype), p_layout)
+            acc_tok = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
+            s = warpgroup_mma_wait(1, deps=(s_tok, ))
+            mbarrier.arrive(k_empty.index(stage), count=1)
+            kv0 = gl.load(kv_tile_start + i_lo + j)
+            kv_end = gl.load(kv_tile_end + i_lo + j)
+            p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, kv0, kv_end, qk_scale, BLOCK_N, s_layout)
+            acc = warpgroup_mma_wait(0, deps=(acc_tok, ))
+            mbarrier.arrive(v_empty.index(prev), count=1)
+            acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+        last = (n_kv - 1) % STAGES
+        mbarrier.wait(v_ready.index(last), ((n_kv - 1) // STAGES) & 1)
+        _zero_v_tail(v_smem.index(last), kv0, kv_end, BLOCK_N, HEAD_DIM)
+        p_op = gl.convert_layout(p.to(dtype), p_layout)
+        acc_tok = warpgroup_mma(p_op, v_smem.index(last), acc, is_async=True)
+        acc = warpgroup_mma_wait(0, deps=(acc_tok, ))
+        mbarrier.arrive(v_empty.index(last), count=1)
+
+    has_keys = l_i > 0.0
+    l_safe = gl.where(has_keys, l_i, 1.0)
+    out = acc / gl.convert_layout(l_safe, row_o)[:, None]
+    rows_o = r0 + gl.arange(0, ROWS, layout=row_o)
+    cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+    o_ptrs = o_base + rows_o[:, None].to(gl.int64) * stride_os + cols[None, :]
+    gl.store(o_ptrs, out.to(dtype), mask=(rows_o < q1)[:, None])
+    rows_s = r0 + gl.arange(0, ROWS, layout=row_s)
+    lse = gl.where(has_keys, (m_i + gl.log2(l_safe)) * LN2, float("-inf"))
+    gl.store(lse_base + rows_s, lse, mask=rows_s < q1)
+
+
+@gluon.jit
+def _consume_first_half(args):
+    _consume(args, 0)
+
+
+@gluon.jit
+def _consume_second_half(args):
+    _consume(args, 1)
+
+
+@gluon.jit
+def _load(args):
+    (q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
+     kv_tile_start, kv_tile_end, i_lo, n_kv, q0, q1, q_desc, k_desc, v_desc) = args
+    STAGES: gl.constexpr = k_smem.type.shape[0]
+    ROWS: gl.constexpr = q_smem.type.shape[1]
+    for half in gl.static_range(2):
+        mbarrier.expect(q_bar.index(half), q_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [q0 + half * ROWS, 0], q_bar.index(half), q_smem.index(half))
+    for j in range(n_kv):
+        stage = j % STAGES
+        phase = (j // STAGES) & 1
+        kv0 = gl.load(kv_tile_start + i_lo + j)
+        mbarrier.wait(k_empty.index(stage), phase ^ 1)
+        mbarrier.expect(k_ready.index(stage), k_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [kv0, 0], k_ready.index(stage), k_smem.index(stage))
+        mbarrier.wait(v_empty.index(stage), phase ^ 1)
+        mbarrier.expect(v_ready.index(stage), v_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(v_desc, [kv0, 0], v_ready.index(stage), v_smem.index(stage))
+
+
+@gluon.jit
+def block_sparse_attn_fwd_hopper(
+    Q, K, V, O, LSE,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_ob, stride_os, stride_oh,
+    tile_ptr, tile_start, tile_end, tile_row,
+    row_kv_ptr, kv_tile_start, kv_tile_end,
+    qk_scale, q_len, kv_len,
+    NUM_HEADS: gl.constexpr, KV_GROUP: gl.constexpr, PER_HEAD_LAYOUT: gl.constexpr,
+    HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+    Q_LAYOUT: gl.constexpr, KV_LAYOUT: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+):
+    """Grid ``(max query tiles per layout head, B * H)``; ``num_warps`` must be 4 (the first consumer)."""
+    pid_t = gl.program_id(0)
+    pid_bh = gl.program_id(1)
+    b = pid_bh // NUM_HEADS
+    h = pid_bh % NUM_HEADS
+    h_kv = h // KV_GROUP
+    if PER_HEAD_LAYOUT:
+        lh = h
+    else:
+        lh = 0
+    t_lo = gl.load(tile_ptr + lh)
+    valid = pid_t < gl.load(tile_ptr + lh + 1) - t_lo  # programs past the head's last tile do nothing
+    t = t_lo + pid_t
+    q0 = gl.load(tile_start + t, mask=valid, other=0)
+    q1 = gl.load(tile_end + t, mask=valid, other=0)
+    row = gl.load(tile_row + t, mask=valid, other=0)
+    i_lo = gl.load(row_kv_ptr + row)
+    n_kv = gl.where(valid, gl.load(row_kv_ptr + row + 1) - i_lo, 0)
+
+    b64 = b.to(gl.int64)
+    dtype: gl.constexpr = Q.dtype.element_ty
+    q_desc = tma.make_tensor_descriptor(Q + b64 * stride_qb + h * stride_qh, shape=[q_len, HEAD_DIM],
+                                        strides=[stride_qs, 1], block_shape=[HALF_M, HEAD_DIM], layout=Q_LAYOUT)
+    k_desc = tma.make_tensor_descriptor(K + b64 * stride_kb + h_kv * stride_kh, shape=[kv_len, HEAD_DIM],
+                                        strides=[stride_ks, 1], block_shape=[BLOCK_N, HEAD_DIM], layout=KV_LAYOUT)
+    v_desc = tma.make_tensor_descriptor(V + b64 * stride_vb + h_kv * stride_vh, shape=[kv_len, HEAD_DIM],
+                                        strides=[stride_vs, 1], block_shape=[BLOCK_N, HEAD_DIM], layout=KV_LAYOUT)
+    q_smem = gl.allocate_shared_memory(dtype, [2, HALF_M, HEAD_DIM], Q_LAYOUT)
+    k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], KV_LAYOUT)
+    v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], KV_LAYOUT)
+    q_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(2):
+        mbarrier.init(q_bar.index(i), count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(k_ready.index(i), count=1)
+        mbarrier.init(v_ready.index(i), count=1)
+        mbarrier.init(k_empty.index(i), count=2)
+        mbarrier.init(v_empty.index(i), count=2)
+
+    ring = (q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
+            kv_tile_start, kv_tile_end, i_lo, n_kv, q0, q1)
+    o_base = O + b64 * stride_ob + h * stride_oh
+    lse_base = LSE + (b64 * NUM_HEADS + h) * q_len
+    consumer_args = ring + (o_base, stride_os, lse_base, qk_scale)
+    gl.warp_specialize([
+        (_consume_first_half, (consumer_args, )),
+        (_consume_second_half, (consumer_args, )),
+        (_load, (ring + (q_desc, k_desc, v_desc), )),
+    ], [4, 1], [CONSUMER_REGS, 24])
