@@ -11,8 +11,9 @@ Same inputs, schedule and results as the portable kernel (`block_sparse_fwd.py`)
 * two consumers (one warpgroup each, 64 query rows each): ``S = Q K^T`` on the tensor cores (wgmma, both
   operands in shared memory), online softmax in registers (exp2 domain, fp32), ``O += P V`` with P from
   registers. The next tile's ``Q K^T`` is issued before the previous tile's ``P V`` and runs while the
-  softmax of the current tile is computed (FA3's intra-warpgroup overlap); the two consumers interleave
-  on the tensor cores by themselves.
+  softmax of the current tile is computed (FA3's intra-warpgroup overlap). The two consumers take turns
+  issuing their matrix products (two ``turn`` barriers, FA3's ping-pong), so one warpgroup's softmax runs
+  while the other's products occupy the tensor cores.
 
 Ragged key tiles (``kv_end - kv0 < BLOCK_N``) are the only masked ones: their scores are scaled first, then
 columns from ``kv_end`` on are set to -inf, and the V rows from ``kv_end`` on are zeroed in shared memory
@@ -61,8 +62,22 @@ def _zero_v_tail(v_buf, kv0, kv_end, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constex
 
 
 @gluon.jit
+def _wait_turn(turn, HALF: gl.constexpr, j):
+    """Wait until it is this consumer's turn to issue its ``j``-th block of matrix products.
+
+    Consumer 0 goes first (its first wait is on the barrier's pre-completed phase); each consumer hands
+    the turn over with `_give_turn` once its products are issued."""
+    mbarrier.wait(turn.index(HALF), (j & 1) ^ (1 - HALF))
+
+
+@gluon.jit
+def _give_turn(turn, HALF: gl.constexpr):
+    mbarrier.arrive(turn.index(1 - HALF), count=1)
+
+
+@gluon.jit
 def _consume(args, HALF: gl.constexpr):
-    (q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
+    (q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, turn,
      kv_tile_start, kv_tile_end, i_lo, n_kv, q0, q1, o_base, stride_os, lse_base, qk_scale) = args
     STAGES: gl.constexpr = k_smem.type.shape[0]
     BLOCK_N: gl.constexpr = k_smem.type.shape[1]
@@ -82,19 +97,26 @@ def _consume(args, HALF: gl.constexpr):
     l_i = gl.full([ROWS], 0.0, gl.float32, row_s)
     acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)
     s_init = gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout)
-    if r0 >= q1:  # no rows of this tile here: only keep the ring moving
+    if r0 >= q1:  # no rows of this tile here: only keep the ring and the turns moving (n_kv + 1 turns)
         for j in range(n_kv):
             stage = j % STAGES
             phase = (j // STAGES) & 1
+            _wait_turn(turn, HALF, j)
+            _give_turn(turn, HALF)
             mbarrier.wait(k_ready.index(stage), phase)
             mbarrier.arrive(k_empty.index(stage), count=1)
             mbarrier.wait(v_ready.index(stage), phase)
             mbarrier.arrive(v_empty.index(stage), count=1)
+        if n_kv > 0:
+            _wait_turn(turn, HALF, n_kv)
+            _give_turn(turn, HALF)
     elif n_kv > 0:
         q = q_smem.index(HALF)
         mbarrier.wait(q_bar.index(HALF), 0)
         mbarrier.wait(k_ready.index(0), 0)
+        _wait_turn(turn, HALF, 0)
         s_tok = warpgroup_mma(q, k_smem.index(0).permute((1, 0)), s_init, use_acc=False, is_async=True)
+        _give_turn(turn, HALF)
         s = warpgroup_mma_wait(0, deps=(s_tok, ))
         mbarrier.arrive(k_empty.index(0), count=1)
         kv0 = gl.load(kv_tile_start + i_lo)
@@ -107,11 +129,13 @@ def _consume(args, HALF: gl.constexpr):
             prev_phase = ((j - 1) // STAGES) & 1
             # S_j = Q K_j^T first, then O += P_{j-1} V_{j-1}: the softmax of S_j overlaps the P V product
             mbarrier.wait(k_ready.index(stage), phase)
-            s_tok = warpgroup_mma(q, k_smem.index(stage).permute((1, 0)), s_init, use_acc=False, is_async=True)
             mbarrier.wait(v_ready.index(prev), prev_phase)
             _zero_v_tail(v_smem.index(prev), kv0, kv_end, BLOCK_N, HEAD_DIM)
             p_op = gl.convert_layout(p.to(dtype), p_layout)
+            _wait_turn(turn, HALF, j)
+            s_tok = warpgroup_mma(q, k_smem.index(stage).permute((1, 0)), s_init, use_acc=False, is_async=True)
             acc_tok = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
+            _give_turn(turn, HALF)
             s = warpgroup_mma_wait(1, deps=(s_tok, ))
             mbarrier.arrive(k_empty.index(stage), count=1)
             kv0 = gl.load(kv_tile_start + i_lo + j)
@@ -124,7 +148,9 @@ def _consume(args, HALF: gl.constexpr):
         mbarrier.wait(v_ready.index(last), ((n_kv - 1) // STAGES) & 1)
         _zero_v_tail(v_smem.index(last), kv0, kv_end, BLOCK_N, HEAD_DIM)
         p_op = gl.convert_layout(p.to(dtype), p_layout)
+        _wait_turn(turn, HALF, n_kv)
         acc_tok = warpgroup_mma(p_op, v_smem.index(last), acc, is_async=True)
+        _give_turn(turn, HALF)
         acc = warpgroup_mma_wait(0, deps=(acc_tok, ))
         mbarrier.arrive(v_empty.index(last), count=1)
 
@@ -152,7 +178,7 @@ def _consume_second_half(args):
 
 @gluon.jit
 def _load(args):
-    (q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
+    (q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, turn,
      kv_tile_start, kv_tile_end, i_lo, n_kv, q0, q1, q_desc, k_desc, v_desc) = args
     STAGES: gl.constexpr = k_smem.type.shape[0]
     ROWS: gl.constexpr = q_smem.type.shape[1]
@@ -220,15 +246,17 @@ def block_sparse_attn_fwd_hopper(
     k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(2):
         mbarrier.init(q_bar.index(i), count=1)
+        mbarrier.init(turn.index(i), count=1)
     for i in gl.static_range(STAGES):
         mbarrier.init(k_ready.index(i), count=1)
         mbarrier.init(v_ready.index(i), count=1)
         mbarrier.init(k_empty.index(i), count=2)
         mbarrier.init(v_empty.index(i), count=2)
 
-    ring = (q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
+    ring = (q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, turn,
             kv_tile_start, kv_tile_end, i_lo, n_kv, q0, q1)
     o_base = O + b64 * stride_ob + h * stride_oh
     lse_base = LSE + (b64 * NUM_HEADS + h) * q_len

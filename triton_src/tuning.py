@@ -51,7 +51,8 @@ INTERPRETER_CONFIG = KernelConfig(block_m=16, block_n=16, num_warps=1, num_stage
 
 def hopper_configs(head_dim: int) -> List[KernelConfig]:
     """Configs of the warp-specialised Hopper kernel (128-row query tiles; shared memory holds Q and the ring)."""
-    ring = [(128, 2), (64, 4), (128, 3)] if head_dim <= 64 else [(128, 2), (64, 4), (64, 3)]
+    # measured on an H200 (bench/results/h200_hopper_sweep_run2.json): 128-column key tiles, 2 stages first
+    ring = [(128, 2), (128, 3), (64, 4)]
     return [KernelConfig(128, bn, 4, stages, True, True, "hopper") for bn, stages in ring]
 
 
