@@ -18,7 +18,7 @@ from .block_sparse_fwd import LOG2E, block_sparse_attn_fwd
 from .schedule import KernelSchedule, KeyTiles
 from .tuning import KernelConfig
 
-__all__ = ["hopper_eligible", "launch", "launch_hopper", "run_scheduled", "tma_eligible"]
+__all__ = ["hopper_eligible", "hopper_kernel_available", "launch", "launch_hopper", "run_scheduled", "tma_eligible"]
 
 _allocator_set = False
 
@@ -41,7 +41,7 @@ def tma_eligible(q: Tensor, k: Tensor, v: Tensor) -> bool:
 
 def hopper_eligible(q: Tensor, k: Tensor, v: Tensor) -> bool:
     """Whether the warp-specialised Gluon kernel can run: an sm_90 GPU, bf16/fp16, head dim 64 or 128,
-    q/k/v rows readable by TMA (16-byte aligned bases and strides), and a Triton that ships Gluon for Hopper."""
+    q/k/v rows readable by TMA (16-byte aligned bases and strides), and a Triton release it was verified with."""
     if q.device.type != "cuda" or torch.cuda.get_device_capability(q.device) != (9, 0):
         return False
     if q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] not in (64, 128):
@@ -49,11 +49,16 @@ def hopper_eligible(q: Tensor, k: Tensor, v: Tensor) -> bool:
     e = q.element_size()
     if not all(t.data_ptr() % 16 == 0 and all((s * e) % 16 == 0 for s in t.stride()[:3]) for t in (q, k, v)):
         return False
+    return hopper_kernel_available()
+
+
+def hopper_kernel_available() -> bool:
+    """Whether this Triton ships the Gluon Hopper module in a release the kernel was verified with."""
     try:
-        from . import block_sparse_hopper  # noqa: F401 - needs triton.experimental.gluon's Hopper module
+        from .block_sparse_hopper import VERIFIED_TRITON
     except ImportError:
         return False
-    return True
+    return triton.__version__.startswith(VERIFIED_TRITON)
 
 
 def launch_hopper(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, sched_tensors: Tuple[Tensor, ...],
