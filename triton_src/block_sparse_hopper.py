@@ -66,17 +66,18 @@ def _zero_v_tail(v_buf, kv0, kv_end, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constex
 
 
 @gluon.jit
-def _wait_turn(turn, HALF: gl.constexpr, j):
+def _wait_turn(turn, HALF: gl.constexpr, j, pingpong):
     """Wait until it is this consumer's turn to issue its ``j``-th block of matrix products.
 
     Consumer 0 goes first (its first wait is on the barrier's pre-completed phase); each consumer hands
-    the turn over with `_give_turn` once its products are issued."""
-    mbarrier.wait(turn.index(HALF), (j & 1) ^ (1 - HALF))
+    the turn over with `_give_turn` once its products are issued. Tiles of at most 64 rows (one busy
+    consumer) take no turns (``pingpong`` false)."""
+    mbarrier.wait(turn.index(HALF), (j & 1) ^ (1 - HALF), pred=pingpong)
 
 
 @gluon.jit
-def _give_turn(turn, HALF: gl.constexpr):
-    mbarrier.arrive(turn.index(1 - HALF), count=1)
+def _give_turn(turn, HALF: gl.constexpr, pingpong):
+    mbarrier.arrive(turn.index(1 - HALF), count=1, pred=pingpong)
 
 
 @gluon.jit
@@ -97,30 +98,26 @@ def _consume(args, HALF: gl.constexpr):
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
 
     r0 = q0 + HALF * ROWS
+    pingpong = q1 - q0 > ROWS
     m_i = gl.full([ROWS], float("-inf"), gl.float32, row_s)
     l_i = gl.full([ROWS], 0.0, gl.float32, row_s)
     acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)
     s_init = gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout)
-    if r0 >= q1:  # no rows of this tile here: only keep the ring and the turns moving (n_kv + 1 turns)
+    if r0 >= q1:  # no rows of this tile here (so no turns either): only keep the ring moving
         for j in range(n_kv):
             stage = j % STAGES
             phase = (j // STAGES) & 1
-            _wait_turn(turn, HALF, j)
-            _give_turn(turn, HALF)
             mbarrier.wait(k_ready.index(stage), phase)
             mbarrier.arrive(k_empty.index(stage), count=1)
             mbarrier.wait(v_ready.index(stage), phase)
             mbarrier.arrive(v_empty.index(stage), count=1)
-        if n_kv > 0:
-            _wait_turn(turn, HALF, n_kv)
-            _give_turn(turn, HALF)
     elif n_kv > 0:
         q = q_smem.index(HALF)
         mbarrier.wait(q_bar.index(HALF), 0)
         mbarrier.wait(k_ready.index(0), 0)
-        _wait_turn(turn, HALF, 0)
+        _wait_turn(turn, HALF, 0, pingpong)
         s_tok = warpgroup_mma(q, k_smem.index(0).permute((1, 0)), s_init, use_acc=False, is_async=True)
-        _give_turn(turn, HALF)
+        _give_turn(turn, HALF, pingpong)
         s = warpgroup_mma_wait(0, deps=(s_tok, ))
         mbarrier.arrive(k_empty.index(0), count=1)
         kv0 = gl.load(kv_tile_start + i_lo)
@@ -136,10 +133,10 @@ def _consume(args, HALF: gl.constexpr):
             mbarrier.wait(v_ready.index(prev), prev_phase)
             _zero_v_tail(v_smem.index(prev), kv0, kv_end, BLOCK_N, HEAD_DIM)
             p_op = gl.convert_layout(p.to(dtype), p_layout)
-            _wait_turn(turn, HALF, j)
+            _wait_turn(turn, HALF, j, pingpong)
             s_tok = warpgroup_mma(q, k_smem.index(stage).permute((1, 0)), s_init, use_acc=False, is_async=True)
             acc_tok = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
-            _give_turn(turn, HALF)
+            _give_turn(turn, HALF, pingpong)
             s = warpgroup_mma_wait(1, deps=(s_tok, ))
             mbarrier.arrive(k_empty.index(stage), count=1)
             kv0 = gl.load(kv_tile_start + i_lo + j)
@@ -152,9 +149,9 @@ def _consume(args, HALF: gl.constexpr):
         mbarrier.wait(v_ready.index(last), ((n_kv - 1) // STAGES) & 1)
         _zero_v_tail(v_smem.index(last), kv0, kv_end, BLOCK_N, HEAD_DIM)
         p_op = gl.convert_layout(p.to(dtype), p_layout)
-        _wait_turn(turn, HALF, n_kv)
+        _wait_turn(turn, HALF, n_kv, pingpong)
         acc_tok = warpgroup_mma(p_op, v_smem.index(last), acc, is_async=True)
-        _give_turn(turn, HALF)
+        _give_turn(turn, HALF, pingpong)
         acc = warpgroup_mma_wait(0, deps=(acc_tok, ))
         mbarrier.arrive(v_empty.index(last), count=1)
 
