@@ -1,20 +1,23 @@
 #!/usr/bin/env bash
-# One device-tool command: install, versions, the GPU kernel tests, the attention benchmark, RESULTS.md + PNG,
-# and the end-to-end step benchmark. Everything is logged to $OUT/session.log as well.
+# One device-tool command: install, versions, the GPU tests, the kernel-config sweep, the attention benchmark,
+# RESULTS.md + PNG, and the end-to-end step benchmark. Everything is logged to $OUT/session.log as well.
 #
 #   bash bench/gpu_session.sh                 (device tool: timeout_s 600, carry [".whl"] for FlashInfer)
 #
 # Environment (all optional):
-#   STAGES          comma list of tests,bench,e2e                           (default tests,bench,e2e)
+#   STAGES          comma list of tests,sweep,bench,e2e                     (default tests,bench,e2e)
 #   SESSION_BUDGET  seconds for the whole script, install included          (default 570)
 #   TESTS_LIMIT     hard limit of the test stage, seconds                   (default 150)
+#   TESTS_K         pytest -k expression for the test stage                 (default: the whole suite)
+#   SWEEP_CASES, SWEEP_LIMIT   kernel_sweep.py --cases / hard limit, seconds (default all / 180)
 #   E2E_LIMIT       hard limit of the e2e stage, seconds (reserved first)   (default 150)
 #   BENCH_CASES     run_gpu.py --cases                                      (default all)
 #   BENCH_METHODS   run_gpu.py --methods                                    (default: run_gpu.py's list)
 #   BENCH_TAIL      seconds kept free after the last bench case may start   (default 150: a T=121 case)
 #   BENCH_ARGS, E2E_ARGS   extra arguments for run_gpu.py / e2e_step.py
 #   SKIP_INSTALL=1  use the installed lvsa_kernels and site packages as they are (local dry runs)
-# Files back in $OUT (at most 8): session.log, attention_bench.json, RESULTS.md, speedup_vs_frames.png, e2e.json.
+# Files back in $OUT (at most 8): session.log, gpu_tests.log, kernel_sweep.json, attention_bench.json, RESULTS.md,
+# speedup_vs_frames.png, e2e.json.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 OUT="${OUT:-$PWD/bench_out}"
@@ -67,11 +70,25 @@ EOF
   if has_stage tests; then
     local lim=$(( $(left) - e2e_reserve - 60 )); (( lim > TESTS_LIMIT )) && lim=$TESTS_LIMIT
     if (( lim > 20 )); then
-      say "stage tests (limit ${lim}s): pytest -q tests -k 'triton or gpu'"
-      timeout -k 10 "$lim" python3 -m pytest -q tests -k "triton or gpu"; rc=$?
+      say "stage tests (limit ${lim}s): pytest -q -rs tests ${TESTS_K:+-k \"$TESTS_K\"}"
+      timeout -k 10 "$lim" python3 -m pytest -q -rs -p no:cacheprovider tests ${TESTS_K:+-k "$TESTS_K"} \
+        > "$OUT/gpu_tests.log" 2>&1; rc=$?
+      tail -n 25 "$OUT/gpu_tests.log"
       say "stage tests rc=$rc"; (( rc != 0 )) && status=1
     else
       say "stage tests skipped: ${lim}s left for it"
+    fi
+  fi
+
+  if has_stage sweep; then
+    local lim=$(( $(left) - e2e_reserve - 60 )); (( lim > ${SWEEP_LIMIT:-180} )) && lim=${SWEEP_LIMIT:-180}
+    if (( lim > 30 )); then
+      say "stage sweep (limit ${lim}s): bench/kernel_sweep.py --cases ${SWEEP_CASES:-all}"
+      timeout -k 10 "$lim" python3 bench/kernel_sweep.py --out "$OUT" --time-budget $(( lim - 60 )) \
+        ${SWEEP_CASES:+--cases "$SWEEP_CASES"} ${SWEEP_ARGS:-} | tail -n 30; rc=${PIPESTATUS[0]}
+      say "stage sweep rc=$rc"; (( rc != 0 )) && status=1
+    else
+      say "stage sweep skipped: ${lim}s left for it"
     fi
   fi
 
