@@ -42,11 +42,14 @@ def test_key_tiles_cover_each_rows_spans_exactly():
             for i in range(int(span_ptr[row]), int(span_ptr[row + 1])):
                 want[int(sp.start[i]):int(sp.end[i])] = 1
             got = torch.zeros(layout.kv_len, dtype=torch.int64)
+            ragged = []
             for t in range(int(kt.row_ptr[row]), int(kt.row_ptr[row + 1])):
                 a, b = int(kt.start[t]), int(kt.end[t])
                 assert 0 < b - a <= bn
                 got[a:b] += 1
+                ragged.append(b - a < bn)
             assert torch.equal(got, want), "key tiles cover the row's keys exactly once"
+            assert ragged == sorted(ragged), "full tiles first, then the ragged tails"
 
 
 def run_hopper(q, k, v, layout, scale, cfg, poison=True):

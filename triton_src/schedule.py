@@ -135,7 +135,8 @@ class KeyTiles:
     start     [nK]          first key token of the tile
     end       [nK]          one past its last key token (``end - start < block_n`` only for a span's ragged tail)
 
-    The tiles of a row cover its merged key spans exactly, in span order.
+    The tiles of a row cover its merged key spans exactly: first every span's full tiles, then every
+    span's ragged tail (the portable kernel's order, so both kernels fold keys into the softmax alike).
     """
 
     block_n: int
@@ -162,8 +163,10 @@ def _build_key_tiles(layout: BlockSparseLayout, bn: int, device: torch.device) -
     i_in_span = torch.arange(first.numel()) - torch.repeat_interleave(_csr_ptr(n_tiles)[:-1], n_tiles)
     start = first + i_in_span * bn
     end = torch.minimum(start + bn, torch.repeat_interleave(s1, n_tiles))
-    tiles_ptr = _csr_ptr(n_tiles)
-    row_ptr = tiles_ptr[span_ptr]
+    row_ptr = _csr_ptr(n_tiles)[span_ptr]
+    row = torch.repeat_interleave(torch.arange(span_ptr.numel() - 1), row_ptr[1:] - row_ptr[:-1])
+    order = torch.argsort(row * 2 + (end - start < bn).long(), stable=True)  # per row: full tiles, then tails
+    start, end = start[order], end[order]
 
     def dev(t: Tensor) -> Tensor:
         if t.numel() and int(t.max()) >= 2**31:
