@@ -18,7 +18,8 @@ from .commands._args import UsageError
 COMMANDS = ["demo", "plan", "profile", "backends", "tune"]
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The full command-line parser (each command's arguments included); parsing runs nothing."""
     parser = argparse.ArgumentParser(prog="python -m lvsa_kernels", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -28,7 +29,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(p)
         p.set_defaults(run=module.run, command_parser=p)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.run(args) or 0)
