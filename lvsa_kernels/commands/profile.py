@@ -69,5 +69,6 @@ def run(args: argparse.Namespace) -> int:
     profile.save(args.out)
     keep = profile.keep
     print(f"wrote {args.out}: {profile.steps} steps x {profile.layers} layers x {profile.heads} heads, "
-          f"keep ratio mean {keep.mean():.4f}, min {keep.min():.4f}, max {keep.max():.4f}")
+          f"keep ratio mean {keep.mean():.4f}, min {keep.min():.4f}, max {keep.max():.4f}; Step is 1-based "
+          f"(row Step = s + 1 serves SVOOPattern's 0-based step s)")
     return 0
