@@ -135,14 +135,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------------ table rows
-def _header(first: str, width: int, speed: bool) -> str:
-    timing = f"{'time ms':>10}{'vs dense':>10}" if speed else f"{'wall s':>8}"
-    return f"{first:<{width}}{timing}{'max err':>10}{'rel err':>10}  check"
+_LABEL_WIDTH = 52
 
 
-def _start_row(label: str, width: int) -> None:
+def _start_row(label: str) -> None:
     """Print the row's label before the backend runs (progress for slow runs), without a newline."""
-    print(f"{label:<{width}}", end="", flush=True)
+    print(f"{label:<{_LABEL_WIDTH}}", end="", flush=True)
 
 
 def _end_row(seconds: float, dense_s: Optional[float], err: Optional[float], rel: Optional[float],
@@ -151,6 +149,20 @@ def _end_row(seconds: float, dense_s: Optional[float], err: Optional[float], rel
     e = "" if err is None else f"{err:.2e}"
     r = "" if rel is None else f"{rel:.2e}"
     print(f"{timing}{e:>10}{r:>10}  {status}", flush=True)
+
+
+def _table_start(first: str, q: "torch.Tensor", k: "torch.Tensor", v: "torch.Tensor", device: "torch.device",
+                 repeats: int) -> Optional[float]:
+    """Print the table header; on CUDA also time dense SDPA as the baseline row and return its seconds."""
+    speed = device.type == "cuda"
+    timing = f"{'time ms':>10}{'vs dense':>10}" if speed else f"{'wall s':>8}"
+    print(f"{first:<{_LABEL_WIDTH}}{timing}{'max err':>10}{'rel err':>10}  check")
+    if not speed:
+        return None
+    _start_row("dense SDPA (no mask, baseline)")
+    dense_s = _timed(lambda: _dense(q, k, v), device, repeats, speed)[1]
+    _end_row(dense_s, dense_s, None, None, "baseline")
+    return dense_s
 
 
 def _timed(fn: Callable[[], "torch.Tensor"], device: "torch.device", repeats: int,
@@ -216,13 +228,7 @@ def _compare_backends(layout: BlockSparseLayout, B: int, H: int, D: int, dtype: 
     q, k, v = (torch.randn(B, S, H, D, generator=g, device=device, dtype=dtype) for _ in range(3))
     ref = reference_attention(q.float(), k.float(), v.float(), layout)
 
-    width = 52
-    print(_header("backend", width, speed))
-    dense_s = None
-    if speed:
-        _start_row("dense SDPA (no mask, baseline)", width)
-        dense_s = _timed(lambda: _dense(q, k, v), device, repeats, speed)[1]
-        _end_row(dense_s, dense_s, None, None, "baseline")
+    dense_s = _table_start("backend", q, k, v, device, repeats)
     skipped, failed = [], False
     for name, backend in registered_backends().items():
         reason = backend.unsupported_reason(q, k, layout, False)
@@ -232,7 +238,7 @@ def _compare_backends(layout: BlockSparseLayout, B: int, H: int, D: int, dtype: 
         what = _WHAT.get(name, "")
         if name == "triton" and _interpreting():
             what = "Triton kernel in the CPU interpreter"
-        _start_row(f"{name:<11}{what}", width)
+        _start_row(f"{name:<11}{what}")
         out, t = _timed(lambda: block_sparse_attn(q, k, v, layout, backend=name), device, repeats, speed)
         err, rel = _errors(out, ref)
         ok, status = _verdict(out, rel, dtype)
@@ -273,20 +279,14 @@ def _svoo(device: "torch.device", dtype: "torch.dtype", repeats: int) -> int:
           f"the selected blocks, sampled rows)")
     _speed_note(device)
 
-    width = 52
-    print(_header("SVOO path (one reuse-step call)", width, speed))
-    dense_s = None
-    if speed:
-        _start_row("dense SDPA (no mask, baseline)", width)
-        dense_s = _timed(lambda: _dense(q, k, v), device, repeats, speed)[1]
-        _end_row(dense_s, dense_s, None, None, "baseline")
+    dense_s = _table_start("SVOO path (one reuse-step call)", q, k, v, device, repeats)
     failed = False
     for name, what in (("triton", "cluster kernel, device plan"), ("flashinfer", "host layouts"),
                        ("reference", "host layouts")):
         if name == "triton" and _interpreting():
             what += ", CPU interpreter"
         label = f"{name} ({what})"
-        _start_row(label, width)
+        _start_row(label)
         try:
             out, t = _timed(lambda: pattern.attention(q, k, v, step=0, layer=0, backend=name), device, repeats,
                             speed)
