@@ -20,7 +20,9 @@ COMMANDS = ["demo", "plan", "profile", "backends", "tune"]
 
 def build_parser() -> argparse.ArgumentParser:
     """The full command-line parser (each command's arguments included); parsing runs nothing."""
-    parser = argparse.ArgumentParser(prog="python -m lvsa_kernels", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m lvsa_kernels", description="LVSA / SVOO block-sparse attention for long-video diffusion "
+        "transformers. New here? Run 'python -m lvsa_kernels demo'; '<command> --help' shows a command's options.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMANDS:
