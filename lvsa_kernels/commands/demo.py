@@ -4,9 +4,9 @@ Then run every registered backend that can run here, check each against `referen
 one table row per backend. Then the same for SVOO (co-clustering) on synthetic clustered q/k.
 
 On CUDA the full geometry runs in bf16 and each backend is timed against dense SDPA. On CPU the table is a
-correctness check on a reduced geometry (41 latent frames, 16 tokens/frame, 1 head x 64, fp32): the
-Triton kernel runs in Triton's CPU interpreter, whose wall times say nothing about kernel speed, so no
-speed is shown. Exits 1 if any backend disagrees with the reference.
+correctness check on a reduced geometry (at most 41 latent frames, 16 tokens/frame, text scaled alike,
+1 head x 64, fp32): the Triton kernel runs in Triton's CPU interpreter, whose wall times say nothing about
+kernel speed, so no speed is shown. Exits 1 if any backend disagrees with the reference.
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=["auto", *_DTYPES], default="auto",
                         help="auto: bfloat16 on CUDA, float32 on CPU")
     parser.add_argument("--run-frames", type=POSITIVE,
-                        help="latent frames of the checked run (default: --frames on CUDA, 41 on CPU)")
+                        help="latent frames of the checked run (default: --frames on CUDA, at most 41 on CPU)")
     parser.add_argument("--tokens-per-frame", type=POSITIVE, help="default: the model's on CUDA, 16 on CPU")
     parser.add_argument("--heads", type=POSITIVE, help="default: the model's on CUDA, 1 on CPU")
     parser.add_argument("--head-dim", type=POSITIVE, help="default: the model's on CUDA, 64 on CPU")
@@ -119,8 +119,9 @@ def run(args: argparse.Namespace) -> int:
     P = pick(args.tokens_per_frame, "tokens_per_frame", model.tokens_per_frame())
     H = pick(args.heads, "heads", model.heads)
     D = pick(args.head_dim, "head_dim", model.head_dim)
-    run_T = pick(args.run_frames, "run_frames", T)
-    layout = pattern.plan(run_T, P, step=args.step, text_tokens=text, text_position=position)
+    run_T = args.run_frames or (min(T, _CPU_GEOMETRY["run_frames"]) if cpu else T)
+    run_text = text if not text or P == model.tokens_per_frame() else max(1, text * P // model.tokens_per_frame())
+    layout = pattern.plan(run_T, P, step=args.step, text_tokens=run_text, text_position=position)
     dtype = getattr(torch, dtype_name)
     threads = torch.get_num_threads()
     if cpu:
@@ -220,8 +221,10 @@ def _compare_backends(layout: BlockSparseLayout, B: int, H: int, D: int, dtype: 
     from ..reference import reference_attention
 
     S, speed = layout.q_len, device.type == "cuda"
+    text = layout.meta["text_tokens"]
     print(f"\n{'timing' if speed else 'correctness check'}: B={B}, {layout.meta['frames']} latent frames x "
-          f"{layout.meta['tokens_per_frame']} tokens (S={S}), H={H}, D={D}, {str(dtype)[6:]} on {device}, "
+          f"{layout.meta['tokens_per_frame']} tokens{f' + {text} text' if text else ''} (S={S}), H={H}, D={D}, "
+          f"{str(dtype)[6:]} on {device}, "
           f"layout density {layout.density:.4f}")
     _speed_note(device)
     g = torch.Generator(device=device).manual_seed(0)
