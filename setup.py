@@ -23,6 +23,7 @@ setup(
     name="lvsa_kernels",
     version="0.1.0",
     description="Block-sparse attention kernels (Triton, FlashInfer, Ascend) for long-video diffusion transformers",
+    license="Apache-2.0",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",

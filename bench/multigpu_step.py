@@ -21,7 +21,8 @@ ulysses_degree=N))``. Two ways, each a warm-up then the median of ``--repeats`` 
 With N > 1, rank 0's output is compared with the one-GPU output in ``--ref`` (``rel_diff`` = max |a - b| /
 max |b|, must be <= ``--tolerance``), and ``efficiency`` = t_1 / (N * t_N). NCCL's NVLink multicast stays
 off: ``NCCL_NVLS_ENABLE`` is set to 0 when unset and any other value is refused. A CPU dry run of the same
-logic on gloo (tiny config, reference backend):
+logic on gloo (tiny config, reference backend) checks the outputs only: its JSON says ``"dry_run": true``
+and holds no speedup or efficiency (N processes sharing a few CPU cores measure nothing about scaling):
 
     torchrun --standalone --nproc_per_node 1 bench/multigpu_step.py --device cpu --tiny --ref /tmp/r.pt
     torchrun --standalone --nproc_per_node 2 bench/multigpu_step.py --device cpu --tiny --ref /tmp/r.pt
@@ -233,7 +234,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if device.type == "cuda" else None, "NCCL_NVLS_ENABLE": os.environ.get("NCCL_NVLS_ENABLE"),
             "dtype": str(dtype), "frames": frames, "latent_frames": t, "tokens": t * p, "resolution": [height, width],
             "dense_backend": args.dense_backend, "lvsa_backend": args.backend, "repeats": args.repeats,
-            "weights_checksum": checksum(model), "command": " ".join(sys.argv)}
+            "weights_checksum": checksum(model), "command": " ".join(sys.argv), "dry_run": device.type == "cpu"}
     if reference is not None:
         meta["weights_match_reference"] = meta["weights_checksum"] == reference["weights_checksum"]
     results: Dict[str, Any] = {}
@@ -251,13 +252,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             ref = reference[way]
             rec["rel_diff_vs_1gpu"] = rel_diff(out, ref["output"])
             rec["matches_1gpu"] = rec["rel_diff_vs_1gpu"] <= args.tolerance
-            rec["seconds_1gpu"] = ref["seconds"]
-            rec["speedup_vs_1gpu"] = ref["seconds"] / rec["seconds"]
-            rec["efficiency"] = rec["speedup_vs_1gpu"] / world
+            if not meta["dry_run"]:
+                rec["seconds_1gpu"] = ref["seconds"]
+                rec["speedup_vs_1gpu"] = ref["seconds"] / rec["seconds"]
+                rec["efficiency"] = rec["speedup_vs_1gpu"] / world
         results[way] = rec
         del out
         if rank == 0:
-            print(f"[multigpu_step] world={world} {way}: " + json.dumps(rec), flush=True)
+            dry = " DRY RUN (CPU/gloo: checks outputs; times are not scaling measurements)" if meta["dry_run"] else ""
+            print(f"[multigpu_step]{dry} world={world} {way}: " + json.dumps(rec), flush=True)
             if world == 1:
                 torch.save(saved, args.ref)
             if args.json_out:

@@ -5,6 +5,9 @@
     python3 bench/run_gpu.py --cases anchor --methods dense_cudnn,flashinfer,triton
     python3 bench/run_gpu.py --cpu-smoke                              # same plumbing on CPU, tiny float32 cases
 
+Output folder: ``--out``, else ``$OUT``, else ``./bench_out`` (git-ignored); a ``--cpu-smoke`` run without
+``--out`` writes to a fresh temporary folder (printed), since its CPU timings are not results.
+
 Cases start in priority order and none starts after ``--time-budget`` seconds (those are recorded as skipped).
 The JSON (``<out>/attention_bench.json``) is rewritten after every case, so a killed run keeps what it measured.
 Exit status: 0 when every method that ran was correct and none raised, 1 otherwise, 2 for bad arguments.
@@ -20,6 +23,7 @@ import platform
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any, Dict, List, Optional
 
@@ -33,7 +37,8 @@ def _parse(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--methods", default=None, help="comma-separated methods; default "
                    "dense_cudnn,dense_flash,flex,flashinfer,triton,ours_flashinfer (CPU smoke: dense_sdpa,reference,triton)")
     p.add_argument("--time-budget", type=float, default=0.0, help="seconds; no case starts after this (0 = no limit)")
-    p.add_argument("--out", default=os.environ.get("OUT") or "bench_out", help="output folder (default $OUT or ./bench_out)")
+    p.add_argument("--out", default=os.environ.get("OUT"),
+                   help="output folder (default $OUT, else ./bench_out; --cpu-smoke: a new temporary folder)")
     p.add_argument("--cpu-smoke", action="store_true", help="tiny float32 cases on CPU, Triton in its interpreter")
     p.add_argument("--warmup-ms", type=float, default=25.0)
     p.add_argument("--rep-ms", type=float, default=200.0, help="do_bench rep; raised to fit --min-iters calls")
@@ -147,6 +152,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         settings = harness.Settings(device="cpu", warmup_ms=0.0, rep_ms=0.0, min_iters=2,
                                     ref_stride=args.ref_stride, seed=args.seed)
     torch.backends.cuda.matmul.allow_tf32 = False  # the float32 reference must be float32
+    if args.out is None:
+        args.out = tempfile.mkdtemp(prefix="lvsa_bench_smoke_") if args.cpu_smoke else "bench_out"
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, JSON_NAME)
     doc: Dict[str, Any] = {

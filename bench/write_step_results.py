@@ -180,6 +180,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                                                           args.svoo_e2e))
     if args.cp:
         runs = sorted((json.loads(Path(p).read_text()) for p in args.cp), key=lambda r: r["meta"]["world_size"])
+        dry = [p for p, r in zip(args.cp, runs) if r["meta"].get("dry_run")]
+        if dry:
+            raise SystemExit(f"write_step_results: --cp {' '.join(dry)}: CPU dry-run results hold no timings to report")
         text = replace_section(text, "cp", cp_section(runs, args.cp))
     md.write_text(text)
     print(f"wrote {md}")

@@ -6,9 +6,10 @@ Frame counts are latent frames unless a name says ``video_frames``; sizes are in
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import TYPE_CHECKING, Dict, Optional
 
-from .reference import LVSAPattern, latent_frames
+if TYPE_CHECKING:  # the planner (and torch) load on first use, so the CLI's --help stays light
+    from .reference import LVSAPattern
 
 __all__ = ["ModelPreset", "MODELS", "get_model"]
 
@@ -54,10 +55,14 @@ class ModelPreset:
 
     def latent_frames(self, video_frames: int) -> int:
         """Latent frames for ``video_frames`` video frames: ``(F - 1) // temporal_factor + 1``."""
+        from .reference import latent_frames
+
         return latent_frames(video_frames, self.temporal_factor)
 
     def pattern(self, **overrides) -> LVSAPattern:
         """The model's `LVSAPattern` (W = 3, n_first = 1, its reference horizon); keyword args override."""
+        from .reference import LVSAPattern
+
         kwargs = {"window": 3, "n_first": 1, "reference_frames": self.reference_frames}
         kwargs.update(overrides)
         return LVSAPattern(**kwargs)

@@ -460,7 +460,7 @@ class BlockSparseLayout:
             lines.append(f"  {k}: {v}")
         if max(self.num_q_blocks, self.num_kv_blocks) <= max_blocks:
             bm = self.to_block_mask()[head]
-            globals_ = set(self.meta.get("global_frames", ()))
+            globals_ = set(self.meta.get("global_kv_blocks", ()))
             text_q = set(self.meta.get("text_q_blocks", ()))
             text_k = set(self.meta.get("text_kv_blocks", ()))
             lines.append(f"  block map (head {head}; rows = query blocks, columns = key blocks):")

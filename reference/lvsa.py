@@ -223,6 +223,7 @@ def _plan_cached(pattern: LVSAPattern, T: int, P: int, offset: int, L: int, pos:
             "global_frames": g, "window": pattern.window, "n_first": pattern.n_first,
             "reference_frames": pattern.reference_frames, "text_tokens": L}
     if L == 0:
+        meta["global_kv_blocks"] = g
         return BlockSparseLayout.from_block_mask(fm, [P] * T, [P] * T, meta)
     n = T + 1
     mask = torch.ones(n, n, dtype=torch.bool)
@@ -230,8 +231,7 @@ def _plan_cached(pattern: LVSAPattern, T: int, P: int, offset: int, L: int, pos:
     t = T if pos == "after" else 0
     mask[v, v] = fm
     sizes = [P] * T + [L] if pos == "after" else [L] + [P] * T
-    if pos == "before":
-        meta["global_frames"] = tuple(x + 1 for x in g)
+    meta["global_kv_blocks"] = tuple(x + 1 for x in g) if pos == "before" else g  # the text block comes first
     meta.update(text_position=pos, text_q_blocks=(t,), text_kv_blocks=(t,))
     return BlockSparseLayout.from_block_mask(mask, sizes, sizes, meta)
 

@@ -169,26 +169,65 @@ def test_plan_command(capsys):
 def test_plan_command_with_text_and_knobs(capsys):
     assert main(["plan", "--model", "cogvideox", "--frames", "26", "--window", "2", "--kfi", "4"]) == 0
     out = capsys.readouterr().out
-    assert "text before video (226 tokens)" in out and "kfi=4" in out and "W=2" in out
+    assert "226 text tokens before the video" in out and "kfi=4" in out and "W=2" in out
     assert "T" in out.split("block map")[1]
+    # frames and blocks are told apart: the text block comes first, so global frame f is key block f + 1
+    assert "global_frames: (0, 4, 8, 12, 16, 20, 24)" in out and "global_kv_blocks: (1, 5, 9, 13, 17, 21, 25)" in out
+    rows = out.split("block map")[1].splitlines()
+    assert rows[2].split()[1][:6] == "TGWWWG"  # query frame 0: text, global frame 0, window, global frame 4
 
 
-DEMO_SMALL = ["demo", "--frames", "30", "--tokens-per-frame", "4", "--heads", "1", "--head-dim", "16",
-              "--repeats", "1", "--device", "cpu"]
+def test_plan_command_without_text(capsys):
+    assert main(["plan", "--model", "wan", "--frames", "30"]) == 0
+    out = capsys.readouterr().out
+    assert "video tokens only (no text in self-attention)" in out and "text none" not in out
+
+
+DEMO_SMALL = ["demo", "--frames", "30", "--run-frames", "30", "--tokens-per-frame", "4", "--heads", "1",
+              "--head-dim", "16", "--repeats", "1", "--device", "cpu"]
+
+
+def _rows(out: str, header: str) -> dict:
+    """{first word: last word} of the table rows under the line starting with ``header``."""
+    lines = out.split("\n" + header, 1)[1].splitlines()[1:]
+    rows = {}
+    for line in lines:
+        if not line.strip() or line.startswith(("skipped", "(", "FAILED", "\n")):
+            break
+        if "skipped:" not in line:  # a backend that cannot run here says why on its row
+            rows[line.split()[0]] = line.split()[-1]
+    return rows
 
 
 def test_demo_runs_every_backend(monkeypatch, capsys):
     rec = register_temporarily(monkeypatch, Recorder("recorder"))
     assert main(DEMO_SMALL) == 0
     out = capsys.readouterr().out
-    assert "kfi=2" in out and "ideal speedup" in out and "dense SDPA" in out
-    assert rec.calls >= 2  # checked once, then timed
-    table = out.split("check")[1]
-    assert "recorder" in table and "reference" in table and "skipped sdpa" in table
-    svoo = out.split("SVOO:")[1]  # the SVOO part: every path checked on sampled rows
+    summary = out.split("correctness check")[0]  # the summary comes first, without the frame map
+    assert "keyframe interval (kfi) 2" in summary and "ideal speedup" in summary and "block map" not in summary
+    assert rec.calls == 1  # CPU: one checked call, no timing loop
+    assert "vs dense" not in out and "dense SDPA" not in out  # CPU rows are checks, not speed
+    rows = _rows(out, "backend")
+    assert rows == {"reference": "ok", "triton": "ok", "recorder": "ok"} and "skipped sdpa" in out
+    svoo = out.split("SVOO (")[1]  # the SVOO part: every path checked on sampled rows
     assert "density" in svoo and "recall" in svoo and "FAILED" not in svoo
-    checked = [line.split()[-1] for line in svoo.splitlines() if line.startswith(("reference (", "triton ("))]
-    assert checked and all(status == "ok" for status in checked)  # reference, and triton in the interpreter
+    checked = _rows(svoo, "SVOO path")
+    assert checked["reference"] == "ok" and checked["triton"] == "ok"  # triton in the interpreter
+    assert main([*DEMO_SMALL, "--no-svoo", "--show-map"]) == 0
+    out = capsys.readouterr().out
+    assert "block map" in out and "\n    29 " in out and "SVOO (" not in out  # the frame map on request
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the timed table runs on CUDA")
+def test_demo_times_backends_on_cuda(capsys):
+    argv = ["demo", "--frames", "61", "--tokens-per-frame", "256", "--heads", "2", "--head-dim", "64", "--repeats", "2"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "timing: B=1, 61 latent frames" in out and "vs dense" in out and "wall s" not in out
+    rows = _rows(out, "backend")
+    assert rows.pop("dense") == "baseline" and rows["triton"] == "ok" and set(rows.values()) == {"ok"}
+    svoo = _rows(out.split("SVOO (")[1], "SVOO path")
+    assert svoo.pop("dense") == "baseline" and svoo["triton"] == "ok" and set(svoo.values()) == {"ok"}
 
 
 def test_demo_fails_when_a_backend_disagrees(monkeypatch, capsys):

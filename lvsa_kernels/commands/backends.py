@@ -5,13 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from typing import Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-from ..backends import Backend, registered_backends
-from ..dispatch import ENV_BACKEND, ENV_CACHE_DIR, cache_file, cached_choices
-from ..npu.detect import load_torch_npu
+    from ..backends import Backend
 
 HELP = "show which backends can run here, why others cannot, and the cached auto choices"
 
@@ -21,6 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _device(device_type: str) -> Optional[torch.device]:
+    import torch
+
     try:
         return torch.device(device_type)
     except RuntimeError:
@@ -29,6 +30,10 @@ def _device(device_type: str) -> Optional[torch.device]:
 
 def _missing_device(device_type: str) -> Optional[str]:
     """Why no ``device_type`` device is usable here, or None."""
+    import torch
+
+    from ..npu.detect import load_torch_npu
+
     if device_type == "cpu":
         return None
     if _device(device_type) is None:
@@ -58,6 +63,10 @@ def backend_status(backend: Backend) -> Dict[str, Any]:
 
 
 def _text(status: Dict[str, Dict[str, Any]], choices: Dict[str, Dict[str, Any]]) -> List[str]:
+    import torch
+
+    from ..dispatch import ENV_BACKEND, ENV_CACHE_DIR, cache_file
+
     lines = [f"torch {torch.__version__}; override with backend=... or {ENV_BACKEND}"
              f"{' (now ' + repr(os.environ[ENV_BACKEND]) + ')' if os.environ.get(ENV_BACKEND) else ''}", ""]
     for name, s in status.items():
@@ -80,6 +89,9 @@ def _text(status: Dict[str, Dict[str, Any]], choices: Dict[str, Dict[str, Any]])
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..backends import registered_backends
+    from ..dispatch import cache_file, cached_choices
+
     status = {name: backend_status(b) for name, b in registered_backends().items()}
     choices = cached_choices()
     if args.json:

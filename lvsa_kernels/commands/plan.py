@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from ..models import MODELS, ModelPreset, get_model
-from ..reference import BlockSparseLayout, LVSAPattern
+from ._args import NON_NEGATIVE, POSITIVE, UsageError, float_in
+
+if TYPE_CHECKING:
+    from ..reference import BlockSparseLayout, LVSAPattern
 
 HELP = "print a model's LVSA layout (frame map, kfi, |G|, |A|, density) at a horizon"
 
@@ -13,17 +17,17 @@ HELP = "print a model's LVSA layout (frame map, kfi, |G|, |A|, density) at a hor
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", choices=sorted(MODELS), default="wan", help="model preset (default wan)")
     horizon = parser.add_mutually_exclusive_group(required=True)
-    horizon.add_argument("--frames", type=int, help="latent frames T")
-    horizon.add_argument("--video-frames", type=int, help="video frames F (T = (F - 1) // 4 + 1)")
-    parser.add_argument("--step", type=int, default=0, help="0-based denoising step (rotation offset = step mod kfi)")
-    parser.add_argument("--window", type=int, help="local half-window W in latent frames (default 3)")
-    parser.add_argument("--n-first", type=int, help="leading global frames (default 1)")
-    parser.add_argument("--reference", type=int, help="reference horizon in latent frames (default: the model's)")
-    parser.add_argument("--scale", type=float, help="sparsity_scale (default 1.0)")
-    parser.add_argument("--kfi", type=int, help="manual keyframe interval (default auto; 0 = none)")
+    horizon.add_argument("--frames", type=POSITIVE, help="latent frames T")
+    horizon.add_argument("--video-frames", type=POSITIVE, help="video frames F (T = (F - 1) // 4 + 1)")
+    parser.add_argument("--step", type=NON_NEGATIVE, default=0, help="0-based denoising step (rotation offset = step mod kfi)")
+    parser.add_argument("--window", type=NON_NEGATIVE, help="local half-window W in latent frames (default 3)")
+    parser.add_argument("--n-first", type=NON_NEGATIVE, help="leading global frames (default 1)")
+    parser.add_argument("--reference", type=POSITIVE, help="reference horizon in latent frames (default: the model's)")
+    parser.add_argument("--scale", type=float_in(0.0), help="sparsity_scale (default 1.0)")
+    parser.add_argument("--kfi", type=NON_NEGATIVE, help="manual keyframe interval (default auto; 0 = none)")
     parser.add_argument("--anchors", choices=["published", "constant"], help="anchor rule (default published)")
-    parser.add_argument("--tokens-per-frame", type=int, help="tokens per latent frame (default: the model's)")
-    parser.add_argument("--text-tokens", type=int,
+    parser.add_argument("--tokens-per-frame", type=POSITIVE, help="tokens per latent frame (default: the model's)")
+    parser.add_argument("--text-tokens", type=NON_NEGATIVE,
                         help="text tokens in self-attention (default: the model's; HunyuanVideo 1.5 varies per prompt)")
 
 
@@ -50,18 +54,27 @@ def summary(pattern: LVSAPattern, frames: int, step: int, layout: BlockSparseLay
     ])
 
 
+def text_line(model: ModelPreset, text: int) -> str:
+    """Where the text tokens of ``model``'s self-attention sit, and how many are planned."""
+    if model.text_position == "none":
+        return "video tokens only (no text in self-attention)"
+    line = f"{text} text tokens {model.text_position} the video"
+    if model.text_tokens is None:
+        line += " (text length varies per prompt; --text-tokens N sets it)"
+    return line
+
+
 def run(args: argparse.Namespace) -> int:
     model = get_model(args.model)
+    if model.text_position == "none" and args.text_tokens:
+        raise UsageError(f"argument --text-tokens: {model.title} has no text in self-attention, got {args.text_tokens}")
     frames = args.frames if args.frames is not None else model.latent_frames(args.video_frames)
     pattern = pattern_from_args(model, args)
     P = args.tokens_per_frame or model.tokens_per_frame()
     text = args.text_tokens if args.text_tokens is not None else (model.text_tokens or 0)
     position = "before" if model.text_position == "before" else "after"
     layout = pattern.plan(frames, P, step=args.step, text_tokens=text, text_position=position)
-    print(f"{model.title}: {model.heads} heads x {model.head_dim}, {P} tokens/frame, "
-          f"text {model.text_position} video ({text} tokens)")
-    if model.text_tokens is None and args.text_tokens is None and model.text_position != "none":
-        print(f"  (text length varies per prompt for {model.name}; pass --text-tokens to include it)")
+    print(f"{model.title}: {model.heads} heads x {model.head_dim}, {P} tokens/frame, {text_line(model, text)}")
     print(pattern.describe(frames, args.step))
     print(summary(pattern, frames, args.step, layout))
     print(layout.describe())

@@ -9,24 +9,25 @@ from __future__ import annotations
 import argparse
 import json
 
-import torch
-
 from ..models import MODELS, get_model
+from ._args import POSITIVE
 
 HELP = "pre-tune the Triton kernel for a model's layout (CUDA), or --show the tuned configs"
 
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+_DTYPES = ("bf16", "fp16")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", choices=sorted(MODELS), default="wan", help="model preset (default wan)")
-    parser.add_argument("--frames", type=int, default=121, help="latent frames T (default 121)")
-    parser.add_argument("--dtype", choices=sorted(_DTYPES), default="bf16")
+    parser.add_argument("--frames", type=POSITIVE, default=121, help="latent frames T (default 121)")
+    parser.add_argument("--dtype", choices=_DTYPES, default="bf16")
     parser.add_argument("--retune", action="store_true", help="time the candidates again even if a config is cached")
     parser.add_argument("--show", action="store_true", help="only print the cached configs")
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     from ..triton_src import tuning
 
     path = tuning.cache_path()
@@ -48,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     text = model.text_tokens or 0
     layout = model.pattern().plan(args.frames, model.tokens_per_frame(), text_tokens=text,
                                   text_position="before" if model.text_position == "before" else "after")
-    dtype = _DTYPES[args.dtype]
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     q, k, v = (torch.randn(1, layout.q_len, model.heads, model.head_dim, device="cuda", dtype=dtype) for _ in range(3))
     cfg = choose_config(q, k, v, layout, model.head_dim ** -0.5, retune=args.retune)
     key = tuning.tuning_key(q.device, dtype, model.head_dim, layout.typical_q_block)
