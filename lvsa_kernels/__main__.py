@@ -12,6 +12,7 @@ import sys
 from typing import List, Optional
 
 COMMANDS = ["demo", "plan", "profile", "backends", "tune"]
+COMMANDS.append("generate")  # lvsa_kernels/commands/generate.py
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -93,6 +93,10 @@ class LVSARuntime(AttentionRuntime):
         backend: ``block_sparse_attn`` backend name or ``"auto"``.
         model: model family name used in messages ("Wan", "HunyuanVideo 1.5", "CogVideoX").
         reference_source: where ``pattern.reference_frames`` came from (logged).
+
+    Attributes:
+        densities: layout density per planned ``(step, text_tokens, text_position)`` of the current generation.
+        chosen_backend: the backend ``backend`` resolved to at the generation's first attention call.
     """
 
     def __init__(self, pattern: LVSAPattern, backend: str, model: str, reference_source: str) -> None:
@@ -100,6 +104,8 @@ class LVSARuntime(AttentionRuntime):
         self.reference_source = reference_source
         self._layouts: Dict[Tuple[int, str], BlockSparseLayout] = {}
         self._planned_for: Optional[Tuple[int, Optional[int], VideoGeometry]] = None
+        self.densities: Dict[Tuple[int, int, str], float] = {}
+        self.chosen_backend: Optional[str] = None
 
     def begin_forward(self, geometry: VideoGeometry, timestep: Any, ulysses: Optional[UlyssesGroup] = None,
                       expert: int = 0) -> None:
@@ -107,6 +113,8 @@ class LVSARuntime(AttentionRuntime):
         super().begin_forward(geometry, timestep, ulysses, expert)
         key = (self.tracker.generation, self.tracker.step, geometry)
         if key != self._planned_for:
+            if self._planned_for is None or self._planned_for[0] != key[0]:
+                self.densities.clear()
             self._layouts.clear()
             self._planned_for = key
 
@@ -120,6 +128,7 @@ class LVSARuntime(AttentionRuntime):
             layout = self.pattern.plan(geo.frames, geo.tokens_per_frame, step=self.tracker.step,
                                        text_tokens=text_tokens, text_position=text_position)
             self._layouts[key] = layout
+            self.densities[(self.tracker.step, text_tokens, text_position)] = layout.density
         return layout
 
     def video_attention(self, q: Tensor, k: Tensor, v: Tensor, layer: int) -> Tensor:
@@ -150,6 +159,7 @@ class LVSARuntime(AttentionRuntime):
         self.tracker.announced = True
         geo = self.current_geometry("log")
         chosen = select_backend(self.backend, q, k, v, layout, q.shape[-1] ** -0.5, False).name
+        self.chosen_backend = chosen
         meta = layout.meta
         log.info(
             "LVSA %s on %s: T=%d P=%d text=%d kfi=%d offset=%d density=%.4f backend=%s (requested %s) "
