@@ -38,7 +38,7 @@ def printed(capsys):
 
 def test_wan_lvsa_writes_mp4_and_reports(wan_dir, tmp_path, capsys):
     video = tmp_path / "wan.mp4"
-    assert main(["generate", wan_dir, *SMALL, *SPARSE, "--output", str(video)]) == 0
+    assert main(["generate", wan_dir, *SMALL, *SPARSE, "--riflex", "--output", str(video)]) == 0
     assert frames_in(str(video)) == 17
     density, backend = printed(capsys)
     assert density < 1.0 and backend == "reference"

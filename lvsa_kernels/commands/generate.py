@@ -46,6 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     svoo = parser.add_argument_group("SVOO knobs (default: SVOOPattern's)")
     for name, kind in _SVOO_KNOBS.items():
         svoo.add_argument(f"--{name.replace('_', '-')}", type=kind)
+    parser.add_argument("--riflex", action="store_true",
+                        help="RIFLEx: lower the intrinsic temporal RoPE frequency past the model's reference length "
+                             "(Wan, HunyuanVideo)")
     parser.add_argument("--cpu-offload", action="store_true", help="diffusers' model CPU offload (CUDA only)")
     parser.add_argument("--fps", type=int, default=16)
     parser.add_argument("--output", default="lvsa_video.mp4", help="mp4 path (default lvsa_video.mp4)")
@@ -82,16 +85,16 @@ def enable_attention(pipe: Any, args: argparse.Namespace) -> Optional[Any]:
 
     lvsa, svoo = _knobs(args, _LVSA_KNOBS), _knobs(args, _SVOO_KNOBS)
     if args.attention == "dense":
-        if lvsa or svoo:
-            raise ValueError("--attention dense: pattern knobs apply to lvsa / svoo only")
+        if lvsa or svoo or args.riflex:
+            raise ValueError("--attention dense: pattern knobs and --riflex apply to lvsa / svoo only")
         return None
     if args.attention == "svoo":
         if lvsa:
             raise ValueError(f"--attention svoo: LVSA knobs {sorted(lvsa)} do not apply to SVOO")
-        return enable_lvsa(pipe, pattern=SVOOPattern(**svoo), backend=args.backend)
+        return enable_lvsa(pipe, pattern=SVOOPattern(**svoo), backend=args.backend, riflex=args.riflex)
     if svoo:
         raise ValueError(f"--attention lvsa: SVOO knobs {sorted(svoo)} need --attention svoo")
-    return enable_lvsa(pipe, backend=args.backend, **lvsa)
+    return enable_lvsa(pipe, backend=args.backend, riflex=args.riflex, **lvsa)
 
 
 def call_kwargs(pipe: Any, args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:

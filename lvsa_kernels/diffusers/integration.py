@@ -14,6 +14,7 @@ from .cogvideox import COGVIDEOX
 from .geometry import geometry_from_latents
 from .hunyuan15 import HUNYUAN_VIDEO_15
 from .parallel import ulysses_group
+from .riflex import install_riflex
 from .runtime import AttentionRuntime, LVSARuntime, ModelSpec
 from .svoo import SVOORuntime, check_svoo_supported
 from .wan import WAN
@@ -163,8 +164,15 @@ def _make_runtime(spec: ModelSpec, transformers: Sequence[nn.Module], pattern: U
     return LVSARuntime(lvsa_pattern, backend, spec.name, source)
 
 
+def _riflex_hooks(spec: ModelSpec, transformer: nn.Module, runtime: AttentionRuntime) -> List[Any]:
+    rope, temporal_channels = spec.rope(transformer)
+    reference = (runtime.pattern.reference_frames if isinstance(runtime, LVSARuntime)
+                 else spec.reference_frames(transformer.config)[0])
+    return [install_riflex(rope, temporal_channels, spec.patch(transformer.config), reference)]
+
+
 def enable_lvsa(pipe_or_transformer: Any, pattern: Union[None, LVSAPattern, SVOOPattern] = None,
-                backend: str = "auto", **knobs: Any) -> LVSAHandle:
+                backend: str = "auto", riflex: bool = False, **knobs: Any) -> LVSAHandle:
     """Run the self-attention of a diffusers video transformer with LVSA block-sparse attention.
 
     Supported: ``WanTransformer3DModel`` (Wan 2.1 / 2.2, both A14B experts; ``attn1`` only),
@@ -184,17 +192,23 @@ def enable_lvsa(pipe_or_transformer: Any, pattern: Union[None, LVSAPattern, SVOO
             CFG branch (0, 1; with two experts ``(expert, call)``, so the experts never share clusters);
             the pattern's caches are reset at each new generation.
         backend: ``block_sparse_attn`` backend, ``"auto"`` or a registered name.
+        riflex: RIFLEx (Wan, HunyuanVideo): past the reference frames ``L`` (the pattern's, else the model's),
+            the temporal RoPE component whose period is closest to ``L`` gets frequency ``2*pi / T`` for a
+            ``T``-frame video (`lvsa_kernels.diffusers.riflex`); `disable_lvsa` restores the original RoPE.
         **knobs: `LVSAPattern` fields that override the pattern (window, n_first, reference_frames,
             sparsity_scale, key_frame_interval, expand_window, rotate, anchors).
 
     Raises:
-        NotImplementedError: an `SVOOPattern` on a model other than Wan or HunyuanVideo 1.5.
+        NotImplementedError: an `SVOOPattern` on a model other than Wan or HunyuanVideo 1.5; ``riflex`` on a
+            model without a supported RoPE.
 
     Returns:
         An `LVSAHandle`; ``disable_lvsa(pipe_or_transformer)`` or ``handle.disable()`` restores everything.
     """
     if not isinstance(backend, str):
         raise TypeError(f"backend: expected a str, got {type(backend).__name__}")
+    if not isinstance(riflex, bool):
+        raise TypeError(f"riflex: expected a bool, got {type(riflex).__name__}")
     if backend != "auto":
         get_backend(backend)  # unknown names fail here, not at the first denoising step
     pipeline, transformers = _split(pipe_or_transformer)
@@ -206,6 +220,9 @@ def enable_lvsa(pipe_or_transformer: Any, pattern: Union[None, LVSAPattern, SVOO
             raise RuntimeError(f"enable_lvsa: LVSA is already enabled on this {type(obj).__name__}; "
                                "call disable_lvsa() first")
     spec = specs[0]
+    if riflex and spec.rope is None:
+        raise NotImplementedError(f"riflex ({spec.name}): RIFLEx is supported on Wan and HunyuanVideo models only "
+                                  "(their RoPE layouts are known); call enable_lvsa(..., riflex=False)")
     runtime = _make_runtime(spec, transformers, pattern, backend, knobs)
     handle = LVSAHandle(runtime, transformers, pipeline)
 
@@ -221,6 +238,8 @@ def enable_lvsa(pipe_or_transformer: Any, pattern: Union[None, LVSAPattern, SVOO
             handle._originals.append((attn, attn.processor))
             attn.set_processor(spec.processor_cls(runtime, layer))
         handle._hooks += _forward_hooks(runtime, spec, transformer, expert)
+        if riflex:
+            handle._hooks += _riflex_hooks(spec, transformer, runtime)
         transformer.__dict__[_ATTR] = handle
     if pipeline is not None:
         handle._pipeline_class = type(pipeline)

@@ -210,6 +210,8 @@ class ModelSpec:
         patch: ``(p_t, p_h, p_w)`` from the transformer config.
         reference_frames: default reference frames (token frames) and where they came from.
         context_parallel: whether the processor runs under diffusers' Ulysses context parallelism.
+        rope: for RIFLEx, the transformer's RoPE module and its temporal channel count; None when the
+            model's RoPE is not supported.
     """
 
     name: str
@@ -221,3 +223,4 @@ class ModelSpec:
     patch: Callable[[Any], Tuple[int, int, int]]
     reference_frames: Callable[[Any], Tuple[int, str]]
     context_parallel: bool = False
+    rope: Optional[Callable[[nn.Module], Tuple[nn.Module, int]]] = None
