@@ -18,12 +18,13 @@ from .riflex import install_riflex
 from .runtime import AttentionRuntime, LVSARuntime, ModelSpec
 from .svoo import SVOORuntime, check_svoo_supported
 from .wan import WAN
+from .wan_vace import WAN_VACE
 
 __all__ = ["enable_lvsa", "enable_svoo", "disable_lvsa", "LVSAHandle", "SUPPORTED_MODELS"]
 
 log = logging.getLogger("lvsa_kernels")
 
-SUPPORTED_MODELS: Tuple[ModelSpec, ...] = (WAN, HUNYUAN_VIDEO_15, COGVIDEOX)
+SUPPORTED_MODELS: Tuple[ModelSpec, ...] = (WAN_VACE, WAN, HUNYUAN_VIDEO_15, COGVIDEOX)
 _KNOBS = tuple(f.name for f in dataclasses.fields(LVSAPattern))
 _ATTR = "_lvsa_handle"
 _PIPELINE_CLASSES: Dict[type, type] = {}
@@ -39,8 +40,10 @@ class LVSAHandle:
         pipeline: the pipeline given to `enable_lvsa`, or None.
     """
 
-    def __init__(self, runtime: AttentionRuntime, transformers: Sequence[nn.Module], pipeline: Optional[Any]) -> None:
+    def __init__(self, runtime: AttentionRuntime, transformers: Sequence[nn.Module], pipeline: Optional[Any],
+                 spec: ModelSpec) -> None:
         self.runtime = runtime
+        self.spec = spec
         self.transformers = list(transformers)
         self.pipeline = pipeline
         self._originals: List[Tuple[nn.Module, Any]] = []
@@ -54,6 +57,13 @@ class LVSAHandle:
     def new_generation(self) -> None:
         """Restart the rotation at step 0 (done automatically at each pipeline call)."""
         self.runtime.tracker.new_generation()
+
+    def begin_call(self, kwargs: Dict[str, Any]) -> None:
+        """At each pipeline call: a new generation, and the call's leading conditioning frames (reference
+        images) become extra LVSA first frames."""
+        self.new_generation()
+        if self.spec.leading_frames is not None and isinstance(self.runtime, LVSARuntime):
+            self.runtime.leading_frames = self.spec.leading_frames(kwargs)
 
     def disable(self) -> None:
         """Restore the original processor objects, remove the hooks and the pipeline call wrapper.
@@ -121,7 +131,7 @@ def _pipeline_class(cls: type) -> type:
         def __call__(self, *args, **kwargs):
             handle = self.__dict__.get(_ATTR)
             if handle is not None:
-                handle.new_generation()
+                handle.begin_call(kwargs)
             return cls.__call__(self, *args, **kwargs)
 
         __call__.__doc__ = cls.__call__.__doc__
@@ -224,7 +234,7 @@ def enable_lvsa(pipe_or_transformer: Any, pattern: Union[None, LVSAPattern, SVOO
         raise NotImplementedError(f"riflex ({spec.name}): RIFLEx is supported on Wan and HunyuanVideo models only "
                                   "(their RoPE layouts are known); call enable_lvsa(..., riflex=False)")
     runtime = _make_runtime(spec, transformers, pattern, backend, knobs)
-    handle = LVSAHandle(runtime, transformers, pipeline)
+    handle = LVSAHandle(runtime, transformers, pipeline, spec)
 
     for transformer in transformers:
         for name, attn in spec.self_attention(transformer):

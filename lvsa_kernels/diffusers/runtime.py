@@ -8,6 +8,7 @@ generation logs one INFO summary line.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple, Type
@@ -97,6 +98,8 @@ class LVSARuntime(AttentionRuntime):
     Attributes:
         densities: layout density per planned ``(step, text_tokens, text_position)`` of the current generation.
         chosen_backend: the backend ``backend`` resolved to at the generation's first attention call.
+        leading_frames: conditioning frames before the video (reference images) in the current pipeline
+            call; the layout's first frames are ``pattern.n_first + leading_frames``.
     """
 
     def __init__(self, pattern: LVSAPattern, backend: str, model: str, reference_source: str) -> None:
@@ -106,6 +109,7 @@ class LVSARuntime(AttentionRuntime):
         self._planned_for: Optional[Tuple[int, Optional[int], VideoGeometry]] = None
         self.densities: Dict[Tuple[int, int, str], float] = {}
         self.chosen_backend: Optional[str] = None
+        self.leading_frames = 0
 
     def begin_forward(self, geometry: VideoGeometry, timestep: Any, ulysses: Optional[UlyssesGroup] = None,
                       expert: int = 0) -> None:
@@ -121,11 +125,14 @@ class LVSARuntime(AttentionRuntime):
     # ------------------------------------------------------------------ planning and attention
     def layout(self, text_tokens: int = 0, text_position: str = "after") -> BlockSparseLayout:
         """The layout of the current step over ``T*P`` video tokens plus ``text_tokens`` text tokens."""
-        key = (text_tokens, text_position)
+        key = (text_tokens, text_position, self.leading_frames)
         layout = self._layouts.get(key)
         if layout is None:
             geo = self.current_geometry("layout")
-            layout = self.pattern.plan(geo.frames, geo.tokens_per_frame, step=self.tracker.step,
+            pattern = self.pattern
+            if self.leading_frames:
+                pattern = dataclasses.replace(pattern, n_first=pattern.n_first + self.leading_frames)
+            layout = pattern.plan(geo.frames, geo.tokens_per_frame, step=self.tracker.step,
                                        text_tokens=text_tokens, text_position=text_position)
             self._layouts[key] = layout
             self.densities[(self.tracker.step, text_tokens, text_position)] = layout.density
@@ -212,6 +219,8 @@ class ModelSpec:
         context_parallel: whether the processor runs under diffusers' Ulysses context parallelism.
         rope: for RIFLEx, the transformer's RoPE module and its temporal channel count; None when the
             model's RoPE is not supported.
+        leading_frames: from a pipeline call's keyword arguments, the conditioning latent frames the
+            pipeline puts before the video (Wan VACE reference images); they join the LVSA first frames.
     """
 
     name: str
@@ -224,3 +233,4 @@ class ModelSpec:
     reference_frames: Callable[[Any], Tuple[int, str]]
     context_parallel: bool = False
     rope: Optional[Callable[[nn.Module], Tuple[nn.Module, int]]] = None
+    leading_frames: Optional[Callable[[Dict[str, Any]], int]] = None
