@@ -94,13 +94,13 @@ def test_pipeline_reference_images_are_first_frames_and_steps_advance(monkeypatc
     img = PIL.Image.new("RGB", (32, 32), (200, 30, 30))
     enable_lvsa(pipe, backend="reference", window=1, n_first=1, reference_frames=2, key_frame_interval=3)
     try:
-        pipe(**embeds, reference_images=[img, img], height=32, width=32, num_frames=17, num_inference_steps=2,
+        pipe(**embeds, reference_images=[img, img], height=32, width=32, num_frames=9, num_inference_steps=2,
              guidance_scale=5.0, output_type="latent")
         calls = 2 * 4  # CFG x (2 blocks + 2 VACE blocks)
-        assert seen[::calls] == [(0, 3, 7), (1, 3, 7)]  # 5 video + 2 reference latent frames; n_first 1 + 2
+        assert seen[::calls] == [(0, 3, 5), (1, 3, 5)]  # 3 video + 2 reference latent frames; n_first 1 + 2
         seen.clear()
-        pipe(**embeds, height=32, width=32, num_frames=17, num_inference_steps=1, guidance_scale=5.0,
+        pipe(**embeds, height=32, width=32, num_frames=9, num_inference_steps=1, guidance_scale=5.0,
              output_type="latent")
-        assert set(seen) == {(0, 1, 5)}  # no reference images: back to n_first 1
+        assert set(seen) == {(0, 1, 3)}  # no reference images: back to n_first 1
     finally:
         disable_lvsa(pipe)
