@@ -18,13 +18,14 @@ from .riflex import install_riflex
 from .runtime import AttentionRuntime, LVSARuntime, ModelSpec
 from .svoo import SVOORuntime, check_svoo_supported
 from .wan import WAN
+from .skyreels_v2 import SKYREELS_V2
 from .wan_vace import WAN_VACE
 
 __all__ = ["enable_lvsa", "enable_svoo", "disable_lvsa", "LVSAHandle", "SUPPORTED_MODELS"]
 
 log = logging.getLogger("lvsa_kernels")
 
-SUPPORTED_MODELS: Tuple[ModelSpec, ...] = (WAN_VACE, WAN, HUNYUAN_VIDEO_15, COGVIDEOX)
+SUPPORTED_MODELS: Tuple[ModelSpec, ...] = (WAN_VACE, WAN, SKYREELS_V2, HUNYUAN_VIDEO_15, COGVIDEOX)
 _KNOBS = tuple(f.name for f in dataclasses.fields(LVSAPattern))
 _ATTR = "_lvsa_handle"
 _PIPELINE_CLASSES: Dict[type, type] = {}
@@ -83,6 +84,7 @@ class LVSAHandle:
         for obj in [self.pipeline, *self.transformers]:
             if obj is not None and obj.__dict__.get(_ATTR) is self:
                 del obj.__dict__[_ATTR]
+        self.runtime.step_marker = None
         self._originals, self._hooks, self._pipeline_class = [], [], None
 
 
@@ -252,6 +254,8 @@ def enable_lvsa(pipe_or_transformer: Any, pattern: Union[None, LVSAPattern, SVOO
             handle._hooks += _riflex_hooks(spec, transformer, runtime)
         transformer.__dict__[_ATTR] = handle
     if pipeline is not None:
+        if spec.step_marker is not None:
+            runtime.step_marker = lambda: spec.step_marker(pipeline)
         handle._pipeline_class = type(pipeline)
         pipeline.__class__ = _pipeline_class(type(pipeline))
         pipeline.__dict__[_ATTR] = handle

@@ -13,6 +13,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple, Type
 
+import torch
 from torch import Tensor, nn
 
 from ..api import block_sparse_attn
@@ -47,13 +48,20 @@ class AttentionRuntime:
         self.ulysses: Optional[UlyssesGroup] = None
         self.expert = 0
         self.forward_cache: Dict[str, Any] = {}
+        self.step_marker: Optional[Callable[[], Any]] = None
 
     # ------------------------------------------------------------------ transformer call boundaries
     def begin_forward(self, geometry: VideoGeometry, timestep: Any, ulysses: Optional[UlyssesGroup] = None,
                       expert: int = 0) -> None:
         """Called by the transformer's forward pre-hook: record the step, the global geometry, the
-        Ulysses group (None without context parallelism) and which transformer (expert) runs."""
-        self.tracker.observe(timestep)
+        Ulysses group (None without context parallelism) and which transformer (expert) runs. With a
+        ``step_marker`` (the pipeline's own step counter) that returns an object, the step follows it
+        instead of the timestep."""
+        marker = None if self.step_marker is None else self.step_marker()
+        if marker is None:
+            self.tracker.observe(timestep)
+        else:
+            self.tracker.observe_marker(marker)
         self.geometry = geometry
         self.ulysses = ulysses
         self.expert = expert
@@ -129,13 +137,37 @@ class LVSARuntime(AttentionRuntime):
         layout = self._layouts.get(key)
         if layout is None:
             geo = self.current_geometry("layout")
-            pattern = self.pattern
-            if self.leading_frames:
-                pattern = dataclasses.replace(pattern, n_first=pattern.n_first + self.leading_frames)
-            layout = pattern.plan(geo.frames, geo.tokens_per_frame, step=self.tracker.step,
+            layout = self._pattern().plan(geo.frames, geo.tokens_per_frame, step=self.tracker.step,
                                        text_tokens=text_tokens, text_position=text_position)
             self._layouts[key] = layout
             self.densities[(self.tracker.step, text_tokens, text_position)] = layout.density
+        return layout
+
+    def _pattern(self) -> LVSAPattern:
+        """The pattern with the call's leading conditioning frames added to its first frames."""
+        if not self.leading_frames:
+            return self.pattern
+        return dataclasses.replace(self.pattern, n_first=self.pattern.n_first + self.leading_frames)
+
+    def causal_layout(self, frames_per_block: int) -> BlockSparseLayout:
+        """The current step's video layout intersected with the block-causal frame mask of diffusion forcing:
+        query frame ``i`` sees key frame ``j`` iff ``j // frames_per_block <= i // frames_per_block``
+        (a ``[T, T]`` frame mask, never a token-level one)."""
+        key = ("causal", frames_per_block, self.leading_frames)
+        layout = self._layouts.get(key)
+        if layout is None:
+            geo = self.current_geometry("layout")
+            T, P = geo.frames, geo.tokens_per_frame
+            if T % frames_per_block:
+                raise ValueError(f"LVSA ({self.model}): diffusion forcing needs the {T} token frames to be a multiple "
+                                 f"of num_frame_per_block={frames_per_block}")
+            plain = self.layout()
+            block = torch.arange(T) // frames_per_block
+            mask = self._pattern().frame_mask(T, self.tracker.step) & (block[None, :] <= block[:, None])
+            layout = BlockSparseLayout.from_block_mask(mask, [P] * T, [P] * T,
+                                                       {**plain.meta, "causal_block": frames_per_block})
+            self._layouts[key] = layout
+            self.densities[(self.tracker.step, 0, f"causal{frames_per_block}")] = layout.density
         return layout
 
     def video_attention(self, q: Tensor, k: Tensor, v: Tensor, layer: int) -> Tensor:
@@ -221,6 +253,8 @@ class ModelSpec:
             model's RoPE is not supported.
         leading_frames: from a pipeline call's keyword arguments, the conditioning latent frames the
             pipeline puts before the video (Wan VACE reference images); they join the LVSA first frames.
+        step_marker: from the pipeline, an object it replaces once per denoising iteration (or None
+            outside its loop); the denoising step then follows the pipeline instead of the timestep.
     """
 
     name: str
@@ -234,3 +268,4 @@ class ModelSpec:
     context_parallel: bool = False
     rope: Optional[Callable[[nn.Module], Tuple[nn.Module, int]]] = None
     leading_frames: Optional[Callable[[Dict[str, Any]], int]] = None
+    step_marker: Optional[Callable[[Any], Any]] = None
