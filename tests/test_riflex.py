@@ -87,3 +87,21 @@ def test_riflex_unsupported_model_is_a_clear_error():
     with pytest.raises(NotImplementedError, match=r"riflex \(CogVideoX\): RIFLEx is supported on Wan and "):
         enable_lvsa(model, riflex=True)
     assert "_lvsa_handle" not in model.__dict__
+
+
+def test_hunyuan_video_10_riflex():
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    # rope_axes_dim (4, 2, 2), theta 256: temporal theta_j = 1, 1/16 -> with L = 8, k = 0 (period 6.3 frames)
+    model = HunyuanVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8,
+                                           num_layers=1, num_single_layers=1, num_refiner_layers=1, patch_size=1,
+                                           text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(4, 2, 2),
+                                           guidance_embeds=False).eval()
+    latents = torch.zeros(1, 4, 12, 2, 2)
+    before = model.rope(latents)
+    enable_lvsa(model, backend="reference", reference_frames=8, riflex=True)
+    _, sin = model.rope(latents)
+    disable_lvsa(model)
+    t = torch.arange(12, dtype=torch.float64).repeat_interleave(4)
+    torch.testing.assert_close(sin[:, 0], torch.sin(t * 2 * math.pi / 12).float())
+    assert all(torch.equal(a, b) for a, b in zip(model.rope(latents), before))

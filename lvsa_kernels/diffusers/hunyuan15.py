@@ -91,9 +91,13 @@ class LVSAHunyuanVideo15AttnProcessor(LVSAProcessorBase):
         cached = self.runtime.forward_cache.get("hv15_text_lengths")
         if cached is not None and cached[0] is mask and len(cached[1]) == batch:
             return cached[1]
-        lengths = text_valid_lengths(mask, batch, text_len)
+        lengths = text_valid_lengths(self._text_mask(mask, text_len), batch, text_len)
         self.runtime.forward_cache["hv15_text_lengths"] = (mask, lengths)
         return lengths
+
+    def _text_mask(self, mask: Optional[Tensor], text_len: int) -> Optional[Tensor]:
+        """The ``[B, L]`` text mask from the mask the model passes (HunyuanVideo 1.5 passes it as is)."""
+        return mask
 
     def _attend_trimmed(self, q: Tensor, k: Tensor, v: Tensor, n_video: int, lengths: List[int],
                         text_len: int) -> Tensor:

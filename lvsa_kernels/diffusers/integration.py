@@ -13,6 +13,7 @@ from ..reference import LVSAPattern, SVOOPattern
 from .cogvideox import COGVIDEOX
 from .geometry import geometry_from_latents
 from .hunyuan15 import HUNYUAN_VIDEO_15
+from .hunyuan_video import HUNYUAN_VIDEO
 from .parallel import ulysses_group
 from .riflex import install_riflex
 from .runtime import AttentionRuntime, LVSARuntime, ModelSpec
@@ -25,7 +26,7 @@ __all__ = ["enable_lvsa", "enable_svoo", "disable_lvsa", "LVSAHandle", "SUPPORTE
 
 log = logging.getLogger("lvsa_kernels")
 
-SUPPORTED_MODELS: Tuple[ModelSpec, ...] = (WAN_VACE, WAN, SKYREELS_V2, HUNYUAN_VIDEO_15, COGVIDEOX)
+SUPPORTED_MODELS: Tuple[ModelSpec, ...] = (WAN_VACE, WAN, SKYREELS_V2, HUNYUAN_VIDEO_15, HUNYUAN_VIDEO, COGVIDEOX)
 _KNOBS = tuple(f.name for f in dataclasses.fields(LVSAPattern))
 _ATTR = "_lvsa_handle"
 _PIPELINE_CLASSES: Dict[type, type] = {}
