@@ -14,6 +14,7 @@ from .cogvideox import COGVIDEOX
 from .geometry import geometry_from_latents
 from .hunyuan15 import HUNYUAN_VIDEO_15
 from .hunyuan_video import HUNYUAN_VIDEO
+from .ltx import LTX_VIDEO
 from .parallel import ulysses_group
 from .riflex import install_riflex
 from .runtime import AttentionRuntime, LVSARuntime, ModelSpec
@@ -26,7 +27,7 @@ __all__ = ["enable_lvsa", "enable_svoo", "disable_lvsa", "LVSAHandle", "SUPPORTE
 
 log = logging.getLogger("lvsa_kernels")
 
-SUPPORTED_MODELS: Tuple[ModelSpec, ...] = (WAN_VACE, WAN, SKYREELS_V2, HUNYUAN_VIDEO_15, HUNYUAN_VIDEO, COGVIDEOX)
+SUPPORTED_MODELS: Tuple[ModelSpec, ...] = (WAN_VACE, WAN, SKYREELS_V2, HUNYUAN_VIDEO_15, HUNYUAN_VIDEO, COGVIDEOX, LTX_VIDEO)
 _KNOBS = tuple(f.name for f in dataclasses.fields(LVSAPattern))
 _ATTR = "_lvsa_handle"
 _PIPELINE_CLASSES: Dict[type, type] = {}
@@ -153,7 +154,10 @@ def _forward_hooks(runtime: AttentionRuntime, spec: ModelSpec, transformer: nn.M
         bound = signature.bind_partial(module, *args, **kwargs).arguments
         if "hidden_states" not in bound or "timestep" not in bound:
             raise ValueError(f"LVSA ({spec.name}): the transformer call needs hidden_states and timestep")
-        geometry = geometry_from_latents(bound["hidden_states"], spec.frame_dim, patch)
+        if spec.geometry is not None:
+            geometry = spec.geometry(bound)
+        else:
+            geometry = geometry_from_latents(bound["hidden_states"], spec.frame_dim, patch)
         parallel_config = getattr(module, "_parallel_config", None)
         ulysses = ulysses_group(parallel_config, heads, geometry, spec.name, spec.context_parallel)
         runtime.begin_forward(geometry, bound["timestep"], ulysses, expert)

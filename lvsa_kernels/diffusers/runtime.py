@@ -255,6 +255,8 @@ class ModelSpec:
             pipeline puts before the video (Wan VACE reference images); they join the LVSA first frames.
         step_marker: from the pipeline, an object it replaces once per denoising iteration (or None
             outside its loop); the denoising step then follows the pipeline instead of the timestep.
+        geometry: the token grid from the transformer call's bound arguments, for transformers whose input
+            is not a 5-D latent video (LTX-Video's packed ``[B, S, C]`` tokens); None = from the latents.
     """
 
     name: str
@@ -269,3 +271,4 @@ class ModelSpec:
     rope: Optional[Callable[[nn.Module], Tuple[nn.Module, int]]] = None
     leading_frames: Optional[Callable[[Dict[str, Any]], int]] = None
     step_marker: Optional[Callable[[Any], Any]] = None
+    geometry: Optional[Callable[[Dict[str, Any]], VideoGeometry]] = None
