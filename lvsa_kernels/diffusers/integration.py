@@ -15,6 +15,7 @@ from .geometry import geometry_from_latents
 from .hunyuan15 import HUNYUAN_VIDEO_15
 from .hunyuan_video import HUNYUAN_VIDEO
 from .ltx import LTX_VIDEO
+from .ltx2 import LTX_2
 from .parallel import ulysses_group
 from .riflex import install_riflex
 from .runtime import AttentionRuntime, LVSARuntime, ModelSpec
@@ -27,7 +28,7 @@ __all__ = ["enable_lvsa", "enable_svoo", "disable_lvsa", "LVSAHandle", "SUPPORTE
 
 log = logging.getLogger("lvsa_kernels")
 
-SUPPORTED_MODELS: Tuple[ModelSpec, ...] = (WAN_VACE, WAN, SKYREELS_V2, HUNYUAN_VIDEO_15, HUNYUAN_VIDEO, COGVIDEOX, LTX_VIDEO)
+SUPPORTED_MODELS: Tuple[ModelSpec, ...] = (WAN_VACE, WAN, SKYREELS_V2, HUNYUAN_VIDEO_15, HUNYUAN_VIDEO, COGVIDEOX, LTX_VIDEO, LTX_2)
 _KNOBS = tuple(f.name for f in dataclasses.fields(LVSAPattern))
 _ATTR = "_lvsa_handle"
 _PIPELINE_CLASSES: Dict[type, type] = {}
