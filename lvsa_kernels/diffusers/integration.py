@@ -6,6 +6,7 @@ import inspect
 import logging
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
+from diffusers import Cosmos3OmniTransformer
 from torch import nn
 
 from ..backends import get_backend
@@ -91,10 +92,23 @@ class LVSAHandle:
         self._originals, self._hooks, self._pipeline_class = [], [], None
 
 
+# transformers that enable_lvsa recognises but cannot run honestly yet, with the reason
+UNSUPPORTED_MODELS: Dict[type, str] = {
+    Cosmos3OmniTransformer: (
+        "Cosmos 3 packs one un-batched sequence (causal text pathway, then video / sound / action tokens placed by "
+        "index) and its generation queries attend [text; generation] keys, which needs a rectangular "
+        "(query != key) LVSA layout over the vision_token_shapes grid; no adapter yet"),
+}
+
+
 def _spec_for(transformer: Any) -> ModelSpec:
     for spec in SUPPORTED_MODELS:
         if isinstance(transformer, spec.transformer_cls):
             return spec
+    for cls, reason in UNSUPPORTED_MODELS.items():
+        if isinstance(transformer, cls):
+            raise NotImplementedError(f"LVSA ({cls.__name__}): not supported: {reason}. "
+                                      "Run it with its own attention (do not call enable_lvsa).")
     names = ", ".join(s.transformer_cls.__name__ for s in SUPPORTED_MODELS)
     raise TypeError(f"pipe_or_transformer: expected a pipeline with a supported transformer or one of {names}; "
                     f"got {type(transformer).__name__}")
