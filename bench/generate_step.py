@@ -26,18 +26,12 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
+from lvsa_kernels.bench.e2e_step import HV15_480P, WAN_1_3B
 from lvsa_kernels.commands import generate
 
-WAN_1_3B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16,
-                out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
-                qk_norm="rms_norm_across_heads", eps=1e-6)
 WAN_TINY = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=16, out_channels=16,
                 text_dim=64, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
                 qk_norm="rms_norm_across_heads", rope_max_seq_len=64)
-HV15_480P = dict(in_channels=65, out_channels=32, num_attention_heads=16, attention_head_dim=128, num_layers=54,
-                 num_refiner_layers=2, mlp_ratio=4.0, patch_size=1, patch_size_t=1, qk_norm="rms_norm",
-                 text_embed_dim=3584, text_embed_2_dim=1472, image_embed_dim=1152, rope_theta=256.0,
-                 rope_axes_dim=(16, 56, 56), target_size=640, task_type="t2v")
 HV15_TINY = dict(in_channels=65, out_channels=32, num_attention_heads=2, attention_head_dim=16, num_layers=2,
                  num_refiner_layers=1, mlp_ratio=2.0, patch_size=1, patch_size_t=1, text_embed_dim=64,
                  text_embed_2_dim=32, image_embed_dim=1152, rope_axes_dim=(4, 6, 6), target_size=640,

@@ -208,8 +208,10 @@ def enable_lvsa(pipe_or_transformer: Any, pattern: Union[None, LVSAPattern, SVOO
     """Run the self-attention of a diffusers video transformer with LVSA block-sparse attention.
 
     Supported: ``WanTransformer3DModel`` (Wan 2.1 / 2.2, both A14B experts; ``attn1`` only),
-    ``HunyuanVideo15Transformer3DModel`` (joint attention, padded text after the video) and
-    ``CogVideoXTransformer3DModel`` (joint attention, text first).
+    ``WanVACETransformer3DModel`` (``blocks`` and ``vace_blocks``), ``SkyReelsV2Transformer3DModel`` (also
+    diffusion forcing), ``HunyuanVideo15Transformer3DModel`` and ``HunyuanVideoTransformer3DModel`` (joint
+    attention, padded text after the video), ``CogVideoXTransformer3DModel`` (joint attention, text first),
+    ``LTXVideoTransformer3DModel`` and ``LTX2VideoTransformer3DModel`` (video ``attn1``). See ``docs/models.md``.
 
     Args:
         pipe_or_transformer: a pipeline (uses ``.transformer`` and ``.transformer_2`` when present, and
@@ -232,7 +234,7 @@ def enable_lvsa(pipe_or_transformer: Any, pattern: Union[None, LVSAPattern, SVOO
 
     Raises:
         NotImplementedError: an `SVOOPattern` on a model other than Wan or HunyuanVideo 1.5; ``riflex`` on a
-            model without a supported RoPE.
+            model without a supported RoPE; a transformer in `UNSUPPORTED_MODELS` (Cosmos 3), with the reason.
 
     Returns:
         An `LVSAHandle`; ``disable_lvsa(pipe_or_transformer)`` or ``handle.disable()`` restores everything.

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from .geometry import VideoGeometry
 from .runtime import LVSAProcessorBase, ModelSpec
 
-__all__ = ["LVSALTXVideoAttnProcessor", "LTX_VIDEO", "packed_geometry"]
+__all__ = ["LVSALTXVideoAttnProcessor", "LTX_VIDEO", "call_grid"]
 
 _LTX_REFERENCE = 21  # LTXPipeline's default 161 video frames, 8x temporal compression
 
@@ -43,16 +43,20 @@ class LVSALTXVideoAttnProcessor(LVSAProcessorBase):
         return attn.to_out[1](attn.to_out[0](out))
 
 
-def packed_geometry(bound: Dict[str, Any], model: str = "LTX-Video") -> VideoGeometry:
-    """Token grid of a packed-token call from its ``num_frames``, ``height``, ``width`` arguments."""
-    if bound.get("video_coords") is not None:
-        raise ValueError(f"LVSA ({model}): calls with video_coords (conditioning tokens appended to the video, "
-                         "LTXConditionPipeline) are not supported; call disable_lvsa() to run dense")
+def call_grid(bound: Dict[str, Any], model: str) -> VideoGeometry:
+    """Token grid of a packed-token transformer call from its ``num_frames``, ``height``, ``width`` arguments."""
     sizes = [bound.get(name) for name in ("num_frames", "height", "width")]
     if any(not isinstance(n, int) or n < 1 for n in sizes):
         raise ValueError(f"LVSA ({model}): the transformer call needs num_frames, height and width (token grid) "
                          f"as positive ints; got {sizes}")
     return VideoGeometry(*sizes)
+
+
+def _geometry(bound: Dict[str, Any]) -> VideoGeometry:
+    if bound.get("video_coords") is not None:
+        raise ValueError("LVSA (LTX-Video): calls with video_coords (conditioning tokens appended to the video, "
+                         "LTXConditionPipeline) are not supported; call disable_lvsa() to run dense")
+    return call_grid(bound, "LTX-Video")
 
 
 def _self_attention(transformer: nn.Module) -> List[Tuple[str, nn.Module]]:
@@ -68,5 +72,5 @@ LTX_VIDEO = ModelSpec(
     frame_dim=1,
     patch=lambda config: (int(config["patch_size_t"]), int(config["patch_size"]), int(config["patch_size"])),
     reference_frames=lambda config: (_LTX_REFERENCE, "LTX-Video default (161 video frames)"),
-    geometry=packed_geometry,
+    geometry=_geometry,
 )

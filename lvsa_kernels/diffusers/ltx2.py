@@ -8,7 +8,7 @@ cross-attentions and text cross-attention keep their processors. Calls with a vi
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 from diffusers import LTX2VideoTransformer3DModel
 from diffusers.models.transformers.transformer_ltx2 import (LTX2AudioVideoAttnProcessor, apply_interleaved_rotary_emb,
@@ -16,7 +16,7 @@ from diffusers.models.transformers.transformer_ltx2 import (LTX2AudioVideoAttnPr
 from torch import Tensor, nn
 
 from ..reference import latent_frames
-from .geometry import VideoGeometry
+from .ltx import call_grid
 from .runtime import LVSAProcessorBase, ModelSpec
 
 __all__ = ["LVSALTX2AttnProcessor", "LTX_2"]
@@ -55,14 +55,6 @@ class LVSALTX2AttnProcessor(LVSAProcessorBase):
         return attn.to_out[1](attn.to_out[0](out.flatten(2, 3)))
 
 
-def _geometry(bound: Dict[str, Any]) -> VideoGeometry:
-    sizes = [bound.get(name) for name in ("num_frames", "height", "width")]
-    if any(not isinstance(n, int) or n < 1 for n in sizes):
-        raise ValueError(f"LVSA (LTX-2): the transformer call needs num_frames, height and width (token grid) as "
-                         f"positive ints; got {sizes}")
-    return VideoGeometry(*sizes)
-
-
 def _self_attention(transformer: nn.Module) -> List[Tuple[str, nn.Module]]:
     return [(f"transformer_blocks.{i}.attn1", b.attn1) for i, b in enumerate(transformer.transformer_blocks)]
 
@@ -77,5 +69,5 @@ LTX_2 = ModelSpec(
     patch=lambda config: (int(config["patch_size_t"]), int(config["patch_size"]), int(config["patch_size"])),
     reference_frames=lambda config: (latent_frames(_LTX2_REFERENCE_VIDEO_FRAMES, 8),
                                      "LTX-2 default (121 video frames)"),
-    geometry=_geometry,
+    geometry=lambda bound: call_grid(bound, "LTX-2"),
 )

@@ -8,7 +8,7 @@ pipeline the denoising step follows the pipeline's own iteration (``pipe._curren
 """
 from __future__ import annotations
 
-from typing import Any, List, Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import torch
 from diffusers import SkyReelsV2Transformer3DModel
@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from ..reference import latent_frames
 from ..reference.wan_qkv import wan_self_attention_qkv
 from .runtime import LVSAProcessorBase, LVSARuntime, ModelSpec
+from .wan import WAN
 
 __all__ = ["LVSASkyReelsV2AttnProcessor", "SKYREELS_V2"]
 
@@ -67,10 +68,6 @@ class LVSASkyReelsV2AttnProcessor(LVSAProcessorBase):
         return n
 
 
-def _self_attention(transformer: nn.Module) -> List[Tuple[str, nn.Module]]:
-    return [(f"blocks.{i}.attn1", block.attn1) for i, block in enumerate(transformer.blocks)]
-
-
 def _reference_frames(config: Any) -> Tuple[int, str]:
     return latent_frames(_SKYREELS_REFERENCE_VIDEO_FRAMES), "SkyReels-V2 default (97 video frames)"
 
@@ -84,10 +81,10 @@ SKYREELS_V2 = ModelSpec(
     transformer_cls=SkyReelsV2Transformer3DModel,
     processor_cls=LVSASkyReelsV2AttnProcessor,
     original_processors=(SkyReelsV2AttnProcessor,),
-    self_attention=_self_attention,
+    self_attention=WAN.self_attention,
     frame_dim=2,
-    patch=lambda config: tuple(int(p) for p in config["patch_size"]),
+    patch=WAN.patch,
     reference_frames=_reference_frames,
-    rope=lambda transformer: (transformer.rope, transformer.rope.t_dim),
+    rope=WAN.rope,
     step_marker=_current_timestep,
 )
