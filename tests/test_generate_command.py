@@ -51,6 +51,15 @@ def test_wan_dense_for_comparison(wan_dir, tmp_path, capsys):
     assert printed(capsys) == (1.0, "pipeline's own (dense)")
 
 
+def test_wan_svoo(wan_dir, tmp_path, capsys):
+    video = tmp_path / "svoo.mp4"
+    assert main(["generate", wan_dir, *SMALL, "--attention", "svoo", "--q-clusters", "4", "--k-clusters", "4",
+                 "--warmup-steps", "0", "--top-p", "0.5", "--output", str(video)]) == 0
+    assert frames_in(str(video)) == 17
+    density, backend = printed(capsys)
+    assert density < 1.0 and backend == "reference"
+
+
 def test_hunyuan15_joint_attention_pipeline(tmp_path, capsys):
     folder = save_tiny_hunyuan15(str(tmp_path / "tiny_hv15"))
     video = tmp_path / "hv.mp4"
@@ -73,8 +82,10 @@ def test_missing_video_writer_is_a_clear_error(monkeypatch, tmp_path):
         main(["generate", str(tmp_path), "--prompt", "a cat"])
 
 
-def test_knobs_must_match_the_attention(wan_dir):
-    with pytest.raises(ValueError, match="--attention dense: pattern knobs"):
-        main(["generate", wan_dir, *SMALL, "--attention", "dense", "--window", "1"])
+def test_knobs_must_match_the_attention(tmp_path):
+    with pytest.raises(ValueError, match="--attention dense: pattern knobs and --riflex"):
+        main(["generate", str(tmp_path), *SMALL, "--attention", "dense", "--riflex"])
     with pytest.raises(ValueError, match=r"--attention lvsa: SVOO knobs \['top_p'\]"):
-        main(["generate", wan_dir, *SMALL, "--top-p", "0.5"])
+        main(["generate", str(tmp_path), *SMALL, "--top-p", "0.5"])
+    with pytest.raises(ValueError, match=r"--attention svoo: LVSA knobs \['window'\]"):
+        main(["generate", str(tmp_path), *SMALL, "--attention", "svoo", "--window", "2"])

@@ -78,23 +78,29 @@ def _knobs(args: argparse.Namespace, table: Dict[str, type]) -> Dict[str, Any]:
     return {name: getattr(args, name) for name in table if getattr(args, name) is not None}
 
 
+def check_knobs(args: argparse.Namespace) -> None:
+    """Raise ValueError when pattern knobs or ``--riflex`` do not fit ``--attention`` (before any loading)."""
+    lvsa, svoo = _knobs(args, _LVSA_KNOBS), _knobs(args, _SVOO_KNOBS)
+    if args.attention == "dense" and (lvsa or svoo or args.riflex):
+        raise ValueError("--attention dense: pattern knobs and --riflex apply to lvsa / svoo only")
+    if args.attention == "svoo" and lvsa:
+        raise ValueError(f"--attention svoo: LVSA knobs {sorted(lvsa)} do not apply to SVOO")
+    if args.attention == "lvsa" and svoo:
+        raise ValueError(f"--attention lvsa: SVOO knobs {sorted(svoo)} need --attention svoo")
+
+
 def enable_attention(pipe: Any, args: argparse.Namespace) -> Optional[Any]:
     """Install the requested attention on ``pipe``; returns the `LVSAHandle` (None for dense)."""
     from ..diffusers import enable_lvsa
     from ..reference import SVOOPattern
 
-    lvsa, svoo = _knobs(args, _LVSA_KNOBS), _knobs(args, _SVOO_KNOBS)
+    check_knobs(args)
     if args.attention == "dense":
-        if lvsa or svoo or args.riflex:
-            raise ValueError("--attention dense: pattern knobs and --riflex apply to lvsa / svoo only")
         return None
     if args.attention == "svoo":
-        if lvsa:
-            raise ValueError(f"--attention svoo: LVSA knobs {sorted(lvsa)} do not apply to SVOO")
-        return enable_lvsa(pipe, pattern=SVOOPattern(**svoo), backend=args.backend, riflex=args.riflex)
-    if svoo:
-        raise ValueError(f"--attention lvsa: SVOO knobs {sorted(svoo)} need --attention svoo")
-    return enable_lvsa(pipe, backend=args.backend, riflex=args.riflex, **lvsa)
+        pattern = SVOOPattern(**_knobs(args, _SVOO_KNOBS))
+        return enable_lvsa(pipe, pattern=pattern, backend=args.backend, riflex=args.riflex)
+    return enable_lvsa(pipe, backend=args.backend, riflex=args.riflex, **_knobs(args, _LVSA_KNOBS))
 
 
 def call_kwargs(pipe: Any, args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
@@ -140,6 +146,7 @@ def run(args: argparse.Namespace) -> int:
     from diffusers.utils import export_to_video
 
     check_video_writer()
+    check_knobs(args)
     if args.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
@@ -164,8 +171,11 @@ def run(args: argparse.Namespace) -> int:
         torch.cuda.synchronize()
     wall = time.perf_counter() - t0
     path = export_to_video(list(frames), args.output, fps=args.fps)
-    backend = "pipeline's own (dense)" if handle is None else (
-        getattr(handle.runtime, "chosen_backend", None) or args.backend)
+    if handle is None:
+        backend = "pipeline's own (dense)"
+    else:
+        backend = getattr(handle.runtime, "chosen_backend", None) or (
+            "auto (resolved per SVOO call)" if args.backend == "auto" else args.backend)
     print(f"model: {type(pipe.transformer).__name__}  attention: {args.attention}  frames: {len(frames)}  "
           f"dtype: {str(dtype).replace('torch.', '')}  device: {device.type}")
     print(f"wall time: {wall:.2f} s  layout density: {density_summary(handle)}  backend: {backend}")
