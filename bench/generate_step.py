@@ -5,9 +5,9 @@ Builds a pipeline whose transformer has the real config (Wan 2.1 1.3B, or Hunyua
 ``--model hunyuan15``) and random bf16 weights, with small random text encoders (real hidden sizes, one to
 three layers, locally built tokenizers) and a VAE with the real latent channels and compression but few
 channels; saves it with ``save_pretrained`` and loads it back with ``generate.load_pipeline``. Then, for
-``dense`` and then ``lvsa`` on the loaded pipeline, runs it as ``generate`` does (``enable_attention``, ``call_kwargs``) with
-``output_type="latent"`` (the VAE decode is not what is measured) and times every transformer call with
-CUDA-synchronised forward hooks. Reported: the median transformer call after the first denoising step
+``dense`` and then ``lvsa`` on the loaded pipeline, runs it as ``generate`` does (``enable_attention``,
+``call_kwargs``) with ``output_type="latent"`` (the VAE decode is not what is measured) and times every
+transformer call with CUDA-synchronised forward hooks. Reported: the median transformer call after the first denoising step
 (warm-up, Triton compilation), the speedup, the layout density and the backend.
 
     python bench/generate_step.py --model wan --frames 321              # GPU: Wan 1.3B shape, T = 81
@@ -26,7 +26,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from lvsa_kernels.bench.e2e_step import HV15_480P, WAN_1_3B
+from lvsa_kernels.bench.e2e_step import HV15_480P, WAN_1_3B, build
 from lvsa_kernels.commands import generate
 
 WAN_TINY = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=16, out_channels=16,
@@ -48,7 +48,7 @@ def _word_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
 
 
-def build_wan(tiny: bool) -> Any:
+def build_wan(tiny: bool, device: torch.device, dtype: torch.dtype) -> Any:
     """`WanPipeline`: Wan 1.3B-config transformer, 1-layer UMT5 of width ``text_dim``, 16-channel 8x/4x VAE."""
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
@@ -61,10 +61,10 @@ def build_wan(tiny: bool) -> Any:
                            temperal_downsample=[False, True, True])
     return WanPipeline(tokenizer=_word_tokenizer(), text_encoder=text.eval(), vae=vae.eval(),
                        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-                       transformer=WanTransformer3DModel(**config).eval())
+                       transformer=build(WanTransformer3DModel, config, device, dtype))
 
 
-def build_hunyuan15(tiny: bool) -> Any:
+def build_hunyuan15(tiny: bool, device: torch.device, dtype: torch.dtype) -> Any:
     """`HunyuanVideo15Pipeline`: 480p-config transformer, 3-layer Qwen2.5-VL text model and 1-layer T5 of the
     real widths, 32-channel 16x/4x VAE."""
     from diffusers import (AutoencoderKLHunyuanVideo15, ClassifierFreeGuidance, FlowMatchEulerDiscreteScheduler,
@@ -91,15 +91,17 @@ def build_hunyuan15(tiny: bool) -> Any:
                                "{% if add_generation_prompt %}<assistant>{% endif %}")
     vae = AutoencoderKLHunyuanVideo15(latent_channels=32, block_out_channels=(8, 8, 8, 8, 8), layers_per_block=1)
     return HunyuanVideo15Pipeline(text_encoder=qwen.eval(), tokenizer=tokenizer,
-                                  transformer=HunyuanVideo15Transformer3DModel(**config).eval(), vae=vae.eval(),
+                                  transformer=build(HunyuanVideo15Transformer3DModel, config, device, dtype),
+                                  vae=vae.eval(),
                                   scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0), text_encoder_2=t5.eval(),
                                   tokenizer_2=ByT5Tokenizer(), guider=ClassifierFreeGuidance(guidance_scale=6.0))
 
 
-def saved_pipeline(model: str, tiny: bool, folder: str) -> str:
-    """Build and ``save_pretrained`` the pipeline into ``folder`` unless it already holds one."""
+def saved_pipeline(model: str, tiny: bool, folder: str, device: torch.device, dtype: torch.dtype) -> str:
+    """Build (the transformer directly on ``device`` in ``dtype``) and ``save_pretrained`` the pipeline into
+    ``folder`` unless it already holds one."""
     if not os.path.isfile(os.path.join(folder, "model_index.json")):
-        pipe = build_wan(tiny) if model == "wan" else build_hunyuan15(tiny)
+        pipe = (build_wan if model == "wan" else build_hunyuan15)(tiny, device, dtype)
         pipe.save_pretrained(folder)
         del pipe
     return folder
@@ -182,7 +184,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    folder = saved_pipeline(args.model, args.tiny, args.dir)
+    folder = saved_pipeline(args.model, args.tiny, args.dir, device, dtype)
     pipe = generate.load_pipeline(folder, dtype).to(device)
     rows = [run_one(pipe, folder, attention, args, device) for attention in ("dense", "lvsa")]
     dense, lvsa = rows

@@ -20,16 +20,17 @@ from .ltx2 import LTX_2
 from .parallel import ulysses_group
 from .riflex import install_riflex
 from .runtime import AttentionRuntime, LVSARuntime, ModelSpec
+from .skyreels_v2 import SKYREELS_V2
 from .svoo import SVOORuntime, check_svoo_supported
 from .wan import WAN
-from .skyreels_v2 import SKYREELS_V2
 from .wan_vace import WAN_VACE
 
 __all__ = ["enable_lvsa", "enable_svoo", "disable_lvsa", "LVSAHandle", "SUPPORTED_MODELS"]
 
 log = logging.getLogger("lvsa_kernels")
 
-SUPPORTED_MODELS: Tuple[ModelSpec, ...] = (WAN_VACE, WAN, SKYREELS_V2, HUNYUAN_VIDEO_15, HUNYUAN_VIDEO, COGVIDEOX, LTX_VIDEO, LTX_2)
+SUPPORTED_MODELS: Tuple[ModelSpec, ...] = (WAN, WAN_VACE, SKYREELS_V2, HUNYUAN_VIDEO_15, HUNYUAN_VIDEO, COGVIDEOX,
+                                           LTX_VIDEO, LTX_2)
 _KNOBS = tuple(f.name for f in dataclasses.fields(LVSAPattern))
 _ATTR = "_lvsa_handle"
 _PIPELINE_CLASSES: Dict[type, type] = {}

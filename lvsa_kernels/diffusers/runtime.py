@@ -113,7 +113,7 @@ class LVSARuntime(AttentionRuntime):
     def __init__(self, pattern: LVSAPattern, backend: str, model: str, reference_source: str) -> None:
         super().__init__(pattern, backend, model)
         self.reference_source = reference_source
-        self._layouts: Dict[Tuple[int, str], BlockSparseLayout] = {}
+        self._layouts: Dict[Tuple[Any, ...], BlockSparseLayout] = {}
         self._planned_for: Optional[Tuple[int, Optional[int], VideoGeometry]] = None
         self.densities: Dict[Tuple[int, int, str], float] = {}
         self.chosen_backend: Optional[str] = None
@@ -138,7 +138,7 @@ class LVSARuntime(AttentionRuntime):
         if layout is None:
             geo = self.current_geometry("layout")
             layout = self._pattern().plan(geo.frames, geo.tokens_per_frame, step=self.tracker.step,
-                                       text_tokens=text_tokens, text_position=text_position)
+                                          text_tokens=text_tokens, text_position=text_position)
             self._layouts[key] = layout
             self.densities[(self.tracker.step, text_tokens, text_position)] = layout.density
         return layout
@@ -161,11 +161,11 @@ class LVSARuntime(AttentionRuntime):
             if T % frames_per_block:
                 raise ValueError(f"LVSA ({self.model}): diffusion forcing needs the {T} token frames to be a multiple "
                                  f"of num_frame_per_block={frames_per_block}")
-            plain = self.layout()
+            pattern, step = self._pattern(), self.tracker.step
             block = torch.arange(T) // frames_per_block
-            mask = self._pattern().frame_mask(T, self.tracker.step) & (block[None, :] <= block[:, None])
-            layout = BlockSparseLayout.from_block_mask(mask, [P] * T, [P] * T,
-                                                       {**plain.meta, "causal_block": frames_per_block})
+            mask = pattern.frame_mask(T, step) & (block[None, :] <= block[:, None])
+            meta = {**pattern.plan(T, P, step=step).meta, "causal_block": frames_per_block}
+            layout = BlockSparseLayout.from_block_mask(mask, [P] * T, [P] * T, meta)
             self._layouts[key] = layout
             self.densities[(self.tracker.step, 0, f"causal{frames_per_block}")] = layout.density
         return layout
