@@ -39,11 +39,7 @@ class LVSAHunyuanVideoAttnProcessor(LVSAHunyuanVideo15AttnProcessor):
     def __call__(self, attn: nn.Module, hidden_states: Tensor, encoder_hidden_states: Optional[Tensor] = None,
                  attention_mask: Optional[Tensor] = None,
                  image_rotary_emb: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, Tensor]:
-        if encoder_hidden_states is None:
-            raise ValueError(f"LVSA ({self.where}): joint attention needs encoder_hidden_states (the text stream)")
-        geo = self._geometry(hidden_states.shape[1])
-        batch, text_len = encoder_hidden_states.shape[:2]
-        lengths = self._valid_lengths(attention_mask, batch, text_len)
+        geo, text_len, lengths = self._joint_inputs(hidden_states, encoder_hidden_states, attention_mask)
         dual = attn.add_q_proj is not None
         x = hidden_states if dual else torch.cat([hidden_states, encoder_hidden_states], dim=1)
         query, key, value = _heads(attn, attn.to_q(x)), _heads(attn, attn.to_k(x)), _heads(attn, attn.to_v(x))
