@@ -31,9 +31,11 @@ setup(
     package_dir=ROOTS,
     install_requires=["torch>=2.5", "numpy"],
     extras_require={
-        "dev": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "triton>=3.2", "matplotlib"],
+        "dev": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "triton>=3.2", "matplotlib",
+                "imageio", "imageio-ffmpeg"],
         "diffusers": ["diffusers>=0.42,<0.43", "transformers>=4.50", "accelerate"],
         "flashinfer": ["flashinfer-python>=0.6.7"],
+        "video": ["imageio", "imageio-ffmpeg"],  # mp4 output of `lvsa-kernels generate`
     },
     entry_points={"console_scripts": ["lvsa-kernels=lvsa_kernels.__main__:main"]},
 )

@@ -16,6 +16,7 @@ from typing import List, Optional
 from .commands._args import UsageError
 
 COMMANDS = ["demo", "plan", "profile", "backends", "tune"]
+COMMANDS.append("generate")  # lvsa_kernels/commands/generate.py
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -19,7 +19,8 @@ class ModelPreset:
     """One model's self-attention geometry and LVSA defaults.
 
     Attributes:
-        name: registry key (``wan``, ``hunyuan15``, ``cogvideox``).
+        name: registry key (``wan``, ``hunyuan15``, ``cogvideox``, ``wan_vace``, ``skyreels_v2``, ``hunyuan_video``,
+            ``ltx_video``, ``ltx2``).
         title: human-readable model name.
         heads, head_dim: self-attention heads and head dimension.
         reference_frames: training horizon in latent frames (the LVSA ``ref``).
@@ -77,6 +78,18 @@ MODELS: Dict[str, ModelPreset] = {
                     spatial_factor=16, patch=1, height=480, width=832, text_position="after", text_tokens=None),
         ModelPreset("cogvideox", "CogVideoX 5B", heads=30, head_dim=64, reference_frames=13,
                     spatial_factor=8, patch=2, height=480, width=720, text_position="before", text_tokens=226),
+        ModelPreset("wan_vace", "Wan VACE 1.3B", heads=12, head_dim=128, reference_frames=21,
+                    spatial_factor=8, patch=2, height=480, width=832, text_position="none", text_tokens=0),
+        ModelPreset("skyreels_v2", "SkyReels-V2 1.3B 540P", heads=12, head_dim=128, reference_frames=25,
+                    spatial_factor=8, patch=2, height=544, width=960, text_position="none", text_tokens=0),
+        ModelPreset("hunyuan_video", "HunyuanVideo 1.0", heads=24, head_dim=128, reference_frames=33,
+                    spatial_factor=8, patch=2, height=720, width=1280, text_position="after", text_tokens=None),
+        ModelPreset("ltx_video", "LTX-Video 2B", heads=32, head_dim=64, reference_frames=21,
+                    spatial_factor=32, patch=1, height=512, width=704, text_position="none", text_tokens=0,
+                    temporal_factor=8),
+        ModelPreset("ltx2", "LTX-2 (video stream)", heads=32, head_dim=128, reference_frames=16,
+                    spatial_factor=32, patch=1, height=512, width=768, text_position="none", text_tokens=0,
+                    temporal_factor=8),
     )
 }
 

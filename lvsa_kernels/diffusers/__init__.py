@@ -1,5 +1,6 @@
-"""diffusers integration: one call turns the self-attention of Wan 2.1 / 2.2, HunyuanVideo 1.5 and
-CogVideoX transformers into LVSA block-sparse attention.
+"""diffusers integration: one call turns the self-attention of Wan 2.1 / 2.2, Wan VACE, SkyReels-V2,
+HunyuanVideo 1.0 / 1.5, CogVideoX, LTX-Video and LTX-2 transformers into LVSA block-sparse attention
+(model table: ``docs/models.md``).
 
     from lvsa_kernels.diffusers import enable_lvsa, disable_lvsa
     handle = enable_lvsa(pipe)            # or enable_lvsa(pipe.transformer, key_frame_interval=4, ...)

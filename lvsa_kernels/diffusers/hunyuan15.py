@@ -17,6 +17,7 @@ from diffusers.models.transformers.transformer_hunyuan_video15 import HunyuanVid
 from torch import Tensor, nn
 
 from ..reference import latent_frames
+from .geometry import VideoGeometry
 from .runtime import LVSAProcessorBase, ModelSpec
 
 __all__ = ["LVSAHunyuanVideo15AttnProcessor", "HUNYUAN_VIDEO_15", "text_valid_lengths"]
@@ -57,12 +58,7 @@ class LVSAHunyuanVideo15AttnProcessor(LVSAProcessorBase):
     def __call__(self, attn: nn.Module, hidden_states: Tensor, encoder_hidden_states: Optional[Tensor] = None,
                  attention_mask: Optional[Tensor] = None,
                  image_rotary_emb: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, Tensor]:
-        if encoder_hidden_states is None:
-            raise ValueError(f"LVSA ({self.where}): joint attention needs encoder_hidden_states (the text stream)")
-        geo = self._geometry(hidden_states.shape[1])
-        batch, text_len = encoder_hidden_states.shape[:2]
-        lengths = self._valid_lengths(attention_mask, batch, text_len)
-
+        geo, text_len, lengths = self._joint_inputs(hidden_states, encoder_hidden_states, attention_mask)
         query = attn.norm_q(attn.to_q(hidden_states).unflatten(2, (attn.heads, -1)))
         key = attn.norm_k(attn.to_k(hidden_states).unflatten(2, (attn.heads, -1)))
         value = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
@@ -86,14 +82,27 @@ class LVSAHunyuanVideo15AttnProcessor(LVSAProcessorBase):
         video = attn.to_out[1](attn.to_out[0](video))
         return video, attn.to_add_out(text)
 
+    def _joint_inputs(self, hidden_states: Tensor, encoder_hidden_states: Optional[Tensor],
+                      attention_mask: Optional[Tensor]) -> Tuple[VideoGeometry, int, List[int]]:
+        """(geometry, text length L, valid text tokens per batch element) of one joint-attention call."""
+        if encoder_hidden_states is None:
+            raise ValueError(f"LVSA ({self.where}): joint attention needs encoder_hidden_states (the text stream)")
+        geo = self._geometry(hidden_states.shape[1])
+        batch, text_len = encoder_hidden_states.shape[:2]
+        return geo, text_len, self._valid_lengths(attention_mask, batch, text_len)
+
     def _valid_lengths(self, mask: Optional[Tensor], batch: int, text_len: int) -> List[int]:
         # every block of one forward gets the same mask tensor: check it and sync to host once
         cached = self.runtime.forward_cache.get("hv15_text_lengths")
         if cached is not None and cached[0] is mask and len(cached[1]) == batch:
             return cached[1]
-        lengths = text_valid_lengths(mask, batch, text_len)
+        lengths = text_valid_lengths(self._text_mask(mask, text_len), batch, text_len)
         self.runtime.forward_cache["hv15_text_lengths"] = (mask, lengths)
         return lengths
+
+    def _text_mask(self, mask: Optional[Tensor], text_len: int) -> Optional[Tensor]:
+        """The ``[B, L]`` text mask from the mask the model passes (HunyuanVideo 1.5 passes it as is)."""
+        return mask
 
     def _attend_trimmed(self, q: Tensor, k: Tensor, v: Tensor, n_video: int, lengths: List[int],
                         text_len: int) -> Tensor:
@@ -131,4 +140,5 @@ HUNYUAN_VIDEO_15 = ModelSpec(
     frame_dim=2,
     patch=lambda config: (int(config["patch_size_t"]), int(config["patch_size"]), int(config["patch_size"])),
     reference_frames=_reference_frames,
+    rope=lambda transformer: (transformer.rope, int(transformer.rope.rope_dim[0])),
 )

@@ -6,6 +6,7 @@ import inspect
 import logging
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
+from diffusers import Cosmos3OmniTransformer
 from torch import nn
 
 from ..backends import get_backend
@@ -13,16 +14,23 @@ from ..reference import LVSAPattern, SVOOPattern
 from .cogvideox import COGVIDEOX
 from .geometry import geometry_from_latents
 from .hunyuan15 import HUNYUAN_VIDEO_15
+from .hunyuan_video import HUNYUAN_VIDEO
+from .ltx import LTX_VIDEO
+from .ltx2 import LTX_2
 from .parallel import ulysses_group
+from .riflex import install_riflex
 from .runtime import AttentionRuntime, LVSARuntime, ModelSpec
+from .skyreels_v2 import SKYREELS_V2
 from .svoo import SVOORuntime, check_svoo_supported
 from .wan import WAN
+from .wan_vace import WAN_VACE
 
 __all__ = ["enable_lvsa", "enable_svoo", "disable_lvsa", "LVSAHandle", "SUPPORTED_MODELS"]
 
 log = logging.getLogger("lvsa_kernels")
 
-SUPPORTED_MODELS: Tuple[ModelSpec, ...] = (WAN, HUNYUAN_VIDEO_15, COGVIDEOX)
+SUPPORTED_MODELS: Tuple[ModelSpec, ...] = (WAN, WAN_VACE, SKYREELS_V2, HUNYUAN_VIDEO_15, HUNYUAN_VIDEO, COGVIDEOX,
+                                           LTX_VIDEO, LTX_2)
 _KNOBS = tuple(f.name for f in dataclasses.fields(LVSAPattern))
 _ATTR = "_lvsa_handle"
 _PIPELINE_CLASSES: Dict[type, type] = {}
@@ -38,8 +46,10 @@ class LVSAHandle:
         pipeline: the pipeline given to `enable_lvsa`, or None.
     """
 
-    def __init__(self, runtime: AttentionRuntime, transformers: Sequence[nn.Module], pipeline: Optional[Any]) -> None:
+    def __init__(self, runtime: AttentionRuntime, transformers: Sequence[nn.Module], pipeline: Optional[Any],
+                 spec: ModelSpec) -> None:
         self.runtime = runtime
+        self.spec = spec
         self.transformers = list(transformers)
         self.pipeline = pipeline
         self._originals: List[Tuple[nn.Module, Any]] = []
@@ -53,6 +63,13 @@ class LVSAHandle:
     def new_generation(self) -> None:
         """Restart the rotation at step 0 (done automatically at each pipeline call)."""
         self.runtime.tracker.new_generation()
+
+    def begin_call(self, kwargs: Dict[str, Any]) -> None:
+        """At each pipeline call: a new generation, and the call's leading conditioning frames (reference
+        images) become extra LVSA first frames."""
+        self.new_generation()
+        if self.spec.leading_frames is not None and isinstance(self.runtime, LVSARuntime):
+            self.runtime.leading_frames = self.spec.leading_frames(kwargs)
 
     def disable(self) -> None:
         """Restore the original processor objects, remove the hooks and the pipeline call wrapper.
@@ -72,13 +89,27 @@ class LVSAHandle:
         for obj in [self.pipeline, *self.transformers]:
             if obj is not None and obj.__dict__.get(_ATTR) is self:
                 del obj.__dict__[_ATTR]
+        self.runtime.step_marker = None
         self._originals, self._hooks, self._pipeline_class = [], [], None
+
+
+# transformers that enable_lvsa recognises but cannot run honestly yet, with the reason
+UNSUPPORTED_MODELS: Dict[type, str] = {
+    Cosmos3OmniTransformer: (
+        "Cosmos 3 packs one un-batched sequence (causal text pathway, then video / sound / action tokens placed by "
+        "index) and its generation queries attend [text; generation] keys, which needs a rectangular "
+        "(query != key) LVSA layout over the vision_token_shapes grid; no adapter yet"),
+}
 
 
 def _spec_for(transformer: Any) -> ModelSpec:
     for spec in SUPPORTED_MODELS:
         if isinstance(transformer, spec.transformer_cls):
             return spec
+    for cls, reason in UNSUPPORTED_MODELS.items():
+        if isinstance(transformer, cls):
+            raise NotImplementedError(f"LVSA ({cls.__name__}): not supported: {reason}. "
+                                      "Run it with its own attention (do not call enable_lvsa).")
     names = ", ".join(s.transformer_cls.__name__ for s in SUPPORTED_MODELS)
     raise TypeError(f"pipe_or_transformer: expected a pipeline with a supported transformer or one of {names}; "
                     f"got {type(transformer).__name__}")
@@ -120,7 +151,7 @@ def _pipeline_class(cls: type) -> type:
         def __call__(self, *args, **kwargs):
             handle = self.__dict__.get(_ATTR)
             if handle is not None:
-                handle.new_generation()
+                handle.begin_call(kwargs)
             return cls.__call__(self, *args, **kwargs)
 
         __call__.__doc__ = cls.__call__.__doc__
@@ -139,7 +170,10 @@ def _forward_hooks(runtime: AttentionRuntime, spec: ModelSpec, transformer: nn.M
         bound = signature.bind_partial(module, *args, **kwargs).arguments
         if "hidden_states" not in bound or "timestep" not in bound:
             raise ValueError(f"LVSA ({spec.name}): the transformer call needs hidden_states and timestep")
-        geometry = geometry_from_latents(bound["hidden_states"], spec.frame_dim, patch)
+        if spec.geometry is not None:
+            geometry = spec.geometry(bound)
+        else:
+            geometry = geometry_from_latents(bound["hidden_states"], spec.frame_dim, patch)
         parallel_config = getattr(module, "_parallel_config", None)
         ulysses = ulysses_group(parallel_config, heads, geometry, spec.name, spec.context_parallel)
         runtime.begin_forward(geometry, bound["timestep"], ulysses, expert)
@@ -163,13 +197,22 @@ def _make_runtime(spec: ModelSpec, transformers: Sequence[nn.Module], pattern: U
     return LVSARuntime(lvsa_pattern, backend, spec.name, source)
 
 
+def _riflex_hooks(spec: ModelSpec, transformer: nn.Module, runtime: AttentionRuntime) -> List[Any]:
+    rope, temporal_channels = spec.rope(transformer)
+    reference = (runtime.pattern.reference_frames if isinstance(runtime, LVSARuntime)
+                 else spec.reference_frames(transformer.config)[0])
+    return [install_riflex(rope, temporal_channels, spec.patch(transformer.config), reference)]
+
+
 def enable_lvsa(pipe_or_transformer: Any, pattern: Union[None, LVSAPattern, SVOOPattern] = None,
-                backend: str = "auto", **knobs: Any) -> LVSAHandle:
+                backend: str = "auto", riflex: bool = False, **knobs: Any) -> LVSAHandle:
     """Run the self-attention of a diffusers video transformer with LVSA block-sparse attention.
 
     Supported: ``WanTransformer3DModel`` (Wan 2.1 / 2.2, both A14B experts; ``attn1`` only),
-    ``HunyuanVideo15Transformer3DModel`` (joint attention, padded text after the video) and
-    ``CogVideoXTransformer3DModel`` (joint attention, text first).
+    ``WanVACETransformer3DModel`` (``blocks`` and ``vace_blocks``), ``SkyReelsV2Transformer3DModel`` (also
+    diffusion forcing), ``HunyuanVideo15Transformer3DModel`` and ``HunyuanVideoTransformer3DModel`` (joint
+    attention, padded text after the video), ``CogVideoXTransformer3DModel`` (joint attention, text first),
+    ``LTXVideoTransformer3DModel`` and ``LTX2VideoTransformer3DModel`` (video ``attn1``). See ``docs/models.md``.
 
     Args:
         pipe_or_transformer: a pipeline (uses ``.transformer`` and ``.transformer_2`` when present, and
@@ -184,17 +227,23 @@ def enable_lvsa(pipe_or_transformer: Any, pattern: Union[None, LVSAPattern, SVOO
             CFG branch (0, 1; with two experts ``(expert, call)``, so the experts never share clusters);
             the pattern's caches are reset at each new generation.
         backend: ``block_sparse_attn`` backend, ``"auto"`` or a registered name.
+        riflex: RIFLEx (Wan, HunyuanVideo): past the reference frames ``L`` (the pattern's, else the model's),
+            the temporal RoPE component whose period is closest to ``L`` gets frequency ``2*pi / T`` for a
+            ``T``-frame video (`lvsa_kernels.diffusers.riflex`); `disable_lvsa` restores the original RoPE.
         **knobs: `LVSAPattern` fields that override the pattern (window, n_first, reference_frames,
             sparsity_scale, key_frame_interval, expand_window, rotate, anchors).
 
     Raises:
-        NotImplementedError: an `SVOOPattern` on a model other than Wan or HunyuanVideo 1.5.
+        NotImplementedError: an `SVOOPattern` on a model other than Wan or HunyuanVideo 1.5; ``riflex`` on a
+            model without a supported RoPE; a transformer in `UNSUPPORTED_MODELS` (Cosmos 3), with the reason.
 
     Returns:
         An `LVSAHandle`; ``disable_lvsa(pipe_or_transformer)`` or ``handle.disable()`` restores everything.
     """
     if not isinstance(backend, str):
         raise TypeError(f"backend: expected a str, got {type(backend).__name__}")
+    if not isinstance(riflex, bool):
+        raise TypeError(f"riflex: expected a bool, got {type(riflex).__name__}")
     if backend != "auto":
         get_backend(backend)  # unknown names fail here, not at the first denoising step
     pipeline, transformers = _split(pipe_or_transformer)
@@ -206,8 +255,11 @@ def enable_lvsa(pipe_or_transformer: Any, pattern: Union[None, LVSAPattern, SVOO
             raise RuntimeError(f"enable_lvsa: LVSA is already enabled on this {type(obj).__name__}; "
                                "call disable_lvsa() first")
     spec = specs[0]
+    if riflex and spec.rope is None:
+        raise NotImplementedError(f"riflex ({spec.name}): RIFLEx is supported on Wan and HunyuanVideo models only "
+                                  "(their RoPE layouts are known); call enable_lvsa(..., riflex=False)")
     runtime = _make_runtime(spec, transformers, pattern, backend, knobs)
-    handle = LVSAHandle(runtime, transformers, pipeline)
+    handle = LVSAHandle(runtime, transformers, pipeline, spec)
 
     for transformer in transformers:
         for name, attn in spec.self_attention(transformer):
@@ -221,8 +273,12 @@ def enable_lvsa(pipe_or_transformer: Any, pattern: Union[None, LVSAPattern, SVOO
             handle._originals.append((attn, attn.processor))
             attn.set_processor(spec.processor_cls(runtime, layer))
         handle._hooks += _forward_hooks(runtime, spec, transformer, expert)
+        if riflex:
+            handle._hooks += _riflex_hooks(spec, transformer, runtime)
         transformer.__dict__[_ATTR] = handle
     if pipeline is not None:
+        if spec.step_marker is not None:
+            runtime.step_marker = lambda: spec.step_marker(pipeline)
         handle._pipeline_class = type(pipeline)
         pipeline.__class__ = _pipeline_class(type(pipeline))
         pipeline.__dict__[_ATTR] = handle

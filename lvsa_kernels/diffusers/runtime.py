@@ -8,10 +8,12 @@ generation logs one INFO summary line.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple, Type
 
+import torch
 from torch import Tensor, nn
 
 from ..api import block_sparse_attn
@@ -46,13 +48,20 @@ class AttentionRuntime:
         self.ulysses: Optional[UlyssesGroup] = None
         self.expert = 0
         self.forward_cache: Dict[str, Any] = {}
+        self.step_marker: Optional[Callable[[], Any]] = None
 
     # ------------------------------------------------------------------ transformer call boundaries
     def begin_forward(self, geometry: VideoGeometry, timestep: Any, ulysses: Optional[UlyssesGroup] = None,
                       expert: int = 0) -> None:
         """Called by the transformer's forward pre-hook: record the step, the global geometry, the
-        Ulysses group (None without context parallelism) and which transformer (expert) runs."""
-        self.tracker.observe(timestep)
+        Ulysses group (None without context parallelism) and which transformer (expert) runs. With a
+        ``step_marker`` (the pipeline's own step counter) that returns an object, the step follows it
+        instead of the timestep."""
+        marker = None if self.step_marker is None else self.step_marker()
+        if marker is None:
+            self.tracker.observe(timestep)
+        else:
+            self.tracker.observe_marker(marker)
         self.geometry = geometry
         self.ulysses = ulysses
         self.expert = expert
@@ -93,13 +102,22 @@ class LVSARuntime(AttentionRuntime):
         backend: ``block_sparse_attn`` backend name or ``"auto"``.
         model: model family name used in messages ("Wan", "HunyuanVideo 1.5", "CogVideoX").
         reference_source: where ``pattern.reference_frames`` came from (logged).
+
+    Attributes:
+        densities: layout density per planned ``(step, text_tokens, text_position)`` of the current generation.
+        chosen_backend: the backend ``backend`` resolved to at the generation's first attention call.
+        leading_frames: conditioning frames before the video (reference images) in the current pipeline
+            call; the layout's first frames are ``pattern.n_first + leading_frames``.
     """
 
     def __init__(self, pattern: LVSAPattern, backend: str, model: str, reference_source: str) -> None:
         super().__init__(pattern, backend, model)
         self.reference_source = reference_source
-        self._layouts: Dict[Tuple[int, str], BlockSparseLayout] = {}
+        self._layouts: Dict[Tuple[Any, ...], BlockSparseLayout] = {}
         self._planned_for: Optional[Tuple[int, Optional[int], VideoGeometry]] = None
+        self.densities: Dict[Tuple[int, int, str], float] = {}
+        self.chosen_backend: Optional[str] = None
+        self.leading_frames = 0
 
     def begin_forward(self, geometry: VideoGeometry, timestep: Any, ulysses: Optional[UlyssesGroup] = None,
                       expert: int = 0) -> None:
@@ -107,19 +125,49 @@ class LVSARuntime(AttentionRuntime):
         super().begin_forward(geometry, timestep, ulysses, expert)
         key = (self.tracker.generation, self.tracker.step, geometry)
         if key != self._planned_for:
+            if self._planned_for is None or self._planned_for[0] != key[0]:
+                self.densities.clear()
             self._layouts.clear()
             self._planned_for = key
 
     # ------------------------------------------------------------------ planning and attention
     def layout(self, text_tokens: int = 0, text_position: str = "after") -> BlockSparseLayout:
         """The layout of the current step over ``T*P`` video tokens plus ``text_tokens`` text tokens."""
-        key = (text_tokens, text_position)
+        key = (text_tokens, text_position, self.leading_frames)
         layout = self._layouts.get(key)
         if layout is None:
             geo = self.current_geometry("layout")
-            layout = self.pattern.plan(geo.frames, geo.tokens_per_frame, step=self.tracker.step,
-                                       text_tokens=text_tokens, text_position=text_position)
+            layout = self._pattern().plan(geo.frames, geo.tokens_per_frame, step=self.tracker.step,
+                                          text_tokens=text_tokens, text_position=text_position)
             self._layouts[key] = layout
+            self.densities[(self.tracker.step, text_tokens, text_position)] = layout.density
+        return layout
+
+    def _pattern(self) -> LVSAPattern:
+        """The pattern with the call's leading conditioning frames added to its first frames."""
+        if not self.leading_frames:
+            return self.pattern
+        return dataclasses.replace(self.pattern, n_first=self.pattern.n_first + self.leading_frames)
+
+    def causal_layout(self, frames_per_block: int) -> BlockSparseLayout:
+        """The current step's video layout intersected with the block-causal frame mask of diffusion forcing:
+        query frame ``i`` sees key frame ``j`` iff ``j // frames_per_block <= i // frames_per_block``
+        (a ``[T, T]`` frame mask, never a token-level one)."""
+        key = ("causal", frames_per_block, self.leading_frames)
+        layout = self._layouts.get(key)
+        if layout is None:
+            geo = self.current_geometry("layout")
+            T, P = geo.frames, geo.tokens_per_frame
+            if T % frames_per_block:
+                raise ValueError(f"LVSA ({self.model}): diffusion forcing needs the {T} token frames to be a multiple "
+                                 f"of num_frame_per_block={frames_per_block}")
+            pattern, step = self._pattern(), self.tracker.step
+            block = torch.arange(T) // frames_per_block
+            mask = pattern.frame_mask(T, step) & (block[None, :] <= block[:, None])
+            meta = {**pattern.plan(T, P, step=step).meta, "causal_block": frames_per_block}
+            layout = BlockSparseLayout.from_block_mask(mask, [P] * T, [P] * T, meta)
+            self._layouts[key] = layout
+            self.densities[(self.tracker.step, 0, f"causal{frames_per_block}")] = layout.density
         return layout
 
     def video_attention(self, q: Tensor, k: Tensor, v: Tensor, layer: int) -> Tensor:
@@ -150,6 +198,7 @@ class LVSARuntime(AttentionRuntime):
         self.tracker.announced = True
         geo = self.current_geometry("log")
         chosen = select_backend(self.backend, q, k, v, layout, q.shape[-1] ** -0.5, False).name
+        self.chosen_backend = chosen
         meta = layout.meta
         log.info(
             "LVSA %s on %s: T=%d P=%d text=%d kfi=%d offset=%d density=%.4f backend=%s (requested %s) "
@@ -200,6 +249,14 @@ class ModelSpec:
         patch: ``(p_t, p_h, p_w)`` from the transformer config.
         reference_frames: default reference frames (token frames) and where they came from.
         context_parallel: whether the processor runs under diffusers' Ulysses context parallelism.
+        rope: for RIFLEx, the transformer's RoPE module and its temporal channel count; None when the
+            model's RoPE is not supported.
+        leading_frames: from a pipeline call's keyword arguments, the conditioning latent frames the
+            pipeline puts before the video (Wan VACE reference images); they join the LVSA first frames.
+        step_marker: from the pipeline, an object it replaces once per denoising iteration (or None
+            outside its loop); the denoising step then follows the pipeline instead of the timestep.
+        geometry: the token grid from the transformer call's bound arguments, for transformers whose input
+            is not a 5-D latent video (LTX-Video's packed ``[B, S, C]`` tokens); None = from the latents.
     """
 
     name: str
@@ -211,3 +268,7 @@ class ModelSpec:
     patch: Callable[[Any], Tuple[int, int, int]]
     reference_frames: Callable[[Any], Tuple[int, str]]
     context_parallel: bool = False
+    rope: Optional[Callable[[nn.Module], Tuple[nn.Module, int]]] = None
+    leading_frames: Optional[Callable[[Dict[str, Any]], int]] = None
+    step_marker: Optional[Callable[[Any], Any]] = None
+    geometry: Optional[Callable[[Dict[str, Any]], VideoGeometry]] = None

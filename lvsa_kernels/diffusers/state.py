@@ -10,6 +10,10 @@ inferred from the timestep passed to the transformer:
 * a larger timestep starts a new generation at step 0 (a bare transformer has no pipeline call to
   watch; with a pipeline, `StepTracker.new_generation` is also called at each pipeline call).
 
+A pipeline whose timesteps do not fall once per step (SkyReels-V2 diffusion forcing: per-frame timesteps)
+gives its own step counter instead: `StepTracker.observe_marker` with an object the pipeline replaces at
+each denoising iteration.
+
 One tracker is shared by every transformer of a pipeline (Wan 2.2 A14B switches between two experts
 mid-run without resetting the rotation).
 """
@@ -55,6 +59,7 @@ class StepTracker:
         self.generation = 0
         self.announced = False
         self._last: Optional[float] = None
+        self._marker: Optional[object] = None
 
     def new_generation(self) -> None:
         """Restart the rotation: the next call is step 0 of a new generation."""
@@ -64,6 +69,7 @@ class StepTracker:
         self.call = 0
         self.announced = False
         self._last = None
+        self._marker = None
 
     def observe(self, timestep: Union[Tensor, float, int]) -> int:
         """Record one transformer call with ``timestep`` and return its denoising step."""
@@ -77,6 +83,18 @@ class StepTracker:
         else:
             self.call += 1
         self._last = t
+        return self.step
+
+    def observe_marker(self, marker: object) -> int:
+        """Record one transformer call of the pipeline iteration identified by ``marker`` (an object the
+        pipeline replaces at each denoising iteration, compared by identity) and return its step."""
+        if self.step is None:
+            self.step, self.call = 0, 0
+        elif marker is not self._marker:
+            self.step, self.call = self.step + 1, 0
+        else:
+            self.call += 1
+        self._marker = marker
         return self.step
 
     def __repr__(self) -> str:
