@@ -61,6 +61,7 @@ def shell_commands(path: Path):
     commands = []
     for _, body, _ in blocks(path, "bash"):
         body = re.sub(r"<<'(\w+)'\n.*?\n\1\n", "\n", body, flags=re.S)  # heredoc bodies are file contents
+        body = body.replace("\\\n", " ")  # a backslash continues the command on the next line
         for line in body.splitlines():
             lexer = shlex.shlex(line, posix=True, punctuation_chars=";&|<>")
             lexer.whitespace_split, lexer.commenters = True, "#"
