@@ -19,7 +19,6 @@ from .reference import (
     BlockSparseLayout,
     LayoutError,
     LVSAPattern,
-    SVOOPattern,
     SVOOProfile,
     auto_key_frame_interval,
     latent_frames,
@@ -27,6 +26,7 @@ from .reference import (
 )
 from .backends import BackendUnavailable
 from .api import block_sparse_attn
+from .svoo_attention import SVOOPattern
 
 __version__ = "0.1.0"
 

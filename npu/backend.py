@@ -1,6 +1,6 @@
 """`npu` backend: block-sparse attention on Ascend through torch_npu.
 
-Two ways to run a layout, chosen per problem class by measurement (`lvsa_kernels.dispatch.timed_choice`,
+Two ways to run a layout, chosen per problem class by measurement (`lvsa_kernels.choice.timed_choice`,
 the same hook and cache file as the CUDA backends):
 
 * ``fusion`` - `npu_fusion_attention` once per group of query blocks that share one key-span list
@@ -27,7 +27,8 @@ import torch
 from torch import Tensor
 
 from ..backends.base import Backend, BackendUnavailable, Capabilities, register
-from ..reference import BlockSparseLayout
+from ..choice import problem_key, timed_choice
+from ..reference.layout import BlockSparseLayout
 from .detect import cpu_standin_active, load_torch_npu
 from .groups import TileGrid, span_groups, tile_grid
 
@@ -152,8 +153,6 @@ class NpuBackend(Backend):
         return options
 
     def run(self, q, k, v, layout, scale, return_lse):
-        from ..dispatch import problem_key, timed_choice   # dispatch imports the backend registry
-
         torch_npu, reason = load_torch_npu()
         if torch_npu is None:
             raise BackendUnavailable(f"backend 'npu': {reason}")

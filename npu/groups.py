@@ -9,7 +9,7 @@ from typing import Dict, List, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from ..reference import BlockSparseLayout
+from ..reference.layout import BlockSparseLayout
 
 __all__ = ["SpanGroup", "TileGrid", "span_groups", "tile_grid"]
 

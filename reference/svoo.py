@@ -6,6 +6,7 @@ Every (batch element, head) pair is an independent *group*; tensors with a leadi
 Pipeline of one sparse call: cluster (or reuse cached labels with refreshed centroids) -> permute
 q, k, v so that clusters are contiguous -> select (query cluster, key cluster) blocks -> per-head
 variable-block `BlockSparseLayout` over the permuted sequence -> block-sparse attention -> un-permute.
+This module plans; the attention call is `lvsa_kernels.SVOOPattern.attention` (a subclass of `SVOOPlanner`).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from .layout import BlockSparseLayout
 from .svoo_profile import SVOOProfile
 
 __all__ = [
-    "Clusters", "CoClustering", "SVOOPattern", "SVOOPlan", "assign", "assignment_weights", "build_layouts",
+    "Clusters", "CoClustering", "SVOOPlan", "SVOOPlanner", "assign", "assignment_weights", "build_layouts",
     "co_cluster", "l2norm_rows", "means_of_sorted", "with_text", "permute_tokens", "refresh_clusters", "segment_means", "select_blocks", "strided_seeds",
     "unpermute_tokens",
 ]
@@ -317,7 +318,7 @@ def with_text(clustering: CoClustering, mask: Tensor, text_tokens: int
 # ---------------------------------------------------------------------------------------------- pattern
 @dataclass(frozen=True)
 class SVOOPlan:
-    """What `SVOOPattern.plan` returns.
+    """What `SVOOPlanner.plan` returns.
 
     Attributes:
         layouts: one layout per batch element (per head, over the permuted sequence); a single
@@ -346,8 +347,8 @@ class _CacheEntry:
     heads: Optional[Tuple[int, int]] = None
 
 
-class SVOOPattern:
-    """SVOO sparse attention: offline per-head profile floor + online query/key co-clustering.
+class SVOOPlanner:
+    """SVOO sparse attention planner: offline per-head profile floor + online query/key co-clustering.
 
     Args:
         profile: None (no floor), a CSV path, or an `SVOOProfile` of per (step, layer, head) keep ratios.
@@ -438,7 +439,7 @@ class SVOOPattern:
         ``text_tokens`` positions are (valid) text: only the video part is clustered; text is one extra query
         and key block, unpermuted at the end: video clusters attend their selected video clusters and all text,
         text attends everything.
-        The layouts are built on the host (any backend can run them); `attention` on CUDA skips them and
+        The layouts are built on the host (any backend can run them); `SVOOPattern.attention` on CUDA skips them and
         plans on the device.
         """
         B, S, H, D = self._check(q, k, step, text_tokens)
@@ -454,47 +455,6 @@ class SVOOPattern:
                 "k_clusters": self.k_clusters, "text_tokens": text_tokens}
         layouts = build_layouts(mask, q_sizes, k_sizes, B, meta)
         return SVOOPlan(layouts, q_perm.view(B, H, S), k_perm.view(B, H, S), clustering, reclustered)
-
-    @torch.compiler.disable  # stateful cluster cache: torch.compile graph-breaks here and runs it eagerly
-    def attention(self, q: Tensor, k: Tensor, v: Tensor, step: int, layer: int, backend: str = "auto",
-                  branch: Hashable = None, scale: Optional[float] = None,
-                  heads: Optional[Tuple[int, int]] = None, text_tokens: int = 0) -> Tensor:
-        """SVOO self-attention: q, k, v ``[B, S, H, D]`` -> out ``[B, S, H, D]`` in the original token order.
-
-        ``heads``, ``text_tokens``: see `plan`. Dense steps and layers run ``block_sparse_attn`` with a dense
-        layout. Sparse calls with ``backend`` "triton", or "auto" on CUDA, run the cluster path
-        (`lvsa_kernels.triton_src.cluster_path`): planned on the device, keys and values permuted once, queries
-        read and outputs written through the permutation by the packed cluster kernel. Other backends permute
-        q, k, v, run ``block_sparse_attn`` per batch element on the host-built per-head layouts of `plan`, and
-        un-permute. Under ``torch.compile`` this call is excluded from the graph (``torch.compiler.disable``)
-        and runs eagerly; the rest of the model compiles.
-        """
-        from lvsa_kernels.api import block_sparse_attn  # lazy: lvsa_kernels imports this package first
-
-        B, S, H, D = self._check(q, k, step, text_tokens)
-        if self.is_dense(step, layer):
-            return block_sparse_attn(q, k, v, BlockSparseLayout.dense(S), backend=backend, scale=scale)
-        path = _cluster_path(q, backend)
-        if path is not None:
-            scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-            n_video = S - text_tokens
-            qv, kv = q[:, :n_video], k[:, :n_video]
-            cached = self._cached(qv, step, layer, branch)
-            if cached is None:  # re-clustering step (or no fitting cache): cluster, then permute
-                clustering, _ = self._clusters(qv, kv, step, layer, branch, path.assign_fn(q), path.means_fn, heads)
-                kp, vp = path.permute_keys(k, v, _text_last(clustering.k.perm, text_tokens))
-            else:  # reuse step: permute with the cached order, refresh the centroids (keys from the permuted keys)
-                kp, vp = path.permute_keys(k, v, _text_last(cached.k.perm, text_tokens))
-                clustering = path.refresh(qv, kp[:, :n_video], cached)
-                self._store(qv, step, layer, branch, clustering, heads)
-            mask = self._block_map(clustering, step, layer, B, H, scale, heads)
-            q_sizes, k_sizes, q_perm, _, mask = with_text(clustering, mask, text_tokens)
-            return path.attend(q, kp, vp, q_sizes, k_sizes, q_perm, mask, scale)
-        plan = self.plan(q, k, step, layer, cache_key=branch, scale=scale, heads=heads, text_tokens=text_tokens)
-        qp, kp, vp = permute_tokens(q, plan.q_perm), permute_tokens(k, plan.k_perm), permute_tokens(v, plan.k_perm)
-        outs = [block_sparse_attn(qp[b:b + 1], kp[b:b + 1], vp[b:b + 1], layout, backend=backend, scale=scale)
-                for b, layout in enumerate(plan.layouts)]
-        return unpermute_tokens(torch.cat(outs) if len(outs) > 1 else outs[0], plan.q_perm)
 
     # ------------------------------------------------------------------------------------------ internals
     def _check(self, q: Tensor, k: Tensor, step: int, text_tokens: int = 0) -> Tuple[int, int, int, int]:
@@ -554,25 +514,3 @@ class SVOOPattern:
         floor = self.min_blocks(step, layer, H, first, total).repeat(B)
         return select_blocks(clustering.q.centroids, clustering.k.centroids, clustering.k.sizes, self.top_p,
                              floor, scale)
-
-
-def _cluster_path(q: Tensor, backend: str):
-    """The Triton cluster-path module when ``backend`` asks for it on ``q``'s device, else None."""
-    if backend not in ("triton", "auto"):
-        return None
-    if backend == "auto" and q.device.type != "cuda":
-        return None
-    try:
-        from lvsa_kernels.triton_src import cluster_path
-    except ImportError:
-        if backend == "triton":
-            raise
-        return None
-    reason = cluster_path.unsupported_reason(q)
-    if reason is None:
-        return cluster_path
-    if backend == "triton":
-        from lvsa_kernels.backends import BackendUnavailable
-
-        raise BackendUnavailable(f"SVOO cluster path (triton): {reason}")
-    return None

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lvsa_kernels import BackendUnavailable, BlockSparseLayout, LVSAPattern, block_sparse_attn, reference_attention
-from lvsa_kernels import dispatch
+from lvsa_kernels import choice, dispatch
 from lvsa_kernels.backends import base, registered_backends
 from lvsa_kernels.backends.base import Backend, Capabilities
 from lvsa_kernels.commands import backends as backends_command
@@ -76,14 +76,14 @@ class _Toy(Backend):
 
 @pytest.fixture
 def toys(monkeypatch):
-    """Registry = reference, sdpa, 'slow', 'fast', 'broken' (unavailable); counts calls of `dispatch.measure`."""
+    """Registry = reference, sdpa, 'slow', 'fast', 'broken' (unavailable); counts calls of `choice.measure`."""
     reg = {n: registered_backends()[n] for n in ("reference", "sdpa")}
     toys = {"slow": _Toy("slow", delay=0.02), "fast": _Toy("fast"), "broken": _Toy("broken", reason="needs a widget")}
     reg.update(toys)
     monkeypatch.setattr(base, "_REGISTRY", reg)
     timed = []
-    real = dispatch.measure
-    monkeypatch.setattr(dispatch, "measure", lambda fn, dev: timed.append(1) or real(fn, dev))
+    real = choice.measure
+    monkeypatch.setattr(choice, "measure", lambda fn, dev: timed.append(1) or real(fn, dev))
     toys["timed"] = timed
     return toys
 

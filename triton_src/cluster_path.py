@@ -1,6 +1,6 @@
 """SVOO's GPU path: permute K/V once, plan on the device, run the packed cluster kernel.
 
-Used by `SVOOPattern.attention` for ``backend="triton"`` (CUDA, or CPU tensors in Triton's interpreter)
+Used by `lvsa_kernels.SVOOPattern.attention` for ``backend="triton"`` (CUDA, or CPU tensors in Triton's interpreter)
 and for ``backend="auto"`` on CUDA. Nothing here synchronises with the host: the block map, the
 schedule and the kernel stay on the device, so one attention call is a fixed sequence of launches.
 """
@@ -12,13 +12,12 @@ import torch
 import triton
 from torch import Tensor
 
-from ..reference.svoo import Clusters, CoClustering
 from .cluster_attn import permute_rows, segment_sums
 from .cluster_launch import assign_labels, cluster_attention, cluster_config
 from .cluster_schedule import build_cluster_schedule
 from .tuning import interpreting
 
-__all__ = ["assign_fn", "attend", "cluster_means", "gather_rows", "means_fn", "permute_keys", "refresh", "unsupported_reason"]
+__all__ = ["assign_fn", "attend", "cluster_means", "gather_rows", "means_fn", "permute_keys", "unsupported_reason"]
 
 _HEAD_DIMS = (16, 32, 64, 128)
 
@@ -63,15 +62,6 @@ def cluster_means(x: Tensor, sizes: Tensor, previous: Tensor, perm: Optional[Ten
                              HAS_PERM=perm is not None)
     means = sums / sizes.clamp(min=1).unsqueeze(-1)
     return torch.where((sizes > 0).unsqueeze(-1), means, previous.float())
-
-
-def refresh(q: Tensor, kp: Tensor, cached: CoClustering) -> CoClustering:
-    """Cached labels and permutations with centroids recomputed from the current q ``[B, S, H, D]`` (read
-    through the query permutation) and kp ``[G, S, D]`` (keys already in key-cluster order); strided views
-    (e.g. the video part of a longer sequence) are fine."""
-    cq, ck = cached.q, cached.k
-    return CoClustering(Clusters(cq.labels, cluster_means(q, cq.sizes, cq.centroids, cq.perm), cq.sizes, cq.perm),
-                        Clusters(ck.labels, cluster_means(kp, ck.sizes, ck.centroids), ck.sizes, ck.perm))
 
 
 def means_fn(x: Tensor, labels: Tensor, n: int, previous: Tensor, perm: Tensor) -> Tuple[Tensor, Tensor]:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..reference import BlockSparseLayout
+from ..reference.layout import BlockSparseLayout
 
 __all__ = ["KernelSchedule", "build_schedule"]
 

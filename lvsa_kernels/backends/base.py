@@ -7,7 +7,7 @@ from typing import Dict, FrozenSet, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..reference import BlockSparseLayout
+from ..reference.layout import BlockSparseLayout
 
 __all__ = ["Backend", "BackendUnavailable", "Capabilities", "register", "get_backend", "registered_backends"]
 

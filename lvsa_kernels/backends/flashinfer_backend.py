@@ -35,7 +35,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..reference import BlockSparseLayout
+from ..reference.layout import BlockSparseLayout
 from .base import Backend, BackendUnavailable, Capabilities, register
 
 __all__ = [

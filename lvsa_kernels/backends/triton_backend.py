@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..reference import BlockSparseLayout
+from ..reference.layout import BlockSparseLayout
 from .base import Backend, Capabilities, register
 
 log = logging.getLogger("lvsa_kernels")

@@ -179,7 +179,7 @@ _SVOO_SAMPLED_ROWS = 64  # query rows per head checked against the float32 refer
 def _svoo(device: torch.device, dtype: torch.dtype, repeats: int) -> int:
     """SVOO on clustered q/k: plan, run every path that can, check sampled rows; 1 if a path disagrees."""
     from ..backends import BackendUnavailable
-    from ..reference import SVOOPattern
+    from ..svoo_attention import SVOOPattern
     from ..svoo_eval import clustered_qkv, sampled_rows, selected_attention
 
     geo = _SVOO_CPU if device.type == "cpu" else _SVOO_CUDA

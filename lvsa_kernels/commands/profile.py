@@ -3,7 +3,7 @@ write the per (step, layer, head) keep ratios covering ``--tau`` of the softmax 
 ``Step,Layer,Head,Sparsity`` (loadable by ``SVOOPattern(profile=PATH)``).
 
 Only the tiny random Wan transformer (diffusers' test configuration) is built in (``--tiny``); profile a
-real checkpoint from Python with ``lvsa_kernels.reference.svoo_profile.profile_wan(model, ...)``.
+real checkpoint from Python with ``lvsa_kernels.diffusers.wan_profile.profile_wan(model, ...)``.
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from diffusers import WanTransformer3DModel
 
-    from lvsa_kernels.reference.svoo_profile import profile_wan
+    from lvsa_kernels.diffusers.wan_profile import profile_wan
 
     torch.manual_seed(args.seed)
     model = WanTransformer3DModel(**TINY_WAN).eval()

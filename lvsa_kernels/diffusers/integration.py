@@ -9,7 +9,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 from torch import nn
 
 from ..backends import get_backend
-from ..reference import LVSAPattern, SVOOPattern
+from ..reference import LVSAPattern
+from ..svoo_attention import SVOOPattern
 from .cogvideox import COGVIDEOX
 from .geometry import geometry_from_latents
 from .hunyuan15 import HUNYUAN_VIDEO_15

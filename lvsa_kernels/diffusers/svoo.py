@@ -16,7 +16,7 @@ from typing import Any, Optional, Sequence
 
 from torch import Tensor, nn
 
-from ..reference import SVOOPattern
+from ..svoo_attention import SVOOPattern
 from .geometry import VideoGeometry
 from .parallel import UlyssesGroup, heads_to_seq, seq_to_heads
 from .runtime import AttentionRuntime, ModelSpec

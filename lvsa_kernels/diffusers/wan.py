@@ -13,7 +13,7 @@ from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 from torch import Tensor, nn
 
 from ..reference import latent_frames
-from ..reference.wan_qkv import wan_self_attention_qkv
+from .wan_qkv import wan_self_attention_qkv
 from .runtime import LVSAProcessorBase, ModelSpec
 
 __all__ = ["LVSAWanAttnProcessor", "WAN"]
