@@ -16,12 +16,13 @@ import os
 import platform
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Dict, Mapping, Optional, Set
+from typing import Any, Callable, Dict, Mapping, Optional, Set, Union
 
 import torch
 from torch import Tensor
 
 from .reference.layout import BlockSparseLayout
+from .reference.plan import AttentionPlan
 from .timing import median_seconds
 
 __all__ = ["ENV_CACHE_DIR", "cache_file", "cached_choices", "measure", "problem_key", "reset_state", "timed_choice"]
@@ -176,12 +177,15 @@ def _device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine() or device.type
 
 
-def problem_key(q: Tensor, k: Tensor, layout: BlockSparseLayout, return_lse: bool) -> str:
+def problem_key(q: Tensor, k: Tensor, layout: Union[BlockSparseLayout, AttentionPlan], return_lse: bool) -> str:
     """Problem class of a call: device type and name, dtype, head dim, GQA ratio, log2(Sq) rounded,
-    density in 0.1 steps, shared or per-head layout, and whether lse is returned."""
+    density in 0.1 steps, shared or per-head layout, and whether lse is returned. A permuted `AttentionPlan`
+    counts as "permuted" instead of a density (reading its device-side blocks would wait for the device)."""
     gqa = q.shape[2] // k.shape[2]
     sq = max(q.shape[1], 1)
-    heads = "shared" if layout.num_heads == 1 else "per-head"
+    if isinstance(layout, BlockSparseLayout):
+        blocks = f"density{round(layout.density, 1):.1f}|{'shared' if layout.num_heads == 1 else 'per-head'}"
+    else:
+        blocks = "permuted|per-head"
     return (f"{q.device.type}:{_device_name(q.device)}|{str(q.dtype).replace('torch.', '')}|d{q.shape[-1]}"
-            f"|gqa{gqa}|sq2^{round(math.log2(sq))}|density{round(layout.density, 1):.1f}|{heads}"
-            f"|lse{int(return_lse)}")
+            f"|gqa{gqa}|sq2^{round(math.log2(sq))}|{blocks}|lse{int(return_lse)}")

@@ -13,6 +13,10 @@
   backend in `PREFERENCE` order, is used;
 * a skipped backend is logged once at WARNING with the reason.
 
+A permuted `AttentionPlan` (SVOO) is chosen for the same way: eligibility from the tensors alone
+(`Backend.unsupported_permuted_reason`), timing of `Backend.run_permuted` (Triton's cluster kernel, or the
+per-batch host layouts on permuted tokens for every other backend), one cache entry per problem class.
+
 Overrides: the ``backend=`` argument, or the environment variable ``LVSA_KERNELS_BACKEND`` (read when
 the argument is ``"auto"``). An explicit backend that cannot run raises `BackendUnavailable`.
 The cache folder is ``~/.cache/lvsa_kernels`` unless ``LVSA_KERNELS_CACHE_DIR`` names another one.
@@ -23,7 +27,7 @@ own variants (the NPU backend chooses between two torch_npu ops with it).
 from __future__ import annotations
 
 import os
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 from torch import Tensor
 
@@ -33,9 +37,10 @@ from .choice import (  # noqa: F401  (ENV_CACHE_DIR, cache_file, cached_choices,
     ENV_CACHE_DIR, _warn_once, _warn_skip, cache_file, cached_choices, problem_key, reset_state, timed_choice,
 )
 from .reference.layout import BlockSparseLayout
+from .reference.plan import AttentionPlan
 
 __all__ = [
-    "ENV_BACKEND", "ENV_CACHE_DIR", "PREFERENCE", "select_backend", "candidate_order", "problem_key",
+    "ENV_BACKEND", "ENV_CACHE_DIR", "PREFERENCE", "select_backend", "run_on", "candidate_order", "problem_key",
     "timed_choice", "cache_file", "cached_choices", "reset_state",
 ]
 
@@ -59,24 +64,42 @@ def candidate_order(device_type: str) -> List[str]:
     return [n for n in names if device_type in backends[n].caps.devices]
 
 
-def _explicit(name: str, source: str, q: Tensor, k: Tensor, layout: BlockSparseLayout, return_lse: bool) -> Backend:
+def _reason(backend: Backend, q: Tensor, k: Tensor, layout: Union[BlockSparseLayout, AttentionPlan],
+            return_lse: bool) -> Optional[str]:
+    if isinstance(layout, AttentionPlan):
+        return backend.unsupported_permuted_reason(q, k, return_lse)
+    return backend.unsupported_reason(q, k, layout, return_lse)
+
+
+def run_on(backend: Backend, q: Tensor, k: Tensor, v: Tensor, layout: Union[BlockSparseLayout, AttentionPlan],
+           scale: float, return_lse: bool) -> Tuple[Tensor, Optional[Tensor]]:
+    """``backend.run`` for a layout, ``backend.run_permuted`` for a permuted plan."""
+    if isinstance(layout, AttentionPlan):
+        return backend.run_permuted(q, k, v, layout, scale, return_lse)
+    return backend.run(q, k, v, layout, scale, return_lse)
+
+
+def _explicit(name: str, source: str, q: Tensor, k: Tensor, layout: Union[BlockSparseLayout, AttentionPlan],
+              return_lse: bool) -> Backend:
     try:
         backend = get_backend(name)
     except ValueError as exc:
         raise ValueError(f"{source}: {exc}") from None
-    reason = backend.unsupported_reason(q, k, layout, return_lse)
+    reason = _reason(backend, q, k, layout, return_lse)
     if reason:
         raise BackendUnavailable(f"backend {name!r} ({source}) cannot run these inputs: {reason}")
     return backend
 
 
-def select_backend(requested: str, q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout,
+def select_backend(requested: str, q: Tensor, k: Tensor, v: Tensor, layout: Union[BlockSparseLayout, AttentionPlan],
                    scale: float, return_lse: bool) -> Backend:
     """Resolve ``requested`` ("auto" or a backend name) to a backend that can run these inputs.
 
-    With ``"auto"`` the environment variable ``LVSA_KERNELS_BACKEND``, when set, names the backend
-    instead. An explicit backend that cannot run raises `BackendUnavailable` naming what is missing;
-    ``auto`` measures as described in the module docstring and raises only when no backend at all can run.
+    ``layout``: a `BlockSparseLayout`, or a permuted `AttentionPlan` (eligibility is then decided from the
+    tensors alone, see `Backend.unsupported_permuted_reason`). With ``"auto"`` the environment variable
+    ``LVSA_KERNELS_BACKEND``, when set, names the backend instead. An explicit backend that cannot run raises
+    `BackendUnavailable` naming what is missing; ``auto`` measures as described in the module docstring and
+    raises only when no backend at all can run.
     """
     if not isinstance(requested, str):
         raise TypeError(f"backend: expected a str, got {type(requested).__name__}")
@@ -87,20 +110,20 @@ def select_backend(requested: str, q: Tensor, k: Tensor, v: Tensor, layout: Bloc
         return _explicit(env, f"environment variable {ENV_BACKEND}", q, k, layout, return_lse)
 
     backends = registered_backends()
-    if layout.is_dense and _DENSE in backends:
+    if isinstance(layout, BlockSparseLayout) and layout.is_dense and _DENSE in backends:
         dense = backends[_DENSE]
         if dense.unsupported_reason(q, k, layout, return_lse) is None:
             return dense
     eligible: Dict[str, Backend] = {}
     for name in candidate_order(q.device.type):
-        reason = backends[name].unsupported_reason(q, k, layout, return_lse)
+        reason = _reason(backends[name], q, k, layout, return_lse)
         if reason is None:
             eligible[name] = backends[name]
         else:
             _warn_skip(name, reason)
     if not eligible:
         fallback = backends.get(_FALLBACK)
-        reason = fallback.unsupported_reason(q, k, layout, return_lse) if fallback else "not registered"
+        reason = _reason(fallback, q, k, layout, return_lse) if fallback else "not registered"
         if reason:
             raise BackendUnavailable(f"no backend can run these inputs on device {q.device.type!r} "
                                      f"(reference: {reason})")
@@ -108,7 +131,7 @@ def select_backend(requested: str, q: Tensor, k: Tensor, v: Tensor, layout: Bloc
         return fallback
 
     def runner(backend: Backend) -> Callable[[], object]:
-        return lambda: backend.run(q, k, v, layout, scale, return_lse)
+        return lambda: run_on(backend, q, k, v, layout, scale, return_lse)
 
     key = problem_key(q, k, layout, return_lse) + "|candidates=" + ",".join(eligible)
     return eligible[timed_choice(key, {n: runner(b) for n, b in eligible.items()}, q.device)]

@@ -1,4 +1,7 @@
-"""`triton` backend: the hand-written block-sparse kernel of `lvsa_kernels.triton_src`.
+"""`triton` backend: the hand-written block-sparse kernels of `lvsa_kernels.triton_src`.
+
+Layouts run on the block-sparse kernel; permuted plans (SVOO) run on the cluster kernel, which reads queries
+and writes outputs through the permutation (`run_permuted`).
 
 Runs on CUDA tensors (fp16/bf16/fp32), or on CPU tensors in Triton's interpreter when
 ``TRITON_INTERPRET=1`` (fp16/fp32 only: bf16 ``tl.dot`` is wrong in the interpreter, triton#11584).
@@ -24,7 +27,7 @@ AUTOTUNE_ENV = "LVSA_KERNELS_TRITON_AUTOTUNE"
 
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
 if _HAS_TRITON:  # imported eagerly so the custom op exists before any torch.compile trace
-    from ..triton_src import tuning
+    from ..triton_src import cluster_path, tuning
     from ..triton_src.launch import run_scheduled, tma_eligible
     from ..triton_src.schedule import build_schedule
 
@@ -45,14 +48,10 @@ class TritonBackend(Backend):
         return None
 
     def unsupported_reason(self, q: Tensor, k: Tensor, layout: BlockSparseLayout, return_lse: bool) -> Optional[str]:
-        reason = super().unsupported_reason(q, k, layout, return_lse)
-        if reason:
-            return reason
-        if q.device.type == "cpu" and q.dtype == torch.bfloat16:
-            return "bf16 tl.dot is wrong in the Triton interpreter (triton#11584); use fp16/fp32 on CPU"
-        if q.stride(-1) != 1 or k.stride(-1) != 1:
-            return "the head dim (last dim) of q, k and v must be contiguous"
-        return None
+        return super().unsupported_reason(q, k, layout, return_lse) or _tensor_reason(q, k)
+
+    def unsupported_permuted_reason(self, q: Tensor, k: Tensor, return_lse: bool) -> Optional[str]:
+        return super().unsupported_permuted_reason(q, k, return_lse) or _tensor_reason(q, k)
 
     def run(self, q, k, v, layout, scale, return_lse):
         if v.stride(-1) != 1:
@@ -61,6 +60,27 @@ class TritonBackend(Backend):
         sched = build_schedule(layout, cfg.block_m, q.device)
         out, lse = run_scheduled(q, k, v, sched, layout.num_heads > 1, scale, cfg)
         return out, (lse if return_lse else None)
+
+    def run_permuted(self, q, k, v, plan, scale, return_lse):
+        """The cluster path: keys and values permuted once, the schedule planned on the device from the plan's
+        block map, queries read and outputs written through the query permutation by the packed cluster kernel
+        (no host synchronisation, no host layouts)."""
+        if v.stride(-1) != 1:
+            raise ValueError("v: the head dim (last dim) must be contiguous")
+        B, S, H, _ = q.shape
+        blocks = plan.blocks
+        kp, vp = cluster_path.permute_keys(k, v, plan.k_perm.reshape(B * H, S))
+        out, lse = cluster_path.attend(q, kp, vp, blocks.q_sizes, blocks.k_sizes, plan.q_perm.reshape(B * H, S),
+                                       blocks.mask, scale)
+        return out, (lse if return_lse else None)
+
+
+def _tensor_reason(q: Tensor, k: Tensor) -> Optional[str]:
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        return "bf16 tl.dot is wrong in the Triton interpreter (triton#11584); use fp16/fp32 on CPU"
+    if q.stride(-1) != 1 or k.stride(-1) != 1:
+        return "the head dim (last dim) of q, k and v must be contiguous"
+    return None
 
 
 def config_for(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout, scale: float):
