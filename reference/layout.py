@@ -20,7 +20,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-__all__ = ["BlockSparseLayout", "LayoutError", "Spans"]
+__all__ = ["BlockSparseLayout", "LayoutError", "Spans", "TextBlock"]
 
 _INT = torch.int32
 
@@ -40,6 +40,14 @@ class Spans:
     ptr: Tensor    # int32 [Hl, nQB + 1], absolute positions into start/end
     start: Tensor  # int32 [n_spans]
     end: Tensor    # int32 [n_spans]
+
+
+@dataclass(frozen=True)
+class TextBlock:
+    """The text tokens of a layout: query block ``q_block`` and key block ``kv_block`` (block indices) hold them."""
+
+    q_block: int
+    kv_block: int
 
 
 def _as_offsets(sizes: Union[Tensor, Sequence[int], Sequence[Sequence[int]]], name: str) -> Tensor:
@@ -67,7 +75,8 @@ class BlockSparseLayout:
         row_ptr:    int32 ``[num_heads, nQB + 1]``; row ``r`` of head ``h`` selects
                     ``col_idx[row_ptr[h, r]:row_ptr[h, r + 1]]`` (positions are absolute).
         col_idx:    int32 ``[nnz]`` key-block indices, strictly increasing within a row.
-        meta:       free-form description (pattern name, kfi, anchors, ...) used by `describe`.
+        meta:       free-form description (pattern name, kfi, anchors, ...) used by `describe` only.
+        text:       the text block (`TextBlock`) when the pattern planned one, else None.
     """
 
     q_offsets: Tensor
@@ -75,6 +84,7 @@ class BlockSparseLayout:
     row_ptr: Tensor
     col_idx: Tensor
     meta: Mapping[str, Any] = field(default_factory=dict)
+    text: Optional[TextBlock] = None
     _cache: Dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -98,6 +108,7 @@ class BlockSparseLayout:
         q_block_sizes: Union[Tensor, Sequence[int], Sequence[Sequence[int]]],
         kv_block_sizes: Union[Tensor, Sequence[int], Sequence[Sequence[int]]],
         meta: Optional[Mapping[str, Any]] = None,
+        text: Optional[TextBlock] = None,
     ) -> "BlockSparseLayout":
         """Build from a boolean block mask.
 
@@ -106,6 +117,7 @@ class BlockSparseLayout:
                 ``mask[.., r, c]`` = query block r attends key block c.
             q_block_sizes: ``[nQB]`` or ``[H, nQB]`` query-block sizes in tokens.
             kv_block_sizes: ``[nKB]`` or ``[H, nKB]`` key-block sizes in tokens.
+            meta, text: see the class attributes.
         """
         mask = torch.as_tensor(mask)
         if mask.dtype != torch.bool:
@@ -135,7 +147,7 @@ class BlockSparseLayout:
         cols = mask.reshape(H * nqb, nkb).nonzero(as_tuple=False)[:, 1]
         # rows of head h are rows h*nqb ... h*nqb + nqb - 1 of the flat CSR; row_ptr[h, nqb] == row_ptr[h+1, 0]
         rp = torch.cat([row_ptr[:-1].view(H, nqb), row_ptr[nqb::nqb].view(H, 1)], dim=1)
-        return cls(q_off, kv_off, rp.to(_INT).contiguous(), cols.to(_INT).contiguous(), dict(meta or {}))
+        return cls(q_off, kv_off, rp.to(_INT).contiguous(), cols.to(_INT).contiguous(), dict(meta or {}), text)
 
     @classmethod
     def dense(cls, q_len: int, kv_len: Optional[int] = None) -> "BlockSparseLayout":
@@ -232,6 +244,9 @@ class BlockSparseLayout:
             bad = (c[1:] <= c[:-1]) & ~first[1:]
             if bad.any():
                 raise LayoutError("col_idx: indices must be strictly increasing (sorted, unique) within each row")
+        if self.text is not None and not (0 <= self.text.q_block < self.num_q_blocks
+                                          and 0 <= self.text.kv_block < self.num_kv_blocks):
+            raise LayoutError(f"text: {self.text} lies outside the {self.num_q_blocks} x {self.num_kv_blocks} blocks")
         return self
 
     # ------------------------------------------------------------------ conversions
@@ -461,8 +476,8 @@ class BlockSparseLayout:
         if max(self.num_q_blocks, self.num_kv_blocks) <= max_blocks:
             bm = self.to_block_mask()[head]
             globals_ = set(self.meta.get("global_frames", ()))
-            text_q = set(self.meta.get("text_q_blocks", ()))
-            text_k = set(self.meta.get("text_kv_blocks", ()))
+            text_q = {self.text.q_block} if self.text else set()
+            text_k = {self.text.kv_block} if self.text else set()
             lines.append(f"  block map (head {head}; rows = query blocks, columns = key blocks):")
             for r in range(bm.shape[0]):
                 chars = []

@@ -223,3 +223,14 @@ def test_describe_lvsa_plan_with_text():
     assert rows[-1] == "T" * 10  # text queries attend everything
     assert all(r[-1] == "T" for r in rows)  # every query attends the text keys
     assert "density=" in repr(layout)
+
+
+@pytest.mark.parametrize("position, block", [("after", 8), ("before", 0)])
+def test_lvsa_text_block_is_typed_and_validated(position, block):
+    from lvsa_kernels.reference.layout import TextBlock
+
+    layout = LVSAPattern(window=1, reference_frames=3).plan(8, 5, step=1, text_tokens=3, text_position=position)
+    assert layout.text == TextBlock(block, block) and "text_q_blocks" not in layout.meta
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    with pytest.raises(LayoutError, match="text"):
+        BlockSparseLayout.from_block_mask(mask, [2, 2], [1, 1, 1], text=TextBlock(2, 0))

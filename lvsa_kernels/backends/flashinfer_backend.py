@@ -4,8 +4,7 @@ A layout is converted once into one of three plans, chosen in this order:
 
 * ``bsr`` - a shared layout with uniform blocks (`BlockSparseLayout.to_flashinfer_bsr`) runs on
   ``BlockSparseAttentionWrapper`` (BSR: R-token query rows, C-token key blocks);
-* ``text`` - a shared LVSA layout with one leading or trailing text block (``meta["text_q_blocks"]``,
-  ``meta["text_kv_blocks"]``): the video queries run as BSR over the video keys, plus a dense side call
+* ``text`` - a shared LVSA layout with one leading or trailing text block (``layout.text``): the video queries run as BSR over the video keys, plus a dense side call
   over the text keys (a one-block BSR plan on the same prebuilt module), merged by log-sum-exp; the text
   queries run dense over all keys;
 * ``variable`` - anything else (per-head layouts, non-uniform blocks) runs on
@@ -123,18 +122,17 @@ def _text_block_range(offsets: Tensor, block: int) -> Tuple[slice, slice]:
 
 
 def text_split(layout: BlockSparseLayout) -> Optional[TextSplit]:
-    """`TextSplit` of a shared layout whose ``meta`` names one text query block and one text key block.
+    """`TextSplit` of a shared layout with a text block (``layout.text``).
 
     Returns None when the layout has no text blocks. Raises ValueError when it has them but they cannot be
     split off exactly: every video query block must attend the text key block, the text query block
     must attend every key block, and the video blocks must form a uniform BSR.
     """
-    tq, tk = layout.meta.get("text_q_blocks"), layout.meta.get("text_kv_blocks")
-    if not tq and not tk:
+    if layout.text is None:
         return None
-    if layout.num_heads != 1 or len(tq or ()) != 1 or len(tk or ()) != 1:
-        raise ValueError("text split needs a shared layout with exactly one text query block and one text key block")
-    tq, tk = int(tq[0]), int(tk[0])
+    if layout.num_heads != 1:
+        raise ValueError("text split needs a layout shared by all heads")
+    tq, tk = layout.text.q_block, layout.text.kv_block
     q_video, q_text = _text_block_range(layout.q_offsets[0], tq)
     kv_video, kv_text = _text_block_range(layout.kv_offsets[0], tk)
     bm = layout.to_block_mask()[0]
