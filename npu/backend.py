@@ -28,7 +28,7 @@ from torch import Tensor
 
 from ..backends.base import Backend, BackendUnavailable, Capabilities, register
 from ..choice import problem_key, timed_choice
-from ..reference.layout import BlockSparseLayout
+from ..reference.layout import BlockSparseLayout, LayoutMemo
 from .detect import cpu_standin_active, load_torch_npu
 from .groups import TileGrid, span_groups, tile_grid
 
@@ -39,6 +39,7 @@ _FUSION_MAX_HEAD_DIM = 768
 _NO_BAND = 2147483647                          # pre/next tokens: no band limit
 _BLOCK_SPARSE_DTYPES = (torch.float16, torch.bfloat16)
 _BLOCK_SPARSE_HEAD_DIMS = (64, 128)
+_MASKS = LayoutMemo()   # per layout: the device tile mask of each (device, batch, heads)
 
 
 def _gather(x: Tensor, ranges, heads: slice) -> Tensor:
@@ -96,7 +97,7 @@ def run_block_sparse(torch_npu: ModuleType, q: Tensor, k: Tensor, v: Tensor, lay
     grid = tile_grid(layout)
     if isinstance(grid, str):
         raise ValueError(f"npu_block_sparse_attention cannot run this layout: {grid}")
-    mask = layout.cached(("npu", "tile_mask", str(q.device), B, H), lambda: _device_mask(grid, B, H, q.device))
+    mask = _MASKS.get(layout, (str(q.device), B, H), lambda: _device_mask(grid, B, H, q.device))
     bnsd = [x.transpose(1, 2).contiguous() for x in (q, k, v)]
     o, lse = torch_npu.npu_block_sparse_attention(
         *bnsd, mask, [grid.x, grid.y], q_input_layout="BNSD", kv_input_layout="BNSD",

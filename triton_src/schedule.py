@@ -15,9 +15,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..reference.layout import BlockSparseLayout
+from ..reference.layout import BlockSparseLayout, LayoutMemo
 
 __all__ = ["KernelSchedule", "build_schedule"]
+
+_SCHEDULES = LayoutMemo()   # per layout: the kernel schedule of each (block_m, device)
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,7 @@ def _csr_ptr(counts: Tensor) -> Tensor:
 def build_schedule(layout: BlockSparseLayout, block_m: int, device: torch.device) -> KernelSchedule:
     """The cached `KernelSchedule` of ``layout`` for query tiles of ``block_m`` rows on ``device``."""
     key = ("triton_schedule", block_m, str(device))
-    return layout.cached(key, lambda: _build(layout, block_m, torch.device(device)))
+    return _SCHEDULES.get(layout, key, lambda: _build(layout, block_m, torch.device(device)))
 
 
 def _build(layout: BlockSparseLayout, bm: int, device: torch.device) -> KernelSchedule:

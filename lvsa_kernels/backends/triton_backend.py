@@ -18,11 +18,12 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..reference.layout import BlockSparseLayout
+from ..reference.layout import BlockSparseLayout, LayoutMemo
 from .base import Backend, Capabilities, register
 
 log = logging.getLogger("lvsa_kernels")
 AUTOTUNE_ENV = "LVSA_KERNELS_TRITON_AUTOTUNE"
+_CONFIGS = LayoutMemo()   # per layout: the launch config of each device/dtype/head-dim class
 
 
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -93,13 +94,13 @@ def config_for(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout, scale
     tma_strides = _tma_strides_ok(k, v)
     key = ("triton_config", q.device.type, q.device.index, q.dtype, q.shape[-1], tma_strides)
     if torch.compiler.is_compiling():
-        cfg = layout.cached_or_none(key)
+        cfg = _CONFIGS.peek(layout, key)
         if cfg is None:
             raise RuntimeError(
                 "lvsa_kernels triton backend: no tuned config for this layout yet; call block_sparse_attn once "
                 "outside torch.compile (a warm-up) so the kernel is tuned and its schedule is built")
         return cfg
-    return layout.cached(key, lambda: choose_config(q, k, v, layout, scale))
+    return _CONFIGS.get(layout, key, lambda: choose_config(q, k, v, layout, scale))
 
 
 def _tma_strides_ok(k: Tensor, v: Tensor) -> bool:
