@@ -12,6 +12,7 @@ from torch import Tensor
 
 from .api import block_sparse_attn
 from .backends import get_backend
+from .reference.eager import eager
 from .reference.svoo import ClusterOps, Clusters, SVOOPlanner
 
 __all__ = ["SVOOPattern", "triton_cluster_ops"]
@@ -20,7 +21,7 @@ __all__ = ["SVOOPattern", "triton_cluster_ops"]
 class SVOOPattern(SVOOPlanner):
     __doc__ = SVOOPlanner.__doc__
 
-    @torch.compiler.disable  # stateful cluster cache: torch.compile graph-breaks here and runs it eagerly
+    @eager  # stateful cluster cache: torch.compile graph-breaks here and runs it eagerly
     def attention(self, q: Tensor, k: Tensor, v: Tensor, step: int, layer: int, backend: str = "auto",
                   branch: Hashable = None, scale: Optional[float] = None,
                   heads: Optional[Tuple[int, int]] = None, text_tokens: int = 0) -> Tensor:

@@ -19,6 +19,7 @@ from typing import Callable, Collection, Dict, Hashable, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
+from .eager import eager
 from .layout import BlockSparseLayout
 from .plan import AttentionPlan, BlockMap, permute_tokens, unpermute_tokens  # noqa: F401  (re-exported)
 from .svoo_profile import SVOOProfile
@@ -398,7 +399,7 @@ class SVOOPlanner:
             out[(layer, branch)] = float(pairs) / (B * H * S * S)
         return out
 
-    @torch.compiler.disable  # stateful cluster cache: runs eagerly inside compiled models
+    @eager  # stateful cluster cache: runs eagerly inside compiled models
     def plan(self, q: Tensor, k: Tensor, step: int, layer: int, cache_key: Hashable = None,
              scale: Optional[float] = None, heads: Optional[Tuple[int, int]] = None, text_tokens: int = 0,
              ops: Optional[ClusterOps] = None) -> SVOOPlan:

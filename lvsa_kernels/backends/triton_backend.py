@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from ..reference.layout import BlockSparseLayout, LayoutMemo
+from ..triton_src import tuning  # no Triton import: kernels are imported on the first call (always eager, see config_for)
 from .base import Backend, Capabilities, register
 
 log = logging.getLogger("lvsa_kernels")
@@ -27,10 +28,6 @@ _CONFIGS = LayoutMemo()   # per layout: the launch config of each device/dtype/h
 
 
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
-if _HAS_TRITON:  # imported eagerly so the custom op exists before any torch.compile trace
-    from ..triton_src import cluster_path, tuning
-    from ..triton_src.launch import run_scheduled, tma_eligible
-    from ..triton_src.schedule import build_schedule
 
 
 class TritonBackend(Backend):
@@ -57,6 +54,9 @@ class TritonBackend(Backend):
     def run(self, q, k, v, layout, scale, return_lse):
         if v.stride(-1) != 1:
             raise ValueError("v: the head dim (last dim) must be contiguous")
+        from ..triton_src.launch import run_scheduled
+        from ..triton_src.schedule import build_schedule
+
         cfg = config_for(q, k, v, layout, scale)
         sched = build_schedule(layout, cfg.block_m, q.device)
         out, lse = run_scheduled(q, k, v, sched, layout.num_heads > 1, scale, cfg)
@@ -68,6 +68,8 @@ class TritonBackend(Backend):
         (no host synchronisation, no host layouts)."""
         if v.stride(-1) != 1:
             raise ValueError("v: the head dim (last dim) must be contiguous")
+        from ..triton_src import cluster_path
+
         B, S, H, _ = q.shape
         blocks = plan.blocks
         kp, vp = cluster_path.permute_keys(k, v, plan.k_perm.reshape(B * H, S))
@@ -113,6 +115,9 @@ def choose_config(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout, sc
     if tuning.interpreting():
         return tuning.INTERPRETER_CONFIG
     key = tuning.tuning_key(q.device, q.dtype, q.shape[-1], layout.typical_q_block)
+    from ..triton_src.launch import run_scheduled, tma_eligible
+    from ..triton_src.schedule import build_schedule
+
     cfg = None if retune else tuning.lookup(key)
     tma_ok = tma_eligible(q, k, v)
     if cfg is not None and (tma_ok or not cfg.use_tma):
