@@ -107,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
     cpu = device.type == "cpu"
     dtype = _DTYPES[args.dtype] if args.dtype != "auto" else (torch.float32 if cpu else torch.bfloat16)
     text = model.text_tokens or 0
-    position = "before" if model.text_position == "before" else "after"
+    position = model.plan_text_position
 
     full = pattern.plan(T, model.tokens_per_frame(), step=args.step, text_tokens=text, text_position=position)
     print(f"{model.title}: {T} latent frames ({T / model.reference_frames:.1f}x the {model.reference_frames}-frame "

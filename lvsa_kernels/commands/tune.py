@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     model = get_model(args.model)
     text = model.text_tokens or 0
     layout = model.pattern().plan(args.frames, model.tokens_per_frame(), text_tokens=text,
-                                  text_position="before" if model.text_position == "before" else "after")
+                                  text_position=model.plan_text_position)
     dtype = _DTYPES[args.dtype]
     q, k, v = (torch.randn(1, layout.q_len, model.heads, model.head_dim, device="cuda", dtype=dtype) for _ in range(3))
     cfg = choose_config(q, k, v, layout, model.head_dim ** -0.5, retune=args.retune)

@@ -109,7 +109,7 @@ def _make_pattern(spec: ModelSpec, config: Any, pattern: Optional[LVSAPattern],
     if "reference_frames" in knobs:
         return LVSAPattern(**knobs), "reference_frames knob"
     ref, source = spec.reference_frames(config)
-    return LVSAPattern(**{"window": 3, "n_first": 1, "reference_frames": ref, **knobs}), source
+    return LVSAPattern(**{"reference_frames": ref, **knobs}), source
 
 
 def _pipeline_class(cls: type) -> type:
