@@ -64,4 +64,5 @@ WAN = ModelSpec(
     patch=lambda config: tuple(int(p) for p in config["patch_size"]),
     reference_frames=_reference_frames,
     context_parallel=True,
+    svoo=True,
 )
