@@ -84,7 +84,7 @@ def reference_output(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout,
     if layout.q_offsets.shape[0] != 1:
         raise ValueError("ref_stride > 1 needs query blocks shared by all heads")
     nqb = layout.num_q_blocks
-    rows = sorted(set(range(0, nqb, stride)) | set(layout.meta.get("text_q_blocks", ())) | {nqb - 1})
+    rows = sorted(set(range(0, nqb, stride)) | ({layout.text.q_block} if layout.text else set()) | {nqb - 1})
     q_sizes = layout.block_sizes()[0][:, rows]
     k_sizes = layout.block_sizes()[1]
     sub = BlockSparseLayout.from_block_mask(layout.to_block_mask()[:, rows], q_sizes, k_sizes)

@@ -33,8 +33,10 @@ from typing import Callable, Dict, List
 import torch
 import torch.nn.functional as F
 
-from lvsa_kernels.reference.svoo import SVOOPattern, co_cluster, select_blocks
+from lvsa_kernels import SVOOPattern
+from lvsa_kernels.reference.svoo import co_cluster, select_blocks
 from lvsa_kernels.reference.svoo_profile import SVOOProfile
+from lvsa_kernels.svoo_attention import triton_cluster_ops
 from lvsa_kernels.svoo_eval import clustered_qkv, sampled_rows, selected_attention
 from lvsa_kernels.triton_src import cluster_path
 from lvsa_kernels.triton_src.cluster_launch import ClusterConfig, cluster_attention, cluster_config
@@ -103,7 +105,8 @@ def run_case(name: str, floor: float, args, device, dtype, measure) -> Dict[str,
     t = {}
     t["cluster"] = measure(lambda: co_cluster(gq, gk, args.q_clusters, args.k_clusters, args.iterations, seed=0,
                                               assign_fn=assign_fn, means_fn=cluster_path.means_fn))
-    t["refresh"] = measure(lambda: cluster_path.refresh(q, kp, cl))
+    ops = triton_cluster_ops(q, k)
+    t["refresh"] = measure(lambda: (ops.refresh(q, cl.q), ops.refresh(k, cl.k)))
     t["select"] = measure(lambda: select_blocks(cl.q.centroids, cl.k.centroids, cl.k.sizes, args.top_p, floors, scale))
     t["permute"] = measure(lambda: cluster_path.permute_keys(k, v, cl.k.perm))
     t["plan"] = measure(lambda: build_cluster_schedule(mask, cl.q.sizes, cl.k.sizes, S, cfg.tiles))

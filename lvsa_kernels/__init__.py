@@ -2,7 +2,8 @@
 
 Public API:
     LVSAPattern, SVOOPattern, BlockSparseLayout  - plan a sparsity pattern into a block-index layout
-    block_sparse_attn               - run attention on a layout (Triton / FlashInfer / NPU / SDPA / reference)
+    AttentionPlan                   - a layout plus an optional token permutation (what SVOO plans)
+    block_sparse_attn               - run attention on a layout or plan (Triton / FlashInfer / NPU / SDPA / reference)
     reference_attention             - the exact reference every backend is checked against
 """
 import os as _os
@@ -16,10 +17,10 @@ if not _os.path.isdir(_os.path.join(_os.path.dirname(__file__), "reference")) an
     __path__.append(_root)
 
 from .reference import (
+    AttentionPlan,
     BlockSparseLayout,
     LayoutError,
     LVSAPattern,
-    SVOOPattern,
     SVOOProfile,
     auto_key_frame_interval,
     latent_frames,
@@ -27,11 +28,12 @@ from .reference import (
 )
 from .backends import BackendUnavailable
 from .api import block_sparse_attn
+from .svoo_attention import SVOOPattern
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BlockSparseLayout", "LayoutError", "LVSAPattern", "SVOOPattern", "SVOOProfile", "auto_key_frame_interval",
+    "AttentionPlan", "BlockSparseLayout", "LayoutError", "LVSAPattern", "SVOOPattern", "SVOOProfile", "auto_key_frame_interval",
     "latent_frames",
     "reference_attention", "block_sparse_attn", "BackendUnavailable", "__version__",
 ]

@@ -7,10 +7,11 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from .dispatch import select_backend
-from .reference import BlockSparseLayout
+from .dispatch import run_on, select_backend
+from .reference.layout import BlockSparseLayout
+from .reference.plan import AttentionPlan, BlockMap
 
-__all__ = ["block_sparse_attn", "check_inputs"]
+__all__ = ["block_sparse_attn", "check_inputs", "check_permuted_inputs"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -48,11 +49,32 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout) -> 
         raise ValueError(f"layout: has {layout.num_heads} heads; expected 1 (shared) or H={H}")
 
 
+def check_permuted_inputs(q: Tensor, k: Tensor, v: Tensor, plan: AttentionPlan) -> None:
+    """Raise ValueError/TypeError when q, k, v ``[B, S, H, D]`` do not fit a permuted plan (self-attention shapes,
+    permutations ``[B, H, S]``, a `BlockMap` of ``B * H`` groups)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor) or t.dim() != 4 or t.dtype not in _DTYPES:
+            raise TypeError(f"{name}: expected a float torch.Tensor [B, S, H, D], got {getattr(t, 'shape', type(t))}")
+    if not (q.shape == k.shape == v.shape):
+        raise ValueError(f"q, k, v: a permuted plan needs equal shapes [B, S, H, D], got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype) or not (q.device == k.device == v.device):
+        raise TypeError(f"q, k, v: dtypes and devices must match, got {q.dtype}/{q.device}, {k.dtype}/{k.device}, "
+                        f"{v.dtype}/{v.device}")
+    B, S, H, _ = q.shape
+    for name, perm in (("q_perm", plan.q_perm), ("k_perm", plan.k_perm)):
+        if tuple(perm.shape) != (B, H, S):
+            raise ValueError(f"plan.{name}: expected shape {(B, H, S)} for q of shape {tuple(q.shape)}, "
+                             f"got {tuple(perm.shape)}")
+    if not isinstance(plan.blocks, BlockMap) or (plan.blocks.batch, plan.blocks.heads) != (B, H):
+        raise ValueError(f"plan.blocks: expected a BlockMap of batch {B} x {H} heads for q of shape {tuple(q.shape)}")
+
+
 def block_sparse_attn(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    layout: BlockSparseLayout,
+    layout: Union[BlockSparseLayout, AttentionPlan],
     *,
     backend: str = "auto",
     scale: Optional[float] = None,
@@ -63,7 +85,9 @@ def block_sparse_attn(
     Args:
         q: ``[B, Sq, H, D]``; k, v: ``[B, Skv, H_kv, D]`` (``H % H_kv == 0``); fp16/bf16 (fp32 where the
             backend allows). Strided views are fine; the last dim must be contiguous for kernels.
-        layout: `BlockSparseLayout` over ``Sq`` x ``Skv`` tokens, shared (1 head) or per head (H heads).
+        layout: `BlockSparseLayout` over ``Sq`` x ``Skv`` tokens, shared (1 head) or per head (H heads); or an
+            `AttentionPlan` (what a pattern's ``plan`` returns). A plan with a token permutation (SVOO) needs
+            q, k, v of one shape; the backend runs it on permuted tokens and the output is in token order.
         backend: ``"auto"`` (fastest eligible backend, measured once and cached; env
             ``LVSA_KERNELS_BACKEND`` overrides) or one of ``"triton"``, ``"flashinfer"``, ``"npu"``,
             ``"sdpa"``, ``"reference"``. An explicit backend that cannot run raises `BackendUnavailable`.
@@ -73,9 +97,14 @@ def block_sparse_attn(
     Returns:
         ``out [B, Sq, H, D]`` in q's dtype, or ``(out, lse)``.
     """
-    check_inputs(q, k, v, layout)
+    if isinstance(layout, AttentionPlan) and not layout.permuted:
+        layout = layout.blocks
+    if isinstance(layout, AttentionPlan):
+        check_permuted_inputs(q, k, v, layout)
+    else:
+        check_inputs(q, k, v, layout)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     chosen = select_backend(backend, q, k, v, layout, float(scale), return_lse)
-    out, lse = chosen.run(q, k, v, layout, float(scale), return_lse)
+    out, lse = run_on(chosen, q, k, v, layout, float(scale), return_lse)
     return (out, lse) if return_lse else out

@@ -13,200 +13,43 @@
   backend in `PREFERENCE` order, is used;
 * a skipped backend is logged once at WARNING with the reason.
 
+A permuted `AttentionPlan` (SVOO) is chosen for the same way: eligibility from the tensors alone
+(`Backend.unsupported_permuted_reason`), timing of `Backend.run_permuted` (Triton's cluster kernel, or the
+per-batch host layouts on permuted tokens for every other backend), one cache entry per problem class.
+
 Overrides: the ``backend=`` argument, or the environment variable ``LVSA_KERNELS_BACKEND`` (read when
 the argument is ``"auto"``). An explicit backend that cannot run raises `BackendUnavailable`.
 The cache folder is ``~/.cache/lvsa_kernels`` unless ``LVSA_KERNELS_CACHE_DIR`` names another one.
 
-`timed_choice` is the measurement hook shared with backends that pick among their own variants (the
-NPU backend chooses between two torch_npu ops with it).
+`timed_choice` (`lvsa_kernels.choice`) is the measurement hook shared with backends that pick among their
+own variants (the NPU backend chooses between two torch_npu ops with it).
 """
 from __future__ import annotations
 
-import json
-import logging
-import math
 import os
-import platform
-import tempfile
-from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Set
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
-import torch
 from torch import Tensor
 
 from .backends import BackendUnavailable, get_backend, registered_backends
 from .backends.base import Backend
-from .reference import BlockSparseLayout
-from .timing import median_seconds
+from .choice import (  # noqa: F401  (ENV_CACHE_DIR, cache_file, cached_choices, reset_state: re-exported)
+    ENV_CACHE_DIR, _warn_once, _warn_skip, cache_file, cached_choices, problem_key, reset_state, timed_choice,
+)
+from .reference.layout import BlockSparseLayout
+from .reference.plan import AttentionPlan
 
 __all__ = [
-    "ENV_BACKEND", "ENV_CACHE_DIR", "PREFERENCE", "select_backend", "candidate_order", "problem_key",
-    "timed_choice", "measure", "cache_file", "cached_choices", "reset_state",
+    "ENV_BACKEND", "ENV_CACHE_DIR", "PREFERENCE", "select_backend", "run_on", "candidate_order", "problem_key",
+    "timed_choice", "cache_file", "cached_choices", "reset_state",
 ]
 
-log = logging.getLogger("lvsa_kernels")
 ENV_BACKEND = "LVSA_KERNELS_BACKEND"
-ENV_CACHE_DIR = "LVSA_KERNELS_CACHE_DIR"
-CACHE_FILE_NAME = "backends.json"
-_CACHE_VERSION = 1
 
 # Static preference among sparse backends (used untimed, e.g. while torch.compile traces).
 PREFERENCE = ("triton", "flashinfer", "npu")
 _DENSE = "sdpa"
 _FALLBACK = "reference"
-_WARMUP, _REPEATS = 1, 3
-
-_warned: Set[str] = set()
-
-
-def _warn_once(message: str) -> None:
-    if message not in _warned:
-        _warned.add(message)
-        log.warning("lvsa_kernels auto: %s", message)
-
-
-def _warn_skip(name: str, reason: str) -> None:
-    _warn_once(f"skipping backend {name!r}: {reason}")
-
-
-# ---------------------------------------------------------------------------------------- cache
-def cache_file() -> Path:
-    """The JSON file of measured winners: ``$LVSA_KERNELS_CACHE_DIR/backends.json`` or ``~/.cache/lvsa_kernels/backends.json``."""
-    folder = os.environ.get(ENV_CACHE_DIR) or os.path.join(os.path.expanduser("~"), ".cache", "lvsa_kernels")
-    return Path(folder) / CACHE_FILE_NAME
-
-
-def _read_file(path: Path) -> Dict[str, Dict[str, Any]]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as exc:
-        _warn_once(f"cannot read {path} ({exc}); choices will be measured again")
-        return {}
-    if not isinstance(data, dict) or data.get("version") != _CACHE_VERSION or not isinstance(data.get("entries"), dict):
-        _warn_once(f"{path} has an unknown format; choices will be measured again")
-        return {}
-    return data["entries"]
-
-
-def _write_file(path: Path, entries: Dict[str, Dict[str, Any]]) -> None:
-    """Atomically replace ``path`` (temporary file in the same folder + ``os.replace``)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump({"version": _CACHE_VERSION, "entries": entries}, f, indent=1, sort_keys=True)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-class _ChoiceCache:
-    """Winners by key: the file's entries, loaded once, plus what this process measured."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.entries: Dict[str, Dict[str, Any]] = _read_file(path)
-
-    def get(self, key: str) -> Optional[str]:
-        entry = self.entries.get(key)
-        return entry.get("winner") if isinstance(entry, dict) else None
-
-    def put(self, key: str, winner: str, times_ms: Mapping[str, float]) -> None:
-        entry = {"winner": winner, "times_ms": {n: round(t, 4) for n, t in times_ms.items()}}
-        self.entries[key] = entry
-        merged = _read_file(self.path)  # keep entries other processes wrote meanwhile
-        merged[key] = entry
-        try:
-            _write_file(self.path, merged)
-        except OSError as exc:
-            _warn_once(f"cannot write {self.path} ({exc}); choices stay in memory only")
-
-
-_state: Optional[_ChoiceCache] = None
-
-
-def _cache() -> _ChoiceCache:
-    global _state
-    path = cache_file()
-    if _state is None or _state.path != path:
-        _state = _ChoiceCache(path)
-    return _state
-
-
-def reset_state() -> None:
-    """Forget the in-memory choices (the next lookup reads the cache file again)."""
-    global _state
-    _state = None
-
-
-def cached_choices() -> Dict[str, Dict[str, Any]]:
-    """All cached winners ``{key: {"winner": name, "times_ms": {...}}}`` (file + this process)."""
-    return dict(_cache().entries)
-
-
-# ---------------------------------------------------------------------------------------- timing
-def measure(fn: Callable[[], object], device: torch.device) -> float:
-    """Median milliseconds of ``fn()`` on ``device`` after a warm-up (CUDA events on CUDA, else perf_counter)."""
-    return median_seconds(fn, device, _REPEATS, _WARMUP) * 1e3
-
-
-def timed_choice(key: str, candidates: Mapping[str, Callable[[], object]], device: torch.device) -> str:
-    """Name of the fastest candidate for ``key``: cached, else measured once with `measure` and cached.
-
-    ``candidates`` maps names to zero-argument callables, in preference order. A cached winner that is
-    no longer a candidate is measured again. While ``torch.compile`` traces, nothing is timed: the
-    cached winner or else the first candidate is returned. A candidate that raises while being timed is
-    skipped with a WARNING; if all raise, the first candidate's error propagates.
-    """
-    if not candidates:
-        raise ValueError("timed_choice: no candidates")
-    names = list(candidates)
-    cache = _cache()
-    cached = cache.get(key)
-    if cached in candidates:
-        return cached
-    if len(names) == 1 or torch.compiler.is_compiling():
-        return names[0]
-    times: Dict[str, float] = {}
-    errors: Dict[str, Exception] = {}
-    for name in names:
-        try:
-            times[name] = measure(candidates[name], device)
-        except Exception as exc:  # a candidate that fails here must not break auto; it is reported
-            errors[name] = exc
-            _warn_skip(name, f"failed while being timed for {key}: {exc!r}")
-    if not times:
-        raise errors[names[0]]
-    winner = min(times, key=times.__getitem__)
-    cache.put(key, winner, times)
-    log.info("lvsa_kernels auto: %s -> %s (%s)", key, winner,
-             ", ".join(f"{n} {t:.3f} ms" for n, t in times.items()))
-    return winner
-
-
-# ---------------------------------------------------------------------------------------- keys
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    module = getattr(torch, device.type, None)
-    get_name = getattr(module, "get_device_name", None)
-    if device.type != "cpu" and callable(get_name):
-        return str(get_name())
-    return platform.processor() or platform.machine() or device.type
-
-
-def problem_key(q: Tensor, k: Tensor, layout: BlockSparseLayout, return_lse: bool) -> str:
-    """Problem class of a call: device type and name, dtype, head dim, GQA ratio, log2(Sq) rounded,
-    density in 0.1 steps, shared or per-head layout, and whether lse is returned."""
-    gqa = q.shape[2] // k.shape[2]
-    sq = max(q.shape[1], 1)
-    heads = "shared" if layout.num_heads == 1 else "per-head"
-    return (f"{q.device.type}:{_device_name(q.device)}|{str(q.dtype).replace('torch.', '')}|d{q.shape[-1]}"
-            f"|gqa{gqa}|sq2^{round(math.log2(sq))}|density{round(layout.density, 1):.1f}|{heads}"
-            f"|lse{int(return_lse)}")
 
 
 # ---------------------------------------------------------------------------------------- selection
@@ -221,24 +64,42 @@ def candidate_order(device_type: str) -> List[str]:
     return [n for n in names if device_type in backends[n].caps.devices]
 
 
-def _explicit(name: str, source: str, q: Tensor, k: Tensor, layout: BlockSparseLayout, return_lse: bool) -> Backend:
+def _reason(backend: Backend, q: Tensor, k: Tensor, layout: Union[BlockSparseLayout, AttentionPlan],
+            return_lse: bool) -> Optional[str]:
+    if isinstance(layout, AttentionPlan):
+        return backend.unsupported_permuted_reason(q, k, return_lse)
+    return backend.unsupported_reason(q, k, layout, return_lse)
+
+
+def run_on(backend: Backend, q: Tensor, k: Tensor, v: Tensor, layout: Union[BlockSparseLayout, AttentionPlan],
+           scale: float, return_lse: bool) -> Tuple[Tensor, Optional[Tensor]]:
+    """``backend.run`` for a layout, ``backend.run_permuted`` for a permuted plan."""
+    if isinstance(layout, AttentionPlan):
+        return backend.run_permuted(q, k, v, layout, scale, return_lse)
+    return backend.run(q, k, v, layout, scale, return_lse)
+
+
+def _explicit(name: str, source: str, q: Tensor, k: Tensor, layout: Union[BlockSparseLayout, AttentionPlan],
+              return_lse: bool) -> Backend:
     try:
         backend = get_backend(name)
     except ValueError as exc:
         raise ValueError(f"{source}: {exc}") from None
-    reason = backend.unsupported_reason(q, k, layout, return_lse)
+    reason = _reason(backend, q, k, layout, return_lse)
     if reason:
         raise BackendUnavailable(f"backend {name!r} ({source}) cannot run these inputs: {reason}")
     return backend
 
 
-def select_backend(requested: str, q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout,
+def select_backend(requested: str, q: Tensor, k: Tensor, v: Tensor, layout: Union[BlockSparseLayout, AttentionPlan],
                    scale: float, return_lse: bool) -> Backend:
     """Resolve ``requested`` ("auto" or a backend name) to a backend that can run these inputs.
 
-    With ``"auto"`` the environment variable ``LVSA_KERNELS_BACKEND``, when set, names the backend
-    instead. An explicit backend that cannot run raises `BackendUnavailable` naming what is missing;
-    ``auto`` measures as described in the module docstring and raises only when no backend at all can run.
+    ``layout``: a `BlockSparseLayout`, or a permuted `AttentionPlan` (eligibility is then decided from the
+    tensors alone, see `Backend.unsupported_permuted_reason`). With ``"auto"`` the environment variable
+    ``LVSA_KERNELS_BACKEND``, when set, names the backend instead. An explicit backend that cannot run raises
+    `BackendUnavailable` naming what is missing; ``auto`` measures as described in the module docstring and
+    raises only when no backend at all can run.
     """
     if not isinstance(requested, str):
         raise TypeError(f"backend: expected a str, got {type(requested).__name__}")
@@ -249,20 +110,20 @@ def select_backend(requested: str, q: Tensor, k: Tensor, v: Tensor, layout: Bloc
         return _explicit(env, f"environment variable {ENV_BACKEND}", q, k, layout, return_lse)
 
     backends = registered_backends()
-    if layout.is_dense and _DENSE in backends:
+    if isinstance(layout, BlockSparseLayout) and layout.is_dense and _DENSE in backends:
         dense = backends[_DENSE]
         if dense.unsupported_reason(q, k, layout, return_lse) is None:
             return dense
     eligible: Dict[str, Backend] = {}
     for name in candidate_order(q.device.type):
-        reason = backends[name].unsupported_reason(q, k, layout, return_lse)
+        reason = _reason(backends[name], q, k, layout, return_lse)
         if reason is None:
             eligible[name] = backends[name]
         else:
             _warn_skip(name, reason)
     if not eligible:
         fallback = backends.get(_FALLBACK)
-        reason = fallback.unsupported_reason(q, k, layout, return_lse) if fallback else "not registered"
+        reason = _reason(fallback, q, k, layout, return_lse) if fallback else "not registered"
         if reason:
             raise BackendUnavailable(f"no backend can run these inputs on device {q.device.type!r} "
                                      f"(reference: {reason})")
@@ -270,7 +131,7 @@ def select_backend(requested: str, q: Tensor, k: Tensor, v: Tensor, layout: Bloc
         return fallback
 
     def runner(backend: Backend) -> Callable[[], object]:
-        return lambda: backend.run(q, k, v, layout, scale, return_lse)
+        return lambda: run_on(backend, q, k, v, layout, scale, return_lse)
 
     key = problem_key(q, k, layout, return_lse) + "|candidates=" + ",".join(eligible)
     return eligible[timed_choice(key, {n: runner(b) for n, b in eligible.items()}, q.device)]

@@ -60,13 +60,17 @@ class ModelPreset:
 
         return latent_frames(video_frames, self.temporal_factor)
 
+    @property
+    def plan_text_position(self) -> str:
+        """``text_position`` for `LVSAPattern.plan`: ``"before"`` or ``"after"`` (models without text: ``"after"``,
+        unused with 0 text tokens)."""
+        return "before" if self.text_position == "before" else "after"
+
     def pattern(self, **overrides) -> LVSAPattern:
-        """The model's `LVSAPattern` (W = 3, n_first = 1, its reference horizon); keyword args override."""
+        """The model's `LVSAPattern` (`LVSAPattern`'s defaults, its reference horizon); keyword args override."""
         from .reference import LVSAPattern
 
-        kwargs = {"window": 3, "n_first": 1, "reference_frames": self.reference_frames}
-        kwargs.update(overrides)
-        return LVSAPattern(**kwargs)
+        return LVSAPattern(**{"reference_frames": self.reference_frames, **overrides})
 
 
 MODELS: Dict[str, ModelPreset] = {

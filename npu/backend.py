@@ -1,6 +1,6 @@
 """`npu` backend: block-sparse attention on Ascend through torch_npu.
 
-Two ways to run a layout, chosen per problem class by measurement (`lvsa_kernels.dispatch.timed_choice`,
+Two ways to run a layout, chosen per problem class by measurement (`lvsa_kernels.choice.timed_choice`,
 the same hook and cache file as the CUDA backends):
 
 * ``fusion`` - `npu_fusion_attention` once per group of query blocks that share one key-span list
@@ -27,7 +27,8 @@ import torch
 from torch import Tensor
 
 from ..backends.base import Backend, BackendUnavailable, Capabilities, register
-from ..reference import BlockSparseLayout
+from ..choice import problem_key, timed_choice
+from ..reference.layout import BlockSparseLayout, LayoutMemo
 from .detect import cpu_standin_active, load_torch_npu
 from .groups import TileGrid, span_groups, tile_grid
 
@@ -38,6 +39,7 @@ _FUSION_MAX_HEAD_DIM = 768
 _NO_BAND = 2147483647                          # pre/next tokens: no band limit
 _BLOCK_SPARSE_DTYPES = (torch.float16, torch.bfloat16)
 _BLOCK_SPARSE_HEAD_DIMS = (64, 128)
+_MASKS = LayoutMemo()   # per layout: the device tile mask of each (device, batch, heads)
 
 
 def _gather(x: Tensor, ranges, heads: slice) -> Tensor:
@@ -95,7 +97,7 @@ def run_block_sparse(torch_npu: ModuleType, q: Tensor, k: Tensor, v: Tensor, lay
     grid = tile_grid(layout)
     if isinstance(grid, str):
         raise ValueError(f"npu_block_sparse_attention cannot run this layout: {grid}")
-    mask = layout.cached(("npu", "tile_mask", str(q.device), B, H), lambda: _device_mask(grid, B, H, q.device))
+    mask = _MASKS.get(layout, (str(q.device), B, H), lambda: _device_mask(grid, B, H, q.device))
     bnsd = [x.transpose(1, 2).contiguous() for x in (q, k, v)]
     o, lse = torch_npu.npu_block_sparse_attention(
         *bnsd, mask, [grid.x, grid.y], q_input_layout="BNSD", kv_input_layout="BNSD",
@@ -152,8 +154,6 @@ class NpuBackend(Backend):
         return options
 
     def run(self, q, k, v, layout, scale, return_lse):
-        from ..dispatch import problem_key, timed_choice   # dispatch imports the backend registry
-
         torch_npu, reason = load_torch_npu()
         if torch_npu is None:
             raise BackendUnavailable(f"backend 'npu': {reason}")

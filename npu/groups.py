@@ -9,9 +9,11 @@ from typing import Dict, List, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from ..reference import BlockSparseLayout
+from ..reference.layout import BlockSparseLayout, LayoutMemo
 
 __all__ = ["SpanGroup", "TileGrid", "span_groups", "tile_grid"]
+
+_GROUPS = LayoutMemo()   # per layout: span groups and tile grids
 
 Ranges = Tuple[Tuple[int, int], ...]
 
@@ -57,7 +59,7 @@ def span_groups(layout: BlockSparseLayout) -> List[SpanGroup]:
             head = None if layout.num_heads == 1 else h
             groups += [SpanGroup(head, _merge(q), spans) for spans, q in by_spans.items()]
         return groups
-    return layout.cached(("npu", "span_groups"), build)
+    return _GROUPS.get(layout, "span_groups", build)
 
 
 @dataclass(frozen=True)
@@ -93,4 +95,4 @@ def tile_grid(layout: BlockSparseLayout, y_multiple: int = 128) -> Union[TileGri
         bm = layout.to_block_mask()
         h = torch.arange(layout.num_heads)[:, None, None]
         return TileGrid(x, y, bm[h, qb[:, :, None], kb[:, None, :]])
-    return layout.cached(("npu", "tile_grid", y_multiple), build)
+    return _GROUPS.get(layout, ("tile_grid", y_multiple), build)

@@ -1,13 +1,14 @@
-"""Planner and reference (pure PyTorch): the block-sparse layout, the LVSA pattern and the exact
+"""Planner and reference (pure PyTorch): the block-sparse layout, the LVSA and SVOO planners and the exact
 reference attention. Installed as ``lvsa_kernels.reference``."""
 from .attention import reference_attention
-from .layout import BlockSparseLayout, LayoutError, Spans
+from .layout import BlockSparseLayout, LayoutError, Spans, TextBlock
+from .plan import AttentionPlan, BlockMap
 from .lvsa import LVSAPattern, auto_key_frame_interval, global_anchor_frames, latent_frames
-from .svoo import SVOOPattern, SVOOPlan, co_cluster
-from .svoo_profile import ProfileError, SVOOProfile, keep_ratio_for_mass, profile_wan
+from .svoo import SVOOPlan, SVOOPlanner, co_cluster
+from .svoo_profile import ProfileError, SVOOProfile, keep_ratio_for_mass
 
 __all__ = [
-    "BlockSparseLayout", "LayoutError", "Spans", "LVSAPattern", "auto_key_frame_interval",
+    "AttentionPlan", "BlockMap", "BlockSparseLayout", "LayoutError", "Spans", "TextBlock", "LVSAPattern", "auto_key_frame_interval",
     "global_anchor_frames", "latent_frames", "reference_attention",
-    "SVOOPattern", "SVOOPlan", "SVOOProfile", "ProfileError", "co_cluster", "keep_ratio_for_mass", "profile_wan",
+    "SVOOPlan", "SVOOPlanner", "SVOOProfile", "ProfileError", "co_cluster", "keep_ratio_for_mass",
 ]

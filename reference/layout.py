@@ -8,19 +8,23 @@ head (``num_heads == H``); per-head layouts may also have per-head block offsets
 
 Units: offsets are in **tokens**; block indices count blocks. For LVSA one block is one latent frame.
 
-Derived data (spans, density, kernel schedules, device copies) is computed once and cached on the
-instance, so a layout planned once per denoising step can be shared by every layer.
+A layout is immutable and knows nothing of backends: facts derived from its own arrays (spans, density) are
+computed once on the instance; backends and kernels keep what they build from it (schedules, device copies,
+FlashInfer plans) in their own `LayoutMemo`, keyed by layout identity, so a layout planned once per denoising
+step is shared by every layer without holding any backend state.
 """
 from __future__ import annotations
 
 import types
+import weakref
+from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Hashable, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
-__all__ = ["BlockSparseLayout", "LayoutError", "Spans"]
+__all__ = ["BlockSparseLayout", "LayoutError", "LayoutMemo", "Spans", "TextBlock"]
 
 _INT = torch.int32
 
@@ -40,6 +44,14 @@ class Spans:
     ptr: Tensor    # int32 [Hl, nQB + 1], absolute positions into start/end
     start: Tensor  # int32 [n_spans]
     end: Tensor    # int32 [n_spans]
+
+
+@dataclass(frozen=True)
+class TextBlock:
+    """The text tokens of a layout: query block ``q_block`` and key block ``kv_block`` (block indices) hold them."""
+
+    q_block: int
+    kv_block: int
 
 
 def _as_offsets(sizes: Union[Tensor, Sequence[int], Sequence[Sequence[int]]], name: str) -> Tensor:
@@ -67,7 +79,8 @@ class BlockSparseLayout:
         row_ptr:    int32 ``[num_heads, nQB + 1]``; row ``r`` of head ``h`` selects
                     ``col_idx[row_ptr[h, r]:row_ptr[h, r + 1]]`` (positions are absolute).
         col_idx:    int32 ``[nnz]`` key-block indices, strictly increasing within a row.
-        meta:       free-form description (pattern name, kfi, anchors, ...) used by `describe`.
+        meta:       free-form description (pattern name, kfi, anchors, ...) used by `describe` only.
+        text:       the text block (`TextBlock`) when the pattern planned one, else None.
     """
 
     q_offsets: Tensor
@@ -75,7 +88,8 @@ class BlockSparseLayout:
     row_ptr: Tensor
     col_idx: Tensor
     meta: Mapping[str, Any] = field(default_factory=dict)
-    _cache: Dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
+    text: Optional[TextBlock] = None
+    _derived: Dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "meta", types.MappingProxyType(dict(self.meta)))
@@ -83,7 +97,7 @@ class BlockSparseLayout:
         # Plain-int facts, computed once so that call paths (and torch.compile tracing) never read tensors.
         q_sizes = self.block_sizes()[0]
         nonempty = q_sizes[q_sizes > 0]
-        self._cache["scalars"] = {
+        self._derived["scalars"] = {
             "q_len": int(self.q_offsets[0, -1]),
             "kv_len": int(self.kv_offsets[0, -1]),
             "computed_pairs": int((q_sizes.expand(self.num_heads, -1) * self.keys_per_block()).sum()),
@@ -98,6 +112,7 @@ class BlockSparseLayout:
         q_block_sizes: Union[Tensor, Sequence[int], Sequence[Sequence[int]]],
         kv_block_sizes: Union[Tensor, Sequence[int], Sequence[Sequence[int]]],
         meta: Optional[Mapping[str, Any]] = None,
+        text: Optional[TextBlock] = None,
     ) -> "BlockSparseLayout":
         """Build from a boolean block mask.
 
@@ -106,6 +121,7 @@ class BlockSparseLayout:
                 ``mask[.., r, c]`` = query block r attends key block c.
             q_block_sizes: ``[nQB]`` or ``[H, nQB]`` query-block sizes in tokens.
             kv_block_sizes: ``[nKB]`` or ``[H, nKB]`` key-block sizes in tokens.
+            meta, text: see the class attributes.
         """
         mask = torch.as_tensor(mask)
         if mask.dtype != torch.bool:
@@ -135,7 +151,7 @@ class BlockSparseLayout:
         cols = mask.reshape(H * nqb, nkb).nonzero(as_tuple=False)[:, 1]
         # rows of head h are rows h*nqb ... h*nqb + nqb - 1 of the flat CSR; row_ptr[h, nqb] == row_ptr[h+1, 0]
         rp = torch.cat([row_ptr[:-1].view(H, nqb), row_ptr[nqb::nqb].view(H, 1)], dim=1)
-        return cls(q_off, kv_off, rp.to(_INT).contiguous(), cols.to(_INT).contiguous(), dict(meta or {}))
+        return cls(q_off, kv_off, rp.to(_INT).contiguous(), cols.to(_INT).contiguous(), dict(meta or {}), text)
 
     @classmethod
     def dense(cls, q_len: int, kv_len: Optional[int] = None) -> "BlockSparseLayout":
@@ -160,17 +176,17 @@ class BlockSparseLayout:
     @property
     def q_len(self) -> int:
         """Query sequence length in tokens."""
-        return self._cache["scalars"]["q_len"]
+        return self._derived["scalars"]["q_len"]
 
     @property
     def kv_len(self) -> int:
         """Key sequence length in tokens."""
-        return self._cache["scalars"]["kv_len"]
+        return self._derived["scalars"]["kv_len"]
 
     @property
     def typical_q_block(self) -> int:
         """Median size of the non-empty query blocks, in tokens (selects the kernel's tuning class)."""
-        return self._cache["scalars"]["typical_q_block"]
+        return self._derived["scalars"]["typical_q_block"]
 
     @property
     def nnz(self) -> int:
@@ -232,6 +248,9 @@ class BlockSparseLayout:
             bad = (c[1:] <= c[:-1]) & ~first[1:]
             if bad.any():
                 raise LayoutError("col_idx: indices must be strictly increasing (sorted, unique) within each row")
+        if self.text is not None and not (0 <= self.text.q_block < self.num_q_blocks
+                                          and 0 <= self.text.kv_block < self.num_kv_blocks):
+            raise LayoutError(f"text: {self.text} lies outside the {self.num_q_blocks} x {self.num_kv_blocks} blocks")
         return self
 
     # ------------------------------------------------------------------ conversions
@@ -266,102 +285,24 @@ class BlockSparseLayout:
         q, k = self.q_offsets.long(), self.kv_offsets.long()
         return q[:, 1:] - q[:, :-1], k[:, 1:] - k[:, :-1]
 
-    def to_flashinfer_bsr(self) -> Dict[str, Any]:
-        """Arguments for ``flashinfer.BlockSparseAttentionWrapper.plan``.
-
-        Returns ``dict(indptr, indices, M, N, R, C)`` (int32 CPU tensors). Requires a layout shared by
-        all heads, equal query blocks of R tokens (the last may be shorter) and equal key blocks of C tokens.
-        Raises ValueError otherwise (use FlashInfer's variable-block wrapper then).
-        """
-        if self.num_heads != 1:
-            raise ValueError("to_flashinfer_bsr: BSR is shared by all heads; this layout is per head")
-        qs, ks = self.block_sizes()
-        qs, ks = qs[0], ks[0]
-        R, C = int(qs[0]), int(ks[0])
-        if R <= 0 or C <= 0 or (qs[:-1] != R).any() or int(qs[-1]) > R or int(qs[-1]) <= 0 or (ks != C).any():
-            raise ValueError(
-                "to_flashinfer_bsr: needs uniform query blocks (last may be shorter) and uniform key blocks; "
-                f"got query sizes {sorted(set(qs.tolist()))}, key sizes {sorted(set(ks.tolist()))}"
-            )
-        return {
-            "indptr": self.row_ptr[0].clone(),
-            "indices": self.col_idx.clone(),
-            "M": self.q_len,
-            "N": self.kv_len,
-            "R": R,
-            "C": C,
-        }
-
-    def to_flex_block_mask(self, block_size: int = 128, device: Union[str, torch.device, None] = None):
-        """A FlexAttention ``BlockMask`` with the same token-level mask.
-
-        Tiles of ``block_size`` tokens wholly inside selected block pairs are "full"; tiles that straddle
-        a block boundary and touch at least one selected pair are "partial" and use a ``mask_mod`` that
-        looks the pair up through O(S) token->block tables. Nothing O(S^2) is built.
-        """
-        from torch.nn.attention.flex_attention import BlockMask
-
-        dev = torch.device(device) if device is not None else torch.device("cpu")
-        H, bs = self.num_heads, block_size
-        n_qt = -(-self.q_len // bs)
-        n_kt = -(-self.kv_len // bs)
-
-        def overlap(offsets: Tensor, n_tiles: int, length: int) -> Tensor:
-            # [H, n_tiles, n_blocks] float: tile t overlaps block b
-            lo = offsets[:, :-1].long()[:, None, :]
-            hi = offsets[:, 1:].long()[:, None, :]
-            t0 = (torch.arange(n_tiles) * bs)[None, :, None]
-            t1 = torch.clamp(t0 + bs, max=length)
-            return ((lo < t1) & (hi > t0) & (hi > lo)).float()
-
-        oq = overlap(self._off(self.q_offsets), n_qt, self.q_len)
-        ok = overlap(self._off(self.kv_offsets), n_kt, self.kv_len)
-        bm = self.to_block_mask().float()
-        touched = oq @ torch.ones_like(bm) @ ok.transpose(1, 2)
-        selected = oq @ bm @ ok.transpose(1, 2)
-        any_sel = selected > 0
-        full = any_sel & (selected == touched)
-        partial = any_sel & ~full
-
-        def pack(m: Tensor) -> Tuple[Tensor, Tensor]:
-            num = m.sum(-1).to(_INT)
-            idx = torch.argsort((~m).to(torch.int8), dim=-1, stable=True).to(_INT)
-            return num[None].to(dev), idx[None].to(dev)
-
-        p_num, p_idx = pack(partial)
-        f_num, f_idx = pack(full)
-        qb = self.token_to_block(self._off(self.q_offsets)).to(dev)
-        kb = self.token_to_block(self._off(self.kv_offsets)).to(dev)
-        allowed = self.to_block_mask().to(dev)
-        shared = H == 1
-
-        def mask_mod(b, h, q_idx, kv_idx):
-            hh = 0 if shared else h
-            return allowed[hh, qb[hh, q_idx], kb[hh, kv_idx]]
-
-        return BlockMask.from_kv_blocks(
-            p_num, p_idx, f_num, f_idx, BLOCK_SIZE=bs, mask_mod=mask_mod,
-            seq_lengths=(self.q_len, self.kv_len),
-        )
-
     # ------------------------------------------------------------------ derived, cached
     def _entry_rows(self) -> Tensor:
         """int64 ``[nnz]`` flat row id (head * nQB + query block) of every CSR entry."""
         key = "entry_rows"
-        if key not in self._cache:
+        if key not in self._derived:
             rp = self.row_ptr.long()
             starts = torch.cat([rp[:, :-1].reshape(-1), rp[-1:, -1]])
             counts = starts[1:] - starts[:-1]
-            self._cache[key] = torch.repeat_interleave(torch.arange(counts.numel()), counts)
-        return self._cache[key]
+            self._derived[key] = torch.repeat_interleave(torch.arange(counts.numel()), counts)
+        return self._derived[key]
 
     @property
     def spans(self) -> Spans:
         """Merged contiguous key spans per (layout head, query block); see `Spans`."""
         key = "spans"
-        if key not in self._cache:
-            self._cache[key] = self._build_spans()
-        return self._cache[key]
+        if key not in self._derived:
+            self._derived[key] = self._build_spans()
+        return self._derived[key]
 
     def _build_spans(self) -> Spans:
         H, nqb = self.num_heads, self.num_q_blocks
@@ -401,7 +342,7 @@ class BlockSparseLayout:
     @property
     def computed_pairs(self) -> int:
         """Number of (query token, key token) pairs computed, summed over layout heads."""
-        return self._cache["scalars"]["computed_pairs"]
+        return self._derived["scalars"]["computed_pairs"]
 
     @property
     def density(self) -> float:
@@ -413,30 +354,6 @@ class BlockSparseLayout:
     def is_dense(self) -> bool:
         """True when every query token attends every key token (dense SDPA computes the same thing)."""
         return self.computed_pairs == self.num_heads * self.q_len * self.kv_len
-
-    def device_tensors(self, device: Union[str, torch.device]) -> Dict[str, Tensor]:
-        """The CSR and span arrays on ``device`` (copied once, then cached)."""
-        dev = torch.device(device)
-        key = ("device_tensors", str(dev))
-        if key not in self._cache:
-            sp = self.spans
-            self._cache[key] = {
-                name: t.to(dev)
-                for name, t in (("q_offsets", self.q_offsets), ("kv_offsets", self.kv_offsets),
-                                ("row_ptr", self.row_ptr), ("col_idx", self.col_idx),
-                                ("span_ptr", sp.ptr), ("span_start", sp.start), ("span_end", sp.end))
-            }
-        return self._cache[key]
-
-    def cached(self, key: Any, build):
-        """Memoise ``build()`` on this layout under ``key`` (used by backends for plans and schedules)."""
-        if key not in self._cache:
-            self._cache[key] = build()
-        return self._cache[key]
-
-    def cached_or_none(self, key: Any):
-        """What `cached` stored under ``key``, or None (never builds; safe inside torch.compile tracing)."""
-        return self._cache.get(key)
 
     # ------------------------------------------------------------------ display
     def __repr__(self) -> str:
@@ -461,8 +378,8 @@ class BlockSparseLayout:
         if max(self.num_q_blocks, self.num_kv_blocks) <= max_blocks:
             bm = self.to_block_mask()[head]
             globals_ = set(self.meta.get("global_kv_blocks", ()))
-            text_q = set(self.meta.get("text_q_blocks", ()))
-            text_k = set(self.meta.get("text_kv_blocks", ()))
+            text_q = {self.text.q_block} if self.text else set()
+            text_k = {self.text.kv_block} if self.text else set()
             lines.append(f"  block map (head {head}; rows = query blocks, columns = key blocks):")
             for r in range(bm.shape[0]):
                 chars = []
@@ -484,3 +401,42 @@ def _size_summary(sizes: Tensor) -> str:
     if u.numel() <= 3:
         return "{" + ",".join(str(int(x)) for x in u) + "}"
     return f"[{int(u.min())}..{int(u.max())}]"
+
+
+class LayoutMemo:
+    """Values one consumer (a backend, a kernel's scheduler) derives from layouts, keyed by layout identity.
+
+    A layout's values are dropped when the layout is garbage-collected (weak reference) and, beyond
+    ``max_layouts`` layouts, least recently used first (values may hold the layout alive, e.g. a closure).
+    """
+
+    def __init__(self, max_layouts: int = 64) -> None:
+        self.max_layouts = max_layouts
+        self._entries: "OrderedDict[int, Tuple[weakref.ref, Dict[Hashable, Any]]]" = OrderedDict()
+
+    def _values(self, layout: BlockSparseLayout) -> Optional[Dict[Hashable, Any]]:
+        entry = self._entries.get(id(layout))
+        if entry is None or entry[0]() is not layout:
+            return None
+        self._entries.move_to_end(id(layout))
+        return entry[1]
+
+    def get(self, layout: BlockSparseLayout, key: Hashable, build: Callable[[], Any]) -> Any:
+        """The value of ``key`` for ``layout``; ``build()`` it on first use."""
+        values = self._values(layout)
+        if values is None:
+            values, ident, entries = {}, id(layout), self._entries
+            entries[ident] = (weakref.ref(layout, lambda _, ident=ident: entries.pop(ident, None)), values)
+            while len(entries) > self.max_layouts:
+                entries.popitem(last=False)
+        if key not in values:
+            values[key] = build()
+        return values[key]
+
+    def peek(self, layout: BlockSparseLayout, key: Hashable) -> Any:
+        """What `get` stored for ``layout`` and ``key``, or None (never builds; safe inside torch.compile tracing)."""
+        values = self._values(layout)
+        return None if values is None else values.get(key)
+
+    def __len__(self) -> int:
+        return len(self._entries)

@@ -13,7 +13,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from .layout import BlockSparseLayout
+from .layout import BlockSparseLayout, TextBlock
 
 __all__ = ["LVSAPattern", "auto_key_frame_interval", "global_anchor_frames", "latent_frames"]
 
@@ -232,8 +232,8 @@ def _plan_cached(pattern: LVSAPattern, T: int, P: int, offset: int, L: int, pos:
     mask[v, v] = fm
     sizes = [P] * T + [L] if pos == "after" else [L] + [P] * T
     meta["global_kv_blocks"] = tuple(x + 1 for x in g) if pos == "before" else g  # the text block comes first
-    meta.update(text_position=pos, text_q_blocks=(t,), text_kv_blocks=(t,))
-    return BlockSparseLayout.from_block_mask(mask, sizes, sizes, meta)
+    meta.update(text_position=pos)
+    return BlockSparseLayout.from_block_mask(mask, sizes, sizes, meta, TextBlock(t, t))
 
 
 def _check_frames(frames: int) -> None:

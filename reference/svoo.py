@@ -3,9 +3,10 @@
 Every (batch element, head) pair is an independent *group*; tensors with a leading ``G`` dim hold
 ``G = B * H`` groups in ``(b, h)`` order. Clustering math runs in float32 (float64 for float64 inputs).
 
-Pipeline of one sparse call: cluster (or reuse cached labels with refreshed centroids) -> permute
-q, k, v so that clusters are contiguous -> select (query cluster, key cluster) blocks -> per-head
-variable-block `BlockSparseLayout` over the permuted sequence -> block-sparse attention -> un-permute.
+Pipeline of one sparse call: cluster (or reuse cached labels with refreshed centroids) -> select (query cluster,
+key cluster) blocks -> an `AttentionPlan` of per-head blocks over the cluster-ordered tokens plus the query and key
+orders -> `block_sparse_attn`, which permutes, runs and un-permutes. This module plans; the attention call is
+`lvsa_kernels.SVOOPattern.attention` (a subclass of `SVOOPlanner`).
 """
 from __future__ import annotations
 
@@ -18,11 +19,13 @@ from typing import Callable, Collection, Dict, Hashable, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
+from .eager import eager
 from .layout import BlockSparseLayout
+from .plan import AttentionPlan, BlockMap, permute_tokens, unpermute_tokens  # noqa: F401  (re-exported)
 from .svoo_profile import SVOOProfile
 
 __all__ = [
-    "Clusters", "CoClustering", "SVOOPattern", "SVOOPlan", "assign", "assignment_weights", "build_layouts",
+    "Clusters", "CoClustering", "SVOOPlan", "SVOOPlanner", "ClusterOps", "assign", "assignment_weights",
     "co_cluster", "l2norm_rows", "means_of_sorted", "with_text", "permute_tokens", "refresh_clusters", "segment_means", "select_blocks", "strided_seeds",
     "unpermute_tokens",
 ]
@@ -240,47 +243,6 @@ def select_blocks(q_centroids: Tensor, k_centroids: Tensor, k_sizes: Tensor, top
     return keep & nonempty
 
 
-def build_layouts(mask: Tensor, q_sizes: Tensor, k_sizes: Tensor, batch: int,
-                  meta: Optional[Dict[str, object]] = None) -> Tuple[BlockSparseLayout, ...]:
-    """One per-head variable-block layout per batch element over the permuted sequence.
-
-    mask bool ``[B*H, n_q, n_k]``, q_sizes ``[B*H, n_q]``, k_sizes ``[B*H, n_k]`` (tokens); query block i of
-    head h is query cluster i, key block j is key cluster j (zero-size blocks allowed).
-    """
-    G = mask.shape[0]
-    if G % batch:
-        raise ValueError(f"mask: {G} groups is not a multiple of batch={batch}")
-    H = G // batch
-    mask, q_sizes, k_sizes = mask.cpu(), q_sizes.cpu(), k_sizes.cpu()
-    return tuple(
-        BlockSparseLayout.from_block_mask(mask[b * H:(b + 1) * H], q_sizes[b * H:(b + 1) * H],
-                                          k_sizes[b * H:(b + 1) * H], dict(meta or {}, pattern="svoo"))
-        for b in range(batch)
-    )
-
-
-# ---------------------------------------------------------------------------------------------- permutation
-def permute_tokens(x: Tensor, perm: Tensor) -> Tensor:
-    """x ``[B, S, H, D]`` reordered per (b, h): ``out[b, s, h] = x[b, perm[b, h, s], h]`` (perm int64 ``[B, H, S]``).
-
-    Returns a ``[B, S, H, D]`` view of a ``[B, H, S, D]`` buffer (last dim contiguous).
-    """
-    B, S, H, D = x.shape
-    if perm.shape != (B, H, S):
-        raise ValueError(f"perm: expected shape {(B, H, S)} for x of shape {tuple(x.shape)}, got {tuple(perm.shape)}")
-    rows = x.transpose(1, 2).reshape(B * H * S, D)
-    base = torch.arange(B * H, device=x.device).unsqueeze(1) * S
-    flat = (perm.to(x.device).reshape(B * H, S) + base).reshape(-1)
-    return rows.index_select(0, flat).view(B, H, S, D).transpose(1, 2)
-
-
-def unpermute_tokens(y: Tensor, perm: Tensor) -> Tensor:
-    """Inverse of `permute_tokens`: ``out[b, perm[b, h, s], h] = y[b, s, h]``."""
-    inverse = torch.empty_like(perm).scatter_(-1, perm, torch.arange(perm.shape[-1], device=perm.device)
-                                              .expand_as(perm).contiguous())
-    return permute_tokens(y, inverse)
-
-
 def _groups(x: Tensor) -> Tensor:
     """``[B, S, H, D]`` -> ``[B*H, S, D]``."""
     B, S, H, D = x.shape
@@ -316,26 +278,36 @@ def with_text(clustering: CoClustering, mask: Tensor, text_tokens: int
 
 # ---------------------------------------------------------------------------------------------- pattern
 @dataclass(frozen=True)
-class SVOOPlan:
-    """What `SVOOPattern.plan` returns.
+class ClusterOps:
+    """The clustering's kernels; the defaults are pure PyTorch (a GPU caller passes fused kernels).
 
     Attributes:
-        layouts: one layout per batch element (per head, over the permuted sequence); a single
-            ``BlockSparseLayout.dense`` for dense calls.
-        q_perm, k_perm: int64 ``[B, H, S]`` token orders (see `permute_tokens`); None for dense calls.
+        assign: ``(x [G, N, d], W [G, J, d]) -> int64 labels [G, N]``, the rule of `assign`.
+        means: ``(x, labels, n, previous, perm) -> (centroids, sizes)`` like `segment_means`, or None for
+            `segment_means` on float32 copies (see `co_cluster`).
+        refresh: ``(x [B, S, H, D], clusters) -> Clusters``: same labels, centroids recomputed from x (any strides).
+    """
+
+    assign: Callable[[Tensor, Tensor], Tensor] = assign
+    means: Optional[Callable[..., Tuple[Tensor, Tensor]]] = None
+    refresh: Callable[[Tensor, Clusters], Clusters] = lambda x, clusters: refresh_clusters(_groups(x), clusters)
+
+
+@dataclass(frozen=True, eq=False)
+class SVOOPlan(AttentionPlan):
+    """What `SVOOPlanner.plan` returns: an `AttentionPlan` plus the clustering behind it.
+
+    Attributes (besides `AttentionPlan`'s ``blocks``, ``q_perm``, ``k_perm``; ``layouts`` gives the host layouts):
         clustering: the co-clustering used (None for dense calls).
         reclustered: True when this call ran the clustering, False when it reused cached labels.
     """
 
-    layouts: Tuple[BlockSparseLayout, ...]
-    q_perm: Optional[Tensor]
-    k_perm: Optional[Tensor]
-    clustering: Optional[CoClustering]
-    reclustered: bool
+    clustering: Optional[CoClustering] = None
+    reclustered: bool = False
 
     @property
     def dense(self) -> bool:
-        return self.q_perm is None
+        return not self.permuted
 
 
 @dataclass
@@ -346,8 +318,8 @@ class _CacheEntry:
     heads: Optional[Tuple[int, int]] = None
 
 
-class SVOOPattern:
-    """SVOO sparse attention: offline per-head profile floor + online query/key co-clustering.
+class SVOOPlanner:
+    """SVOO sparse attention planner: offline per-head profile floor + online query/key co-clustering.
 
     Args:
         profile: None (no floor), a CSV path, or an `SVOOProfile` of per (step, layer, head) keep ratios.
@@ -427,74 +399,34 @@ class SVOOPattern:
             out[(layer, branch)] = float(pairs) / (B * H * S * S)
         return out
 
-    @torch.compiler.disable  # stateful (cluster cache) and host-side layouts: runs eagerly inside compiled models
+    @eager  # stateful cluster cache: runs eagerly inside compiled models
     def plan(self, q: Tensor, k: Tensor, step: int, layer: int, cache_key: Hashable = None,
-             scale: Optional[float] = None, heads: Optional[Tuple[int, int]] = None, text_tokens: int = 0) -> SVOOPlan:
-        """Plan one self-attention call from q ``[B, S, H, D]`` and k ``[B, S, H, D]`` as inspectable layouts.
+             scale: Optional[float] = None, heads: Optional[Tuple[int, int]] = None, text_tokens: int = 0,
+             ops: Optional[ClusterOps] = None) -> SVOOPlan:
+        """Plan one self-attention call from q ``[B, S, H, D]`` and k ``[B, S, H, D]``.
 
         ``cache_key`` names the CFG branch (any hashable); ``scale`` is the softmax scale (default 1/sqrt(D));
         ``heads = (first, total)``: q, k hold global heads ``first .. first + H`` of ``total`` (a Ulysses
         shard: profile floors and cluster seeds follow the global head). ``text_tokens``: the last
         ``text_tokens`` positions are (valid) text: only the video part is clustered; text is one extra query
         and key block, unpermuted at the end: video clusters attend their selected video clusters and all text,
-        text attends everything.
-        The layouts are built on the host (any backend can run them); `attention` on CUDA skips them and
-        plans on the device.
+        text attends everything. ``ops``: the clustering kernels (default pure PyTorch).
+        Everything stays on q's device; the host layouts (``plan.layouts``) are built on first use, and a
+        backend that reads through the permutation (Triton's cluster kernel) never needs them.
         """
         B, S, H, D = self._check(q, k, step, text_tokens)
         if self.is_dense(step, layer):
-            return SVOOPlan((BlockSparseLayout.dense(S),), None, None, None, False)
+            return SVOOPlan(BlockSparseLayout.dense(S))
         scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
         n_video = S - text_tokens
-        clustering, reclustered = self._clusters(q[:, :n_video], k[:, :n_video], step, layer, cache_key, assign,
-                                                 heads=heads)
+        clustering, reclustered = self._clusters(q[:, :n_video], k[:, :n_video], step, layer, cache_key,
+                                                 ops or ClusterOps(), heads)
         mask = self._block_map(clustering, step, layer, B, H, scale, heads)
         q_sizes, k_sizes, q_perm, k_perm, mask = with_text(clustering, mask, text_tokens)
-        meta = {"step": step, "layer": layer, "top_p": self.top_p, "q_clusters": self.q_clusters,
+        meta = {"pattern": "svoo", "step": step, "layer": layer, "top_p": self.top_p, "q_clusters": self.q_clusters,
                 "k_clusters": self.k_clusters, "text_tokens": text_tokens}
-        layouts = build_layouts(mask, q_sizes, k_sizes, B, meta)
-        return SVOOPlan(layouts, q_perm.view(B, H, S), k_perm.view(B, H, S), clustering, reclustered)
-
-    @torch.compiler.disable  # stateful cluster cache: torch.compile graph-breaks here and runs it eagerly
-    def attention(self, q: Tensor, k: Tensor, v: Tensor, step: int, layer: int, backend: str = "auto",
-                  branch: Hashable = None, scale: Optional[float] = None,
-                  heads: Optional[Tuple[int, int]] = None, text_tokens: int = 0) -> Tensor:
-        """SVOO self-attention: q, k, v ``[B, S, H, D]`` -> out ``[B, S, H, D]`` in the original token order.
-
-        ``heads``, ``text_tokens``: see `plan`. Dense steps and layers run ``block_sparse_attn`` with a dense
-        layout. Sparse calls with ``backend`` "triton", or "auto" on CUDA, run the cluster path
-        (`lvsa_kernels.triton_src.cluster_path`): planned on the device, keys and values permuted once, queries
-        read and outputs written through the permutation by the packed cluster kernel. Other backends permute
-        q, k, v, run ``block_sparse_attn`` per batch element on the host-built per-head layouts of `plan`, and
-        un-permute. Under ``torch.compile`` this call is excluded from the graph (``torch.compiler.disable``)
-        and runs eagerly; the rest of the model compiles.
-        """
-        from lvsa_kernels.api import block_sparse_attn  # lazy: lvsa_kernels imports this package first
-
-        B, S, H, D = self._check(q, k, step, text_tokens)
-        if self.is_dense(step, layer):
-            return block_sparse_attn(q, k, v, BlockSparseLayout.dense(S), backend=backend, scale=scale)
-        path = _cluster_path(q, backend)
-        if path is not None:
-            scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-            n_video = S - text_tokens
-            qv, kv = q[:, :n_video], k[:, :n_video]
-            cached = self._cached(qv, step, layer, branch)
-            if cached is None:  # re-clustering step (or no fitting cache): cluster, then permute
-                clustering, _ = self._clusters(qv, kv, step, layer, branch, path.assign_fn(q), path.means_fn, heads)
-                kp, vp = path.permute_keys(k, v, _text_last(clustering.k.perm, text_tokens))
-            else:  # reuse step: permute with the cached order, refresh the centroids (keys from the permuted keys)
-                kp, vp = path.permute_keys(k, v, _text_last(cached.k.perm, text_tokens))
-                clustering = path.refresh(qv, kp[:, :n_video], cached)
-                self._store(qv, step, layer, branch, clustering, heads)
-            mask = self._block_map(clustering, step, layer, B, H, scale, heads)
-            q_sizes, k_sizes, q_perm, _, mask = with_text(clustering, mask, text_tokens)
-            return path.attend(q, kp, vp, q_sizes, k_sizes, q_perm, mask, scale)
-        plan = self.plan(q, k, step, layer, cache_key=branch, scale=scale, heads=heads, text_tokens=text_tokens)
-        qp, kp, vp = permute_tokens(q, plan.q_perm), permute_tokens(k, plan.k_perm), permute_tokens(v, plan.k_perm)
-        outs = [block_sparse_attn(qp[b:b + 1], kp[b:b + 1], vp[b:b + 1], layout, backend=backend, scale=scale)
-                for b, layout in enumerate(plan.layouts)]
-        return unpermute_tokens(torch.cat(outs) if len(outs) > 1 else outs[0], plan.q_perm)
+        return SVOOPlan(BlockMap(mask, q_sizes, k_sizes, B, meta), q_perm.view(B, H, S), k_perm.view(B, H, S),
+                        clustering, reclustered)
 
     # ------------------------------------------------------------------------------------------ internals
     def _check(self, q: Tensor, k: Tensor, step: int, text_tokens: int = 0) -> Tuple[int, int, int, int]:
@@ -513,25 +445,16 @@ class SVOOPattern:
         return (entry is None or entry.signature != signature
                 or (step != entry.step and (step - self.warmup_steps) % self.recluster_every == 0))
 
-    def _cached(self, q: Tensor, step: int, layer: int, branch: Hashable) -> Optional[CoClustering]:
-        """The cached clustering of (layer, branch) if this call reuses it, else None."""
-        entry = self._cache.get((layer, branch))
-        signature = (tuple(q.shape), q.device)
-        return None if self._needs_clustering(entry, signature, step) else entry.clustering
-
     def _store(self, q: Tensor, step: int, layer: int, branch: Hashable, clustering: CoClustering,
                heads: Optional[Tuple[int, int]] = None) -> None:
         self._cache[(layer, branch)] = _CacheEntry((tuple(q.shape), q.device), step, clustering, heads)
 
-    def _clusters(self, q: Tensor, k: Tensor, step: int, layer: int, branch: Hashable,
-                  assign_fn: Callable[[Tensor, Tensor], Tensor],
-                  means_fn: Optional[Callable[..., Tuple[Tensor, Tensor]]] = None,
+    def _clusters(self, q: Tensor, k: Tensor, step: int, layer: int, branch: Hashable, ops: ClusterOps,
                   heads: Optional[Tuple[int, int]] = None) -> Tuple[CoClustering, bool]:
         """Re-cluster (warm-started from a fitting cache entry) or refresh the cached clusters of q, k
         ``[B, S, H, D]``; updates the cache. Returns (clustering, reclustered)."""
         entry = self._cache.get((layer, branch))
         signature = (tuple(q.shape), q.device)
-        gq, gk = _groups(q), _groups(k)
         reclustered = self._needs_clustering(entry, signature, step)
         if reclustered:
             init = None
@@ -540,11 +463,11 @@ class SVOOPattern:
             B, _, H, _ = q.shape
             first, total = heads or (0, H)
             groups = (torch.arange(B).view(B, 1) * total + first + torch.arange(H)).reshape(-1)
-            clustering = co_cluster(gq, gk, self.q_clusters, self.k_clusters, self.iterations, self.seed, init,
-                                    assign_fn, means_fn, groups)
+            clustering = co_cluster(_groups(q), _groups(k), self.q_clusters, self.k_clusters, self.iterations,
+                                    self.seed, init, ops.assign, ops.means, groups)
             log.info("svoo: clustered layer %d branch %r at step %d", layer, branch, step)
         else:
-            clustering = CoClustering(refresh_clusters(gq, entry.clustering.q), refresh_clusters(gk, entry.clustering.k))
+            clustering = CoClustering(ops.refresh(q, entry.clustering.q), ops.refresh(k, entry.clustering.k))
         self._store(q, step, layer, branch, clustering, heads)
         return clustering, reclustered
 
@@ -554,25 +477,3 @@ class SVOOPattern:
         floor = self.min_blocks(step, layer, H, first, total).repeat(B)
         return select_blocks(clustering.q.centroids, clustering.k.centroids, clustering.k.sizes, self.top_p,
                              floor, scale)
-
-
-def _cluster_path(q: Tensor, backend: str):
-    """The Triton cluster-path module when ``backend`` asks for it on ``q``'s device, else None."""
-    if backend not in ("triton", "auto"):
-        return None
-    if backend == "auto" and q.device.type != "cuda":
-        return None
-    try:
-        from lvsa_kernels.triton_src import cluster_path
-    except ImportError:
-        if backend == "triton":
-            raise
-        return None
-    reason = cluster_path.unsupported_reason(q)
-    if reason is None:
-        return cluster_path
-    if backend == "triton":
-        from lvsa_kernels.backends import BackendUnavailable
-
-        raise BackendUnavailable(f"SVOO cluster path (triton): {reason}")
-    return None

@@ -18,11 +18,11 @@ else:
 @pytest.fixture
 def isolated_dispatch_cache(monkeypatch, tmp_path):
     """Backend choices cached in a fresh folder, no LVSA_KERNELS_BACKEND override, no remembered warnings."""
-    from lvsa_kernels import dispatch
+    from lvsa_kernels import choice, dispatch
 
     monkeypatch.setenv(dispatch.ENV_CACHE_DIR, str(tmp_path))
     monkeypatch.delenv(dispatch.ENV_BACKEND, raising=False)
-    monkeypatch.setattr(dispatch, "_warned", set())
+    monkeypatch.setattr(choice, "_warned", set())
     dispatch.reset_state()
     yield
     dispatch.reset_state()

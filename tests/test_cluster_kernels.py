@@ -7,7 +7,7 @@ on a CUDA machine they run on the GPU and add bf16.
 import pytest
 import torch
 
-from lvsa_kernels.reference import SVOOPattern
+from lvsa_kernels import SVOOPattern
 from lvsa_kernels.reference.svoo import assign, co_cluster, segment_means
 from lvsa_kernels.triton_src import cluster_path
 from lvsa_kernels.triton_src.cluster_launch import ClusterConfig, assign_labels, cluster_attention, cluster_config

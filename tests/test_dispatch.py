@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lvsa_kernels import BackendUnavailable, BlockSparseLayout, LVSAPattern, block_sparse_attn, reference_attention
-from lvsa_kernels import dispatch
+from lvsa_kernels import choice, dispatch
 from lvsa_kernels.backends import base, registered_backends
 from lvsa_kernels.backends.base import Backend, Capabilities
 from lvsa_kernels.commands import backends as backends_command
@@ -76,14 +76,14 @@ class _Toy(Backend):
 
 @pytest.fixture
 def toys(monkeypatch):
-    """Registry = reference, sdpa, 'slow', 'fast', 'broken' (unavailable); counts calls of `dispatch.measure`."""
+    """Registry = reference, sdpa, 'slow', 'fast', 'broken' (unavailable); counts calls of `choice.measure`."""
     reg = {n: registered_backends()[n] for n in ("reference", "sdpa")}
     toys = {"slow": _Toy("slow", delay=0.02), "fast": _Toy("fast"), "broken": _Toy("broken", reason="needs a widget")}
     reg.update(toys)
     monkeypatch.setattr(base, "_REGISTRY", reg)
     timed = []
-    real = dispatch.measure
-    monkeypatch.setattr(dispatch, "measure", lambda fn, dev: timed.append(1) or real(fn, dev))
+    real = choice.measure
+    monkeypatch.setattr(choice, "measure", lambda fn, dev: timed.append(1) or real(fn, dev))
     toys["timed"] = timed
     return toys
 
@@ -183,6 +183,49 @@ def test_unavailable_real_backends_raise_here():
         if reason:
             with pytest.raises(BackendUnavailable, match=name):
                 block_sparse_attn(q, k, v, layout, backend=name)
+
+
+# ------------------------------------------------------------------------------------ permuted plans
+def _permuted_plan(B=2, S=24, H=2, seed=4):
+    from lvsa_kernels.reference.svoo import SVOOPlanner
+
+    q, k, v = random_qkv(B, S, S, H, H, 8, seed=seed)
+    plan = SVOOPlanner(top_p=0.6, q_clusters=3, k_clusters=5, warmup_steps=0).plan(q, k, 0, 0)
+    assert plan.permuted and 0 < min(l.density for l in plan.layouts) < 1
+    return q, k, v, plan
+
+
+def test_permuted_plan_output_and_lse_come_back_in_token_order():
+    from lvsa_kernels.reference.plan import permute_tokens, unpermute_tokens
+
+    q, k, v, plan = _permuted_plan()
+    out, lse = block_sparse_attn(q, k, v, plan, backend="reference", scale=0.3, return_lse=True)
+    qp, kp, vp = permute_tokens(q, plan.q_perm), permute_tokens(k, plan.k_perm), permute_tokens(v, plan.k_perm)
+    for b, layout in enumerate(plan.layouts):
+        ref_out, ref_lse = reference_attention(qp[b:b + 1], kp[b:b + 1], vp[b:b + 1], layout, scale=0.3,
+                                               return_lse=True)
+        torch.testing.assert_close(out[b:b + 1], unpermute_tokens(ref_out, plan.q_perm[b:b + 1]))
+        torch.testing.assert_close(lse[b, :, plan.q_perm[b]].diagonal().T, ref_lse[0])   # lse[b, h, perm[b, h, s]]
+
+
+def test_auto_chooses_for_permuted_plans_by_the_same_measurement(toys, tmp_path):
+    q, k, v, plan = _permuted_plan()
+    out = block_sparse_attn(q, k, v, plan)
+    torch.testing.assert_close(out, block_sparse_attn(q, k, v, plan, backend="reference"))
+    assert len(toys["timed"]) == 2                             # slow and fast, once each
+    (key, entry), = json.loads((tmp_path / "backends.json").read_text())["entries"].items()
+    assert key == dispatch.problem_key(q, k, plan, False) + "|candidates=slow,fast" and "|permuted|per-head|" in key
+    assert entry["winner"] == "fast"
+    block_sparse_attn(q, k, v, plan)
+    assert len(toys["timed"]) == 2
+
+
+def test_permuted_plan_input_errors():
+    q, k, v, plan = _permuted_plan()
+    with pytest.raises(ValueError, match="equal shapes"):
+        block_sparse_attn(q, k[:, :12], v[:, :12], plan)
+    with pytest.raises(ValueError, match="plan.q_perm"):
+        block_sparse_attn(q[:1], k[:1], v[:1], plan)
 
 
 # ------------------------------------------------------------------------------------ the backends command

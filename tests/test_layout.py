@@ -5,6 +5,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lvsa_kernels import BlockSparseLayout, LayoutError, LVSAPattern
+from lvsa_kernels.backends.flashinfer_backend import flashinfer_bsr
+from lvsa_kernels.bench.baselines import flex_block_mask
 
 
 # ---------------------------------------------------------------- strategies and brute-force helpers
@@ -153,11 +155,11 @@ def test_from_block_mask_rejects_bad_arguments():
 
 
 # ---------------------------------------------------------------- FlashInfer BSR
-def test_to_flashinfer_bsr_uniform():
+def test_flashinfer_bsr_uniform():
     gen = torch.Generator().manual_seed(1)
     mask = torch.rand(5, 4, generator=gen) < 0.5
     layout = BlockSparseLayout.from_block_mask(mask, [3, 3, 3, 3, 2], [4] * 4)
-    bsr = layout.to_flashinfer_bsr()
+    bsr = flashinfer_bsr(layout)
     indptr = torch.cat([torch.zeros(1, dtype=torch.int64), mask.sum(1).cumsum(0)])
     assert bsr["indptr"].dtype == bsr["indices"].dtype == torch.int32
     assert bsr["indptr"].tolist() == indptr.tolist()
@@ -171,15 +173,15 @@ def test_to_flashinfer_bsr_uniform():
     (torch.ones(2, 2, dtype=torch.bool), [0, 3], [4, 4], "uniform"),
     (torch.ones(2, 2, 2, dtype=torch.bool), [3, 3], [4, 4], "per head"),
 ])
-def test_to_flashinfer_bsr_rejects(mask, qs, ks, match):
+def test_flashinfer_bsr_rejects(mask, qs, ks, match):
     with pytest.raises(ValueError, match=match):
-        BlockSparseLayout.from_block_mask(mask, qs, ks).to_flashinfer_bsr()
+        flashinfer_bsr(BlockSparseLayout.from_block_mask(mask, qs, ks))
 
 
 # ---------------------------------------------------------------- FlexAttention BlockMask
 def _check_flex(layout, bs):
     tm = layout.to_token_mask()
-    bm = layout.to_flex_block_mask(block_size=bs)
+    bm = flex_block_mask(layout, block_size=bs)
     H, sq, skv = tm.shape
     n_qt, n_kt = -(-sq // bs), -(-skv // bs)
     dense = bm.to_dense()
@@ -197,14 +199,14 @@ def _check_flex(layout, bs):
         assert torch.equal(got, tm[h])
 
 
-def test_to_flex_block_mask_lvsa_with_text():
+def test_flex_block_mask_lvsa_with_text():
     layout = LVSAPattern(window=1, reference_frames=3).plan(8, 5, step=1, text_tokens=3)
     _check_flex(layout, 4)
 
 
 @settings(max_examples=30, deadline=None)
 @given(layout_inputs(), st.sampled_from([1, 2, 3, 4]))
-def test_to_flex_block_mask_random(inputs, bs):
+def test_flex_block_mask_random(inputs, bs):
     mask, qs, ks = inputs
     layout = BlockSparseLayout.from_block_mask(mask, qs, ks)
     if layout.q_len and layout.kv_len:
@@ -223,3 +225,45 @@ def test_describe_lvsa_plan_with_text():
     assert rows[-1] == "T" * 10  # text queries attend everything
     assert all(r[-1] == "T" for r in rows)  # every query attends the text keys
     assert "density=" in repr(layout)
+
+
+@pytest.mark.parametrize("position, block", [("after", 8), ("before", 0)])
+def test_lvsa_text_block_is_typed_and_validated(position, block):
+    from lvsa_kernels.reference.layout import TextBlock
+
+    layout = LVSAPattern(window=1, reference_frames=3).plan(8, 5, step=1, text_tokens=3, text_position=position)
+    assert layout.text == TextBlock(block, block) and "text_q_blocks" not in layout.meta
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    with pytest.raises(LayoutError, match="text"):
+        BlockSparseLayout.from_block_mask(mask, [2, 2], [1, 1, 1], text=TextBlock(2, 0))
+
+
+def test_layout_memo_is_keyed_by_identity_weak_and_bounded():
+    import gc
+
+    from lvsa_kernels.reference.layout import LayoutMemo
+
+    memo = LayoutMemo(max_layouts=2)
+    a, b, c = (BlockSparseLayout.dense(n) for n in (4, 5, 6))
+    built = []
+    assert memo.get(a, "k", lambda: built.append("a") or 1) == 1
+    assert memo.get(a, "k", lambda: built.append("again") or 2) == 1 and built == ["a"]
+    assert memo.peek(BlockSparseLayout.dense(4), "k") is None                  # an equal layout is another layout
+    memo.get(b, "k", lambda: 2)
+    memo.get(a, "k", lambda: 0)                                                # a is now the most recent
+    memo.get(c, "k", lambda: 3)                                                # evicts b, the least recent
+    assert memo.peek(b, "k") is None and memo.peek(a, "k") == 1 and len(memo) == 2
+    del c
+    gc.collect()
+    assert len(memo) == 1
+
+
+def test_running_a_backend_leaves_the_layout_unchanged():
+    from lvsa_kernels import block_sparse_attn
+
+    layout = LVSAPattern(window=1, reference_frames=3).plan(6, 4, step=1, text_tokens=2)
+    before = set(layout._derived)
+    q = torch.randn(1, layout.q_len, 2, 16, device="cuda" if torch.cuda.is_available() else "cpu")
+    block_sparse_attn(q, q, q, layout, backend="triton")                     # tunes, schedules: kept by the backend
+    assert set(layout._derived) <= before | {"spans", "entry_rows"}
+    assert not hasattr(layout, "cached") and not hasattr(layout, "to_flashinfer_bsr")

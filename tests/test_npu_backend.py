@@ -9,7 +9,7 @@ import torch
 
 import npu_standin
 from lvsa_kernels import BackendUnavailable, BlockSparseLayout, LVSAPattern, block_sparse_attn, reference_attention
-from lvsa_kernels import dispatch
+from lvsa_kernels import choice, dispatch
 from lvsa_kernels.npu import backend as nb
 from lvsa_kernels.npu.detect import load_torch_npu
 from lvsa_kernels.npu.groups import span_groups, tile_grid
@@ -148,8 +148,8 @@ def test_block_sparse_variant_mask_and_output(monkeypatch, dtype):
 def test_variant_chosen_by_measurement_and_cached(monkeypatch, tmp_path):
     npu_standin.install(monkeypatch)
     timed = []
-    real_measure = dispatch.measure
-    monkeypatch.setattr(dispatch, "measure", lambda fn, dev: timed.append(1) or real_measure(fn, dev))
+    real_measure = choice.measure
+    monkeypatch.setattr(choice, "measure", lambda fn, dev: timed.append(1) or real_measure(fn, dev))
     layout = _grid_layout()
     q, k, v = random_qkv(1, layout.q_len, layout.kv_len, 2, 2, 64, seed=6, dtype=torch.float16)
     for _ in range(2):
@@ -164,7 +164,7 @@ def test_variant_chosen_by_measurement_and_cached(monkeypatch, tmp_path):
 
 def test_fp32_runs_fusion_only_without_timing(monkeypatch):
     mod = npu_standin.install(monkeypatch)
-    monkeypatch.setattr(dispatch, "measure", lambda fn, dev: pytest.fail("nothing to choose between"))
+    monkeypatch.setattr(choice, "measure", lambda fn, dev: pytest.fail("nothing to choose between"))
     layout = _grid_layout()
     q, k, v = random_qkv(1, layout.q_len, layout.kv_len, 2, 1, 64, seed=7)
     block_sparse_attn(q, k, v, layout, backend="npu")

@@ -5,11 +5,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lvsa_kernels import block_sparse_attn
+from lvsa_kernels import SVOOPattern, block_sparse_attn
 from lvsa_kernels.backends import registered_backends
 from lvsa_kernels.reference import svoo
 from lvsa_kernels.reference.svoo import (
-    SVOOPattern, assign, assignment_weights, co_cluster, permute_tokens, segment_means,
+    assign, assignment_weights, co_cluster, permute_tokens, segment_means,
     select_blocks, strided_seeds, unpermute_tokens,
 )
 from lvsa_kernels.reference.svoo_profile import ProfileError, SVOOProfile

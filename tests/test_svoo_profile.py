@@ -5,11 +5,9 @@ import math
 import pytest
 import torch
 
+from lvsa_kernels import SVOOPattern
 from lvsa_kernels.reference import svoo_profile
-from lvsa_kernels.reference.svoo import SVOOPattern
-from lvsa_kernels.reference.svoo_profile import (
-    ProfileError, SVOOProfile, install_wan_processors, keep_ratio_for_mass, profile_wan, sample_query_rows, sdpa_bshd,
-)
+from lvsa_kernels.reference.svoo_profile import ProfileError, SVOOProfile, keep_ratio_for_mass, sample_query_rows
 
 
 def _write(path, text):
@@ -115,6 +113,8 @@ def tiny_wan():
 
 @torch.no_grad()
 def _run_with(model, inputs, attend):
+    from lvsa_kernels.diffusers.wan_profile import install_wan_processors
+
     previous = install_wan_processors(model, attend)
     try:
         return model(**inputs, return_dict=False)[0]
@@ -124,6 +124,8 @@ def _run_with(model, inputs, attend):
 
 @torch.no_grad()
 def test_capture_processor_reproduces_wan_and_sees_post_rope_qk(tiny_wan):
+    from lvsa_kernels.diffusers.wan_profile import sdpa_bshd
+
     model, inputs = tiny_wan
     dense = model(**inputs, return_dict=False)[0]
     seen = {}
@@ -155,6 +157,8 @@ def test_tiny_wan_with_svoo_top_p_one_equals_dense_and_sparse_runs(tiny_wan):
 
 
 def test_profile_wan_and_cli_csv_loads_into_pattern(tiny_wan, tmp_path):
+    from lvsa_kernels.diffusers.wan_profile import profile_wan
+
     model, inputs = tiny_wan
     lat = [inputs["hidden_states"], inputs["hidden_states"] * 0.5 + 0.1]
     emb = [inputs["encoder_hidden_states"]] * 2

@@ -1,8 +1,9 @@
 """SVOO's GPU path: permute K/V once, plan on the device, run the packed cluster kernel.
 
-Used by `SVOOPattern.attention` for ``backend="triton"`` (CUDA, or CPU tensors in Triton's interpreter)
-and for ``backend="auto"`` on CUDA. Nothing here synchronises with the host: the block map, the
-schedule and the kernel stay on the device, so one attention call is a fixed sequence of launches.
+The Triton backend runs permuted plans with it (`TritonBackend.run_permuted`: CUDA, or CPU tensors in Triton's
+interpreter); `lvsa_kernels.SVOOPattern` clusters with its fused kernels when the attention runs on Triton.
+Nothing here synchronises with the host: the block map, the schedule and the kernel stay on the device, so one
+attention call is a fixed sequence of launches.
 """
 from __future__ import annotations
 
@@ -12,32 +13,12 @@ import torch
 import triton
 from torch import Tensor
 
-from ..reference.svoo import Clusters, CoClustering
 from .cluster_attn import permute_rows, segment_sums
 from .cluster_launch import assign_labels, cluster_attention, cluster_config
 from .cluster_schedule import build_cluster_schedule
 from .tuning import interpreting
 
-__all__ = ["assign_fn", "attend", "cluster_means", "gather_rows", "means_fn", "permute_keys", "refresh", "unsupported_reason"]
-
-_HEAD_DIMS = (16, 32, 64, 128)
-
-
-def unsupported_reason(q: Tensor) -> Optional[str]:
-    """Why the cluster path cannot run on q ``[B, S, H, D]``, or None."""
-    if q.device.type == "cpu" and not interpreting():
-        return "CPU tensors run only in Triton's interpreter (set TRITON_INTERPRET=1 before importing lvsa_kernels)"
-    if q.device.type not in ("cpu", "cuda"):
-        return f"runs on CUDA (or CPU in Triton's interpreter), got device {q.device.type!r}"
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return f"supports float16/bfloat16/float32, got {q.dtype}"
-    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
-        return "bf16 tl.dot is wrong in the Triton interpreter (triton#11584); use fp16/fp32 on CPU"
-    if q.shape[-1] not in _HEAD_DIMS:
-        return f"supports head dims {list(_HEAD_DIMS)}, got {q.shape[-1]}"
-    if q.stride(-1) != 1:
-        return "the head dim (last dim) of q must be contiguous"
-    return None
+__all__ = ["assign_fn", "attend", "cluster_means", "gather_rows", "means_fn", "permute_keys"]
 
 
 def assign_fn(q: Tensor) -> Callable[[Tensor, Tensor], Tensor]:
@@ -63,15 +44,6 @@ def cluster_means(x: Tensor, sizes: Tensor, previous: Tensor, perm: Optional[Ten
                              HAS_PERM=perm is not None)
     means = sums / sizes.clamp(min=1).unsqueeze(-1)
     return torch.where((sizes > 0).unsqueeze(-1), means, previous.float())
-
-
-def refresh(q: Tensor, kp: Tensor, cached: CoClustering) -> CoClustering:
-    """Cached labels and permutations with centroids recomputed from the current q ``[B, S, H, D]`` (read
-    through the query permutation) and kp ``[G, S, D]`` (keys already in key-cluster order); strided views
-    (e.g. the video part of a longer sequence) are fine."""
-    cq, ck = cached.q, cached.k
-    return CoClustering(Clusters(cq.labels, cluster_means(q, cq.sizes, cq.centroids, cq.perm), cq.sizes, cq.perm),
-                        Clusters(ck.labels, cluster_means(kp, ck.sizes, ck.centroids), ck.sizes, ck.perm))
 
 
 def means_fn(x: Tensor, labels: Tensor, n: int, previous: Tensor, perm: Tensor) -> Tuple[Tensor, Tensor]:
@@ -102,8 +74,9 @@ def permute_keys(k: Tensor, v: Tensor, perm: Tensor) -> Tuple[Tensor, Tensor]:
 
 
 def attend(q: Tensor, kp: Tensor, vp: Tensor, q_sizes: Tensor, k_sizes: Tensor, q_perm: Tensor, mask: Tensor,
-           scale: float) -> Tensor:
-    """Plan on the device and run the packed cluster kernel; returns out ``[B, S, H, D]`` in token order.
+           scale: float) -> Tuple[Tensor, Tensor]:
+    """Plan on the device and run the packed cluster kernel; returns ``(out [B, S, H, D], lse [B, H, S] float32)``
+    in token order.
 
     q ``[B, S, H, D]`` in token order; kp, vp from `permute_keys`; q_sizes ``[B * H, n_q]``, k_sizes
     ``[B * H, n_k]`` (tokens per block), q_perm ``[B * H, S]``, mask bool ``[B * H, n_q, n_k]``.
@@ -111,5 +84,4 @@ def attend(q: Tensor, kp: Tensor, vp: Tensor, q_sizes: Tensor, k_sizes: Tensor, 
     S = q.shape[1]
     cfg = cluster_config(q.device, q.dtype, q.shape[-1])
     sched = build_cluster_schedule(mask, q_sizes, k_sizes, S, cfg.tiles)
-    out, _ = cluster_attention(q, kp, vp, q_perm.to(torch.int32), sched, scale, cfg)
-    return out
+    return cluster_attention(q, kp, vp, q_perm.to(torch.int32), sched, scale, cfg)

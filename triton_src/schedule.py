@@ -6,7 +6,7 @@ blocks with identical key spans (e.g. every block of a dense layout) form one ru
 layout's merged key spans of the tile's row directly. Tiles of each head are ordered heaviest first
 (most key tokens), so expensive tiles (e.g. dense text rows) do not form a tail at the end of a launch.
 
-All arrays are int32 on the target device, built once per (layout, BLOCK_M, device) and cached on the layout.
+All arrays are int32 on the target device, built once per (layout, BLOCK_M, device) and memoised per layout (`LayoutMemo`).
 """
 from __future__ import annotations
 
@@ -15,9 +15,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..reference import BlockSparseLayout
+from ..reference.layout import BlockSparseLayout, LayoutMemo
 
 __all__ = ["KernelSchedule", "KeyTiles", "build_key_tiles", "build_schedule"]
+
+_SCHEDULES = LayoutMemo()   # per layout: the kernel schedule of each (block_m, device)
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,7 @@ def _csr_ptr(counts: Tensor) -> Tensor:
 def build_schedule(layout: BlockSparseLayout, block_m: int, device: torch.device) -> KernelSchedule:
     """The cached `KernelSchedule` of ``layout`` for query tiles of ``block_m`` rows on ``device``."""
     key = ("triton_schedule", block_m, str(device))
-    return layout.cached(key, lambda: _build(layout, block_m, torch.device(device)))
+    return _SCHEDULES.get(layout, key, lambda: _build(layout, block_m, torch.device(device)))
 
 
 def _build(layout: BlockSparseLayout, bm: int, device: torch.device) -> KernelSchedule:
@@ -151,7 +153,7 @@ class KeyTiles:
 def build_key_tiles(layout: BlockSparseLayout, block_n: int, device: torch.device) -> KeyTiles:
     """The cached `KeyTiles` of ``layout`` for key tiles of ``block_n`` columns on ``device``."""
     key = ("triton_key_tiles", block_n, str(device))
-    return layout.cached(key, lambda: _build_key_tiles(layout, block_n, torch.device(device)))
+    return _SCHEDULES.get(layout, key, lambda: _build_key_tiles(layout, block_n, torch.device(device)))
 
 
 def _build_key_tiles(layout: BlockSparseLayout, bn: int, device: torch.device) -> KeyTiles:

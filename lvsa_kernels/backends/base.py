@@ -7,7 +7,8 @@ from typing import Dict, FrozenSet, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..reference import BlockSparseLayout
+from ..reference.layout import BlockSparseLayout
+from ..reference.plan import AttentionPlan, inverse_permutation, permute_tokens, unpermute_tokens
 
 __all__ = ["Backend", "BackendUnavailable", "Capabilities", "register", "get_backend", "registered_backends"]
 
@@ -41,6 +42,22 @@ class Backend:
 
     def unsupported_reason(self, q: Tensor, k: Tensor, layout: BlockSparseLayout, return_lse: bool) -> Optional[str]:
         """Why this backend cannot run these particular inputs, or None when it can."""
+        reason = self._caps_reason(q, k, layout.num_heads, return_lse)
+        if reason:
+            return reason
+        if self.caps.dense_only and not layout.is_dense:
+            return f"runs dense layouts only (this layout's density is {layout.density:.4f})"
+        return None
+
+    def unsupported_permuted_reason(self, q: Tensor, k: Tensor, return_lse: bool) -> Optional[str]:
+        """Why this backend cannot run a permuted `AttentionPlan` (per-head blocks over permuted tokens) on these
+        inputs, or None. Decided from the tensors alone: the plan's blocks stay on the device unread."""
+        reason = self._caps_reason(q, k, q.shape[2], return_lse)
+        if reason:
+            return reason
+        return "runs dense layouts only" if self.caps.dense_only else None
+
+    def _caps_reason(self, q: Tensor, k: Tensor, layout_heads: int, return_lse: bool) -> Optional[str]:
         reason = self.unavailable_reason(q.device)
         if reason:
             return reason
@@ -53,18 +70,35 @@ class Backend:
             return f"supports head dims {sorted(c.head_dims)}, got {q.shape[-1]}"
         if not c.gqa and k.shape[2] != q.shape[2]:
             return "does not support GQA (H_kv != H)"
-        if not c.per_head_layouts and layout.num_heads > 1:
+        if not c.per_head_layouts and layout_heads > 1:
             return "does not support per-head layouts"
         if return_lse and not c.lse:
             return "cannot return lse"
-        if c.dense_only and not layout.is_dense:
-            return f"runs dense layouts only (this layout's density is {layout.density:.4f})"
         return None
 
     def run(self, q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout, scale: float,
             return_lse: bool) -> Tuple[Tensor, Optional[Tensor]]:
         """Return ``(out [B, Sq, H, D] in q.dtype, lse [B, H, Sq] float32 natural log or None)``."""
         raise NotImplementedError
+
+    def run_permuted(self, q: Tensor, k: Tensor, v: Tensor, plan: AttentionPlan, scale: float,
+                     return_lse: bool) -> Tuple[Tensor, Optional[Tensor]]:
+        """`run` for a permuted plan, outputs in token order. This default permutes q, k, v, runs every batch
+        element's host layout with `run` and un-permutes; a backend that reads through the permutation overrides it."""
+        qp, kp, vp = permute_tokens(q, plan.q_perm), permute_tokens(k, plan.k_perm), permute_tokens(v, plan.k_perm)
+        outs, lses = [], []
+        for b, layout in enumerate(plan.layouts):
+            qb, kb, vb = qp[b:b + 1], kp[b:b + 1], vp[b:b + 1]
+            reason = self.unsupported_reason(qb, kb, layout, return_lse)
+            if reason:
+                raise BackendUnavailable(f"backend {self.name!r} cannot run the layout of batch element {b}: {reason}")
+            out, lse = self.run(qb, kb, vb, layout, scale, return_lse)
+            outs.append(out)
+            lses.append(lse)
+        out = unpermute_tokens(torch.cat(outs) if len(outs) > 1 else outs[0], plan.q_perm)
+        if not return_lse:
+            return out, None
+        return out, torch.gather(torch.cat(lses), 2, inverse_permutation(plan.q_perm).to(q.device))
 
 
 _REGISTRY: Dict[str, Backend] = {}

@@ -2,16 +2,15 @@
 
 A layout is converted once into one of three plans, chosen in this order:
 
-* ``bsr`` - a shared layout with uniform blocks (`BlockSparseLayout.to_flashinfer_bsr`) runs on
+* ``bsr`` - a shared layout with uniform blocks (`flashinfer_bsr`) runs on
   ``BlockSparseAttentionWrapper`` (BSR: R-token query rows, C-token key blocks);
-* ``text`` - a shared LVSA layout with one leading or trailing text block (``meta["text_q_blocks"]``,
-  ``meta["text_kv_blocks"]``): the video queries run as BSR over the video keys, plus a dense side call
+* ``text`` - a shared LVSA layout with one leading or trailing text block (``layout.text``): the video queries run as BSR over the video keys, plus a dense side call
   over the text keys (a one-block BSR plan on the same prebuilt module), merged by log-sum-exp; the text
   queries run dense over all keys;
 * ``variable`` - anything else (per-head layouts, non-uniform blocks) runs on
   ``VariableBlockSparseAttentionWrapper`` (one block map per KV head, HND layout).
 
-Plans are built once per layout and reused across calls and layers (`BlockSparseLayout.cached`, keyed
+Plans are built once per layout and reused across calls and layers (a `LayoutMemo` of this module, keyed
 by device, dtype, heads, head dim, scale and batch size); all wrappers on a device share one 128 MB
 workspace. Indices are int32 and the output dtype equals the input dtype, which is what FlashInfer's
 prebuilt modules cover; head dims other than 64/128 JIT-compile on first use (minutes). FlashInfer's
@@ -35,11 +34,11 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..reference import BlockSparseLayout
+from ..reference.layout import BlockSparseLayout, LayoutMemo
 from .base import Backend, BackendUnavailable, Capabilities, register
 
 __all__ = [
-    "FlashInferBackend", "TextSplit", "block_diagonal_bsr", "layout_plan_kind", "merge_states_base2",
+    "FlashInferBackend", "TextSplit", "block_diagonal_bsr", "flashinfer_bsr", "layout_plan_kind", "merge_states_base2",
     "text_split", "use_prebuilt_modules", "variable_block_args",
 ]
 
@@ -49,6 +48,7 @@ WORKSPACE_BYTES = 128 * 1024 * 1024
 PREBUILT_HEAD_DIMS = frozenset({64, 128})
 _workspaces: Dict[str, Tensor] = {}
 _jit_warned: set = set()
+_PLANS = LayoutMemo()   # per layout: plan kind, empty rows, runners (FlashInfer wrappers)
 
 
 # ---------------------------------------------------------------------------------------- import
@@ -103,6 +103,33 @@ def _workspace(device: torch.device) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------- conversions
+def flashinfer_bsr(layout: BlockSparseLayout) -> Dict[str, Any]:
+    """Arguments for ``flashinfer.BlockSparseAttentionWrapper.plan``.
+
+    Returns ``dict(indptr, indices, M, N, R, C)`` (int32 CPU tensors). Requires a layout shared by
+    all heads, equal query blocks of R tokens (the last may be shorter) and equal key blocks of C tokens.
+    Raises ValueError otherwise (use FlashInfer's variable-block wrapper then).
+    """
+    if layout.num_heads != 1:
+        raise ValueError("flashinfer_bsr: BSR is shared by all heads; this layout is per head")
+    qs, ks = layout.block_sizes()
+    qs, ks = qs[0], ks[0]
+    R, C = int(qs[0]), int(ks[0])
+    if R <= 0 or C <= 0 or (qs[:-1] != R).any() or int(qs[-1]) > R or int(qs[-1]) <= 0 or (ks != C).any():
+        raise ValueError(
+            "flashinfer_bsr: needs uniform query blocks (last may be shorter) and uniform key blocks; "
+            f"got query sizes {sorted(set(qs.tolist()))}, key sizes {sorted(set(ks.tolist()))}"
+        )
+    return {
+        "indptr": layout.row_ptr[0].clone(),
+        "indices": layout.col_idx.clone(),
+        "M": layout.q_len,
+        "N": layout.kv_len,
+        "R": R,
+        "C": C,
+    }
+
+
 @dataclass(frozen=True)
 class TextSplit:
     """A shared layout split into video blocks (uniform BSR) and one text block, in token ranges."""
@@ -111,7 +138,7 @@ class TextSplit:
     q_text: slice
     kv_video: slice
     kv_text: slice
-    video_bsr: Dict[str, Any]   # `to_flashinfer_bsr` of the video-only layout (video queries x video keys)
+    video_bsr: Dict[str, Any]   # `flashinfer_bsr` of the video-only layout (video queries x video keys)
 
 
 def _text_block_range(offsets: Tensor, block: int) -> Tuple[slice, slice]:
@@ -123,18 +150,17 @@ def _text_block_range(offsets: Tensor, block: int) -> Tuple[slice, slice]:
 
 
 def text_split(layout: BlockSparseLayout) -> Optional[TextSplit]:
-    """`TextSplit` of a shared layout whose ``meta`` names one text query block and one text key block.
+    """`TextSplit` of a shared layout with a text block (``layout.text``).
 
     Returns None when the layout has no text blocks. Raises ValueError when it has them but they cannot be
     split off exactly: every video query block must attend the text key block, the text query block
     must attend every key block, and the video blocks must form a uniform BSR.
     """
-    tq, tk = layout.meta.get("text_q_blocks"), layout.meta.get("text_kv_blocks")
-    if not tq and not tk:
+    if layout.text is None:
         return None
-    if layout.num_heads != 1 or len(tq or ()) != 1 or len(tk or ()) != 1:
-        raise ValueError("text split needs a shared layout with exactly one text query block and one text key block")
-    tq, tk = int(tq[0]), int(tk[0])
+    if layout.num_heads != 1:
+        raise ValueError("text split needs a layout shared by all heads")
+    tq, tk = layout.text.q_block, layout.text.kv_block
     q_video, q_text = _text_block_range(layout.q_offsets[0], tq)
     kv_video, kv_text = _text_block_range(layout.kv_offsets[0], tk)
     bm = layout.to_block_mask()[0]
@@ -146,11 +172,11 @@ def text_split(layout: BlockSparseLayout) -> Optional[TextSplit]:
         raise ValueError("text split needs the text query block to attend every key block")
     qs, ks = layout.block_sizes()
     video = BlockSparseLayout.from_block_mask(bm[vq][:, vk], qs[0, vq], ks[0, vk])
-    return TextSplit(q_video, q_text, kv_video, kv_text, video.to_flashinfer_bsr())
+    return TextSplit(q_video, q_text, kv_video, kv_text, flashinfer_bsr(video))
 
 
 def block_diagonal_bsr(bsr: Dict[str, Any], batch: int) -> Dict[str, Any]:
-    """Fold ``batch`` copies of a BSR (``to_flashinfer_bsr`` dict, M a multiple of R) into one block-diagonal
+    """Fold ``batch`` copies of a BSR (`flashinfer_bsr` dict, M a multiple of R) into one block-diagonal
     BSR over ``batch * M`` query and ``batch * N`` key tokens (sequence b's blocks are offset by b)."""
     M, N, R, C = bsr["M"], bsr["N"], bsr["R"], bsr["C"]
     if M % R:
@@ -200,7 +226,7 @@ def layout_plan_kind(layout: BlockSparseLayout, num_qo_heads: int, num_kv_heads:
         errors = []
         if layout.num_heads == 1:
             try:
-                layout.to_flashinfer_bsr()
+                flashinfer_bsr(layout)
                 return "bsr", None
             except ValueError as exc:
                 errors.append(str(exc))
@@ -216,7 +242,7 @@ def layout_plan_kind(layout: BlockSparseLayout, num_qo_heads: int, num_kv_heads:
             errors.append(str(exc))
         return None, "; ".join(errors)
 
-    kind, reason = layout.cached(("flashinfer", "kind", num_qo_heads, num_kv_heads), build)
+    kind, reason = _PLANS.get(layout, ("kind", num_qo_heads, num_kv_heads), build)
     if kind is None:
         raise ValueError(reason)
     return kind
@@ -251,7 +277,7 @@ def _plan_bsr(fi: ModuleType, bsr: Dict[str, Any], q: Tensor, k: Tensor, scale: 
 
 
 def _bsr_runner(fi: ModuleType, layout: BlockSparseLayout, q: Tensor, k: Tensor, scale: float) -> Callable:
-    bsr = layout.to_flashinfer_bsr()
+    bsr = flashinfer_bsr(layout)
     B, Sq, H, D = q.shape
     if B > 1 and Sq % bsr["R"] == 0:
         wrapper = _plan_bsr(fi, block_diagonal_bsr(bsr, B), q, k, scale)
@@ -337,7 +363,7 @@ def _empty_rows(layout: BlockSparseLayout) -> Optional[Tensor]:
             return None
         q_off = layout.q_offsets.expand(layout.num_heads, -1)
         return torch.gather(empty, 1, BlockSparseLayout.token_to_block(q_off))
-    return layout.cached(("flashinfer", "empty_rows"), build)
+    return _PLANS.get(layout, "empty_rows", build)
 
 
 # ---------------------------------------------------------------------------------------- backend
@@ -379,7 +405,7 @@ class FlashInferBackend(Backend):
                     torch.full((B, H, Sq), float("-inf"), dtype=torch.float32, device=q.device) if return_lse else None)
         kind = layout_plan_kind(layout, H, k.shape[2])
         key = ("flashinfer", kind, id(fi), str(q.device), q.dtype, H, k.shape[2], D, float(scale), B)
-        runner = layout.cached(key, lambda: _RUNNERS[kind](fi, layout, q, k, float(scale)))
+        runner = _PLANS.get(layout, key, lambda: _RUNNERS[kind](fi, layout, q, k, float(scale)))
         out, lse = runner(q, k, v, return_lse)
         empty = _empty_rows(layout)
         if empty is not None:

@@ -1,4 +1,7 @@
-"""`triton` backend: the hand-written block-sparse kernel of `lvsa_kernels.triton_src`.
+"""`triton` backend: the hand-written block-sparse kernels of `lvsa_kernels.triton_src`.
+
+Layouts run on the block-sparse kernel; permuted plans (SVOO) run on the cluster kernel, which reads queries
+and writes outputs through the permutation (`run_permuted`).
 
 Runs on CUDA tensors (fp16/bf16/fp32), or on CPU tensors in Triton's interpreter when
 ``TRITON_INTERPRET=1`` (fp16/fp32 only: bf16 ``tl.dot`` is wrong in the interpreter, triton#11584).
@@ -15,18 +18,16 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..reference import BlockSparseLayout
+from ..reference.layout import BlockSparseLayout, LayoutMemo
+from ..triton_src import tuning  # no Triton import: kernels are imported on the first call (always eager, see config_for)
 from .base import Backend, Capabilities, register
 
 log = logging.getLogger("lvsa_kernels")
 AUTOTUNE_ENV = "LVSA_KERNELS_TRITON_AUTOTUNE"
+_CONFIGS = LayoutMemo()   # per layout: the launch config of each device/dtype/head-dim class
 
 
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
-if _HAS_TRITON:  # imported eagerly so the custom op exists before any torch.compile trace
-    from ..triton_src import tuning
-    from ..triton_src.launch import hopper_eligible, run_scheduled, tma_eligible
-    from ..triton_src.schedule import build_key_tiles, build_schedule
 
 
 class TritonBackend(Backend):
@@ -45,14 +46,10 @@ class TritonBackend(Backend):
         return None
 
     def unsupported_reason(self, q: Tensor, k: Tensor, layout: BlockSparseLayout, return_lse: bool) -> Optional[str]:
-        reason = super().unsupported_reason(q, k, layout, return_lse)
-        if reason:
-            return reason
-        if q.device.type == "cpu" and q.dtype == torch.bfloat16:
-            return "bf16 tl.dot is wrong in the Triton interpreter (triton#11584); use fp16/fp32 on CPU"
-        if q.stride(-1) != 1 or k.stride(-1) != 1:
-            return "the head dim (last dim) of q, k and v must be contiguous"
-        return None
+        return super().unsupported_reason(q, k, layout, return_lse) or _tensor_reason(q, k)
+
+    def unsupported_permuted_reason(self, q: Tensor, k: Tensor, return_lse: bool) -> Optional[str]:
+        return super().unsupported_permuted_reason(q, k, return_lse) or _tensor_reason(q, k)
 
     def run(self, q, k, v, layout, scale, return_lse):
         if v.stride(-1) != 1:
@@ -61,8 +58,34 @@ class TritonBackend(Backend):
         out, lse = _run(q, k, v, layout, scale, cfg)
         return out, (lse if return_lse else None)
 
+    def run_permuted(self, q, k, v, plan, scale, return_lse):
+        """The cluster path: keys and values permuted once, the schedule planned on the device from the plan's
+        block map, queries read and outputs written through the query permutation by the packed cluster kernel
+        (no host synchronisation, no host layouts)."""
+        if v.stride(-1) != 1:
+            raise ValueError("v: the head dim (last dim) must be contiguous")
+        from ..triton_src import cluster_path
+
+        B, S, H, _ = q.shape
+        blocks = plan.blocks
+        kp, vp = cluster_path.permute_keys(k, v, plan.k_perm.reshape(B * H, S))
+        out, lse = cluster_path.attend(q, kp, vp, blocks.q_sizes, blocks.k_sizes, plan.q_perm.reshape(B * H, S),
+                                       blocks.mask, scale)
+        return out, (lse if return_lse else None)
+
+
+def _tensor_reason(q: Tensor, k: Tensor) -> Optional[str]:
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        return "bf16 tl.dot is wrong in the Triton interpreter (triton#11584); use fp16/fp32 on CPU"
+    if q.stride(-1) != 1 or k.stride(-1) != 1:
+        return "the head dim (last dim) of q, k and v must be contiguous"
+    return None
+
 
 def _run(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout, scale: float, cfg):
+    from ..triton_src.launch import run_scheduled
+    from ..triton_src.schedule import build_key_tiles, build_schedule
+
     sched = build_schedule(layout, cfg.block_m, q.device)
     key_tiles = build_key_tiles(layout, cfg.block_n, q.device) if cfg.kernel == "hopper" else None
     return run_scheduled(q, k, v, sched, layout.num_heads > 1, scale, cfg, key_tiles=key_tiles)
@@ -78,13 +101,13 @@ def config_for(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout, scale
     tma_strides = _tma_strides_ok(q, k, v)
     key = ("triton_config", q.device.type, q.device.index, q.dtype, q.shape[-1], tma_strides)
     if torch.compiler.is_compiling():
-        cfg = layout.cached_or_none(key)
+        cfg = _CONFIGS.peek(layout, key)
         if cfg is None:
             raise RuntimeError(
                 "lvsa_kernels triton backend: no tuned config for this layout yet; call block_sparse_attn once "
                 "outside torch.compile (a warm-up) so the kernel is tuned and its schedule is built")
         return cfg
-    return layout.cached(key, lambda: choose_config(q, k, v, layout, scale))
+    return _CONFIGS.get(layout, key, lambda: choose_config(q, k, v, layout, scale))
 
 
 def _tma_strides_ok(q: Tensor, k: Tensor, v: Tensor) -> bool:
@@ -92,15 +115,24 @@ def _tma_strides_ok(q: Tensor, k: Tensor, v: Tensor) -> bool:
     return all((s * e) % 16 == 0 for t in (q, k, v) for s in t.stride()[:3])
 
 
+def config_key(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout) -> str:
+    """The tuning-cache key of these inputs: the problem class plus the kernels that may compete for it
+    (so a config tuned where the Hopper kernel could not run is not reused where it can)."""
+    from ..triton_src.launch import hopper_eligible, tma_eligible
+
+    kernels = "|hopper" if hopper_eligible(q, k, v) else "|tma" if tma_eligible(q, k, v) else "|no-tma"
+    return tuning.tuning_key(q.device, q.dtype, q.shape[-1], layout.typical_q_block) + kernels
+
+
 def choose_config(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout, scale: float, retune: bool = False):
     """Tuned config from the disk cache, else tune now on these inputs (interpreter: fixed small config)."""
     if tuning.interpreting():
         return tuning.INTERPRETER_CONFIG
+    from ..triton_src.launch import hopper_eligible, tma_eligible
+
     tma_ok = tma_eligible(q, k, v)
     hopper_ok = hopper_eligible(q, k, v)
-    # the key names the kernels that may compete, so a config tuned without the Hopper kernel is not reused with it
-    key = tuning.tuning_key(q.device, q.dtype, q.shape[-1], layout.typical_q_block) + \
-        ("|hopper" if hopper_ok else "|tma" if tma_ok else "|no-tma")
+    key = config_key(q, k, v, layout)
     cfg = None if retune else tuning.lookup(key)
     if cfg is not None:
         return cfg

@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     model = get_model(args.model)
     pattern = model.pattern()
     text = model.text_tokens or 0
-    position = "before" if model.text_position == "before" else "after"
+    position = model.plan_text_position
 
     T = args.frames
     full = pattern.plan(T, model.tokens_per_frame(), step=args.step, text_tokens=text, text_position=position)
@@ -264,7 +264,7 @@ _SVOO_SAMPLED_ROWS = 64  # query rows per head checked against the float32 refer
 def _svoo(device: "torch.device", dtype: "torch.dtype", repeats: int) -> int:
     """SVOO on clustered q/k: plan, run every path that can, check sampled rows; 1 if a path disagrees."""
     from ..backends import BackendUnavailable
-    from ..reference import SVOOPattern
+    from ..svoo_attention import SVOOPattern
     from ..svoo_eval import clustered_qkv, sampled_rows, selected_attention
 
     speed = device.type == "cuda"

@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     pattern = pattern_from_args(model, args)
     P = args.tokens_per_frame or model.tokens_per_frame()
     text = args.text_tokens if args.text_tokens is not None else (model.text_tokens or 0)
-    position = "before" if model.text_position == "before" else "after"
+    position = model.plan_text_position
     layout = pattern.plan(frames, P, step=args.step, text_tokens=text, text_position=position)
     print(f"{model.title}: {model.heads} heads x {model.head_dim}, {P} tokens/frame, {text_line(model, text)}")
     print(pattern.describe(frames, args.step))

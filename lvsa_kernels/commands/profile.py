@@ -5,7 +5,7 @@ write the per (step, layer, head) keep ratios covering ``--tau`` of the softmax 
 ``Head`` are 0-based.
 
 Only the tiny random Wan transformer (diffusers' test configuration) is built in (``--tiny``); profile a
-real checkpoint from Python with ``lvsa_kernels.reference.svoo_profile.profile_wan(model, ...)``.
+real checkpoint from Python with ``lvsa_kernels.diffusers.wan_profile.profile_wan(model, ...)``.
 """
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--model wan: needs diffusers (pip install -e '.[diffusers]')") from None
     import torch
 
-    from lvsa_kernels.reference.svoo_profile import profile_wan
+    from lvsa_kernels.diffusers.wan_profile import profile_wan
 
     torch.manual_seed(args.seed)
     model = WanTransformer3DModel(**TINY_WAN).eval()

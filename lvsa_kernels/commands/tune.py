@@ -43,15 +43,15 @@ def run(args: argparse.Namespace) -> int:
     if not torch.cuda.is_available():
         print("tune: needs a CUDA GPU (the CPU interpreter always uses a fixed small config); use --show to list the cache")
         return 2
-    from ..backends.triton_backend import choose_config
+    from ..backends.triton_backend import choose_config, config_key
 
     model = get_model(args.model)
     text = model.text_tokens or 0
     layout = model.pattern().plan(args.frames, model.tokens_per_frame(), text_tokens=text,
-                                  text_position="before" if model.text_position == "before" else "after")
+                                  text_position=model.plan_text_position)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     q, k, v = (torch.randn(1, layout.q_len, model.heads, model.head_dim, device="cuda", dtype=dtype) for _ in range(3))
     cfg = choose_config(q, k, v, layout, model.head_dim ** -0.5, retune=args.retune)
-    key = tuning.tuning_key(q.device, dtype, model.head_dim, layout.typical_q_block)
+    key = config_key(q, k, v, layout)
     print(f"{model.title}, T={args.frames}, {args.dtype}: {cfg}\n  key {key}\n  cache {path}")
     return 0

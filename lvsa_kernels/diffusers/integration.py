@@ -10,7 +10,8 @@ from diffusers import Cosmos3OmniTransformer
 from torch import nn
 
 from ..backends import get_backend
-from ..reference import LVSAPattern, SVOOPattern
+from ..reference import LVSAPattern
+from ..svoo_attention import SVOOPattern
 from .cogvideox import COGVIDEOX
 from .geometry import geometry_from_latents
 from .hunyuan15 import HUNYUAN_VIDEO_15
@@ -139,7 +140,7 @@ def _make_pattern(spec: ModelSpec, config: Any, pattern: Optional[LVSAPattern],
     if "reference_frames" in knobs:
         return LVSAPattern(**knobs), "reference_frames knob"
     ref, source = spec.reference_frames(config)
-    return LVSAPattern(**{"window": 3, "n_first": 1, "reference_frames": ref, **knobs}), source
+    return LVSAPattern(**{"reference_frames": ref, **knobs}), source
 
 
 def _pipeline_class(cls: type) -> type:

@@ -82,6 +82,21 @@ class AttentionRuntime:
             )
         return self.geometry
 
+    def exchanged(self, q: Tensor, k: Tensor, v: Tensor,
+                  attend: Callable[[Tensor, Tensor, Tensor, Optional[Tuple[int, int]]], Tensor]) -> Tensor:
+        """``attend(q, k, v, heads)`` over the full sequence, the one place the Ulysses exchange happens.
+
+        Without Ulysses, ``heads`` is None and q, k, v ``[B, S, H, D]`` pass through. Under Ulysses (degree N)
+        q, k, v are this rank's ``[B, S/N, H, D]`` shards: they are exchanged to ``[B, S, H/N, D]``, attended
+        with ``heads = (first, total)`` (this rank's global heads) and the output is exchanged back, so the
+        result is this rank's ``[B, S/N, H, D]`` shard of the one-GPU output.
+        """
+        ug = self.ulysses
+        if ug is None:
+            return attend(q, k, v, None)
+        q, k, v = seq_to_heads([q, k, v], ug, "q/k/v")
+        return heads_to_seq(attend(q, k, v, (ug.rank * q.shape[2], ug.degree * q.shape[2])), ug)
+
     def video_attention(self, q: Tensor, k: Tensor, v: Tensor, layer: int) -> Tensor:
         """Video-only self-attention of layer ``layer``: q, k, v ``[B, S, H, D]`` -> ``[B, S, H, D]``."""
         raise NotImplementedError(f"{type(self).__name__} does not implement video_attention")
@@ -180,19 +195,15 @@ class LVSARuntime(AttentionRuntime):
         return self.attend(q, k, v, self.layout(text_tokens=text_tokens, text_position="after"))
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout) -> Tensor:
-        """``block_sparse_attn`` on ``[B, S, H, D]`` tensors with the runtime's backend.
+        """``block_sparse_attn`` on ``[B, S, H, D]`` tensors with the runtime's backend and the full-sequence
+        ``layout`` (under Ulysses through `exchanged`)."""
+        def run(q: Tensor, k: Tensor, v: Tensor, heads: Optional[Tuple[int, int]]) -> Tensor:
+            out = block_sparse_attn(q, k, v, layout, backend=self.backend)
+            if not self.tracker.announced:
+                self._announce(q, k, v, layout)
+            return out
 
-        Under Ulysses (degree N) the inputs are this rank's ``[B, S/N, H, D]`` shards: they are exchanged
-        to ``[B, S, H/N, D]``, attended with the full-sequence ``layout`` and exchanged back, so the
-        result is this rank's ``[B, S/N, H, D]`` shard of the one-GPU output.
-        """
-        ug = self.ulysses
-        if ug is not None:
-            q, k, v = seq_to_heads([q, k, v], ug, "q/k/v")
-        out = block_sparse_attn(q, k, v, layout, backend=self.backend)
-        if not self.tracker.announced:
-            self._announce(q, k, v, layout)
-        return out if ug is None else heads_to_seq(out, ug)
+        return self.exchanged(q, k, v, run)
 
     def _announce(self, q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout) -> None:
         self.tracker.announced = True
@@ -257,6 +268,7 @@ class ModelSpec:
             outside its loop); the denoising step then follows the pipeline instead of the timestep.
         geometry: the token grid from the transformer call's bound arguments, for transformers whose input
             is not a 5-D latent video (LTX-Video's packed ``[B, S, C]`` tokens); None = from the latents.
+        svoo: whether its processor runs an `SVOOPattern` (through `video_attention` / `joint_attention`).
     """
 
     name: str
@@ -272,3 +284,4 @@ class ModelSpec:
     leading_frames: Optional[Callable[[Dict[str, Any]], int]] = None
     step_marker: Optional[Callable[[Any], Any]] = None
     geometry: Optional[Callable[[Dict[str, Any]], VideoGeometry]] = None
+    svoo: bool = False

@@ -16,7 +16,7 @@ from diffusers.models.transformers.transformer_skyreels_v2 import SkyReelsV2Attn
 from torch import Tensor, nn
 
 from ..reference import latent_frames
-from ..reference.wan_qkv import wan_self_attention_qkv
+from .wan_qkv import wan_self_attention_qkv
 from .runtime import LVSAProcessorBase, LVSARuntime, ModelSpec
 from .wan import WAN
 

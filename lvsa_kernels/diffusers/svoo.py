@@ -16,12 +16,10 @@ from typing import Any, Optional, Sequence
 
 from torch import Tensor, nn
 
-from ..reference import SVOOPattern
+from ..svoo_attention import SVOOPattern
 from .geometry import VideoGeometry
-from .parallel import UlyssesGroup, heads_to_seq, seq_to_heads
+from .parallel import UlyssesGroup
 from .runtime import AttentionRuntime, ModelSpec
-from .hunyuan15 import HUNYUAN_VIDEO_15
-from .wan import WAN
 
 __all__ = ["SVOORuntime", "check_svoo_supported"]
 
@@ -30,7 +28,7 @@ log = logging.getLogger("lvsa_kernels")
 
 def check_svoo_supported(spec: ModelSpec, transformers: Sequence[nn.Module]) -> None:
     """Raise NotImplementedError unless SVOO can run on ``transformers`` (Wan 2.1 / 2.2, HunyuanVideo 1.5)."""
-    if spec not in (WAN, HUNYUAN_VIDEO_15):
+    if not spec.svoo:
         raise NotImplementedError(
             f"SVOO ({spec.name}): the SVOO pattern is supported on Wan (WanTransformer3DModel) and HunyuanVideo 1.5 "
             "(HunyuanVideo15Transformer3DModel) only; use an LVSAPattern for this model"
@@ -84,13 +82,9 @@ class SVOORuntime(AttentionRuntime):
         branch = self.tracker.call if self.experts == 1 else (self.expert, self.tracker.call)
         if part is not None:
             branch = (branch, part)
-        ug, heads = self.ulysses, None
-        if ug is not None:
-            q, k, v = seq_to_heads([q, k, v], ug, "q/k/v")
-            heads = (ug.rank * q.shape[2], ug.degree * q.shape[2])
-        out = self.pattern.attention(q, k, v, step=self.tracker.step, layer=layer, backend=self.backend,
-                                     branch=branch, heads=heads, text_tokens=text_tokens)
-        return out if ug is None else heads_to_seq(out, ug)
+        return self.exchanged(q, k, v, lambda q, k, v, heads: self.pattern.attention(
+            q, k, v, step=self.tracker.step, layer=layer, backend=self.backend, branch=branch, heads=heads,
+            text_tokens=text_tokens))
 
     def _announce(self) -> None:
         self.tracker.announced = True

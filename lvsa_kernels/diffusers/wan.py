@@ -13,7 +13,7 @@ from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 from torch import Tensor, nn
 
 from ..reference import latent_frames
-from ..reference.wan_qkv import wan_self_attention_qkv
+from .wan_qkv import wan_self_attention_qkv
 from .runtime import LVSAProcessorBase, ModelSpec
 
 __all__ = ["LVSAWanAttnProcessor", "WAN"]
@@ -65,4 +65,5 @@ WAN = ModelSpec(
     reference_frames=_reference_frames,
     context_parallel=True,
     rope=lambda transformer: (transformer.rope, transformer.rope.t_dim),
+    svoo=True,
 )
