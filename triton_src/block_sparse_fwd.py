@@ -35,7 +35,7 @@ def _load_kv(ptr, desc, kv0, offs_n, offs_d, stride_s, kv_end,
     if USE_TMA:
         tile = desc.load([kv0, 0])
         if MASKED:
-            tile = tl.where((kv0 + offs_n)[:, None] < kv_end, tile, 0.0)
+            tile = tl.where((kv0 + offs_n)[:, None] < kv_end, tile, tl.zeros_like(tile))
     else:
         rows = kv0 + offs_n
         ptrs = ptr + rows[:, None].to(tl.int64) * stride_s + offs_d[None, :]
@@ -54,7 +54,7 @@ def _load_vt(ptr, desc, kv0, offs_n, offs_d, stride_d, kv_end,
     if USE_TMA:
         tile = desc.load([0, kv0])
         if MASKED:
-            tile = tl.where((kv0 + offs_n)[None, :] < kv_end, tile, 0.0)
+            tile = tl.where((kv0 + offs_n)[None, :] < kv_end, tile, tl.zeros_like(tile))
     else:
         cols = kv0 + offs_n
         ptrs = ptr + offs_d[:, None].to(tl.int64) * stride_d + cols[None, :]
