@@ -13,6 +13,10 @@
   backend in `PREFERENCE` order, is used;
 * a skipped backend is logged once at WARNING with the reason.
 
+``precision`` other than ``"exact"`` (the 8-bit modes) only considers backends whose capabilities list it
+(dense SDPA and ``reference`` do not), is part of the cache key, and raises `BackendUnavailable` when none
+can run it: ``auto`` never changes the precision by itself.
+
 Overrides: the ``backend=`` argument, or the environment variable ``LVSA_KERNELS_BACKEND`` (read when
 the argument is ``"auto"``). An explicit backend that cannot run raises `BackendUnavailable`.
 The cache folder is ``~/.cache/lvsa_kernels`` unless ``LVSA_KERNELS_CACHE_DIR`` names another one.
@@ -41,7 +45,7 @@ from .timing import median_seconds
 
 __all__ = [
     "ENV_BACKEND", "ENV_CACHE_DIR", "PREFERENCE", "select_backend", "candidate_order", "problem_key",
-    "timed_choice", "measure", "cache_file", "cached_choices", "reset_state",
+    "timed_choice", "measure", "cache_file", "cached_choices", "reset_state", "run_backend",
 ]
 
 log = logging.getLogger("lvsa_kernels")
@@ -221,19 +225,33 @@ def candidate_order(device_type: str) -> List[str]:
     return [n for n in names if device_type in backends[n].caps.devices]
 
 
-def _explicit(name: str, source: str, q: Tensor, k: Tensor, layout: BlockSparseLayout, return_lse: bool) -> Backend:
+def _reason(backend: Backend, q: Tensor, k: Tensor, layout: BlockSparseLayout, return_lse: bool,
+            precision: str) -> Optional[str]:
+    return backend.precision_reason(precision, q) or backend.unsupported_reason(q, k, layout, return_lse)
+
+
+def run_backend(backend: Backend, q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout, scale: float,
+                return_lse: bool, precision: str = "exact"):
+    """``backend.run`` at ``precision`` (passed only when not ``"exact"``: only 8-bit backends take it)."""
+    if precision == "exact":
+        return backend.run(q, k, v, layout, scale, return_lse)
+    return backend.run(q, k, v, layout, scale, return_lse, precision=precision)
+
+
+def _explicit(name: str, source: str, q: Tensor, k: Tensor, layout: BlockSparseLayout, return_lse: bool,
+              precision: str) -> Backend:
     try:
         backend = get_backend(name)
     except ValueError as exc:
         raise ValueError(f"{source}: {exc}") from None
-    reason = backend.unsupported_reason(q, k, layout, return_lse)
+    reason = _reason(backend, q, k, layout, return_lse, precision)
     if reason:
         raise BackendUnavailable(f"backend {name!r} ({source}) cannot run these inputs: {reason}")
     return backend
 
 
 def select_backend(requested: str, q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout,
-                   scale: float, return_lse: bool) -> Backend:
+                   scale: float, return_lse: bool, precision: str = "exact") -> Backend:
     """Resolve ``requested`` ("auto" or a backend name) to a backend that can run these inputs.
 
     With ``"auto"`` the environment variable ``LVSA_KERNELS_BACKEND``, when set, names the backend
@@ -243,23 +261,26 @@ def select_backend(requested: str, q: Tensor, k: Tensor, v: Tensor, layout: Bloc
     if not isinstance(requested, str):
         raise TypeError(f"backend: expected a str, got {type(requested).__name__}")
     if requested != "auto":
-        return _explicit(requested, "backend argument", q, k, layout, return_lse)
+        return _explicit(requested, "backend argument", q, k, layout, return_lse, precision)
     env = os.environ.get(ENV_BACKEND, "")
     if env and env != "auto":
-        return _explicit(env, f"environment variable {ENV_BACKEND}", q, k, layout, return_lse)
+        return _explicit(env, f"environment variable {ENV_BACKEND}", q, k, layout, return_lse, precision)
 
     backends = registered_backends()
     if layout.is_dense and _DENSE in backends:
         dense = backends[_DENSE]
-        if dense.unsupported_reason(q, k, layout, return_lse) is None:
+        if _reason(dense, q, k, layout, return_lse, precision) is None:
             return dense
     eligible: Dict[str, Backend] = {}
     for name in candidate_order(q.device.type):
-        reason = backends[name].unsupported_reason(q, k, layout, return_lse)
+        reason = _reason(backends[name], q, k, layout, return_lse, precision)
         if reason is None:
             eligible[name] = backends[name]
         else:
             _warn_skip(name, reason)
+    if not eligible and precision != "exact":
+        raise BackendUnavailable(f"no backend can run precision={precision!r} on these inputs on device "
+                                 f"{q.device.type!r} (see the warnings above for each backend's reason)")
     if not eligible:
         fallback = backends.get(_FALLBACK)
         reason = fallback.unsupported_reason(q, k, layout, return_lse) if fallback else "not registered"
@@ -270,7 +291,9 @@ def select_backend(requested: str, q: Tensor, k: Tensor, v: Tensor, layout: Bloc
         return fallback
 
     def runner(backend: Backend) -> Callable[[], object]:
-        return lambda: backend.run(q, k, v, layout, scale, return_lse)
+        return lambda: run_backend(backend, q, k, v, layout, scale, return_lse, precision)
 
     key = problem_key(q, k, layout, return_lse) + "|candidates=" + ",".join(eligible)
+    if precision != "exact":
+        key += f"|precision={precision}"
     return eligible[timed_choice(key, {n: runner(b) for n, b in eligible.items()}, q.device)]

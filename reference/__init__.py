@@ -1,6 +1,7 @@
 """Planner and reference (pure PyTorch): the block-sparse layout, the LVSA pattern and the exact
 reference attention. Installed as ``lvsa_kernels.reference``."""
 from .attention import reference_attention
+from .fp8 import fp8_reference_attention
 from .layout import BlockSparseLayout, LayoutError, Spans
 from .lvsa import LVSAPattern, auto_key_frame_interval, global_anchor_frames, latent_frames
 from .svoo import SVOOPattern, SVOOPlan, co_cluster
@@ -8,6 +9,6 @@ from .svoo_profile import ProfileError, SVOOProfile, keep_ratio_for_mass, profil
 
 __all__ = [
     "BlockSparseLayout", "LayoutError", "Spans", "LVSAPattern", "auto_key_frame_interval",
-    "global_anchor_frames", "latent_frames", "reference_attention",
+    "global_anchor_frames", "latent_frames", "reference_attention", "fp8_reference_attention",
     "SVOOPattern", "SVOOPlan", "SVOOProfile", "ProfileError", "co_cluster", "keep_ratio_for_mass", "profile_wan",
 ]

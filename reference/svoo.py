@@ -458,8 +458,11 @@ class SVOOPattern:
     @torch.compiler.disable  # stateful cluster cache: torch.compile graph-breaks here and runs it eagerly
     def attention(self, q: Tensor, k: Tensor, v: Tensor, step: int, layer: int, backend: str = "auto",
                   branch: Hashable = None, scale: Optional[float] = None,
-                  heads: Optional[Tuple[int, int]] = None, text_tokens: int = 0) -> Tensor:
+                  heads: Optional[Tuple[int, int]] = None, text_tokens: int = 0, precision: str = "exact") -> Tensor:
         """SVOO self-attention: q, k, v ``[B, S, H, D]`` -> out ``[B, S, H, D]`` in the original token order.
+
+        ``precision``: ``block_sparse_attn``'s; the 8-bit ones skip the cluster path (it has no 8-bit mode) and
+        run ``block_sparse_attn`` on the host-built layouts.
 
         ``heads``, ``text_tokens``: see `plan`. Dense steps and layers run ``block_sparse_attn`` with a dense
         layout. Sparse calls with ``backend`` "triton", or "auto" on CUDA, run the cluster path
@@ -473,8 +476,9 @@ class SVOOPattern:
 
         B, S, H, D = self._check(q, k, step, text_tokens)
         if self.is_dense(step, layer):
-            return block_sparse_attn(q, k, v, BlockSparseLayout.dense(S), backend=backend, scale=scale)
-        path = _cluster_path(q, backend)
+            return block_sparse_attn(q, k, v, BlockSparseLayout.dense(S), backend=backend, scale=scale,
+                                     precision=precision)
+        path = _cluster_path(q, backend) if precision == "exact" else None
         if path is not None:
             scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
             n_video = S - text_tokens
@@ -492,8 +496,8 @@ class SVOOPattern:
             return path.attend(q, kp, vp, q_sizes, k_sizes, q_perm, mask, scale)
         plan = self.plan(q, k, step, layer, cache_key=branch, scale=scale, heads=heads, text_tokens=text_tokens)
         qp, kp, vp = permute_tokens(q, plan.q_perm), permute_tokens(k, plan.k_perm), permute_tokens(v, plan.k_perm)
-        outs = [block_sparse_attn(qp[b:b + 1], kp[b:b + 1], vp[b:b + 1], layout, backend=backend, scale=scale)
-                for b, layout in enumerate(plan.layouts)]
+        outs = [block_sparse_attn(qp[b:b + 1], kp[b:b + 1], vp[b:b + 1], layout, backend=backend, scale=scale,
+                                  precision=precision) for b, layout in enumerate(plan.layouts)]
         return unpermute_tokens(torch.cat(outs) if len(outs) > 1 else outs[0], plan.q_perm)
 
     # ------------------------------------------------------------------------------------------ internals

@@ -20,9 +20,7 @@ from .fp8_quant import quantize_kv
 from .schedule import KernelSchedule
 from .tuning import KernelConfig, interpreting
 
-__all__ = ["PRECISIONS", "launch", "run_scheduled", "tma_eligible"]
-
-PRECISIONS = ("exact", "fp8", "int8_qk")
+__all__ = ["launch", "run_scheduled", "tma_eligible"]
 
 _allocator_set = False
 
@@ -47,11 +45,11 @@ def launch(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, sched_tens
            max_tiles: int, per_head_layout: bool, scale: float, cfg: KernelConfig, precision: str = "exact"):
     """Run the kernel writing ``out [B, Sq, H, D]`` and ``lse [B, H, Sq]`` (contiguous float32).
 
-    ``precision``: one of `PRECISIONS`. Returns Triton's compiled-kernel handle (register/spill counts for
+    ``precision``: ``"exact"``, ``"fp8"`` or ``"int8_qk"``. Returns Triton's compiled-kernel handle (register/spill counts for
     diagnostics), or None if nothing ran.
     """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
+    if precision not in ("exact", "fp8", "int8_qk"):
+        raise ValueError(f"precision: expected 'exact', 'fp8' or 'int8_qk', got {precision!r}")
     B, Sq, H, D = q.shape
     if max_tiles == 0 or B == 0:
         return None

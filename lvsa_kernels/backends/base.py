@@ -27,6 +27,7 @@ class Capabilities:
     per_head_layouts: bool = True
     lse: bool = True
     dense_only: bool = False                # only layouts where every query attends every key
+    precisions: FrozenSet[str] = frozenset({"exact"})  # `block_sparse_attn` precision modes
 
 
 class Backend:
@@ -37,6 +38,12 @@ class Backend:
 
     def unavailable_reason(self, device: torch.device) -> Optional[str]:
         """Why this backend cannot run at all on ``device`` (missing package, hardware), or None."""
+        return None
+
+    def precision_reason(self, precision: str, q: Tensor) -> Optional[str]:
+        """Why this backend cannot run ``precision`` on q's device, or None (``"exact"`` always runs)."""
+        if precision not in self.caps.precisions:
+            return f"supports precision {sorted(self.caps.precisions)}, not {precision!r}"
         return None
 
     def unsupported_reason(self, q: Tensor, k: Tensor, layout: BlockSparseLayout, return_lse: bool) -> Optional[str]:
