@@ -16,6 +16,7 @@ from lvsa_kernels.reference.fp8 import fp8_reference_attention, key_mean, quanti
 
 CUDA = torch.cuda.is_available()
 FP8_GPU = CUDA and torch.cuda.get_device_capability() >= (8, 9)
+DEVICE = "cuda" if CUDA else "cpu"
 LAYOUTS = layouts()
 # Measured (docs/fp8.md): e4m3 P and V cost ~3.6% relative L2 on zero-mean random V; INT8 Q K^T ~1.1%.
 BOUND = {"int8_qk": (3e-2, 0.999), "fp8": (4.5e-2, 0.999)}  # (max relative L2, min median row cosine)
@@ -71,7 +72,6 @@ def test_fake_quant_lse_is_unsmoothed():
 
 # ----------------------------------------------------------------------------------- kernel (interpreter / GPU)
 needs_kernel = pytest.mark.skipif(CUDA and not FP8_GPU, reason="8-bit kernel needs CUDA sm_89+ on a CUDA machine")
-DEVICE = "cuda" if CUDA else "cpu"
 KERNEL_DTYPES = [torch.bfloat16, torch.float16] if CUDA else [torch.float16]  # bf16 tl.dot is wrong on the CPU
 
 
@@ -159,7 +159,7 @@ def test_backends_without_8bit_raise_and_auto_keeps_the_precision(isolated_dispa
     from lvsa_kernels import BlockSparseLayout
 
     dense = BlockSparseLayout.dense(64)
-    q, k, v = (t.half() for t in distribution("normal", 1, 64, 1, 1, 32, seed=0))
+    q, k, v = (t.to(DEVICE, torch.float16) for t in distribution("normal", 1, 64, 1, 1, 32, seed=0))
     for name in ("reference", "sdpa"):
         with pytest.raises(BackendUnavailable, match="precision"):
             block_sparse_attn(q, k, v, dense, backend=name, precision="fp8")
