@@ -52,17 +52,27 @@ def to_e4m3(x, EMULATE: tl.constexpr):
 
 
 @triton.jit
-def _quantize_k(K, MEAN, K8, KS, stride_kb, stride_ks, stride_kh, seq_len,
-                NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Rows ``program_id(0) * BLOCK_S ..`` of head ``program_id(1) = b * H_kv + h``: smooth, scale per row, cast."""
+def _program_rows(X, stride_b, stride_s, stride_h, seq_len, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  BLOCK_S: tl.constexpr):
+    """This program's ``(bh, b, h, rows, offs_d, ok, x)``: rows ``program_id(0) * BLOCK_S ..`` of head
+    ``program_id(1) = b * H_kv + h`` of X ``[B, S, H_kv, D]`` as float32 ``x [BLOCK_S, D]`` (0 past ``seq_len``)."""
     bh = tl.program_id(1)
     b = bh // NUM_KV_HEADS
     h = bh % NUM_KV_HEADS
     rows = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, HEAD_DIM)
     ok = rows < seq_len
-    x = tl.load(K + b.to(tl.int64) * stride_kb + h * stride_kh + rows[:, None].to(tl.int64) * stride_ks
+    x = tl.load(X + b.to(tl.int64) * stride_b + h * stride_h + rows[:, None].to(tl.int64) * stride_s
                 + offs_d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+    return bh, b, h, rows, offs_d, ok, x
+
+
+@triton.jit
+def _quantize_k(K, MEAN, K8, KS, stride_kb, stride_ks, stride_kh, seq_len,
+                NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Rows ``program_id(0) * BLOCK_S ..`` of head ``program_id(1) = b * H_kv + h``: smooth, scale per row, cast."""
+    bh, b, h, rows, offs_d, ok, x = _program_rows(K, stride_kb, stride_ks, stride_kh, seq_len, NUM_KV_HEADS,
+                                                  HEAD_DIM, BLOCK_S)
     x = x - tl.load(MEAN + bh * HEAD_DIM + offs_d)[None, :]
     amax = tl.max(tl.abs(x), 1)
     nonzero = amax > 0.0
@@ -79,14 +89,8 @@ def _quantize_k(K, MEAN, K8, KS, stride_kb, stride_ks, stride_kh, seq_len,
 def _quantize_vt(V, INV, VT8, stride_vb, stride_vs, stride_vh, seq_len, padded_len,
                  NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, EMULATE: tl.constexpr):
     """Tokens ``program_id(0) * BLOCK_S ..`` of head ``program_id(1)``: scale per channel, cast, store transposed."""
-    bh = tl.program_id(1)
-    b = bh // NUM_KV_HEADS
-    h = bh % NUM_KV_HEADS
-    rows = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, HEAD_DIM)
-    ok = rows < seq_len
-    x = tl.load(V + b.to(tl.int64) * stride_vb + h * stride_vh + rows[:, None].to(tl.int64) * stride_vs
-                + offs_d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+    bh, b, h, rows, offs_d, ok, x = _program_rows(V, stride_vb, stride_vs, stride_vh, seq_len, NUM_KV_HEADS,
+                                                  HEAD_DIM, BLOCK_S)
     v8 = to_e4m3(x * tl.load(INV + bh * HEAD_DIM + offs_d)[None, :], EMULATE)
     out = VT8 + (bh.to(tl.int64) * HEAD_DIM + offs_d[:, None]) * padded_len + rows[None, :]
     tl.store(out, tl.trans(v8), mask=ok[None, :])
