@@ -63,6 +63,7 @@ class Method:
     prepare: Factory
     skip_reason: SkipCheck
     dense: bool = False
+    tolerance: Optional[float] = None  # relative error allowed; None: the harness's per-dtype TOLERANCE
 
 
 def _scale(q: Tensor) -> float:
@@ -357,33 +358,34 @@ def _prepare_flashinfer(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayo
 
 
 # ----------------------------------------------------------------------------- ours
-def _ours_skip(backend: str) -> SkipCheck:
+def _ours_skip(backend: str, precision: str = "exact") -> SkipCheck:
     def skip(q: Tensor, k: Tensor, layout: BlockSparseLayout, case: BenchCase) -> Optional[str]:
         b = registered_backends().get(backend)
         if b is None:
             return f"backend {backend!r} is not registered in this build"
-        return b.unsupported_reason(q, k, layout, False)
+        return b.precision_reason(precision, q) or b.unsupported_reason(q, k, layout, False)
 
     return skip
 
 
-def _ours_factory(backend: str) -> Factory:
-    """``lvsa_kernels.block_sparse_attn(q, k, v, layout, backend=backend)`` (autotuning runs in warm-up).
+def _ours_factory(backend: str, precision: str = "exact") -> Factory:
+    """``lvsa_kernels.block_sparse_attn(q, k, v, layout, backend=backend, precision=precision)`` (autotuning
+    runs in warm-up; the 8-bit precisions include their K/V quantization pre-pass in the timed call).
 
     For ``backend="flashinfer"`` FlashInfer JIT builds are forbidden unless allowed (`_flashinfer_jit_policy`).
     """
 
     def prepare(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout, case: BenchCase) -> Prepared:
-        info: Dict[str, Any] = {"backend": backend}
+        info: Dict[str, Any] = {"backend": backend, "precision": precision}
         if backend == "flashinfer":
             info["flashinfer_jit"] = _flashinfer_jit_policy()
         if backend == "triton":  # tune now (outside the timed region) and record the launch config
             from lvsa_kernels.backends.triton_backend import config_for
 
-            info["config"] = str(config_for(q, k, v, layout, q.shape[-1] ** -0.5))
+            info["config"] = str(config_for(q, k, v, layout, q.shape[-1] ** -0.5, precision))
 
         def fn() -> Tensor:
-            return block_sparse_attn(q, k, v, layout, backend=backend)
+            return block_sparse_attn(q, k, v, layout, backend=backend, precision=precision)
 
         return Prepared(fn, info=info)
 
@@ -404,6 +406,11 @@ def build_methods(flex_mask_builder: str = "create_block_mask") -> Dict[str, Met
         Method("flex", "FlexAttention", flex_factory(flex_mask_builder), _always),
         Method("flashinfer", "FlashInfer BSR (direct)", _prepare_flashinfer, _flashinfer_skip),
         Method("triton", "ours (triton)", _ours_factory("triton"), _ours_skip("triton")),
+        # 8-bit (docs/fp8.md): INT8 Q K^T + e4m3 P V, and INT8 Q K^T + 16-bit P V; tolerances = tests/test_fp8.py
+        Method("fp8", "ours (triton, fp8)", _ours_factory("triton", "fp8"), _ours_skip("triton", "fp8"),
+               tolerance=4.5e-2),
+        Method("int8_qk", "ours (triton, int8 QK)", _ours_factory("triton", "int8_qk"),
+               _ours_skip("triton", "int8_qk"), tolerance=3e-2),
         Method("ours_flashinfer", "ours (flashinfer backend)", _ours_factory("flashinfer"), _ours_skip("flashinfer")),
         Method("reference", "ours (reference backend)", _ours_factory("reference"), _ours_skip("reference")),
     ]
@@ -412,5 +419,6 @@ def build_methods(flex_mask_builder: str = "create_block_mask") -> Dict[str, Met
 
 METHODS: Dict[str, Method] = build_methods()
 DENSE_METHODS = tuple(n for n, m in METHODS.items() if m.dense)
-GPU_DEFAULT_METHODS = ("dense_cudnn", "dense_flash", "flex", "flashinfer", "triton", "ours_flashinfer")
+GPU_DEFAULT_METHODS = ("dense_cudnn", "dense_flash", "flex", "flashinfer", "triton", "ours_flashinfer", "fp8",
+                       "int8_qk")
 CPU_SMOKE_METHODS = ("dense_sdpa", "reference", "triton")

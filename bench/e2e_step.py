@@ -8,13 +8,16 @@ Three ways per size, median of ``--repeats`` runs after one warm-up, timed with 
 
 * ``dense_cudnn``   diffusers' default processors inside ``sdpa_kernel(SDPBackend.CUDNN_ATTENTION)``;
 * ``dense_default`` diffusers' default dispatch (``native`` SDPA, PyTorch picks the kernel);
-* ``lvsa``          ``enable_lvsa(transformer, backend=--backend)`` with the model's default pattern.
+* ``lvsa``          ``enable_lvsa(transformer, backend=--backend)`` with the model's default pattern;
+* ``lvsa_fp8`` / ``lvsa_int8_qk`` with ``--precision``: the same at that 8-bit precision (docs/fp8.md).
 
 ``rel_diff`` = max |lvsa - dense| / max |dense| on the transformer output; it must be tiny where the
-pattern is dense (Wan T = 21, HunyuanVideo T = 33) and is a pattern effect elsewhere.
+pattern is dense (Wan T = 21, HunyuanVideo T = 33) and is a pattern effect elsewhere. With ``--precision``,
+``rel_diff_8bit_vs_lvsa`` (same metric) and ``rel_l2_8bit_vs_lvsa`` (||8-bit - lvsa|| / ||lvsa||) compare the
+8-bit step output with the exact LVSA step: the error the quantization adds to one denoising step.
 
     python bench/e2e_step.py [--frames 81 161 321 481] [--repeats 3] [--backend triton]
-                             [--json-out e2e_step.json] [--time-budget 1500] [--hunyuan]
+                             [--json-out e2e_step.json] [--time-budget 1500] [--hunyuan] [--precision fp8]
     python bench/e2e_step.py --device cpu --tiny        # CPU dry run on tiny configs (seconds)
 """
 from __future__ import annotations
@@ -170,6 +173,13 @@ def run_model(name: str, build_model: Callable[[], nn.Module], patch: Sequence[i
             ways["lvsa"] = measure(model, inputs, args.repeats, device, contextlib.nullcontext)
         finally:
             handle.disable()
+        eight_bit = f"lvsa_{args.precision}" if args.precision else None
+        if eight_bit:
+            handle8 = enable_lvsa(model, backend=args.backend, precision=args.precision, **knobs)
+            try:
+                ways[eight_bit] = measure(model, inputs, args.repeats, device, contextlib.nullcontext)
+            finally:
+                handle8.disable()
         pattern = handle.runtime.pattern
         row.update(latent_frames=geo.frames, tokens_per_frame=geo.tokens_per_frame, video_tokens=geo.video_tokens,
                    kfi=pattern.key_frame_interval_for(geo.frames),
@@ -181,10 +191,17 @@ def run_model(name: str, build_model: Callable[[], nn.Module], patch: Sequence[i
             d, s = dense["output"].float(), lvsa["output"].float()
             row["rel_diff"] = float((s - d).abs().max() / d.abs().max().clamp_min(1e-30))
             row["nonfinite"] = int((~torch.isfinite(s)).sum() + (~torch.isfinite(d)).sum())
+        if eight_bit and lvsa["status"] == "ok" and ways[eight_bit]["status"] == "ok":
+            e, s = ways[eight_bit]["output"].float(), lvsa["output"].float()
+            row["rel_diff_8bit_vs_lvsa"] = float((e - s).abs().max() / s.abs().max().clamp_min(1e-30))
+            row["rel_l2_8bit_vs_lvsa"] = float((e - s).norm() / s.norm().clamp_min(1e-30))
+            row["nonfinite_8bit"] = int((~torch.isfinite(e)).sum())
+            if dense["status"] == "ok":
+                row["speedup_8bit_vs_dense"] = dense["seconds"] / ways[eight_bit]["seconds"]
         for way, rec in ways.items():
             rec.pop("output", None)
             row[way] = rec
-            if rec["status"] == "ok" and lvsa["status"] == "ok" and way != "lvsa":
+            if rec["status"] == "ok" and lvsa["status"] == "ok" and way != "lvsa" and way != eight_bit:
                 row[f"speedup_vs_{way}"] = rec["seconds"] / lvsa["seconds"]
         on_row(row)
         del inputs, ways, dense, lvsa
@@ -211,7 +228,17 @@ def format_row(r: Dict[str, Any]) -> str:
     return (f"{r['model']:<10} {r['frames']:>6} {r['latent_frames']:>4} {r['video_tokens']:>7} {r['kfi']:>4} "
             f"{r['frame_density']:>7.3f} {_s(r.get('dense_cudnn')):>8} {_s(r.get('dense_default')):>9} "
             f"{_s(r.get('lvsa')):>8} {_x(r.get('speedup_vs_dense_cudnn')):>8} "
-            f"{_x(r.get('speedup_vs_dense_default')):>8} {rel:>9}")
+            f"{_x(r.get('speedup_vs_dense_default')):>8} {rel:>9}" + _eight_bit_note(r))
+
+
+def _eight_bit_note(r: Dict[str, Any]) -> str:
+    way = next((k for k in r if k.startswith("lvsa_")), None)
+    if way is None:
+        return ""
+    if "rel_l2_8bit_vs_lvsa" not in r:
+        return f"  {way}: {_s(r[way])}"
+    return (f"  {way}: {_s(r[way])} s, {_x(r.get('speedup_8bit_vs_dense'))} vs dense, diff vs lvsa "
+            f"max {r['rel_diff_8bit_vs_lvsa']:.2e} L2 {r['rel_l2_8bit_vs_lvsa']:.2e}")
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -221,6 +248,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--hunyuan-frames", type=int, nargs="+", help="default 129 193; tiny 9 17")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per way after one warm-up (median)")
     p.add_argument("--backend", default="triton", help="enable_lvsa backend (default triton)")
+    p.add_argument("--precision", choices=("fp8", "int8_qk"),
+                   help="also time LVSA at this 8-bit precision and compare its step output with the exact LVSA step")
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
                    help="default bfloat16 on CUDA, float32 on CPU")

@@ -187,7 +187,8 @@ def _run_method(m: Method, q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseL
         else:
             rec["check"] = "not compared: dense method on a sparse layout (computes a different function)"
         del out
-        tol = TOLERANCE[q.dtype]
+        tol = m.tolerance or TOLERANCE[q.dtype]
+        rec["tolerance"] = tol
         rec["correct"] = rec["nonfinite"] == 0 and (not checked or rec["rel_err"] <= tol)
         rec.update(_time_ms(p, s, q.device))
         rec["peak_extra_mib"] = _peak_extra_mib(p, q)
@@ -228,6 +229,10 @@ def summarize(result: Dict[str, Any]) -> Dict[str, Any]:
             out.update(flashinfer_method=fi, triton_time_over_flashinfer=ms["triton"] / ms[fi])
         if "flex" in ms:
             out["triton_speedup_vs_flex"] = ms["flex"] / ms["triton"]
+    fi = next((n for n in ("flashinfer", "ours_flashinfer") if n in ms), None)
+    for eight_bit in ("fp8", "int8_qk"):
+        if eight_bit in ms and fi:
+            out.update({"flashinfer_method": fi, f"{eight_bit}_time_over_flashinfer": ms[eight_bit] / ms[fi]})
     return out
 
 

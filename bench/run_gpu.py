@@ -35,7 +35,7 @@ def _parse(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--cases", default=None, help="comma-separated case or group names (groups: all, anchor, wan, "
                    "wan-default, hy15, smoke); default all (smoke with --cpu-smoke)")
     p.add_argument("--methods", default=None, help="comma-separated methods; default "
-                   "dense_cudnn,dense_flash,flex,flashinfer,triton,ours_flashinfer (CPU smoke: dense_sdpa,reference,triton)")
+                   "dense_cudnn,dense_flash,flex,flashinfer,triton,ours_flashinfer,fp8,int8_qk (CPU smoke: dense_sdpa,reference,triton)")
     p.add_argument("--time-budget", type=float, default=0.0, help="seconds; no case starts after this (0 = no limit)")
     p.add_argument("--out", default=os.environ.get("OUT"),
                    help="output folder (default $OUT, else ./bench_out; --cpu-smoke: a new temporary folder)")
@@ -116,6 +116,9 @@ def _table(doc: Dict[str, Any]) -> str:
             parts.append(f"triton/{s['flashinfer_method']} time {s['triton_time_over_flashinfer']:.3f}")
         if "triton_speedup_vs_flex" in s:
             parts.append(f"triton vs flex {s['triton_speedup_vs_flex']:.2f}x")
+        for eight_bit in ("fp8", "int8_qk"):
+            if f"{eight_bit}_time_over_flashinfer" in s:
+                parts.append(f"{eight_bit}/{s['flashinfer_method']} time {s[eight_bit + '_time_over_flashinfer']:.3f}")
         notes.append(f"{name}: " + "; ".join(parts))
     for sk in doc.get("skipped_cases", []):
         notes.append(f"{sk['name']}: not run ({sk['reason']})")

@@ -11,9 +11,17 @@ from .dispatch import run_on, select_backend
 from .reference.layout import BlockSparseLayout
 from .reference.plan import AttentionPlan, BlockMap
 
-__all__ = ["block_sparse_attn", "check_inputs", "check_permuted_inputs"]
+__all__ = ["PRECISIONS", "block_sparse_attn", "check_inputs", "check_permuted_inputs", "check_precision"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+PRECISIONS = ("exact", "fp8", "int8_qk")
+
+
+def check_precision(precision: object) -> str:
+    """Return ``precision`` if it is one of `PRECISIONS`, else raise naming the value."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: expected one of {list(PRECISIONS)}, got {precision!r}")
+    return precision
 
 
 def check_inputs(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout) -> None:
@@ -79,6 +87,7 @@ def block_sparse_attn(
     backend: str = "auto",
     scale: Optional[float] = None,
     return_lse: bool = False,
+    precision: str = "exact",
 ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     """Block-sparse attention ``softmax(q k^T * scale, masked by layout) v``.
 
@@ -93,6 +102,11 @@ def block_sparse_attn(
             ``"sdpa"``, ``"reference"``. An explicit backend that cannot run raises `BackendUnavailable`.
         scale: softmax scale, default ``1 / sqrt(D)``.
         return_lse: also return lse ``[B, H, Sq]`` (float32, natural log; -inf for rows with no keys).
+        precision: ``"exact"`` (default: MMAs in the input dtype), ``"fp8"`` (opt-in 8-bit: Q K^T in INT8
+            with per-tile / per-token scales after smoothing K, P V in FP8 e4m3; fp16/bf16 inputs, the
+            ``triton`` backend on CUDA sm_89+ or in Triton's CPU interpreter) or ``"int8_qk"`` (INT8 Q K^T,
+            P V in the input dtype). See docs/fp8.md for accuracy. ``auto`` only picks backends that run
+            the requested precision and never changes it; none available raises `BackendUnavailable`.
 
     Returns:
         ``out [B, Sq, H, D]`` in q's dtype, or ``(out, lse)``.
@@ -103,8 +117,9 @@ def block_sparse_attn(
         check_permuted_inputs(q, k, v, layout)
     else:
         check_inputs(q, k, v, layout)
+    check_precision(precision)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    chosen = select_backend(backend, q, k, v, layout, float(scale), return_lse)
-    out, lse = run_on(chosen, q, k, v, layout, float(scale), return_lse)
+    chosen = select_backend(backend, q, k, v, layout, float(scale), return_lse, precision)
+    out, lse = run_on(chosen, q, k, v, layout, float(scale), return_lse, precision)
     return (out, lse) if return_lse else out

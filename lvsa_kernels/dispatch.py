@@ -17,6 +17,10 @@ A permuted `AttentionPlan` (SVOO) is chosen for the same way: eligibility from t
 (`Backend.unsupported_permuted_reason`), timing of `Backend.run_permuted` (Triton's cluster kernel, or the
 per-batch host layouts on permuted tokens for every other backend), one cache entry per problem class.
 
+``precision`` other than ``"exact"`` (the 8-bit modes) only considers backends whose capabilities list it
+(dense SDPA and ``reference`` do not), is part of the cache key, and raises `BackendUnavailable` when none
+can run it: ``auto`` never changes the precision by itself.
+
 Overrides: the ``backend=`` argument, or the environment variable ``LVSA_KERNELS_BACKEND`` (read when
 the argument is ``"auto"``). An explicit backend that cannot run raises `BackendUnavailable`.
 The cache folder is ``~/.cache/lvsa_kernels`` unless ``LVSA_KERNELS_CACHE_DIR`` names another one.
@@ -65,34 +69,39 @@ def candidate_order(device_type: str) -> List[str]:
 
 
 def _reason(backend: Backend, q: Tensor, k: Tensor, layout: Union[BlockSparseLayout, AttentionPlan],
-            return_lse: bool) -> Optional[str]:
+            return_lse: bool, precision: str = "exact") -> Optional[str]:
+    reason = backend.precision_reason(precision, q)
+    if reason:
+        return reason
     if isinstance(layout, AttentionPlan):
         return backend.unsupported_permuted_reason(q, k, return_lse)
     return backend.unsupported_reason(q, k, layout, return_lse)
 
 
 def run_on(backend: Backend, q: Tensor, k: Tensor, v: Tensor, layout: Union[BlockSparseLayout, AttentionPlan],
-           scale: float, return_lse: bool) -> Tuple[Tensor, Optional[Tensor]]:
-    """``backend.run`` for a layout, ``backend.run_permuted`` for a permuted plan."""
+           scale: float, return_lse: bool, precision: str = "exact") -> Tuple[Tensor, Optional[Tensor]]:
+    """``backend.run`` for a layout, ``backend.run_permuted`` for a permuted plan, at ``precision`` (passed only
+    when not ``"exact"``: only 8-bit backends take it)."""
+    extra = {} if precision == "exact" else {"precision": precision}
     if isinstance(layout, AttentionPlan):
-        return backend.run_permuted(q, k, v, layout, scale, return_lse)
-    return backend.run(q, k, v, layout, scale, return_lse)
+        return backend.run_permuted(q, k, v, layout, scale, return_lse, **extra)
+    return backend.run(q, k, v, layout, scale, return_lse, **extra)
 
 
 def _explicit(name: str, source: str, q: Tensor, k: Tensor, layout: Union[BlockSparseLayout, AttentionPlan],
-              return_lse: bool) -> Backend:
+              return_lse: bool, precision: str) -> Backend:
     try:
         backend = get_backend(name)
     except ValueError as exc:
         raise ValueError(f"{source}: {exc}") from None
-    reason = _reason(backend, q, k, layout, return_lse)
+    reason = _reason(backend, q, k, layout, return_lse, precision)
     if reason:
         raise BackendUnavailable(f"backend {name!r} ({source}) cannot run these inputs: {reason}")
     return backend
 
 
 def select_backend(requested: str, q: Tensor, k: Tensor, v: Tensor, layout: Union[BlockSparseLayout, AttentionPlan],
-                   scale: float, return_lse: bool) -> Backend:
+                   scale: float, return_lse: bool, precision: str = "exact") -> Backend:
     """Resolve ``requested`` ("auto" or a backend name) to a backend that can run these inputs.
 
     ``layout``: a `BlockSparseLayout`, or a permuted `AttentionPlan` (eligibility is then decided from the
@@ -104,23 +113,26 @@ def select_backend(requested: str, q: Tensor, k: Tensor, v: Tensor, layout: Unio
     if not isinstance(requested, str):
         raise TypeError(f"backend: expected a str, got {type(requested).__name__}")
     if requested != "auto":
-        return _explicit(requested, "backend argument", q, k, layout, return_lse)
+        return _explicit(requested, "backend argument", q, k, layout, return_lse, precision)
     env = os.environ.get(ENV_BACKEND, "")
     if env and env != "auto":
-        return _explicit(env, f"environment variable {ENV_BACKEND}", q, k, layout, return_lse)
+        return _explicit(env, f"environment variable {ENV_BACKEND}", q, k, layout, return_lse, precision)
 
     backends = registered_backends()
     if isinstance(layout, BlockSparseLayout) and layout.is_dense and _DENSE in backends:
         dense = backends[_DENSE]
-        if dense.unsupported_reason(q, k, layout, return_lse) is None:
+        if _reason(dense, q, k, layout, return_lse, precision) is None:
             return dense
     eligible: Dict[str, Backend] = {}
     for name in candidate_order(q.device.type):
-        reason = _reason(backends[name], q, k, layout, return_lse)
+        reason = _reason(backends[name], q, k, layout, return_lse, precision)
         if reason is None:
             eligible[name] = backends[name]
         else:
             _warn_skip(name, reason)
+    if not eligible and precision != "exact":
+        raise BackendUnavailable(f"no backend can run precision={precision!r} on these inputs on device "
+                                 f"{q.device.type!r} (see the warnings above for each backend's reason)")
     if not eligible:
         fallback = backends.get(_FALLBACK)
         reason = _reason(fallback, q, k, layout, return_lse) if fallback else "not registered"
@@ -131,7 +143,9 @@ def select_backend(requested: str, q: Tensor, k: Tensor, v: Tensor, layout: Unio
         return fallback
 
     def runner(backend: Backend) -> Callable[[], object]:
-        return lambda: run_on(backend, q, k, v, layout, scale, return_lse)
+        return lambda: run_on(backend, q, k, v, layout, scale, return_lse, precision)
 
     key = problem_key(q, k, layout, return_lse) + "|candidates=" + ",".join(eligible)
+    if precision != "exact":
+        key += f"|precision={precision}"
     return eligible[timed_choice(key, {n: runner(b) for n, b in eligible.items()}, q.device)]

@@ -24,8 +24,11 @@ class SVOOPattern(SVOOPlanner):
     @eager  # stateful cluster cache: torch.compile graph-breaks here and runs it eagerly
     def attention(self, q: Tensor, k: Tensor, v: Tensor, step: int, layer: int, backend: str = "auto",
                   branch: Hashable = None, scale: Optional[float] = None,
-                  heads: Optional[Tuple[int, int]] = None, text_tokens: int = 0) -> Tensor:
+                  heads: Optional[Tuple[int, int]] = None, text_tokens: int = 0, precision: str = "exact") -> Tensor:
         """SVOO self-attention: q, k, v ``[B, S, H, D]`` -> out ``[B, S, H, D]`` in the original token order.
+
+        ``precision``: `block_sparse_attn`'s; the 8-bit ones run the per-batch host layouts on permuted tokens
+        (the packed cluster kernel has no 8-bit mode).
 
         ``heads``, ``text_tokens``: see `plan`. Dense steps and layers run a dense layout. Sparse calls run the
         plan through `block_sparse_attn` with ``backend``: on Triton the packed cluster kernel reads through the
@@ -39,7 +42,7 @@ class SVOOPattern(SVOOPlanner):
             ops = triton_cluster_ops(q, k)
         plan = self.plan(q, k, step, layer, cache_key=branch, scale=scale, heads=heads, text_tokens=text_tokens,
                          ops=ops)
-        return block_sparse_attn(q, k, v, plan, backend=backend, scale=scale)
+        return block_sparse_attn(q, k, v, plan, backend=backend, scale=scale, precision=precision)
 
 
 def triton_cluster_ops(q: Tensor, k: Tensor) -> Optional[ClusterOps]:

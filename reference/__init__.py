@@ -1,6 +1,7 @@
 """Planner and reference (pure PyTorch): the block-sparse layout, the LVSA and SVOO planners and the exact
 reference attention. Installed as ``lvsa_kernels.reference``."""
 from .attention import reference_attention
+from .fp8 import fp8_reference_attention
 from .layout import BlockSparseLayout, LayoutError, Spans, TextBlock
 from .plan import AttentionPlan, BlockMap
 from .lvsa import LVSAPattern, auto_key_frame_interval, global_anchor_frames, latent_frames
@@ -9,6 +10,6 @@ from .svoo_profile import ProfileError, SVOOProfile, keep_ratio_for_mass
 
 __all__ = [
     "AttentionPlan", "BlockMap", "BlockSparseLayout", "LayoutError", "Spans", "TextBlock", "LVSAPattern", "auto_key_frame_interval",
-    "global_anchor_frames", "latent_frames", "reference_attention",
+    "global_anchor_frames", "latent_frames", "reference_attention", "fp8_reference_attention",
     "SVOOPlan", "SVOOPlanner", "SVOOProfile", "ProfileError", "co_cluster", "keep_ratio_for_mass",
 ]

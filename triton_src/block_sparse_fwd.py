@@ -6,6 +6,11 @@ for each span the full ``BLOCK_N`` tiles, addressed by the loop counter and neve
 second pass, each span's ragged tail with a column mask. Online softmax in the exp2 domain, fp32
 accumulators.
 
+8-bit modes (``QK_INT8``, ``FP8_PV``; see `fp8_quant.py` for the pre-pass): the same walk with Q quantized
+to INT8 per query tile here (its scale folded into the softmax scale), K read as smoothed INT8 with
+per-token scales, and with ``FP8_PV`` P in e4m3 (fixed scale 448) times V^T in e4m3 (per-channel scales
+applied to the output). ``QK_INT8`` alone keeps P @ V in the input dtype.
+
 Tensors are ``[B, S, H, D]`` with any batch/sequence/head strides and a contiguous head dim. K/V are
 read with plain pointer arithmetic or through on-device tensor descriptors (TMA on Hopper): ``USE_TMA``
 picks; ``WARP_SPEC`` asks Triton to warp-specialise the full-tile loop. Grid:
@@ -14,8 +19,12 @@ picks; ``WARP_SPEC`` asks Triton to warp-specialise the full-tile loop. Grid:
 import triton
 import triton.language as tl
 
+from .fp8_quant import to_e4m3, to_int8
+
 LOG2E = 1.4426950408889634  # host side: folded into qk_scale
 LN2 = tl.constexpr(0.6931471805599453)
+INT8_MAX = tl.constexpr(127.0)
+P_SCALE = tl.constexpr(448.0)  # P <= 1 against the running max: 1 maps onto e4m3's largest finite value
 
 
 @triton.jit
@@ -26,7 +35,7 @@ def _load_kv(ptr, desc, kv0, offs_n, offs_d, stride_s, kv_end,
     if USE_TMA:
         tile = desc.load([kv0, 0])
         if MASKED:
-            tile = tl.where((kv0 + offs_n)[:, None] < kv_end, tile, 0.0)
+            tile = tl.where((kv0 + offs_n)[:, None] < kv_end, tile, tl.zeros_like(tile))
     else:
         rows = kv0 + offs_n
         ptrs = ptr + rows[:, None].to(tl.int64) * stride_s + offs_d[None, :]
@@ -38,14 +47,44 @@ def _load_kv(ptr, desc, kv0, offs_n, offs_d, stride_s, kv_end,
 
 
 @triton.jit
-def _step(acc, m_i, l_i, q, k_ptr, v_ptr, k_desc, v_desc, kv0, kv_end, stride_ks, stride_vs, qk_scale,
+def _load_vt(ptr, desc, kv0, offs_n, offs_d, stride_d, kv_end,
+             MASKED: tl.constexpr, USE_TMA: tl.constexpr):
+    """Columns ``kv0 .. kv0 + BLOCK_N`` of one transposed e4m3 V head ``[HEAD_DIM, S]`` (tokens contiguous);
+    columns from ``kv_end`` on read as 0 when MASKED."""
+    if USE_TMA:
+        tile = desc.load([0, kv0])
+        if MASKED:
+            tile = tl.where((kv0 + offs_n)[None, :] < kv_end, tile, tl.zeros_like(tile))
+    else:
+        cols = kv0 + offs_n
+        ptrs = ptr + offs_d[:, None].to(tl.int64) * stride_d + cols[None, :]
+        if MASKED:
+            tile = tl.load(ptrs, mask=(cols < kv_end)[None, :], other=0.0)
+        else:
+            tile = tl.load(ptrs)
+    return tile
+
+
+@triton.jit
+def _step(acc, m_i, l_i, q, k_ptr, v_ptr, k_desc, v_desc, ks_ptr, kv0, kv_end, stride_ks, stride_vs, qk_scale,
           BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
-          USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Fold key tile ``kv0 .. kv0 + BLOCK_N`` (columns from ``kv_end`` on masked when MASKED) into the softmax."""
+          USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
+          QK_INT8: tl.constexpr, FP8_PV: tl.constexpr, EMULATE_FP8: tl.constexpr):
+    """Fold key tile ``kv0 .. kv0 + BLOCK_N`` (columns from ``kv_end`` on masked when MASKED) into the softmax.
+
+    QK_INT8: q, k are INT8 and ``ks_ptr`` holds the per-token k scales; FP8_PV: ``v_ptr`` / ``v_desc`` address
+    V^T in e4m3 and ``stride_vs`` is its channel stride."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     k = _load_kv(k_ptr, k_desc, kv0, offs_n, offs_d, stride_ks, kv_end, BLOCK_N, MASKED, USE_TMA)
-    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    if QK_INT8:  # exact int32 dot products, then the per-token k scales
+        qk = tl.dot(q, tl.trans(k)).to(tl.float32)
+        if MASKED:
+            qk = qk * tl.load(ks_ptr + kv0 + offs_n, mask=kv0 + offs_n < kv_end, other=0.0)[None, :]
+        else:
+            qk = qk * tl.load(ks_ptr + kv0 + offs_n)[None, :]
+    else:
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     if MASKED:
         qk = tl.where((kv0 + offs_n)[None, :] < kv_end, qk, float("-inf"))
     # scale the row max, then one fused multiply-add per score (qk_scale > 0 keeps the max)
@@ -53,30 +92,37 @@ def _step(acc, m_i, l_i, q, k_ptr, v_ptr, k_desc, v_desc, kv0, kv_end, stride_ks
     p = tl.math.exp2(qk * qk_scale - m_new[:, None])
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = _load_kv(v_ptr, v_desc, kv0, offs_n, offs_d, stride_vs, kv_end, BLOCK_N, MASKED, USE_TMA)
-    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+    if FP8_PV:  # a fresh fp32 product per tile: FP8 MMAs accumulate their own operand C imprecisely
+        vt = _load_vt(v_ptr, v_desc, kv0, offs_n, offs_d, stride_vs, kv_end, MASKED, USE_TMA)
+        acc = acc * alpha[:, None] + tl.dot(to_e4m3(p * P_SCALE, EMULATE_FP8), tl.trans(vt))
+    else:
+        v = _load_kv(v_ptr, v_desc, kv0, offs_n, offs_d, stride_vs, kv_end, BLOCK_N, MASKED, USE_TMA)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
     return acc, m_new, l_i
 
 
 @triton.jit
-def _attend_spans(acc, m_i, l_i, q, k_ptr, v_ptr, k_desc, v_desc, span_start, span_end, lo, hi,
+def _attend_spans(acc, m_i, l_i, q, k_ptr, v_ptr, k_desc, v_desc, ks_ptr, span_start, span_end, lo, hi,
                   stride_ks, stride_vs, qk_scale,
                   BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                  USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr, WARP_SPEC: tl.constexpr):
+                  USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr, WARP_SPEC: tl.constexpr,
+                  QK_INT8: tl.constexpr, FP8_PV: tl.constexpr, EMULATE_FP8: tl.constexpr):
     """Key spans ``lo .. hi``: each span's full tiles (addresses from the loop counter), then every tail."""
     for sp in range(lo, hi):
         s = tl.load(span_start + sp)
         full_end = s + ((tl.load(span_end + sp) - s) // BLOCK_N) * BLOCK_N
         for kv0 in tl.range(s, full_end, BLOCK_N, warp_specialize=WARP_SPEC):
-            acc, m_i, l_i = _step(acc, m_i, l_i, q, k_ptr, v_ptr, k_desc, v_desc, kv0, kv0 + BLOCK_N,
-                                  stride_ks, stride_vs, qk_scale, BLOCK_N, HEAD_DIM, False, USE_TMA, DOT_PRECISION)
+            acc, m_i, l_i = _step(acc, m_i, l_i, q, k_ptr, v_ptr, k_desc, v_desc, ks_ptr, kv0, kv0 + BLOCK_N,
+                                  stride_ks, stride_vs, qk_scale, BLOCK_N, HEAD_DIM, False, USE_TMA, DOT_PRECISION,
+                                  QK_INT8, FP8_PV, EMULATE_FP8)
     for sp in range(lo, hi):
         s = tl.load(span_start + sp)
         e = tl.load(span_end + sp)
         t0 = s + ((e - s) // BLOCK_N) * BLOCK_N
         if t0 < e:
-            acc, m_i, l_i = _step(acc, m_i, l_i, q, k_ptr, v_ptr, k_desc, v_desc, t0, e,
-                                  stride_ks, stride_vs, qk_scale, BLOCK_N, HEAD_DIM, True, USE_TMA, DOT_PRECISION)
+            acc, m_i, l_i = _step(acc, m_i, l_i, q, k_ptr, v_ptr, k_desc, v_desc, ks_ptr, t0, e,
+                                  stride_ks, stride_vs, qk_scale, BLOCK_N, HEAD_DIM, True, USE_TMA, DOT_PRECISION,
+                                  QK_INT8, FP8_PV, EMULATE_FP8)
     return acc, m_i, l_i
 
 
@@ -90,10 +136,15 @@ def block_sparse_attn_fwd(
     tile_ptr, tile_start, tile_end, tile_row,
     span_ptr, span_start, span_end,
     qk_scale, q_len, kv_len,
+    K_SCALE, K_MEAN, V_SCALE,
     NUM_HEADS: tl.constexpr, KV_GROUP: tl.constexpr, PER_HEAD_LAYOUT: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr, WARP_SPEC: tl.constexpr,
+    QK_INT8: tl.constexpr = False, FP8_PV: tl.constexpr = False, EMULATE_FP8: tl.constexpr = False,
 ):
+    """One query tile of one (batch, head). 8-bit modes: K is `quantize_kv`'s INT8 ``k8`` with ``K_SCALE
+    [B, H_kv, kv_len]`` and ``K_MEAN [B, H_kv, D]``; with FP8_PV, V is its ``vt8 [B, H_kv, D, S_pad]``
+    (``stride_vs`` = channel stride) and ``V_SCALE [B, H_kv, D]``. Unused pointers may be any tensor."""
     pid_t = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // NUM_HEADS
@@ -114,14 +165,29 @@ def block_sparse_attn_fwd(
     b64 = b.to(tl.int64)
     q_ptrs = Q + b64 * stride_qb + h * stride_qh + offs_m[:, None].to(tl.int64) * stride_qs + offs_d[None, :]
     q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+    bh_kv = b64 * (NUM_HEADS // KV_GROUP) + h_kv
+    ks_ptr = K_SCALE + bh_kv * kv_len
+    walk_scale = qk_scale
+    if QK_INT8:  # one scale per query tile, folded into the softmax scale
+        qf = q.to(tl.float32)
+        q_mu = tl.sum(qf * tl.load(K_MEAN + bh_kv * HEAD_DIM + offs_d)[None, :], 1)  # undoes the smoothing in lse
+        amax = tl.max(tl.max(tl.abs(qf), 1), 0)
+        nonzero = amax > 0.0
+        inv = tl.where(nonzero, tl.fdiv(INT8_MAX, tl.where(nonzero, amax, 1.0), ieee_rounding=True), 1.0)
+        walk_scale = qk_scale * tl.where(nonzero, tl.fdiv(amax, INT8_MAX, ieee_rounding=True), 1.0)
+        q = to_int8(qf * inv)
 
     k_ptr = K + b64 * stride_kb + h_kv * stride_kh
     v_ptr = V + b64 * stride_vb + h_kv * stride_vh
     if USE_TMA:
         k_desc = tl.make_tensor_descriptor(k_ptr, shape=[kv_len, HEAD_DIM], strides=[stride_ks, 1],
                                            block_shape=[BLOCK_N, HEAD_DIM])
-        v_desc = tl.make_tensor_descriptor(v_ptr, shape=[kv_len, HEAD_DIM], strides=[stride_vs, 1],
-                                           block_shape=[BLOCK_N, HEAD_DIM])
+        if FP8_PV:
+            v_desc = tl.make_tensor_descriptor(v_ptr, shape=[HEAD_DIM, kv_len], strides=[stride_vs, 1],
+                                               block_shape=[HEAD_DIM, BLOCK_N])
+        else:
+            v_desc = tl.make_tensor_descriptor(v_ptr, shape=[kv_len, HEAD_DIM], strides=[stride_vs, 1],
+                                               block_shape=[BLOCK_N, HEAD_DIM])
     else:
         k_desc = k_ptr
         v_desc = v_ptr
@@ -129,12 +195,17 @@ def block_sparse_attn_fwd(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    acc, m_i, l_i = _attend_spans(acc, m_i, l_i, q, k_ptr, v_ptr, k_desc, v_desc, span_start, span_end,
+    acc, m_i, l_i = _attend_spans(acc, m_i, l_i, q, k_ptr, v_ptr, k_desc, v_desc, ks_ptr, span_start, span_end,
                                   tl.load(span_ptr + row), tl.load(span_ptr + row + 1), stride_ks, stride_vs,
-                                  qk_scale, BLOCK_N, HEAD_DIM, USE_TMA, DOT_PRECISION, WARP_SPEC)
+                                  walk_scale, BLOCK_N, HEAD_DIM, USE_TMA, DOT_PRECISION, WARP_SPEC,
+                                  QK_INT8, FP8_PV, EMULATE_FP8)
 
     has_keys = l_i > 0.0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    if FP8_PV:
+        out = out * (tl.load(V_SCALE + bh_kv * HEAD_DIM + offs_d) / P_SCALE)[None, :]
+    if QK_INT8:
+        m_i = m_i + q_mu * qk_scale
     o_ptrs = O + b64 * stride_ob + h * stride_oh + offs_m[:, None].to(tl.int64) * stride_os + offs_d[None, :]
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None])
     lse = tl.where(has_keys, (m_i + tl.math.log2(tl.where(has_keys, l_i, 1.0))) * LN2, float("-inf"))

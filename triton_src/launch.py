@@ -5,6 +5,10 @@
 (meta) implementations, so ``torch.compile(fullgraph=True)`` traces through
 `block_sparse_attn(..., backend="triton")` without graph breaks. The schedule arrays (see `schedule.py`)
 are ordinary tensor arguments of the ops.
+
+Precisions (portable kernel): ``"exact"`` (the input dtype's MMAs), ``"fp8"`` (INT8 Q K^T, e4m3 P V) and
+``"int8_qk"`` (INT8 Q K^T, P V in the input dtype); the 8-bit ones quantize K and V first
+(`fp8_quant.quantize_kv`). The Hopper kernel is exact only.
 """
 from __future__ import annotations
 
@@ -15,8 +19,9 @@ import triton
 from torch import Tensor
 
 from .block_sparse_fwd import LOG2E, block_sparse_attn_fwd
+from .fp8_quant import quantize_kv
 from .schedule import KernelSchedule, KeyTiles
-from .tuning import KernelConfig
+from .tuning import KernelConfig, interpreting
 
 __all__ = ["hopper_eligible", "hopper_kernel_available", "launch", "launch_hopper", "run_scheduled", "tma_eligible"]
 
@@ -94,29 +99,43 @@ def launch_hopper(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, sch
 
 
 def launch(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, sched_tensors: Tuple[Tensor, ...],
-           max_tiles: int, per_head_layout: bool, scale: float, cfg: KernelConfig):
+           max_tiles: int, per_head_layout: bool, scale: float, cfg: KernelConfig, precision: str = "exact"):
     """Run the kernel writing ``out [B, Sq, H, D]`` and ``lse [B, H, Sq]`` (contiguous float32).
 
-    Returns Triton's compiled-kernel handle (register/spill counts for diagnostics), or None if nothing ran.
+    ``precision``: ``"exact"``, ``"fp8"`` or ``"int8_qk"``. Returns Triton's compiled-kernel handle (register/spill counts for
+    diagnostics), or None if nothing ran.
     """
+    if precision not in ("exact", "fp8", "int8_qk"):
+        raise ValueError(f"precision: expected 'exact', 'fp8' or 'int8_qk', got {precision!r}")
     B, Sq, H, D = q.shape
     if max_tiles == 0 or B == 0:
         return None
     if cfg.use_tma:
         _ensure_tma_allocator()
-    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    qk_int8, fp8_pv = precision != "exact", precision == "fp8"
+    k_scale = k_mean = v_scale = k  # unread placeholders in the exact mode
+    v_strides = (v.stride(0), v.stride(1), v.stride(2))
+    if qk_int8:
+        quant = quantize_kv(k, v, fp8_pv, interpreting())
+        k, k_scale, k_mean = quant.k8, quant.k_scale, quant.k_mean
+        if fp8_pv:  # V^T [B, H_kv, D, S_pad]: the kernel's sequence-stride slot carries the channel stride
+            v, v_scale = quant.vt8, quant.v_scale
+            v_strides = (v.stride(0), v.stride(2), v.stride(1))
+    dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"
     grid = (max_tiles, B * H)
     return block_sparse_attn_fwd[grid](
         q, k, v, out, lse,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
+        *v_strides,
         out.stride(0), out.stride(1), out.stride(2),
         *sched_tensors,
         scale * LOG2E, Sq, k.shape[1],
+        k_scale, k_mean, v_scale,
         NUM_HEADS=H, KV_GROUP=H // k.shape[2], PER_HEAD_LAYOUT=per_head_layout,
         HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        USE_TMA=cfg.use_tma, DOT_PRECISION=precision, WARP_SPEC=cfg.warp_spec,
+        USE_TMA=cfg.use_tma, DOT_PRECISION=dot_precision, WARP_SPEC=cfg.warp_spec,
+        QK_INT8=qk_int8, FP8_PV=fp8_pv, EMULATE_FP8=fp8_pv and interpreting(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
@@ -128,6 +147,7 @@ def triton_block_sparse_fwd(
     span_ptr: Tensor, span_start: Tensor, span_end: Tensor,
     max_tiles: int, per_head_layout: bool, scale: float,
     block_m: int, block_n: int, num_warps: int, num_stages: int, use_tma: bool, warp_spec: bool,
+    precision: str = "exact",
 ) -> Tuple[Tensor, Tensor]:
     """Block-sparse attention forward: returns ``(out [B, Sq, H, D], lse [B, H, Sq] float32)``."""
     B, Sq, H, D = q.shape
@@ -135,7 +155,7 @@ def triton_block_sparse_fwd(
     lse = torch.empty(B, H, Sq, dtype=torch.float32, device=q.device)
     sched = (tile_ptr, tile_start, tile_end, tile_row, span_ptr, span_start, span_end)
     cfg = KernelConfig(block_m, block_n, num_warps, num_stages, use_tma, warp_spec)
-    launch(q, k, v, out, lse, sched, max_tiles, per_head_layout, scale, cfg)
+    launch(q, k, v, out, lse, sched, max_tiles, per_head_layout, scale, cfg, precision)
     return out, lse
 
 
@@ -167,12 +187,14 @@ triton_block_sparse_fwd_hopper.register_fake(_fake)
 
 def run_scheduled(q: Tensor, k: Tensor, v: Tensor, sched: KernelSchedule, per_head_layout: bool,
                   scale: float, cfg: KernelConfig, out: Optional[Tensor] = None,
-                  key_tiles: Optional[KeyTiles] = None) -> Tuple[Tensor, Tensor]:
+                  precision: str = "exact", key_tiles: Optional[KeyTiles] = None) -> Tuple[Tensor, Tensor]:
     """Run with a prepared schedule (and, for the Hopper kernel, the key tiles of ``cfg.block_n``);
     through the custom op unless ``out`` (a buffer to write) is given."""
     hopper = cfg.kernel == "hopper"
     if hopper and (key_tiles is None or key_tiles.block_n != cfg.block_n):
         raise ValueError(f"the hopper kernel needs the key tiles of BLOCK_N={cfg.block_n}")
+    if hopper and precision != "exact":
+        raise ValueError(f"the hopper kernel computes precision 'exact' only, not {precision!r}")
     if out is None:
         if hopper:
             return torch.ops.lvsa_kernels.triton_block_sparse_fwd_hopper(
@@ -180,11 +202,11 @@ def run_scheduled(q: Tensor, k: Tensor, v: Tensor, sched: KernelSchedule, per_he
                 cfg.block_n, cfg.num_stages)
         return torch.ops.lvsa_kernels.triton_block_sparse_fwd(
             q, k, v, *sched.tensors(), sched.max_tiles, per_head_layout, scale,
-            cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, cfg.use_tma, cfg.warp_spec)
+            cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, cfg.use_tma, cfg.warp_spec, precision)
     lse = torch.empty(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32, device=q.device)
     if hopper:
         launch_hopper(q, k, v, out, lse, sched.tensors(), key_tiles.tensors(), sched.max_tiles, per_head_layout,
                       scale, cfg)
     else:
-        launch(q, k, v, out, lse, sched.tensors(), sched.max_tiles, per_head_layout, scale, cfg)
+        launch(q, k, v, out, lse, sched.tensors(), sched.max_tiles, per_head_layout, scale, cfg, precision)
     return out, lse

@@ -28,6 +28,7 @@ class Capabilities:
     per_head_layouts: bool = True
     lse: bool = True
     dense_only: bool = False                # only layouts where every query attends every key
+    precisions: FrozenSet[str] = frozenset({"exact"})  # `block_sparse_attn` precision modes
 
 
 class Backend:
@@ -38,6 +39,12 @@ class Backend:
 
     def unavailable_reason(self, device: torch.device) -> Optional[str]:
         """Why this backend cannot run at all on ``device`` (missing package, hardware), or None."""
+        return None
+
+    def precision_reason(self, precision: str, q: Tensor) -> Optional[str]:
+        """Why this backend cannot run ``precision`` on q's device, or None (``"exact"`` always runs)."""
+        if precision not in self.caps.precisions:
+            return f"supports precision {sorted(self.caps.precisions)}, not {precision!r}"
         return None
 
     def unsupported_reason(self, q: Tensor, k: Tensor, layout: BlockSparseLayout, return_lse: bool) -> Optional[str]:
@@ -82,9 +89,10 @@ class Backend:
         raise NotImplementedError
 
     def run_permuted(self, q: Tensor, k: Tensor, v: Tensor, plan: AttentionPlan, scale: float,
-                     return_lse: bool) -> Tuple[Tensor, Optional[Tensor]]:
+                     return_lse: bool, **precision) -> Tuple[Tensor, Optional[Tensor]]:
         """`run` for a permuted plan, outputs in token order. This default permutes q, k, v, runs every batch
-        element's host layout with `run` and un-permutes; a backend that reads through the permutation overrides it."""
+        element's host layout with `run` (``precision=`` passed on when given) and un-permutes; a backend that
+        reads through the permutation overrides it."""
         qp, kp, vp = permute_tokens(q, plan.q_perm), permute_tokens(k, plan.k_perm), permute_tokens(v, plan.k_perm)
         outs, lses = [], []
         for b, layout in enumerate(plan.layouts):
@@ -92,7 +100,7 @@ class Backend:
             reason = self.unsupported_reason(qb, kb, layout, return_lse)
             if reason:
                 raise BackendUnavailable(f"backend {self.name!r} cannot run the layout of batch element {b}: {reason}")
-            out, lse = self.run(qb, kb, vb, layout, scale, return_lse)
+            out, lse = self.run(qb, kb, vb, layout, scale, return_lse, **precision)
             outs.append(out)
             lses.append(lse)
         out = unpermute_tokens(torch.cat(outs) if len(outs) > 1 else outs[0], plan.q_perm)

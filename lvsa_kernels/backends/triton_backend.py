@@ -5,7 +5,9 @@ and writes outputs through the permutation (`run_permuted`).
 
 Runs on CUDA tensors (fp16/bf16/fp32), or on CPU tensors in Triton's interpreter when
 ``TRITON_INTERPRET=1`` (fp16/fp32 only: bf16 ``tl.dot`` is wrong in the interpreter, triton#11584).
-The launch config is tuned once per problem class on the real inputs and cached on disk
+Precisions ``"fp8"`` and ``"int8_qk"`` (8-bit, see docs/fp8.md) need fp16/bf16 inputs, head dim >= 32
+and CUDA sm_89+ (or the interpreter). The launch config is tuned once per problem class (and precision)
+on the real inputs and cached on disk
 (`lvsa_kernels.triton_src.tuning`); ``LVSA_KERNELS_TRITON_AUTOTUNE=0`` uses the default config instead.
 """
 from __future__ import annotations
@@ -34,7 +36,8 @@ class TritonBackend(Backend):
     name = "triton"
     caps = Capabilities(devices=frozenset({"cuda", "cpu"}),
                         dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
-                        head_dims=frozenset({16, 32, 64, 128}))
+                        head_dims=frozenset({16, 32, 64, 128}),
+                        precisions=frozenset({"exact", "fp8", "int8_qk"}))
 
     def unavailable_reason(self, device: torch.device) -> Optional[str]:
         if not _HAS_TRITON:
@@ -45,23 +48,40 @@ class TritonBackend(Backend):
             return "TRITON_INTERPRET=1 is set: the interpreter runs on CPU tensors only"
         return None
 
+    def precision_reason(self, precision: str, q: Tensor) -> Optional[str]:
+        reason = super().precision_reason(precision, q)
+        if reason or precision == "exact":
+            return reason
+        if q.dtype not in (torch.float16, torch.bfloat16):
+            return f"precision={precision!r} quantizes float16/bfloat16 inputs, got {q.dtype}"
+        if q.shape[-1] < 32:
+            return f"precision={precision!r} needs head dim >= 32 (8-bit MMAs reduce over 32), got {q.shape[-1]}"
+        if q.device.type == "cuda" and torch.cuda.get_device_capability(q.device) < (8, 9):
+            cap = torch.cuda.get_device_capability(q.device)
+            return (f"precision={precision!r} needs FP8 tensor cores (CUDA sm_89+: Ada, Hopper or newer); "
+                    f"{torch.cuda.get_device_name(q.device)} is sm_{cap[0]}{cap[1]}")
+        return None
+
     def unsupported_reason(self, q: Tensor, k: Tensor, layout: BlockSparseLayout, return_lse: bool) -> Optional[str]:
         return super().unsupported_reason(q, k, layout, return_lse) or _tensor_reason(q, k)
 
     def unsupported_permuted_reason(self, q: Tensor, k: Tensor, return_lse: bool) -> Optional[str]:
         return super().unsupported_permuted_reason(q, k, return_lse) or _tensor_reason(q, k)
 
-    def run(self, q, k, v, layout, scale, return_lse):
+    def run(self, q, k, v, layout, scale, return_lse, precision="exact"):
         if v.stride(-1) != 1:
             raise ValueError("v: the head dim (last dim) must be contiguous")
-        cfg = config_for(q, k, v, layout, scale)
-        out, lse = _run(q, k, v, layout, scale, cfg)
+        cfg = config_for(q, k, v, layout, scale, precision)
+        out, lse = _run(q, k, v, layout, scale, cfg, precision)
         return out, (lse if return_lse else None)
 
-    def run_permuted(self, q, k, v, plan, scale, return_lse):
+    def run_permuted(self, q, k, v, plan, scale, return_lse, precision="exact"):
         """The cluster path: keys and values permuted once, the schedule planned on the device from the plan's
         block map, queries read and outputs written through the query permutation by the packed cluster kernel
-        (no host synchronisation, no host layouts)."""
+        (no host synchronisation, no host layouts). The cluster kernel is exact only: an 8-bit precision runs
+        the per-batch host layouts on permuted tokens (`Backend.run_permuted`)."""
+        if precision != "exact":
+            return super().run_permuted(q, k, v, plan, scale, return_lse, precision=precision)
         if v.stride(-1) != 1:
             raise ValueError("v: the head dim (last dim) must be contiguous")
         from ..triton_src import cluster_path
@@ -82,16 +102,16 @@ def _tensor_reason(q: Tensor, k: Tensor) -> Optional[str]:
     return None
 
 
-def _run(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout, scale: float, cfg):
+def _run(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout, scale: float, cfg, precision: str = "exact"):
     from ..triton_src.launch import run_scheduled
     from ..triton_src.schedule import build_key_tiles, build_schedule
 
     sched = build_schedule(layout, cfg.block_m, q.device)
     key_tiles = build_key_tiles(layout, cfg.block_n, q.device) if cfg.kernel == "hopper" else None
-    return run_scheduled(q, k, v, sched, layout.num_heads > 1, scale, cfg, key_tiles=key_tiles)
+    return run_scheduled(q, k, v, sched, layout.num_heads > 1, scale, cfg, precision=precision, key_tiles=key_tiles)
 
 
-def config_for(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout, scale: float):
+def config_for(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout, scale: float, precision: str = "exact"):
     """The launch config for these inputs, memoised on the layout.
 
     Eager calls tune on first use (see `choose_config`). Under ``torch.compile`` nothing can be timed
@@ -99,7 +119,7 @@ def config_for(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout, scale
     clear error asks for an eager warm-up call.
     """
     tma_strides = _tma_strides_ok(q, k, v)
-    key = ("triton_config", q.device.type, q.device.index, q.dtype, q.shape[-1], tma_strides)
+    key = ("triton_config", q.device.type, q.device.index, q.dtype, q.shape[-1], tma_strides, precision)
     if torch.compiler.is_compiling():
         cfg = _CONFIGS.peek(layout, key)
         if cfg is None:
@@ -107,7 +127,7 @@ def config_for(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout, scale
                 "lvsa_kernels triton backend: no tuned config for this layout yet; call block_sparse_attn once "
                 "outside torch.compile (a warm-up) so the kernel is tuned and its schedule is built")
         return cfg
-    return _CONFIGS.get(layout, key, lambda: choose_config(q, k, v, layout, scale))
+    return _CONFIGS.get(layout, key, lambda: choose_config(q, k, v, layout, scale, precision=precision))
 
 
 def _tma_strides_ok(q: Tensor, k: Tensor, v: Tensor) -> bool:
@@ -115,24 +135,28 @@ def _tma_strides_ok(q: Tensor, k: Tensor, v: Tensor) -> bool:
     return all((s * e) % 16 == 0 for t in (q, k, v) for s in t.stride()[:3])
 
 
-def config_key(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout) -> str:
-    """The tuning-cache key of these inputs: the problem class plus the kernels that may compete for it
-    (so a config tuned where the Hopper kernel could not run is not reused where it can)."""
+def config_key(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout, precision: str = "exact") -> str:
+    """The tuning-cache key of these inputs: the problem class, the precision, and the kernels that may compete
+    for it (so a config tuned where the Hopper kernel could not run is not reused where it can)."""
     from ..triton_src.launch import hopper_eligible, tma_eligible
 
-    kernels = "|hopper" if hopper_eligible(q, k, v) else "|tma" if tma_eligible(q, k, v) else "|no-tma"
+    if precision != "exact":  # only the portable kernel computes 8-bit precisions
+        kernels = f"|{precision}" + ("|tma" if tma_eligible(q, k, v) else "|no-tma")
+    else:
+        kernels = "|hopper" if hopper_eligible(q, k, v) else "|tma" if tma_eligible(q, k, v) else "|no-tma"
     return tuning.tuning_key(q.device, q.dtype, q.shape[-1], layout.typical_q_block) + kernels
 
 
-def choose_config(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout, scale: float, retune: bool = False):
+def choose_config(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout, scale: float, retune: bool = False,
+                  precision: str = "exact"):
     """Tuned config from the disk cache, else tune now on these inputs (interpreter: fixed small config)."""
     if tuning.interpreting():
         return tuning.INTERPRETER_CONFIG
     from ..triton_src.launch import hopper_eligible, tma_eligible
 
     tma_ok = tma_eligible(q, k, v)
-    hopper_ok = hopper_eligible(q, k, v)
-    key = config_key(q, k, v, layout)
+    hopper_ok = precision == "exact" and hopper_eligible(q, k, v)
+    key = config_key(q, k, v, layout, precision)
     cfg = None if retune else tuning.lookup(key)
     if cfg is not None:
         return cfg
@@ -142,7 +166,7 @@ def choose_config(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout, sc
     import triton.testing
 
     def bench(cfg) -> float:
-        return triton.testing.do_bench(lambda: _run(q, k, v, layout, scale, cfg),
+        return triton.testing.do_bench(lambda: _run(q, k, v, layout, scale, cfg, precision),
                                        warmup=50, rep=500, return_mode="median")
 
     log.info("lvsa_kernels triton: tuning %d configs for %s", len(candidates), key)

@@ -9,6 +9,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 from diffusers import Cosmos3OmniTransformer
 from torch import nn
 
+from ..api import check_precision
 from ..backends import get_backend
 from ..reference import LVSAPattern
 from ..svoo_attention import SVOOPattern
@@ -187,15 +188,15 @@ def _forward_hooks(runtime: AttentionRuntime, spec: ModelSpec, transformer: nn.M
 
 
 def _make_runtime(spec: ModelSpec, transformers: Sequence[nn.Module], pattern: Union[None, LVSAPattern, SVOOPattern],
-                  backend: str, knobs: Dict[str, Any]) -> AttentionRuntime:
+                  backend: str, knobs: Dict[str, Any], precision: str) -> AttentionRuntime:
     if isinstance(pattern, SVOOPattern):
         if knobs:
             raise TypeError(f"enable_lvsa: LVSA knob(s) {sorted(knobs)} do not apply to an SVOOPattern; "
                             "set SVOO knobs on the pattern (or use enable_svoo(pipe, **svoo_knobs))")
         check_svoo_supported(spec, transformers)
-        return SVOORuntime(pattern, backend, spec.name, experts=len(transformers))
+        return SVOORuntime(pattern, backend, spec.name, experts=len(transformers), precision=precision)
     lvsa_pattern, source = _make_pattern(spec, transformers[0].config, pattern, knobs)
-    return LVSARuntime(lvsa_pattern, backend, spec.name, source)
+    return LVSARuntime(lvsa_pattern, backend, spec.name, source, precision)
 
 
 def _riflex_hooks(spec: ModelSpec, transformer: nn.Module, runtime: AttentionRuntime) -> List[Any]:
@@ -206,7 +207,7 @@ def _riflex_hooks(spec: ModelSpec, transformer: nn.Module, runtime: AttentionRun
 
 
 def enable_lvsa(pipe_or_transformer: Any, pattern: Union[None, LVSAPattern, SVOOPattern] = None,
-                backend: str = "auto", riflex: bool = False, **knobs: Any) -> LVSAHandle:
+                backend: str = "auto", riflex: bool = False, precision: str = "exact", **knobs: Any) -> LVSAHandle:
     """Run the self-attention of a diffusers video transformer with LVSA block-sparse attention.
 
     Supported: ``WanTransformer3DModel`` (Wan 2.1 / 2.2, both A14B experts; ``attn1`` only),
@@ -231,6 +232,9 @@ def enable_lvsa(pipe_or_transformer: Any, pattern: Union[None, LVSAPattern, SVOO
         riflex: RIFLEx (Wan, HunyuanVideo): past the reference frames ``L`` (the pattern's, else the model's),
             the temporal RoPE component whose period is closest to ``L`` gets frequency ``2*pi / T`` for a
             ``T``-frame video (`lvsa_kernels.diffusers.riflex`); `disable_lvsa` restores the original RoPE.
+        precision: ``block_sparse_attn`` precision: ``"exact"`` (default), ``"fp8"`` or ``"int8_qk"`` (opt-in
+            8-bit attention, Triton backend on sm_89+ GPUs; see docs/fp8.md). SVOO with an 8-bit precision runs
+            on host-built layouts (the packed cluster kernel has no 8-bit mode).
         **knobs: `LVSAPattern` fields that override the pattern (window, n_first, reference_frames,
             sparsity_scale, key_frame_interval, expand_window, rotate, anchors).
 
@@ -247,6 +251,7 @@ def enable_lvsa(pipe_or_transformer: Any, pattern: Union[None, LVSAPattern, SVOO
         raise TypeError(f"riflex: expected a bool, got {type(riflex).__name__}")
     if backend != "auto":
         get_backend(backend)  # unknown names fail here, not at the first denoising step
+    check_precision(precision)
     pipeline, transformers = _split(pipe_or_transformer)
     specs = [_spec_for(t) for t in transformers]
     if any(s is not specs[0] for s in specs):
@@ -259,7 +264,7 @@ def enable_lvsa(pipe_or_transformer: Any, pattern: Union[None, LVSAPattern, SVOO
     if riflex and spec.rope is None:
         raise NotImplementedError(f"riflex ({spec.name}): RIFLEx is supported on Wan and HunyuanVideo models only "
                                   "(their RoPE layouts are known); call enable_lvsa(..., riflex=False)")
-    runtime = _make_runtime(spec, transformers, pattern, backend, knobs)
+    runtime = _make_runtime(spec, transformers, pattern, backend, knobs, precision)
     handle = LVSAHandle(runtime, transformers, pipeline, spec)
 
     for transformer in transformers:
@@ -290,13 +295,14 @@ def enable_lvsa(pipe_or_transformer: Any, pattern: Union[None, LVSAPattern, SVOO
     return handle
 
 
-def enable_svoo(pipe_or_transformer: Any, backend: str = "auto", **svoo_knobs: Any) -> LVSAHandle:
-    """``enable_lvsa(pipe_or_transformer, pattern=SVOOPattern(**svoo_knobs), backend=backend)``.
+def enable_svoo(pipe_or_transformer: Any, backend: str = "auto", precision: str = "exact",
+                **svoo_knobs: Any) -> LVSAHandle:
+    """``enable_lvsa(pipe_or_transformer, pattern=SVOOPattern(**svoo_knobs), backend=backend, precision=precision)``.
 
     ``svoo_knobs``: `SVOOPattern` arguments (profile, top_p, q_clusters, k_clusters, iterations,
     warmup_steps, dense_layers, recluster_every, clip, seed). Undo with `disable_lvsa`.
     """
-    return enable_lvsa(pipe_or_transformer, pattern=SVOOPattern(**svoo_knobs), backend=backend)
+    return enable_lvsa(pipe_or_transformer, pattern=SVOOPattern(**svoo_knobs), backend=backend, precision=precision)
 
 
 def disable_lvsa(pipe_or_transformer: Any) -> None:

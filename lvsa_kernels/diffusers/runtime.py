@@ -37,12 +37,14 @@ class AttentionRuntime:
         pattern: the sparsity pattern (`LVSAPattern` or `SVOOPattern`).
         backend: ``block_sparse_attn`` backend name or ``"auto"``.
         model: model family name used in messages ("Wan", "HunyuanVideo 1.5", "CogVideoX").
+        precision: ``block_sparse_attn`` precision (``"exact"``, ``"fp8"``, ``"int8_qk"``).
     """
 
-    def __init__(self, pattern: Any, backend: str, model: str) -> None:
+    def __init__(self, pattern: Any, backend: str, model: str, precision: str = "exact") -> None:
         self.pattern = pattern
         self.backend = backend
         self.model = model
+        self.precision = precision
         self.tracker = StepTracker()
         self.geometry: Optional[VideoGeometry] = None
         self.ulysses: Optional[UlyssesGroup] = None
@@ -117,6 +119,7 @@ class LVSARuntime(AttentionRuntime):
         backend: ``block_sparse_attn`` backend name or ``"auto"``.
         model: model family name used in messages ("Wan", "HunyuanVideo 1.5", "CogVideoX").
         reference_source: where ``pattern.reference_frames`` came from (logged).
+        precision: ``block_sparse_attn`` precision.
 
     Attributes:
         densities: layout density per planned ``(step, text_tokens, text_position)`` of the current generation.
@@ -125,8 +128,9 @@ class LVSARuntime(AttentionRuntime):
             call; the layout's first frames are ``pattern.n_first + leading_frames``.
     """
 
-    def __init__(self, pattern: LVSAPattern, backend: str, model: str, reference_source: str) -> None:
-        super().__init__(pattern, backend, model)
+    def __init__(self, pattern: LVSAPattern, backend: str, model: str, reference_source: str,
+                 precision: str = "exact") -> None:
+        super().__init__(pattern, backend, model, precision)
         self.reference_source = reference_source
         self._layouts: Dict[Tuple[Any, ...], BlockSparseLayout] = {}
         self._planned_for: Optional[Tuple[int, Optional[int], VideoGeometry]] = None
@@ -198,7 +202,7 @@ class LVSARuntime(AttentionRuntime):
         """``block_sparse_attn`` on ``[B, S, H, D]`` tensors with the runtime's backend and the full-sequence
         ``layout`` (under Ulysses through `exchanged`)."""
         def run(q: Tensor, k: Tensor, v: Tensor, heads: Optional[Tuple[int, int]]) -> Tensor:
-            out = block_sparse_attn(q, k, v, layout, backend=self.backend)
+            out = block_sparse_attn(q, k, v, layout, backend=self.backend, precision=self.precision)
             if not self.tracker.announced:
                 self._announce(q, k, v, layout)
             return out
@@ -208,15 +212,16 @@ class LVSARuntime(AttentionRuntime):
     def _announce(self, q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout) -> None:
         self.tracker.announced = True
         geo = self.current_geometry("log")
-        chosen = select_backend(self.backend, q, k, v, layout, q.shape[-1] ** -0.5, False).name
+        chosen = select_backend(self.backend, q, k, v, layout, q.shape[-1] ** -0.5, False, self.precision).name
         self.chosen_backend = chosen
         meta = layout.meta
         log.info(
             "LVSA %s on %s: T=%d P=%d text=%d kfi=%d offset=%d density=%.4f backend=%s (requested %s) "
-            "reference_frames=%d (%s) ulysses_degree=%d",
+            "reference_frames=%d (%s) ulysses_degree=%d precision=%s",
             "dense" if layout.is_dense else "engaged", self.model, geo.frames, geo.tokens_per_frame,
             meta.get("text_tokens", 0), meta["kfi"], meta["offset"], layout.density, chosen, self.backend,
             self.pattern.reference_frames, self.reference_source, 1 if self.ulysses is None else self.ulysses.degree,
+            self.precision,
         )
 
 

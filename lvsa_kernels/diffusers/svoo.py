@@ -44,10 +44,12 @@ class SVOORuntime(AttentionRuntime):
         model: model family name used in messages.
         experts: transformers sharing the runtime (2 for Wan 2.2 A14B): the branch passed to the pattern
             is then ``(expert, call)``, so each expert has its own cluster caches.
+        precision: ``block_sparse_attn`` precision passed to ``pattern.attention``.
     """
 
-    def __init__(self, pattern: SVOOPattern, backend: str, model: str, experts: int = 1) -> None:
-        super().__init__(pattern, backend, model)
+    def __init__(self, pattern: SVOOPattern, backend: str, model: str, experts: int = 1,
+                 precision: str = "exact") -> None:
+        super().__init__(pattern, backend, model, precision)
         self.experts = experts
         self._generation: Optional[int] = None
 
@@ -84,7 +86,7 @@ class SVOORuntime(AttentionRuntime):
             branch = (branch, part)
         return self.exchanged(q, k, v, lambda q, k, v, heads: self.pattern.attention(
             q, k, v, step=self.tracker.step, layer=layer, backend=self.backend, branch=branch, heads=heads,
-            text_tokens=text_tokens))
+            text_tokens=text_tokens, precision=self.precision))
 
     def _announce(self) -> None:
         self.tracker.announced = True

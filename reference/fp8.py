@@ -1,0 +1,166 @@
+"""Fake-quant reference of the 8-bit block-sparse kernel (``precision="fp8"`` / ``"int8_qk"``), float32 math.
+
+It reproduces the kernel's quantization, roundings and tile walk on any device:
+
+* K smoothed by its per-(batch, kv head) mean over all tokens (`key_mean`), then INT8 per token:
+  ``k8 = rne(k_s * 127 / amax_row)``, scale ``amax_row / 127``;
+* Q in INT8 per query tile: tiles of ``block_m`` rows from the start of each run of consecutive query
+  blocks with identical key spans (the kernel's schedule), scale ``amax_tile / 127``, folded into the
+  softmax scale; Q K^T is exact on these integers;
+* online softmax in the exp2 domain over the block's key spans, in the kernel's order: every span's full
+  ``block_n`` tiles, then every span's ragged tail;
+* P in e4m3 with the fixed scale 448 (P <= 1 against the running max, so 1 maps onto e4m3's largest
+  finite value); V in e4m3 per channel (`value_channel_scale`); both scales undone on the float32 output.
+  With ``fp8_pv=False`` P is rounded to V's dtype and V is used as is.
+
+Rows with no keys give 0 and lse -inf. Inputs must be finite on every token (the K mean and V scales
+read the whole sequence).
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from .layout import BlockSparseLayout
+
+__all__ = ["E4M3_MAX", "INT8_MAX", "P_SCALE", "fp8_reference_attention", "key_mean", "quantize_int8",
+           "value_channel_scale"]
+
+E4M3_MAX = 448.0   # largest finite float8_e4m3fn
+INT8_MAX = 127.0
+P_SCALE = 448.0    # fixed scale of P in [0, 1]
+_LOG2E = 1.4426950408889634
+
+
+def key_mean(k: Tensor) -> Tensor:
+    """float32 ``[B, H_kv, D]`` mean of k ``[B, S, H_kv, D]`` over the tokens (the smoothing constant)."""
+    return k.float().mean(dim=1)
+
+
+def _scales(amax: Tensor, top: float = E4M3_MAX) -> Tuple[Tensor, Tensor]:
+    """``(amax / top, top / amax)`` (1 and 1 where amax is 0), each one correctly rounded float32 division
+    (tensor by tensor: torch may turn a division by or of a Python scalar into a reciprocal multiply)."""
+    nonzero = amax > 0
+    safe = torch.where(nonzero, amax, torch.ones_like(amax))
+    top = torch.full_like(safe, top)
+    return torch.where(nonzero, safe / top, 1.0), torch.where(nonzero, top / safe, 1.0)
+
+
+def value_channel_scale(v: Tensor) -> Tuple[Tensor, Tensor]:
+    """Per-channel e4m3 scale of v ``[B, S, H_kv, D]``: ``(amax / 448, 448 / amax)`` float32 ``[B, H_kv, D]``
+    (1 and 1 for an all-zero channel)."""
+    return _scales(torch.maximum(v.amax(dim=1).float(), -v.amin(dim=1).float()))
+
+
+def _e4m3(x: Tensor) -> Tensor:
+    """Round float32 to the e4m3 grid (nearest even, saturating), returned as float32."""
+    return x.clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).float()
+
+
+def quantize_int8(x: Tensor, dim: int = -1) -> Tuple[Tensor, Tensor]:
+    """INT8 values (as float32) and float32 scales of x with one scale per slice reduced over ``dim``
+    (``amax / 127``; 1 for an all-zero slice): ``x ~ values * scale``; rounding to nearest even."""
+    x = x.float()
+    scale, inv = _scales(x.abs().amax(dim=dim, keepdim=True), INT8_MAX)
+    return torch.round(x * inv).clamp(-INT8_MAX, INT8_MAX), scale
+
+
+def _runs(layout: BlockSparseLayout, lh: int) -> List[Tuple[int, int, int, int]]:
+    """``(q0, q1, s0, s1)`` per run of consecutive non-empty query blocks of layout head ``lh`` that attend
+    identical key spans (rows ``q0 .. q1``, spans ``s0 .. s1``); blocks without keys are left out."""
+    sp = layout.spans
+    q_off = layout.q_offsets[min(lh, layout.q_offsets.shape[0] - 1)]
+    runs: List[Tuple[int, int, int, int]] = []
+    prev = None
+    for r in range(layout.num_q_blocks):
+        q0, q1 = int(q_off[r]), int(q_off[r + 1])
+        s0, s1 = int(sp.ptr[lh, r]), int(sp.ptr[lh, r + 1])
+        if q1 <= q0 or s1 <= s0:
+            prev = None
+            continue
+        spans = (sp.start[s0:s1].tolist(), sp.end[s0:s1].tolist())
+        if prev == spans:
+            runs[-1] = (runs[-1][0], q1, runs[-1][2], runs[-1][3])
+        else:
+            runs.append((q0, q1, s0, s1))
+        prev = spans
+    return runs
+
+
+def _walk(starts: Tensor, ends: Tensor, block_n: int) -> List[Tuple[int, int]]:
+    """The kernel's key tiles for spans ``[starts, ends)``: all full tiles, then all ragged tails."""
+    spans = [(int(s), int(e)) for s, e in zip(starts, ends)]
+    full = [(t, t + block_n) for s, e in spans for t in range(s, s + (e - s) // block_n * block_n, block_n)]
+    tails = [(s + (e - s) // block_n * block_n, e) for s, e in spans if (e - s) % block_n]
+    return full + tails
+
+
+def fp8_reference_attention(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout,
+                            scale: Optional[float] = None, block_m: int = 128, block_n: int = 128,
+                            fp8_pv: bool = True, return_lse: bool = False) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+    """Block-sparse attention as the 8-bit kernel computes it with tiles ``block_m`` x ``block_n``.
+
+    Args:
+        q: ``[B, Sq, H, D]``; k, v: ``[B, Skv, H_kv, D]`` (fp16/bf16/fp32); layout as in `reference_attention`.
+        scale: softmax scale (> 0), default ``1 / sqrt(D)``.
+        fp8_pv: P and V in e4m3 (``precision="fp8"``); False: P rounded to v's dtype (``"int8_qk"``).
+        return_lse: also return lse ``[B, H, Sq]`` (float32, natural log), un-smoothed.
+
+    Returns:
+        ``out [B, Sq, H, D]`` in q's dtype (and lse).
+    """
+    B, Sq, H, D = q.shape
+    Hkv = k.shape[2]
+    if layout.q_len != Sq or layout.kv_len != k.shape[1]:
+        raise ValueError(f"layout covers {layout.q_len}x{layout.kv_len} tokens, inputs are {Sq}x{k.shape[1]}")
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    qk_scale = scale * _LOG2E
+    mean = key_mean(k)                                                    # [B, Hkv, D]
+    k8, k_scale = quantize_int8(k.float() - mean[:, None])                # [B, S, Hkv, D], [B, S, Hkv, 1]
+    if fp8_pv:
+        v_scale, v_inv = value_channel_scale(v)
+        v_used = _e4m3(v.float() * v_inv[:, None])
+    else:
+        v_used = v.float()
+    out = torch.zeros(B, Sq, H, D, dtype=torch.float32, device=q.device)
+    lse = torch.full((B, H, Sq), float("-inf"), dtype=torch.float32, device=q.device)
+    head_of_kv = torch.arange(H, device=q.device) // (H // Hkv)
+    sp = layout.spans
+    for lh in range(layout.num_heads):
+        heads = torch.arange(H, device=q.device) if layout.num_heads == 1 else torch.tensor([lh], device=q.device)
+        kvh = head_of_kv[heads]
+        for q0, q1, s0, s1 in _runs(layout, lh):
+            m_rows = q1 - q0
+            tiles = -(-m_rows // block_m)
+            qq = torch.zeros(B, len(heads), tiles * block_m, D, device=q.device)
+            qq[:, :, :m_rows] = q[:, q0:q1][:, :, heads].float().transpose(1, 2)
+            q8, q_scale = quantize_int8(qq.view(B, len(heads), tiles, block_m * D))
+            q8 = q8.view(B, len(heads), tiles, block_m, D)
+            row_scale = qk_scale * q_scale[..., None]                      # [B, h, tiles, 1, 1]
+            m_i = torch.full((B, len(heads), tiles, block_m, 1), float("-inf"), device=q.device)
+            l_i = torch.zeros_like(m_i)
+            acc = torch.zeros(B, len(heads), tiles, block_m, D, device=q.device)
+            for a, e in _walk(sp.start[s0:s1], sp.end[s0:s1], block_n):
+                kk = k8[:, a:e][:, :, kvh].permute(0, 2, 3, 1)[:, :, None]      # [B, h, 1, D, n]
+                ks = k_scale[:, a:e][:, :, kvh, 0].transpose(1, 2)[:, :, None, None]  # [B, h, 1, 1, n]
+                qk = torch.matmul(q8, kk) * ks
+                m_new = torch.maximum(m_i, qk.amax(-1, keepdim=True) * row_scale)
+                p = torch.exp2(qk * row_scale - m_new)
+                alpha = torch.exp2(m_i - m_new)
+                l_i = l_i * alpha + p.sum(-1, keepdim=True)
+                p = _e4m3(p * P_SCALE) if fp8_pv else p.to(v.dtype).float()
+                vv = v_used[:, a:e][:, :, kvh].transpose(1, 2)[:, :, None]      # [B, h, 1, n, D]
+                acc = acc * alpha + torch.matmul(p, vv)
+                m_i = m_new
+            o = acc / l_i
+            if fp8_pv:
+                o = o * (v_scale[:, kvh] / P_SCALE)[:, :, None, None]
+            q_mu = torch.einsum("bhmd,bhd->bhm", qq, mean[:, kvh]).view(B, len(heads), tiles, block_m, 1)
+            row_lse = (m_i + torch.log2(l_i) + qk_scale * q_mu) * math.log(2.0)
+            out[:, q0:q1, heads] = o.reshape(B, len(heads), -1, D)[:, :, :m_rows].transpose(1, 2)
+            lse[:, heads, q0:q1] = row_lse.reshape(B, len(heads), -1)[:, :, :m_rows]
+    out = out.to(q.dtype)
+    return (out, lse) if return_lse else out

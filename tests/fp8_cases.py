@@ -1,0 +1,49 @@
+"""Inputs and error metrics shared by the 8-bit (``precision="fp8"`` / ``"int8_qk"``) tests and bench."""
+import torch
+
+from lvsa_kernels import BlockSparseLayout, LVSAPattern
+
+
+def distribution(name, B, S, H, Hkv, D, seed):
+    """q ``[B, S, H, D]``, k, v ``[B, S, Hkv, D]`` float32 on CPU: ``normal`` (N(0, 1)), ``peaked`` (q and k
+    drawn around 8 shared cluster centres, so each query's softmax mass sits on one cluster's keys), or
+    ``kbias`` (normal, plus a bias of 30 on 4 key channels: what smoothing K removes)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g)
+
+    if name == "normal":
+        return randn(B, S, H, D), randn(B, S, Hkv, D), randn(B, S, Hkv, D)
+    if name == "peaked":
+        centres = randn(8, D)
+        pick = lambda h: centres[torch.randint(0, 8, (B, S, h), generator=g)]  # noqa: E731
+        return pick(H) + 0.5 * randn(B, S, H, D), pick(Hkv) + 0.5 * randn(B, S, Hkv, D), randn(B, S, Hkv, D)
+    if name == "kbias":
+        bias = torch.zeros(D)
+        bias[:4] = 30.0
+        return randn(B, S, H, D), randn(B, S, Hkv, D) + bias, randn(B, S, Hkv, D)
+    raise ValueError(f"distribution: unknown {name!r}")
+
+
+def layouts():
+    """Named layouts: LVSA with text after the video, long rows (T=121, window 3), and ragged blocks with
+    empty query rows and an empty key block."""
+    mask = torch.rand(6, 7, generator=torch.Generator().manual_seed(3)) < 0.5
+    mask[0] = False   # a query block with no keys
+    mask[1] = True    # a dense row
+    return {
+        "text": LVSAPattern(window=3, n_first=1, reference_frames=13).plan(13, 16, step=1, text_tokens=24),
+        "long_rows": LVSAPattern(window=3, n_first=1, reference_frames=21).plan(121, 4, step=0),
+        "empty_rows": BlockSparseLayout.from_block_mask(mask, [20, 64, 17, 30, 33, 40], [30, 0, 50, 41, 22, 25, 36]),
+    }
+
+
+def errors(out, ref):
+    """``(relative L2, median row cosine, worst row cosine)`` of ``out`` against ``ref`` over rows whose
+    reference is non-zero (rows without keys are checked separately)."""
+    o, r = out.double().reshape(-1, out.shape[-1]), ref.double().reshape(-1, ref.shape[-1])
+    rows = r.norm(dim=1) > 0
+    o, r = o[rows], r[rows]
+    cos = torch.nn.functional.cosine_similarity(o, r, dim=1)
+    return ((o - r).norm() / r.norm()).item(), cos.median().item(), cos.min().item()
