@@ -137,10 +137,12 @@ def _consume(args, HALF: gl.constexpr):
             s_tok = warpgroup_mma(q, k_smem.index(stage).permute((1, 0)), s_init, use_acc=False, is_async=True)
             acc_tok = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
             _give_turn(turn, HALF, pingpong)
+            next_kv0 = gl.load(kv_tile_start + i_lo + j)  # read while the products run, not after them
+            next_kv_end = gl.load(kv_tile_end + i_lo + j)
             s = warpgroup_mma_wait(1, deps=(s_tok, ))
             mbarrier.arrive(k_empty.index(stage), count=1)
-            kv0 = gl.load(kv_tile_start + i_lo + j)
-            kv_end = gl.load(kv_tile_end + i_lo + j)
+            kv0 = next_kv0
+            kv_end = next_kv_end
             p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, kv0, kv_end, qk_scale, BLOCK_N, s_layout)
             acc = warpgroup_mma_wait(0, deps=(acc_tok, ))
             mbarrier.arrive(v_empty.index(prev), count=1)
@@ -183,9 +185,11 @@ def _load(args):
      kv_tile_start, kv_tile_end, i_lo, n_kv, q0, q1, q_desc, k_desc, v_desc) = args
     STAGES: gl.constexpr = k_smem.type.shape[0]
     ROWS: gl.constexpr = q_smem.type.shape[1]
-    for half in gl.static_range(2):
-        mbarrier.expect(q_bar.index(half), q_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(q_desc, [q0 + half * ROWS, 0], q_bar.index(half), q_smem.index(half))
+    for half in gl.static_range(2):  # only halves a consumer will wait for (no copy may outlive the program)
+        needed = (n_kv > 0) & (q0 + half * ROWS < q1)
+        mbarrier.expect(q_bar.index(half), q_desc.block_type.nbytes, pred=needed)
+        tma.async_copy_global_to_shared(q_desc, [q0 + half * ROWS, 0], q_bar.index(half), q_smem.index(half),
+                                        pred=needed)
     for j in range(n_kv):
         stage = j % STAGES
         phase = (j // STAGES) & 1
@@ -232,12 +236,14 @@ def block_sparse_attn_fwd_hopper(
     n_kv = gl.where(valid, gl.load(row_kv_ptr + row + 1) - i_lo, 0)
 
     b64 = b.to(gl.int64)
+    h64 = h.to(gl.int64)
+    h_kv64 = h_kv.to(gl.int64)
     dtype: gl.constexpr = Q.dtype.element_ty
-    q_desc = tma.make_tensor_descriptor(Q + b64 * stride_qb + h * stride_qh, shape=[q_len, HEAD_DIM],
+    q_desc = tma.make_tensor_descriptor(Q + b64 * stride_qb + h64 * stride_qh, shape=[q_len, HEAD_DIM],
                                         strides=[stride_qs, 1], block_shape=[HALF_M, HEAD_DIM], layout=Q_LAYOUT)
-    k_desc = tma.make_tensor_descriptor(K + b64 * stride_kb + h_kv * stride_kh, shape=[kv_len, HEAD_DIM],
+    k_desc = tma.make_tensor_descriptor(K + b64 * stride_kb + h_kv64 * stride_kh, shape=[kv_len, HEAD_DIM],
                                         strides=[stride_ks, 1], block_shape=[BLOCK_N, HEAD_DIM], layout=KV_LAYOUT)
-    v_desc = tma.make_tensor_descriptor(V + b64 * stride_vb + h_kv * stride_vh, shape=[kv_len, HEAD_DIM],
+    v_desc = tma.make_tensor_descriptor(V + b64 * stride_vb + h_kv64 * stride_vh, shape=[kv_len, HEAD_DIM],
                                         strides=[stride_vs, 1], block_shape=[BLOCK_N, HEAD_DIM], layout=KV_LAYOUT)
     q_smem = gl.allocate_shared_memory(dtype, [2, HALF_M, HEAD_DIM], Q_LAYOUT)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], KV_LAYOUT)
@@ -259,7 +265,7 @@ def block_sparse_attn_fwd_hopper(
 
     ring = (q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, turn,
             kv_tile_start, kv_tile_end, i_lo, n_kv, q0, q1)
-    o_base = O + b64 * stride_ob + h * stride_oh
+    o_base = O + b64 * stride_ob + h64 * stride_oh
     lse_base = LSE + (b64 * NUM_HEADS + h) * q_len
     consumer_args = ring + (o_base, stride_os, lse_base, qk_scale)
     gl.warp_specialize([

@@ -185,16 +185,25 @@ def _fake(q, k, v, *args, **kwargs):
 triton_block_sparse_fwd_hopper.register_fake(_fake)
 
 
+def _check_hopper_inputs(sched: KernelSchedule, key_tiles: Optional[KeyTiles], cfg: KernelConfig, precision: str):
+    from .block_sparse_hopper import HALF_M  # two consumer warpgroups of HALF_M query rows each
+
+    if key_tiles is None or key_tiles.block_n != cfg.block_n:
+        raise ValueError(f"the hopper kernel needs the key tiles of BLOCK_N={cfg.block_n}")
+    if sched.block_m != 2 * int(HALF_M):
+        raise ValueError(f"the hopper kernel takes query tiles of {2 * int(HALF_M)} rows, got {sched.block_m}")
+    if precision != "exact":
+        raise ValueError(f"the hopper kernel computes precision 'exact' only, not {precision!r}")
+
+
 def run_scheduled(q: Tensor, k: Tensor, v: Tensor, sched: KernelSchedule, per_head_layout: bool,
                   scale: float, cfg: KernelConfig, out: Optional[Tensor] = None,
                   precision: str = "exact", key_tiles: Optional[KeyTiles] = None) -> Tuple[Tensor, Tensor]:
     """Run with a prepared schedule (and, for the Hopper kernel, the key tiles of ``cfg.block_n``);
     through the custom op unless ``out`` (a buffer to write) is given."""
     hopper = cfg.kernel == "hopper"
-    if hopper and (key_tiles is None or key_tiles.block_n != cfg.block_n):
-        raise ValueError(f"the hopper kernel needs the key tiles of BLOCK_N={cfg.block_n}")
-    if hopper and precision != "exact":
-        raise ValueError(f"the hopper kernel computes precision 'exact' only, not {precision!r}")
+    if hopper:
+        _check_hopper_inputs(sched, key_tiles, cfg, precision)
     if out is None:
         if hopper:
             return torch.ops.lvsa_kernels.triton_block_sparse_fwd_hopper(

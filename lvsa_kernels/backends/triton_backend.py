@@ -119,7 +119,9 @@ def config_for(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout, scale
     clear error asks for an eager warm-up call.
     """
     tma_strides = _tma_strides_ok(q, k, v)
-    key = ("triton_config", q.device.type, q.device.index, q.dtype, q.shape[-1], tma_strides, precision)
+    # addresses too: a TMA config chosen for aligned tensors must not run on a misaligned view of the same layout
+    aligned = torch.compiler.is_compiling() or all(t.data_ptr() % 16 == 0 for t in (q, k, v))
+    key = ("triton_config", q.device.type, q.device.index, q.dtype, q.shape[-1], tma_strides, aligned, precision)
     if torch.compiler.is_compiling():
         cfg = _CONFIGS.peek(layout, key)
         if cfg is None:
