@@ -167,7 +167,10 @@ def run_model(name: str, build_model: Callable[[], nn.Module], patch: Sequence[i
             ways["dense_cudnn"] = measure(model, inputs, args.repeats, device, cudnn_context(device))
         else:
             ways["dense_cudnn"] = {"status": "skipped: cuDNN SDPA needs CUDA"}
-        ways["dense_default"] = measure(model, inputs, args.repeats, device, contextlib.nullcontext)
+        if args.dense_default or device.type != "cuda":
+            ways["dense_default"] = measure(model, inputs, args.repeats, device, contextlib.nullcontext)
+        else:
+            ways["dense_default"] = {"status": "skipped: --no-dense-default"}
         handle = enable_lvsa(model, backend=args.backend, **knobs)
         try:
             ways["lvsa"] = measure(model, inputs, args.repeats, device, contextlib.nullcontext)
@@ -247,6 +250,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--hunyuan", action="store_true", help="also HunyuanVideo 1.5 480p-shaped (8.3B, 16 GB bf16)")
     p.add_argument("--hunyuan-frames", type=int, nargs="+", help="default 129 193; tiny 9 17")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per way after one warm-up (median)")
+    p.add_argument("--no-dense-default", dest="dense_default", action="store_false",
+                   help="skip the 'dense_default' way on CUDA (dense cuDNN stays the baseline)")
     p.add_argument("--backend", default="triton", help="enable_lvsa backend (default triton)")
     p.add_argument("--precision", choices=("fp8", "int8_qk"),
                    help="also time LVSA at this 8-bit precision and compare its step output with the exact LVSA step")
