@@ -7,12 +7,14 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from .dispatch import select_backend
+from .dispatch import has_work, select_backend
 from .reference import BlockSparseLayout
+from .reference.args import as_flag, as_real
 
-__all__ = ["block_sparse_attn", "check_inputs"]
+__all__ = ["block_sparse_attn", "check_inputs", "effective_scale", "SCALE_CAP"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+SCALE_CAP = 2.0 ** 100  # bound on |scale * q.k| handed to a backend (float32 overflows at 2^128)
 
 
 def check_inputs(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout) -> None:
@@ -31,6 +33,8 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout) -> 
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v: must be on one device, got {q.device}, {k.device}, {v.device}")
     B, Sq, H, D = q.shape
+    if D < 1:
+        raise ValueError(f"q: head dim must be >= 1, got shape {tuple(q.shape)}")
     if k.shape != v.shape:
         raise ValueError(f"k, v: shapes must match [B, Skv, H_kv, D], got {tuple(k.shape)} and {tuple(v.shape)}")
     if k.shape[0] != B:
@@ -46,6 +50,27 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout) -> 
         raise ValueError(f"layout: covers {layout.kv_len} key tokens but k has S={k.shape[1]}")
     if layout.num_heads not in (1, H):
         raise ValueError(f"layout: has {layout.num_heads} heads; expected 1 (shared) or H={H}")
+
+
+def effective_scale(q: Tensor, k: Tensor, scale: float) -> Tuple[float, float]:
+    """``(scale a backend runs with, factor for its lse)``: any finite ``scale`` gives the float64 answer.
+
+    Scores ``scale * q.k`` are bounded by ``|scale| * max|q| * max|k|`` (row 2-norms). When that bound
+    exceeds `SCALE_CAP` (checked only for ``|scale| > 1``, so ordinary calls cost nothing), the scale is
+    lowered to ``sign(scale) * SCALE_CAP / bound``. Softmax is then already a hard maximum (any two float32
+    scores that differ are ``>= 2^-24 * bound`` apart, ``>= 2^76`` after scaling, far beyond exp's range),
+    so ``out`` is unchanged and nothing overflows; lse is multiplied back by ``scale / capped``, exact
+    when a row's maximum score is attained once (with t tied maxima it is off by ``(factor - 1) * log t``).
+    Inputs holding inf/NaN (even outside the layout) and ``torch.compile`` tracing skip the cap.
+    """
+    if abs(scale) <= 1.0 or torch.compiler.is_compiling() or q.numel() == 0 or k.numel() == 0:
+        return scale, 1.0
+    bound = float(torch.linalg.vector_norm(q, dim=-1, dtype=torch.float32).amax()) * \
+        float(torch.linalg.vector_norm(k, dim=-1, dtype=torch.float32).amax())
+    if not math.isfinite(bound) or abs(scale) * bound <= SCALE_CAP:
+        return scale, 1.0
+    capped = math.copysign(SCALE_CAP / bound, scale)
+    return capped, scale / capped
 
 
 def block_sparse_attn(
@@ -67,15 +92,25 @@ def block_sparse_attn(
         backend: ``"auto"`` (fastest eligible backend, measured once and cached; env
             ``LVSA_KERNELS_BACKEND`` overrides) or one of ``"triton"``, ``"flashinfer"``, ``"npu"``,
             ``"sdpa"``, ``"reference"``. An explicit backend that cannot run raises `BackendUnavailable`.
-        scale: softmax scale, default ``1 / sqrt(D)``.
+        scale: softmax scale, any finite real (0 and negative included), default ``1 / sqrt(D)``; see
+            `effective_scale` for very large ones. Non-finite or non-numeric: ValueError.
         return_lse: also return lse ``[B, H, Sq]`` (float32, natural log; -inf for rows with no keys).
 
     Returns:
-        ``out [B, Sq, H, D]`` in q's dtype, or ``(out, lse)``.
+        ``out [B, Sq, H, D]`` in q's dtype, or ``(out, lse)``. Without work (batch, sequence or heads of
+        size 0, or a layout selecting no key) every backend gives zeros and lse -inf without running
+        (an explicitly named backend is still checked, so the same inputs raise the same errors).
     """
     check_inputs(q, k, v, layout)
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
-    chosen = select_backend(backend, q, k, v, layout, float(scale), return_lse)
-    out, lse = chosen.run(q, k, v, layout, float(scale), return_lse)
+    return_lse = as_flag("return_lse", return_lse)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else as_real("scale", scale)
+    chosen = select_backend(backend, q, k, v, layout, scale, return_lse)
+    if not has_work(q, layout):
+        out = q.new_zeros(q.shape)
+        lse = torch.full((q.shape[0], q.shape[2], q.shape[1]), float("-inf"), dtype=torch.float32, device=q.device)
+    else:
+        run_scale, lse_factor = effective_scale(q, k, scale)
+        out, lse = chosen.run(q, k, v, layout, run_scale, return_lse)
+        if return_lse and lse_factor != 1.0:
+            lse = lse * lse_factor
     return (out, lse) if return_lse else out

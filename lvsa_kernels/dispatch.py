@@ -41,7 +41,7 @@ from .timing import median_seconds
 
 __all__ = [
     "ENV_BACKEND", "ENV_CACHE_DIR", "PREFERENCE", "select_backend", "candidate_order", "problem_key",
-    "timed_choice", "measure", "cache_file", "cached_choices", "reset_state",
+    "timed_choice", "measure", "cache_file", "cached_choices", "reset_state", "has_work",
 ]
 
 log = logging.getLogger("lvsa_kernels")
@@ -232,6 +232,11 @@ def _explicit(name: str, source: str, q: Tensor, k: Tensor, layout: BlockSparseL
     return backend
 
 
+def has_work(q: Tensor, layout: BlockSparseLayout) -> bool:
+    """False when the call computes nothing (no query element, or no selected key token): out is 0, lse -inf."""
+    return q.numel() > 0 and layout.computed_pairs > 0
+
+
 def select_backend(requested: str, q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout,
                    scale: float, return_lse: bool) -> Backend:
     """Resolve ``requested`` ("auto" or a backend name) to a backend that can run these inputs.
@@ -249,6 +254,8 @@ def select_backend(requested: str, q: Tensor, k: Tensor, v: Tensor, layout: Bloc
         return _explicit(env, f"environment variable {ENV_BACKEND}", q, k, layout, return_lse)
 
     backends = registered_backends()
+    if not has_work(q, layout) and _FALLBACK in backends:
+        return backends[_FALLBACK]  # nothing to run or time (`block_sparse_attn` returns zeros)
     if layout.is_dense and _DENSE in backends:
         dense = backends[_DENSE]
         if dense.unsupported_reason(q, k, layout, return_lse) is None:
