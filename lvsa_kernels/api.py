@@ -65,8 +65,9 @@ def effective_scale(q: Tensor, k: Tensor, scale: float) -> Tuple[float, float]:
     """
     if abs(scale) <= 1.0 or torch.compiler.is_compiling() or q.numel() == 0 or k.numel() == 0:
         return scale, 1.0
-    bound = float(torch.linalg.vector_norm(q, dim=-1, dtype=torch.float32).amax()) * \
-        float(torch.linalg.vector_norm(k, dim=-1, dtype=torch.float32).amax())
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    bound = float(torch.linalg.vector_norm(q, dim=-1, dtype=acc).amax()) * \
+        float(torch.linalg.vector_norm(k, dim=-1, dtype=acc).amax())
     if not math.isfinite(bound) or abs(scale) * bound <= SCALE_CAP:
         return scale, 1.0
     capped = math.copysign(SCALE_CAP / bound, scale)

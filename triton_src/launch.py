@@ -13,6 +13,7 @@ import triton
 from torch import Tensor
 
 from .block_sparse_fwd import LOG2E, block_sparse_attn_fwd
+from .interpreter import launch_lock
 from .schedule import KernelSchedule
 from .tuning import KernelConfig
 
@@ -50,19 +51,20 @@ def launch(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, sched_tens
         _ensure_tma_allocator()
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     grid = (max_tiles, B * H)
-    return block_sparse_attn_fwd[grid](
-        q, k, v, out, lse,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        *sched_tensors,
-        scale * LOG2E, Sq, k.shape[1],
-        NUM_HEADS=H, KV_GROUP=H // k.shape[2], PER_HEAD_LAYOUT=per_head_layout,
-        HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        USE_TMA=cfg.use_tma, DOT_PRECISION=precision, WARP_SPEC=cfg.warp_spec,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    with launch_lock():
+        return block_sparse_attn_fwd[grid](
+            q, k, v, out, lse,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            out.stride(0), out.stride(1), out.stride(2),
+            *sched_tensors,
+            scale * LOG2E, Sq, k.shape[1],
+            NUM_HEADS=H, KV_GROUP=H // k.shape[2], PER_HEAD_LAYOUT=per_head_layout,
+            HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            USE_TMA=cfg.use_tma, DOT_PRECISION=precision, WARP_SPEC=cfg.warp_spec,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
 
 
 @torch.library.custom_op("lvsa_kernels::triton_block_sparse_fwd", mutates_args=())
