@@ -1,8 +1,9 @@
 """The public call: `block_sparse_attn`."""
 from __future__ import annotations
 
+import logging
 import math
-from typing import Optional, Tuple, Union
+from typing import Optional, Set, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -15,6 +16,20 @@ __all__ = ["block_sparse_attn", "check_inputs", "effective_scale", "SCALE_CAP"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 SCALE_CAP = 2.0 ** 100  # bound on |scale * q.k| handed to a backend (float32 overflows at 2^128)
+log = logging.getLogger("lvsa_kernels")
+_copied: Set[str] = set()
+
+
+def _with_contiguous_head_dim(name: str, t: Tensor) -> Tensor:
+    """``t``, or a contiguous copy (logged once per argument) when its head dim (last dim) is strided:
+    every kernel reads head-dim rows, so q, k and v are treated alike on every backend."""
+    if t.stride(-1) == 1:
+        return t
+    if name not in _copied:
+        _copied.add(name)
+        log.warning("lvsa_kernels: %s has a strided head dim (stride %d); copying it to a contiguous tensor "
+                    "(pass tensors whose last dim is contiguous to avoid the copy)", name, t.stride(-1))
+    return t.contiguous()
 
 
 def check_inputs(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout) -> None:
@@ -88,7 +103,7 @@ def block_sparse_attn(
 
     Args:
         q: ``[B, Sq, H, D]``; k, v: ``[B, Skv, H_kv, D]`` (``H % H_kv == 0``); fp16/bf16 (fp32 where the
-            backend allows). Strided views are fine; the last dim must be contiguous for kernels.
+            backend allows). Strided views are fine; a strided last (head) dim is copied once, with a WARNING.
         layout: `BlockSparseLayout` over ``Sq`` x ``Skv`` tokens, shared (1 head) or per head (H heads).
         backend: ``"auto"`` (fastest eligible backend, measured once and cached; env
             ``LVSA_KERNELS_BACKEND`` overrides) or one of ``"triton"``, ``"flashinfer"``, ``"npu"``,
@@ -103,6 +118,7 @@ def block_sparse_attn(
         (an explicitly named backend is still checked, so the same inputs raise the same errors).
     """
     check_inputs(q, k, v, layout)
+    q, k, v = (_with_contiguous_head_dim(n, t) for n, t in (("q", q), ("k", k), ("v", v)))
     return_lse = as_flag("return_lse", return_lse)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else as_real("scale", scale)
     chosen = select_backend(backend, q, k, v, layout, scale, return_lse)

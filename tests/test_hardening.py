@@ -178,3 +178,17 @@ def test_concurrent_calls_from_threads():
         t.join()
     assert not errors, errors[0]
     assert len(results) == 12 and all(torch.equal(r, want) for r in results)
+
+
+@pytest.mark.parametrize("strided", ["q", "k", "v"])
+def test_strided_head_dim_is_handled_alike_for_q_k_v(strided, isolated_dispatch_cache, caplog):
+    """auto and explicit backends treat a strided head dim of q, k or v the same way (a logged copy)."""
+    q, k, v = inputs(4)
+    layout = ragged_layout()
+    want = block_sparse_attn(q, k, v, layout, backend="reference")
+    args = {"q": q, "k": k, "v": v}
+    args[strided] = torch.stack([args[strided], args[strided]], -1)[..., 0]   # head-dim stride 2
+    assert args[strided].stride(-1) == 2
+    for backend in ("auto", "triton"):
+        out = block_sparse_attn(args["q"], args["k"], args["v"], layout, backend=backend)
+        torch.testing.assert_close(out, want, rtol=2e-5, atol=2e-5)
