@@ -8,6 +8,8 @@
   (`measure`: warm-up, then the median of a few runs; CUDA events on CUDA, ``perf_counter`` elsewhere)
   and the fastest wins. Winners are cached per problem class (`problem_key`) in memory and in a JSON
   file (`cache_file`), so a later process reads the choice instead of timing again;
+* a candidate that would first compile something (`Backend.build_needed`, e.g. a FlashInfer JIT module)
+  is not timed while a ready candidate exists (WARNING once, naming what it would build);
 * ``reference`` is only used when nothing else is eligible;
 * inside ``torch.compile`` tracing nothing is timed: the cached winner, else the first eligible
   backend in `PREFERENCE` order, is used;
@@ -211,6 +213,15 @@ def _explicit(name: str, source: str, q: Tensor, k: Tensor, layout: BlockSparseL
     return backend
 
 
+def _needs_build(name: str, backend: Backend, q: Tensor, layout: BlockSparseLayout) -> bool:
+    """Whether ``backend`` would compile something first; such a candidate is not timed (logged once)."""
+    what = backend.build_needed(q, layout)
+    if what:
+        _warn_once(f"not timing backend {name!r}: its first run would JIT-build {what}; run it once explicitly "
+                   f"(backend={name!r}) to build, after which auto measures it")
+    return bool(what)
+
+
 def has_work(q: Tensor, layout: BlockSparseLayout) -> bool:
     """False when the call computes nothing (no query element, or no selected key token): out is 0, lse -inf."""
     return q.numel() > 0 and layout.computed_pairs > 0
@@ -254,6 +265,9 @@ def select_backend(requested: str, q: Tensor, k: Tensor, v: Tensor, layout: Bloc
                                      f"(reference: {reason})")
         _warn_once("using the slow 'reference' backend: no other backend is eligible (see the warnings above)")
         return fallback
+
+    ready = {n: b for n, b in eligible.items() if not _needs_build(n, b, q, layout)}
+    eligible = ready or eligible  # only candidates that would build: no timing among them decides anything new
 
     def runner(backend: Backend) -> Callable[[], object]:
         return lambda: backend.run(q, k, v, layout, scale, return_lse)
