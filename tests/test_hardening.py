@@ -192,3 +192,10 @@ def test_strided_head_dim_is_handled_alike_for_q_k_v(strided, isolated_dispatch_
     for backend in ("auto", "triton"):
         out = block_sparse_attn(args["q"], args["k"], args["v"], layout, backend=backend)
         torch.testing.assert_close(out, want, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("sizes", [[5, 2.5], [True, False], torch.tensor([5.0, 7.0]), ["5", "7"]])
+def test_block_sizes_must_be_integers(sizes):
+    """Floats were truncated (2.5 -> 2) and bools counted as 1/0 without a word."""
+    with pytest.raises(ValueError, match="q_block_sizes: expected integer block sizes"):
+        BlockSparseLayout.from_block_mask(torch.ones(2, 1, dtype=torch.bool), sizes, [4])
