@@ -61,21 +61,29 @@ def test_dispatch_cache_ignores_bad_entries_with_one_warning(cache_dir, caplog):
 
 
 _WRITER = """
-import sys
-from lvsa_kernels.triton_src import tuning
-from lvsa_kernels.triton_src.tuning import KernelConfig
-from lvsa_kernels.dispatch import _cache
-for i in range(25):
-    tuning.store(f"{sys.argv[1]}-{i}", KernelConfig(64, 32, 4, 2))
-    _cache().put(f"{sys.argv[1]}-{i}", "fast", {"fast": 1.0})
+import importlib.util, sys
+from pathlib import Path
+spec = importlib.util.spec_from_file_location("settings", sys.argv[2])   # a leaf module: no torch import
+settings = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(settings)
+for i in range(40):
+    settings.update_entries(Path(sys.argv[3]), {f"{sys.argv[1]}-{i}": i}, lambda key, value: value)
 """
 
 
-def test_two_processes_writing_at_once_keep_every_entry(cache_dir):
-    env = {**__import__("os").environ, settings.ENV_CACHE_DIR: str(cache_dir)}
-    procs = [subprocess.Popen([sys.executable, "-c", _WRITER, name], env=env) for name in ("a", "b", "c")]
-    assert all(p.wait(timeout=300) == 0 for p in procs)
-    for name in ("triton_configs.json", "backends.json"):
-        keys = set(json.loads((cache_dir / name).read_text())["entries"])
-        assert keys == {f"{n}-{i}" for n in "abc" for i in range(25)}, (name, len(keys))
-    assert sorted(p.name for p in cache_dir.iterdir()) == ["backends.json", "triton_configs.json"]
+def test_processes_writing_at_once_keep_every_entry(cache_dir):
+    """Both caches write through `settings.update_entries`: read-merge-replace under the folder lock."""
+    target = cache_dir / "backends.json"
+    procs = [subprocess.Popen([sys.executable, "-c", _WRITER, name, settings.__file__, str(target)])
+             for name in "abcd"]
+    assert all(p.wait(timeout=120) == 0 for p in procs)
+    entries = json.loads(target.read_text())["entries"]
+    assert entries == {f"{n}-{i}": i for n in "abcd" for i in range(40)}
+    assert [p.name for p in cache_dir.iterdir()] == ["backends.json"]     # no lock or temporary files left
+
+
+def test_both_caches_write_through_settings(cache_dir):
+    tuning.store("k", KernelConfig(64, 32, 4, 2))
+    dispatch._cache().put("k", "fast", {"fast": 1.0})
+    assert json.loads((cache_dir / "triton_configs.json").read_text()) == {"version": 1, "entries": {"k": GOOD}}
+    assert json.loads(dispatch.cache_file().read_text())["entries"]["k"]["winner"] == "fast"
