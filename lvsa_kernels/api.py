@@ -72,9 +72,10 @@ def effective_scale(q: Tensor, k: Tensor, scale: float) -> Tuple[float, float]:
 
     Scores ``scale * q.k`` are bounded by ``|scale| * max|q| * max|k|`` (row 2-norms). When that bound
     exceeds `SCALE_CAP` (checked only for ``|scale| > 1``, so ordinary calls cost nothing), the scale is
-    lowered to ``sign(scale) * SCALE_CAP / bound``. Softmax is then already a hard maximum (any two float32
-    scores that differ are ``>= 2^-24 * bound`` apart, ``>= 2^76`` after scaling, far beyond exp's range),
-    so ``out`` is unchanged and nothing overflows; lse is multiplied back by ``scale / capped``, exact
+    lowered to ``sign(scale) * SCALE_CAP / bound``. Softmax is then already a hard maximum: scores that
+    differ by at least ``2^-24 * bound`` (float32's resolution at the largest possible score) differ by
+    ``>= 2^76`` after scaling, far beyond exp's range, so ``out`` keeps the float64 answer of the original
+    scale and nothing overflows. lse is multiplied back by ``scale / capped``, exact
     when a row's maximum score is attained once (with t tied maxima it is off by ``(factor - 1) * log t``).
     Inputs holding inf/NaN (even outside the layout) and ``torch.compile`` tracing skip the cap.
     """
