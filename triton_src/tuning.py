@@ -20,7 +20,8 @@ import torch
 from ..settings import cache_dir, read_entries, update_entries
 from .interpreter import interpreting
 
-__all__ = ["KernelConfig", "candidate_configs", "cache_path", "lookup", "store", "tuning_key", "interpreting"]
+__all__ = ["KernelConfig", "candidate_configs", "cache_path", "lookup", "store", "stored_configs", "tuning_key",
+           "interpreting"]
 
 log = logging.getLogger("lvsa_kernels")
 
@@ -97,6 +98,11 @@ def _load() -> None:
     _loaded_from = path
     for key, cfg in read_entries(path, _valid_config).items():
         _memory.setdefault(key, cfg)
+
+
+def stored_configs() -> Dict[str, KernelConfig]:
+    """The valid configs of the disk cache (invalid entries ignored with one WARNING)."""
+    return read_entries(cache_path(), _valid_config)
 
 
 def lookup(key: str) -> Optional[KernelConfig]:
