@@ -1,20 +1,26 @@
 """The public call: `block_sparse_attn`."""
 from __future__ import annotations
 
+import logging
 import math
-from typing import Optional, Tuple, Union
+from typing import Optional, Set, Tuple, Union
 
 import torch
 from torch import Tensor
 
-from .dispatch import run_on, select_backend
+from .dispatch import has_work, run_on, select_backend
+from .reference.args import as_flag, as_real
 from .reference.layout import BlockSparseLayout
 from .reference.plan import AttentionPlan, BlockMap
 
-__all__ = ["PRECISIONS", "block_sparse_attn", "check_inputs", "check_permuted_inputs", "check_precision"]
+__all__ = ["PRECISIONS", "SCALE_CAP", "block_sparse_attn", "check_inputs", "check_permuted_inputs", "check_precision",
+           "effective_scale"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 PRECISIONS = ("exact", "fp8", "int8_qk")
+SCALE_CAP = 2.0 ** 100  # bound on |scale * q.k| handed to a backend (float32 overflows at 2^128)
+log = logging.getLogger("lvsa_kernels")
+_copied: Set[str] = set()
 
 
 def check_precision(precision: object) -> str:
@@ -22,6 +28,18 @@ def check_precision(precision: object) -> str:
     if precision not in PRECISIONS:
         raise ValueError(f"precision: expected one of {list(PRECISIONS)}, got {precision!r}")
     return precision
+
+
+def _with_contiguous_head_dim(name: str, t: Tensor) -> Tensor:
+    """``t``, or a contiguous copy (logged once per argument) when its head dim (last dim) is strided:
+    every kernel reads head-dim rows, so q, k and v are treated alike on every backend."""
+    if t.stride(-1) == 1:
+        return t
+    if name not in _copied:
+        _copied.add(name)
+        log.warning("lvsa_kernels: %s has a strided head dim (stride %d); copying it to a contiguous tensor "
+                    "(pass tensors whose last dim is contiguous to avoid the copy)", name, t.stride(-1))
+    return t.contiguous()
 
 
 def check_inputs(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout) -> None:
@@ -40,6 +58,8 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout) -> 
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v: must be on one device, got {q.device}, {k.device}, {v.device}")
     B, Sq, H, D = q.shape
+    if D < 1:
+        raise ValueError(f"q: head dim must be >= 1, got shape {tuple(q.shape)}")
     if k.shape != v.shape:
         raise ValueError(f"k, v: shapes must match [B, Skv, H_kv, D], got {tuple(k.shape)} and {tuple(v.shape)}")
     if k.shape[0] != B:
@@ -78,6 +98,29 @@ def check_permuted_inputs(q: Tensor, k: Tensor, v: Tensor, plan: AttentionPlan) 
         raise ValueError(f"plan.blocks: expected a BlockMap of batch {B} x {H} heads for q of shape {tuple(q.shape)}")
 
 
+def effective_scale(q: Tensor, k: Tensor, scale: float) -> Tuple[float, float]:
+    """``(scale a backend runs with, factor for its lse)``: any finite ``scale`` gives the float64 answer.
+
+    Scores ``scale * q.k`` are bounded by ``|scale| * max|q| * max|k|`` (row 2-norms). When that bound
+    exceeds `SCALE_CAP` (checked only for ``|scale| > 1``, so ordinary calls cost nothing), the scale is
+    lowered to ``sign(scale) * SCALE_CAP / bound``. Softmax is then already a hard maximum: scores that
+    differ by at least ``2^-24 * bound`` (float32's resolution at the largest possible score) differ by
+    ``>= 2^76`` after scaling, far beyond exp's range, so ``out`` keeps the float64 answer of the original
+    scale and nothing overflows. lse is multiplied back by ``scale / capped``, exact
+    when a row's maximum score is attained once (with t tied maxima it is off by ``(factor - 1) * log t``).
+    Inputs holding inf/NaN (even outside the layout) and ``torch.compile`` tracing skip the cap.
+    """
+    if abs(scale) <= 1.0 or torch.compiler.is_compiling() or q.numel() == 0 or k.numel() == 0:
+        return scale, 1.0
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    bound = float(torch.linalg.vector_norm(q, dim=-1, dtype=acc).amax()) * \
+        float(torch.linalg.vector_norm(k, dim=-1, dtype=acc).amax())
+    if not math.isfinite(bound) or abs(scale) * bound <= SCALE_CAP:
+        return scale, 1.0
+    capped = math.copysign(SCALE_CAP / bound, scale)
+    return capped, scale / capped
+
+
 def block_sparse_attn(
     q: Tensor,
     k: Tensor,
@@ -93,14 +136,15 @@ def block_sparse_attn(
 
     Args:
         q: ``[B, Sq, H, D]``; k, v: ``[B, Skv, H_kv, D]`` (``H % H_kv == 0``); fp16/bf16 (fp32 where the
-            backend allows). Strided views are fine; the last dim must be contiguous for kernels.
+            backend allows). Strided views are fine; a strided last (head) dim is copied once, with a WARNING.
         layout: `BlockSparseLayout` over ``Sq`` x ``Skv`` tokens, shared (1 head) or per head (H heads); or an
             `AttentionPlan` (what a pattern's ``plan`` returns). A plan with a token permutation (SVOO) needs
             q, k, v of one shape; the backend runs it on permuted tokens and the output is in token order.
         backend: ``"auto"`` (fastest eligible backend, measured once and cached; env
             ``LVSA_KERNELS_BACKEND`` overrides) or one of ``"triton"``, ``"flashinfer"``, ``"npu"``,
             ``"sdpa"``, ``"reference"``. An explicit backend that cannot run raises `BackendUnavailable`.
-        scale: softmax scale, default ``1 / sqrt(D)``.
+        scale: softmax scale, any finite real (0 and negative included), default ``1 / sqrt(D)``; see
+            `effective_scale` for very large ones. Non-finite or non-numeric: ValueError.
         return_lse: also return lse ``[B, H, Sq]`` (float32, natural log; -inf for rows with no keys).
         precision: ``"exact"`` (default: MMAs in the input dtype), ``"fp8"`` (opt-in 8-bit: Q K^T in INT8
             with per-tile / per-token scales after smoothing K, P V in FP8 e4m3; fp16/bf16 inputs, the
@@ -109,7 +153,9 @@ def block_sparse_attn(
             the requested precision and never changes it; none available raises `BackendUnavailable`.
 
     Returns:
-        ``out [B, Sq, H, D]`` in q's dtype, or ``(out, lse)``.
+        ``out [B, Sq, H, D]`` in q's dtype, or ``(out, lse)``. Without work (batch, sequence or heads of
+        size 0, or a layout selecting no key) every backend gives zeros and lse -inf without running
+        (an explicitly named backend is still checked, so the same inputs raise the same errors).
     """
     if isinstance(layout, AttentionPlan) and not layout.permuted:
         layout = layout.blocks
@@ -118,8 +164,16 @@ def block_sparse_attn(
     else:
         check_inputs(q, k, v, layout)
     check_precision(precision)
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
-    chosen = select_backend(backend, q, k, v, layout, float(scale), return_lse, precision)
-    out, lse = run_on(chosen, q, k, v, layout, float(scale), return_lse, precision)
+    q, k, v = (_with_contiguous_head_dim(n, t) for n, t in (("q", q), ("k", k), ("v", v)))
+    return_lse = as_flag("return_lse", return_lse)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else as_real("scale", scale)
+    chosen = select_backend(backend, q, k, v, layout, scale, return_lse, precision)
+    if not has_work(q, layout):
+        out = q.new_zeros(q.shape)
+        lse = torch.full((q.shape[0], q.shape[2], q.shape[1]), float("-inf"), dtype=torch.float32, device=q.device)
+    else:
+        run_scale, lse_factor = effective_scale(q, k, scale)
+        out, lse = run_on(chosen, q, k, v, layout, run_scale, return_lse, precision)
+        if return_lse and lse_factor != 1.0:
+            lse = lse * lse_factor
     return (out, lse) if return_lse else out

@@ -5,16 +5,14 @@ runs with `lvsa_kernels.timing`), caches the winner in memory and in a JSON file
 the cached winner afterwards. `problem_key` names the problem class of an attention call. Used by the
 dispatcher (`lvsa_kernels.dispatch`, choosing a backend) and by backends choosing among their own variants
 (the NPU backend's two torch_npu ops); it imports neither.
-The cache folder is ``~/.cache/lvsa_kernels`` unless ``LVSA_KERNELS_CACHE_DIR`` names another one.
+The cache folder is ``~/.cache/lvsa_kernels`` unless ``LVSA_KERNELS_CACHE_DIR`` names another one
+(`lvsa_kernels.settings`: invalid entries are ignored with one WARNING, writes are merged under a lock).
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import platform
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Dict, Mapping, Optional, Set, Union
 
@@ -23,15 +21,14 @@ from torch import Tensor
 
 from .reference.layout import BlockSparseLayout
 from .reference.plan import AttentionPlan
+from .settings import ENV_CACHE_DIR, cache_dir, read_entries, update_entries
 from .timing import median_seconds
 
 __all__ = ["ENV_CACHE_DIR", "cache_file", "cached_choices", "measure", "problem_key", "reset_state", "timed_choice"]
 
 log = logging.getLogger("lvsa_kernels")
 
-ENV_CACHE_DIR = "LVSA_KERNELS_CACHE_DIR"
 CACHE_FILE_NAME = "backends.json"
-_CACHE_VERSION = 1
 
 _WARMUP, _REPEATS = 1, 3
 
@@ -50,36 +47,19 @@ def _warn_skip(name: str, reason: str) -> None:
 
 # ---------------------------------------------------------------------------------------- cache
 def cache_file() -> Path:
-    """The JSON file of measured winners: ``$LVSA_KERNELS_CACHE_DIR/backends.json`` or ``~/.cache/lvsa_kernels/backends.json``."""
-    folder = os.environ.get(ENV_CACHE_DIR) or os.path.join(os.path.expanduser("~"), ".cache", "lvsa_kernels")
-    return Path(folder) / CACHE_FILE_NAME
+    """The JSON file of measured winners: ``backends.json`` in `settings.cache_dir`."""
+    return cache_dir() / CACHE_FILE_NAME
 
 
-def _read_file(path: Path) -> Dict[str, Dict[str, Any]]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as exc:
-        _warn_once(f"cannot read {path} ({exc}); choices will be measured again")
-        return {}
-    if not isinstance(data, dict) or data.get("version") != _CACHE_VERSION or not isinstance(data.get("entries"), dict):
-        _warn_once(f"{path} has an unknown format; choices will be measured again")
-        return {}
-    return data["entries"]
-
-
-def _write_file(path: Path, entries: Dict[str, Dict[str, Any]]) -> None:
-    """Atomically replace ``path`` (temporary file in the same folder + ``os.replace``)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump({"version": _CACHE_VERSION, "entries": entries}, f, indent=1, sort_keys=True)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+def _valid_entry(key: str, entry: Any) -> Optional[Dict[str, Any]]:
+    """A cache entry ``{"winner": name, "times_ms": {name: ms}}`` if it has that shape, else None."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("winner"), str):
+        return None
+    times = entry.get("times_ms", {})
+    if not isinstance(times, dict) or not all(
+            isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) for t in times.values()):
+        return None
+    return {"winner": entry["winner"], "times_ms": dict(times)}
 
 
 class _ChoiceCache:
@@ -87,19 +67,17 @@ class _ChoiceCache:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.entries: Dict[str, Dict[str, Any]] = _read_file(path)
+        self.entries: Dict[str, Dict[str, Any]] = read_entries(path, _valid_entry)
 
     def get(self, key: str) -> Optional[str]:
         entry = self.entries.get(key)
-        return entry.get("winner") if isinstance(entry, dict) else None
+        return entry["winner"] if entry else None
 
     def put(self, key: str, winner: str, times_ms: Mapping[str, float]) -> None:
         entry = {"winner": winner, "times_ms": {n: round(t, 4) for n, t in times_ms.items()}}
         self.entries[key] = entry
-        merged = _read_file(self.path)  # keep entries other processes wrote meanwhile
-        merged[key] = entry
         try:
-            _write_file(self.path, merged)
+            update_entries(self.path, {key: entry}, _valid_entry)  # merged with other processes' entries
         except OSError as exc:
             _warn_once(f"cannot write {self.path} ({exc}); choices stay in memory only")
 

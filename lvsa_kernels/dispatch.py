@@ -8,6 +8,8 @@
   (`measure`: warm-up, then the median of a few runs; CUDA events on CUDA, ``perf_counter`` elsewhere)
   and the fastest wins. Winners are cached per problem class (`problem_key`) in memory and in a JSON
   file (`cache_file`), so a later process reads the choice instead of timing again;
+* a candidate that would first compile something (`Backend.build_needed`, e.g. a FlashInfer JIT module)
+  is not timed while a ready candidate exists (WARNING once, naming what it would build);
 * ``reference`` is only used when nothing else is eligible;
 * inside ``torch.compile`` tracing nothing is timed: the cached winner, else the first eligible
   backend in `PREFERENCE` order, is used;
@@ -45,7 +47,7 @@ from .reference.plan import AttentionPlan
 
 __all__ = [
     "ENV_BACKEND", "ENV_CACHE_DIR", "PREFERENCE", "select_backend", "run_on", "candidate_order", "problem_key",
-    "timed_choice", "cache_file", "cached_choices", "reset_state",
+    "timed_choice", "cache_file", "cached_choices", "reset_state", "has_work",
 ]
 
 ENV_BACKEND = "LVSA_KERNELS_BACKEND"
@@ -100,6 +102,20 @@ def _explicit(name: str, source: str, q: Tensor, k: Tensor, layout: Union[BlockS
     return backend
 
 
+def _needs_build(name: str, backend: Backend, q: Tensor, layout: Union[BlockSparseLayout, AttentionPlan]) -> bool:
+    """Whether ``backend`` would compile something first; such a candidate is not timed (logged once)."""
+    what = backend.build_needed(q, layout) if isinstance(layout, BlockSparseLayout) else None
+    if what:
+        _warn_once(f"not timing backend {name!r}: its first run would JIT-build {what}; run it once explicitly "
+                   f"(backend={name!r}) to build, after which auto measures it")
+    return bool(what)
+
+
+def has_work(q: Tensor, layout: Union[BlockSparseLayout, AttentionPlan]) -> bool:
+    """False when the call computes nothing (no query element, or no selected key token): out is 0, lse -inf."""
+    return q.numel() > 0 and (isinstance(layout, AttentionPlan) or layout.computed_pairs > 0)
+
+
 def select_backend(requested: str, q: Tensor, k: Tensor, v: Tensor, layout: Union[BlockSparseLayout, AttentionPlan],
                    scale: float, return_lse: bool, precision: str = "exact") -> Backend:
     """Resolve ``requested`` ("auto" or a backend name) to a backend that can run these inputs.
@@ -119,6 +135,8 @@ def select_backend(requested: str, q: Tensor, k: Tensor, v: Tensor, layout: Unio
         return _explicit(env, f"environment variable {ENV_BACKEND}", q, k, layout, return_lse, precision)
 
     backends = registered_backends()
+    if not has_work(q, layout) and _FALLBACK in backends and precision == "exact":
+        return backends[_FALLBACK]  # nothing to run or time (`block_sparse_attn` returns zeros)
     if isinstance(layout, BlockSparseLayout) and layout.is_dense and _DENSE in backends:
         dense = backends[_DENSE]
         if _reason(dense, q, k, layout, return_lse, precision) is None:
@@ -141,6 +159,9 @@ def select_backend(requested: str, q: Tensor, k: Tensor, v: Tensor, layout: Unio
                                      f"(reference: {reason})")
         _warn_once("using the slow 'reference' backend: no other backend is eligible (see the warnings above)")
         return fallback
+
+    ready = {n: b for n, b in eligible.items() if not _needs_build(n, b, q, layout)}
+    eligible = ready or eligible  # only candidates that would build: no timing among them decides anything new
 
     def runner(backend: Backend) -> Callable[[], object]:
         return lambda: run_on(backend, q, k, v, layout, scale, return_lse, precision)

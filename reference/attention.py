@@ -62,7 +62,7 @@ def reference_attention(
             idx = idx.to(q.device)
             kk = k[:, idx][:, :, kv_heads].to(acc).permute(0, 2, 3, 1)  # [B, h, D, n]
             vv = v[:, idx][:, :, kv_heads].to(acc).transpose(1, 2)      # [B, h, n, Dv]
-            rows = max(1, _CHUNK_ELEMENTS // (B * len(heads) * idx.numel()))
+            rows = max(1, _CHUNK_ELEMENTS // max(1, B * len(heads) * idx.numel()))
             for c0 in range(q0, q1, rows):
                 c1 = min(q1, c0 + rows)
                 qq = q[:, c0:c1][:, :, heads].to(acc).transpose(1, 2)   # [B, h, m, D]

@@ -55,7 +55,13 @@ class TextBlock:
 
 
 def _as_offsets(sizes: Union[Tensor, Sequence[int], Sequence[Sequence[int]]], name: str) -> Tensor:
-    t = torch.as_tensor(sizes, dtype=torch.int64).cpu()
+    try:
+        t = torch.as_tensor(sizes).cpu()
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise LayoutError(f"{name}: expected integer block sizes, got {sizes!r} ({exc})") from None
+    if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
+        raise LayoutError(f"{name}: expected integer block sizes, got dtype {t.dtype} ({sizes!r:.80})")
+    t = t.to(torch.int64)
     if t.dim() == 1:
         t = t[None]
     if t.dim() != 2:

@@ -13,15 +13,16 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from .layout import BlockSparseLayout, TextBlock
+from .args import ArgumentError, as_flag, as_int, as_real
+from .layout import BlockSparseLayout, TextBlock, _as_offsets
 
 __all__ = ["LVSAPattern", "auto_key_frame_interval", "global_anchor_frames", "latent_frames"]
 
 
 def latent_frames(video_frames: int, temporal_factor: int = 4) -> int:
     """Latent frames ``T = (F - 1) // temporal_factor + 1`` for ``F`` video frames."""
-    if video_frames < 1:
-        raise ValueError(f"video_frames must be >= 1, got {video_frames}")
+    video_frames = as_int("video_frames", video_frames, 1)
+    temporal_factor = as_int("temporal_factor", temporal_factor, 1)
     return (video_frames - 1) // temporal_factor + 1
 
 
@@ -41,11 +42,11 @@ def auto_key_frame_interval(frames: int, window: int, n_first: int, reference_fr
         return 1
     nfe = min(nf, T)
     target = max(nf, min(R, T) - min(2 * W + 1, T))
-    strict = 1
-    for k in range(T, 0, -1):  # |S(k)| grows as k shrinks: first k that reaches the target wins
-        if nfe + _ceil_div(T, k) - _ceil_div(nfe, k) >= target:
-            strict = k
-            break
+    # |S(k)| = nfe + ceil(T / k) - ceil(nfe / k) grows (not monotonically) as k shrinks: the largest k that
+    # reaches the target wins (vectorised over k = T .. 1)
+    k = torch.arange(T, 0, -1, dtype=torch.int64)
+    reached = torch.nonzero(nfe + (T + k - 1) // k - (nfe + k - 1) // k >= target)
+    strict = int(k[reached[0, 0]]) if reached.numel() else 1
     m = 2 * W + nf
     fallback = _ceil_div(max(T - m, R - m), max(R - m, 1))
     return max(strict, fallback)
@@ -74,42 +75,70 @@ def global_anchor_frames(frames: int, n_first: int, kfi: int, offset: int,
     return tuple(sorted(g))
 
 
-def _window_bounds(f: int, T: int, W: int, g: frozenset, expand: bool) -> Tuple[int, int]:
-    """Inclusive local-window bounds [lo, hi] of query frame f (empty when W == 0: hi < lo)."""
+def _window_bounds(T: int, W: int, g: Tuple[int, ...], expand: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Inclusive local-window bounds ``lo, hi`` (int64 ``[T]``) of every query frame; empty (hi < lo) when W == 0.
+
+    With ``expand``, a window is widened one frame down, then one up, alternately, until it holds
+    ``min(2W + 1, T - |G|)`` frames outside G. Vectorised over frames; the loop runs once per widening
+    step of the widest row (at most |G| + 1 times), so time is O(T * (|G| + 1)).
+    """
+    f = torch.arange(T)
     if W == 0:
         return f, f - 1
-    lo = max(0, min(f - W, T - 1 - 2 * W))
-    hi = min(T - 1, max(f + W, 2 * W))
+    lo = torch.clamp(torch.clamp(f - W, max=T - 1 - 2 * W), min=0)
+    hi = torch.clamp(torch.clamp(f + W, min=2 * W), max=T - 1)
     if not expand:
         return lo, hi
+    is_g = torch.zeros(T + 1, dtype=torch.int64)  # one spare slot for index T
+    is_g[torch.tensor(g, dtype=torch.int64)] = 1
+    g_before = torch.zeros(T + 1, dtype=torch.int64)
+    g_before[1:] = torch.cumsum(is_g[:T], 0)
+    count = (hi - lo + 1) - (g_before[hi + 1] - g_before[lo])   # non-global frames inside the window
     target = min(2 * W + 1, T - len(g))
-    c = sum(1 for x in range(lo, hi + 1) if x not in g)
-    while c < target:
-        moved = False
-        if lo > 0:
-            lo -= 1
-            c += lo not in g
-            moved = True
-        if c >= target:
-            break
-        if hi < T - 1:
-            hi += 1
-            c += hi not in g
-            moved = True
-        if not moved:
-            break
+    rows = torch.nonzero(count < target).flatten()
+    while rows.numel():
+        down = lo[rows] > 0
+        lo[rows] -= down.long()
+        count[rows] += down.long() * (1 - is_g[lo[rows]])
+        short = count[rows] < target                  # a row that reached the target stops before widening up
+        rows, down = rows[short], down[short]
+        up = hi[rows] < T - 1
+        hi[rows] += up.long()
+        count[rows] += up.long() * (1 - is_g[hi[rows]])
+        rows = rows[(count[rows] < target) & (down | up)]  # a row that can move no further stops
     return lo, hi
 
 
-@functools.lru_cache(maxsize=512)
-def _frame_mask_cached(T: int, W: int, g: Tuple[int, ...], expand: bool) -> torch.Tensor:
-    gs = frozenset(g)
-    bounds = torch.tensor([_window_bounds(f, T, W, gs, expand) for f in range(T)]).view(T, 2)
-    cols = torch.arange(T)
-    mask = (cols >= bounds[:, :1]) & (cols <= bounds[:, 1:])
-    if g:
-        mask[:, list(g)] = True
-    return mask
+def _frame_table(T: int, W: int, g: Tuple[int, ...], expand: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Attended key frames of every query frame as a padded table: ``values`` int32 ``[T, K]`` and ``valid``
+    bool ``[T, K]``; the valid entries of row f, left to right, are f's window ∪ G in increasing order.
+
+    Columns: |G| slots for the anchors left of the window, the widest window, |G| slots for the anchors
+    right of it, so K <= 2 |G| + max window width: O(T * per-frame budget) time and memory.
+    """
+    lo, hi = _window_bounds(T, W, g, expand)
+    G = torch.tensor(g, dtype=torch.int64)
+    width = (hi - lo + 1).clamp(min=0)
+    below = torch.searchsorted(G, lo)                       # anchors left of the window: G[:below]
+    first_above = torch.searchsorted(G, hi, right=True)     # anchors right of it: G[first_above:]
+    j = torch.arange(len(g))
+    span = torch.arange(int(width.max()))
+    values = torch.cat([G.expand(T, -1), lo[:, None] + span, G.expand(T, -1)], 1).to(torch.int32)
+    valid = torch.cat([j < below[:, None], span < width[:, None], j >= first_above[:, None]], 1)
+    return values, valid
+
+
+def _frame_rows(T: int, W: int, g: Tuple[int, ...], expand: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Frame-level CSR ``(ptr int64 [T + 1], cols int32 [nnz])``: query frame f attends the sorted key
+    frames ``cols[ptr[f]:ptr[f + 1]]``."""
+    values, valid = _frame_table(T, W, g, expand)
+    return _csr(values, valid)
+
+
+def _csr(values: torch.Tensor, valid: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    ptr = torch.zeros(values.shape[0] + 1, dtype=torch.int64)
+    ptr[1:] = torch.cumsum(valid.sum(1), 0)
+    return ptr, values[valid]
 
 
 @dataclass(frozen=True)
@@ -140,24 +169,22 @@ class LVSAPattern:
 
     def __post_init__(self) -> None:
         for name in ("window", "n_first", "reference_frames"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 0:
-                raise ValueError(f"{name} must be a non-negative int, got {v!r}")
-        if self.reference_frames < 1:
-            raise ValueError(f"reference_frames must be >= 1, got {self.reference_frames}")
-        if not self.sparsity_scale > 0:
-            raise ValueError(f"sparsity_scale must be > 0, got {self.sparsity_scale}")
-        if self.key_frame_interval is not None and (
-            not isinstance(self.key_frame_interval, int) or self.key_frame_interval < 0
-        ):
-            raise ValueError(f"key_frame_interval must be None or an int >= 0, got {self.key_frame_interval!r}")
+            object.__setattr__(self, name, as_int(name, getattr(self, name), 1 if name == "reference_frames" else 0))
+        scale = as_real("sparsity_scale", self.sparsity_scale)
+        if not scale > 0:
+            raise ArgumentError(f"sparsity_scale: expected a finite real > 0, got {scale}")
+        object.__setattr__(self, "sparsity_scale", scale)
+        if self.key_frame_interval is not None:
+            object.__setattr__(self, "key_frame_interval", as_int("key_frame_interval", self.key_frame_interval, 0))
+        for name in ("expand_window", "rotate"):
+            object.__setattr__(self, name, as_flag(name, getattr(self, name)))
         if self.anchors not in ("published", "constant"):
-            raise ValueError(f"anchors must be 'published' or 'constant', got {self.anchors!r}")
+            raise ArgumentError(f"anchors: expected 'published' or 'constant', got {self.anchors!r}")
 
     # ------------------------------------------------------------------ frame level
     def key_frame_interval_for(self, frames: int) -> int:
         """The keyframe interval used at ``frames`` latent frames (auto when not set)."""
-        _check_frames(frames)
+        frames = _check_frames(frames)
         if self.key_frame_interval is not None:
             return self.key_frame_interval
         return auto_key_frame_interval(frames, self.window, self.n_first, self.reference_frames,
@@ -165,8 +192,7 @@ class LVSAPattern:
 
     def rotation_offset(self, frames: int, step: int) -> int:
         """Keyframe offset at denoising step ``step`` (0-based): ``step mod kfi`` when rotating."""
-        if step < 0:
-            raise ValueError(f"step must be >= 0, got {step}")
+        step = as_int("step", step, 0)
         kfi = self.key_frame_interval_for(frames)
         return step % kfi if (self.rotate and kfi >= 1) else 0
 
@@ -177,13 +203,21 @@ class LVSAPattern:
 
     def window_bounds(self, frames: int, step: int = 0) -> List[Tuple[int, int]]:
         """Inclusive local-window bounds ``(lo, hi)`` per query frame (``hi < lo`` when W = 0)."""
-        g = frozenset(self.global_frames(frames, step))
-        return [_window_bounds(f, frames, self.window, g, self.expand_window) for f in range(frames)]
+        lo, hi = _window_bounds(frames, self.window, self.global_frames(frames, step), self.expand_window)
+        return list(zip(lo.tolist(), hi.tolist()))
+
+    def frame_rows(self, frames: int, step: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Frame-level CSR ``(ptr int64 [frames + 1], cols int32 [nnz])`` of attended key frames per query
+        frame (sorted). O(frames x per-frame budget)."""
+        return _frame_rows(frames, self.window, self.global_frames(frames, step), self.expand_window)
 
     def frame_mask(self, frames: int, step: int = 0) -> torch.Tensor:
-        """bool ``[frames, frames]``: row = query frame, column = key frame. Cached; do not modify."""
-        g = self.global_frames(frames, step)
-        return _frame_mask_cached(frames, self.window, g, self.expand_window)
+        """bool ``[frames, frames]``: row = query frame, column = key frame. O(frames^2): for inspection
+        and tests; planning uses `frame_rows`."""
+        ptr, cols = self.frame_rows(frames, step)
+        mask = torch.zeros(frames, frames, dtype=torch.bool)
+        mask[torch.repeat_interleave(torch.arange(frames), ptr[1:] - ptr[:-1]), cols.long()] = True
+        return mask
 
     # ------------------------------------------------------------------ token level
     def plan(self, frames: int, tokens_per_frame: int, step: int = 0, text_tokens: int = 0,
@@ -194,49 +228,58 @@ class LVSAPattern:
         Video queries attend their LVSA frames and every text token; text queries attend everything.
         Layouts are cached per (pattern, geometry, rotation offset), so planning every layer is free.
         """
-        _check_frames(frames)
-        if tokens_per_frame < 1:
-            raise ValueError(f"tokens_per_frame must be >= 1, got {tokens_per_frame}")
-        if text_tokens < 0:
-            raise ValueError(f"text_tokens must be >= 0, got {text_tokens}")
+        frames = _check_frames(frames)
+        tokens_per_frame = as_int("tokens_per_frame", tokens_per_frame, 1)
+        text_tokens = as_int("text_tokens", text_tokens, 0)
         if text_position not in ("after", "before"):
-            raise ValueError(f"text_position must be 'after' or 'before', got {text_position!r}")
+            raise ArgumentError(f"text_position: expected 'after' or 'before', got {text_position!r}")
         return _plan_cached(self, frames, tokens_per_frame, self.rotation_offset(frames, step),
                             text_tokens, text_position)
 
     def describe(self, frames: int, step: int = 0) -> str:
         """One-line summary at ``frames`` latent frames: kfi, offset, |G|, |A| range, frame density."""
-        m = self.frame_mask(frames, step)
-        per_row = m.sum(1)
+        ptr, _ = self.frame_rows(frames, step)
+        per_row = ptr[1:] - ptr[:-1]
+        density = float(ptr[-1]) / (frames * frames)
         return (f"LVSA T={frames} W={self.window} n_first={self.n_first} ref={self.reference_frames} "
                 f"scale={self.sparsity_scale} kfi={self.key_frame_interval_for(frames)} "
                 f"offset={self.rotation_offset(frames, step)} |G|={len(self.global_frames(frames, step))} "
-                f"|A|={int(per_row.min())}..{int(per_row.max())} frame density={m.float().mean().item():.4f}")
+                f"|A|={int(per_row.min())}..{int(per_row.max())} frame density={density:.4f}")
 
 
 @functools.lru_cache(maxsize=256)
 def _plan_cached(pattern: LVSAPattern, T: int, P: int, offset: int, L: int, pos: str) -> BlockSparseLayout:
     kfi = pattern.key_frame_interval_for(T)
     g = global_anchor_frames(T, pattern.n_first, kfi, offset, pattern.anchors)
-    fm = _frame_mask_cached(T, pattern.window, g, pattern.expand_window)
+    values, valid = _frame_table(T, pattern.window, g, pattern.expand_window)
     meta = {"pattern": "lvsa", "frames": T, "tokens_per_frame": P, "kfi": kfi, "offset": offset,
             "global_frames": g, "window": pattern.window, "n_first": pattern.n_first,
             "reference_frames": pattern.reference_frames, "text_tokens": L}
+    sizes = [P] * T
     if L == 0:
         meta["global_kv_blocks"] = g
-        return BlockSparseLayout.from_block_mask(fm, [P] * T, [P] * T, meta)
-    n = T + 1
-    mask = torch.ones(n, n, dtype=torch.bool)
-    v = slice(0, T) if pos == "after" else slice(1, n)
-    t = T if pos == "after" else 0
-    mask[v, v] = fm
-    sizes = [P] * T + [L] if pos == "after" else [L] + [P] * T
-    meta["global_kv_blocks"] = tuple(x + 1 for x in g) if pos == "before" else g  # the text block comes first
-    meta.update(text_position=pos)
-    return BlockSparseLayout.from_block_mask(mask, sizes, sizes, meta, TextBlock(t, t))
+        ptr, cols = _csr(values, valid)
+        text_block = None
+    else:  # one text block: every video row also attends it, the text row attends every block
+        text = torch.full((T, 1), T if pos == "after" else 0, dtype=torch.int32)
+        everything = torch.arange(T + 1, dtype=torch.int32)
+        on = torch.ones(T, 1, dtype=torch.bool)
+        if pos == "after":
+            ptr, cols = _csr(torch.cat([values, text], 1), torch.cat([valid, on], 1))
+            ptr, cols = torch.cat([ptr, ptr[-1:] + T + 1]), torch.cat([cols, everything])
+            sizes = sizes + [L]
+        else:
+            ptr, cols = _csr(torch.cat([text, values + 1], 1), torch.cat([on, valid], 1))
+            ptr, cols = torch.cat([ptr.new_zeros(1), ptr + T + 1]), torch.cat([everything, cols])
+            sizes = [L] + sizes
+        meta["global_kv_blocks"] = tuple(x + 1 for x in g) if pos == "before" else g  # the text block comes first
+        meta.update(text_position=pos)
+        t = T if pos == "after" else 0
+        text_block = TextBlock(t, t)
+    offsets = _as_offsets(sizes, "block sizes")
+    return BlockSparseLayout(offsets, offsets, ptr.to(torch.int32)[None], cols, meta, text_block)
 
 
-def _check_frames(frames: int) -> None:
-    if not isinstance(frames, int) or frames < 1:
-        raise ValueError(f"frames (latent frames) must be an int >= 1, got {frames!r}")
+def _check_frames(frames: int) -> int:
+    return as_int("frames (latent frames)", frames, 1)
 

@@ -19,6 +19,7 @@ from typing import Callable, Collection, Dict, Hashable, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
+from .args import ArgumentError, as_int, as_real
 from .eager import eager
 from .layout import BlockSparseLayout
 from .plan import AttentionPlan, BlockMap, permute_tokens, unpermute_tokens  # noqa: F401  (re-exported)
@@ -184,8 +185,7 @@ def co_cluster(q: Tensor, k: Tensor, q_clusters: int, k_clusters: int, iteration
     if q.dim() != 3 or k.dim() != 3 or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
         raise ValueError(f"q, k: expected [G, Nq, d] and [G, Nk, d], got {tuple(q.shape)} and {tuple(k.shape)}")
     for name, v in (("q_clusters", q_clusters), ("k_clusters", k_clusters), ("iterations", iterations)):
-        if not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
+        as_int(name, v, 1)
     acc = _acc_dtype(q)
     xq, xk = (q, k) if means_fn is not None else (q.to(acc), k.to(acc))
     means_fn = means_fn or segment_means
@@ -330,7 +330,8 @@ class SVOOPlanner:
         dense_layers: layers that always run dense: an int n (layers ``0 .. n-1``) or a collection of indices.
         recluster_every: on sparse steps, re-cluster when ``(step - warmup_steps) % recluster_every == 0``
             (once per step) or when the (layer, branch) cache is missing or does not fit the input shape.
-        clip: ``(lo, hi)`` band for profile keep ratios; floor ``F_h = int(clip(r_h) * k_clusters)`` key clusters.
+        clip: ``(lo, hi)`` band for profile keep ratios; floor ``F_h = max(1, int(clip(r_h) * k_clusters))`` key
+            clusters when the clipped ratio is > 0.
         seed: seed of the strided cluster seeding (same seed -> same clusters).
 
     Steps are 0-based (``step`` 0 is the first denoising step; profile CSV row ``Step = step + 1``).
@@ -348,20 +349,24 @@ class SVOOPlanner:
                  q_clusters: int = 256, k_clusters: int = 1024, iterations: int = 2, warmup_steps: int = 10,
                  dense_layers: Union[int, Collection[int]] = 0, recluster_every: int = 20,
                  clip: Tuple[float, float] = (0.15, 0.20), seed: int = 0) -> None:
-        if not top_p > 0:
-            raise ValueError(f"top_p: expected > 0, got {top_p!r}")
-        for name, v, lo in (("q_clusters", q_clusters, 1), ("k_clusters", k_clusters, 1), ("iterations", iterations, 1),
-                            ("warmup_steps", warmup_steps, 0), ("recluster_every", recluster_every, 1)):
-            if not isinstance(v, int) or v < lo:
-                raise ValueError(f"{name}: expected an int >= {lo}, got {v!r}")
-        lo_clip, hi_clip = clip
+        if not as_real("top_p", top_p) > 0:
+            raise ArgumentError(f"top_p: expected > 0, got {top_p!r}")
+        q_clusters, k_clusters, iterations, recluster_every = (
+            as_int(name, v, 1) for name, v in (("q_clusters", q_clusters), ("k_clusters", k_clusters),
+                                               ("iterations", iterations), ("recluster_every", recluster_every)))
+        warmup_steps, seed = as_int("warmup_steps", warmup_steps, 0), as_int("seed", seed)
+        if isinstance(clip, (str, bytes)) or len(clip) != 2:
+            raise ArgumentError(f"clip: expected (lo, hi), got {clip!r}")
+        lo_clip, hi_clip = as_real("clip[0]", clip[0]), as_real("clip[1]", clip[1])
         if not 0 <= lo_clip <= hi_clip <= 1:
             raise ValueError(f"clip: expected 0 <= lo <= hi <= 1, got {clip!r}")
         self.profile = profile if profile is None or isinstance(profile, SVOOProfile) else SVOOProfile.load(profile)
         self.top_p = float(top_p)
         self.q_clusters, self.k_clusters, self.iterations = q_clusters, k_clusters, iterations
         self.warmup_steps, self.recluster_every = warmup_steps, recluster_every
-        self.dense_layers = frozenset(range(dense_layers)) if isinstance(dense_layers, int) else frozenset(dense_layers)
+        self.dense_layers = (frozenset(range(as_int("dense_layers", dense_layers, 0)))
+                             if not isinstance(dense_layers, Collection) else
+                             frozenset(as_int("dense_layers[i]", x, 0) for x in dense_layers))
         self.clip = (float(lo_clip), float(hi_clip))
         self.seed = seed
         self._cache: Dict[Tuple[int, Hashable], _CacheEntry] = {}
@@ -371,7 +376,8 @@ class SVOOPlanner:
         return step < self.warmup_steps or layer in self.dense_layers
 
     def min_blocks(self, step: int, layer: int, heads: int, first: int = 0, total: Optional[int] = None) -> Tensor:
-        """int64 ``[heads]`` profile floor ``int(clip(r_h, lo, hi) * k_clusters)`` of global heads
+        """int64 ``[heads]`` profile floor ``max(1, int(r * k_clusters))`` for ``r = clip(r_h, lo, hi) > 0``
+        (0 for r = 0; the published rule) of global heads
         ``first .. first + heads`` of a model with ``total`` heads (default ``heads``); zeros without a profile."""
         total = heads if total is None else total
         if self.profile is None:
@@ -381,7 +387,8 @@ class SVOOPlanner:
             raise ValueError(f"profile: has {ratios.numel()} heads but the model has H={total}")
         ratios = ratios[first:first + heads]
         clipped = ratios.double().clamp(*self.clip)
-        return torch.floor(clipped * self.k_clusters).to(torch.int64)
+        floor = torch.floor(clipped * self.k_clusters).to(torch.int64)
+        return torch.where(clipped > 0, floor.clamp(min=1), floor)  # published: max(1, int(r * n_k)) for r > 0
 
     def reset(self) -> None:
         """Drop every cached clustering (call between videos)."""
@@ -435,9 +442,8 @@ class SVOOPlanner:
         if k.shape != q.shape:
             raise ValueError(f"k: SVOO needs k shaped like q {tuple(q.shape)} (self-attention, H_kv == H), "
                              f"got {tuple(k.shape)}")
-        if not isinstance(step, int) or step < 0:
-            raise ValueError(f"step: expected a 0-based int >= 0, got {step!r}")
-        if not isinstance(text_tokens, int) or not 0 <= text_tokens < q.shape[1]:
+        as_int("step", step, 0)
+        if not 0 <= as_int("text_tokens", text_tokens) < q.shape[1]:
             raise ValueError(f"text_tokens: expected an int in [0, S={q.shape[1]}), got {text_tokens!r}")
         return tuple(q.shape)
 

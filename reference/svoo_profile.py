@@ -77,50 +77,72 @@ class SVOOProfile:
     @classmethod
     def load(cls, path: Union[str, os.PathLike]) -> "SVOOProfile":
         """Read and validate a CSV: exact header, integer indices, values in [0, 1], no duplicates, complete grid."""
-        entries: Dict[tuple, float] = {}
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = csv.reader(f)
-            header = next(rows, None)
-            if header is None or tuple(c.strip() for c in header) != HEADER:
-                raise ProfileError(f"{path}: expected header {','.join(HEADER)}, got {header!r}")
-            for line, row in enumerate(rows, start=2):
-                if not row:
-                    continue
-                if len(row) != 4:
-                    raise ProfileError(f"{path}:{line}: expected 4 fields, got {len(row)}")
-                try:
-                    s, l, h, v = int(row[0]), int(row[1]), int(row[2]), float(row[3])
-                except ValueError:
-                    raise ProfileError(f"{path}:{line}: cannot parse {row!r}") from None
-                if s < 1 or l < 0 or h < 0:
-                    raise ProfileError(f"{path}:{line}: Step must be >= 1, Layer and Head >= 0, got {row!r}")
-                if not (0 <= v <= 1):
-                    raise ProfileError(f"{path}:{line}: Sparsity (keep ratio) must be in [0, 1], got {v}")
-                if (s, l, h) in entries:
-                    raise ProfileError(f"{path}:{line}: duplicate row for step {s}, layer {l}, head {h}")
-                entries[(s, l, h)] = v
+        try:
+            entries = _read_rows(path)
+        except UnicodeDecodeError as exc:
+            raise ProfileError(f"{path}: not UTF-8 text ({exc})") from None
+        except csv.Error as exc:
+            raise ProfileError(f"{path}: not a CSV table ({exc})") from None
         if not entries:
             raise ProfileError(f"{path}: no rows")
         n_s, n_l, n_h = (max(key[i] for key in entries) + (0 if i == 0 else 1) for i in range(3))
-        keep = torch.full((n_s, n_l, n_h), float("nan"))
+        if len(entries) != n_s * n_l * n_h:  # checked before allocating: an absurd index cannot allocate
+            s, l, h = _first_missing(entries, n_l, n_h)
+            raise ProfileError(f"{path}: incomplete grid ({len(entries)} of {n_s}x{n_l}x{n_h} rows); "
+                               f"first missing: step {s}, layer {l}, head {h}")
+        keep = torch.empty(n_s, n_l, n_h)
         for (s, l, h), v in entries.items():
             keep[s - 1, l, h] = v
-        if len(entries) != n_s * n_l * n_h:
-            s, l, h = torch.isnan(keep).nonzero()[0].tolist()
-            raise ProfileError(f"{path}: incomplete grid ({len(entries)} of {n_s}x{n_l}x{n_h} rows); "
-                               f"first missing: step {s + 1}, layer {l}, head {h}")
         return cls(keep)
+
+
+def _read_rows(path: Union[str, os.PathLike]) -> Dict[tuple, float]:
+    """``{(step, layer, head): keep ratio}`` of a profile CSV, each row checked (header, fields, ranges, duplicates)."""
+    entries: Dict[tuple, float] = {}
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = csv.reader(f)
+        header = next(rows, None)
+        if header is None or tuple(c.strip() for c in header) != HEADER:
+            raise ProfileError(f"{path}: expected header {','.join(HEADER)}, got {header!r}")
+        for line, row in enumerate(rows, start=2):
+            if not row:
+                continue
+            if len(row) != 4:
+                raise ProfileError(f"{path}:{line}: expected 4 fields, got {len(row)}")
+            try:
+                s, l, h, v = int(row[0]), int(row[1]), int(row[2]), float(row[3])
+            except ValueError:
+                raise ProfileError(f"{path}:{line}: cannot parse {row!r}") from None
+            if s < 1 or l < 0 or h < 0:
+                raise ProfileError(f"{path}:{line}: Step must be >= 1, Layer and Head >= 0, got {row!r}")
+            if not (0 <= v <= 1):
+                raise ProfileError(f"{path}:{line}: Sparsity (keep ratio) must be in [0, 1], got {v}")
+            if (s, l, h) in entries:
+                raise ProfileError(f"{path}:{line}: duplicate row for step {s}, layer {l}, head {h}")
+            entries[(s, l, h)] = v
+    return entries
+
+
+def _first_missing(entries: Dict[tuple, float], n_l: int, n_h: int) -> tuple:
+    """The first (step, layer, head) in grid order that ``entries`` lacks (O(rows), nothing allocated per grid point)."""
+    for i, (s, l, h) in enumerate(sorted(entries)):
+        expected = (i // (n_l * n_h) + 1, i // n_h % n_l, i % n_h)
+        if (s, l, h) != expected:
+            return expected
+    i = len(entries)
+    return i // (n_l * n_h) + 1, i // n_h % n_l, i % n_h
 
 
 # ---------------------------------------------------------------------------------------------- profiler math
 def sample_query_rows(n: int, num: Optional[int]) -> Tensor:
-    """int64 query rows: all when ``num`` is None or >= n, the middle row for 1, else ``round(linspace(0, n-1, num))``."""
+    """int64 query rows: all when ``num`` is None or >= n, the middle row ``n // 2`` for 1 (as the published
+    profiler), else ``round(linspace(0, n-1, num))``."""
     if num is None or num >= n:
         return torch.arange(n)
     if num < 1:
         raise ValueError(f"num_queries: expected None or an int >= 1, got {num!r}")
     if num == 1:
-        return torch.tensor([(n - 1) // 2])
+        return torch.tensor([n // 2])
     return torch.unique(torch.linspace(0, n - 1, num).round().to(torch.int64))
 
 

@@ -66,7 +66,7 @@ def labels_and_perm(sizes, g):
     return labels, torch.sort(labels, dim=1, stable=True).indices
 
 
-def run_case(B, S, H, D, n_q, n_k, dtype, seed, window=16, strided=False, p=0.4):
+def run_case(B, S, H, D, n_q, n_k, dtype, seed, window=16, strided=False, p=0.4, scale=None):
     g = torch.Generator().manual_seed(seed)
     G = B * H
     q_sizes, k_sizes = random_sizes(g, G, n_q, S), random_sizes(g, G, n_k, S)
@@ -77,7 +77,7 @@ def run_case(B, S, H, D, n_q, n_k, dtype, seed, window=16, strided=False, p=0.4)
     mask[:, 1] = True           # a dense row
     x = torch.randn(3, B, S, H, 2 * D if strided else D, generator=g).to(DEVICE, dtype)
     q, k, v = (t[..., :D] for t in x) if strided else x
-    scale = D ** -0.5
+    scale = D ** -0.5 if scale is None else scale
     cfg = SMALL or cluster_config(q.device, q.dtype, D)
     sched = build_cluster_schedule(mask.to(DEVICE), q_sizes.to(DEVICE), k_sizes.to(DEVICE), S, cfg.tiles, window)
     kp, vp = cluster_path.permute_keys(k, v, k_perm.to(DEVICE))
@@ -97,6 +97,12 @@ def run_case(B, S, H, D, n_q, n_k, dtype, seed, window=16, strided=False, p=0.4)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_cluster_attention_equals_masked_reference(dtype):
     run_case(B=2, S=97, H=2, D=16, n_q=5, n_k=11, dtype=dtype, seed=1)
+
+
+@pytest.mark.parametrize("scale", [0.0, -0.7, 3.0])
+def test_cluster_attention_any_finite_scale(scale):
+    """Ragged key tiles are masked after scaling: scale 0 gave NaN, a negative scale a wrong row max."""
+    run_case(B=1, S=61, H=2, D=16, n_q=4, n_k=9, dtype=torch.float32, seed=3, scale=scale)
 
 
 def key_tiles_of_row(key_tiles, window, r):

@@ -90,11 +90,18 @@ def test_imports_resolve_to_modules():
     assert not missing
 
 
+SETTINGS = "lvsa_kernels.settings"  # standard-library-only leaf: the cache folder and locked JSON files
+
+
+def test_settings_is_a_leaf():
+    assert not [t for _, t in _imports(SETTINGS, MODULES[SETTINGS]) if _project(t)]
+
+
 def test_kernels_import_only_the_layout():
     def rule(name, target):
         if _within(name, "lvsa_kernels.triton_src") and _project(target) and not (
-                _within(target, "lvsa_kernels.triton_src") or target == LAYOUT):
-            return "triton_src/ may import only itself and the layout module"
+                _within(target, "lvsa_kernels.triton_src") or target in (LAYOUT, SETTINGS)):
+            return "triton_src/ may import only itself, the layout module and the settings leaf"
     assert not _violations(rule)
 
 

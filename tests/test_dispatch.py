@@ -261,3 +261,15 @@ def test_python_m_backends_runs(tmp_path):
             if reason:
                 assert f"{device_type}: {reason}" in res.stdout
     assert str(tmp_path / "backends.json") in res.stdout and "none yet" in res.stdout
+
+
+def test_auto_does_not_time_a_candidate_that_would_build(toys, monkeypatch, caplog):
+    """A backend whose first run would JIT-compile (FlashInfer) is not timed while a ready one exists."""
+    monkeypatch.setattr(toys["fast"], "build_needed", lambda q, layout: "a module for d8", raising=False)
+    layout = _random_layout(11)
+    q, k, v = random_qkv(1, layout.q_len, layout.kv_len, 2, 2, 8, seed=11)
+    with caplog.at_level(logging.WARNING, logger="lvsa_kernels"):
+        chosen = dispatch.select_backend("auto", q, k, v, layout, 0.3, False)
+        dispatch.select_backend("auto", q, k, v, layout, 0.3, False)
+    assert chosen.name == "slow" and toys["fast"].calls == 0 and len(toys["timed"]) == 0   # one ready: untimed
+    assert caplog.text.count("not timing backend 'fast': its first run would JIT-build a module for d8") == 1

@@ -1,5 +1,6 @@
 """FlashInfer backend on CPU: layout conversions, and the whole run path with FlashInfer replaced by exact
 torch stand-ins that follow FlashInfer's conventions (NHD/HND layouts, int32 BSR, base-2 lse)."""
+import logging
 import math
 import sys
 import types
@@ -298,3 +299,51 @@ def test_use_prebuilt_modules_points_aot_dir(monkeypatch, tmp_path, caplog):
     assert fb.use_prebuilt_modules(fi) is None
     assert env.FLASHINFER_AOT_DIR == Path("/nonexistent/aot")
     assert "not using them" in caplog.text
+
+
+# ------------------------------------------------------------------------------------ first-use JIT builds
+def _stub_flashinfer(monkeypatch, jit_dir):
+    """A stand-in ``flashinfer`` module whose JIT folder is ``jit_dir`` (FlashInfer is not installed here)."""
+    env = types.ModuleType("flashinfer.jit.env")
+    env.FLASHINFER_JIT_DIR = jit_dir
+    fi = types.ModuleType("flashinfer")
+    fi.jit, fi.__version__ = types.SimpleNamespace(env=env), "0.0-stub"
+    monkeypatch.setitem(sys.modules, "flashinfer", fi)
+    monkeypatch.setattr(fb, "_ready", set())
+    monkeypatch.setattr(fb, "_jit_warned", set())
+    return fi
+
+
+def test_build_needed_until_the_jit_cache_or_a_run_has_the_module(monkeypatch, tmp_path):
+    fi = _stub_flashinfer(monkeypatch, tmp_path)
+    assert "bfloat16, head dim 96" in fb.build_needed(fi, torch.bfloat16, 96)
+    module = tmp_path / "batch_prefill_with_kv_cache_dtype_q_bf16_dtype_kv_bf16_head_dim_qk_96_head_dim_vo_96_x"
+    module.mkdir()
+    assert fb.build_needed(fi, torch.bfloat16, 96) is not None          # folder without a built library
+    (module / "m.so").write_bytes(b"")
+    assert fb.build_needed(fi, torch.bfloat16, 96) is None
+    assert fb.build_needed(fi, torch.float16, 96) is not None            # other dtype: still a build
+
+
+def test_one_warning_before_the_first_build(fake_fi, monkeypatch, tmp_path, caplog):
+    _stub_flashinfer(monkeypatch, tmp_path)
+    plans_at_warning = []
+
+    class Spy(logging.Handler):
+        def emit(self, record):
+            plans_at_warning.append(len(fake_fi.plans))
+
+    spy = Spy(level=logging.WARNING)
+    logging.getLogger("lvsa_kernels").addHandler(spy)
+    try:
+        q, k, v = _qkv(1, 16, 16, 2, 2, 24)
+        layout = _random_layout(0, 2, 2, [8, 8], [8, 8])
+        with caplog.at_level(logging.WARNING, logger="lvsa_kernels"):
+            for _ in range(2):
+                fb.FlashInferBackend().run(q, k, v, layout, 0.2, False)
+    finally:
+        logging.getLogger("lvsa_kernels").removeHandler(spy)
+    assert plans_at_warning == [0]                                      # one WARNING, before anything was planned
+    text = caplog.text
+    assert "JIT-building" in text and "head dim 24" in text and "minutes" in text and "pre-build" in text
+    assert fb.build_needed(sys.modules["flashinfer"], q.dtype, 24) is None   # it ran: ready now

@@ -259,6 +259,23 @@ def test_profile_floor_per_head():
         pat.min_blocks(0, 0, 4)
 
 
+def test_profile_floor_is_at_least_one_cluster_for_any_positive_ratio():
+    """Published rule: ``max(1, int(ratio * k_clusters))`` for ratio > 0 (a tiny ratio used to give 0)."""
+    keep = torch.tensor([[[0.001, 0.0, 0.5]]])
+    pat = SVOOPattern(profile=SVOOProfile(keep), k_clusters=100, warmup_steps=0, clip=(0.0, 1.0))
+    assert pat.min_blocks(0, 0, 3).tolist() == [1, 0, 50]
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(q_clusters=2.0), "q_clusters"), (dict(k_clusters=True), "k_clusters"), (dict(iterations=0), "iterations"),
+    (dict(warmup_steps=-1), "warmup_steps"), (dict(top_p="0.9"), "top_p"), (dict(seed=1.5), "seed"),
+    (dict(clip=(0.1, "x")), "clip"), (dict(dense_layers=1.0), "dense_layers"),
+])
+def test_pattern_knobs_are_typed(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        SVOOPattern(**kwargs)
+
+
 def test_pattern_rejects_gqa_and_bad_knobs():
     with pytest.raises(ValueError, match="H_kv"):
         SVOOPattern(warmup_steps=0).plan(_rand(1, 8, 4, 8), _rand(1, 8, 2, 8), 0, 0)

@@ -181,3 +181,35 @@ def test_profile_wan_and_cli_csv_loads_into_pattern(tiny_wan, tmp_path):
     loaded = SVOOProfile.load(out)
     assert loaded.keep.shape == (2, 2, 2)
     assert pat.min_blocks(1, 1, 2).tolist() == [int(float(r) * 100) for r in loaded.keep_ratios(2, 1)]
+
+
+def test_profile_csv_that_is_not_utf8_is_a_profile_error(tmp_path):
+    path = tmp_path / "p.csv"
+    path.write_bytes(b"Step,Layer,Head,Sparsity\n1,0,0,0.5\xff\xfe\n")
+    with pytest.raises(ProfileError, match="not UTF-8"):
+        SVOOProfile.load(path)
+
+
+@pytest.mark.parametrize("row", ["1000000000,0,0,0.5", "1,2000000000,0,0.5", "1,0,3000000000,0.5"])
+def test_absurd_profile_indices_fail_before_allocating(tmp_path, row, monkeypatch):
+    """An index of 10^9 would allocate a 10^9-entry grid: the completeness check comes first."""
+    path = tmp_path / "p.csv"
+    path.write_text(f"Step,Layer,Head,Sparsity\n1,0,0,0.5\n{row}\n")
+    real_full, real_empty = torch.full, torch.empty
+
+    def small(alloc):
+        def checked(*size, **kw):
+            shape = size[0] if len(size) == 1 and isinstance(size[0], tuple) else size[:3]
+            assert math.prod(s for s in shape if isinstance(s, int)) < 10 ** 6, f"allocated {shape}"
+            return alloc(*size, **kw)
+        return checked
+    monkeypatch.setattr(torch, "full", small(real_full))
+    monkeypatch.setattr(torch, "empty", small(real_empty))
+    with pytest.raises(ProfileError, match="incomplete grid.*first missing"):
+        SVOOProfile.load(path)
+
+
+def test_single_sample_is_the_middle_query_n_div_2():
+    """The published profiler samples query n // 2 (for even n the upper middle)."""
+    assert sample_query_rows(10, 1).tolist() == [5]
+    assert sample_query_rows(9, 1).tolist() == [4]

@@ -9,11 +9,11 @@ from lvsa_kernels.triton_src import tuning
 
 
 def test_show_lists_stored_configs_and_a_second_process_reads_them(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv(tuning.CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv("LVSA_KERNELS_CACHE_DIR", str(tmp_path))
     cfg = tuning.KernelConfig(128, 64, 8, 3, True, False)
     tuning.store("GPU X|triton-3.6|bfloat16|d128|qb2^10", cfg)
     data = json.loads((tmp_path / "triton_configs.json").read_text())
-    assert tuning.KernelConfig(**data["GPU X|triton-3.6|bfloat16|d128|qb2^10"]) == cfg
+    assert tuning.KernelConfig(**data["entries"]["GPU X|triton-3.6|bfloat16|d128|qb2^10"]) == cfg
     monkeypatch.setattr(tuning, "_memory", {})          # a fresh process: nothing in memory
     monkeypatch.setattr(tuning, "_loaded_from", None)
     assert tuning.lookup("GPU X|triton-3.6|bfloat16|d128|qb2^10") == cfg

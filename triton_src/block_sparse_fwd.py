@@ -85,11 +85,13 @@ def _step(acc, m_i, l_i, q, k_ptr, v_ptr, k_desc, v_desc, ks_ptr, kv0, kv_end, s
             qk = qk * tl.load(ks_ptr + kv0 + offs_n)[None, :]
     else:
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-    if MASKED:
-        qk = tl.where((kv0 + offs_n)[None, :] < kv_end, qk, float("-inf"))
-    # scale the row max, then one fused multiply-add per score (qk_scale > 0 keeps the max)
-    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-    p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+    if MASKED:  # scale before masking: 0 * -inf would be NaN
+        qk = tl.where((kv0 + offs_n)[None, :] < kv_end, qk * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.math.exp2(qk - m_new[:, None])
+    else:  # scale the row max, then one fused multiply-add per score (qk_scale >= 0 keeps the max)
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     if FP8_PV:  # a fresh fp32 product per tile: FP8 MMAs accumulate their own operand C imprecisely
@@ -165,6 +167,9 @@ def block_sparse_attn_fwd(
     b64 = b.to(tl.int64)
     q_ptrs = Q + b64 * stride_qb + h * stride_qh + offs_m[:, None].to(tl.int64) * stride_qs + offs_d[None, :]
     q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+    if qk_scale < 0:  # softmax(q k * s) = softmax(-q k * |s|): keep qk_scale >= 0 for `_step`
+        q = -q
+        qk_scale = -qk_scale
     bh_kv = b64 * (NUM_HEADS // KV_GROUP) + h_kv
     ks_ptr = K_SCALE + bh_kv * kv_len
     walk_scale = qk_scale

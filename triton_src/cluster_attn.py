@@ -79,10 +79,13 @@ def _key_tile(acc, m_i, l_i, q, k_base, v_base, rec, qk_scale,
     else:
         k = tl.load(k_base + kv_offs)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-    if MASKED:
-        qk = tl.where(valid[None, :], qk, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-    p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+    if MASKED:  # scale before masking: 0 * -inf would be NaN
+        qk = tl.where(valid[None, :], qk * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.math.exp2(qk - m_new[:, None])
+    else:  # qk_scale >= 0 (see `cluster_attn_fwd`) keeps the row max under scaling
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     if MASKED:
@@ -127,6 +130,9 @@ def cluster_attn_fwd(
     tok = tl.load(Q_PERM + g * seq_len + offs_m, mask=row_ok, other=0).to(tl.int64)
     q = tl.load(Q + b * stride_qb + h * stride_qh + tok[:, None] * stride_qs + offs_d[None, :],
                 mask=row_ok[:, None], other=0.0)
+    if qk_scale < 0:  # softmax(q k * s) = softmax(-q k * |s|): keep qk_scale >= 0 for `_key_tile`
+        q = -q
+        qk_scale = -qk_scale
 
     k_base = KP + g * seq_len * HEAD_DIM  # per-group offsets fit int32
     v_base = VP + g * seq_len * HEAD_DIM

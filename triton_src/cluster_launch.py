@@ -17,7 +17,8 @@ from torch import Tensor
 from .block_sparse_fwd import LOG2E
 from .cluster_attn import assign_argmax, cluster_attn_fwd
 from .cluster_schedule import ClusterSchedule
-from .tuning import KernelConfig, interpreting
+from .interpreter import interpreting, launch_lock
+from .tuning import KernelConfig
 
 __all__ = ["CONFIG_ENV", "ClusterConfig", "assign_labels", "cluster_attention", "cluster_config"]
 
@@ -75,15 +76,16 @@ def triton_cluster_attn_fwd(q: Tensor, kp: Tensor, vp: Tensor, q_perm: Tensor, t
     for part in range(len(tiles) // 5):
         row, q0, q1, records, count = tiles[5 * part:5 * part + 5]
         block_m, block_n, warps, stages = meta[1 + 4 * part:5 + 4 * part]
-        cluster_attn_fwd[(q0.shape[1], B * H)](
-            q, kp, vp, out, lse, q_perm,
-            q.stride(0), q.stride(1), q.stride(2), out.stride(0), out.stride(1), out.stride(2),
-            row, q0, q1, records, count,
-            scale * LOG2E, S, q0.shape[1], records.shape[1],
-            NUM_HEADS=H, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, WINDOW=window,
-            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-            num_warps=warps, num_stages=stages,
-        )
+        with launch_lock():
+            cluster_attn_fwd[(q0.shape[1], B * H)](
+                q, kp, vp, out, lse, q_perm,
+                q.stride(0), q.stride(1), q.stride(2), out.stride(0), out.stride(1), out.stride(2),
+                row, q0, q1, records, count,
+                scale * LOG2E, S, q0.shape[1], records.shape[1],
+                NUM_HEADS=H, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, WINDOW=window,
+                DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+                num_warps=warps, num_stages=stages,
+            )
     return out, lse
 
 
@@ -133,8 +135,9 @@ def assign_labels(x: Tensor, weights: Tensor, gemm_dtype: torch.dtype) -> Tensor
         # bf16: 256 x 64 tiles measured fastest on the H100 (579 / 188 us for the key / query side at 720p)
         bm, bj, warps, stages = (64, 64, 4, 2) if gemm_dtype == torch.float32 else (256, 64, 8, 3)
     if G and N:
-        assign_argmax[(triton.cdiv(N, bm), G)](x, w, labels, x.stride(0), x.stride(1), N, J, HEAD_DIM=d,
-                                                BLOCK_M=bm, BLOCK_J=bj,
-                                                DOT_PRECISION="ieee", num_warps=warps, num_stages=stages)
+        with launch_lock():
+            assign_argmax[(triton.cdiv(N, bm), G)](x, w, labels, x.stride(0), x.stride(1), N, J, HEAD_DIM=d,
+                                                    BLOCK_M=bm, BLOCK_J=bj,
+                                                    DOT_PRECISION="ieee", num_warps=warps, num_stages=stages)
     return labels
 

@@ -16,7 +16,7 @@ from torch import Tensor
 from .cluster_attn import permute_rows, segment_sums
 from .cluster_launch import assign_labels, cluster_attention, cluster_config
 from .cluster_schedule import build_cluster_schedule
-from .tuning import interpreting
+from .interpreter import interpreting, launch_lock
 
 __all__ = ["assign_fn", "attend", "cluster_means", "gather_rows", "means_fn", "permute_keys"]
 
@@ -39,9 +39,10 @@ def cluster_means(x: Tensor, sizes: Tensor, previous: Tensor, perm: Optional[Ten
     starts = torch.nn.functional.pad(torch.cumsum(sizes, dim=1), (1, 0))
     sums = torch.empty(G, n, D, dtype=torch.float32, device=x.device)
     if G and n:
-        segment_sums[(n, G)](x, perm if perm is not None else starts, starts, sums, x.stride(0), x.stride(1),
-                             x.stride(2), S, n, NUM_HEADS=H, HEAD_DIM=D, BLOCK_R=16 if interpreting() else 32,
-                             HAS_PERM=perm is not None)
+        with launch_lock():
+            segment_sums[(n, G)](x, perm if perm is not None else starts, starts, sums, x.stride(0), x.stride(1),
+                                 x.stride(2), S, n, NUM_HEADS=H, HEAD_DIM=D, BLOCK_R=16 if interpreting() else 32,
+                                 HAS_PERM=perm is not None)
     means = sums / sizes.clamp(min=1).unsqueeze(-1)
     return torch.where((sizes > 0).unsqueeze(-1), means, previous.float())
 
@@ -63,8 +64,9 @@ def gather_rows(x: Tensor, perm: Tensor) -> Tensor:
     out = torch.empty(B * H, S, D, dtype=x.dtype, device=x.device)
     block = 16 if interpreting() else 64
     if out.numel():
-        permute_rows[(triton.cdiv(S, block), B * H)](x, perm.contiguous(), out, x.stride(0), x.stride(1), x.stride(2), S,
-                                                     NUM_HEADS=H, HEAD_DIM=D, BLOCK_S=block)
+        with launch_lock():
+            permute_rows[(triton.cdiv(S, block), B * H)](x, perm.contiguous(), out, x.stride(0), x.stride(1),
+                                                         x.stride(2), S, NUM_HEADS=H, HEAD_DIM=D, BLOCK_S=block)
     return out
 
 

@@ -16,6 +16,7 @@ from torch import Tensor
 i32 = torch.int32
 
 from .cluster_attn import pack_key_tiles
+from .interpreter import launch_lock
 
 __all__ = ["ClusterSchedule", "KeyTiles", "QueryTiles", "WINDOW", "build_cluster_schedule"]
 
@@ -144,6 +145,7 @@ def _key_tiles(seg_cum: Tensor, seg_delta: Tensor, seq_len: int, n_k: int, block
     records = torch.empty(R, slots, 2 * window + 1, dtype=i32, device=seg_cum.device)
     count = torch.empty(R, 2, dtype=i32, device=seg_cum.device)
     if R:
-        pack_key_tiles[(R,)](seg_cum, seg_delta, records, count, seg_cum.shape[1], slots, BLOCK_N=block_n,
-                             WINDOW=window, num_warps=1)  # a serial walk: one warp, many rows per SM
+        with launch_lock():  # a serial walk: one warp, many rows per SM
+            pack_key_tiles[(R,)](seg_cum, seg_delta, records, count, seg_cum.shape[1], slots, BLOCK_N=block_n,
+                                 WINDOW=window, num_warps=1)
     return KeyTiles(block_n, records, count)

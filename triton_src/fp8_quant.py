@@ -22,6 +22,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .interpreter import launch_lock
+
 
 __all__ = ["Fp8KV", "quantize_kv", "to_e4m3", "to_int8"]
 
@@ -127,14 +129,16 @@ def quantize_kv(k: Tensor, v: Tensor, fp8_pv: bool, emulate: bool, block_s: int 
     k_scale = torch.empty(B, H, S, dtype=torch.float32, device=k.device)
     grid = (triton.cdiv(S, block_s), B * H)
     if B * H * S:
-        _quantize_k[grid](k, mean, k8, k_scale, k.stride(0), k.stride(1), k.stride(2), S,
-                          NUM_KV_HEADS=H, HEAD_DIM=D, BLOCK_S=block_s)
+        with launch_lock():
+            _quantize_k[grid](k, mean, k8, k_scale, k.stride(0), k.stride(1), k.stride(2), S,
+                              NUM_KV_HEADS=H, HEAD_DIM=D, BLOCK_S=block_s)
     if not fp8_pv:
         return Fp8KV(k8, k_scale, mean, None, None)
     v_scale, inv = _channel_scales(v)
     padded = triton.cdiv(max(S, 1), 16) * 16  # 16-byte rows for tensor descriptors
     vt8 = torch.empty(B, H, D, padded, dtype=torch.float8_e4m3fn, device=v.device)
     if B * H * S:
-        _quantize_vt[grid](v, inv, vt8, v.stride(0), v.stride(1), v.stride(2), S, padded,
-                           NUM_KV_HEADS=H, HEAD_DIM=D, BLOCK_S=block_s, EMULATE=emulate)
+        with launch_lock():
+            _quantize_vt[grid](v, inv, vt8, v.stride(0), v.stride(1), v.stride(2), S, padded,
+                               NUM_KV_HEADS=H, HEAD_DIM=D, BLOCK_S=block_s, EMULATE=emulate)
     return Fp8KV(k8, k_scale, mean, vt8, v_scale)

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from .block_sparse_fwd import LOG2E, block_sparse_attn_fwd
 from .fp8_quant import quantize_kv
+from .interpreter import launch_lock
 from .schedule import KernelSchedule, KeyTiles
 from .tuning import KernelConfig, interpreting
 
@@ -123,21 +124,22 @@ def launch(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, sched_tens
             v_strides = (v.stride(0), v.stride(2), v.stride(1))
     dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"
     grid = (max_tiles, B * H)
-    return block_sparse_attn_fwd[grid](
-        q, k, v, out, lse,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        *v_strides,
-        out.stride(0), out.stride(1), out.stride(2),
-        *sched_tensors,
-        scale * LOG2E, Sq, k.shape[1],
-        k_scale, k_mean, v_scale,
-        NUM_HEADS=H, KV_GROUP=H // k.shape[2], PER_HEAD_LAYOUT=per_head_layout,
-        HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        USE_TMA=cfg.use_tma, DOT_PRECISION=dot_precision, WARP_SPEC=cfg.warp_spec,
-        QK_INT8=qk_int8, FP8_PV=fp8_pv, EMULATE_FP8=fp8_pv and interpreting(),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    with launch_lock():
+        return block_sparse_attn_fwd[grid](
+            q, k, v, out, lse,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            *v_strides,
+            out.stride(0), out.stride(1), out.stride(2),
+            *sched_tensors,
+            scale * LOG2E, Sq, k.shape[1],
+            k_scale, k_mean, v_scale,
+            NUM_HEADS=H, KV_GROUP=H // k.shape[2], PER_HEAD_LAYOUT=per_head_layout,
+            HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            USE_TMA=cfg.use_tma, DOT_PRECISION=dot_precision, WARP_SPEC=cfg.warp_spec,
+            QK_INT8=qk_int8, FP8_PV=fp8_pv, EMULATE_FP8=fp8_pv and interpreting(),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
 
 
 @torch.library.custom_op("lvsa_kernels::triton_block_sparse_fwd", mutates_args=())

@@ -3,25 +3,27 @@
 A config is (BLOCK_M, BLOCK_N, num_warps, num_stages, use_tma). The tuning key is
 (GPU name, Triton version, dtype, head dim, block-size class), where the block-size class is the
 log2 bucket of the typical query-block size (a 1560-token frame and a 64-token cluster tile differently).
-Winners are stored in ``$LVSA_KERNELS_CACHE_DIR/triton_configs.json`` (default
-``~/.cache/lvsa_kernels``), so a second process does not retune. Under the Triton interpreter a fixed
+Winners are stored in ``triton_configs.json`` in the cache folder (`lvsa_kernels.settings`: entries
+validated, writes merged under a file lock), so a second process does not retune. Under the Triton interpreter a fixed
 small config is used and nothing is timed.
 """
 from __future__ import annotations
 
-import json
+import logging
 import math
-import os
-import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
-__all__ = ["KernelConfig", "candidate_configs", "cache_path", "lookup", "store", "tuning_key", "interpreting"]
+from ..settings import cache_dir, read_entries, update_entries
+from .interpreter import interpreting
 
-CACHE_ENV = "LVSA_KERNELS_CACHE_DIR"
+__all__ = ["KernelConfig", "candidate_configs", "cache_path", "lookup", "store", "stored_configs", "tuning_key",
+           "interpreting"]
+
+log = logging.getLogger("lvsa_kernels")
 
 
 @dataclass(frozen=True)
@@ -39,11 +41,6 @@ class KernelConfig:
             return f"hopper BLOCK_M={self.block_m} BLOCK_N={self.block_n} stages={self.num_stages}"
         return (f"BLOCK_M={self.block_m} BLOCK_N={self.block_n} warps={self.num_warps} "
                 f"stages={self.num_stages} tma={self.use_tma} warp_spec={self.warp_spec}")
-
-
-def interpreting() -> bool:
-    """True when Triton kernels run in the CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 INTERPRETER_CONFIG = KernelConfig(block_m=16, block_n=16, num_warps=1, num_stages=1)
@@ -85,8 +82,21 @@ def tuning_key(device: torch.device, dtype: torch.dtype, head_dim: int, typical_
 
 
 def cache_path() -> Path:
-    root = os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "lvsa_kernels")
-    return Path(root) / "triton_configs.json"
+    return cache_dir() / "triton_configs.json"
+
+
+def _valid_config(key: str, raw: Any) -> Optional[KernelConfig]:
+    """The `KernelConfig` a cache entry describes, or None when any field is missing or of the wrong kind."""
+    if not isinstance(raw, dict) or set(raw) != {f.name for f in fields(KernelConfig)}:
+        return None
+    ints = [raw[n] for n in ("block_m", "block_n", "num_warps", "num_stages")]
+    if not all(type(x) is int for x in ints) or not all(type(raw[n]) is bool for n in ("use_tma", "warp_spec")):
+        return None
+    bm, bn, warps, stages = ints
+    pow2 = all(x > 0 and x & (x - 1) == 0 for x in (bm, bn, warps))
+    if not pow2 or not (16 <= bm <= 256 and 16 <= bn <= 256 and warps <= 16 and 1 <= stages <= 8):
+        return None
+    return KernelConfig(**raw)
 
 
 _memory: Dict[str, KernelConfig] = {}
@@ -99,15 +109,13 @@ def _load() -> None:
     if _loaded_from == path:
         return
     _loaded_from = path
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return
-    for key, cfg in data.items():
-        try:
-            _memory.setdefault(key, KernelConfig(**cfg))
-        except TypeError:
-            continue  # an entry from an incompatible version: ignore it, it will be retuned
+    for key, cfg in read_entries(path, _valid_config).items():
+        _memory.setdefault(key, cfg)
+
+
+def stored_configs() -> Dict[str, KernelConfig]:
+    """The valid configs of the disk cache (invalid entries ignored with one WARNING)."""
+    return read_entries(cache_path(), _valid_config)
 
 
 def lookup(key: str) -> Optional[KernelConfig]:
@@ -117,25 +125,14 @@ def lookup(key: str) -> Optional[KernelConfig]:
 
 
 def store(key: str, config: KernelConfig) -> None:
-    """Record ``config`` for ``key`` in memory and atomically in the disk cache."""
+    """Record ``config`` for ``key`` in memory and in the disk cache (merged under its lock, atomic)."""
     _load()
     _memory[key] = config
     path = cache_path()
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError):
-            data = {}
-        data[key] = asdict(config)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".triton_configs.", suffix=".json")
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
-        os.replace(tmp, path)
+        update_entries(path, {key: asdict(config)}, _valid_config)
     except OSError as exc:  # a read-only home must not break attention; the config stays in memory
-        import logging
-
-        logging.getLogger("lvsa_kernels").warning("could not write tuning cache %s: %s", path, exc)
+        log.warning("lvsa_kernels: could not write tuning cache %s: %s", path, exc)
 
 
 def tune(key: str, configs: List[KernelConfig], bench: Callable[[KernelConfig], float]) -> KernelConfig:

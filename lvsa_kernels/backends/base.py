@@ -83,6 +83,11 @@ class Backend:
             return "cannot return lse"
         return None
 
+    def build_needed(self, q: Tensor, layout: BlockSparseLayout) -> Optional[str]:
+        """What this backend would compile before its first run on these inputs (e.g. a JIT module), or None
+        when it is ready; ``auto`` does not time a candidate that would build."""
+        return None
+
     def run(self, q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout, scale: float,
             return_lse: bool) -> Tuple[Tensor, Optional[Tensor]]:
         """Return ``(out [B, Sq, H, D] in q.dtype, lse [B, H, Sq] float32 natural log or None)``."""

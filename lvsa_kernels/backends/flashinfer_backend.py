@@ -13,7 +13,8 @@ A layout is converted once into one of three plans, chosen in this order:
 Plans are built once per layout and reused across calls and layers (a `LayoutMemo` of this module, keyed
 by device, dtype, heads, head dim, scale and batch size); all wrappers on a device share one 128 MB
 workspace. Indices are int32 and the output dtype equals the input dtype, which is what FlashInfer's
-prebuilt modules cover; head dims other than 64/128 JIT-compile on first use (minutes). FlashInfer's
+prebuilt modules cover; a dtype/head dim without a prebuilt or JIT-cached module is JIT-compiled on first
+use (minutes; one WARNING before, see `build_needed`; ``auto`` never times such a candidate). FlashInfer's
 lse is base 2 and is converted to the natural log. When the ``fiprep_extras`` package (prebuilt
 modules for one FlashInfer version) is installed, FlashInfer is pointed at it (`use_prebuilt_modules`).
 
@@ -29,7 +30,8 @@ import logging
 import math
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any, Callable, Dict, Optional, Tuple
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional, Set, Tuple
 
 import torch
 from torch import Tensor
@@ -47,7 +49,9 @@ LN2 = math.log(2.0)
 WORKSPACE_BYTES = 128 * 1024 * 1024
 PREBUILT_HEAD_DIMS = frozenset({64, 128})
 _workspaces: Dict[str, Tensor] = {}
-_jit_warned: set = set()
+_ready: Set[Tuple[torch.dtype, int]] = set()   # (dtype, head dim) that ran in this process
+_jit_warned: Set[Tuple[torch.dtype, int]] = set()
+_DTYPE_TAGS = {torch.float16: "f16", torch.bfloat16: "bf16"}
 _PLANS = LayoutMemo()   # per layout: plan kind, empty rows, runners (FlashInfer wrappers)
 
 
@@ -366,12 +370,62 @@ def _empty_rows(layout: BlockSparseLayout) -> Optional[Tensor]:
     return _PLANS.get(layout, "empty_rows", build)
 
 
+# ---------------------------------------------------------------------------------------- JIT builds
+def _has_prebuilt(fi: ModuleType) -> bool:
+    """Whether prebuilt modules are installed: FlashInfer's ``flashinfer-jit-cache`` or a matching ``fiprep_extras``."""
+    if importlib.util.find_spec("flashinfer_jit_cache") is not None:
+        return True
+    return importlib.util.find_spec("fiprep_extras") is not None and \
+        getattr(importlib.import_module("fiprep_extras"), "FLASHINFER_VERSION", None) == getattr(fi, "__version__", None)
+
+
+def _in_jit_cache(fi: ModuleType, dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether FlashInfer's JIT folder already holds a built prefill module for ``dtype`` and ``head_dim``
+    (a module folder named with ``dtype_q_<tag>_`` and ``head_dim_qk_<d>_`` that contains a ``.so``)."""
+    folder = getattr(getattr(getattr(fi, "jit", None), "env", None), "FLASHINFER_JIT_DIR", None)
+    if folder is None or not Path(folder).is_dir():
+        return False
+    tags = (f"dtype_q_{_DTYPE_TAGS.get(dtype, '?')}_", f"head_dim_qk_{head_dim}_")
+    return any(all(t in d.name for t in tags) and any(d.glob("*.so")) for d in Path(folder).iterdir() if d.is_dir())
+
+
+def build_needed(fi: ModuleType, dtype: torch.dtype, head_dim: int) -> Optional[str]:
+    """None when FlashInfer can run ``dtype``/``head_dim`` without compiling, else what it would JIT-build."""
+    if (dtype, head_dim) in _ready or (head_dim in PREBUILT_HEAD_DIMS and _has_prebuilt(fi)) or \
+            _in_jit_cache(fi, dtype, head_dim):
+        return None
+    return (f"a FlashInfer prefill module for {str(dtype).replace('torch.', '')}, head dim {head_dim} "
+            f"(no prebuilt or JIT-cached one)")
+
+
+def _warn_before_build(what: str, key: Tuple[torch.dtype, int]) -> None:
+    if key not in _jit_warned:
+        _jit_warned.add(key)
+        log.warning("lvsa_kernels flashinfer: JIT-building %s now. This compiles CUDA code with nvcc once per "
+                    "dtype and head dim and takes minutes (73 s measured on an H200 for head dim 64); the module "
+                    "is then cached in ~/.cache/flashinfer. To pre-build, run one block_sparse_attn(..., "
+                    "backend='flashinfer') call with these shapes in a setup step, or install FlashInfer's "
+                    "flashinfer-jit-cache wheel (prebuilt head dims 64/128/256).", what)
+
+
 # ---------------------------------------------------------------------------------------- backend
 class FlashInferBackend(Backend):
     name = "flashinfer"
     caps = Capabilities(devices=frozenset({"cuda"}), dtypes=frozenset({torch.float16, torch.bfloat16}),
                         head_dims=None)
-    notes = "prebuilt FlashInfer modules cover head dims 64/128 (int32 indices, output dtype = input dtype); others JIT-compile"
+
+    @property
+    def notes(self) -> str:
+        fi, _ = _load()
+        ready = sorted(f"{str(d).replace('torch.', '')}/d{h}" for d in _DTYPE_TAGS for h in (64, 128, 256)
+                       if fi is not None and build_needed(fi, d, h) is None)
+        return ("a dtype/head dim without a prebuilt or JIT-cached FlashInfer module is built on first use "
+                "(minutes; auto never times it, it measures ready backends only); ready now: "
+                + (", ".join(ready) if ready else "none"))
+
+    def build_needed(self, q: Tensor, layout: BlockSparseLayout) -> Optional[str]:
+        fi, _ = _load()
+        return None if fi is None else build_needed(fi, q.dtype, q.shape[-1])
 
     def unavailable_reason(self, device: torch.device) -> Optional[str]:
         _, reason = _load()
@@ -396,10 +450,9 @@ class FlashInferBackend(Backend):
     def run(self, q, k, v, layout, scale, return_lse):
         fi = _flashinfer()
         B, Sq, H, D = q.shape
-        if D not in PREBUILT_HEAD_DIMS and D not in _jit_warned:
-            _jit_warned.add(D)
-            log.warning("lvsa_kernels flashinfer: head_dim %d has no prebuilt FlashInfer module; "
-                        "the first plan JIT-compiles one (minutes)", D)
+        what = build_needed(fi, q.dtype, D)
+        if what:
+            _warn_before_build(what, (q.dtype, D))
         if layout.nnz == 0:
             return (torch.zeros_like(q),
                     torch.full((B, H, Sq), float("-inf"), dtype=torch.float32, device=q.device) if return_lse else None)
@@ -407,6 +460,7 @@ class FlashInferBackend(Backend):
         key = ("flashinfer", kind, id(fi), str(q.device), q.dtype, H, k.shape[2], D, float(scale), B)
         runner = _PLANS.get(layout, key, lambda: _RUNNERS[kind](fi, layout, q, k, float(scale)))
         out, lse = runner(q, k, v, return_lse)
+        _ready.add((q.dtype, D))
         empty = _empty_rows(layout)
         if empty is not None:
             _zero_rows(out, lse, empty.to(q.device))

@@ -92,7 +92,7 @@ def check_knobs(args: argparse.Namespace) -> None:
 def enable_attention(pipe: Any, args: argparse.Namespace) -> Optional[Any]:
     """Install the requested attention on ``pipe``; returns the `LVSAHandle` (None for dense)."""
     from ..diffusers import enable_lvsa
-    from ..reference import SVOOPattern
+    from ..svoo_attention import SVOOPattern
 
     check_knobs(args)
     if args.attention == "dense":

@@ -7,7 +7,6 @@ later processes start with it. ``--show`` prints the cache without tuning (works
 from __future__ import annotations
 
 import argparse
-import json
 
 from ..models import MODELS, get_model
 from ._args import POSITIVE
@@ -32,13 +31,10 @@ def run(args: argparse.Namespace) -> int:
 
     path = tuning.cache_path()
     if args.show:
-        try:
-            configs = json.loads(path.read_text())
-        except (OSError, ValueError):
-            configs = {}
+        configs = tuning.stored_configs()
         print(f"tuned Triton configs in {path}:" if configs else f"no tuned Triton configs in {path}")
         for key, cfg in sorted(configs.items()):
-            print(f"  {key}: {tuning.KernelConfig(**cfg)}")
+            print(f"  {key}: {cfg}")
         return 0
     if not torch.cuda.is_available():
         print("tune: needs a CUDA GPU (the CPU interpreter always uses a fixed small config); use --show to list the cache")
