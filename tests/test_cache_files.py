@@ -7,16 +7,18 @@ import sys
 
 import pytest
 
-from lvsa_kernels import dispatch, settings
+from lvsa_kernels import choice, dispatch, settings
 from lvsa_kernels.triton_src import tuning
 from lvsa_kernels.triton_src.tuning import KernelConfig
 
-GOOD = {"block_m": 64, "block_n": 32, "num_warps": 4, "num_stages": 2, "use_tma": False, "warp_spec": False}
+GOOD = {"block_m": 64, "block_n": 32, "num_warps": 4, "num_stages": 2, "use_tma": False, "warp_spec": False,
+        "kernel": "portable"}
 BAD_CONFIGS = {
     "list": [64, 32], "string": "64", "missing": {"block_m": 64}, "text field": {**GOOD, "block_m": "64"},
     "bool field": {**GOOD, "num_warps": True}, "float field": {**GOOD, "block_n": 32.0},
     "not a power of 2": {**GOOD, "block_m": 48}, "flag as int": {**GOOD, "use_tma": 1},
     "extra field": {**GOOD, "x": 1}, "zero stages": {**GOOD, "num_stages": 0},
+    "unknown kernel": {**GOOD, "kernel": "cuda"}, "no kernel field (older cache)": {k: v for k, v in GOOD.items() if k != "kernel"},
 }
 
 
@@ -84,6 +86,6 @@ def test_processes_writing_at_once_keep_every_entry(cache_dir):
 
 def test_both_caches_write_through_settings(cache_dir):
     tuning.store("k", KernelConfig(64, 32, 4, 2))
-    dispatch._cache().put("k", "fast", {"fast": 1.0})
+    choice._cache().put("k", "fast", {"fast": 1.0})
     assert json.loads((cache_dir / "triton_configs.json").read_text()) == {"version": 1, "entries": {"k": GOOD}}
     assert json.loads(dispatch.cache_file().read_text())["entries"]["k"]["winner"] == "fast"

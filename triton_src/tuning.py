@@ -92,6 +92,8 @@ def _valid_config(key: str, raw: Any) -> Optional[KernelConfig]:
     ints = [raw[n] for n in ("block_m", "block_n", "num_warps", "num_stages")]
     if not all(type(x) is int for x in ints) or not all(type(raw[n]) is bool for n in ("use_tma", "warp_spec")):
         return None
+    if raw["kernel"] not in ("portable", "hopper"):
+        return None
     bm, bn, warps, stages = ints
     pow2 = all(x > 0 and x & (x - 1) == 0 for x in (bm, bn, warps))
     if not pow2 or not (16 <= bm <= 256 and 16 <= bn <= 256 and warps <= 16 and 1 <= stages <= 8):
