@@ -20,8 +20,6 @@ from lvsa_kernels.__main__ import build_parser
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 DOCS = sorted((ROOT / "docs").glob("*.md"))
-# Linked from the README but written on another branch; the test fails once it exists, so the entry gets removed.
-AWAITED = {"docs/errors.md"}
 
 _BLOCK = re.compile(r"(?:<!-- readme-test: (?P<tag>[\w-]+)[^>]*-->\n)?```(?P<lang>\w*)\n(?P<body>.*?)```", re.S)
 
@@ -126,13 +124,10 @@ def _linked_files(path: Path):
 @pytest.mark.parametrize("path", [README, *DOCS], ids=lambda p: str(p.relative_to(ROOT)))
 def test_linked_files_exist(path):
     for rel in _linked_files(path):
-        if rel in AWAITED:
-            assert not (ROOT / rel).exists(), f"{rel} exists now: remove it from AWAITED in {__file__}"
-            continue
         assert (ROOT / rel).exists(), f"{path.relative_to(ROOT)} refers to {rel}, which does not ship"
 
 
 def test_readme_names_no_unshipped_files():
     text = README.read_text(encoding="utf-8")
     assert "svoo-pattern.md" not in text and "wan_1_3b.csv" not in text
-    assert all(f"docs/{d.name}" in text for d in DOCS if f"docs/{d.name}" not in AWAITED)  # every page is linked
+    assert all(f"docs/{d.name}" in text for d in DOCS)  # every page is linked

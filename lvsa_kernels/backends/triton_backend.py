@@ -142,8 +142,8 @@ def config_key(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout, preci
     for it (so a config tuned where the Hopper kernel could not run is not reused where it can)."""
     from ..triton_src.launch import hopper_eligible, tma_eligible
 
-    if precision != "exact":  # only the portable kernel computes 8-bit precisions
-        kernels = f"|{precision}" + ("|tma" if tma_eligible(q, k, v) else "|no-tma")
+    if precision != "exact":  # only the portable kernel computes 8-bit precisions (fp8: without TMA, see below)
+        kernels = f"|{precision}" + ("|tma" if tma_eligible(q, k, v) and precision != "fp8" else "|no-tma")
     else:
         kernels = "|hopper" if hopper_eligible(q, k, v) else "|tma" if tma_eligible(q, k, v) else "|no-tma"
     return tuning.tuning_key(q.device, q.dtype, q.shape[-1], layout.typical_q_block) + kernels
@@ -162,7 +162,9 @@ def choose_config(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout, sc
     cfg = None if retune else tuning.lookup(key)
     if cfg is not None:
         return cfg
-    candidates = tuning.candidate_configs(q.shape[-1], tma_ok, q.dtype, hopper_ok)
+    # FP8 P V with V^T read through a tensor descriptor hit an illegal instruction on an H200 (Triton 3.6;
+    # bench/results/h200_fp8_diag_run14.log): the fp8 mode reads K and V^T with pointer loads
+    candidates = tuning.candidate_configs(q.shape[-1], tma_ok and precision != "fp8", q.dtype, hopper_ok)
     if os.environ.get(AUTOTUNE_ENV, "1") == "0":
         return candidates[0]
     import triton.testing
