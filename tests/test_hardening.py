@@ -70,7 +70,7 @@ def test_huge_scale_lse_is_scaled_back():
     q, k, v = inputs(2, torch.float64)
     layout = ragged_layout()
     _, lse = block_sparse_attn(q, k, v, layout, backend="reference", scale=1e35, return_lse=True)
-    s = torch.einsum("bqhd,bkhd->bhqk", q, k).masked_fill(~layout.to_token_mask()[0], float("-inf"))
+    s = torch.einsum("bqhd,bkhd->bhqk", q, k).masked_fill(~layout.to_token_mask()[0].to(q.device), float("-inf"))
     assert torch.allclose(lse.double(), s.amax(-1) * 1e35, rtol=1e-6)  # no ties: lse = scale * max score
 
 
