@@ -16,24 +16,30 @@ if not _os.path.isdir(_os.path.join(_os.path.dirname(__file__), "reference")) an
         _os.path.join(_root, "setup.py")):
     __path__.append(_root)
 
-from .reference import (
-    AttentionPlan,
-    BlockSparseLayout,
-    LayoutError,
-    LVSAPattern,
-    SVOOProfile,
-    auto_key_frame_interval,
-    latent_frames,
-    reference_attention,
-)
-from .backends import BackendUnavailable
-from .api import block_sparse_attn
-from .svoo_attention import SVOOPattern
+import importlib as _importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "AttentionPlan", "BlockSparseLayout", "LayoutError", "LVSAPattern", "SVOOPattern", "SVOOProfile", "auto_key_frame_interval",
-    "latent_frames",
-    "reference_attention", "block_sparse_attn", "BackendUnavailable", "__version__",
-]
+# name -> module that defines it; imported on first access (PEP 562), so `import lvsa_kernels` and the
+# command line's --help load neither torch nor the kernels
+_EXPORTS = {
+    "AttentionPlan": ".reference", "BlockSparseLayout": ".reference", "LayoutError": ".reference",
+    "LVSAPattern": ".reference", "SVOOProfile": ".reference", "auto_key_frame_interval": ".reference",
+    "latent_frames": ".reference", "reference_attention": ".reference",
+    "BackendUnavailable": ".backends", "block_sparse_attn": ".api", "SVOOPattern": ".svoo_attention",
+}
+
+__all__ = [*_EXPORTS, "__version__"]
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lvsa_kernels' has no attribute {name!r}")
+    value = getattr(_importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

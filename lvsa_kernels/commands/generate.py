@@ -14,11 +14,14 @@ import os
 import time
 from typing import Any, Dict, List, Optional
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch loads inside the functions, so --help stays light
+    import torch
 
 HELP = "generate a video with a local diffusers pipeline folder and LVSA / SVOO / dense attention"
 
-_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+_DTYPES = ("float16", "bfloat16", "float32")
 _LVSA_KNOBS = {"window": int, "n_first": int, "reference_frames": int, "sparsity_scale": float,
                "key_frame_interval": int}
 _SVOO_KNOBS = {"top_p": float, "q_clusters": int, "k_clusters": int, "warmup_steps": int}
@@ -106,6 +109,8 @@ def enable_attention(pipe: Any, args: argparse.Namespace) -> Optional[Any]:
 def call_kwargs(pipe: Any, args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
     """The pipeline call's keyword arguments from the options given; raises ValueError for an option the
     pipeline does not take. A pipeline with a ``guider`` (HunyuanVideo 1.5) gets ``--guidance`` there."""
+    import torch
+
     accepted = inspect.signature(type(pipe).__call__).parameters
     wanted = {"prompt": args.prompt, "negative_prompt": args.negative_prompt, "num_frames": args.frames,
               "height": args.height, "width": args.width, "num_inference_steps": args.steps}
@@ -143,6 +148,8 @@ def density_summary(handle: Optional[Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     from diffusers.utils import export_to_video
 
     check_video_writer()
@@ -154,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
     if (args.cpu_offload or device.type == "cuda") and not torch.cuda.is_available():
         raise RuntimeError("generate: --device cuda / --cpu-offload need CUDA, which torch does not see here")
     dtype = (torch.bfloat16 if device.type == "cuda" else torch.float32) if args.dtype == "auto" \
-        else _DTYPES[args.dtype]
+        else getattr(torch, args.dtype)
     pipe = load_pipeline(args.pipeline, dtype)
     if args.cpu_offload:
         pipe.enable_model_cpu_offload()
