@@ -1,5 +1,6 @@
-"""`import lvsa_kernels` stays light: torch loads with the first export used, Triton on the first kernel call and torch._dynamo on the first
-call of a function that must run eagerly under torch.compile (checked in a fresh interpreter)."""
+"""`import lvsa_kernels` stays light: torch loads with the first export used, Triton on the first kernel call
+and torch._dynamo on the first call of a function that must run eagerly under torch.compile (checked in a
+fresh interpreter)."""
 import subprocess
 import sys
 
