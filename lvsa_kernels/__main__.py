@@ -15,8 +15,7 @@ from typing import List, Optional
 
 from .commands._args import UsageError
 
-COMMANDS = ["demo", "plan", "profile", "backends", "tune"]
-COMMANDS.append("generate")  # lvsa_kernels/commands/generate.py
+COMMANDS = ["demo", "plan", "profile", "backends", "tune", "generate"]
 
 
 def build_parser() -> argparse.ArgumentParser:
