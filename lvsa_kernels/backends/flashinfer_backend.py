@@ -391,8 +391,10 @@ def _in_jit_cache(fi: ModuleType, dtype: torch.dtype, head_dim: int) -> bool:
 
 def build_needed(fi: ModuleType, dtype: torch.dtype, head_dim: int) -> Optional[str]:
     """None when FlashInfer can run ``dtype``/``head_dim`` without compiling, else what it would JIT-build."""
-    if (dtype, head_dim) in _ready or (head_dim in PREBUILT_HEAD_DIMS and _has_prebuilt(fi)) or \
-            _in_jit_cache(fi, dtype, head_dim):
+    if (dtype, head_dim) in _ready:
+        return None
+    if (head_dim in PREBUILT_HEAD_DIMS and _has_prebuilt(fi)) or _in_jit_cache(fi, dtype, head_dim):
+        _ready.add((dtype, head_dim))  # found once: later calls (every auto call) skip the file-system checks
         return None
     return (f"a FlashInfer prefill module for {str(dtype).replace('torch.', '')}, head dim {head_dim} "
             f"(no prebuilt or JIT-cached one)")
