@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fp8_cases import distribution, errors, layouts
-from lvsa_kernels import BackendUnavailable, LVSAPattern, block_sparse_attn, reference_attention
+from lvsa_kernels import BackendUnavailable, BlockSparseLayout, LVSAPattern, block_sparse_attn, reference_attention
 from lvsa_kernels import dispatch
 from lvsa_kernels.backends import get_backend
 from lvsa_kernels.reference.fp8 import fp8_reference_attention, key_mean, quantize_int8, value_channel_scale
@@ -134,19 +134,152 @@ def test_kernel_writes_every_output_element():
     assert errors(out, ref)[0] <= (1e-5 if DEVICE == "cpu" else 3e-3)
 
 
-@pytest.mark.skipif(CUDA, reason="the interpreter's pre-pass (CPU)")
+@needs_kernel
 def test_quantize_kv_matches_the_reference_bit_for_bit():
     from lvsa_kernels.triton_src.fp8_quant import quantize_kv
 
-    k, v = (t.half() for t in distribution("kbias", 2, 100, 2, 2, 32, seed=8)[1:])
+    k, v = (t.to(DEVICE, torch.float16) for t in distribution("kbias", 2, 100, 2, 2, 32, seed=8)[1:])
     v[:, :, 0, 3] *= 1e-4  # a channel of tiny values: e4m3 subnormals
-    got = quantize_kv(k, v, fp8_pv=True, emulate=True)
+    got = quantize_kv(k, v, fp8_pv=True, interpreted=not CUDA)
     k8, ks = quantize_int8(k.float() - key_mean(k)[:, None])
     v_scale, v_inv = value_channel_scale(v)
     v8 = (v.float() * v_inv[:, None]).to(torch.float8_e4m3fn)
     assert torch.equal(got.k8.float(), k8) and torch.equal(got.k_scale, ks[..., 0].transpose(1, 2))
     assert torch.equal(got.vt8[..., :100].view(torch.uint8), v8.permute(0, 2, 3, 1).view(torch.uint8))
     assert torch.equal(got.v_scale, v_scale)
+
+
+@needs_kernel
+@pytest.mark.parametrize("per_head", [False, True])
+def test_quantize_q_tiles_matches_the_reference_bit_for_bit(per_head):
+    """The Hopper kernel's Q pre-pass: per schedule tile, the reference's INT8 values and scale, and q . k_mean."""
+    from lvsa_kernels.triton_src.fp8_quant import quantize_q_tiles
+    from lvsa_kernels.triton_src.schedule import build_schedule
+
+    layout = LAYOUTS["empty_rows"]
+    if per_head:  # two heads with different blocks (and so different tiles)
+        mask = torch.rand(2, 4, 3, generator=torch.Generator().manual_seed(3)) < 0.6
+        layout = BlockSparseLayout.from_block_mask(mask, [[100, 20, 0, 144], [60, 60, 100, 44]], [90, 90, 84])
+    q, k, _ = (t.to(DEVICE, torch.float16) for t in distribution("peaked", 2, layout.q_len, 2, 1, 32, seed=9))
+    q = torch.cat([q, q], dim=2)[:, :, :2]  # strided heads
+    mean = key_mean(k)
+    sched = build_schedule(layout, 64, q.device)
+    got = quantize_q_tiles(q, mean, sched.tensors()[:3], sched.max_tiles, per_head, 64, interpreted=not CUDA)
+    tile_ptr, starts, ends = (t.tolist() for t in sched.tensors()[:3])
+    for b in range(2):
+        for h in range(2):
+            lh = h if per_head else 0
+            for i, t in enumerate(range(tile_ptr[lh], tile_ptr[lh + 1])):
+                rows = q[b, starts[t]:ends[t], h].float()
+                q8, scale = quantize_int8(rows.reshape(-1))
+                assert torch.equal(got.q8[b, starts[t]:ends[t], h].float(), q8.view_as(rows))
+                assert got.q_scale[b * 2 + h, i] == scale
+                assert torch.allclose(got.q_mu[b, h, starts[t]:ends[t]], rows @ mean[b, 0], rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------- Hopper kernel (sm_90 GPU)
+def _hopper_8bit_configs():
+    from lvsa_kernels.triton_src.tuning import hopper_configs
+
+    return [(mode, cfg) for mode in ("fp8", "int8_qk") for cfg in hopper_configs(128, mode)]
+
+
+def _hopper_ready():
+    from lvsa_kernels.triton_src.launch import hopper_kernel_available
+
+    return CUDA and torch.cuda.get_device_capability() == (9, 0) and hopper_kernel_available()
+
+
+needs_hopper = pytest.mark.skipif(not _hopper_ready(), reason="the Gluon kernel runs on sm_90 GPUs (verified Triton)")
+
+
+def _aligned_layouts():
+    """Layouts whose key spans start at multiples of 16 tokens (the Hopper kernel's fp8 mode needs them): LVSA
+    with text, ragged key blocks with an empty query block and an empty key block, and long rows (T=121)."""
+    mask = torch.rand(6, 7, generator=torch.Generator().manual_seed(3)) < 0.5
+    mask[0] = False
+    mask[1] = True
+    return {
+        "text": LAYOUTS["text"],
+        "empty_rows": BlockSparseLayout.from_block_mask(mask, [20, 64, 17, 30, 33, 40], [32, 0, 48, 80, 16, 144, 112]),
+        "long_rows": LVSAPattern(window=3, n_first=1, reference_frames=21).plan(121, 16, step=0),
+    }
+
+
+HOPPER_CASES = [("text", "kbias", False), ("empty_rows", "peaked", True), ("long_rows", "normal", False)]
+
+
+@needs_hopper
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mode,cfg", _hopper_8bit_configs(), ids=lambda x: str(x).replace(" ", "_"))
+@pytest.mark.parametrize("layout_name,dist,strided", HOPPER_CASES, ids=[c[0] for c in HOPPER_CASES])
+def test_hopper_kernel_matches_fake_quant(layout_name, dist, strided, mode, cfg, dtype):
+    """The 8-bit Hopper kernel (poisoned output buffer, GQA, batch 2) against the fake-quant reference with its
+    128 x BLOCK_N tiles (tight), and against float32 attention (the accuracy bound); rows without keys: 0, -inf."""
+    from lvsa_kernels.triton_src.launch import hopper_eligible, run_scheduled
+    from lvsa_kernels.triton_src.schedule import build_key_tiles, build_schedule
+
+    layout = _aligned_layouts()[layout_name] if mode == "fp8" else LAYOUTS[layout_name]
+    q, k, v = (t.to("cuda", dtype) for t in distribution(dist, 2, layout.q_len, 4, 2, 128, seed=11))
+    if strided:
+        q = torch.cat([q, q], dim=2)[:, :, :4]
+        k, v = (torch.cat([t, t], dim=2)[:, :, :2] for t in (k, v))
+    assert hopper_eligible(q, k, v)
+    out = torch.full_like(q, float("nan"))
+    out, lse = run_scheduled(q, k, v, build_schedule(layout, 128, q.device), False, 0.09, cfg, out=out,
+                             precision=mode, key_tiles=build_key_tiles(layout, cfg.block_n, q.device))
+    ref, ref_lse = fp8_reference_attention(q, k, v, layout, scale=0.09, block_m=128, block_n=cfg.block_n,
+                                           fp8_pv=mode == "fp8", return_lse=True)
+    assert torch.isfinite(out).all()
+    assert errors(out, ref)[0] <= 3e-3, errors(out, ref)
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite)
+    assert torch.allclose(lse[finite], ref_lse[finite], atol=2e-3), (lse[finite] - ref_lse[finite]).abs().max()
+    _check_bound(out, reference_attention(q.float(), k.float(), v.float(), layout, scale=0.09), mode)
+    empty = ~finite.all(dim=(0, 1))
+    assert torch.equal(out[:, empty], torch.zeros_like(out[:, empty]))
+
+
+@needs_hopper
+@pytest.mark.parametrize("mode", ["fp8", "int8_qk"])
+def test_block_sparse_attn_runs_the_8bit_hopper_kernel(mode, monkeypatch):
+    from lvsa_kernels.backends.triton_backend import AUTOTUNE_ENV, config_for
+
+    monkeypatch.setenv(AUTOTUNE_ENV, "0")  # the first candidate: the Hopper kernel where it may run
+    for frame, text, fp8_hopper in ((320, 48, True), (300, 40, False)):  # 16-aligned key spans or not
+        layout = LVSAPattern(window=2, n_first=1, reference_frames=8).plan(9, frame, step=1, text_tokens=text)
+        q, k, v = (t.to("cuda", torch.bfloat16) for t in distribution("kbias", 1, layout.q_len, 2, 2, 128, seed=12))
+        out = block_sparse_attn(q, k, v, layout, backend="triton", precision=mode)
+        cfg = config_for(q, k, v, layout, 128 ** -0.5, mode)
+        assert cfg.kernel == ("hopper" if fp8_hopper or mode == "int8_qk" else "portable"), (frame, cfg)
+        ref = fp8_reference_attention(q, k, v, layout, block_m=cfg.block_m, block_n=cfg.block_n,
+                                      fp8_pv=mode == "fp8")
+        assert errors(out, ref)[0] <= 3e-3
+        _check_bound(out, reference_attention(q.float(), k.float(), v.float(), layout), mode)
+
+
+@needs_hopper
+def test_hopper_fp8_refuses_unaligned_key_spans():
+    from lvsa_kernels.triton_src.launch import run_scheduled
+    from lvsa_kernels.triton_src.schedule import build_key_tiles, build_schedule
+    from lvsa_kernels.triton_src.tuning import hopper_configs
+
+    layout = LAYOUTS["empty_rows"]  # key blocks of 30, 0, 50, ... tokens
+    q, k, v = (t.to("cuda", torch.bfloat16) for t in distribution("normal", 1, layout.q_len, 2, 2, 128, seed=13))
+    cfg = hopper_configs(128, "fp8")[0]
+    with pytest.raises(ValueError, match="multiples of 16"):
+        run_scheduled(q, k, v, build_schedule(layout, 128, q.device), False, 0.1, cfg, precision="fp8",
+                      key_tiles=build_key_tiles(layout, cfg.block_n, q.device))
+
+
+def test_key_span_alignment():
+    from lvsa_kernels.triton_src.schedule import build_key_tiles, key_starts_aligned
+
+    assert not key_starts_aligned(LAYOUTS["empty_rows"]) and not key_starts_aligned(LAYOUTS["long_rows"])
+    for layout in _aligned_layouts().values():
+        assert key_starts_aligned(layout)
+        assert build_key_tiles(layout, 128, torch.device("cpu")).starts_aligned
+    assert not build_key_tiles(LAYOUTS["empty_rows"], 128, torch.device("cpu")).starts_aligned
 
 
 # ----------------------------------------------------------------------------------- precision checks

@@ -19,11 +19,10 @@ picks; ``WARP_SPEC`` asks Triton to warp-specialise the full-tile loop. Grid:
 import triton
 import triton.language as tl
 
-from .fp8_quant import to_e4m3, to_int8
+from .fp8_quant import quantize_q_tile, to_e4m3
 
 LOG2E = 1.4426950408889634  # host side: folded into qk_scale
 LN2 = tl.constexpr(0.6931471805599453)
-INT8_MAX = tl.constexpr(127.0)
 P_SCALE = tl.constexpr(448.0)  # P <= 1 against the running max: 1 maps onto e4m3's largest finite value
 
 
@@ -69,7 +68,7 @@ def _load_vt(ptr, desc, kv0, offs_n, offs_d, stride_d, kv_end,
 def _step(acc, m_i, l_i, q, k_ptr, v_ptr, k_desc, v_desc, ks_ptr, kv0, kv_end, stride_ks, stride_vs, qk_scale,
           BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
           USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
-          QK_INT8: tl.constexpr, FP8_PV: tl.constexpr, EMULATE_FP8: tl.constexpr):
+          QK_INT8: tl.constexpr, FP8_PV: tl.constexpr, INTERPRETED: tl.constexpr):
     """Fold key tile ``kv0 .. kv0 + BLOCK_N`` (columns from ``kv_end`` on masked when MASKED) into the softmax.
 
     QK_INT8: q, k are INT8 and ``ks_ptr`` holds the per-token k scales; FP8_PV: ``v_ptr`` / ``v_desc`` address
@@ -96,7 +95,7 @@ def _step(acc, m_i, l_i, q, k_ptr, v_ptr, k_desc, v_desc, ks_ptr, kv0, kv_end, s
     l_i = l_i * alpha + tl.sum(p, 1)
     if FP8_PV:  # a fresh fp32 product per tile: FP8 MMAs accumulate their own operand C imprecisely
         vt = _load_vt(v_ptr, v_desc, kv0, offs_n, offs_d, stride_vs, kv_end, MASKED, USE_TMA)
-        acc = acc * alpha[:, None] + tl.dot(to_e4m3(p * P_SCALE, EMULATE_FP8), tl.trans(vt))
+        acc = acc * alpha[:, None] + tl.dot(to_e4m3(p * P_SCALE, INTERPRETED), tl.trans(vt))
     else:
         v = _load_kv(v_ptr, v_desc, kv0, offs_n, offs_d, stride_vs, kv_end, BLOCK_N, MASKED, USE_TMA)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
@@ -108,7 +107,7 @@ def _attend_spans(acc, m_i, l_i, q, k_ptr, v_ptr, k_desc, v_desc, ks_ptr, span_s
                   stride_ks, stride_vs, qk_scale,
                   BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                   USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr, WARP_SPEC: tl.constexpr,
-                  QK_INT8: tl.constexpr, FP8_PV: tl.constexpr, EMULATE_FP8: tl.constexpr):
+                  QK_INT8: tl.constexpr, FP8_PV: tl.constexpr, INTERPRETED: tl.constexpr):
     """Key spans ``lo .. hi``: each span's full tiles (addresses from the loop counter), then every tail."""
     for sp in range(lo, hi):
         s = tl.load(span_start + sp)
@@ -116,7 +115,7 @@ def _attend_spans(acc, m_i, l_i, q, k_ptr, v_ptr, k_desc, v_desc, ks_ptr, span_s
         for kv0 in tl.range(s, full_end, BLOCK_N, warp_specialize=WARP_SPEC):
             acc, m_i, l_i = _step(acc, m_i, l_i, q, k_ptr, v_ptr, k_desc, v_desc, ks_ptr, kv0, kv0 + BLOCK_N,
                                   stride_ks, stride_vs, qk_scale, BLOCK_N, HEAD_DIM, False, USE_TMA, DOT_PRECISION,
-                                  QK_INT8, FP8_PV, EMULATE_FP8)
+                                  QK_INT8, FP8_PV, INTERPRETED)
     for sp in range(lo, hi):
         s = tl.load(span_start + sp)
         e = tl.load(span_end + sp)
@@ -124,7 +123,7 @@ def _attend_spans(acc, m_i, l_i, q, k_ptr, v_ptr, k_desc, v_desc, ks_ptr, span_s
         if t0 < e:
             acc, m_i, l_i = _step(acc, m_i, l_i, q, k_ptr, v_ptr, k_desc, v_desc, ks_ptr, t0, e,
                                   stride_ks, stride_vs, qk_scale, BLOCK_N, HEAD_DIM, True, USE_TMA, DOT_PRECISION,
-                                  QK_INT8, FP8_PV, EMULATE_FP8)
+                                  QK_INT8, FP8_PV, INTERPRETED)
     return acc, m_i, l_i
 
 
@@ -142,7 +141,7 @@ def block_sparse_attn_fwd(
     NUM_HEADS: tl.constexpr, KV_GROUP: tl.constexpr, PER_HEAD_LAYOUT: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr, WARP_SPEC: tl.constexpr,
-    QK_INT8: tl.constexpr = False, FP8_PV: tl.constexpr = False, EMULATE_FP8: tl.constexpr = False,
+    QK_INT8: tl.constexpr = False, FP8_PV: tl.constexpr = False, INTERPRETED: tl.constexpr = False,
 ):
     """One query tile of one (batch, head). 8-bit modes: K is `quantize_kv`'s INT8 ``k8`` with ``K_SCALE
     [B, H_kv, kv_len]`` and ``K_MEAN [B, H_kv, D]``; with FP8_PV, V is its ``vt8 [B, H_kv, D, S_pad]``
@@ -174,13 +173,9 @@ def block_sparse_attn_fwd(
     ks_ptr = K_SCALE + bh_kv * kv_len
     walk_scale = qk_scale
     if QK_INT8:  # one scale per query tile, folded into the softmax scale
-        qf = q.to(tl.float32)
-        q_mu = tl.sum(qf * tl.load(K_MEAN + bh_kv * HEAD_DIM + offs_d)[None, :], 1)  # undoes the smoothing in lse
-        amax = tl.max(tl.max(tl.abs(qf), 1), 0)
-        nonzero = amax > 0.0
-        inv = tl.where(nonzero, tl.fdiv(INT8_MAX, tl.where(nonzero, amax, 1.0), ieee_rounding=True), 1.0)
-        walk_scale = qk_scale * tl.where(nonzero, tl.fdiv(amax, INT8_MAX, ieee_rounding=True), 1.0)
-        q = to_int8(qf * inv)
+        q, q_tile_scale, q_mu = quantize_q_tile(q.to(tl.float32), tl.load(K_MEAN + bh_kv * HEAD_DIM + offs_d),
+                                                INTERPRETED)
+        walk_scale = qk_scale * q_tile_scale
 
     k_ptr = K + b64 * stride_kb + h_kv * stride_kh
     v_ptr = V + b64 * stride_vb + h_kv * stride_vh
@@ -203,7 +198,7 @@ def block_sparse_attn_fwd(
     acc, m_i, l_i = _attend_spans(acc, m_i, l_i, q, k_ptr, v_ptr, k_desc, v_desc, ks_ptr, span_start, span_end,
                                   tl.load(span_ptr + row), tl.load(span_ptr + row + 1), stride_ks, stride_vs,
                                   walk_scale, BLOCK_N, HEAD_DIM, USE_TMA, DOT_PRECISION, WARP_SPEC,
-                                  QK_INT8, FP8_PV, EMULATE_FP8)
+                                  QK_INT8, FP8_PV, INTERPRETED)
 
     has_keys = l_i > 0.0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]

@@ -35,14 +35,22 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 VERIFIED_TRITON = ("3.6.",)  # Triton releases this kernel was compiled, tested and timed with on an H200
 HALF_M = gl.constexpr(64)  # query rows per consumer warpgroup (the wgmma M of one warpgroup)
 LN2 = gl.constexpr(0.6931471805599453)
+P_SCALE = gl.constexpr(448.0)  # P <= 1 against the running max: 1 maps onto e4m3's largest finite value
 
 
 @gluon.jit
-def _softmax_step(s, m_i, l_i, kv0, kv_end, qk_scale, BLOCK_N: gl.constexpr, s_layout: gl.constexpr):
-    """Fold scores ``s [64, BLOCK_N]`` of keys ``kv0 ..`` into the running max/sum; returns (p, m, l, alpha)."""
+def _softmax_step(s, m_i, l_i, kv0, kv_end, qk_scale, BLOCK_N: gl.constexpr, s_layout: gl.constexpr,
+                  SCALED: gl.constexpr):
+    """Fold scores ``s [64, BLOCK_N]`` of keys ``kv0 ..`` (times ``qk_scale`` unless SCALED) into the running
+    max/sum; returns (p, m, l, alpha)."""
     if kv0 + BLOCK_N > kv_end:
         cols = kv0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-        s = gl.where((cols < kv_end)[None, :], s * qk_scale, float("-inf"))
+        if not SCALED:
+            s = s * qk_scale
+        s = gl.where((cols < kv_end)[None, :], s, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(s, 1))
+        p = gl.exp2(s - m_new[:, None])
+    elif SCALED:
         m_new = gl.maximum(m_i, gl.max(s, 1))
         p = gl.exp2(s - m_new[:, None])
     else:  # full tile: one fused multiply-add per score (qk_scale >= 0 keeps the max)
@@ -51,6 +59,31 @@ def _softmax_step(s, m_i, l_i, kv0, kv_end, qk_scale, BLOCK_N: gl.constexpr, s_l
     alpha = gl.exp2(m_i - m_new)
     l_i = l_i * alpha + gl.sum(p, 1)
     return p, m_new, l_i, alpha
+
+
+@gluon.jit
+def _key_scales(ks_base, kv0, kv_end, walk_scale, s_layout: gl.constexpr, QK_INT8: gl.constexpr):
+    """8-bit modes: ``walk_scale`` times the per-key INT8 scales of key tile ``kv0 ..`` (0 from ``kv_end`` on);
+    exact mode: unused 0."""
+    if QK_INT8:
+        cols = kv0 + gl.arange(0, s_layout.instr_shape[1], layout=gl.SliceLayout(0, s_layout))
+        return gl.load(ks_base + cols, mask=cols < kv_end, other=0.0) * walk_scale
+    else:
+        return 0.0
+
+
+@gluon.jit
+def _scores(s, col_scale, QK_INT8: gl.constexpr):
+    """Exact mode: the Q K^T accumulator as is. 8-bit modes: the int32 products times ``col_scale`` (the key
+    scales times the softmax and query-tile scales), i.e. already in the exp2 domain.
+
+    int32 -> float32 without the (slow) conversion unit: |s| <= 127 * 127 * D < 2**22, so adding the bits of
+    1.5 * 2**23 gives a float of value 1.5 * 2**23 + s exactly; its product with the scale minus 1.5 * 2**23
+    times the scale is one fused multiply-add (absolute error ~1e-7 of the scale's magnitude x 2**23)."""
+    if QK_INT8:
+        f = (s + 0x4B400000).to(gl.float32, bitcast=True)
+        s = f * col_scale[None, :] - (12582912.0 * col_scale)[None, :]
+    return s
 
 
 @gluon.jit
@@ -83,17 +116,22 @@ def _give_turn(turn, HALF: gl.constexpr, pingpong):
 @gluon.jit
 def _consume(args, HALF: gl.constexpr):
     (q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, turn,
-     kv_tile_start, kv_tile_end, i_lo, n_kv, q0, q1, o_base, stride_os, lse_base, qk_scale) = args
+     kv_tile_start, kv_tile_end, i_lo, n_kv, q0, q1,
+     o_base, stride_os, lse_base, qk_scale, walk_scale, ks_base, qmu_base, vs_base) = args
     STAGES: gl.constexpr = k_smem.type.shape[0]
     BLOCK_N: gl.constexpr = k_smem.type.shape[1]
     HEAD_DIM: gl.constexpr = k_smem.type.shape[2]
     ROWS: gl.constexpr = q_smem.type.shape[1]
-    dtype: gl.constexpr = q_smem.dtype
+    QK_INT8: gl.constexpr = q_smem.dtype == gl.int8
+    FP8_PV: gl.constexpr = v_smem.dtype == gl.float8e4nv  # V^T tiles [HEAD_DIM, BLOCK_N], P in e4m3
+    out_dtype: gl.constexpr = o_base.dtype.element_ty
+    qk_k: gl.constexpr = 32 if QK_INT8 else 16  # wgmma K per instruction: 256 bits of the operand type
+    pv_k: gl.constexpr = 32 if FP8_PV else 16
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, BLOCK_N, 16])
+                                                       instr_shape=[16, BLOCK_N, qk_k])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, HEAD_DIM, 16])
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+                                                       instr_shape=[16, HEAD_DIM, pv_k])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=pv_k // 8)
     row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
 
@@ -102,7 +140,10 @@ def _consume(args, HALF: gl.constexpr):
     m_i = gl.full([ROWS], float("-inf"), gl.float32, row_s)
     l_i = gl.full([ROWS], 0.0, gl.float32, row_s)
     acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)
-    s_init = gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout)
+    if QK_INT8:
+        s_init = gl.zeros([ROWS, BLOCK_N], gl.int32, s_layout)
+    else:
+        s_init = gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout)
     if r0 >= q1:  # no rows of this tile here (so no turns either): only keep the ring moving
         for j in range(n_kv):
             stage = j % STAGES
@@ -113,16 +154,21 @@ def _consume(args, HALF: gl.constexpr):
             mbarrier.arrive(v_empty.index(stage), count=1)
     elif n_kv > 0:
         q = q_smem.index(HALF)
+        kv0 = gl.load(kv_tile_start + i_lo)
+        kv_end = gl.load(kv_tile_end + i_lo)
         mbarrier.wait(q_bar.index(HALF), 0)
         mbarrier.wait(k_ready.index(0), 0)
         _wait_turn(turn, HALF, 0, pingpong)
         s_tok = warpgroup_mma(q, k_smem.index(0).permute((1, 0)), s_init, use_acc=False, is_async=True)
         _give_turn(turn, HALF, pingpong)
+        ks = _key_scales(ks_base, kv0, kv_end, walk_scale, s_layout, QK_INT8)
+        # the next key tile's bounds are read an iteration ahead: its scales then load with the products in flight
+        kv0_next = gl.load(kv_tile_start + i_lo + 1, mask=n_kv > 1, other=0)
+        kv_end_next = gl.load(kv_tile_end + i_lo + 1, mask=n_kv > 1, other=0)
         s = warpgroup_mma_wait(0, deps=(s_tok, ))
         mbarrier.arrive(k_empty.index(0), count=1)
-        kv0 = gl.load(kv_tile_start + i_lo)
-        kv_end = gl.load(kv_tile_end + i_lo)
-        p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, kv0, kv_end, qk_scale, BLOCK_N, s_layout)
+        p, m_i, l_i, alpha = _softmax_step(_scores(s, ks, QK_INT8), m_i, l_i, kv0, kv_end, qk_scale, BLOCK_N,
+                                           s_layout, QK_INT8)
         for j in range(1, n_kv):
             stage = j % STAGES
             phase = (j // STAGES) & 1
@@ -131,40 +177,71 @@ def _consume(args, HALF: gl.constexpr):
             # S_j = Q K_j^T first, then O += P_{j-1} V_{j-1}: the softmax of S_j overlaps the P V product
             mbarrier.wait(k_ready.index(stage), phase)
             mbarrier.wait(v_ready.index(prev), prev_phase)
-            _zero_v_tail(v_smem.index(prev), kv0, kv_end, BLOCK_N, HEAD_DIM)
-            p_op = gl.convert_layout(p.to(dtype), p_layout)
+            if FP8_PV:
+                p_op = gl.convert_layout((p * P_SCALE).to(gl.float8e4nv), p_layout)
+            else:
+                _zero_v_tail(v_smem.index(prev), kv0, kv_end, BLOCK_N, HEAD_DIM)
+                p_op = gl.convert_layout(p.to(v_smem.dtype), p_layout)
             _wait_turn(turn, HALF, j, pingpong)
             s_tok = warpgroup_mma(q, k_smem.index(stage).permute((1, 0)), s_init, use_acc=False, is_async=True)
-            acc_tok = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
+            if FP8_PV:  # a fresh product per tile, added in fp32: FP8 MMAs accumulate C with reduced precision
+                pv_tok = warpgroup_mma(p_op, v_smem.index(prev).permute((1, 0)), gl.zeros_like(acc),
+                                       use_acc=False, is_async=True)
+            else:
+                pv_tok = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
             _give_turn(turn, HALF, pingpong)
-            next_kv0 = gl.load(kv_tile_start + i_lo + j)  # read while the products run, not after them
-            next_kv_end = gl.load(kv_tile_end + i_lo + j)
+            if QK_INT8:
+                kv0 = kv0_next
+                kv_end = kv_end_next
+                ks = _key_scales(ks_base, kv0, kv_end, walk_scale, s_layout, QK_INT8)
+                kv0_next = gl.load(kv_tile_start + i_lo + j + 1, mask=j + 1 < n_kv, other=0)
+                kv_end_next = gl.load(kv_tile_end + i_lo + j + 1, mask=j + 1 < n_kv, other=0)
+            else:  # read while the products run, not after them
+                kv0 = gl.load(kv_tile_start + i_lo + j)
+                kv_end = gl.load(kv_tile_end + i_lo + j)
             s = warpgroup_mma_wait(1, deps=(s_tok, ))
             mbarrier.arrive(k_empty.index(stage), count=1)
-            kv0 = next_kv0
-            kv_end = next_kv_end
-            p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, kv0, kv_end, qk_scale, BLOCK_N, s_layout)
-            acc = warpgroup_mma_wait(0, deps=(acc_tok, ))
+            p, m_i, l_i, alpha = _softmax_step(_scores(s, ks, QK_INT8), m_i, l_i, kv0, kv_end, qk_scale,
+                                               BLOCK_N, s_layout, QK_INT8)
+            pv = warpgroup_mma_wait(0, deps=(pv_tok, ))
             mbarrier.arrive(v_empty.index(prev), count=1)
-            acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+            if FP8_PV:
+                acc = (acc + pv) * gl.convert_layout(alpha, row_o)[:, None]
+            else:
+                acc = pv * gl.convert_layout(alpha, row_o)[:, None]
         last = (n_kv - 1) % STAGES
         mbarrier.wait(v_ready.index(last), ((n_kv - 1) // STAGES) & 1)
-        _zero_v_tail(v_smem.index(last), kv0, kv_end, BLOCK_N, HEAD_DIM)
-        p_op = gl.convert_layout(p.to(dtype), p_layout)
+        if FP8_PV:
+            p_op = gl.convert_layout((p * P_SCALE).to(gl.float8e4nv), p_layout)
+        else:
+            _zero_v_tail(v_smem.index(last), kv0, kv_end, BLOCK_N, HEAD_DIM)
+            p_op = gl.convert_layout(p.to(v_smem.dtype), p_layout)
         _wait_turn(turn, HALF, n_kv, pingpong)
-        acc_tok = warpgroup_mma(p_op, v_smem.index(last), acc, is_async=True)
+        if FP8_PV:
+            pv_tok = warpgroup_mma(p_op, v_smem.index(last).permute((1, 0)), gl.zeros_like(acc), use_acc=False,
+                                   is_async=True)
+        else:
+            pv_tok = warpgroup_mma(p_op, v_smem.index(last), acc, is_async=True)
         _give_turn(turn, HALF, pingpong)
-        acc = warpgroup_mma_wait(0, deps=(acc_tok, ))
+        pv = warpgroup_mma_wait(0, deps=(pv_tok, ))
         mbarrier.arrive(v_empty.index(last), count=1)
+        if FP8_PV:
+            acc = acc + pv
+        else:
+            acc = pv
 
     has_keys = l_i > 0.0
     l_safe = gl.where(has_keys, l_i, 1.0)
     out = acc / gl.convert_layout(l_safe, row_o)[:, None]
-    rows_o = r0 + gl.arange(0, ROWS, layout=row_o)
     cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+    if FP8_PV:  # undo V's per-channel scales and P's fixed scale
+        out = out * (gl.load(vs_base + cols) / P_SCALE)[None, :]
+    rows_o = r0 + gl.arange(0, ROWS, layout=row_o)
     o_ptrs = o_base + rows_o[:, None].to(gl.int64) * stride_os + cols[None, :]
-    gl.store(o_ptrs, out.to(dtype), mask=(rows_o < q1)[:, None])
+    gl.store(o_ptrs, out.to(out_dtype), mask=(rows_o < q1)[:, None])
     rows_s = r0 + gl.arange(0, ROWS, layout=row_s)
+    if QK_INT8:  # the scores were of the smoothed keys: add back q . k_mean
+        m_i = m_i + gl.load(qmu_base + rows_s, mask=rows_s < q1, other=0.0) * qk_scale
     lse = gl.where(has_keys, (m_i + gl.log2(l_safe)) * LN2, float("-inf"))
     gl.store(lse_base + rows_s, lse, mask=rows_s < q1)
 
@@ -199,7 +276,10 @@ def _load(args):
         tma.async_copy_global_to_shared(k_desc, [kv0, 0], k_ready.index(stage), k_smem.index(stage))
         mbarrier.wait(v_empty.index(stage), phase ^ 1)
         mbarrier.expect(v_ready.index(stage), v_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(v_desc, [kv0, 0], v_ready.index(stage), v_smem.index(stage))
+        if v_smem.dtype == gl.float8e4nv:  # V^T [HEAD_DIM, kv_len]: the key tile is a column block
+            tma.async_copy_global_to_shared(v_desc, [0, kv0], v_ready.index(stage), v_smem.index(stage))
+        else:
+            tma.async_copy_global_to_shared(v_desc, [kv0, 0], v_ready.index(stage), v_smem.index(stage))
 
 
 @gluon.jit
@@ -212,11 +292,17 @@ def block_sparse_attn_fwd_hopper(
     tile_ptr, tile_start, tile_end, tile_row,
     row_kv_ptr, kv_tile_start, kv_tile_end,
     qk_scale, q_len, kv_len,
+    Q_SCALE, Q_MU, K_SCALE, V_SCALE, q_scale_stride,
     NUM_HEADS: gl.constexpr, KV_GROUP: gl.constexpr, PER_HEAD_LAYOUT: gl.constexpr,
     HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-    Q_LAYOUT: gl.constexpr, KV_LAYOUT: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+    Q_LAYOUT: gl.constexpr, K_LAYOUT: gl.constexpr, V_LAYOUT: gl.constexpr, CONSUMER_REGS: gl.constexpr,
 ):
-    """Grid ``(max query tiles per layout head, B * H)``; ``num_warps`` must be 4 (the first consumer)."""
+    """Grid ``(max query tiles per layout head, B * H)``; ``num_warps`` must be 4 (the first consumer).
+
+    Precision follows the tensors: Q/K in the input dtype (exact), or `quantize_q_tiles`' INT8 Q with
+    ``Q_SCALE [B * H, q_scale_stride]`` and ``Q_MU [B, H, Sq]`` and `quantize_kv`'s INT8 K with ``K_SCALE
+    [B, H_kv, kv_len]`` (8-bit modes); V in the input dtype, or e4m3 V^T ``[B, H_kv, D, S_pad]`` (``stride_vs``
+    = its channel stride) with ``V_SCALE [B, H_kv, D]`` (``precision="fp8"``). Unused pointers may be any tensor."""
     pid_t = gl.program_id(0)
     pid_bh = gl.program_id(1)
     b = pid_bh // NUM_HEADS
@@ -238,16 +324,27 @@ def block_sparse_attn_fwd_hopper(
     b64 = b.to(gl.int64)
     h64 = h.to(gl.int64)
     h_kv64 = h_kv.to(gl.int64)
-    dtype: gl.constexpr = Q.dtype.element_ty
+    bh_kv = b64 * (NUM_HEADS // KV_GROUP) + h_kv64
+    q_dtype: gl.constexpr = Q.dtype.element_ty
+    k_dtype: gl.constexpr = K.dtype.element_ty
+    v_dtype: gl.constexpr = V.dtype.element_ty
+    FP8_PV: gl.constexpr = v_dtype == gl.float8e4nv
     q_desc = tma.make_tensor_descriptor(Q + b64 * stride_qb + h64 * stride_qh, shape=[q_len, HEAD_DIM],
                                         strides=[stride_qs, 1], block_shape=[HALF_M, HEAD_DIM], layout=Q_LAYOUT)
     k_desc = tma.make_tensor_descriptor(K + b64 * stride_kb + h_kv64 * stride_kh, shape=[kv_len, HEAD_DIM],
-                                        strides=[stride_ks, 1], block_shape=[BLOCK_N, HEAD_DIM], layout=KV_LAYOUT)
-    v_desc = tma.make_tensor_descriptor(V + b64 * stride_vb + h_kv64 * stride_vh, shape=[kv_len, HEAD_DIM],
-                                        strides=[stride_vs, 1], block_shape=[BLOCK_N, HEAD_DIM], layout=KV_LAYOUT)
-    q_smem = gl.allocate_shared_memory(dtype, [2, HALF_M, HEAD_DIM], Q_LAYOUT)
-    k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], KV_LAYOUT)
-    v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], KV_LAYOUT)
+                                        strides=[stride_ks, 1], block_shape=[BLOCK_N, HEAD_DIM], layout=K_LAYOUT)
+    if FP8_PV:
+        v_desc = tma.make_tensor_descriptor(V + b64 * stride_vb + h_kv64 * stride_vh, shape=[HEAD_DIM, kv_len],
+                                            strides=[stride_vs, 1], block_shape=[HEAD_DIM, BLOCK_N],
+                                            layout=V_LAYOUT)
+        v_smem = gl.allocate_shared_memory(v_dtype, [STAGES, HEAD_DIM, BLOCK_N], V_LAYOUT)
+    else:
+        v_desc = tma.make_tensor_descriptor(V + b64 * stride_vb + h_kv64 * stride_vh, shape=[kv_len, HEAD_DIM],
+                                            strides=[stride_vs, 1], block_shape=[BLOCK_N, HEAD_DIM],
+                                            layout=V_LAYOUT)
+        v_smem = gl.allocate_shared_memory(v_dtype, [STAGES, BLOCK_N, HEAD_DIM], V_LAYOUT)
+    q_smem = gl.allocate_shared_memory(q_dtype, [2, HALF_M, HEAD_DIM], Q_LAYOUT)
+    k_smem = gl.allocate_shared_memory(k_dtype, [STAGES, BLOCK_N, HEAD_DIM], K_LAYOUT)
     q_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -263,11 +360,16 @@ def block_sparse_attn_fwd_hopper(
         mbarrier.init(k_empty.index(i), count=2)
         mbarrier.init(v_empty.index(i), count=2)
 
+    walk_scale = qk_scale
+    if q_dtype == gl.int8:  # the tile's Q scale folds into the softmax scale
+        walk_scale = qk_scale * gl.load(Q_SCALE + pid_bh.to(gl.int64) * q_scale_stride + pid_t, mask=valid,
+                                        other=1.0)
     ring = (q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, turn,
             kv_tile_start, kv_tile_end, i_lo, n_kv, q0, q1)
     o_base = O + b64 * stride_ob + h64 * stride_oh
     lse_base = LSE + (b64 * NUM_HEADS + h) * q_len
-    consumer_args = ring + (o_base, stride_os, lse_base, qk_scale)
+    consumer_args = ring + (o_base, stride_os, lse_base, qk_scale, walk_scale, K_SCALE + bh_kv * kv_len,
+                            Q_MU + (b64 * NUM_HEADS + h) * q_len, V_SCALE + bh_kv * HEAD_DIM)
     gl.warp_specialize([
         (_consume_first_half, (consumer_args, )),
         (_consume_second_half, (consumer_args, )),

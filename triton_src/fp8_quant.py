@@ -9,13 +9,15 @@
   ``vt8 [B, H_kv, D, S_pad]`` (tokens contiguous): Hopper's FP8 MMA wants its B operand K-major,
   and for ``P @ V`` the reduction runs over the tokens.
 
-Q is quantized to INT8 inside the attention kernel, per query tile (`to_int8` below), and P to e4m3
-with a fixed scale there. Scales are float32; scale arithmetic uses IEEE division so the PyTorch fake-quant
-reference (`lvsa_kernels.reference.fp8`) reproduces every rounding.
+Q is quantized to INT8 per query tile of the kernel schedule (`quantize_q_tile`): in the portable
+kernel's prologue, or by the `quantize_q_tiles` pre-pass for the Hopper kernel (which reads Q through TMA);
+P goes to e4m3 with a fixed scale inside the attention kernels. Scales are float32; scale arithmetic uses IEEE
+division (`tl.math.div_rn`: Triton's ``fdiv(..., ieee_rounding=True)`` ignores its flag and divides approximately
+on the GPU), so the PyTorch fake-quant reference (`lvsa_kernels.reference.fp8`) reproduces every rounding.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Tuple
 
 import torch
 import triton
@@ -25,31 +27,77 @@ from torch import Tensor
 from .interpreter import launch_lock
 
 
-__all__ = ["Fp8KV", "quantize_kv", "to_e4m3", "to_int8"]
+__all__ = ["Fp8KV", "QuantizedQ", "quantize_kv", "quantize_q_tile", "quantize_q_tiles", "to_e4m3", "to_int8"]
 
 _RNE = 12582912.0  # 1.5 * 2**23: (x + _RNE) - _RNE rounds |x| < 2**22 to an integer, nearest even
 
 
 @triton.jit
-def to_int8(x):
-    """float32 tile -> int8, round to nearest even, saturating at +-127."""
+def to_int8(x, INTERPRETED: tl.constexpr):
+    """float32 tile -> int8, round to nearest even, saturating at +-127.
+
+    On the GPU one ``cvt.rni`` per element rounds (an add/subtract of 1.5 * 2**23 could be folded away by the
+    compiler, leaving a truncating cast); the CPU interpreter rounds with that add/subtract in numpy."""
     x = tl.minimum(tl.maximum(x, -127.0), 127.0)
-    return ((x + 12582912.0) - 12582912.0).to(tl.int8)
+    if INTERPRETED:
+        return ((x + 12582912.0) - 12582912.0).to(tl.int8)
+    return tl.inline_asm_elementwise("cvt.rni.s32.f32 $0, $1;", "=r,f", [x], dtype=tl.int32, is_pure=True,
+                                     pack=1).to(tl.int8)
 
 
 @triton.jit
-def to_e4m3(x, EMULATE: tl.constexpr):
+def to_e4m3(x, INTERPRETED: tl.constexpr):
     """float32 tile -> float8e4nv, round to nearest even, saturating at +-448.
 
-    EMULATE (the CPU interpreter, whose float32 -> fp8 cast drops the rounding carry into the exponent)
-    first rounds to the e4m3 grid with exact float32 arithmetic, so the cast only re-encodes.
+    The CPU interpreter (whose float32 -> fp8 cast drops the rounding carry into the exponent) first rounds
+    to the e4m3 grid with exact float32 arithmetic, so the cast only re-encodes; the GPU converts in hardware.
     """
     x = tl.minimum(tl.maximum(x, -448.0), 448.0)
-    if EMULATE:
+    if INTERPRETED:
         expo = ((x.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
         ulp = ((tl.maximum(expo, -6) - 3 + 127) << 23).to(tl.float32, bitcast=True)  # e4m3 spacing at |x|
         x = ((x / ulp + 12582912.0) - 12582912.0) * ulp  # see _RNE
     return x.to(tl.float8e4nv)
+
+
+@triton.jit
+def quantize_q_tile(qf, k_mean, INTERPRETED: tl.constexpr):
+    """One query tile ``qf [BLOCK_M, D]`` (float32; rows past the tile are 0) -> ``(q8, scale, q_mu)``: INT8
+    values with one scale for the tile (``amax / 127``; 1 for an all-zero tile) and each row's ``q . k_mean``
+    (float32 ``[BLOCK_M]``, which undoes the key smoothing in the lse)."""
+    q_mu = tl.sum(qf * k_mean[None, :], 1)
+    amax = tl.max(tl.max(tl.abs(qf), 1), 0)
+    nonzero = amax > 0.0
+    inv = tl.where(nonzero, tl.math.div_rn(tl.full(amax.shape, 127.0, tl.float32), tl.where(nonzero, amax, 1.0)), 1.0)
+    scale = tl.where(nonzero, tl.math.div_rn(amax, tl.full(amax.shape, 127.0, tl.float32)), 1.0)
+    return to_int8(qf * inv, INTERPRETED), scale, q_mu
+
+
+@triton.jit
+def _quantize_q_tiles(Q, K_MEAN, Q8, QS, QMU, stride_qb, stride_qs, stride_qh, tile_ptr, tile_start, tile_end,
+                      q_len, max_tiles, NUM_HEADS: tl.constexpr, KV_GROUP: tl.constexpr,
+                      PER_HEAD_LAYOUT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                      INTERPRETED: tl.constexpr):
+    """Query tile ``program_id(0)`` of head ``program_id(1) = b * H + h`` (the attention kernels' grid)."""
+    pid_t = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // NUM_HEADS
+    h = pid_bh % NUM_HEADS
+    lh = h if PER_HEAD_LAYOUT else 0
+    t_lo = tl.load(tile_ptr + lh)
+    if pid_t >= tl.load(tile_ptr + lh + 1) - t_lo:
+        return
+    rows = tl.load(tile_start + t_lo + pid_t) + tl.arange(0, BLOCK_M)
+    ok = rows < tl.load(tile_end + t_lo + pid_t)
+    offs_d = tl.arange(0, HEAD_DIM)
+    b64 = b.to(tl.int64)
+    qf = tl.load(Q + b64 * stride_qb + h * stride_qh + rows[:, None].to(tl.int64) * stride_qs + offs_d[None, :],
+                 mask=ok[:, None], other=0.0).to(tl.float32)
+    k_mean = tl.load(K_MEAN + (b * (NUM_HEADS // KV_GROUP) + h // KV_GROUP) * HEAD_DIM + offs_d)
+    q8, scale, q_mu = quantize_q_tile(qf, k_mean, INTERPRETED)
+    tl.store(Q8 + ((b64 * q_len + rows[:, None]) * NUM_HEADS + h) * HEAD_DIM + offs_d[None, :], q8, mask=ok[:, None])
+    tl.store(QS + pid_bh.to(tl.int64) * max_tiles + pid_t, scale)
+    tl.store(QMU + pid_bh.to(tl.int64) * q_len + rows, q_mu, mask=ok)
 
 
 @triton.jit
@@ -70,17 +118,16 @@ def _program_rows(X, stride_b, stride_s, stride_h, seq_len, NUM_KV_HEADS: tl.con
 
 @triton.jit
 def _quantize_k(K, MEAN, K8, KS, stride_kb, stride_ks, stride_kh, seq_len,
-                NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr):
+                NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, INTERPRETED: tl.constexpr):
     """Rows ``program_id(0) * BLOCK_S ..`` of head ``program_id(1) = b * H_kv + h``: smooth, scale per row, cast."""
     bh, b, h, rows, offs_d, ok, x = _program_rows(K, stride_kb, stride_ks, stride_kh, seq_len, NUM_KV_HEADS,
                                                   HEAD_DIM, BLOCK_S)
     x = x - tl.load(MEAN + bh * HEAD_DIM + offs_d)[None, :]
     amax = tl.max(tl.abs(x), 1)
     nonzero = amax > 0.0
-    inv = tl.where(nonzero, tl.fdiv(tl.full([BLOCK_S], 127.0, tl.float32), tl.where(nonzero, amax, 1.0),
-                                    ieee_rounding=True), 1.0)
-    scale = tl.where(nonzero, tl.fdiv(amax, tl.full([BLOCK_S], 127.0, tl.float32), ieee_rounding=True), 1.0)
-    k8 = to_int8(x * inv[:, None])
+    inv = tl.where(nonzero, tl.math.div_rn(tl.full([BLOCK_S], 127.0, tl.float32), tl.where(nonzero, amax, 1.0)), 1.0)
+    scale = tl.where(nonzero, tl.math.div_rn(amax, tl.full([BLOCK_S], 127.0, tl.float32)), 1.0)
+    k8 = to_int8(x * inv[:, None], INTERPRETED)
     out = K8 + (b.to(tl.int64) * seq_len + rows[:, None]) * (NUM_KV_HEADS * HEAD_DIM) + h * HEAD_DIM + offs_d[None, :]
     tl.store(out, k8, mask=ok[:, None])
     tl.store(KS + bh.to(tl.int64) * seq_len + rows, scale, mask=ok)
@@ -88,11 +135,11 @@ def _quantize_k(K, MEAN, K8, KS, stride_kb, stride_ks, stride_kh, seq_len,
 
 @triton.jit
 def _quantize_vt(V, INV, VT8, stride_vb, stride_vs, stride_vh, seq_len, padded_len,
-                 NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, EMULATE: tl.constexpr):
+                 NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, INTERPRETED: tl.constexpr):
     """Tokens ``program_id(0) * BLOCK_S ..`` of head ``program_id(1)``: scale per channel, cast, store transposed."""
     bh, b, h, rows, offs_d, ok, x = _program_rows(V, stride_vb, stride_vs, stride_vh, seq_len, NUM_KV_HEADS,
                                                   HEAD_DIM, BLOCK_S)
-    v8 = to_e4m3(x * tl.load(INV + bh * HEAD_DIM + offs_d)[None, :], EMULATE)
+    v8 = to_e4m3(x * tl.load(INV + bh * HEAD_DIM + offs_d)[None, :], INTERPRETED)
     out = VT8 + (bh.to(tl.int64) * HEAD_DIM + offs_d[:, None]) * padded_len + rows[None, :]
     tl.store(out, tl.trans(v8), mask=ok[None, :])
 
@@ -117,10 +164,10 @@ class Fp8KV(NamedTuple):
     v_scale: Tensor   # float32 [B, H_kv, D], or None without FP8 P @ V
 
 
-def quantize_kv(k: Tensor, v: Tensor, fp8_pv: bool, emulate: bool, block_s: int = 64) -> Fp8KV:
+def quantize_kv(k: Tensor, v: Tensor, fp8_pv: bool, interpreted: bool, block_s: int = 64) -> Fp8KV:
     """Quantize k, v ``[B, S, H_kv, D]`` (fp16/bf16/fp32, contiguous head dim) for the FP8 kernel.
 
-    ``fp8_pv=False`` skips V (the kernel then multiplies P @ V in the input dtype). ``emulate``: round in
+    ``fp8_pv=False`` skips V (the kernel then multiplies P @ V in the input dtype). ``interpreted``: round in
     float32 arithmetic first (Triton's CPU interpreter).
     """
     B, S, H, D = k.shape
@@ -131,7 +178,7 @@ def quantize_kv(k: Tensor, v: Tensor, fp8_pv: bool, emulate: bool, block_s: int 
     if B * H * S:
         with launch_lock():
             _quantize_k[grid](k, mean, k8, k_scale, k.stride(0), k.stride(1), k.stride(2), S,
-                              NUM_KV_HEADS=H, HEAD_DIM=D, BLOCK_S=block_s)
+                              NUM_KV_HEADS=H, HEAD_DIM=D, BLOCK_S=block_s, INTERPRETED=interpreted)
     if not fp8_pv:
         return Fp8KV(k8, k_scale, mean, None, None)
     v_scale, inv = _channel_scales(v)
@@ -140,5 +187,33 @@ def quantize_kv(k: Tensor, v: Tensor, fp8_pv: bool, emulate: bool, block_s: int 
     if B * H * S:
         with launch_lock():
             _quantize_vt[grid](v, inv, vt8, v.stride(0), v.stride(1), v.stride(2), S, padded,
-                               NUM_KV_HEADS=H, HEAD_DIM=D, BLOCK_S=block_s, EMULATE=emulate)
+                               NUM_KV_HEADS=H, HEAD_DIM=D, BLOCK_S=block_s, INTERPRETED=interpreted)
     return Fp8KV(k8, k_scale, mean, vt8, v_scale)
+
+
+class QuantizedQ(NamedTuple):
+    """Queries quantized per query tile of a kernel schedule (`quantize_q_tiles`)."""
+
+    q8: Tensor       # int8 [B, Sq, H, D], contiguous (rows of no tile are left unwritten)
+    q_scale: Tensor  # float32 [B * H, max_tiles]: the scale of tile ``pid_t`` of head ``b * H + h``
+    q_mu: Tensor     # float32 [B, H, Sq]: q . k_mean per row
+
+
+def quantize_q_tiles(q: Tensor, k_mean: Tensor, tiles: Tuple[Tensor, Tensor, Tensor], max_tiles: int,
+                     per_head_layout: bool, block_m: int, interpreted: bool) -> QuantizedQ:
+    """Quantize q ``[B, Sq, H, D]`` to INT8 with one scale per query tile, as the portable kernel's prologue does.
+
+    ``tiles``: the schedule's ``(tile_ptr, tile_start, tile_end)`` for ``block_m``-row tiles (`schedule.py`);
+    ``k_mean``: `quantize_kv`'s smoothing constant ``[B, H_kv, D]``. A negative softmax scale is the caller's
+    to fold in (pass ``-q``)."""
+    B, Sq, H, D = q.shape
+    q8 = torch.empty(B, Sq, H, D, dtype=torch.int8, device=q.device)
+    q_scale = torch.empty(B * H, max(max_tiles, 1), dtype=torch.float32, device=q.device)
+    q_mu = torch.empty(B, H, Sq, dtype=torch.float32, device=q.device)
+    if B * H * max_tiles:
+        with launch_lock():
+            _quantize_q_tiles[(max_tiles, B * H)](
+                q, k_mean, q8, q_scale, q_mu, q.stride(0), q.stride(1), q.stride(2), *tiles, Sq, q_scale.shape[1],
+                NUM_HEADS=H, KV_GROUP=H // k_mean.shape[1], PER_HEAD_LAYOUT=per_head_layout, HEAD_DIM=D,
+                BLOCK_M=block_m, INTERPRETED=interpreted)
+    return QuantizedQ(q8, q_scale, q_mu)

@@ -6,9 +6,9 @@
 `block_sparse_attn(..., backend="triton")` without graph breaks. The schedule arrays (see `schedule.py`)
 are ordinary tensor arguments of the ops.
 
-Precisions (portable kernel): ``"exact"`` (the input dtype's MMAs), ``"fp8"`` (INT8 Q K^T, e4m3 P V) and
+Precisions (both kernels): ``"exact"`` (the input dtype's MMAs), ``"fp8"`` (INT8 Q K^T, e4m3 P V) and
 ``"int8_qk"`` (INT8 Q K^T, P V in the input dtype); the 8-bit ones quantize K and V first
-(`fp8_quant.quantize_kv`). The Hopper kernel is exact only.
+(`fp8_quant.quantize_kv`), and for the Hopper kernel Q too (`fp8_quant.quantize_q_tiles`).
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import triton
 from torch import Tensor
 
 from .block_sparse_fwd import LOG2E, block_sparse_attn_fwd
-from .fp8_quant import quantize_kv
+from .fp8_quant import quantize_kv, quantize_q_tiles
 from .interpreter import launch_lock
 from .schedule import KernelSchedule, KeyTiles
 from .tuning import KernelConfig, interpreting
@@ -69,8 +69,11 @@ def hopper_kernel_available() -> bool:
 
 def launch_hopper(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, sched_tensors: Tuple[Tensor, ...],
                   key_tiles: Tuple[Tensor, ...], max_tiles: int, per_head_layout: bool, scale: float,
-                  cfg: KernelConfig):
-    """Run the Hopper kernel (same contract as `launch`); a negative ``scale`` runs as ``-q`` with ``-scale``."""
+                  cfg: KernelConfig, precision: str = "exact"):
+    """Run the Hopper kernel (same contract as `launch`); a negative ``scale`` runs as ``-q`` with ``-scale``.
+
+    The 8-bit precisions quantize first: K and V with `quantize_kv`, Q per 128-row schedule tile with
+    `quantize_q_tiles` (the kernel reads Q through TMA, so it cannot quantize it on the fly)."""
     from triton.experimental.gluon import language as gl
 
     from .block_sparse_hopper import HALF_M, block_sparse_attn_fwd_hopper
@@ -82,21 +85,41 @@ def launch_hopper(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, sch
         q, scale = -q, -scale
     _ensure_tma_allocator()
     gdt = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
+    q_scale = q_mu = k_scale = v_scale = lse  # unread placeholders in the exact mode
+    v_strides = (v.stride(0), v.stride(1), v.stride(2))
+    v_block = [cfg.block_n, D]
+    if precision != "exact":
+        quant = quantize_kv(k, v, precision == "fp8", interpreted=False)
+        q8 = quantize_q_tiles(q, quant.k_mean, sched_tensors[:3], max_tiles, per_head_layout, 2 * int(HALF_M),
+                              interpreted=False)
+        q, k, k_scale, q_scale, q_mu = q8.q8, quant.k8, quant.k_scale, q8.q_scale, q8.q_mu
+        if precision == "fp8":  # V^T [B, H_kv, D, S_pad]: the kernel's sequence-stride slot carries the channel stride
+            v, v_scale, v_block = quant.vt8, quant.v_scale, [D, cfg.block_n]
+            v_strides = (v.stride(0), v.stride(2), v.stride(1))
     grid = (max_tiles, B * H)
     return block_sparse_attn_fwd_hopper[grid](
         q, k, v, out, lse,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
+        *v_strides,
         out.stride(0), out.stride(1), out.stride(2),
         *sched_tensors[:4], *key_tiles,
         scale * LOG2E, Sq, k.shape[1],
+        q_scale, q_mu, k_scale, v_scale, q_scale.shape[-1],
         NUM_HEADS=H, KV_GROUP=H // k.shape[2], PER_HEAD_LAYOUT=per_head_layout,
         HEAD_DIM=D, BLOCK_N=cfg.block_n, STAGES=cfg.num_stages,
-        Q_LAYOUT=gl.NVMMASharedLayout.get_default_for([int(HALF_M), D], gdt),
-        KV_LAYOUT=gl.NVMMASharedLayout.get_default_for([cfg.block_n, D], gdt),
+        Q_LAYOUT=gl.NVMMASharedLayout.get_default_for([int(HALF_M), D], _gluon_dtype(q.dtype, gdt)),
+        K_LAYOUT=gl.NVMMASharedLayout.get_default_for([cfg.block_n, D], _gluon_dtype(k.dtype, gdt)),
+        V_LAYOUT=gl.NVMMASharedLayout.get_default_for(v_block, _gluon_dtype(v.dtype, gdt)),
         CONSUMER_REGS=240, num_warps=4, maxnreg=168,
     )
+
+
+def _gluon_dtype(dtype: torch.dtype, half):
+    """Gluon's element type for a tensor of ``dtype`` (``half``: the one of the bf16/fp16 inputs)."""
+    from triton.experimental.gluon import language as gl
+
+    return {torch.int8: gl.int8, torch.float8_e4m3fn: gl.float8e4nv}.get(dtype, half)
 
 
 def launch(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, sched_tensors: Tuple[Tensor, ...],
@@ -137,7 +160,7 @@ def launch(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, sched_tens
             NUM_HEADS=H, KV_GROUP=H // k.shape[2], PER_HEAD_LAYOUT=per_head_layout,
             HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
             USE_TMA=cfg.use_tma, DOT_PRECISION=dot_precision, WARP_SPEC=cfg.warp_spec,
-            QK_INT8=qk_int8, FP8_PV=fp8_pv, EMULATE_FP8=fp8_pv and interpreting(),
+            QK_INT8=qk_int8, FP8_PV=fp8_pv, INTERPRETED=interpreting(),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
@@ -166,7 +189,7 @@ def triton_block_sparse_fwd_hopper(
     q: Tensor, k: Tensor, v: Tensor,
     tile_ptr: Tensor, tile_start: Tensor, tile_end: Tensor, tile_row: Tensor,
     row_kv_ptr: Tensor, kv_tile_start: Tensor, kv_tile_end: Tensor,
-    max_tiles: int, per_head_layout: bool, scale: float, block_n: int, num_stages: int,
+    max_tiles: int, per_head_layout: bool, scale: float, block_n: int, num_stages: int, precision: str = "exact",
 ) -> Tuple[Tensor, Tensor]:
     """Block-sparse attention forward on Hopper: returns ``(out [B, Sq, H, D], lse [B, H, Sq] float32)``."""
     B, Sq, H, D = q.shape
@@ -174,7 +197,7 @@ def triton_block_sparse_fwd_hopper(
     lse = torch.empty(B, H, Sq, dtype=torch.float32, device=q.device)
     cfg = KernelConfig(128, block_n, 4, num_stages, True, True, "hopper")
     launch_hopper(q, k, v, out, lse, (tile_ptr, tile_start, tile_end, tile_row),
-                  (row_kv_ptr, kv_tile_start, kv_tile_end), max_tiles, per_head_layout, scale, cfg)
+                  (row_kv_ptr, kv_tile_start, kv_tile_end), max_tiles, per_head_layout, scale, cfg, precision)
     return out, lse
 
 
@@ -190,12 +213,14 @@ triton_block_sparse_fwd_hopper.register_fake(_fake)
 def _check_hopper_inputs(sched: KernelSchedule, key_tiles: Optional[KeyTiles], cfg: KernelConfig, precision: str):
     from .block_sparse_hopper import HALF_M  # two consumer warpgroups of HALF_M query rows each
 
+    if precision == "fp8" and key_tiles is not None and not key_tiles.starts_aligned:
+        raise ValueError("the hopper kernel's fp8 mode needs key tiles starting at multiples of 16 tokens "
+                         "(see schedule.key_starts_aligned); run fp8 on the portable kernel for this layout")
+
     if key_tiles is None or key_tiles.block_n != cfg.block_n:
         raise ValueError(f"the hopper kernel needs the key tiles of BLOCK_N={cfg.block_n}")
     if sched.block_m != 2 * int(HALF_M):
         raise ValueError(f"the hopper kernel takes query tiles of {2 * int(HALF_M)} rows, got {sched.block_m}")
-    if precision != "exact":
-        raise ValueError(f"the hopper kernel computes precision 'exact' only, not {precision!r}")
 
 
 def run_scheduled(q: Tensor, k: Tensor, v: Tensor, sched: KernelSchedule, per_head_layout: bool,
@@ -210,14 +235,14 @@ def run_scheduled(q: Tensor, k: Tensor, v: Tensor, sched: KernelSchedule, per_he
         if hopper:
             return torch.ops.lvsa_kernels.triton_block_sparse_fwd_hopper(
                 q, k, v, *sched.tensors()[:4], *key_tiles.tensors(), sched.max_tiles, per_head_layout, scale,
-                cfg.block_n, cfg.num_stages)
+                cfg.block_n, cfg.num_stages, precision)
         return torch.ops.lvsa_kernels.triton_block_sparse_fwd(
             q, k, v, *sched.tensors(), sched.max_tiles, per_head_layout, scale,
             cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, cfg.use_tma, cfg.warp_spec, precision)
     lse = torch.empty(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32, device=q.device)
     if hopper:
         launch_hopper(q, k, v, out, lse, sched.tensors(), key_tiles.tensors(), sched.max_tiles, per_head_layout,
-                      scale, cfg)
+                      scale, cfg, precision)
     else:
         launch(q, k, v, out, lse, sched.tensors(), sched.max_tiles, per_head_layout, scale, cfg, precision)
     return out, lse

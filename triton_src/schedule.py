@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ..reference.layout import BlockSparseLayout, LayoutMemo
 
-__all__ = ["KernelSchedule", "KeyTiles", "build_key_tiles", "build_schedule"]
+__all__ = ["KernelSchedule", "KeyTiles", "build_key_tiles", "build_schedule", "key_starts_aligned"]
 
 _SCHEDULES = LayoutMemo()   # per layout: the kernel schedule of each (block_m, device)
 
@@ -145,6 +145,7 @@ class KeyTiles:
     row_ptr: Tensor
     start: Tensor
     end: Tensor
+    starts_aligned: bool = False  # every start a multiple of 16 tokens (see `key_starts_aligned`)
 
     def tensors(self):
         return (self.row_ptr, self.start, self.end)
@@ -177,4 +178,12 @@ def _build_key_tiles(layout: BlockSparseLayout, bn: int, device: torch.device) -
             t = torch.zeros(1, dtype=torch.int64)
         return t.to(torch.int32).to(device)
 
-    return KeyTiles(block_n=bn, row_ptr=dev(row_ptr), start=dev(start), end=dev(end))
+    return KeyTiles(block_n=bn, row_ptr=dev(row_ptr), start=dev(start), end=dev(end),
+                    starts_aligned=bool((start % 16 == 0).all()))
+
+
+def key_starts_aligned(layout: BlockSparseLayout, multiple: int = 16) -> bool:
+    """Whether every key span (and so every key tile, whose starts step by ``block_n``) starts at a multiple of
+    ``multiple`` tokens: the Hopper kernel's fp8 mode reads V^T column blocks through TMA, which needs
+    16-byte-aligned column starts (an unaligned one is an illegal instruction on an H200)."""
+    return bool((layout.spans.start % multiple == 0).all())

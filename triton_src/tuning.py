@@ -46,15 +46,16 @@ class KernelConfig:
 INTERPRETER_CONFIG = KernelConfig(block_m=16, block_n=16, num_warps=1, num_stages=1)
 
 
-def hopper_configs(head_dim: int) -> List[KernelConfig]:
-    """Configs of the warp-specialised Hopper kernel (128-row query tiles; shared memory holds Q and the ring)."""
-    # measured on an H200 (bench/results/h200_hopper_sweep_run2.json): 128-column key tiles, 2 stages first
-    ring = [(128, 2), (128, 3), (64, 4)]
+def hopper_configs(head_dim: int, precision: str = "exact") -> List[KernelConfig]:
+    """Configs of the warp-specialised Hopper kernel (128-row query tiles; shared memory holds Q and the ring,
+    whose 8-bit K (and V^T) tiles take half the bytes, leaving room for a deeper ring)."""
+    # exact: measured on an H200 (bench/results/h200_hopper_sweep_run2.json): 128-column key tiles, 2 stages first
+    ring = [(128, 2), (128, 3), (64, 4)] if precision == "exact" else [(128, 2), (128, 3), (128, 4)]
     return [KernelConfig(128, bn, 4, stages, True, True, "hopper") for bn, stages in ring]
 
 
 def candidate_configs(head_dim: int, tma_ok: bool, dtype: torch.dtype = torch.bfloat16,
-                      hopper_ok: bool = False) -> List[KernelConfig]:
+                      hopper_ok: bool = False, precision: str = "exact") -> List[KernelConfig]:
     """Configs worth timing on a GPU for ``head_dim`` (first = the default when nothing is tuned)."""
     if dtype == torch.float32:  # 4-byte tiles: keep shared memory under the 227 KB limit
         return [KernelConfig(64, 32, 4, 2), KernelConfig(64, 64, 4, 2), KernelConfig(32, 32, 4, 2)]
@@ -69,7 +70,7 @@ def candidate_configs(head_dim: int, tma_ok: bool, dtype: torch.dtype = torch.bf
                 KernelConfig(128, 64, 8, 3, True), KernelConfig(128, 128, 8, 2, True),
                 KernelConfig(128, 64, 8, 4, True)] + base
     if hopper_ok:
-        base = hopper_configs(head_dim) + base
+        base = hopper_configs(head_dim, precision) + base
     return base
 
 

@@ -137,15 +137,23 @@ def _tma_strides_ok(q: Tensor, k: Tensor, v: Tensor) -> bool:
     return all((s * e) % 16 == 0 for t in (q, k, v) for s in t.stride()[:3])
 
 
+def _hopper_ok(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout, precision: str) -> bool:
+    """Whether the Hopper kernel may compete: eligible inputs, and for fp8 16-token-aligned key spans."""
+    from ..triton_src.launch import hopper_eligible
+    from ..triton_src.schedule import key_starts_aligned
+
+    return hopper_eligible(q, k, v) and (precision != "fp8" or key_starts_aligned(layout))
+
+
 def config_key(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout, precision: str = "exact") -> str:
     """The tuning-cache key of these inputs: the problem class, the precision, and the kernels that may compete
     for it (so a config tuned where the Hopper kernel could not run is not reused where it can)."""
-    from ..triton_src.launch import hopper_eligible, tma_eligible
+    from ..triton_src.launch import tma_eligible
 
-    if precision != "exact":  # only the portable kernel computes 8-bit precisions (fp8: without TMA, see below)
-        kernels = f"|{precision}" + ("|tma" if tma_eligible(q, k, v) and precision != "fp8" else "|no-tma")
-    else:
-        kernels = "|hopper" if hopper_eligible(q, k, v) else "|tma" if tma_eligible(q, k, v) else "|no-tma"
+    tma_ok = tma_eligible(q, k, v) and precision != "fp8"  # the portable fp8 mode reads without TMA, see below
+    kernels = "|hopper" if _hopper_ok(q, k, v, layout, precision) else "|tma" if tma_ok else "|no-tma"
+    if precision != "exact":
+        kernels = f"|{precision}" + kernels
     return tuning.tuning_key(q.device, q.dtype, q.shape[-1], layout.typical_q_block) + kernels
 
 
@@ -154,17 +162,19 @@ def choose_config(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout, sc
     """Tuned config from the disk cache, else tune now on these inputs (interpreter: fixed small config)."""
     if tuning.interpreting():
         return tuning.INTERPRETER_CONFIG
-    from ..triton_src.launch import hopper_eligible, tma_eligible
+    from ..triton_src.launch import tma_eligible
 
     tma_ok = tma_eligible(q, k, v)
-    hopper_ok = precision == "exact" and hopper_eligible(q, k, v)
+    hopper_ok = _hopper_ok(q, k, v, layout, precision)
     key = config_key(q, k, v, layout, precision)
     cfg = None if retune else tuning.lookup(key)
     if cfg is not None:
         return cfg
-    # FP8 P V with V^T read through a tensor descriptor hit an illegal instruction on an H200 (Triton 3.6;
-    # bench/results/h200_fp8_diag_run14.log): the fp8 mode reads K and V^T with pointer loads
-    candidates = tuning.candidate_configs(q.shape[-1], tma_ok and precision != "fp8", q.dtype, hopper_ok)
+    # FP8 P V reads V^T column blocks; through a tensor descriptor (TMA) a block starting at a token offset
+    # that is not a multiple of 16 is an illegal instruction on an H200 (Triton 3.6; bench/results/
+    # h200_fp8_align_run2.log). The portable fp8 mode therefore reads K and V^T with pointer loads, and the
+    # Hopper kernel computes fp8 only for layouts whose key spans start 16-aligned (`_hopper_ok`).
+    candidates = tuning.candidate_configs(q.shape[-1], tma_ok and precision != "fp8", q.dtype, hopper_ok, precision)
     if os.environ.get(AUTOTUNE_ENV, "1") == "0":
         return candidates[0]
     import triton.testing
