@@ -201,7 +201,7 @@ def _aligned_layouts():
     mask[1] = True
     return {
         "text": LAYOUTS["text"],
-        "empty_rows": BlockSparseLayout.from_block_mask(mask, [20, 64, 17, 30, 33, 40], [32, 0, 48, 80, 16, 144, 112]),
+        "empty_rows": BlockSparseLayout.from_block_mask(mask, [20, 64, 17, 30, 33, 40], [32, 0, 48, 16, 16, 64, 28]),
         "long_rows": LVSAPattern(window=3, n_first=1, reference_frames=21).plan(121, 16, step=0),
     }
 

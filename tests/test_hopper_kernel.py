@@ -107,6 +107,19 @@ def test_per_head_layout(cfg):
 
 
 @needs_hopper
+@pytest.mark.parametrize("cfg", hopper_configs(128), ids=str)
+def test_split_tiles_of_at_most_64_rows(cfg):
+    """Query tiles of 1..64 rows, which the two consumers split by key tiles and merge: 0 to 5 key tiles
+    (odd and even counts, ragged tails), an empty row, GQA, batch 2."""
+    mask = torch.rand(8, 8, generator=torch.Generator().manual_seed(14)) < 0.5
+    mask[0] = False
+    mask[1] = True
+    layout = BlockSparseLayout.from_block_mask(mask, [1, 24, 63, 64, 40, 7, 33, 64], [0, 100, 128, 300, 1, 257, 64, 500])
+    out, lse = check(*qkv(2, layout.q_len, layout.kv_len, 4, 2, 128, torch.bfloat16, seed=15), layout, cfg)
+    assert (out[:, :1] == 0).all() and torch.isneginf(lse[:, :, :1]).all()
+
+
+@needs_hopper
 @pytest.mark.parametrize("scale", [-0.3, 0.0, 0.05, 3.0])
 def test_strided_inputs_and_any_scale(scale):
     layout = ragged_layout(seed=7)
