@@ -108,9 +108,9 @@ def test_per_head_layout(cfg):
 
 @needs_hopper
 @pytest.mark.parametrize("cfg", hopper_configs(128), ids=str)
-def test_split_tiles_of_at_most_64_rows(cfg):
-    """Query tiles of 1..64 rows, which the two consumers split by key tiles and merge: 0 to 5 key tiles
-    (odd and even counts, ragged tails), an empty row, GQA, batch 2."""
+def test_tiles_of_at_most_64_rows(cfg):
+    """Query tiles of 1..64 rows (one busy consumer) with 0 to 5 key tiles (odd and even counts, ragged
+    tails), an empty row, GQA, batch 2."""
     mask = torch.rand(8, 8, generator=torch.Generator().manual_seed(14)) < 0.5
     mask[0] = False
     mask[1] = True

@@ -6,8 +6,8 @@ Same inputs, schedule and results as the portable kernel (`block_sparse_fwd.py`)
 
 * loader (1 warp): TMA-loads the tile's two 64-row halves of Q once, then every key tile of the tile's
   key list (``kv_tile_start/kv_tile_end``, see `schedule.build_key_tiles`) as a K tile and a V tile into a
-  ``STAGES``-deep ring; ``*_ready`` barriers say a slot is filled, ``*_empty`` barriers (two arrivals) that
-  it may be refilled;
+  ``STAGES``-deep ring; ``*_ready`` barriers say a slot is filled, ``*_empty`` barriers (two arrivals, one per
+  consumer) that it may be refilled;
 * two consumers (one warpgroup each, 64 query rows each): ``S = Q K^T`` on the tensor cores (wgmma, both
   operands in shared memory), online softmax in registers (exp2 domain, fp32), ``O += P V`` with P from
   registers. The next tile's ``Q K^T`` is issued before the previous tile's ``P V`` and runs while the
@@ -15,23 +15,15 @@ Same inputs, schedule and results as the portable kernel (`block_sparse_fwd.py`)
   issuing their matrix products (two ``turn`` barriers, FA3's ping-pong), so one warpgroup's softmax runs
   while the other's products occupy the tensor cores.
 
-A tile of at most 64 rows (the 24-row remainder of every 1560-token frame, small blocks) is *split*: both
-consumers work on its rows, each on every other key tile, still taking turns, and consumer 1 hands its
-normalised partial output and lse to consumer 0 through shared memory (the idle second Q half), which
-merges the two softmaxes and stores. Without the split one warpgroup would walk all of such a tile's keys
-alone, with no partner to overlap.
-
 Ragged key tiles (``kv_end - kv0 < BLOCK_N``) are the only masked ones: their scores are scaled first, then
 columns from ``kv_end`` on are set to -inf, and the V rows from ``kv_end`` on are zeroed in shared memory
-before ``P V`` (a TMA tile reads whatever follows the span, which may hold NaN). Rows without keys write 0
-and lse = -inf.
+before ``P V`` (a TMA tile reads whatever follows the span, which may hold NaN). A consumer whose 64 rows
+all lie past the tile's end only walks the barriers. Rows without keys write 0 and lse = -inf.
 
 8-bit modes (``precision="int8_qk"`` / ``"fp8"``, see `fp8_quant.py`) follow the tensors' dtypes: INT8 Q
 (quantized per tile by a pre-pass) and K give exact int32 scores, turned into floats with one integer add
 and one multiply-add by the per-key scales; ``fp8`` also multiplies e4m3 P by e4m3 V^T, a fresh product per
 key tile added in fp32 (V^T column blocks must start 16-aligned for TMA, see `schedule.key_starts_aligned`).
-8-bit tiles are not split (their INT8 Q half is too small to carry the partial output): a consumer whose
-rows all lie past the tile's end only walks the barriers.
 
 The kernel takes a non-negative softmax scale (the host negates q for a negative one). Gluon's API still
 changes between Triton releases (3.7 renamed the barrier, 3.9 the TMA copies), so the kernel is offered only
@@ -116,9 +108,8 @@ def _wait_turn(turn, HALF: gl.constexpr, j, pingpong):
     """Wait until it is this consumer's turn to issue its ``j``-th block of matrix products.
 
     Consumer 0 goes first (its first wait is on the barrier's pre-completed phase); each consumer hands
-    the turn over with `_give_turn` once its products are issued. Consumer 0 never issues fewer blocks than
-    consumer 1, so its last hand-over may go unanswered; consumer 1 takes no turns without a block of its
-    own (``pingpong`` false)."""
+    the turn over with `_give_turn` once its products are issued. Tiles of at most 64 rows (one busy
+    consumer) take no turns (``pingpong`` false)."""
     mbarrier.wait(turn.index(HALF), (j & 1) ^ (1 - HALF), pred=pingpong)
 
 
@@ -128,21 +119,10 @@ def _give_turn(turn, HALF: gl.constexpr, pingpong):
 
 
 @gluon.jit
-def _release(empty, split):
-    """Free a ring slot: one arrival per consumer, or both arrivals by its only reader in a split tile."""
-    mbarrier.arrive(empty, count=1)
-    mbarrier.arrive(empty, count=1, pred=split)
-
-
-@gluon.jit
 def _consume(args, HALF: gl.constexpr):
-    """One consumer warpgroup. A tile of more than 64 rows: rows ``64 * HALF ..`` of it, every key tile. A tile of
-    at most 64 rows (e.g. the 24-row remainder of a 1560-token frame) is *split*: both consumers take its
-    rows, consumer ``HALF`` every other key tile from tile ``HALF`` on, and consumer 1 hands its partial
-    result (normalised output and lse) to consumer 0 through shared memory, which merges and stores."""
     (q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, turn,
      kv_tile_start, kv_tile_end, i_lo, n_kv, q0, q1,
-     o_base, stride_os, lse_base, qk_scale, walk_scale, ks_base, qmu_base, vs_base, merge_lse, merged) = args
+     o_base, stride_os, lse_base, qk_scale, walk_scale, ks_base, qmu_base, vs_base) = args
     STAGES: gl.constexpr = k_smem.type.shape[0]
     BLOCK_N: gl.constexpr = k_smem.type.shape[1]
     HEAD_DIM: gl.constexpr = k_smem.type.shape[2]
@@ -160,17 +140,8 @@ def _consume(args, HALF: gl.constexpr):
     row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
 
-    if QK_INT8:  # the merge keeps consumer 1's output in the idle Q half, too small when Q is INT8
-        split = q0 > q1
-    else:
-        split = q1 - q0 <= ROWS
-    split_i = split.to(gl.int32)
-    first = HALF * split_i          # this consumer's first key tile and stride through the tile's key list
-    step = 1 + split_i
-    q_half = HALF * (1 - split_i)   # its Q rows: its own half, or the only half of a split tile
-    r0 = q0 + q_half * ROWS
-    n_mine = gl.maximum(n_kv - first + step - 1, 0) // step
-    pingpong = (q1 - q0 > ROWS) | (split & (n_kv > 1))
+    r0 = q0 + HALF * ROWS
+    pingpong = q1 - q0 > ROWS
     m_i = gl.full([ROWS], float("-inf"), gl.float32, row_s)
     l_i = gl.full([ROWS], 0.0, gl.float32, row_s)
     acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)
@@ -186,31 +157,29 @@ def _consume(args, HALF: gl.constexpr):
             mbarrier.arrive(k_empty.index(stage), count=1)
             mbarrier.wait(v_ready.index(stage), phase)
             mbarrier.arrive(v_empty.index(stage), count=1)
-    elif n_mine > 0:
-        q = q_smem.index(q_half)
-        stage = first % STAGES
-        kv0 = gl.load(kv_tile_start + i_lo + first)
-        kv_end = gl.load(kv_tile_end + i_lo + first)
-        mbarrier.wait(q_bar.index(q_half), 0)
-        mbarrier.wait(k_ready.index(stage), (first // STAGES) & 1)
+    elif n_kv > 0:
+        q = q_smem.index(HALF)
+        kv0 = gl.load(kv_tile_start + i_lo)
+        kv_end = gl.load(kv_tile_end + i_lo)
+        mbarrier.wait(q_bar.index(HALF), 0)
+        mbarrier.wait(k_ready.index(0), 0)
         _wait_turn(turn, HALF, 0, pingpong)
-        s_tok = warpgroup_mma(q, k_smem.index(stage).permute((1, 0)), s_init, use_acc=False, is_async=True)
+        s_tok = warpgroup_mma(q, k_smem.index(0).permute((1, 0)), s_init, use_acc=False, is_async=True)
         _give_turn(turn, HALF, pingpong)
         ks = _key_scales(ks_base, kv0, kv_end, walk_scale, s_layout, QK_INT8)
-        # 8-bit modes read the next key tile's bounds an iteration ahead: its scales then load with products in flight
-        kv0_next = gl.load(kv_tile_start + i_lo + first + step, mask=n_mine > 1, other=0)
-        kv_end_next = gl.load(kv_tile_end + i_lo + first + step, mask=n_mine > 1, other=0)
+        # the next key tile's bounds are read an iteration ahead: its scales then load with the products in flight
+        kv0_next = gl.load(kv_tile_start + i_lo + 1, mask=n_kv > 1, other=0)
+        kv_end_next = gl.load(kv_tile_end + i_lo + 1, mask=n_kv > 1, other=0)
         s = warpgroup_mma_wait(0, deps=(s_tok, ))
-        _release(k_empty.index(stage), split)
+        mbarrier.arrive(k_empty.index(0), count=1)
         p, m_i, l_i, alpha = _softmax_step(_scores(s, ks, QK_INT8), m_i, l_i, kv0, kv_end, qk_scale, BLOCK_N,
                                            s_layout, QK_INT8)
-        for u in range(1, n_mine):
-            j = first + u * step
+        for j in range(1, n_kv):
             stage = j % STAGES
             phase = (j // STAGES) & 1
-            prev = (j - step) % STAGES
-            prev_phase = ((j - step) // STAGES) & 1
-            # S_j = Q K_j^T first, then O += P_prev V_prev: the softmax of S_j overlaps the P V product
+            prev = (j - 1) % STAGES
+            prev_phase = ((j - 1) // STAGES) & 1
+            # S_j = Q K_j^T first, then O += P_{j-1} V_{j-1}: the softmax of S_j overlaps the P V product
             mbarrier.wait(k_ready.index(stage), phase)
             mbarrier.wait(v_ready.index(prev), prev_phase)
             if FP8_PV:
@@ -218,7 +187,7 @@ def _consume(args, HALF: gl.constexpr):
             else:
                 _zero_v_tail(v_smem.index(prev), kv0, kv_end, BLOCK_N, HEAD_DIM)
                 p_op = gl.convert_layout(p.to(v_smem.dtype), p_layout)
-            _wait_turn(turn, HALF, u, pingpong)
+            _wait_turn(turn, HALF, j, pingpong)
             s_tok = warpgroup_mma(q, k_smem.index(stage).permute((1, 0)), s_init, use_acc=False, is_async=True)
             if FP8_PV:  # a fresh product per tile, added in fp32: FP8 MMAs accumulate C with reduced precision
                 pv_tok = warpgroup_mma(p_op, v_smem.index(prev).permute((1, 0)), gl.zeros_like(acc),
@@ -230,30 +199,29 @@ def _consume(args, HALF: gl.constexpr):
                 kv0 = kv0_next
                 kv_end = kv_end_next
                 ks = _key_scales(ks_base, kv0, kv_end, walk_scale, s_layout, QK_INT8)
-                kv0_next = gl.load(kv_tile_start + i_lo + j + step, mask=u + 1 < n_mine, other=0)
-                kv_end_next = gl.load(kv_tile_end + i_lo + j + step, mask=u + 1 < n_mine, other=0)
+                kv0_next = gl.load(kv_tile_start + i_lo + j + 1, mask=j + 1 < n_kv, other=0)
+                kv_end_next = gl.load(kv_tile_end + i_lo + j + 1, mask=j + 1 < n_kv, other=0)
             else:  # read while the products run, not after them
                 kv0 = gl.load(kv_tile_start + i_lo + j)
                 kv_end = gl.load(kv_tile_end + i_lo + j)
             s = warpgroup_mma_wait(1, deps=(s_tok, ))
-            _release(k_empty.index(stage), split)
+            mbarrier.arrive(k_empty.index(stage), count=1)
             p, m_i, l_i, alpha = _softmax_step(_scores(s, ks, QK_INT8), m_i, l_i, kv0, kv_end, qk_scale,
                                                BLOCK_N, s_layout, QK_INT8)
             pv = warpgroup_mma_wait(0, deps=(pv_tok, ))
-            _release(v_empty.index(prev), split)
+            mbarrier.arrive(v_empty.index(prev), count=1)
             if FP8_PV:
                 acc = (acc + pv) * gl.convert_layout(alpha, row_o)[:, None]
             else:
                 acc = pv * gl.convert_layout(alpha, row_o)[:, None]
-        j = first + (n_mine - 1) * step
-        last = j % STAGES
-        mbarrier.wait(v_ready.index(last), (j // STAGES) & 1)
+        last = (n_kv - 1) % STAGES
+        mbarrier.wait(v_ready.index(last), ((n_kv - 1) // STAGES) & 1)
         if FP8_PV:
             p_op = gl.convert_layout((p * P_SCALE).to(gl.float8e4nv), p_layout)
         else:
             _zero_v_tail(v_smem.index(last), kv0, kv_end, BLOCK_N, HEAD_DIM)
             p_op = gl.convert_layout(p.to(v_smem.dtype), p_layout)
-        _wait_turn(turn, HALF, n_mine, pingpong)
+        _wait_turn(turn, HALF, n_kv, pingpong)
         if FP8_PV:
             pv_tok = warpgroup_mma(p_op, v_smem.index(last).permute((1, 0)), gl.zeros_like(acc), use_acc=False,
                                    is_async=True)
@@ -261,7 +229,7 @@ def _consume(args, HALF: gl.constexpr):
             pv_tok = warpgroup_mma(p_op, v_smem.index(last), acc, is_async=True)
         _give_turn(turn, HALF, pingpong)
         pv = warpgroup_mma_wait(0, deps=(pv_tok, ))
-        _release(v_empty.index(last), split)
+        mbarrier.arrive(v_empty.index(last), count=1)
         if FP8_PV:
             acc = acc + pv
         else:
@@ -273,35 +241,14 @@ def _consume(args, HALF: gl.constexpr):
     cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
     if FP8_PV:  # undo V's per-channel scales and P's fixed scale
         out = out * (gl.load(vs_base + cols) / P_SCALE)[None, :]
+    rows_o = r0 + gl.arange(0, ROWS, layout=row_o)
+    o_ptrs = o_base + rows_o[:, None].to(gl.int64) * stride_os + cols[None, :]
+    gl.store(o_ptrs, out.to(out_dtype), mask=(rows_o < q1)[:, None])
     rows_s = r0 + gl.arange(0, ROWS, layout=row_s)
     if QK_INT8:  # the scores were of the smoothed keys: add back q . k_mean
         m_i = m_i + gl.load(qmu_base + rows_s, mask=rows_s < q1, other=0.0) * qk_scale
-    lse2 = gl.where(has_keys, m_i + gl.log2(l_safe), float("-inf"))  # log2 domain
-    if HALF == 1:
-        if split:  # hand the partial result to consumer 0 (the Q half it would use is idle in a split tile)
-            q_smem.index(1)._reinterpret(out_dtype, [ROWS, HEAD_DIM], q_smem.type.layout).store(out.to(out_dtype))
-            merge_lse.store(lse2)
-            gl.thread_barrier()  # every thread's stores before the (one-thread) arrival that publishes them
-            mbarrier.arrive(merged, count=1)
-    elif split:  # merge consumer 1's keys: weights 2^(lse - max) of the two partial softmaxes
-        mbarrier.wait(merged, 0)
-        other = q_smem.index(1)._reinterpret(out_dtype, [ROWS, HEAD_DIM], q_smem.type.layout).load(o_layout)
-        lse_other = merge_lse.load(row_s)
-        top = gl.maximum(lse2, lse_other)
-        top = gl.where(top == float("-inf"), 0.0, top)
-        w_mine = gl.exp2(lse2 - top)
-        w_other = gl.exp2(lse_other - top)
-        w_sum = w_mine + w_other
-        any_keys = w_sum > 0.0
-        w_safe = gl.where(any_keys, w_sum, 1.0)
-        out = (out * gl.convert_layout(w_mine / w_safe, row_o)[:, None]
-               + other.to(gl.float32) * gl.convert_layout(w_other / w_safe, row_o)[:, None])
-        lse2 = gl.where(any_keys, top + gl.log2(w_safe), float("-inf"))
-    if (HALF == 0) | (not split):
-        rows_o = r0 + gl.arange(0, ROWS, layout=row_o)
-        o_ptrs = o_base + rows_o[:, None].to(gl.int64) * stride_os + cols[None, :]
-        gl.store(o_ptrs, out.to(out_dtype), mask=(rows_o < q1)[:, None])
-        gl.store(lse_base + rows_s, lse2 * LN2, mask=rows_s < q1)
+    lse = gl.where(has_keys, (m_i + gl.log2(l_safe)) * LN2, float("-inf"))
+    gl.store(lse_base + rows_s, lse, mask=rows_s < q1)
 
 
 @gluon.jit
@@ -409,9 +356,6 @@ def block_sparse_attn_fwd_hopper(
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    merged = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    merge_lse = gl.allocate_shared_memory(gl.float32, [HALF_M], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
-    mbarrier.init(merged, count=1)
     for i in gl.static_range(2):
         mbarrier.init(q_bar.index(i), count=1)
         mbarrier.init(turn.index(i), count=1)
@@ -430,7 +374,7 @@ def block_sparse_attn_fwd_hopper(
     o_base = O + b64 * stride_ob + h64 * stride_oh
     lse_base = LSE + (b64 * NUM_HEADS + h) * q_len
     consumer_args = ring + (o_base, stride_os, lse_base, qk_scale, walk_scale, K_SCALE + bh_kv * kv_len,
-                            Q_MU + (b64 * NUM_HEADS + h) * q_len, V_SCALE + bh_kv * HEAD_DIM, merge_lse, merged)
+                            Q_MU + (b64 * NUM_HEADS + h) * q_len, V_SCALE + bh_kv * HEAD_DIM)
     gl.warp_specialize([
         (_consume_first_half, (consumer_args, )),
         (_consume_second_half, (consumer_args, )),
