@@ -167,9 +167,6 @@ def _consume(args, HALF: gl.constexpr):
         s_tok = warpgroup_mma(q, k_smem.index(0).permute((1, 0)), s_init, use_acc=False, is_async=True)
         _give_turn(turn, HALF, pingpong)
         ks = _key_scales(ks_base, kv0, kv_end, walk_scale, s_layout, QK_INT8)
-        # the next key tile's bounds are read an iteration ahead: its scales then load with the products in flight
-        kv0_next = gl.load(kv_tile_start + i_lo + 1, mask=n_kv > 1, other=0)
-        kv_end_next = gl.load(kv_tile_end + i_lo + 1, mask=n_kv > 1, other=0)
         s = warpgroup_mma_wait(0, deps=(s_tok, ))
         mbarrier.arrive(k_empty.index(0), count=1)
         p, m_i, l_i, alpha = _softmax_step(_scores(s, ks, QK_INT8), m_i, l_i, kv0, kv_end, qk_scale, BLOCK_N,
@@ -195,15 +192,9 @@ def _consume(args, HALF: gl.constexpr):
             else:
                 pv_tok = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
             _give_turn(turn, HALF, pingpong)
-            if QK_INT8:
-                kv0 = kv0_next
-                kv_end = kv_end_next
-                ks = _key_scales(ks_base, kv0, kv_end, walk_scale, s_layout, QK_INT8)
-                kv0_next = gl.load(kv_tile_start + i_lo + j + 1, mask=j + 1 < n_kv, other=0)
-                kv_end_next = gl.load(kv_tile_end + i_lo + j + 1, mask=j + 1 < n_kv, other=0)
-            else:  # read while the products run, not after them
-                kv0 = gl.load(kv_tile_start + i_lo + j)
-                kv_end = gl.load(kv_tile_end + i_lo + j)
+            kv0 = gl.load(kv_tile_start + i_lo + j)  # read while the products run, not after them
+            kv_end = gl.load(kv_tile_end + i_lo + j)
+            ks = _key_scales(ks_base, kv0, kv_end, walk_scale, s_layout, QK_INT8)
             s = warpgroup_mma_wait(1, deps=(s_tok, ))
             mbarrier.arrive(k_empty.index(stage), count=1)
             p, m_i, l_i, alpha = _softmax_step(_scores(s, ks, QK_INT8), m_i, l_i, kv0, kv_end, qk_scale,
