@@ -7,6 +7,7 @@ on a CUDA machine they run on the GPU and add bf16.
 import pytest
 import torch
 
+import cluster_schedule_oracle as oracle
 from lvsa_kernels import SVOOPattern
 from lvsa_kernels.reference.svoo import assign, co_cluster, segment_means
 from lvsa_kernels.triton_src import cluster_path
@@ -325,3 +326,30 @@ def test_video_clusters_with_trailing_text(backend):
     assert rel_err(dense.attention(q, k, v, 0, 0, backend=backend, text_tokens=n_text).cpu(), full) <= 2e-5
     with pytest.raises(ValueError, match="text_tokens"):
         pat.attention(q, k, v, 2, 0, backend=backend, text_tokens=S)
+
+
+@pytest.mark.parametrize("tiles,window", [([(16, 16)], 4), ([(16, 16), (8, 16)], 2), ([(32, 16), (16, 8)], 4),
+                                          ([(16, 8), (8, 16)], 1)])
+@pytest.mark.parametrize("n_q,n_k", [(5, 13), (8, 32)])
+def test_device_planner_equals_tensor_op_planner_bit_for_bit(tiles, window, n_q, n_k):
+    """The two Triton planning launches give exactly the tiles of the tensor-op planner they replaced
+    (`cluster_schedule_oracle`): keys per row, every used key-tile record and count, every query-tile slot."""
+    g = torch.Generator().manual_seed(n_q * 100 + window)
+    G, S = 3, 150
+    q_sizes, k_sizes = random_sizes(g, G, n_q, S), random_sizes(g, G, n_k, S, empty=3)
+    mask = torch.rand(G, n_q, n_k, generator=g) < 0.5
+    mask[0, 1] = False  # a row with no keys
+    mask[1, 0] = True
+    sched = build_cluster_schedule(mask.to(DEVICE), q_sizes.to(DEVICE), k_sizes.to(DEVICE), S, tiles, window)
+    seg_cum, seg_delta, keys = oracle.segments(mask, k_sizes)
+    assert torch.equal(sched.keys_per_row.cpu(), keys)
+    for (qt, kt), ref_q in zip(sched.parts, oracle.query_tiles(keys, q_sizes, tiles)):
+        for got, ref in zip((qt.row, qt.q0, qt.q1), ref_q):
+            assert torch.equal(got.cpu().long(), ref)
+        ref_k = oracle.key_tiles(seg_cum, seg_delta, kt.block_n, window)
+        records, count = kt.records.cpu().tolist(), kt.count.cpu().tolist()
+        slots = len(records[0])
+        for r, (full, part) in enumerate(ref_k):
+            assert count[r] == [len(full), len(part)]
+            assert records[r][:len(full)] == full
+            assert records[r][slots - len(part):][::-1] == part  # partial tiles fill from the back
