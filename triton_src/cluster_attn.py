@@ -163,19 +163,25 @@ def permute_rows(X, PERM, OUT, stride_xb, stride_xs, stride_xh, seq_len,
 
 
 @triton.jit
-def segment_sums(X, PERM, STARTS, SUMS, stride_xb, stride_xs, stride_xh, seq_len, n_clusters,
-                 NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, HAS_PERM: tl.constexpr):
-    """``SUMS[g, j] = sum of X[b, PERM[g, s], h]`` over positions ``STARTS[g, j] <= s < STARTS[g, j + 1]``
-    (identity order without PERM), in float32 and a fixed order (deterministic, no atomics).
+def segment_means(X, PERM, SIZES, PREVIOUS, MEANS, stride_xb, stride_xs, stride_xh, seq_len, n_clusters,
+                  NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                  HAS_PERM: tl.constexpr):
+    """``MEANS[g, j]`` = float32 mean of ``X[b, PERM[g, s], h]`` over the ``SIZES[g, j]`` positions s of cluster j
+    (clusters are consecutive runs of positions; identity order without PERM), summed in a fixed order
+    (deterministic, no atomics); an empty cluster keeps ``PREVIOUS[g, j]``.
 
-    X ``[B, S, H, D]`` (any strides, contiguous head dim), PERM int64 ``[G, S]``, STARTS int64
-    ``[G, n_clusters + 1]``, SUMS float32 ``[G, n_clusters, D]``. Program = cluster ``program_id(0)`` of group
-    ``program_id(1)``.
+    X ``[B, S, H, D]`` (any strides, contiguous head dim), PERM int64 ``[G, S]``, SIZES int64 ``[G, n_clusters]``,
+    PREVIOUS float32 and MEANS float32 ``[G, n_clusters, D]`` contiguous. Program = cluster ``program_id(0)`` of
+    group ``program_id(1)``.
     """
     j = tl.program_id(0)
     g = tl.program_id(1).to(tl.int64)
-    lo = tl.load(STARTS + g * (n_clusters + 1) + j)
-    hi = tl.load(STARTS + g * (n_clusters + 1) + j + 1)
+    offs_c = tl.arange(0, BLOCK_C)
+    lo = tl.load(SIZES + g * n_clusters) * 0
+    for c0 in range(0, j, BLOCK_C):  # the cluster's first position: sizes of the clusters before it
+        lo += tl.sum(tl.load(SIZES + g * n_clusters + c0 + offs_c, mask=c0 + offs_c < j, other=0), 0)
+    size = tl.load(SIZES + g * n_clusters + j)
+    hi = lo + size
     base = X + (g // NUM_HEADS) * stride_xb + (g % NUM_HEADS) * stride_xh
     offs_r = tl.arange(0, BLOCK_R)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -188,4 +194,8 @@ def segment_sums(X, PERM, STARTS, SUMS, stride_xb, stride_xs, stride_xh, seq_len
         else:
             tok = pos
         acc += tl.load(base + tok[:, None] * stride_xs + offs_d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
-    tl.store(SUMS + (g * n_clusters + j) * HEAD_DIM + offs_d, tl.sum(acc, axis=0))
+    out = MEANS + (g * n_clusters + j) * HEAD_DIM + offs_d
+    if size > 0:
+        tl.store(out, tl.math.div_rn(tl.sum(acc, axis=0), size.to(tl.float32)))  # IEEE, as torch divides
+    else:
+        tl.store(out, tl.load(PREVIOUS + (g * n_clusters + j) * HEAD_DIM + offs_d))

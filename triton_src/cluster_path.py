@@ -13,7 +13,7 @@ import torch
 import triton
 from torch import Tensor
 
-from .cluster_attn import permute_rows, segment_sums
+from .cluster_attn import permute_rows, segment_means
 from .cluster_launch import assign_labels, cluster_attention, cluster_config
 from .cluster_schedule import build_cluster_schedule
 from .interpreter import interpreting, launch_lock
@@ -36,20 +36,19 @@ def cluster_means(x: Tensor, sizes: Tensor, previous: Tensor, perm: Optional[Ten
         x = x.unsqueeze(2)  # [G, S, 1, D]: group g = batch g, head 0
     B, S, H, D = x.shape
     G, n = sizes.shape
-    starts = torch.nn.functional.pad(torch.cumsum(sizes, dim=1), (1, 0))
-    sums = torch.empty(G, n, D, dtype=torch.float32, device=x.device)
+    means = torch.empty(G, n, D, dtype=torch.float32, device=x.device)
     if G and n:
         with launch_lock():
-            segment_sums[(n, G)](x, perm if perm is not None else starts, starts, sums, x.stride(0), x.stride(1),
-                                 x.stride(2), S, n, NUM_HEADS=H, HEAD_DIM=D, BLOCK_R=16 if interpreting() else 32,
-                                 HAS_PERM=perm is not None)
-    means = sums / sizes.clamp(min=1).unsqueeze(-1)
-    return torch.where((sizes > 0).unsqueeze(-1), means, previous.float())
+            segment_means[(n, G)](x, perm if perm is not None else sizes, sizes.to(torch.int64).contiguous(),
+                                  previous.to(torch.float32).contiguous(), means, x.stride(0), x.stride(1),
+                                  x.stride(2), S, n, NUM_HEADS=H, HEAD_DIM=D, BLOCK_R=16 if interpreting() else 32,
+                                  BLOCK_C=16 if interpreting() else 256, HAS_PERM=perm is not None)
+    return means
 
 
 def means_fn(x: Tensor, labels: Tensor, n: int, previous: Tensor, perm: Tensor) -> Tuple[Tensor, Tensor]:
-    """`segment_means` of the co-clustering on the device: sizes by an integer scatter-add, sums by
-    `segment_sums` through the permutation (x ``[G, N, d]`` in any float dtype)."""
+    """`segment_means` of the co-clustering on the device: sizes by an integer scatter-add, means by
+    the Triton `segment_means` through the permutation (x ``[G, N, d]`` in any float dtype)."""
     sizes = torch.zeros(labels.shape[0], n, dtype=torch.int64, device=labels.device)
     sizes.scatter_add_(1, labels, torch.ones_like(labels))
     return cluster_means(x, sizes, previous, perm), sizes
