@@ -353,3 +353,22 @@ def test_device_planner_equals_tensor_op_planner_bit_for_bit(tiles, window, n_q,
             assert count[r] == [len(full), len(part)]
             assert records[r][:len(full)] == full
             assert records[r][slots - len(part):][::-1] == part  # partial tiles fill from the back
+
+
+@pytest.mark.parametrize("top_p", [0.3, 0.9, 1.0])
+def test_fused_selection_equals_reference_selection(top_p):
+    """`cluster_path.select_blocks` (GEMM + one Triton program per query cluster) == the PyTorch selection,
+    with profile floors (0, some, more than the clusters), empty key clusters and tied masses."""
+    from lvsa_kernels.reference.svoo import select_blocks
+
+    g = torch.Generator().manual_seed(11)
+    G, n_q, n_k, d = 4, 5, 37, 16
+    qc, kc = torch.randn(G, n_q, d, generator=g), torch.randn(G, n_k, d, generator=g)
+    kc[:, 3] = kc[:, 4]  # equal logits: ties broken by the lower index
+    sizes = torch.randint(0, 6, (G, n_k), generator=g)
+    sizes[:, 3:5] = 2
+    floor = torch.tensor([0, 3, 12, 50])
+    ref = select_blocks(qc, kc, sizes, top_p, floor, 0.7)
+    got = cluster_path.select_blocks(qc.to(DEVICE), kc.to(DEVICE), sizes.to(DEVICE), top_p, floor.to(DEVICE), 0.7)
+    assert torch.equal(got.cpu(), ref)
+    assert 0 < int(ref.sum()) < ref.numel()

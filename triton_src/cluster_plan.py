@@ -132,3 +132,32 @@ def plan_query_tiles(KEYS_PER_ROW, Q_SIZES, Q_START, ROW1, Q01, Q11, ROW2, Q02, 
     if BM2 > 0:
         _cut_query_tiles(ROW2, Q02, Q12, g, n_q, slots2, order, ((rem > 0) & (rem <= BM2)).to(tl.int64),
                          start + size // BM1 * BM1, start + size, last, BM2, BLOCK_S)
+
+
+@triton.jit
+def select_key_clusters(LOGITS, K_SIZES, FLOOR, MASK, n_q, n_k, top_p, scale, BLOCK_K: tl.constexpr):
+    """SVOO block selection of row ``r = program_id(0)`` (query cluster ``r % n_q`` of group ``g = r // n_q``).
+
+    LOGITS float32 ``[R, n_k]`` (centroid dot products, unscaled), K_SIZES int64 ``[G, n_k]``, FLOOR int64
+    ``[G]``; writes MASK bool ``[R, n_k]``. Mass ``M_j ∝ |K_j| exp(scale * logit_j)``; keeps the key clusters of
+    the smallest descending prefix (ties: lower index first) whose mass before it is <= ``top_p``, at least
+    ``FLOOR[g]`` of them, never an empty one.
+    """
+    r = tl.program_id(0).to(tl.int64)
+    g = r // n_q
+    j = tl.arange(0, BLOCK_K)
+    ok = j < n_k
+    size = tl.load(K_SIZES + g * n_k + j, mask=ok, other=0)
+    z = tl.load(LOGITS + r * n_k + j, mask=ok, other=0.0) * scale + tl.log(tl.maximum(size, 1).to(tl.float32))
+    z = tl.where(ok & (size > 0), z, float("-inf"))
+    e = tl.exp(z - tl.max(z, 0))
+    mass = e / tl.sum(e, 0)
+    key = mass.to(tl.int32, bitcast=True).to(tl.int64) * BLOCK_K + (BLOCK_K - 1 - j)  # mass >= 0: bits sort as floats
+    key = tl.where(ok, key, -1)
+    ranked_key = tl.sort(key, descending=True)
+    ranked = (ranked_key // BLOCK_K).to(tl.int32).to(tl.float32, bitcast=True)
+    before = tl.cumsum(ranked, 0) - ranked  # mass of the clusters ranked ahead
+    keep = tl.sum(((before <= top_p) & ok).to(tl.int32), 0)  # before[0] = 0: at least one
+    keep = tl.minimum(tl.maximum(keep.to(tl.int64), tl.load(FLOOR + g)), n_k)
+    last = tl.sum(tl.where(j == keep - 1, ranked_key, 0), 0)
+    tl.store(MASK + r * n_k + j, (key >= last) & (size > 0), mask=ok)
