@@ -87,21 +87,22 @@ def plan_key_tiles(MASK, K_SIZES, SEG, KEYS_PER_ROW, TILES1, COUNT1, TILES2, COU
 def _cut_query_tiles(ROW, Q0, Q1, g, n_q, slots, order, count, lo, hi, last, BLOCK_M: tl.constexpr,
                      BLOCK_S: tl.constexpr):
     """Write ``count[i]`` tiles of ``BLOCK_M`` positions for the i-th row of ``order``, from ``lo[i]`` up to
-    ``hi[i]``, into the ``slots`` slots of group g (unused slots: ``q0 = q1 = 0``, row of ``last``)."""
-    end = tl.cumsum(count, 0)
-    first = end - count
+    ``hi[i]``, into consecutive slots of group g (unused slots: ``q0 = q1 = 0``, row of ``last``)."""
+    first = tl.cumsum(count, 0) - count
+    base = g * slots
+    for t in range(0, tl.max(count, 0)):  # tile t of every row at once
+        todo = t < count
+        q0 = lo + t * BLOCK_M
+        tl.store(ROW + base + first + t, (g * n_q + order).to(tl.int32), mask=todo)
+        tl.store(Q0 + base + first + t, q0.to(tl.int32), mask=todo)
+        tl.store(Q1 + base + first + t, tl.minimum(q0 + BLOCK_M, hi).to(tl.int32), mask=todo)
+    used = tl.sum(count, 0)
     for s0 in range(0, slots, BLOCK_S):
         s = s0 + tl.arange(0, BLOCK_S)
-        hit = (s[:, None] >= first[None, :]) & (s[:, None] < end[None, :])  # slot s -> its row
-        used = tl.sum(hit.to(tl.int32), 1) > 0
-        local = s - tl.sum(tl.where(hit, first[None, :], 0), 1)
-        q0 = tl.sum(tl.where(hit, lo[None, :], 0), 1) + local * BLOCK_M
-        q1 = tl.minimum(q0 + BLOCK_M, tl.sum(tl.where(hit, hi[None, :], 0), 1))
-        row = g * n_q + tl.where(used, tl.sum(tl.where(hit, order[None, :], 0), 1), last)
-        ok = s < slots
-        tl.store(ROW + g * slots + s, row.to(tl.int32), mask=ok)
-        tl.store(Q0 + g * slots + s, tl.where(used, q0, 0).to(tl.int32), mask=ok)
-        tl.store(Q1 + g * slots + s, tl.where(used, q1, 0).to(tl.int32), mask=ok)
+        free = (s >= used) & (s < slots)
+        tl.store(ROW + base + s, (g * n_q + last + s * 0).to(tl.int32), mask=free)
+        tl.store(Q0 + base + s, s * 0, mask=free)
+        tl.store(Q1 + base + s, s * 0, mask=free)
 
 
 @triton.jit
