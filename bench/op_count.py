@@ -14,7 +14,7 @@ import contextlib
 import json
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterator
+from typing import Dict, Iterator
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -90,7 +90,7 @@ def count_ops() -> Iterator[OpCount]:
 
 
 def reuse_call_ops(tokens: int = 96, heads: int = 2, head_dim: int = 32, q_clusters: int = 4, k_clusters: int = 12,
-                   text_tokens: int = 0, call: Callable = None) -> OpCount:
+                   text_tokens: int = 0) -> OpCount:
     """Ops of one `SVOOPattern.attention` reuse-step call (backend "triton", float32 CPU tensors, a profile
     floor) after a re-clustering call filled the cache."""
     from lvsa_kernels import SVOOPattern
@@ -100,7 +100,10 @@ def reuse_call_ops(tokens: int = 96, heads: int = 2, head_dim: int = 32, q_clust
     q, k, v = (torch.randn(1, tokens, heads, head_dim, generator=g) for _ in range(3))
     pat = SVOOPattern(profile=SVOOProfile(torch.full((2, 1, heads), 0.2)), top_p=0.8, q_clusters=q_clusters,
                       k_clusters=k_clusters, warmup_steps=0, recluster_every=10**6, clip=(0.0, 1.0))
-    run = call or (lambda step: pat.attention(q, k, v, step, 0, backend="triton", text_tokens=text_tokens))
+
+    def run(step: int) -> None:
+        pat.attention(q, k, v, step, 0, backend="triton", text_tokens=text_tokens)
+
     run(0)  # re-clustering step: fills the cache
     run(1)  # warm every lazy import and cache of the reuse path
     with count_ops() as count:

@@ -30,7 +30,7 @@ def segments(mask: Tensor, k_sizes: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     return seg_cum, seg_delta, seg_cum[:, -1].clone()
 
 
-def key_tiles(seg_cum: Tensor, seg_delta: Tensor, block_n: int, window: int) -> List[Tuple[List[List[int]], List[List[int]]]]:
+def key_tiles(seg_cum: Tensor, seg_delta: Tensor, block_n: int, window: int) -> List[Tuple[list, list]]:
     """Per row ``(full records, partial records)`` of the greedy cut (records as lists, see `plan_key_tiles`)."""
     out = []
     for cum, dl in zip(seg_cum.tolist(), seg_delta.tolist()):

@@ -17,7 +17,8 @@ def test_reuse_call_op_count_is_bounded_and_sync_free(text_tokens):
     from lvsa_kernels.bench.op_count import reuse_call_ops
 
     count = reuse_call_ops(text_tokens=text_tokens)
-    assert count.triton["cluster_attn_fwd"] == 2 and count.triton["plan_key_tiles"] == count.triton["select_key_clusters"] == 1
+    assert count.triton["cluster_attn_fwd"] == 2
+    assert count.triton["plan_key_tiles"] == count.triton["select_key_clusters"] == 1
     assert count.launches <= MAX_LAUNCHES, count.as_dict()
     assert not count.syncs, count.as_dict()
 

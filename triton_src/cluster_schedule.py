@@ -38,7 +38,8 @@ class QueryTiles:
 @dataclass(frozen=True)
 class KeyTiles:
     """Key tiles of every row for ``block_n`` columns: ``records [R, slots, 2 * window + 1]`` int32 (full tiles
-    from the front, partial ones from the back, see `cluster_plan.plan_key_tiles`) and ``count [R, 2]`` (full, partial)."""
+    from the front, partial ones from the back, see `cluster_plan.plan_key_tiles`) and ``count [R, 2]``
+    (full, partial)."""
 
     block_n: int
     records: Tensor
