@@ -148,7 +148,8 @@ def run_case(name: str, floor: float, args, device, dtype, measure) -> Dict[str,
 
 
 def gpu_ops(fn: Callable[[], object], device: torch.device) -> object:
-    """GPU operations (kernels, copies, memsets) of one call of ``fn`` (torch.profiler), None on CPU."""
+    """GPU operations (kernels, copies, memsets) of one call of ``fn`` (torch.profiler), None on CPU. A graph
+    replay's kernels are counted one by one too: the graph saves their host launches, not the operations."""
     if device.type != "cuda":
         return None
     from torch.autograd import DeviceType
