@@ -10,10 +10,13 @@ the profile floor uses keep ratios in the published Wan 1.3B band 0.15-0.20. It 
 - ``select``: block selection, ``permute``: k, v into key-cluster order, ``plan``: the device schedule,
 - ``sparse_attn``: the packed cluster kernel alone (reads q and writes out through the permutation),
 - ``svoo_reuse`` / ``svoo_recluster``: one full `SVOOPattern.attention` call on a reuse / re-clustering step,
+- ``svoo_reuse_graph``: the reuse call replayed from a CUDA graph (``cuda_graph=True``; input copies included),
 - ``dense``: cuDNN SDPA on the same q, k, v,
 
 and measures recall = softmax mass covered by the selected blocks for sampled query rows (exact, dense
-softmax over all keys) and the kernel's error on those rows vs float32 attention over the selected blocks.
+softmax over all keys) and the kernel's error on those rows vs float32 attention over the selected blocks,
+and counts the GPU operations (kernels, copies, memsets: torch.profiler) of one eager and one graphed reuse call.
+Cases run floor by floor (both resolutions at the first floor first); about 2 minutes on an H200.
 ``--sweep`` adds a launch-config sweep of the cluster kernel. Writes ``svoo_bench.json`` under ``--out``.
 
     python3 bench/svoo_bench.py --out "$OUT" [--cases wan480,wan720] [--floors 0.15,0.20] [--sweep]
@@ -112,8 +115,15 @@ def run_case(name: str, floor: float, args, device, dtype, measure) -> Dict[str,
     t["plan"] = measure(lambda: build_cluster_schedule(mask, cl.q.sizes, cl.k.sizes, S, cfg.tiles))
     t["sparse_attn"] = measure(lambda: cluster_attention(q, kp, vp, qperm, sched, scale, cfg))
     pat.attention(q, k, v, 0, 0, backend="triton")  # fill the cache: later steps reuse it
-    t["svoo_reuse"] = measure(lambda: pat.attention(q, k, v, 1, 0, backend="triton"))
+    reuse = lambda: pat.attention(q, k, v, 1, 0, backend="triton")  # noqa: E731
+    t["svoo_reuse"] = measure(reuse)
     t["svoo_recluster"] = measure(lambda: (pat.reset(), pat.attention(q, k, v, 0, 0, backend="triton")))
+    pat.attention(q, k, v, 0, 0, backend="triton")
+    res["gpu_ops_reuse"] = gpu_ops(reuse, device)
+    if device.type == "cuda":
+        graphed = lambda: pat.attention(q, k, v, 1, 0, backend="triton", cuda_graph=True)  # noqa: E731
+        t["svoo_reuse_graph"] = measure(graphed)
+        res["gpu_ops_reuse_graph"] = gpu_ops(graphed, device)
     qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
     if device.type == "cuda":
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -124,6 +134,8 @@ def run_case(name: str, floor: float, args, device, dtype, measure) -> Dict[str,
         t["dense"] = measure(lambda: F.scaled_dot_product_attention(qt, kt, vt))
     res["ms"] = t
     reuse_overhead = t["refresh"] + t["select"] + t["permute"] + t["plan"]
+    if "svoo_reuse_graph" in t:
+        res["speedup_reuse_graph"] = t["dense"] / t["svoo_reuse_graph"]
     res.update(speedup_reuse=t["dense"] / t["svoo_reuse"], speedup_recluster=t["dense"] / t["svoo_recluster"],
                reuse_overhead_share=reuse_overhead / t["sparse_attn"],
                cluster_permute_share=(t["cluster"] + t["permute"]) / t["sparse_attn"],
@@ -133,6 +145,22 @@ def run_case(name: str, floor: float, args, device, dtype, measure) -> Dict[str,
         args.swept = True  # once, on the first case
         res["sweep"] = sweep(q, kp, vp, qperm, mask, cl, S, scale, measure)
     return res
+
+
+def gpu_ops(fn: Callable[[], object], device: torch.device) -> object:
+    """GPU operations (kernels, copies, memsets) of one call of ``fn`` (torch.profiler), None on CPU. A graph
+    replay's kernels are counted one by one too: the graph saves their host launches, not the operations."""
+    if device.type != "cuda":
+        return None
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == DeviceType.CUDA)
 
 
 _BIG = KernelConfig(128, 128, 8, 3)
@@ -162,7 +190,7 @@ def sweep(q, kp, vp, qperm, mask, cl, S, scale, measure) -> List[Dict[str, objec
 
 def table(results: List[Dict[str, object]]) -> str:
     cols = ["case", "floor", "density", "recall", "err", "cluster", "refresh", "select", "perm", "plan", "sparse",
-            "reuse", "reclust", "dense", "x reuse", "x reclust", "ovh/sparse", "TF/s"]
+            "reuse", "graph", "reclust", "dense", "x reuse", "x graph", "x reclust", "ovh/sparse", "TF/s", "ops"]
     lines = [" | ".join(cols)]
     for r in results:
         if "ms" not in r:
@@ -171,10 +199,13 @@ def table(results: List[Dict[str, object]]) -> str:
         t = r["ms"]
         vals = [r["case"], f"{r['floor_keep_ratio']:.2f}", f"{r['density']:.3f}", f"{r['recall']:.3f}",
                 f"{r['rel_err_sampled']:.1e}"]
-        vals += [f"{t[c]:.2f}" for c in ("cluster", "refresh", "select", "permute", "plan", "sparse_attn",
-                                         "svoo_reuse", "svoo_recluster", "dense")]
-        vals += [f"{r['speedup_reuse']:.2f}", f"{r['speedup_recluster']:.2f}", f"{r['reuse_overhead_share']:.2f}",
-                 f"{r['sparse_effective_tflops']:.0f}"]
+        vals += [f"{t[c]:.2f}" if c in t else "-" for c in ("cluster", "refresh", "select", "permute", "plan",
+                                                            "sparse_attn", "svoo_reuse", "svoo_reuse_graph",
+                                                            "svoo_recluster", "dense")]
+        graph = r.get("speedup_reuse_graph")
+        vals += [f"{r['speedup_reuse']:.2f}", "-" if graph is None else f"{graph:.2f}", f"{r['speedup_recluster']:.2f}",
+                 f"{r['reuse_overhead_share']:.2f}", f"{r['sparse_effective_tflops']:.0f}",
+                 f"{r['gpu_ops_reuse']}/{r.get('gpu_ops_reuse_graph')}"]
         lines.append(" | ".join(vals))
     return "\n".join(lines)
 
@@ -194,7 +225,7 @@ def main(argv: List[str] = None) -> int:
     ap.add_argument("--recall-queries", type=int, default=256)
     ap.add_argument("--sweep", action="store_true", help="also time the cluster kernel's launch configs (first case)")
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--time-budget", type=float, default=420.0, help="seconds; later cases are skipped")
+    ap.add_argument("--time-budget", type=float, default=170.0, help="seconds; later cases are skipped")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on CPU with the reference backend")
     args = ap.parse_args(argv)
     if args.cpu_smoke:
@@ -209,8 +240,8 @@ def main(argv: List[str] = None) -> int:
     measure = timer(device, args.reps)
     start = time.time()
     results: List[Dict[str, object]] = []
-    for name in args.cases.split(","):
-        for floor in (float(x) for x in args.floors.split(",")):
+    for floor in (float(x) for x in args.floors.split(",")):
+        for name in args.cases.split(","):
             if time.time() - start > args.time_budget:
                 results.append({"case": name, "floor_keep_ratio": floor, "skipped": "time budget"})
                 continue

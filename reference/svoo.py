@@ -286,11 +286,13 @@ class ClusterOps:
         means: ``(x, labels, n, previous, perm) -> (centroids, sizes)`` like `segment_means`, or None for
             `segment_means` on float32 copies (see `co_cluster`).
         refresh: ``(x [B, S, H, D], clusters) -> Clusters``: same labels, centroids recomputed from x (any strides).
+        select: the block selection, with the arguments and result of `select_blocks`.
     """
 
     assign: Callable[[Tensor, Tensor], Tensor] = assign
     means: Optional[Callable[..., Tuple[Tensor, Tensor]]] = None
     refresh: Callable[[Tensor, Clusters], Clusters] = lambda x, clusters: refresh_clusters(_groups(x), clusters)
+    select: Callable[..., Tensor] = select_blocks
 
 
 @dataclass(frozen=True, eq=False)
@@ -370,6 +372,7 @@ class SVOOPlanner:
         self.clip = (float(lo_clip), float(hi_clip))
         self.seed = seed
         self._cache: Dict[Tuple[int, Hashable], _CacheEntry] = {}
+        self._floors: Dict[Tuple[object, ...], Tuple[Tensor, Tensor]] = {}
 
     def is_dense(self, step: int, layer: int) -> bool:
         """Whether (step, layer) runs dense attention (warm-up step or dense layer)."""
@@ -391,8 +394,9 @@ class SVOOPlanner:
         return torch.where(clipped > 0, floor.clamp(min=1), floor)  # published: max(1, int(r * n_k)) for r > 0
 
     def reset(self) -> None:
-        """Drop every cached clustering (call between videos)."""
+        """Drop every cached clustering (call between videos) and the device copies of the profile floors."""
         self._cache.clear()
+        self._floors.clear()
 
     def cached_densities(self) -> Dict[Tuple[int, Hashable], float]:
         """Token density (computed query-key pairs / S², averaged over batch and heads) of the block map that
@@ -428,7 +432,7 @@ class SVOOPlanner:
         n_video = S - text_tokens
         clustering, reclustered = self._clusters(q[:, :n_video], k[:, :n_video], step, layer, cache_key,
                                                  ops or ClusterOps(), heads)
-        mask = self._block_map(clustering, step, layer, B, H, scale, heads)
+        mask = self._block_map(clustering, step, layer, B, H, scale, heads, (ops or ClusterOps()).select)
         q_sizes, k_sizes, q_perm, k_perm, mask = with_text(clustering, mask, text_tokens)
         meta = {"pattern": "svoo", "step": step, "layer": layer, "top_p": self.top_p, "q_clusters": self.q_clusters,
                 "k_clusters": self.k_clusters, "text_tokens": text_tokens}
@@ -478,8 +482,26 @@ class SVOOPlanner:
         return clustering, reclustered
 
     def _block_map(self, clustering: CoClustering, step: int, layer: int, B: int, H: int, scale: float,
-                   heads: Optional[Tuple[int, int]] = None) -> Tensor:
+                   heads: Optional[Tuple[int, int]] = None, select: Callable[..., Tensor] = select_blocks) -> Tensor:
+        floor = self._device_floors(step, layer, B, H, heads, clustering.k.sizes.device)
+        return select(clustering.q.centroids, clustering.k.centroids, clustering.k.sizes, self.top_p, floor, scale)
+
+    def _device_floors(self, step: int, layer: int, B: int, H: int, heads: Optional[Tuple[int, int]],
+                       device: torch.device) -> Tensor:
+        """`min_blocks` of every (b, h) group, int64 ``[B * H]`` on ``device``, in one buffer per (layer, shape,
+        device) filled from a device table of every profiled step (built and copied once): a call adds one
+        device copy and no host work. A CUDA graph capture reads the buffer without writing it, so a replay
+        uses the floors written before it (`lvsa_kernels.svoo_graph`)."""
         first, total = heads or (0, H)
-        floor = self.min_blocks(step, layer, H, first, total).repeat(B)
-        return select_blocks(clustering.q.centroids, clustering.k.centroids, clustering.k.sizes, self.top_p,
-                             floor, scale)
+        steps = 1 if self.profile is None else self.profile.steps
+        if step >= steps and self.profile is not None:
+            self.min_blocks(step, layer, H, first, total)  # raises the profile's error
+        key = (layer, B, first, H, total, str(device))
+        if key not in self._floors:
+            table = torch.stack([self.min_blocks(s, layer, H, first, total).repeat(B) for s in range(steps)])
+            table = table.to(device)
+            self._floors[key] = (table, table[0].clone())
+        table, floors = self._floors[key]
+        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            floors.copy_(table[min(step, steps - 1)])
+        return floors

@@ -7,6 +7,7 @@ on a CUDA machine they run on the GPU and add bf16.
 import pytest
 import torch
 
+import cluster_schedule_oracle as oracle
 from lvsa_kernels import SVOOPattern
 from lvsa_kernels.reference.svoo import assign, co_cluster, segment_means
 from lvsa_kernels.triton_src import cluster_path
@@ -325,3 +326,49 @@ def test_video_clusters_with_trailing_text(backend):
     assert rel_err(dense.attention(q, k, v, 0, 0, backend=backend, text_tokens=n_text).cpu(), full) <= 2e-5
     with pytest.raises(ValueError, match="text_tokens"):
         pat.attention(q, k, v, 2, 0, backend=backend, text_tokens=S)
+
+
+@pytest.mark.parametrize("tiles,window", [([(16, 16)], 4), ([(16, 16), (8, 16)], 2), ([(32, 16), (16, 8)], 4),
+                                          ([(16, 8), (8, 16)], 1)])
+@pytest.mark.parametrize("n_q,n_k", [(5, 13), (8, 32)])
+def test_device_planner_equals_tensor_op_planner_bit_for_bit(tiles, window, n_q, n_k):
+    """The two Triton planning launches give exactly the tiles of the tensor-op planner they replaced
+    (`cluster_schedule_oracle`): keys per row, every used key-tile record and count, every query-tile slot."""
+    g = torch.Generator().manual_seed(n_q * 100 + window)
+    G, S = 3, 150
+    q_sizes, k_sizes = random_sizes(g, G, n_q, S), random_sizes(g, G, n_k, S, empty=3)
+    mask = torch.rand(G, n_q, n_k, generator=g) < 0.5
+    mask[0, 1] = False  # a row with no keys
+    mask[1, 0] = True
+    sched = build_cluster_schedule(mask.to(DEVICE), q_sizes.to(DEVICE), k_sizes.to(DEVICE), S, tiles, window)
+    seg_cum, seg_delta, keys = oracle.segments(mask, k_sizes)
+    assert torch.equal(sched.keys_per_row.cpu(), keys)
+    for (qt, kt), ref_q in zip(sched.parts, oracle.query_tiles(keys, q_sizes, tiles)):
+        for got, ref in zip((qt.row, qt.q0, qt.q1), ref_q):
+            assert torch.equal(got.cpu().long(), ref)
+        ref_k = oracle.key_tiles(seg_cum, seg_delta, kt.block_n, window)
+        records, count = kt.records.cpu().tolist(), kt.count.cpu().tolist()
+        slots = len(records[0])
+        for r, (full, part) in enumerate(ref_k):
+            assert count[r] == [len(full), len(part)]
+            assert records[r][:len(full)] == full
+            assert records[r][slots - len(part):][::-1] == part  # partial tiles fill from the back
+
+
+@pytest.mark.parametrize("top_p", [0.3, 0.9, 1.0])
+def test_fused_selection_equals_reference_selection(top_p):
+    """`cluster_path.select_blocks` (GEMM + one Triton program per query cluster) == the PyTorch selection,
+    with profile floors (0, some, more than the clusters), empty key clusters and tied masses."""
+    from lvsa_kernels.reference.svoo import select_blocks
+
+    g = torch.Generator().manual_seed(11)
+    G, n_q, n_k, d = 4, 5, 37, 16
+    qc, kc = torch.randn(G, n_q, d, generator=g), torch.randn(G, n_k, d, generator=g)
+    kc[:, 3] = kc[:, 4]  # equal logits: ties broken by the lower index
+    sizes = torch.randint(0, 6, (G, n_k), generator=g)
+    sizes[:, 3:5] = 2
+    floor = torch.tensor([0, 3, 12, 50])
+    ref = select_blocks(qc, kc, sizes, top_p, floor, 0.7)
+    got = cluster_path.select_blocks(qc.to(DEVICE), kc.to(DEVICE), sizes.to(DEVICE), top_p, floor.to(DEVICE), 0.7)
+    assert torch.equal(got.cpu(), ref)
+    assert 0 < int(ref.sum()) < ref.numel()

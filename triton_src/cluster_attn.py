@@ -1,4 +1,4 @@
-"""Triton kernels of the SVOO cluster path: packed cluster-block attention and its key-tile planner, the
+"""Triton kernels of the SVOO cluster path: packed cluster-block attention, the
 fused assignment GEMM + argmax of the co-clustering, the row permutation of K/V and deterministic
 per-cluster sums (centroids).
 
@@ -10,8 +10,8 @@ Vocabulary (all per group ``g = b * H + h``; ``R = G * n_q`` rows, one per query
   KP row ``c + seg_delta[s]`` where ``seg_cum[s] <= c < seg_cum[s + 1]``. A 74-token cluster then fills
   74 columns of a 128-column tile instead of a tile of its own.
 - *Key tiles* cut the packed sequence into pieces of at most ``BLOCK_N`` columns that touch at most
-  ``WINDOW`` segments. `pack_key_tiles` cuts them greedily (one program per row) and writes a small
-  record per tile from which the attention kernel maps its columns to KP rows with ``WINDOW - 1``
+  ``WINDOW`` segments. `cluster_plan.plan_key_tiles` cuts them greedily (one program per row) and writes a
+  small record per tile from which the attention kernel maps its columns to KP rows with ``WINDOW - 1``
   element-wise selects (no reduction, no index list).
 
 Queries are never copied: a query tile is up to ``BLOCK_M`` consecutive positions of one query
@@ -25,49 +25,10 @@ LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
-def pack_key_tiles(seg_cum, seg_delta, tiles, tile_count, seg_stride, slots,
-                   BLOCK_N: tl.constexpr, WINDOW: tl.constexpr):
-    """Cut row ``program_id(0)``'s packed key sequence into key tiles and write one record per tile.
-
-    seg_cum, seg_delta ``[R, seg_stride]`` int32 (see module docstring; seg_cum padded with the row total).
-    Record of a tile (``2 * WINDOW + 1`` int32 in ``tiles[r, slot]``): ``c0, c1, delta[s0]``, then for
-    ``w = 1 .. WINDOW - 1``: ``seg_cum[s0 + w], delta[s0 + w] - delta[s0 + w - 1]``, so that the KP row of
-    column c is ``c + delta[s0] + sum_w (c >= seg_cum[s0 + w]) * step_w``. Full tiles (``BLOCK_N``
-    columns) fill slots from the front, partial ones from the back; ``tile_count[r] = (full, partial)``.
-    """
-    r = tl.program_id(0).to(tl.int64)
-    cum = seg_cum + r * seg_stride
-    dl = seg_delta + r * seg_stride
-    out = tiles + r * slots * (2 * WINDOW + 1)
-    total = tl.load(cum + seg_stride - 1)
-    ahead = tl.arange(0, WINDOW) + 1
-    c0 = total * 0
-    s0 = total * 0
-    n_full = total * 0
-    n_part = total * 0
-    while c0 < total:
-        c1 = tl.minimum(c0 + BLOCK_N, tl.load(cum + s0 + WINDOW))
-        full = c1 - c0 == BLOCK_N
-        rec = out + tl.where(full, n_full, slots - 1 - n_part).to(tl.int64) * (2 * WINDOW + 1)
-        tl.store(rec, c0)
-        tl.store(rec + 1, c1)
-        tl.store(rec + 2, tl.load(dl + s0))
-        for w in tl.static_range(1, WINDOW):
-            tl.store(rec + 2 * w + 1, tl.load(cum + s0 + w))
-            tl.store(rec + 2 * w + 2, tl.load(dl + s0 + w) - tl.load(dl + s0 + w - 1))
-        n_full += full.to(tl.int32)
-        n_part += 1 - full.to(tl.int32)
-        s0 += tl.sum((tl.load(cum + s0 + ahead) <= c1).to(tl.int32))
-        c0 = c1
-    tl.store(tile_count + 2 * r, n_full)
-    tl.store(tile_count + 2 * r + 1, n_part)
-
-
-@triton.jit
 def _key_tile(acc, m_i, l_i, q, k_base, v_base, rec, qk_scale,
               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, WINDOW: tl.constexpr, MASKED: tl.constexpr,
               DOT_PRECISION: tl.constexpr):
-    """Fold the key tile described by record ``rec`` (see `pack_key_tiles`) into the online softmax."""
+    """Fold the key tile described by record ``rec`` (see `cluster_plan.plan_key_tiles`) into the online softmax."""
     cols = tl.load(rec) + tl.arange(0, BLOCK_N)
     kv_rows = cols + tl.load(rec + 2)
     for w in tl.static_range(1, WINDOW):
@@ -111,7 +72,7 @@ def cluster_attn_fwd(
     Q, O ``[B, S, H, D]`` (any strides, contiguous head dim), KP/VP ``[G, S, D]`` contiguous in key-cluster
     order, Q_PERM ``[G, S]`` int32 (position -> token), LSE ``[B, H, S]`` float32. Query tile slots
     ``[G, q_slots]`` (``tile_q0 == tile_q1``: no tile); key tile records ``[R, key_slots, 2 * WINDOW + 1]``
-    and counts ``[R, 2]`` from `pack_key_tiles`: full tiles run without masks, then the partial ones.
+    and counts ``[R, 2]`` from `cluster_plan.plan_key_tiles`: full tiles run without masks, then the partial ones.
     """
     pid_t = tl.program_id(0)
     g = tl.program_id(1).to(tl.int64)
@@ -202,19 +163,25 @@ def permute_rows(X, PERM, OUT, stride_xb, stride_xs, stride_xh, seq_len,
 
 
 @triton.jit
-def segment_sums(X, PERM, STARTS, SUMS, stride_xb, stride_xs, stride_xh, seq_len, n_clusters,
-                 NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, HAS_PERM: tl.constexpr):
-    """``SUMS[g, j] = sum of X[b, PERM[g, s], h]`` over positions ``STARTS[g, j] <= s < STARTS[g, j + 1]``
-    (identity order without PERM), in float32 and a fixed order (deterministic, no atomics).
+def segment_means(X, PERM, SIZES, PREVIOUS, MEANS, stride_xb, stride_xs, stride_xh, seq_len, n_clusters,
+                  NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                  HAS_PERM: tl.constexpr):
+    """``MEANS[g, j]`` = float32 mean of ``X[b, PERM[g, s], h]`` over the ``SIZES[g, j]`` positions s of cluster j
+    (clusters are consecutive runs of positions; identity order without PERM), summed in a fixed order
+    (deterministic, no atomics); an empty cluster keeps ``PREVIOUS[g, j]``.
 
-    X ``[B, S, H, D]`` (any strides, contiguous head dim), PERM int64 ``[G, S]``, STARTS int64
-    ``[G, n_clusters + 1]``, SUMS float32 ``[G, n_clusters, D]``. Program = cluster ``program_id(0)`` of group
-    ``program_id(1)``.
+    X ``[B, S, H, D]`` (any strides, contiguous head dim), PERM int64 ``[G, S]``, SIZES int64 ``[G, n_clusters]``,
+    PREVIOUS float32 and MEANS float32 ``[G, n_clusters, D]`` contiguous. Program = cluster ``program_id(0)`` of
+    group ``program_id(1)``.
     """
     j = tl.program_id(0)
     g = tl.program_id(1).to(tl.int64)
-    lo = tl.load(STARTS + g * (n_clusters + 1) + j)
-    hi = tl.load(STARTS + g * (n_clusters + 1) + j + 1)
+    offs_c = tl.arange(0, BLOCK_C)
+    lo = tl.load(SIZES + g * n_clusters) * 0
+    for c0 in range(0, j, BLOCK_C):  # the cluster's first position: sizes of the clusters before it
+        lo += tl.sum(tl.load(SIZES + g * n_clusters + c0 + offs_c, mask=c0 + offs_c < j, other=0), 0)
+    size = tl.load(SIZES + g * n_clusters + j)
+    hi = lo + size
     base = X + (g // NUM_HEADS) * stride_xb + (g % NUM_HEADS) * stride_xh
     offs_r = tl.arange(0, BLOCK_R)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -227,4 +194,8 @@ def segment_sums(X, PERM, STARTS, SUMS, stride_xb, stride_xs, stride_xh, seq_len
         else:
             tok = pos
         acc += tl.load(base + tok[:, None] * stride_xs + offs_d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
-    tl.store(SUMS + (g * n_clusters + j) * HEAD_DIM + offs_d, tl.sum(acc, axis=0))
+    out = MEANS + (g * n_clusters + j) * HEAD_DIM + offs_d
+    if size > 0:
+        tl.store(out, tl.math.div_rn(tl.sum(acc, axis=0), size.to(tl.float32)))  # IEEE, as torch divides
+    else:
+        tl.store(out, tl.load(PREVIOUS + (g * n_clusters + j) * HEAD_DIM + offs_d))

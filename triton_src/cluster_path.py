@@ -13,12 +13,13 @@ import torch
 import triton
 from torch import Tensor
 
-from .cluster_attn import permute_rows, segment_sums
+from .cluster_attn import permute_rows, segment_means
 from .cluster_launch import assign_labels, cluster_attention, cluster_config
+from .cluster_plan import select_key_clusters
 from .cluster_schedule import build_cluster_schedule
 from .interpreter import interpreting, launch_lock
 
-__all__ = ["assign_fn", "attend", "cluster_means", "gather_rows", "means_fn", "permute_keys"]
+__all__ = ["assign_fn", "attend", "cluster_means", "gather_rows", "means_fn", "permute_keys", "select_blocks"]
 
 
 def assign_fn(q: Tensor) -> Callable[[Tensor, Tensor], Tensor]:
@@ -36,23 +37,41 @@ def cluster_means(x: Tensor, sizes: Tensor, previous: Tensor, perm: Optional[Ten
         x = x.unsqueeze(2)  # [G, S, 1, D]: group g = batch g, head 0
     B, S, H, D = x.shape
     G, n = sizes.shape
-    starts = torch.nn.functional.pad(torch.cumsum(sizes, dim=1), (1, 0))
-    sums = torch.empty(G, n, D, dtype=torch.float32, device=x.device)
+    means = torch.empty(G, n, D, dtype=torch.float32, device=x.device)
     if G and n:
         with launch_lock():
-            segment_sums[(n, G)](x, perm if perm is not None else starts, starts, sums, x.stride(0), x.stride(1),
-                                 x.stride(2), S, n, NUM_HEADS=H, HEAD_DIM=D, BLOCK_R=16 if interpreting() else 32,
-                                 HAS_PERM=perm is not None)
-    means = sums / sizes.clamp(min=1).unsqueeze(-1)
-    return torch.where((sizes > 0).unsqueeze(-1), means, previous.float())
+            segment_means[(n, G)](x, perm if perm is not None else sizes, sizes.to(torch.int64).contiguous(),
+                                  previous.to(torch.float32).contiguous(), means, x.stride(0), x.stride(1),
+                                  x.stride(2), S, n, NUM_HEADS=H, HEAD_DIM=D, BLOCK_R=16 if interpreting() else 32,
+                                  BLOCK_C=16 if interpreting() else 256, HAS_PERM=perm is not None)
+    return means
 
 
 def means_fn(x: Tensor, labels: Tensor, n: int, previous: Tensor, perm: Tensor) -> Tuple[Tensor, Tensor]:
-    """`segment_means` of the co-clustering on the device: sizes by an integer scatter-add, sums by
-    `segment_sums` through the permutation (x ``[G, N, d]`` in any float dtype)."""
+    """`segment_means` of the co-clustering on the device: sizes by an integer scatter-add, means by
+    the Triton `segment_means` through the permutation (x ``[G, N, d]`` in any float dtype)."""
     sizes = torch.zeros(labels.shape[0], n, dtype=torch.int64, device=labels.device)
     sizes.scatter_add_(1, labels, torch.ones_like(labels))
     return cluster_means(x, sizes, previous, perm), sizes
+
+
+def select_blocks(q_centroids: Tensor, k_centroids: Tensor, k_sizes: Tensor, top_p: float, min_blocks: Tensor,
+                  scale: float) -> Tensor:
+    """`lvsa_kernels.reference.svoo.select_blocks` in two launches (the centroid GEMM, then one Triton program
+    per query cluster: mass, sort, prefix, floor); bool ``[G, n_q, n_k]``, min_blocks int ``[G]`` on the device."""
+    G, n_q, _ = q_centroids.shape
+    n_k = k_centroids.shape[1]
+    if top_p >= 1:
+        return (k_sizes > 0).unsqueeze(1).expand(G, n_q, n_k).clone()
+    logits = torch.bmm(q_centroids.float(), k_centroids.float().transpose(1, 2))
+    mask = torch.empty(G, n_q, n_k, dtype=torch.bool, device=logits.device)
+    if mask.numel():
+        with launch_lock():
+            select_key_clusters[(G * n_q,)](logits, k_sizes.to(torch.int64).contiguous(),
+                                            min_blocks.to(device=logits.device, dtype=torch.int64), mask, n_q, n_k,
+                                            float(top_p), float(scale), BLOCK_K=triton.next_power_of_2(n_k),
+                                            num_warps=4)
+    return mask
 
 
 def gather_rows(x: Tensor, perm: Tensor) -> Tensor:

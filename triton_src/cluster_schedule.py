@@ -1,22 +1,23 @@
 """Device-side plan of one SVOO attention call: query tiles, packed key segments and key tiles.
 
-Built from the block map and the cluster sizes with tensor ops on their device plus one small
-Triton kernel (`pack_key_tiles`): no host round trip, no synchronisation, nothing of size S x S.
+Built from the block map and the cluster sizes by two Triton launches (`cluster_plan.py`): no host
+round trip, no synchronisation, nothing of size S x S.
 Every array's size is fixed by the shapes (grids use upper bounds; unused slots are empty), so a
 plan can be built inside CUDA graphs. See `cluster_attn.py` for the vocabulary.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import Sequence, Tuple
 
 import torch
+import triton
 from torch import Tensor
 
 i32 = torch.int32
 
-from .cluster_attn import pack_key_tiles
-from .interpreter import launch_lock
+from .cluster_plan import plan_key_tiles, plan_query_tiles
+from .interpreter import interpreting, launch_lock
 
 __all__ = ["ClusterSchedule", "KeyTiles", "QueryTiles", "WINDOW", "build_cluster_schedule"]
 
@@ -37,7 +38,8 @@ class QueryTiles:
 @dataclass(frozen=True)
 class KeyTiles:
     """Key tiles of every row for ``block_n`` columns: ``records [R, slots, 2 * window + 1]`` int32 (full tiles
-    from the front, partial ones from the back, see `pack_key_tiles`) and ``count [R, 2]`` (full, partial)."""
+    from the front, partial ones from the back, see `cluster_plan.plan_key_tiles`) and ``count [R, 2]``
+    (full, partial)."""
 
     block_n: int
     records: Tensor
@@ -58,14 +60,9 @@ class ClusterSchedule:
     keys_per_row: Tensor
 
 
-def _exclusive_cumsum(x: Tensor) -> Tensor:
-    """``[..., n] -> [..., n + 1]`` starting at 0."""
-    return torch.nn.functional.pad(torch.cumsum(x, dim=-1), (1, 0))
-
-
 def build_cluster_schedule(mask: Tensor, q_sizes: Tensor, k_sizes: Tensor, seq_len: int,
                            tiles: Sequence[Tuple[int, int]], window: int = WINDOW) -> ClusterSchedule:
-    """Plan attention of query clusters to their selected key clusters over permuted tokens.
+    """Plan attention of query clusters to their selected key clusters over permuted tokens (two launches).
 
     Args:
         mask: bool ``[G, n_q, n_k]``: query cluster i of group g attends key cluster j.
@@ -84,68 +81,41 @@ def build_cluster_schedule(mask: Tensor, q_sizes: Tensor, k_sizes: Tensor, seq_l
         raise ValueError(f"window: expected a power of two, got {window}")
     if len(tiles) not in (1, 2) or (len(tiles) == 2 and tiles[1][0] >= tiles[0][0]):
         raise ValueError(f"tiles: expected [(bm, bn)] or [(bm1, bn1), (bm2, bn2)] with bm2 < bm1, got {tiles}")
-    q_sizes, k_sizes = q_sizes.to(device=dev, dtype=torch.int64), k_sizes.to(device=dev, dtype=torch.int64)
+    if q_sizes.shape != (G, n_q) or k_sizes.shape != (G, n_k):
+        raise ValueError(f"q_sizes, k_sizes: expected {(G, n_q)} and {(G, n_k)} for mask {tuple(mask.shape)}, "
+                         f"got {tuple(q_sizes.shape)} and {tuple(k_sizes.shape)}")
+    q_sizes = q_sizes.to(device=dev, dtype=torch.int64).contiguous()
+    k_sizes = k_sizes.to(device=dev, dtype=torch.int64).contiguous()
+    mask = mask.contiguous()
     R = G * n_q
-    width = n_k + window
-
-    # packed segments: each row's selected, non-empty key clusters in cluster order
-    sel = (mask & (k_sizes > 0).unsqueeze(1)).reshape(R, n_k)
-    pos = torch.where(sel, torch.cumsum(sel, dim=1) - 1, width - 1)  # unselected -> a spare column
-    seg_len = torch.zeros(R, width, dtype=torch.int64, device=dev)
-    seg_len.scatter_(1, pos, torch.where(sel, k_sizes.repeat_interleave(n_q, dim=0), 0))
-    seg_len[:, n_k:] = 0
-    seg_start = torch.zeros(R, width, dtype=torch.int64, device=dev)
-    seg_start.scatter_(1, pos, _exclusive_cumsum(k_sizes)[:, :-1].repeat_interleave(n_q, dim=0))
-    seg_cum = _exclusive_cumsum(seg_len)
-    seg_delta = torch.nn.functional.pad(seg_start - seg_cum[:, :-1], (0, 1))  # same row stride as seg_cum
-    keys_per_row = seg_cum[:, -1]
-    seg_cum32, seg_delta32 = seg_cum.to(i32), seg_delta.to(i32)
-
-    # query tiles: rows of a group heaviest first
-    order = torch.argsort(keys_per_row.view(G, n_q), dim=1, descending=True, stable=True)
-    sizes = q_sizes.gather(1, order)
-    q_start = _exclusive_cumsum(q_sizes).gather(1, order)
-    bm = tiles[0][0]
-    small = tiles[1][0] if len(tiles) == 2 else 0
-    rem = sizes % bm
-    big = sizes // bm + (rem > small).long()
-    parts = [_query_tiles(order, sizes, q_start, big, bm, seq_len // bm + n_q)]
-    if small:
-        parts.append(_query_tiles(order, sizes, q_start, ((rem > 0) & (rem <= small)).long(), small, n_q,
-                                  first=sizes // bm * bm))
-
-    key_tiles = {bn: _key_tiles(seg_cum32, seg_delta32, seq_len, n_k, bn, window) for bn in {bn for _, bn in tiles}}
+    widths = sorted({bn for _, bn in tiles}, reverse=True)
+    keys_per_row = torch.empty(R, dtype=torch.int64, device=dev)
+    key_tiles = {bn: _empty_key_tiles(R, seq_len // bn + n_k // window + 1, bn, window, dev) for bn in widths}
+    parts = [_empty_query_tiles(G, bm, seq_len // bm + n_q if p == 0 else n_q, dev) for p, (bm, _) in enumerate(tiles)]
+    if R:
+        seg_stride = n_k + window + 1
+        seg = torch.empty(R, 2, seg_stride, dtype=i32, device=dev)
+        kt1, kt2 = key_tiles[widths[0]], key_tiles[widths[-1]]
+        q1, q2 = parts[0], parts[-1]
+        block_q = triton.next_power_of_2(n_q)
+        with launch_lock():  # serial walks: one warp, many rows per SM
+            plan_key_tiles[(R,)](mask, k_sizes, seg, keys_per_row, kt1.records, kt1.count, kt2.records, kt2.count,
+                                 n_q, n_k, seg_stride, kt1.records.shape[1], kt2.records.shape[1],
+                                 BLOCK_K=triton.next_power_of_2(n_k), BLOCK_N1=widths[0],
+                                 BLOCK_N2=widths[-1] if len(widths) == 2 else 0, WINDOW=window, num_warps=1)
+        with launch_lock():
+            plan_query_tiles[(G,)](keys_per_row, q_sizes, torch.empty(G, block_q, dtype=torch.int64, device=dev),
+                                   q1.row, q1.q0, q1.q1, q2.row, q2.q0, q2.q1, n_q, q1.row.shape[1], q2.row.shape[1],
+                                   BLOCK_Q=block_q, BLOCK_S=16 if interpreting() else 32, BM1=q1.block_m,
+                                   BM2=q2.block_m if len(parts) == 2 else 0, num_warps=4)
     return ClusterSchedule(window=window, parts=tuple((qt, key_tiles[bn]) for qt, (_, bn) in zip(parts, tiles)),
                            keys_per_row=keys_per_row)
 
 
-def _query_tiles(order: Tensor, sizes: Tensor, q_start: Tensor, count: Tensor, block_m: int, slots: int,
-                 first: Optional[Tensor] = None) -> QueryTiles:
-    """``count[g, i]`` tiles of ``block_m`` rows for the i-th heaviest cluster of group g (``order``, ``sizes``,
-    ``q_start`` in that order), starting ``first`` rows into the cluster (default 0), in ``slots`` slots."""
-    G, n_q = order.shape
-    dev = order.device
-    tiles_end = torch.cumsum(count, dim=1)
-    slot = torch.arange(slots, device=dev).expand(G, slots).contiguous()
-    which = torch.searchsorted(tiles_end, slot, right=True)  # position in `order`; n_q: no tile
-    used = which < n_q
-    which = which.clamp(max=n_q - 1)
-    local = slot - (tiles_end.gather(1, which) - count.gather(1, which))
-    lo = q_start.gather(1, which) + (0 if first is None else first.gather(1, which))
-    q0 = lo + local * block_m
-    q1 = torch.minimum(q0 + block_m, q_start.gather(1, which) + sizes.gather(1, which))
-    row = torch.arange(G, device=dev).unsqueeze(1) * n_q + order.gather(1, which)
-    return QueryTiles(block_m, row.to(i32), torch.where(used, q0, 0).to(i32), torch.where(used, q1, 0).to(i32))
+def _empty_query_tiles(G: int, block_m: int, slots: int, dev: torch.device) -> QueryTiles:
+    return QueryTiles(block_m, *(torch.empty(G, slots, dtype=i32, device=dev) for _ in range(3)))
 
 
-def _key_tiles(seg_cum: Tensor, seg_delta: Tensor, seq_len: int, n_k: int, block_n: int, window: int) -> KeyTiles:
-    """Greedy cut of each row's packed keys into tile records (one Triton program per row)."""
-    R = seg_cum.shape[0]
-    slots = seq_len // block_n + n_k // window + 1
-    records = torch.empty(R, slots, 2 * window + 1, dtype=i32, device=seg_cum.device)
-    count = torch.empty(R, 2, dtype=i32, device=seg_cum.device)
-    if R:
-        with launch_lock():  # a serial walk: one warp, many rows per SM
-            pack_key_tiles[(R,)](seg_cum, seg_delta, records, count, seg_cum.shape[1], slots, BLOCK_N=block_n,
-                                 WINDOW=window, num_warps=1)
-    return KeyTiles(block_n, records, count)
+def _empty_key_tiles(R: int, slots: int, block_n: int, window: int, dev: torch.device) -> KeyTiles:
+    return KeyTiles(block_n, torch.empty(R, slots, 2 * window + 1, dtype=i32, device=dev),
+                    torch.empty(R, 2, dtype=i32, device=dev))
