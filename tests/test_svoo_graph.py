@@ -40,7 +40,8 @@ def test_graphed_reuse_calls_equal_eager_calls(text_tokens):
                 got = graphed.attention(q, k, v, step, layer, backend="triton", branch=branch,
                                         text_tokens=text_tokens, cuda_graph=True)
                 assert torch.equal(got, want), (step, layer, branch)
-                assert graphed._cache[(layer, branch)].step == step
+                if step >= graphed.warmup_steps:  # warm-up steps run dense and cache nothing
+                    assert graphed._cache[(layer, branch)].step == step
     assert len(graphed.graphs._graphs) == 4  # the step-5 graphs replaced the step-2 ones
 
 
