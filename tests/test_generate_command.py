@@ -7,6 +7,7 @@ import pytest
 pytest.importorskip("diffusers")
 pytest.importorskip("imageio_ffmpeg")
 import imageio  # noqa: E402
+import torch  # noqa: E402
 
 from lvsa_kernels.__main__ import main  # noqa: E402
 from lvsa_kernels.commands import generate  # noqa: E402
@@ -89,3 +90,30 @@ def test_knobs_must_match_the_attention(tmp_path):
         main(["generate", str(tmp_path), *SMALL, "--top-p", "0.5"])
     with pytest.raises(ValueError, match=r"--attention svoo: LVSA knobs \['window'\]"):
         main(["generate", str(tmp_path), *SMALL, "--attention", "svoo", "--window", "2"])
+
+
+def test_missing_ftfy_is_a_clear_error_for_pipelines_that_need_it(monkeypatch):
+    from diffusers import SkyReelsV2Pipeline, WanPipeline, WanVACEPipeline
+
+    real = generate.importlib.util.find_spec
+    monkeypatch.setattr(generate.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "ftfy" else real(name, *a))
+    for cls in (WanVACEPipeline, SkyReelsV2Pipeline):  # their prompt cleaning calls ftfy unconditionally
+        with pytest.raises(RuntimeError, match=f"{cls.__name__} cleans the prompt with ftfy.*pip install"):
+            generate.check_prompt_cleaner(object.__new__(cls))
+    generate.check_prompt_cleaner(object.__new__(WanPipeline))  # checks is_ftfy_available() itself
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without CUDA")
+def test_cpu_offload_without_cuda_is_a_clear_error(tmp_path):
+    with pytest.raises(RuntimeError, match="--cpu-offload need CUDA"):
+        main(["generate", str(tmp_path), "--prompt", "a cat", "--cpu-offload"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="diffusers' model CPU offload needs CUDA")
+def test_wan_cpu_offload_on_cuda(wan_dir, tmp_path, capsys):
+    video = tmp_path / "offload.mp4"
+    assert main(["generate", wan_dir, *SMALL, *SPARSE, "--cpu-offload", "--output", str(video)]) == 0
+    assert frames_in(str(video)) == 17
+    density, backend = printed(capsys)
+    assert density < 1.0 and backend == "reference"

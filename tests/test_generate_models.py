@@ -17,7 +17,7 @@ from lvsa_kernels.__main__ import main  # noqa: E402
 
 import tiny_pipelines  # noqa: E402
 
-FRAMES = 29  # 8 latent frames with 4x temporal VAEs, 4 x 4 px latents
+FRAMES = 21  # 6 latent frames with 4x temporal VAEs, 4 x 4 px latents
 STEPS = 2
 ARGS = ["--prompt", "a cat runs on the beach", "--negative-prompt", "blurry", "--frames", str(FRAMES), "--height", "32",
         "--width", "32", "--steps", str(STEPS), "--backend", "reference", "--reference-frames", "2", "--window", "1",
@@ -63,6 +63,6 @@ def test_generate_runs_the_model_pipeline(model, layouts, tmp_path, capsys):
     offsets = [layout.meta["offset"] for layout in layouts]
     per_step = len(offsets) // STEPS
     assert per_step > 0 and offsets == [step for step in range(STEPS) for _ in range(per_step)]
-    assert {layout.meta["frames"] for layout in layouts} == {8}
+    assert {layout.meta["frames"] for layout in layouts} == {6}
     if model == "skyreels_v2_diffusion_forcing":  # block-causal layout (num_frame_per_block 2)
         assert {layout.meta.get("causal_block") for layout in layouts} == {2}
