@@ -9,6 +9,7 @@ pytest.importorskip("imageio_ffmpeg")
 import imageio  # noqa: E402
 import torch  # noqa: E402
 
+import lvsa_kernels.diffusers.runtime as runtime_module  # noqa: E402
 from lvsa_kernels.__main__ import main  # noqa: E402
 from lvsa_kernels.commands import generate  # noqa: E402
 
@@ -61,13 +62,21 @@ def test_wan_svoo(wan_dir, tmp_path, capsys):
     assert density < 1.0 and backend == "reference"
 
 
-def test_hunyuan15_joint_attention_pipeline(tmp_path, capsys):
+def test_hunyuan15_joint_attention_pipeline(tmp_path, capsys, monkeypatch):
+    offsets = []
+    real = runtime_module.block_sparse_attn
+    monkeypatch.setattr(runtime_module, "block_sparse_attn",
+                        lambda q, k, v, layout, **kw: offsets.append(layout.meta["offset"]) or real(q, k, v, layout, **kw))
     folder = save_tiny_hunyuan15(str(tmp_path / "tiny_hv15"))
     video = tmp_path / "hv.mp4"
-    assert main(["generate", folder, *SMALL, *SPARSE, "--output", str(video)]) == 0  # --guidance goes to the guider
-    assert frames_in(str(video)) == 17
+    # --guidance goes to the guider; 7 latent frames, periodic keyframes every 3 frames (the offset shows the step)
+    assert main(["generate", folder, *SMALL, *SPARSE, "--frames", "25", "--key-frame-interval", "3",
+                 "--output", str(video)]) == 0
+    assert frames_in(str(video)) == 25
     density, backend = printed(capsys)
     assert density < 1.0 and backend == "reference"
+    per_step = len(offsets) // 2
+    assert per_step > 0 and offsets == [0] * per_step + [1] * per_step  # one rotation step per denoising step
 
 
 def test_not_a_pipeline_folder(tmp_path):
