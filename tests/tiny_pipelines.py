@@ -208,3 +208,23 @@ def save_tiny_ltx2(path: str) -> str:
                         tokenizer=word_tokenizer(), connectors=connectors, transformer=transformer, vocoder=vocoder)
     pipe.save_pretrained(path)
     return path
+
+
+def save_tiny_cogvideox(path: str) -> str:
+    """A `CogVideoXPipeline` (2-layer transformer with RoPE, 1-layer T5, tiny VAE) saved at ``path``."""
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    t5 = T5EncoderModel(T5Config(vocab_size=len(WORDS), d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+                                 relative_attention_num_buckets=8)).eval()
+    vae = AutoencoderKLCogVideoX(block_out_channels=(8, 8, 8, 8), latent_channels=4, layers_per_block=1,
+                                 norm_num_groups=2, temporal_compression_ratio=4).eval()
+    transformer = CogVideoXTransformer3DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4,
+                                              out_channels=4, time_embed_dim=4, text_embed_dim=16, num_layers=2,
+                                              sample_width=4, sample_height=4, sample_frames=9, patch_size=2,
+                                              max_text_seq_length=226, use_rotary_positional_embeddings=True).eval()
+    pipe = CogVideoXPipeline(tokenizer=word_tokenizer(), text_encoder=t5, vae=vae, transformer=transformer,
+                             scheduler=CogVideoXDDIMScheduler())
+    pipe.save_pretrained(path)
+    return path
