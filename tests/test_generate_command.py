@@ -38,9 +38,14 @@ def printed(capsys):
     return float(density), backend
 
 
-def test_wan_lvsa_writes_mp4_and_reports(wan_dir, tmp_path, capsys):
+@pytest.mark.parametrize("extra", [
+    ["--riflex"],
+    pytest.param(["--cpu-offload"], marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                              reason="diffusers' model CPU offload needs CUDA")),
+])
+def test_wan_lvsa_writes_mp4_and_reports(wan_dir, tmp_path, capsys, extra):
     video = tmp_path / "wan.mp4"
-    assert main(["generate", wan_dir, *SMALL, *SPARSE, "--riflex", "--output", str(video)]) == 0
+    assert main(["generate", wan_dir, *SMALL, *SPARSE, *extra, "--output", str(video)]) == 0
     assert frames_in(str(video)) == 17
     density, backend = printed(capsys)
     assert density < 1.0 and backend == "reference"
@@ -117,12 +122,3 @@ def test_missing_ftfy_is_a_clear_error_for_pipelines_that_need_it(monkeypatch):
 def test_cpu_offload_without_cuda_is_a_clear_error(tmp_path):
     with pytest.raises(RuntimeError, match="--cpu-offload need CUDA"):
         main(["generate", str(tmp_path), "--prompt", "a cat", "--cpu-offload"])
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="diffusers' model CPU offload needs CUDA")
-def test_wan_cpu_offload_on_cuda(wan_dir, tmp_path, capsys):
-    video = tmp_path / "offload.mp4"
-    assert main(["generate", wan_dir, *SMALL, *SPARSE, "--cpu-offload", "--output", str(video)]) == 0
-    assert frames_in(str(video)) == 17
-    density, backend = printed(capsys)
-    assert density < 1.0 and backend == "reference"

@@ -146,24 +146,31 @@ def save_tiny_hunyuan_video(path: str) -> str:
     return path
 
 
+def ltx_vae():
+    """A tiny `AutoencoderKLLTXVideo`: 8 latent channels, 4x spatial and 4x temporal compression."""
+    from diffusers import AutoencoderKLLTXVideo
+
+    return AutoencoderKLLTXVideo(in_channels=3, out_channels=3, latent_channels=8, block_out_channels=(8, 8, 8, 8),
+                                 decoder_block_out_channels=(8, 8, 8, 8), layers_per_block=(1, 1, 1, 1, 1),
+                                 decoder_layers_per_block=(1, 1, 1, 1, 1),
+                                 spatio_temporal_scaling=(True, True, False, False),
+                                 decoder_spatio_temporal_scaling=(True, True, False, False),
+                                 decoder_inject_noise=(False, False, False, False, False),
+                                 upsample_residual=(False, False, False, False), upsample_factor=(1, 1, 1, 1),
+                                 timestep_conditioning=False, patch_size=1, patch_size_t=1, encoder_causal=True,
+                                 decoder_causal=False).eval()
+
+
 def save_tiny_ltx_video(path: str) -> str:
     """An `LTXPipeline` (1-layer transformer, 1-layer T5, tiny VAE with 8x spatial / 4x temporal compression)
     saved at ``path``."""
-    from diffusers import AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler, LTXPipeline, LTXVideoTransformer3DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, LTXPipeline, LTXVideoTransformer3DModel
     from transformers import T5Config, T5EncoderModel
 
     torch.manual_seed(0)
     t5 = T5EncoderModel(T5Config(vocab_size=len(WORDS), d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
                                  relative_attention_num_buckets=8)).eval()
-    vae = AutoencoderKLLTXVideo(in_channels=3, out_channels=3, latent_channels=8, block_out_channels=(8, 8, 8, 8),
-                                decoder_block_out_channels=(8, 8, 8, 8), layers_per_block=(1, 1, 1, 1, 1),
-                                decoder_layers_per_block=(1, 1, 1, 1, 1),
-                                spatio_temporal_scaling=(True, True, False, False),
-                                decoder_spatio_temporal_scaling=(True, True, False, False),
-                                decoder_inject_noise=(False, False, False, False, False),
-                                upsample_residual=(False, False, False, False), upsample_factor=(1, 1, 1, 1),
-                                timestep_conditioning=False, patch_size=1, patch_size_t=1, encoder_causal=True,
-                                decoder_causal=False).eval()
+    vae = ltx_vae()
     transformer = LTXVideoTransformer3DModel(in_channels=8, out_channels=8, patch_size=1, patch_size_t=1,
                                              num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16,
                                              num_layers=1, caption_channels=16).eval()
