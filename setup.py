@@ -32,10 +32,10 @@ setup(
     install_requires=["torch>=2.5", "numpy"],
     extras_require={
         "dev": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "triton>=3.2", "matplotlib",
-                "imageio", "imageio-ffmpeg"],
+                "imageio", "imageio-ffmpeg", "ftfy"],
         "diffusers": ["diffusers>=0.42,<0.43", "transformers>=4.50", "accelerate"],
         "flashinfer": ["flashinfer-python>=0.6.7"],
-        "video": ["imageio", "imageio-ffmpeg"],  # mp4 output of `lvsa-kernels generate`
+        "video": ["imageio", "imageio-ffmpeg", "ftfy"],  # `lvsa-kernels generate`: mp4 output, prompt cleaning
     },
     entry_points={"console_scripts": ["lvsa-kernels=lvsa_kernels.__main__:main"]},
 )

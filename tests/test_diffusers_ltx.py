@@ -68,26 +68,18 @@ def test_missing_grid_or_conditioning_coords_are_clear_errors(model):
 
 def test_pipeline_rotation_per_step(monkeypatch):
     import lvsa_kernels.diffusers.runtime as runtime_module
-    from diffusers import AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler, LTXPipeline
+    from diffusers import FlowMatchEulerDiscreteScheduler, LTXPipeline
+    from tiny_pipelines import ltx_vae
 
     seen = []
     real = runtime_module.block_sparse_attn
     monkeypatch.setattr(runtime_module, "block_sparse_attn",
                         lambda q, k, v, layout, **kw: seen.append(layout.meta["offset"]) or real(q, k, v, layout, **kw))
     torch.manual_seed(0)
-    vae = AutoencoderKLLTXVideo(in_channels=3, out_channels=3, latent_channels=8, block_out_channels=(8, 8, 8, 8),
-                                decoder_block_out_channels=(8, 8, 8, 8), layers_per_block=(1, 1, 1, 1, 1),
-                                decoder_layers_per_block=(1, 1, 1, 1, 1),
-                                spatio_temporal_scaling=(True, True, False, False),
-                                decoder_spatio_temporal_scaling=(True, True, False, False),
-                                decoder_inject_noise=(False, False, False, False, False),
-                                upsample_residual=(False, False, False, False), upsample_factor=(1, 1, 1, 1),
-                                timestep_conditioning=False, patch_size=1, patch_size_t=1, encoder_causal=True,
-                                decoder_causal=False)
     transformer = LTXVideoTransformer3DModel(in_channels=8, out_channels=8, patch_size=1, patch_size_t=1,
                                              num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16,
                                              num_layers=1, caption_channels=16).eval()
-    pipe = LTXPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae.eval(), text_encoder=None, tokenizer=None,
+    pipe = LTXPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=ltx_vae(), text_encoder=None, tokenizer=None,
                        transformer=transformer)
     g = torch.Generator().manual_seed(0)
     enable_lvsa(pipe, backend="reference", window=1, n_first=1, reference_frames=2, key_frame_interval=2)

@@ -7,7 +7,9 @@ import pytest
 pytest.importorskip("diffusers")
 pytest.importorskip("imageio_ffmpeg")
 import imageio  # noqa: E402
+import torch  # noqa: E402
 
+import lvsa_kernels.diffusers.runtime as runtime_module  # noqa: E402
 from lvsa_kernels.__main__ import main  # noqa: E402
 from lvsa_kernels.commands import generate  # noqa: E402
 
@@ -36,9 +38,14 @@ def printed(capsys):
     return float(density), backend
 
 
-def test_wan_lvsa_writes_mp4_and_reports(wan_dir, tmp_path, capsys):
+@pytest.mark.parametrize("extra", [
+    ["--riflex"],
+    pytest.param(["--cpu-offload"], marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                              reason="diffusers' model CPU offload needs CUDA")),
+])
+def test_wan_lvsa_writes_mp4_and_reports(wan_dir, tmp_path, capsys, extra):
     video = tmp_path / "wan.mp4"
-    assert main(["generate", wan_dir, *SMALL, *SPARSE, "--riflex", "--output", str(video)]) == 0
+    assert main(["generate", wan_dir, *SMALL, *SPARSE, *extra, "--output", str(video)]) == 0
     assert frames_in(str(video)) == 17
     density, backend = printed(capsys)
     assert density < 1.0 and backend == "reference"
@@ -60,13 +67,21 @@ def test_wan_svoo(wan_dir, tmp_path, capsys):
     assert density < 1.0 and backend == "reference"
 
 
-def test_hunyuan15_joint_attention_pipeline(tmp_path, capsys):
+def test_hunyuan15_joint_attention_pipeline(tmp_path, capsys, monkeypatch):
+    offsets = []
+    real = runtime_module.block_sparse_attn
+    monkeypatch.setattr(runtime_module, "block_sparse_attn",
+                        lambda q, k, v, layout, **kw: offsets.append(layout.meta["offset"]) or real(q, k, v, layout, **kw))
     folder = save_tiny_hunyuan15(str(tmp_path / "tiny_hv15"))
     video = tmp_path / "hv.mp4"
-    assert main(["generate", folder, *SMALL, *SPARSE, "--output", str(video)]) == 0  # --guidance goes to the guider
-    assert frames_in(str(video)) == 17
+    # --guidance goes to the guider; 7 latent frames, periodic keyframes every 3 frames (the offset shows the step)
+    assert main(["generate", folder, *SMALL, *SPARSE, "--frames", "25", "--key-frame-interval", "3",
+                 "--output", str(video)]) == 0
+    assert frames_in(str(video)) == 25
     density, backend = printed(capsys)
     assert density < 1.0 and backend == "reference"
+    per_step = len(offsets) // 2
+    assert per_step > 0 and offsets == [0] * per_step + [1] * per_step  # one rotation step per denoising step
 
 
 def test_not_a_pipeline_folder(tmp_path):
@@ -89,3 +104,21 @@ def test_knobs_must_match_the_attention(tmp_path):
         main(["generate", str(tmp_path), *SMALL, "--top-p", "0.5"])
     with pytest.raises(ValueError, match=r"--attention svoo: LVSA knobs \['window'\]"):
         main(["generate", str(tmp_path), *SMALL, "--attention", "svoo", "--window", "2"])
+
+
+def test_missing_ftfy_is_a_clear_error_for_pipelines_that_need_it(monkeypatch):
+    from diffusers import SkyReelsV2Pipeline, WanPipeline, WanVACEPipeline
+
+    real = generate.importlib.util.find_spec
+    monkeypatch.setattr(generate.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "ftfy" else real(name, *a))
+    for cls in (WanVACEPipeline, SkyReelsV2Pipeline):  # their prompt cleaning calls ftfy unconditionally
+        with pytest.raises(RuntimeError, match=f"{cls.__name__} cleans the prompt with ftfy.*pip install"):
+            generate.check_prompt_cleaner(object.__new__(cls))
+    generate.check_prompt_cleaner(object.__new__(WanPipeline))  # checks is_ftfy_available() itself
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without CUDA")
+def test_cpu_offload_without_cuda_is_a_clear_error(tmp_path):
+    with pytest.raises(RuntimeError, match="--cpu-offload need CUDA"):
+        main(["generate", str(tmp_path), "--prompt", "a cat", "--cpu-offload"])

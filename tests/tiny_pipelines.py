@@ -20,15 +20,11 @@ def word_tokenizer(**special) -> PreTrainedTokenizerFast:
 
 def save_tiny_wan(path: str) -> str:
     """A `WanPipeline` (2-layer transformer, 1-layer UMT5, tiny VAE) saved at ``path``."""
-    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
     from tiny_wan import tiny_transformer
 
     torch.manual_seed(0)
-    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(WORDS), d_model=16, d_kv=8, d_ff=32, num_layers=1,
-                                               num_heads=2, relative_attention_num_buckets=8)).eval()
-    vae = AutoencoderKLWan(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                           temperal_downsample=[False, True, True], latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
-    pipe = WanPipeline(tokenizer=word_tokenizer(), text_encoder=text_encoder, vae=vae.eval(),
+    pipe = WanPipeline(tokenizer=word_tokenizer(), text_encoder=umt5(), vae=wan_vae(),
                        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), transformer=tiny_transformer(1))
     pipe.save_pretrained(path)
     return path
@@ -69,5 +65,173 @@ def save_tiny_hunyuan15(path: str) -> str:
                                   vae=vae.eval(), scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0),
                                   text_encoder_2=t5, tokenizer_2=ByT5Tokenizer(),
                                   guider=ClassifierFreeGuidance(guidance_scale=6.0))
+    pipe.save_pretrained(path)
+    return path
+
+
+def umt5(width: int = 16) -> UMT5EncoderModel:
+    """A 1-layer random UMT5 encoder of hidden size ``width`` over `WORDS`."""
+    return UMT5EncoderModel(UMT5Config(vocab_size=len(WORDS), d_model=width, d_kv=8, d_ff=32, num_layers=1,
+                                       num_heads=2, relative_attention_num_buckets=8)).eval()
+
+
+def wan_vae():
+    """A tiny `AutoencoderKLWan`: 4 latent channels, 8x spatial and 4x temporal compression."""
+    from diffusers import AutoencoderKLWan
+
+    return AutoencoderKLWan(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                            temperal_downsample=[False, True, True], latents_mean=[0.0] * 4,
+                            latents_std=[1.0] * 4).eval()
+
+
+def wan_block_config() -> dict:
+    """The attention/FFN part of the tiny Wan-family transformer configs (2 heads x 12, 2 layers, patch 1x2x2)."""
+    return dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
+                text_dim=16, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+                qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
+
+
+def save_tiny_wan_vace(path: str) -> str:
+    """A `WanVACEPipeline` (2 blocks + 2 VACE blocks, 1-layer UMT5, tiny VAE) saved at ``path``."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanVACEPipeline, WanVACETransformer3DModel
+
+    torch.manual_seed(0)
+    transformer = WanVACETransformer3DModel(**wan_block_config(), vace_layers=[0, 1], vace_in_channels=8 + 64)
+    pipe = WanVACEPipeline(tokenizer=word_tokenizer(), text_encoder=umt5(), vae=wan_vae(),
+                           scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), transformer=transformer.eval())
+    pipe.save_pretrained(path)
+    return path
+
+
+def save_tiny_skyreels_v2(path: str, diffusion_forcing: bool) -> str:
+    """A `SkyReelsV2Pipeline` (T2V), or with ``diffusion_forcing`` a `SkyReelsV2DiffusionForcingPipeline` whose
+    transformer has ``num_frame_per_block=2`` (block-causal self-attention), saved at ``path``."""
+    from diffusers import (SkyReelsV2DiffusionForcingPipeline, SkyReelsV2Pipeline, SkyReelsV2Transformer3DModel,
+                           UniPCMultistepScheduler)
+
+    torch.manual_seed(0)
+    transformer = SkyReelsV2Transformer3DModel(**wan_block_config(), num_frame_per_block=2 if diffusion_forcing else 1)
+    cls = SkyReelsV2DiffusionForcingPipeline if diffusion_forcing else SkyReelsV2Pipeline
+    pipe = cls(tokenizer=word_tokenizer(), text_encoder=umt5(), vae=wan_vae(), transformer=transformer.eval(),
+               scheduler=UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                                 flow_shift=8.0))
+    pipe.save_pretrained(path)
+    return path
+
+
+def save_tiny_hunyuan_video(path: str) -> str:
+    """A `HunyuanVideoPipeline` (HunyuanVideo 1.0: 1 dual- + 1 single-stream block, 2-layer Llama, 1-layer CLIP
+    text model, word-level tokenizers, tiny VAE) saved at ``path``."""
+    from diffusers import (AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline,
+                           HunyuanVideoTransformer3DModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
+
+    torch.manual_seed(0)
+    llama = LlamaModel(LlamaConfig(vocab_size=len(WORDS), hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+                                   num_attention_heads=2, num_key_value_heads=1, pad_token_id=0)).eval()
+    clip = CLIPTextModel(CLIPTextConfig(vocab_size=len(WORDS), hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                        num_attention_heads=2, max_position_embeddings=77, pad_token_id=0,
+                                        eos_token_id=1)).eval()
+    vae = AutoencoderKLHunyuanVideo(latent_channels=4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+                                    norm_num_groups=4).eval()
+    transformer = HunyuanVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2,
+                                                 attention_head_dim=8, num_layers=1, num_single_layers=1,
+                                                 num_refiner_layers=1, patch_size=1, patch_size_t=1,
+                                                 text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(2, 2, 4),
+                                                 guidance_embeds=True).eval()
+    pipe = HunyuanVideoPipeline(text_encoder=llama, tokenizer=word_tokenizer(), transformer=transformer, vae=vae,
+                                scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0), text_encoder_2=clip,
+                                tokenizer_2=word_tokenizer())
+    pipe.save_pretrained(path)
+    return path
+
+
+def ltx_vae():
+    """A tiny `AutoencoderKLLTXVideo`: 8 latent channels, 4x spatial and 4x temporal compression."""
+    from diffusers import AutoencoderKLLTXVideo
+
+    return AutoencoderKLLTXVideo(in_channels=3, out_channels=3, latent_channels=8, block_out_channels=(8, 8, 8, 8),
+                                 decoder_block_out_channels=(8, 8, 8, 8), layers_per_block=(1, 1, 1, 1, 1),
+                                 decoder_layers_per_block=(1, 1, 1, 1, 1),
+                                 spatio_temporal_scaling=(True, True, False, False),
+                                 decoder_spatio_temporal_scaling=(True, True, False, False),
+                                 decoder_inject_noise=(False, False, False, False, False),
+                                 upsample_residual=(False, False, False, False), upsample_factor=(1, 1, 1, 1),
+                                 timestep_conditioning=False, patch_size=1, patch_size_t=1, encoder_causal=True,
+                                 decoder_causal=False).eval()
+
+
+def save_tiny_ltx_video(path: str) -> str:
+    """An `LTXPipeline` (1-layer transformer, 1-layer T5, tiny VAE with 8x spatial / 4x temporal compression)
+    saved at ``path``."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, LTXPipeline, LTXVideoTransformer3DModel
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    t5 = T5EncoderModel(T5Config(vocab_size=len(WORDS), d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+                                 relative_attention_num_buckets=8)).eval()
+    vae = ltx_vae()
+    transformer = LTXVideoTransformer3DModel(in_channels=8, out_channels=8, patch_size=1, patch_size_t=1,
+                                             num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16,
+                                             num_layers=1, caption_channels=16).eval()
+    pipe = LTXPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=t5,
+                       tokenizer=word_tokenizer(), transformer=transformer)
+    pipe.save_pretrained(path)
+    return path
+
+
+def save_tiny_ltx2(path: str) -> str:
+    """An `LTX2Pipeline` (1-layer audio-video transformer, 2-layer Gemma 3 text model, 1-layer text connectors,
+    tiny video / audio VAEs and vocoder) saved at ``path``. The text encoder is the bare `Gemma3TextModel` (the
+    pipeline only reads its hidden states), so diffusers logs that it expected `Gemma3ForConditionalGeneration`."""
+    from diffusers import (AutoencoderKLLTX2Audio, AutoencoderKLLTX2Video, FlowMatchEulerDiscreteScheduler,
+                           LTX2Pipeline, LTX2VideoTransformer3DModel)
+    from diffusers.pipelines.ltx2 import LTX2TextConnectors, LTX2Vocoder
+    from transformers import Gemma3TextConfig, Gemma3TextModel
+
+    torch.manual_seed(0)
+    text = Gemma3TextModel(Gemma3TextConfig(vocab_size=len(WORDS), hidden_size=16, intermediate_size=32,
+                                            num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                            head_dim=8, pad_token_id=0, sliding_window=8)).eval()
+    connector = dict(num_attention_heads=2, attention_head_dim=8, num_layers=1, num_learnable_registers=None)
+    connectors = LTX2TextConnectors(caption_channels=16, text_proj_in_factor=3, connector_rope_base_seq_len=32,
+                                    **{f"{m}_connector_{k}": v for m in ("video", "audio") for k, v in connector.items()})
+    vae = AutoencoderKLLTX2Video(latent_channels=8, block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8),
+                                 layers_per_block=(1, 1, 1, 1, 1), decoder_layers_per_block=(1, 1, 1, 1),
+                                 spatio_temporal_scaling=(True, True, False, False),
+                                 decoder_spatio_temporal_scaling=(True, True, False), decoder_inject_noise=(False,) * 4,
+                                 upsample_residual=(False, False, False), upsample_factor=(1, 1, 1), patch_size=1,
+                                 patch_size_t=1).eval()
+    # audio latents: 4 channels x (16 mel bins / 4) = 16 = base_channels (the size of the latent statistics)
+    audio_vae = AutoencoderKLLTX2Audio(base_channels=16, output_channels=2, ch_mult=(1, 2), num_res_blocks=1,
+                                       latent_channels=4, mel_bins=16).eval()
+    vocoder = LTX2Vocoder(in_channels=2 * 16, hidden_channels=8, out_channels=2, upsample_kernel_sizes=[4, 4],
+                          upsample_factors=[2, 2], resnet_kernel_sizes=[3], resnet_dilations=[[1]]).eval()
+    transformer = LTX2VideoTransformer3DModel(in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=8,
+                                              cross_attention_dim=16, audio_in_channels=16, audio_out_channels=16,
+                                              audio_num_attention_heads=2, audio_attention_head_dim=4,
+                                              audio_cross_attention_dim=8, num_layers=1, caption_channels=16).eval()
+    pipe = LTX2Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, audio_vae=audio_vae, text_encoder=text,
+                        tokenizer=word_tokenizer(), connectors=connectors, transformer=transformer, vocoder=vocoder)
+    pipe.save_pretrained(path)
+    return path
+
+
+def save_tiny_cogvideox(path: str) -> str:
+    """A `CogVideoXPipeline` (2-layer transformer with RoPE, 1-layer T5, tiny VAE) saved at ``path``."""
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    t5 = T5EncoderModel(T5Config(vocab_size=len(WORDS), d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+                                 relative_attention_num_buckets=8)).eval()
+    vae = AutoencoderKLCogVideoX(block_out_channels=(8, 8, 8, 8), latent_channels=4, layers_per_block=1,
+                                 norm_num_groups=2, temporal_compression_ratio=4).eval()
+    transformer = CogVideoXTransformer3DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4,
+                                              out_channels=4, time_embed_dim=4, text_embed_dim=16, num_layers=2,
+                                              sample_width=4, sample_height=4, sample_frames=9, patch_size=2,
+                                              max_text_seq_length=226, use_rotary_positional_embeddings=True).eval()
+    pipe = CogVideoXPipeline(tokenizer=word_tokenizer(), text_encoder=t5, vae=vae, transformer=transformer,
+                             scheduler=CogVideoXDDIMScheduler())
     pipe.save_pretrained(path)
     return path

@@ -3,7 +3,8 @@ comparison): loads the pipeline without downloading anything, installs the spars
 model's defaults (`enable_lvsa`), runs the pipeline with its progress bar, writes an mp4 and prints the
 wall time, the layout density and the attention backend.
 
-Writing the mp4 needs imageio and imageio-ffmpeg: ``pip install "lvsa_kernels[video]"``.
+Writing the mp4 needs imageio and imageio-ffmpeg, and the Wan VACE / SkyReels-V2 pipelines need ftfy:
+``pip install "lvsa_kernels[video]"``.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import argparse
 import importlib.util
 import inspect
 import os
+import sys
 import time
 from typing import Any, Dict, List, Optional
 
@@ -63,6 +65,22 @@ def check_video_writer() -> None:
     if missing:
         raise RuntimeError(f"generate: writing the mp4 needs {' and '.join(missing)}; install them with "
                            "pip install \"lvsa_kernels[video]\" (or pip install imageio imageio-ffmpeg)")
+
+
+def check_prompt_cleaner(pipe: Any) -> None:
+    """Raise RuntimeError when ``pipe`` cleans prompts with ftfy without checking that it is installed (diffusers
+    0.42's Wan VACE and SkyReels-V2 pipelines: a NameError inside the pipeline call otherwise) and it is missing."""
+    module = sys.modules.get(type(pipe).__module__)
+    clean = getattr(module, "basic_clean", None)
+    if clean is None or importlib.util.find_spec("ftfy") is not None:
+        return
+    try:
+        source = inspect.getsource(clean)
+    except (OSError, TypeError):
+        return
+    if "ftfy." in source and "is_ftfy_available" not in source:
+        raise RuntimeError(f"generate: {type(pipe).__name__} cleans the prompt with ftfy, which is not installed; "
+                           "install it with pip install \"lvsa_kernels[video]\" (or pip install ftfy)")
 
 
 def load_pipeline(path: str, dtype: torch.dtype) -> Any:
@@ -163,6 +181,7 @@ def run(args: argparse.Namespace) -> int:
     dtype = (torch.bfloat16 if device.type == "cuda" else torch.float32) if args.dtype == "auto" \
         else getattr(torch, args.dtype)
     pipe = load_pipeline(args.pipeline, dtype)
+    check_prompt_cleaner(pipe)
     if args.cpu_offload:
         pipe.enable_model_cpu_offload()
     else:
