@@ -10,12 +10,11 @@ the profile floor uses keep ratios in the published Wan 1.3B band 0.15-0.20. It 
 - ``select``: block selection, ``permute``: k, v into key-cluster order, ``plan``: the device schedule,
 - ``sparse_attn``: the packed cluster kernel alone (reads q and writes out through the permutation),
 - ``svoo_reuse`` / ``svoo_recluster``: one full `SVOOPattern.attention` call on a reuse / re-clustering step,
-- ``svoo_reuse_graph``: the reuse call replayed from a CUDA graph (``cuda_graph=True``; input copies included),
 - ``dense``: cuDNN SDPA on the same q, k, v,
 
 and measures recall = softmax mass covered by the selected blocks for sampled query rows (exact, dense
 softmax over all keys) and the kernel's error on those rows vs float32 attention over the selected blocks,
-and counts the GPU operations (kernels, copies, memsets: torch.profiler) of one eager and one graphed reuse call.
+and counts the GPU operations (kernels, copies, memsets: torch.profiler) of one reuse call.
 Cases run floor by floor (both resolutions at the first floor first); about 2 minutes on an H200.
 ``--sweep`` adds a launch-config sweep of the cluster kernel. Writes ``svoo_bench.json`` under ``--out``.
 
@@ -120,10 +119,6 @@ def run_case(name: str, floor: float, args, device, dtype, measure) -> Dict[str,
     t["svoo_recluster"] = measure(lambda: (pat.reset(), pat.attention(q, k, v, 0, 0, backend="triton")))
     pat.attention(q, k, v, 0, 0, backend="triton")
     res["gpu_ops_reuse"] = gpu_ops(reuse, device)
-    if device.type == "cuda":
-        graphed = lambda: pat.attention(q, k, v, 1, 0, backend="triton", cuda_graph=True)  # noqa: E731
-        t["svoo_reuse_graph"] = measure(graphed)
-        res["gpu_ops_reuse_graph"] = gpu_ops(graphed, device)
     qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
     if device.type == "cuda":
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -134,8 +129,6 @@ def run_case(name: str, floor: float, args, device, dtype, measure) -> Dict[str,
         t["dense"] = measure(lambda: F.scaled_dot_product_attention(qt, kt, vt))
     res["ms"] = t
     reuse_overhead = t["refresh"] + t["select"] + t["permute"] + t["plan"]
-    if "svoo_reuse_graph" in t:
-        res["speedup_reuse_graph"] = t["dense"] / t["svoo_reuse_graph"]
     res.update(speedup_reuse=t["dense"] / t["svoo_reuse"], speedup_recluster=t["dense"] / t["svoo_recluster"],
                reuse_overhead_share=reuse_overhead / t["sparse_attn"],
                cluster_permute_share=(t["cluster"] + t["permute"]) / t["sparse_attn"],
@@ -148,8 +141,7 @@ def run_case(name: str, floor: float, args, device, dtype, measure) -> Dict[str,
 
 
 def gpu_ops(fn: Callable[[], object], device: torch.device) -> object:
-    """GPU operations (kernels, copies, memsets) of one call of ``fn`` (torch.profiler), None on CPU. A graph
-    replay's kernels are counted one by one too: the graph saves their host launches, not the operations."""
+    """GPU operations (kernels, copies, memsets) of one call of ``fn`` (torch.profiler), None on CPU."""
     if device.type != "cuda":
         return None
     from torch.autograd import DeviceType
@@ -190,7 +182,7 @@ def sweep(q, kp, vp, qperm, mask, cl, S, scale, measure) -> List[Dict[str, objec
 
 def table(results: List[Dict[str, object]]) -> str:
     cols = ["case", "floor", "density", "recall", "err", "cluster", "refresh", "select", "perm", "plan", "sparse",
-            "reuse", "graph", "reclust", "dense", "x reuse", "x graph", "x reclust", "ovh/sparse", "TF/s", "ops"]
+            "reuse", "reclust", "dense", "x reuse", "x reclust", "ovh/sparse", "TF/s", "ops"]
     lines = [" | ".join(cols)]
     for r in results:
         if "ms" not in r:
@@ -200,12 +192,9 @@ def table(results: List[Dict[str, object]]) -> str:
         vals = [r["case"], f"{r['floor_keep_ratio']:.2f}", f"{r['density']:.3f}", f"{r['recall']:.3f}",
                 f"{r['rel_err_sampled']:.1e}"]
         vals += [f"{t[c]:.2f}" if c in t else "-" for c in ("cluster", "refresh", "select", "permute", "plan",
-                                                            "sparse_attn", "svoo_reuse", "svoo_reuse_graph",
-                                                            "svoo_recluster", "dense")]
-        graph = r.get("speedup_reuse_graph")
-        vals += [f"{r['speedup_reuse']:.2f}", "-" if graph is None else f"{graph:.2f}", f"{r['speedup_recluster']:.2f}",
-                 f"{r['reuse_overhead_share']:.2f}", f"{r['sparse_effective_tflops']:.0f}",
-                 f"{r['gpu_ops_reuse']}/{r.get('gpu_ops_reuse_graph')}"]
+                                                            "sparse_attn", "svoo_reuse", "svoo_recluster", "dense")]
+        vals += [f"{r['speedup_reuse']:.2f}", f"{r['speedup_recluster']:.2f}", f"{r['reuse_overhead_share']:.2f}",
+                 f"{r['sparse_effective_tflops']:.0f}", f"{r['gpu_ops_reuse']}"]
         lines.append(" | ".join(vals))
     return "\n".join(lines)
 

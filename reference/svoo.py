@@ -490,8 +490,7 @@ class SVOOPlanner:
                        device: torch.device) -> Tensor:
         """`min_blocks` of every (b, h) group, int64 ``[B * H]`` on ``device``, in one buffer per (layer, shape,
         device) filled from a device table of every profiled step (built and copied once): a call adds one
-        device copy and no host work. A CUDA graph capture reads the buffer without writing it, so a replay
-        uses the floors written before it (`lvsa_kernels.svoo_graph`)."""
+        device copy and no host work."""
         first, total = heads or (0, H)
         steps = 1 if self.profile is None else self.profile.steps
         if step >= steps and self.profile is not None:
