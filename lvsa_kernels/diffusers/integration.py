@@ -198,9 +198,9 @@ def _make_runtime(spec: ModelSpec, transformers: Sequence[nn.Module], pattern: U
             raise TypeError(f"enable_lvsa: LVSA knob(s) {sorted(knobs)} do not apply to an SVOOPattern; "
                             "set SVOO knobs on the pattern (or use enable_svoo(pipe, **svoo_knobs))")
         if not spec.svoo:
-            raise NotImplementedError(
-                f"SVOO ({spec.name}): the SVOO pattern is supported on Wan (WanTransformer3DModel) and HunyuanVideo "
-                "1.5 (HunyuanVideo15Transformer3DModel) only; use an LVSAPattern for this model")
+            svoo = ", ".join(f"{s.name} ({s.preset.diffusers_class})" for s in SUPPORTED_MODELS if s.svoo)
+            raise NotImplementedError(f"SVOO ({spec.name}): the SVOO pattern is supported on {svoo} only; use an "
+                                      "LVSAPattern for this model")
         return AttentionRuntime(pattern, backend, spec.name, "given SVOOPattern", precision, len(transformers))
     lvsa_pattern, source = _make_pattern(spec, transformers[0].config, pattern, knobs)
     return AttentionRuntime(lvsa_pattern, backend, spec.name, source, precision, len(transformers))

@@ -23,6 +23,7 @@ from ..api import block_sparse_attn
 from ..dispatch import select_backend
 from ..models import ModelPreset, get_model
 from ..reference import BlockSparseLayout
+from ..reference.eager import eager
 from ..reference.plan import AttentionCall, AttentionPlan, VideoPattern
 from .geometry import VideoGeometry, check_video_tokens
 from .parallel import UlyssesGroup, heads_to_seq, seq_to_heads
@@ -149,10 +150,16 @@ class AttentionRuntime:
         calls one transformer call makes for different text lengths (one per batch element), None for one call;
         ``causal_block``: frames per block of a block-causal frame mask (diffusion forcing), 0 = none."""
         def run(q: Tensor, k: Tensor, v: Tensor, heads: Optional[Tuple[int, int]]) -> Tensor:
-            plan = self.plan(q, k, self.call(layer, text_tokens, text_position, part, causal_block, heads))
-            return self._run(q, k, v, plan)
+            call = self.call(layer, text_tokens, text_position, part, causal_block, heads)
+            if self.pattern.per_layer:
+                return self._plan_and_run(q, k, v, call)
+            return self._run(q, k, v, self.plan(q, k, call))
 
         return self.exchanged(q, k, v, run)
+
+    @eager  # per-call plans update the pattern's caches: a compiled model graph-breaks around plan + attention
+    def _plan_and_run(self, q: Tensor, k: Tensor, v: Tensor, call: AttentionCall) -> Tensor:
+        return self._run(q, k, v, self.pattern.plan_call(q, k, call))
 
     def video_attention(self, q: Tensor, k: Tensor, v: Tensor, layer: int) -> Tensor:
         """Video-only self-attention of layer ``layer``: q, k, v ``[B, S, H, D]`` -> ``[B, S, H, D]``."""
