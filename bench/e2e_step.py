@@ -33,6 +33,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from lvsa_kernels.reference import latent_frames
 from lvsa_kernels.timing import median_seconds
 
 WAN_1_3B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16,
@@ -53,10 +54,6 @@ HV15_TINY = dict(in_channels=4, out_channels=4, num_attention_heads=2, attention
 HV15_TEXT = dict(mllm=1000, mllm_valid=128, byt5=256, byt5_valid=0, image=729)
 HV15_TEXT_TINY = dict(mllm=6, mllm_valid=4, byt5=3, byt5_valid=1, image=2)
 TINY_KNOBS = dict(reference_frames=2, window=1)  # --tiny: make the tiny sizes sparse so the LVSA path runs
-
-
-def latent_frames(frames: int) -> int:
-    return (frames - 1) // 4 + 1
 
 
 @contextlib.contextmanager

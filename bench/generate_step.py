@@ -31,6 +31,7 @@ import torch
 
 from lvsa_kernels.bench.e2e_step import HV15_480P, WAN_1_3B, build
 from lvsa_kernels.commands import generate
+from lvsa_kernels.timing import synchronize
 
 WAN_TINY = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=16, out_channels=16,
                 text_dim=64, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
@@ -135,16 +136,12 @@ def timed_calls(transformer: torch.nn.Module, device: torch.device, times: List[
     the first call's output (float32, on the CPU) to ``outputs``."""
     start: List[float] = []
 
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
     def pre(module, args, kwargs):
-        sync()
+        synchronize(device)
         start.append(time.perf_counter())
 
     def post(module, args, kwargs, output):
-        sync()
+        synchronize(device)
         times.append(time.perf_counter() - start.pop())
         if not outputs:
             out = output[0] if isinstance(output, (tuple, list)) else getattr(output, "sample", output)

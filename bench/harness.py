@@ -8,17 +8,17 @@ A failing method is recorded with its error; the others still run.
 from __future__ import annotations
 
 import gc
-import statistics
 import time
 import traceback
 import zlib
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 from lvsa_kernels.reference import BlockSparseLayout, reference_attention
+from lvsa_kernels.timing import bench_ms
 
 from .baselines import Method, MethodSkipped, Prepared
 from .shapes import BenchCase
@@ -126,27 +126,8 @@ def output_errors(out: Tensor, ref: Tensor, idx: Optional[Tensor]) -> Dict[str, 
 
 
 def _time_ms(fn: Callable[[], Any], s: Settings, device: torch.device) -> Dict[str, float]:
-    """Median milliseconds per call; repeats at least ``min_iters`` times."""
-    if device.type == "cuda":
-        import triton.testing
-
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        est = start.elapsed_time(end)
-        rep = max(s.rep_ms, s.min_iters * est)
-        ms = triton.testing.do_bench(fn, warmup=max(s.warmup_ms, est), rep=rep, return_mode="median")
-        return {"ms": float(ms), "rep_ms": round(rep, 1), "single_call_ms": round(est, 3)}
-    fn()  # warm-up
-    times: List[float] = []
-    t_end = time.perf_counter() + s.rep_ms / 1e3
-    while len(times) < s.min_iters or time.perf_counter() < t_end:
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return {"ms": statistics.median(times), "iters": len(times)}
+    """Median milliseconds per call; repeats at least ``min_iters`` times (`lvsa_kernels.timing.bench_ms`)."""
+    return bench_ms(fn, device, s.warmup_ms, s.rep_ms, s.min_iters)
 
 
 def _peak_extra_mib(p: Prepared, q: Tensor) -> Optional[float]:

@@ -19,12 +19,12 @@ import time
 
 import torch
 import triton
-import triton.testing
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lvsa_kernels import LVSAPattern, reference_attention
 from lvsa_kernels.triton_src.launch import hopper_eligible, launch, run_scheduled, tma_eligible
 from lvsa_kernels.triton_src.schedule import build_key_tiles, build_schedule
+from lvsa_kernels.timing import bench_ms
 from lvsa_kernels.triton_src.tuning import KernelConfig, candidate_configs
 
 CASES = {  # (pattern, latent frames, tokens per frame)
@@ -38,8 +38,8 @@ CASES = {  # (pattern, latent frames, tokens per frame)
 H, D = 12, 128
 
 
-def bench_ms(fn) -> float:
-    return triton.testing.do_bench(fn, warmup=25, rep=150, return_mode="median")
+def median_ms(fn) -> float:
+    return bench_ms(fn, torch.device("cuda"), warmup_ms=25, rep_ms=150)["ms"]
 
 
 def main() -> None:
@@ -68,7 +68,7 @@ def main() -> None:
         flops_eff = 4 * H * D * layout.computed_pairs
         row = {"T": T, "S": S, "density": layout.density, "configs": []}
         with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
-            row["dense_cudnn_ms"] = bench_ms(lambda: torch.nn.functional.scaled_dot_product_attention(qt, kt, vt))
+            row["dense_cudnn_ms"] = median_ms(lambda: torch.nn.functional.scaled_dot_product_attention(qt, kt, vt))
         scale = D ** -0.5
         ref = reference_attention(q.float(), k.float(), v.float(), layout)
         best = None
@@ -98,7 +98,7 @@ def main() -> None:
                         entry["spills"] = getattr(handle, "n_spills", None)
                     entry["rel_err"] = ((out.float() - ref).norm() / ref.norm()).item()
                     entry["nan_out"] = bool(torch.isnan(out).any())
-                    ms = bench_ms(lambda: run_scheduled(q, k, v, sched, False, scale, cfg, key_tiles=tiles,
+                    ms = median_ms(lambda: run_scheduled(q, k, v, sched, False, scale, cfg, key_tiles=tiles,
                                                         precision=precision))
                     entry.update(ms=ms, eff_tflops=flops_eff / ms / 1e9, vs_cudnn=row["dense_cudnn_ms"] / ms)
                     ok = entry["rel_err"] <= max_err and not entry["nan_out"]

@@ -45,7 +45,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from lvsa_kernels.bench.e2e_step import TINY_KNOBS, WAN_1_3B, WAN_TINY, build, latent_frames, wan_inputs
+from lvsa_kernels.bench.e2e_step import TINY_KNOBS, WAN_1_3B, WAN_TINY, build, wan_inputs
+from lvsa_kernels.reference import latent_frames
+from lvsa_kernels.timing import synchronize, wall_seconds
 
 WAYS = ("lvsa", "dense", "svoo")
 
@@ -138,22 +140,20 @@ def timed_step(model: nn.Module, inputs: Dict[str, Any], repeats: int, device: t
         return dict(inputs, timestep=inputs["timestep"] - i)
 
     def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        synchronize(device)
         dist.barrier()
+
+    outs: List[Tensor] = []
+
+    def step() -> None:
+        outs[:] = [model(**step_inputs())[0]]
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     with torch.no_grad():
-        out = model(**step_inputs())[0]
-        times: List[float] = []
-        for _ in range(repeats):
-            sync()
-            t0 = time.perf_counter()
-            out = model(**step_inputs())[0]
-            sync()
-            times.append(time.perf_counter() - t0)
-    rec: Dict[str, Any] = {"status": "ok", "seconds": statistics.median(times), "all_seconds": times, "output": out}
+        times = wall_seconds(step, sync, repeats, warmup=1)
+    rec: Dict[str, Any] = {"status": "ok", "seconds": statistics.median(times), "all_seconds": times,
+                           "output": outs[0]}
     if device.type == "cuda":
         peak = torch.tensor([torch.cuda.max_memory_allocated(device) / 2**30], device=device)
         dist.all_reduce(peak, op=dist.ReduceOp.MAX)

@@ -12,6 +12,7 @@ from typing import Dict, List, Tuple
 
 import torch
 
+from lvsa_kernels.models import MODELS
 from lvsa_kernels.reference import BlockSparseLayout, LVSAPattern
 
 __all__ = ["BenchCase", "GPU_CASES", "CPU_SMOKE_CASES", "GROUPS", "select_cases"]
@@ -61,23 +62,26 @@ class BenchCase:
         }
 
 
-_WAN = "Wan 2.1 1.3B"
+_WAN = "Wan 2.1 1.3B"      # case labels (results files group by them)
 _HY = "HunyuanVideo 1.5"
-_P = 1560  # tokens per latent frame at 480p for both models
+_WAN_MODEL, _HY_MODEL = MODELS["wan"], MODELS["hunyuan15"]  # geometry and LVSA defaults: the model table
 
 
 def _wan(frames: int, pattern: LVSAPattern, tag: str) -> BenchCase:
-    return BenchCase(f"wan{tag}-t{frames}", _WAN, frames, _P, 12, 128, pattern)
+    m = _WAN_MODEL
+    return BenchCase(f"wan{tag}-t{frames}", _WAN, frames, m.tokens_per_frame(), m.heads, m.head_dim, pattern)
 
 
 def _hy(frames: int) -> BenchCase:
-    return BenchCase(f"hy15-t{frames}", _HY, frames, _P, 16, 128, LVSAPattern(reference_frames=33), text_tokens=256)
+    m = _HY_MODEL  # text after the video (the table's text position); 256 valid text tokens
+    return BenchCase(f"hy15-t{frames}", _HY, frames, m.tokens_per_frame(), m.heads, m.head_dim, m.pattern(),
+                     text_tokens=256)
 
 
 GPU_CASES: Tuple[BenchCase, ...] = (
-    _wan(121, LVSAPattern(window=4), "-w4"),
-    _wan(81, LVSAPattern(window=4), "-w4"),
-    *(_wan(t, LVSAPattern(), "") for t in (21, 41, 81, 121)),
+    _wan(121, _WAN_MODEL.pattern(window=4), "-w4"),
+    _wan(81, _WAN_MODEL.pattern(window=4), "-w4"),
+    *(_wan(t, _WAN_MODEL.pattern(), "") for t in (21, 41, 81, 121)),
     *(_hy(t) for t in (33, 49, 65)),
 )
 

@@ -27,7 +27,6 @@ import argparse
 import json
 import math
 import os
-import statistics
 import sys
 import time
 from typing import Callable, Dict, List
@@ -40,6 +39,7 @@ from lvsa_kernels.reference.svoo import co_cluster, select_blocks
 from lvsa_kernels.reference.svoo_profile import SVOOProfile
 from lvsa_kernels.svoo_attention import triton_cluster_ops
 from lvsa_kernels.svoo_eval import clustered_qkv, sampled_rows, selected_attention
+from lvsa_kernels.timing import bench_ms
 from lvsa_kernels.triton_src import cluster_path
 from lvsa_kernels.triton_src.cluster_launch import ClusterConfig, cluster_attention, cluster_config
 from lvsa_kernels.triton_src.cluster_schedule import build_cluster_schedule
@@ -49,22 +49,10 @@ CASES = {"wan480": (21, 30, 52), "wan720": (21, 45, 80), "smoke": (2, 4, 6)}
 
 
 def timer(device: torch.device, reps: int) -> Callable[[Callable[[], object]], float]:
-    """Median milliseconds of ``fn`` (triton.testing.do_bench on CUDA, perf_counter on CPU)."""
+    """Median milliseconds of ``fn`` (`lvsa_kernels.timing.bench_ms`: do_bench on CUDA, ``reps`` calls on CPU)."""
     if device.type == "cuda":
-        import triton.testing
-
-        return lambda fn: float(triton.testing.do_bench(fn, warmup=3, rep=max(20, reps * 10), return_mode="median"))
-
-    def cpu(fn: Callable[[], object]) -> float:
-        fn()
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
-
-    return cpu
+        return lambda fn: bench_ms(fn, device, warmup_ms=3, rep_ms=max(20, reps * 10))["ms"]
+    return lambda fn: bench_ms(fn, device, warmup_ms=0, rep_ms=0, min_iters=reps)["ms"]
 
 
 def sampled_error(out: torch.Tensor, ref: torch.Tensor, rows: torch.Tensor) -> float:

@@ -32,21 +32,7 @@ from typing import Any, Dict, List
 import torch
 
 from lvsa_kernels.bench.e2e_step import WAN_1_3B, WAN_TINY, build, wan_inputs
-
-
-def timed(fn, device: torch.device) -> float:
-    """Seconds of one call of ``fn`` (CUDA events on CUDA)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
+from lvsa_kernels.timing import median_seconds
 
 
 def main(argv: List[str] = None) -> int:
@@ -94,7 +80,7 @@ def main(argv: List[str] = None) -> int:
 
     with sdpa_kernel(SDPBackend.CUDNN_ATTENTION if device.type == "cuda" else SDPBackend.MATH):
         dense_out = forward(999.0)
-        res["dense_cudnn_s"] = statistics.median(timed(lambda: forward(999.0), device) for _ in range(args.repeats))
+        res["dense_cudnn_s"] = median_seconds(lambda: forward(999.0), device, args.repeats, warmup=0)
 
     clip = (0.0, 1.0) if args.no_clip else (0.15, 0.20)
     profile = SVOOProfile(torch.full((args.repeats + 2, layers, heads), args.floor))
@@ -102,14 +88,14 @@ def main(argv: List[str] = None) -> int:
                          recluster_every=10**6, clip=clip, **({"q_clusters": 8, "k_clusters": 16} if args.tiny else {}))
     try:
         forward(999.0)  # warm-up: compiles the kernels (a new generation: clusters every layer)
-        recluster = [timed(lambda: forward(999.0), device) for _ in range(max(1, args.repeats // 2))]
+        recluster = median_seconds(lambda: forward(999.0), device, max(1, args.repeats // 2), warmup=0)
         sparse_out = forward(998.0)
-        reuse = [timed(lambda t=997.0 - i: forward(t), device) for i in range(args.repeats)]
+        reuse = median_seconds(forward, device, args.repeats, warmup=0, args=lambda i: (997.0 - i,))
         densities = [d for (_, branch), d in handle.runtime.pattern.cached_densities().items() if branch == 0]
     finally:
         disable_lvsa(model)
     res.update(density_mean=statistics.mean(densities), density_min=min(densities), density_max=max(densities))
-    res.update(svoo_recluster_s=statistics.median(recluster), svoo_reuse_s=statistics.median(reuse))
+    res.update(svoo_recluster_s=recluster, svoo_reuse_s=reuse)
     res["speedup_reuse"] = res["dense_cudnn_s"] / res["svoo_reuse_s"]
     res["speedup_recluster"] = res["dense_cudnn_s"] / res["svoo_recluster_s"]
     d, s = dense_out.float(), sparse_out.float()

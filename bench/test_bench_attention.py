@@ -15,6 +15,7 @@ import torch
 from lvsa_kernels.bench import harness
 from lvsa_kernels.bench.baselines import GPU_DEFAULT_METHODS, METHODS, MethodSkipped
 from lvsa_kernels.bench.shapes import select_cases
+from lvsa_kernels.timing import call_seconds
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="attention benchmarks need a CUDA device")
 
@@ -49,12 +50,8 @@ def test_attention(benchmark, case_data, case, method):
         prepared()
         torch.cuda.synchronize()
 
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    prepared()
-    end.record()
-    end.synchronize()
-    rounds = min(50, max(3, int(1000.0 / max(start.elapsed_time(end), 1e-3))))
+    single_ms = call_seconds(prepared, q.device, 1, warmup=0)[0] * 1e3
+    rounds = min(50, max(3, int(1000.0 / max(single_ms, 1e-3))))
     benchmark.pedantic(call, rounds=rounds, iterations=1, warmup_rounds=1)
     flops = (4.0 * case.batch * case.heads * case.head_dim * layout.q_len * layout.kv_len if m.dense
              else harness.layout_flops(layout, case.batch, case.heads, case.head_dim))

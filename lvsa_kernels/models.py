@@ -1,6 +1,8 @@
-"""Per-model presets: attention geometry and LVSA defaults of the supported video DiTs.
+"""The model table: attention geometry, LVSA defaults and diffusers class of every supported video DiT.
 
-Numbers come from the models' configs (``third-party-apis.md`` §3) and ``lvsa-pattern.md`` §1/§6.
+One row per model, read by the CLI (``lvsa_kernels/commands``), the diffusers shim (each adapter in
+``lvsa_kernels/diffusers/`` names its row by ``ModelSpec.model``; the transformer class is looked up by
+``diffusers_class``) and the benchmarks (``bench/shapes.py``). This module imports neither torch nor diffusers.
 Frame counts are latent frames unless a name says ``video_frames``; sizes are in pixels and tokens.
 """
 from __future__ import annotations
@@ -30,6 +32,9 @@ class ModelPreset:
         text_position: where text tokens sit in the self-attention sequence: ``"none"`` (video only),
             ``"before"`` or ``"after"`` the video tokens.
         text_tokens: text tokens in the joint sequence when fixed by the model, else None (varies per prompt).
+        diffusers_class: name of the diffusers transformer class (in the ``diffusers`` namespace).
+        adapter: module of ``lvsa_kernels.diffusers`` holding the model's `ModelSpec` (default: ``name``).
+        window, n_first: the model's LVSA defaults (local half-window and first frames, latent frames).
     """
 
     name: str
@@ -43,7 +48,17 @@ class ModelPreset:
     width: int
     text_position: str
     text_tokens: Optional[int]
+    diffusers_class: str
+    adapter: str = ""
     temporal_factor: int = 4
+    window: int = 3
+    n_first: int = 1
+
+    def __post_init__(self) -> None:
+        if self.text_position not in ("none", "before", "after"):
+            raise ValueError(f"text_position: expected 'none', 'before' or 'after', got {self.text_position!r}")
+        if not self.adapter:
+            object.__setattr__(self, "adapter", self.name)
 
     def tokens_per_frame(self, height: Optional[int] = None, width: Optional[int] = None) -> int:
         """Tokens per latent frame ``(height // (s*p)) * (width // (s*p))``; defaults to the preset resolution."""
@@ -67,33 +82,40 @@ class ModelPreset:
         return "before" if self.text_position == "before" else "after"
 
     def pattern(self, **overrides) -> LVSAPattern:
-        """The model's `LVSAPattern` (`LVSAPattern`'s defaults, its reference horizon); keyword args override."""
+        """The model's `LVSAPattern` (its window, first frames and reference horizon); keyword args override."""
         from .reference import LVSAPattern
 
-        return LVSAPattern(**{"reference_frames": self.reference_frames, **overrides})
+        defaults = {"window": self.window, "n_first": self.n_first, "reference_frames": self.reference_frames}
+        return LVSAPattern(**{**defaults, **overrides})
 
 
 MODELS: Dict[str, ModelPreset] = {
     p.name: p
     for p in (
         ModelPreset("wan", "Wan 2.1/2.2 T2V 1.3B", heads=12, head_dim=128, reference_frames=21,
-                    spatial_factor=8, patch=2, height=480, width=832, text_position="none", text_tokens=0),
+                    spatial_factor=8, patch=2, height=480, width=832, text_position="none", text_tokens=0,
+                    diffusers_class="WanTransformer3DModel"),
         ModelPreset("hunyuan15", "HunyuanVideo 1.5", heads=16, head_dim=128, reference_frames=33,
-                    spatial_factor=16, patch=1, height=480, width=832, text_position="after", text_tokens=None),
+                    spatial_factor=16, patch=1, height=480, width=832, text_position="after", text_tokens=None,
+                    diffusers_class="HunyuanVideo15Transformer3DModel"),
         ModelPreset("cogvideox", "CogVideoX 5B", heads=30, head_dim=64, reference_frames=13,
-                    spatial_factor=8, patch=2, height=480, width=720, text_position="before", text_tokens=226),
+                    spatial_factor=8, patch=2, height=480, width=720, text_position="before", text_tokens=226,
+                    diffusers_class="CogVideoXTransformer3DModel"),
         ModelPreset("wan_vace", "Wan VACE 1.3B", heads=12, head_dim=128, reference_frames=21,
-                    spatial_factor=8, patch=2, height=480, width=832, text_position="none", text_tokens=0),
+                    spatial_factor=8, patch=2, height=480, width=832, text_position="none", text_tokens=0,
+                    diffusers_class="WanVACETransformer3DModel"),
         ModelPreset("skyreels_v2", "SkyReels-V2 1.3B 540P", heads=12, head_dim=128, reference_frames=25,
-                    spatial_factor=8, patch=2, height=544, width=960, text_position="none", text_tokens=0),
+                    spatial_factor=8, patch=2, height=544, width=960, text_position="none", text_tokens=0,
+                    diffusers_class="SkyReelsV2Transformer3DModel"),
         ModelPreset("hunyuan_video", "HunyuanVideo 1.0", heads=24, head_dim=128, reference_frames=33,
-                    spatial_factor=8, patch=2, height=720, width=1280, text_position="after", text_tokens=None),
+                    spatial_factor=8, patch=2, height=720, width=1280, text_position="after", text_tokens=None,
+                    diffusers_class="HunyuanVideoTransformer3DModel"),
         ModelPreset("ltx_video", "LTX-Video 2B", heads=32, head_dim=64, reference_frames=21,
                     spatial_factor=32, patch=1, height=512, width=704, text_position="none", text_tokens=0,
-                    temporal_factor=8),
+                    diffusers_class="LTXVideoTransformer3DModel", adapter="ltx", temporal_factor=8),
         ModelPreset("ltx2", "LTX-2 (video stream)", heads=32, head_dim=128, reference_frames=16,
                     spatial_factor=32, patch=1, height=512, width=768, text_position="none", text_tokens=0,
-                    temporal_factor=8),
+                    diffusers_class="LTX2VideoTransformer3DModel", temporal_factor=8),
     )
 }
 

@@ -13,12 +13,15 @@ from torch import Tensor
 from .api import block_sparse_attn
 from .backends import get_backend
 from .reference.eager import eager
+from .reference.plan import AttentionCall, AttentionPlan
 from .reference.svoo import ClusterOps, Clusters, SVOOPlanner
 
 __all__ = ["SVOOPattern", "triton_cluster_ops"]
 
 class SVOOPattern(SVOOPlanner):
     __doc__ = SVOOPlanner.__doc__
+
+    per_layer = True  # `VideoPattern`: planned per call from q and k
 
     @eager  # stateful cluster cache: torch.compile graph-breaks here and runs it eagerly
     def attention(self, q: Tensor, k: Tensor, v: Tensor, step: int, layer: int, backend: str = "auto",
@@ -36,12 +39,33 @@ class SVOOPattern(SVOOPlanner):
         fused kernels. Under ``torch.compile`` this call is excluded from the graph
         (``torch.compiler.disable``) and runs eagerly; the rest of the model compiles.
         """
-        ops = None
-        if backend == "triton" or (backend == "auto" and q.device.type == "cuda"):
-            ops = triton_cluster_ops(q, k)
         plan = self.plan(q, k, step, layer, cache_key=branch, scale=scale, heads=heads, text_tokens=text_tokens,
-                         ops=ops)
+                         ops=_cluster_ops(q, k, backend))
         return block_sparse_attn(q, k, v, plan, backend=backend, scale=scale, precision=precision)
+
+    @eager  # stateful cluster cache
+    def plan_call(self, q: Tensor, k: Tensor, call: AttentionCall) -> AttentionPlan:
+        """`VideoPattern`: `plan` for one call of the diffusers runtime (the branch keys the cluster cache).
+        SVOO plans text after the video only, and no block-causal or leading-frame masks."""
+        if call.causal_block or call.leading_frames or (call.text_tokens and call.text_position != "after"):
+            raise NotImplementedError("SVOO: plans video (+ text after it) only; got block-causal masks, leading "
+                                      f"frames or text {call.text_position} the video ({call})")
+        return self.plan(q, k, call.step, call.layer, cache_key=call.branch, heads=call.heads,
+                         text_tokens=call.text_tokens, ops=_cluster_ops(q, k, call.backend))
+
+    def summary(self, plan: AttentionPlan) -> Tuple[str, str]:
+        """`VideoPattern`: "SVOO" and its knobs, for a log line."""
+        return "SVOO", (f"top_p={self.top_p:g} q_clusters={self.q_clusters} k_clusters={self.k_clusters} "
+                        f"iterations={self.iterations} warmup_steps={self.warmup_steps} "
+                        f"recluster_every={self.recluster_every} dense_layers={sorted(self.dense_layers)} "
+                        f"profile={'yes' if self.profile is not None else 'none'}")
+
+
+def _cluster_ops(q: Tensor, k: Tensor, backend: str) -> Optional[ClusterOps]:
+    """Triton's clustering kernels when the attention runs on Triton ("triton", or "auto" on CUDA), else None."""
+    if backend == "triton" or (backend == "auto" and q.device.type == "cuda"):
+        return triton_cluster_ops(q, k)
+    return None
 
 
 def triton_cluster_ops(q: Tensor, k: Tensor) -> Optional[ClusterOps]:

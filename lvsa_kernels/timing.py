@@ -1,13 +1,14 @@
-"""Median wall time of a callable on a device: the one timer shared by dispatch, the demo and the benches."""
+"""The one timer shared by dispatch, the demo and the benches: per-call seconds (CUDA events on CUDA), wall seconds
+between caller-given synchronisations (multi-process steps), and ``do_bench``-style medians over a time budget."""
 from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
-__all__ = ["median_seconds", "synchronize"]
+__all__ = ["bench_ms", "call_seconds", "median_seconds", "synchronize", "wall_seconds"]
 
 
 def synchronize(device: torch.device) -> None:
@@ -20,27 +21,86 @@ def synchronize(device: torch.device) -> None:
             sync()
 
 
-def median_seconds(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 1) -> float:
-    """``warmup`` untimed calls, then the median seconds of ``repeats`` calls.
+def call_seconds(fn: Callable[..., object], device: torch.device, repeats: int, warmup: int = 1,
+                 args: Optional[Callable[[int], Sequence[Any]]] = None) -> List[float]:
+    """``warmup`` untimed calls, then the seconds of each of ``repeats`` calls.
 
-    CUDA: events around each call; other devices: ``perf_counter`` between device synchronisations.
+    CUDA: events around each call (after a device synchronisation); other devices: ``perf_counter`` between
+    device synchronisations. ``args(i)``, when given, builds call ``i``'s positional arguments outside the timed
+    region (``i`` counts warm-up calls first), for calls that need fresh inputs (e.g. a new timestep each).
     """
-    for _ in range(warmup):
-        fn()
+    def inputs(i: int) -> Sequence[Any]:
+        return () if args is None else tuple(args(i))
+
+    for i in range(warmup):
+        fn(*inputs(i))
     times = []
-    for _ in range(repeats):
+    for i in range(warmup, warmup + repeats):
+        a = inputs(i)
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             torch.cuda.synchronize(device)
             start.record()
-            fn()
+            fn(*a)
             end.record()
             end.synchronize()
             times.append(start.elapsed_time(end) / 1e3)
         else:
             synchronize(device)
             t0 = time.perf_counter()
-            fn()
+            fn(*a)
             synchronize(device)
             times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return times
+
+
+def median_seconds(fn: Callable[..., object], device: torch.device, repeats: int, warmup: int = 1,
+                   args: Optional[Callable[[int], Sequence[Any]]] = None) -> float:
+    """The median of `call_seconds` (same arguments)."""
+    return statistics.median(call_seconds(fn, device, repeats, warmup, args))
+
+
+def wall_seconds(fn: Callable[[], object], sync: Callable[[], None], repeats: int, warmup: int = 0) -> List[float]:
+    """``warmup`` untimed calls, then the ``perf_counter`` seconds of each of ``repeats`` calls, each timed from a
+    ``sync()`` to a ``sync()`` (e.g. a device synchronisation plus a process-group barrier, so the time is the
+    slowest rank's)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def bench_ms(fn: Callable[[], object], device: torch.device, warmup_ms: float, rep_ms: float,
+             min_iters: Optional[int] = None) -> Dict[str, float]:
+    """Median milliseconds per call over a time budget, as ``{"ms": ..., <how it was run>}``.
+
+    CUDA: ``triton.testing.do_bench(fn, warmup_ms, rep_ms, return_mode="median")``; with ``min_iters`` (not None)
+    one call is timed first (``single_call_ms``) and the budgets are raised to ``warmup >= one call`` and
+    ``rep >= min_iters`` calls (``rep_ms`` reported). Other devices: one warm-up call, then calls timed with
+    ``perf_counter`` until at least ``min_iters`` ran and ``rep_ms`` passed (``iters`` reported).
+    """
+    if device.type == "cuda":
+        import triton.testing
+
+        info: Dict[str, float] = {}
+        warmup, rep = warmup_ms, rep_ms
+        if min_iters is not None:
+            est = call_seconds(fn, device, 1, warmup=0)[0] * 1e3
+            warmup, rep = max(warmup_ms, est), max(rep_ms, min_iters * est)
+            info = {"rep_ms": round(rep, 1), "single_call_ms": round(est, 3)}
+        ms = triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+        return {"ms": float(ms), **info}
+    fn()  # warm-up
+    times: List[float] = []
+    t_end = time.perf_counter() + rep_ms / 1e3
+    while len(times) < (min_iters or 0) or time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return {"ms": statistics.median(times), "iters": len(times)}

@@ -7,14 +7,16 @@ published code (per-layer rebuilds, off-by-one rotation, silent fallbacks) are n
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import ClassVar, List, Optional, Tuple
 
 import torch
 
 from .args import ArgumentError, as_flag, as_int, as_real
 from .layout import BlockSparseLayout, TextBlock, _as_offsets
+from .plan import AttentionCall, AttentionPlan
 
 __all__ = ["LVSAPattern", "auto_key_frame_interval", "global_anchor_frames", "latent_frames"]
 
@@ -167,6 +169,8 @@ class LVSAPattern:
     rotate: bool = True
     anchors: str = "published"
 
+    per_layer: ClassVar[bool] = False  # `VideoPattern`: one plan per step, shared by every layer
+
     def __post_init__(self) -> None:
         for name in ("window", "n_first", "reference_frames"):
             object.__setattr__(self, name, as_int(name, getattr(self, name), 1 if name == "reference_frames" else 0))
@@ -236,6 +240,43 @@ class LVSAPattern:
         return _plan_cached(self, frames, tokens_per_frame, self.rotation_offset(frames, step),
                             text_tokens, text_position)
 
+    def causal_plan(self, frames: int, tokens_per_frame: int, step: int = 0,
+                    frames_per_block: int = 1) -> BlockSparseLayout:
+        """The video layout intersected with the block-causal frame mask of diffusion forcing: query frame ``i``
+        sees key frame ``j`` iff ``j // frames_per_block <= i // frames_per_block`` (``frames`` must be a
+        multiple of ``frames_per_block``). Built from the frame table, O(frames x per-frame budget)."""
+        frames = _check_frames(frames)
+        tokens_per_frame = as_int("tokens_per_frame", tokens_per_frame, 1)
+        frames_per_block = as_int("frames_per_block", frames_per_block, 1)
+        if frames % frames_per_block:
+            raise ArgumentError(f"frames_per_block: the {frames} frames are not a multiple of {frames_per_block}")
+        return _causal_cached(self, frames, tokens_per_frame, self.rotation_offset(frames, step), frames_per_block)
+
+    def reset(self) -> None:
+        """`VideoPattern`: nothing to drop (LVSA plans are pure functions of the call)."""
+
+    def plan_call(self, q: object, k: object, call: AttentionCall) -> AttentionPlan:
+        """`VideoPattern`: the plan of one call (q and k are not read): `plan` over the call's grid and text,
+        or `causal_plan` with ``call.causal_block``; ``call.leading_frames`` join the first frames."""
+        pattern = self
+        if call.leading_frames:
+            pattern = dataclasses.replace(self, n_first=self.n_first + call.leading_frames)
+        if call.causal_block:
+            if call.text_tokens:
+                raise ArgumentError(f"text_tokens: a block-causal plan is video-only, got {call.text_tokens}")
+            layout = pattern.causal_plan(call.frames, call.tokens_per_frame, call.step, call.causal_block)
+        else:
+            layout = pattern.plan(call.frames, call.tokens_per_frame, call.step, call.text_tokens, call.text_position)
+        return AttentionPlan(layout)
+
+    def summary(self, plan: AttentionPlan) -> Tuple[str, str]:
+        """`VideoPattern`: what ran ("LVSA engaged" or "LVSA dense") and the plan's fields for a log line."""
+        layout = plan.blocks
+        meta = layout.meta
+        return ("LVSA dense" if layout.is_dense else "LVSA engaged",
+                f"text={meta.get('text_tokens', 0)} kfi={meta['kfi']} offset={meta['offset']} "
+                f"density={layout.density:.4f} reference_frames={self.reference_frames}")
+
     def describe(self, frames: int, step: int = 0) -> str:
         """One-line summary at ``frames`` latent frames: kfi, offset, |G|, |A| range, frame density."""
         ptr, _ = self.frame_rows(frames, step)
@@ -278,6 +319,18 @@ def _plan_cached(pattern: LVSAPattern, T: int, P: int, offset: int, L: int, pos:
         text_block = TextBlock(t, t)
     offsets = _as_offsets(sizes, "block sizes")
     return BlockSparseLayout(offsets, offsets, ptr.to(torch.int32)[None], cols, meta, text_block)
+
+
+@functools.lru_cache(maxsize=64)
+def _causal_cached(pattern: LVSAPattern, T: int, P: int, offset: int, n: int) -> BlockSparseLayout:
+    kfi = pattern.key_frame_interval_for(T)
+    g = global_anchor_frames(T, pattern.n_first, kfi, offset, pattern.anchors)
+    values, valid = _frame_table(T, pattern.window, g, pattern.expand_window)
+    valid = valid & (values.long() // n <= torch.arange(T)[:, None] // n)
+    ptr, cols = _csr(values, valid)
+    meta = {**_plan_cached(pattern, T, P, offset, 0, "after").meta, "causal_block": n}
+    offsets = _as_offsets([P] * T, "block sizes")
+    return BlockSparseLayout(offsets, offsets, ptr.to(torch.int32)[None], cols, meta)
 
 
 def _check_frames(frames: int) -> int:

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Mapping, Optional, Tuple, Union
+from typing import Any, Hashable, Mapping, Optional, Protocol, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from .layout import BlockSparseLayout
 
-__all__ = ["AttentionPlan", "BlockMap", "inverse_permutation", "permute_tokens", "unpermute_tokens"]
+__all__ = ["AttentionCall", "AttentionPlan", "BlockMap", "VideoPattern", "inverse_permutation", "permute_tokens",
+           "unpermute_tokens"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -82,6 +83,55 @@ class AttentionPlan:
     def layouts(self) -> Tuple[BlockSparseLayout, ...]:
         """Host layouts: one per batch element for permuted plans, else the single shared layout."""
         return self.blocks.layouts if isinstance(self.blocks, BlockMap) else (self.blocks,)
+
+
+@dataclass(frozen=True)
+class AttentionCall:
+    """One self-attention call of a video transformer, as the diffusers runtime describes it to a pattern.
+
+    Attributes:
+        frames, tokens_per_frame: the token grid; the video is ``frames * tokens_per_frame`` tokens, frame-major.
+        step: 0-based denoising step. layer: 0-based attention layer of the transformer.
+        branch: which transformer call of the step this is (CFG branch, expert, batch part); hashable.
+        text_tokens: valid text tokens in the sequence; text_position: ``"after"`` or ``"before"`` the video.
+        heads: ``(first, total)``: q's heads are global heads ``first..`` of ``total`` (Ulysses), None = all.
+        leading_frames: conditioning latent frames the pipeline put before the video (count as first frames).
+        causal_block: frames per block of a block-causal frame mask to intersect with (diffusion forcing),
+            0 = none.
+        backend: the backend the plan will run on (``"auto"`` or a registered name).
+    """
+
+    frames: int
+    tokens_per_frame: int
+    step: int
+    layer: int = 0
+    branch: Hashable = None
+    text_tokens: int = 0
+    text_position: str = "after"
+    heads: Optional[Tuple[int, int]] = None
+    leading_frames: int = 0
+    causal_block: int = 0
+    backend: str = "auto"
+
+
+class VideoPattern(Protocol):
+    """What the diffusers runtime needs of a pattern (`LVSAPattern` and `SVOOPattern` are ones).
+
+    ``per_layer``: False when a plan depends only on the call's grid, step, text and masks (the runtime then
+    plans once per step for every layer, ignoring q, k, layer and branch); True when it is planned per call
+    from q and k. ``reset()`` starts a new generation (drops per-generation caches).
+    ``plan_call(q, k, call)``: q ``[B, S, H, D]``, k ``[B, S, H_kv, D]`` (None for ``per_layer = False``) ->
+    the `AttentionPlan` for `block_sparse_attn`. ``summary(plan)``: what ran and the plan's fields, for the
+    runtime's log line. ``cached_densities()`` (``per_layer`` patterns): density per cached plan.
+    """
+
+    per_layer: bool
+
+    def reset(self) -> None: ...
+
+    def plan_call(self, q: Optional[Tensor], k: Optional[Tensor], call: AttentionCall) -> AttentionPlan: ...
+
+    def summary(self, plan: AttentionPlan) -> Tuple[str, str]: ...
 
 
 def permute_tokens(x: Tensor, perm: Tensor) -> Tensor:

@@ -4,7 +4,8 @@
 * ``reference/`` (planners and oracle) imports only itself: never the API, dispatcher, backends, diffusers
   shim, kernels, NPU code, nor the ``diffusers`` package;
 * a backend never imports another backend, the dispatcher or the API;
-* library code never imports ``bench/``.
+* library code never imports ``bench/``;
+* the model table (``lvsa_kernels/models.py``) imports only the planners.
 """
 import ast
 import sys
@@ -165,3 +166,14 @@ def test_each_rule_catches_its_violation(monkeypatch, source, target):
         except AssertionError:
             failed += 1
     assert failed == 1
+
+
+MODEL_TABLE = "lvsa_kernels.models"
+
+
+def test_model_table_stays_light():
+    """The model table is read by the CLI's --help and by the benchmarks: it may import only the planners (its
+    `pattern()` builds an `LVSAPattern`), never diffusers or the shim (adapters key themselves by its rows)."""
+    bad = [t for _, t in _imports(MODEL_TABLE, MODULES[MODEL_TABLE])
+           if (_project(t) and not _within(t, "lvsa_kernels.reference")) or _within(t, "diffusers")]
+    assert not bad

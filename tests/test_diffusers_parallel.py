@@ -28,7 +28,7 @@ from lvsa_kernels.diffusers import disable_lvsa, enable_lvsa  # noqa: E402
 from lvsa_kernels.reference.svoo_profile import SVOOProfile  # noqa: E402
 from lvsa_kernels.diffusers.geometry import VideoGeometry  # noqa: E402
 from lvsa_kernels.diffusers.parallel import UlyssesGroup, heads_to_seq, seq_to_heads, ulysses_group  # noqa: E402
-from lvsa_kernels.diffusers.runtime import LVSARuntime  # noqa: E402
+from lvsa_kernels.diffusers.runtime import AttentionRuntime  # noqa: E402
 
 WORLD = 2
 T, H_LAT, W_LAT = 8, 8, 8                   # latent; patch (1, 2, 2) -> P = 16, S = 128 tokens
@@ -124,7 +124,7 @@ def _worker(rank: int, tmp: str) -> None:
         shard = slice(rank * S // WORLD, (rank + 1) * S // WORLD)
         res["q_heads"], res["k_heads"] = seq_to_heads([q[:, shard], k[:, shard]], ug)
         res["q_back"] = heads_to_seq(res["q_heads"], ug)
-        runtime = LVSARuntime(LVSAPattern(**SPARSE), "reference", "test", "test")
+        runtime = AttentionRuntime(LVSAPattern(**SPARSE), "reference", "test", "test")
         runtime.begin_forward(VideoGeometry(T, H_LAT // 2, W_LAT // 2), 900.0, ug)
         res["gqa"] = runtime.attend(q[:, shard], k[:, shard], v[:, shard], runtime.layout())
 

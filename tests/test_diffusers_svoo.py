@@ -23,15 +23,15 @@ def model():
 
 
 class RecordingSVOO(SVOOPattern):
-    """Records (step, layer, branch, cached entries before the call) of every attention call."""
+    """Records (step, layer, branch, cached entries before the call) of every call the runtime plans."""
 
     def __init__(self, **knobs):
         super().__init__(**knobs)
         self.calls = []
 
-    def attention(self, q, k, v, step, layer, branch=None, **kwargs):
-        self.calls.append((step, layer, branch, len(self._cache)))
-        return super().attention(q, k, v, step, layer, branch=branch, **kwargs)
+    def plan_call(self, q, k, call):
+        self.calls.append((call.step, call.layer, call.branch, len(self._cache)))
+        return super().plan_call(q, k, call)
 
 
 def test_top_p_one_matches_original_processors(model):

@@ -14,7 +14,7 @@ import inspect
 import os
 import sys
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 from typing import TYPE_CHECKING
 
@@ -150,15 +150,9 @@ def call_kwargs(pipe: Any, args: argparse.Namespace, device: torch.device) -> Di
 
 def density_summary(handle: Optional[Any]) -> str:
     """Layout density of the run: mean, min and max over the planned layouts (LVSA) or cached SVOO plans."""
-    from ..diffusers.runtime import LVSARuntime
-
     if handle is None:
         return "1.0000 (dense)"
-    runtime = handle.runtime
-    if isinstance(runtime, LVSARuntime):
-        densities: List[float] = list(runtime.densities.values())
-    else:
-        densities = list(runtime.pattern.cached_densities().values())
+    densities = handle.runtime.plan_densities()
     if not densities:
         return "n/a (no sparse attention call ran)"
     mean = sum(densities) / len(densities)

@@ -18,7 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", choices=sorted(MODELS), default="wan", help="model preset (default wan)")
     horizon = parser.add_mutually_exclusive_group(required=True)
     horizon.add_argument("--frames", type=POSITIVE, help="latent frames T")
-    horizon.add_argument("--video-frames", type=POSITIVE, help="video frames F (T = (F - 1) // 4 + 1)")
+    horizon.add_argument("--video-frames", type=POSITIVE, help="video frames F (T = (F - 1) // temporal factor + 1; the model's factor, 4 or 8)")
     parser.add_argument("--step", type=NON_NEGATIVE, default=0, help="0-based denoising step (rotation offset = step mod kfi)")
     parser.add_argument("--window", type=NON_NEGATIVE, help="local half-window W in latent frames (default 3)")
     parser.add_argument("--n-first", type=NON_NEGATIVE, help="leading global frames (default 1)")

@@ -8,11 +8,11 @@ from __future__ import annotations
 from typing import Any, List, Optional, Tuple
 
 import torch
-from diffusers import CogVideoXTransformer3DModel
 from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0, FusedCogVideoXAttnProcessor2_0
 from diffusers.models.embeddings import apply_rotary_emb
 from torch import Tensor, nn
 
+from ..reference import latent_frames
 from .runtime import LVSAProcessorBase, ModelSpec
 
 __all__ = ["LVSACogVideoXAttnProcessor", "COGVIDEOX"]
@@ -48,8 +48,7 @@ class LVSACogVideoXAttnProcessor(LVSAProcessorBase):
                                apply_rotary_emb(query[:, text_len:], image_rotary_emb, sequence_dim=1)], dim=1)
             key = torch.cat([key[:, :text_len],
                              apply_rotary_emb(key[:, text_len:], image_rotary_emb, sequence_dim=1)], dim=1)
-        layout = self.runtime.layout(text_tokens=text_len, text_position="before")
-        out = self.runtime.attend(query, key, value, layout).flatten(2, 3)
+        out = self.runtime.attention(query, key, value, self.layer, text_len, "before").flatten(2, 3)
         out = attn.to_out[1](attn.to_out[0](out))
         text, video = out.split([text_len, out.shape[1] - text_len], dim=1)
         return video, text
@@ -65,13 +64,13 @@ def _patch(config: Any) -> Tuple[int, int, int]:
 
 def _reference_frames(config: Any) -> Tuple[int, str]:
     # config sample_frames is in video frames (49 for CogVideoX 5B -> 13 latent frames)
-    latent = (int(config["sample_frames"]) - 1) // int(config["temporal_compression_ratio"]) + 1
+    latent = latent_frames(int(config["sample_frames"]), int(config["temporal_compression_ratio"]))
     return -(-latent // _patch(config)[0]), "config sample_frames"
 
 
 COGVIDEOX = ModelSpec(
     name="CogVideoX",
-    transformer_cls=CogVideoXTransformer3DModel,
+    model="cogvideox",
     processor_cls=LVSACogVideoXAttnProcessor,
     original_processors=(CogVideoXAttnProcessor2_0, FusedCogVideoXAttnProcessor2_0),
     self_attention=_self_attention,

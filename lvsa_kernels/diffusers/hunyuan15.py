@@ -11,18 +11,16 @@ from typing import Any, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from diffusers import HunyuanVideo15Transformer3DModel
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_hunyuan_video15 import HunyuanVideo15AttnProcessor2_0
 from torch import Tensor, nn
 
+from ..models import MODELS
 from ..reference import latent_frames
 from .geometry import VideoGeometry
 from .runtime import LVSAProcessorBase, ModelSpec
 
 __all__ = ["LVSAHunyuanVideo15AttnProcessor", "HUNYUAN_VIDEO_15", "text_valid_lengths"]
-
-_HV15_REFERENCE = 33  # 129 video frames
 
 
 def text_valid_lengths(mask: Optional[Tensor], batch: int, text_len: int) -> List[int]:
@@ -128,12 +126,12 @@ def _reference_frames(config: Any) -> Tuple[int, str]:
     if config.get("sample_n_frames"):
         frames = latent_frames(int(config["sample_n_frames"]))
         return -(-frames // int(config.get("patch_size_t", 1))), "config sample_n_frames"
-    return _HV15_REFERENCE, "HunyuanVideo 1.5 default"
+    return MODELS["hunyuan15"].reference_frames, "HunyuanVideo 1.5 default"
 
 
 HUNYUAN_VIDEO_15 = ModelSpec(
     name="HunyuanVideo 1.5",
-    transformer_cls=HunyuanVideo15Transformer3DModel,
+    model="hunyuan15",
     processor_cls=LVSAHunyuanVideo15AttnProcessor,
     original_processors=(HunyuanVideo15AttnProcessor2_0,),
     self_attention=_self_attention,

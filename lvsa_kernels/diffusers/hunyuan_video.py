@@ -12,18 +12,15 @@ from __future__ import annotations
 from typing import Any, List, Optional, Tuple
 
 import torch
-from diffusers import HunyuanVideoTransformer3DModel
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_hunyuan_video import HunyuanVideoAttnProcessor2_0
 from torch import Tensor, nn
 
-from ..reference import latent_frames
+from ..models import MODELS
 from .hunyuan15 import LVSAHunyuanVideo15AttnProcessor
 from .runtime import ModelSpec
 
 __all__ = ["LVSAHunyuanVideoAttnProcessor", "HUNYUAN_VIDEO"]
-
-_HV_REFERENCE_VIDEO_FRAMES = 129  # HunyuanVideo 1.0 training length
 
 
 def _heads(attn: nn.Module, x: Tensor) -> Tensor:
@@ -90,13 +87,13 @@ def _self_attention(transformer: nn.Module) -> List[Tuple[str, nn.Module]]:
 
 
 def _reference_frames(config: Any) -> Tuple[int, str]:
-    frames = latent_frames(_HV_REFERENCE_VIDEO_FRAMES)
+    frames = MODELS["hunyuan_video"].reference_frames  # latent frames of its 129-frame training length
     return -(-frames // int(config.get("patch_size_t", 1))), "HunyuanVideo default (129 video frames)"
 
 
 HUNYUAN_VIDEO = ModelSpec(
     name="HunyuanVideo",
-    transformer_cls=HunyuanVideoTransformer3DModel,
+    model="hunyuan_video",
     processor_cls=LVSAHunyuanVideoAttnProcessor,
     original_processors=(HunyuanVideoAttnProcessor2_0,),
     self_attention=_self_attention,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import inspect
 import logging
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -13,26 +14,29 @@ from ..api import check_precision
 from ..backends import get_backend
 from ..reference import LVSAPattern
 from ..svoo_attention import SVOOPattern
-from .cogvideox import COGVIDEOX
+from ..models import MODELS, ModelPreset
 from .geometry import geometry_from_latents
-from .hunyuan15 import HUNYUAN_VIDEO_15
-from .hunyuan_video import HUNYUAN_VIDEO
-from .ltx import LTX_VIDEO
-from .ltx2 import LTX_2
 from .parallel import ulysses_group
 from .riflex import install_riflex
-from .runtime import AttentionRuntime, LVSARuntime, ModelSpec
-from .skyreels_v2 import SKYREELS_V2
-from .svoo import SVOORuntime, check_svoo_supported
-from .wan import WAN
-from .wan_vace import WAN_VACE
+from .runtime import AttentionRuntime, ModelSpec
 
 __all__ = ["enable_lvsa", "enable_svoo", "disable_lvsa", "LVSAHandle", "SUPPORTED_MODELS"]
 
 log = logging.getLogger("lvsa_kernels")
 
-SUPPORTED_MODELS: Tuple[ModelSpec, ...] = (WAN, WAN_VACE, SKYREELS_V2, HUNYUAN_VIDEO_15, HUNYUAN_VIDEO, COGVIDEOX,
-                                           LTX_VIDEO, LTX_2)
+
+def _adapter_spec(preset: ModelPreset) -> ModelSpec:
+    """The `ModelSpec` of ``preset`` in its adapter module ``lvsa_kernels.diffusers.<preset.adapter>``."""
+    module = importlib.import_module(f"{__package__}.{preset.adapter}")
+    found = [v for v in vars(module).values() if isinstance(v, ModelSpec) and v.model == preset.name]
+    if len(found) != 1:
+        raise ImportError(f"{module.__name__}: expected one ModelSpec with model={preset.name!r} (the model table's "
+                          f"row), found {len(found)}")
+    return found[0]
+
+
+# one adapter per row of the model table, in table order
+SUPPORTED_MODELS: Tuple[ModelSpec, ...] = tuple(_adapter_spec(p) for p in MODELS.values())
 _KNOBS = tuple(f.name for f in dataclasses.fields(LVSAPattern))
 _ATTR = "_lvsa_handle"
 _PIPELINE_CLASSES: Dict[type, type] = {}
@@ -42,8 +46,7 @@ class LVSAHandle:
     """What `enable_lvsa` installed; `disable` undoes it exactly.
 
     Attributes:
-        runtime: the shared runtime, `LVSARuntime` or `SVOORuntime` (``runtime.pattern``,
-            ``runtime.tracker.step``, ...).
+        runtime: the shared `AttentionRuntime` (``runtime.pattern``, ``runtime.tracker.step``, ...).
         transformers: the transformers that run LVSA (two for Wan 2.2 A14B).
         pipeline: the pipeline given to `enable_lvsa`, or None.
     """
@@ -70,7 +73,7 @@ class LVSAHandle:
         """At each pipeline call: a new generation, and the call's leading conditioning frames (reference
         images) become extra LVSA first frames."""
         self.new_generation()
-        if self.spec.leading_frames is not None and isinstance(self.runtime, LVSARuntime):
+        if self.spec.leading_frames is not None:
             self.runtime.leading_frames = self.spec.leading_frames(kwargs)
 
     def disable(self) -> None:
@@ -105,9 +108,10 @@ UNSUPPORTED_MODELS: Dict[type, str] = {
 
 
 def _spec_for(transformer: Any) -> ModelSpec:
-    for spec in SUPPORTED_MODELS:
-        if isinstance(transformer, spec.transformer_cls):
-            return spec
+    by_class = {spec.transformer_cls: spec for spec in SUPPORTED_MODELS}
+    for cls in type(transformer).__mro__:  # the most derived supported class
+        if cls in by_class:
+            return by_class[cls]
     for cls, reason in UNSUPPORTED_MODELS.items():
         if isinstance(transformer, cls):
             raise NotImplementedError(f"LVSA ({cls.__name__}): not supported: {reason}. "
@@ -139,9 +143,9 @@ def _make_pattern(spec: ModelSpec, config: Any, pattern: Optional[LVSAPattern],
         source = "reference_frames knob" if "reference_frames" in knobs else "given pattern"
         return dataclasses.replace(pattern, **knobs), source
     if "reference_frames" in knobs:
-        return LVSAPattern(**knobs), "reference_frames knob"
+        return spec.preset.pattern(**knobs), "reference_frames knob"
     ref, source = spec.reference_frames(config)
-    return LVSAPattern(**{"reference_frames": ref, **knobs}), source
+    return spec.preset.pattern(**{"reference_frames": ref, **knobs}), source
 
 
 def _pipeline_class(cls: type) -> type:
@@ -193,15 +197,18 @@ def _make_runtime(spec: ModelSpec, transformers: Sequence[nn.Module], pattern: U
         if knobs:
             raise TypeError(f"enable_lvsa: LVSA knob(s) {sorted(knobs)} do not apply to an SVOOPattern; "
                             "set SVOO knobs on the pattern (or use enable_svoo(pipe, **svoo_knobs))")
-        check_svoo_supported(spec, transformers)
-        return SVOORuntime(pattern, backend, spec.name, experts=len(transformers), precision=precision)
+        if not spec.svoo:
+            svoo = ", ".join(f"{s.name} ({s.preset.diffusers_class})" for s in SUPPORTED_MODELS if s.svoo)
+            raise NotImplementedError(f"SVOO ({spec.name}): the SVOO pattern is supported on {svoo} only; use an "
+                                      "LVSAPattern for this model")
+        return AttentionRuntime(pattern, backend, spec.name, "given SVOOPattern", precision, len(transformers))
     lvsa_pattern, source = _make_pattern(spec, transformers[0].config, pattern, knobs)
-    return LVSARuntime(lvsa_pattern, backend, spec.name, source, precision)
+    return AttentionRuntime(lvsa_pattern, backend, spec.name, source, precision, len(transformers))
 
 
 def _riflex_hooks(spec: ModelSpec, transformer: nn.Module, runtime: AttentionRuntime) -> List[Any]:
     rope, temporal_channels = spec.rope(transformer)
-    reference = (runtime.pattern.reference_frames if isinstance(runtime, LVSARuntime)
+    reference = (runtime.pattern.reference_frames if isinstance(runtime.pattern, LVSAPattern)
                  else spec.reference_frames(transformer.config)[0])
     return [install_riflex(rope, temporal_channels, spec.patch(transformer.config), reference)]
 
@@ -289,7 +296,7 @@ def enable_lvsa(pipe_or_transformer: Any, pattern: Union[None, LVSAPattern, SVOO
         pipeline.__class__ = _pipeline_class(type(pipeline))
         pipeline.__dict__[_ATTR] = handle
     what = (f"LVSA {runtime.pattern} (reference_frames from {runtime.reference_source})"
-            if isinstance(runtime, LVSARuntime) else "SVOO")
+            if isinstance(runtime.pattern, LVSAPattern) else "SVOO")
     log.debug("%s installed on %d %s self-attention layers, backend %s", what, len(handle._originals), spec.name,
               backend)
     return handle

@@ -8,16 +8,14 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Optional, Tuple
 
-from diffusers import LTXVideoTransformer3DModel
 from diffusers.models.transformers.transformer_ltx import LTXVideoAttnProcessor, apply_rotary_emb
 from torch import Tensor, nn
 
+from ..models import MODELS
 from .geometry import VideoGeometry
 from .runtime import LVSAProcessorBase, ModelSpec
 
 __all__ = ["LVSALTXVideoAttnProcessor", "LTX_VIDEO", "call_grid"]
-
-_LTX_REFERENCE = 21  # LTXPipeline's default 161 video frames, 8x temporal compression
 
 
 class LVSALTXVideoAttnProcessor(LVSAProcessorBase):
@@ -65,12 +63,12 @@ def _self_attention(transformer: nn.Module) -> List[Tuple[str, nn.Module]]:
 
 LTX_VIDEO = ModelSpec(
     name="LTX-Video",
-    transformer_cls=LTXVideoTransformer3DModel,
+    model="ltx_video",
     processor_cls=LVSALTXVideoAttnProcessor,
     original_processors=(LTXVideoAttnProcessor,),
     self_attention=_self_attention,
     frame_dim=1,
     patch=lambda config: (int(config["patch_size_t"]), int(config["patch_size"]), int(config["patch_size"])),
-    reference_frames=lambda config: (_LTX_REFERENCE, "LTX-Video default (161 video frames)"),
+    reference_frames=lambda config: (MODELS["ltx_video"].reference_frames, "LTX-Video default (161 video frames)"),
     geometry=_geometry,
 )

@@ -10,18 +10,15 @@ from __future__ import annotations
 
 from typing import List, Optional, Tuple
 
-from diffusers import LTX2VideoTransformer3DModel
 from diffusers.models.transformers.transformer_ltx2 import (LTX2AudioVideoAttnProcessor, apply_interleaved_rotary_emb,
                                                             apply_split_rotary_emb)
 from torch import Tensor, nn
 
-from ..reference import latent_frames
+from ..models import MODELS
 from .ltx import call_grid
 from .runtime import LVSAProcessorBase, ModelSpec
 
 __all__ = ["LVSALTX2AttnProcessor", "LTX_2"]
-
-_LTX2_REFERENCE_VIDEO_FRAMES = 121  # LTX2Pipeline default; 8x temporal compression
 
 
 class LVSALTX2AttnProcessor(LVSAProcessorBase):
@@ -61,13 +58,13 @@ def _self_attention(transformer: nn.Module) -> List[Tuple[str, nn.Module]]:
 
 LTX_2 = ModelSpec(
     name="LTX-2",
-    transformer_cls=LTX2VideoTransformer3DModel,
+    model="ltx2",
     processor_cls=LVSALTX2AttnProcessor,
     original_processors=(LTX2AudioVideoAttnProcessor,),
     self_attention=_self_attention,
     frame_dim=1,
     patch=lambda config: (int(config["patch_size_t"]), int(config["patch_size"]), int(config["patch_size"])),
-    reference_frames=lambda config: (latent_frames(_LTX2_REFERENCE_VIDEO_FRAMES, 8),
+    reference_frames=lambda config: (MODELS["ltx2"].reference_frames,
                                      "LTX-2 default (121 video frames)"),
     geometry=lambda bound: call_grid(bound, "LTX-2"),
 )

@@ -1,56 +1,77 @@
-"""State shared by the LVSA processors of one `enable_lvsa` call, and the processors' common base.
+"""The runtime shared by the attention processors of one `enable_lvsa` call, and the processors' common base.
 
-An `AttentionRuntime` holds the pattern, the backend, the step tracker, and the geometry and Ulysses
-group of the transformer call in flight (set by a forward pre-hook from the unsplit input). `LVSARuntime`
-plans layouts once per (step, geometry, text length), shared by every layer and every rank; the SVOO
-runtime (`lvsa_kernels.diffusers.svoo`) plans per layer from q and k. The first attention call of a
-generation logs one INFO summary line.
+`AttentionRuntime` holds the pattern (any `VideoPattern`: `LVSAPattern`, `SVOOPattern`), the backend, the step
+tracker, and the geometry and Ulysses group of the transformer call in flight (set by a forward pre-hook from
+the unsplit input). Each attention call is described to the pattern as an `AttentionCall` (grid, step, layer,
+branch, text, heads) and runs the plan it returns through `block_sparse_attn`, under Ulysses inside the one
+all-to-all exchange (`exchanged`). Patterns whose plans do not depend on q and k (``per_layer = False``, LVSA)
+are planned once per step and shared by every layer and rank; the others (SVOO) plan per call, keyed by
+``branch``: the transformer call's index within the step (0, 1 for the two classifier-free-guidance calls;
+``(expert, call)`` with two experts; plus the batch part for per-element calls). The pattern is reset at each
+new generation. The first attention call of a generation logs one INFO summary line.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple, Type
+from typing import Any, Callable, Dict, Hashable, List, Optional, Tuple, Type, Union
 
-import torch
 from torch import Tensor, nn
 
 from ..api import block_sparse_attn
 from ..dispatch import select_backend
-from ..reference import BlockSparseLayout, LVSAPattern
+from ..models import ModelPreset, get_model
+from ..reference import BlockSparseLayout
+from ..reference.eager import eager
+from ..reference.plan import AttentionCall, AttentionPlan, VideoPattern
 from .geometry import VideoGeometry, check_video_tokens
 from .parallel import UlyssesGroup, heads_to_seq, seq_to_heads
 from .state import StepTracker
 
-__all__ = ["AttentionRuntime", "LVSARuntime", "LVSAProcessorBase", "ModelSpec"]
+__all__ = ["AttentionRuntime", "LVSAProcessorBase", "ModelSpec"]
 
 log = logging.getLogger("lvsa_kernels")
 
 
 class AttentionRuntime:
-    """State shared by all installed processors: backend, step tracker and the transformer call in flight.
-
-    Subclasses say how the video self-attention of one layer runs (`video_attention`).
+    """State shared by all installed processors: pattern, backend, step tracker, the transformer call in flight.
 
     Args:
-        pattern: the sparsity pattern (`LVSAPattern` or `SVOOPattern`).
+        pattern: the sparsity pattern, a `VideoPattern` (`LVSAPattern` in latent-frame units, `SVOOPattern`).
         backend: ``block_sparse_attn`` backend name or ``"auto"``.
         model: model family name used in messages ("Wan", "HunyuanVideo 1.5", "CogVideoX").
+        reference_source: where the pattern's settings came from (logged).
         precision: ``block_sparse_attn`` precision (``"exact"``, ``"fp8"``, ``"int8_qk"``).
+        experts: transformers sharing the runtime (2 for Wan 2.2 A14B): the branch is then ``(expert, call)``.
+
+    Attributes:
+        densities: layout density per ``(step, text_tokens, text_position)`` planned in the current generation
+            (patterns planned once per step; `plan_densities` covers the others).
+        chosen_backend: the backend ``backend`` resolved to at the generation's first attention call (patterns
+            planned once per step; per-call plans resolve per call).
+        leading_frames: conditioning frames before the video (reference images) in the current pipeline call.
     """
 
-    def __init__(self, pattern: Any, backend: str, model: str, precision: str = "exact") -> None:
+    def __init__(self, pattern: VideoPattern, backend: str, model: str, reference_source: str = "given pattern",
+                 precision: str = "exact", experts: int = 1) -> None:
         self.pattern = pattern
         self.backend = backend
         self.model = model
+        self.reference_source = reference_source
         self.precision = precision
+        self.experts = experts
         self.tracker = StepTracker()
         self.geometry: Optional[VideoGeometry] = None
         self.ulysses: Optional[UlyssesGroup] = None
         self.expert = 0
         self.forward_cache: Dict[str, Any] = {}
         self.step_marker: Optional[Callable[[], Any]] = None
+        self.densities: Dict[Tuple[int, int, str], float] = {}
+        self.chosen_backend: Optional[str] = None
+        self.leading_frames = 0
+        self._plans: Dict[AttentionCall, AttentionPlan] = {}
+        self._planned_for: Optional[Tuple[int, Optional[int], VideoGeometry]] = None
 
     # ------------------------------------------------------------------ transformer call boundaries
     def begin_forward(self, geometry: VideoGeometry, timestep: Any, ulysses: Optional[UlyssesGroup] = None,
@@ -58,7 +79,7 @@ class AttentionRuntime:
         """Called by the transformer's forward pre-hook: record the step, the global geometry, the
         Ulysses group (None without context parallelism) and which transformer (expert) runs. With a
         ``step_marker`` (the pipeline's own step counter) that returns an object, the step follows it
-        instead of the timestep."""
+        instead of the timestep. A new generation resets the pattern; a new step or geometry drops the plans."""
         marker = None if self.step_marker is None else self.step_marker()
         if marker is None:
             self.tracker.observe(timestep)
@@ -68,6 +89,13 @@ class AttentionRuntime:
         self.ulysses = ulysses
         self.expert = expert
         self.forward_cache.clear()
+        key = (self.tracker.generation, self.tracker.step, geometry)
+        if key != self._planned_for:
+            if self._planned_for is None or self._planned_for[0] != key[0]:
+                self.pattern.reset()
+                self.densities.clear()
+            self._plans.clear()
+            self._planned_for = key
 
     def end_forward(self) -> None:
         """Called by the transformer's forward hook: no geometry outside a transformer call."""
@@ -84,6 +112,76 @@ class AttentionRuntime:
             )
         return self.geometry
 
+    # ------------------------------------------------------------------ planning and attention
+    def call(self, layer: int = 0, text_tokens: int = 0, text_position: str = "after", part: Optional[int] = None,
+             causal_block: int = 0, heads: Optional[Tuple[int, int]] = None) -> AttentionCall:
+        """The `AttentionCall` of layer ``layer`` in the transformer call in flight (see `attention`)."""
+        geo = self.current_geometry("plan")
+        branch: Hashable = self.tracker.call if self.experts == 1 else (self.expert, self.tracker.call)
+        if part is not None:
+            branch = (branch, part)
+        return AttentionCall(geo.frames, geo.tokens_per_frame, self.tracker.step, layer, branch, text_tokens,
+                             text_position, heads, self.leading_frames, causal_block, self.backend)
+
+    def plan(self, q: Optional[Tensor], k: Optional[Tensor], call: AttentionCall) -> AttentionPlan:
+        """The pattern's plan for ``call``; patterns planned once per step are cached per step (the key drops
+        the layer, branch and heads) and their densities recorded."""
+        if self.pattern.per_layer:
+            return self.pattern.plan_call(q, k, call)
+        key = dataclasses.replace(call, layer=0, branch=None, heads=None)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = self.pattern.plan_call(None, None, key)
+            where = call.text_position if not call.causal_block else f"causal{call.causal_block}"
+            self.densities[(call.step, call.text_tokens, where)] = plan.blocks.density
+        return plan
+
+    def layout(self, text_tokens: int = 0, text_position: str = "after") -> BlockSparseLayout:
+        """The current step's layout over the video plus ``text_tokens`` text tokens (patterns planned once per
+        step only)."""
+        if self.pattern.per_layer:
+            raise TypeError(f"layout: {type(self.pattern).__name__} plans per call from q and k; use attention()")
+        return self.plan(None, None, self.call(text_tokens=text_tokens, text_position=text_position)).blocks
+
+    def attention(self, q: Tensor, k: Tensor, v: Tensor, layer: int, text_tokens: int = 0,
+                  text_position: str = "after", part: Optional[int] = None, causal_block: int = 0) -> Tensor:
+        """Sparse attention of layer ``layer``: q, k, v ``[B, S, H, D]`` -> ``[B, S, H, D]`` (this rank's shards
+        under Ulysses), with ``text_tokens`` valid text tokens ``text_position`` the video. ``part`` numbers the
+        calls one transformer call makes for different text lengths (one per batch element), None for one call;
+        ``causal_block``: frames per block of a block-causal frame mask (diffusion forcing), 0 = none."""
+        def run(q: Tensor, k: Tensor, v: Tensor, heads: Optional[Tuple[int, int]]) -> Tensor:
+            call = self.call(layer, text_tokens, text_position, part, causal_block, heads)
+            if self.pattern.per_layer:
+                return self._plan_and_run(q, k, v, call)
+            return self._run(q, k, v, self.plan(q, k, call))
+
+        return self.exchanged(q, k, v, run)
+
+    @eager  # per-call plans update the pattern's caches: a compiled model graph-breaks around plan + attention
+    def _plan_and_run(self, q: Tensor, k: Tensor, v: Tensor, call: AttentionCall) -> Tensor:
+        return self._run(q, k, v, self.pattern.plan_call(q, k, call))
+
+    def video_attention(self, q: Tensor, k: Tensor, v: Tensor, layer: int) -> Tensor:
+        """Video-only self-attention of layer ``layer``: q, k, v ``[B, S, H, D]`` -> ``[B, S, H, D]``."""
+        return self.attention(q, k, v, layer)
+
+    def joint_attention(self, q: Tensor, k: Tensor, v: Tensor, layer: int, text_tokens: int,
+                        part: Optional[int] = None) -> Tensor:
+        """Attention over ``[video; text_tokens valid text tokens]`` (text after the video) of layer ``layer``."""
+        return self.attention(q, k, v, layer, text_tokens, "after", part)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, plan: Union[BlockSparseLayout, AttentionPlan]) -> Tensor:
+        """``block_sparse_attn`` on ``[B, S, H, D]`` tensors with a given full-sequence ``plan`` (under Ulysses
+        through `exchanged`)."""
+        plan = plan if isinstance(plan, AttentionPlan) else AttentionPlan(plan)
+        return self.exchanged(q, k, v, lambda q, k, v, heads: self._run(q, k, v, plan))
+
+    def plan_densities(self) -> List[float]:
+        """Densities of the plans of the current generation: per step (`densities`) or the pattern's own cache."""
+        if self.pattern.per_layer:
+            return list(self.pattern.cached_densities().values())
+        return list(self.densities.values())
+
     def exchanged(self, q: Tensor, k: Tensor, v: Tensor,
                   attend: Callable[[Tensor, Tensor, Tensor, Optional[Tuple[int, int]]], Tensor]) -> Tensor:
         """``attend(q, k, v, heads)`` over the full sequence, the one place the Ulysses exchange happens.
@@ -99,130 +197,26 @@ class AttentionRuntime:
         q, k, v = seq_to_heads([q, k, v], ug, "q/k/v")
         return heads_to_seq(attend(q, k, v, (ug.rank * q.shape[2], ug.degree * q.shape[2])), ug)
 
-    def video_attention(self, q: Tensor, k: Tensor, v: Tensor, layer: int) -> Tensor:
-        """Video-only self-attention of layer ``layer``: q, k, v ``[B, S, H, D]`` -> ``[B, S, H, D]``."""
-        raise NotImplementedError(f"{type(self).__name__} does not implement video_attention")
+    def _run(self, q: Tensor, k: Tensor, v: Tensor, plan: AttentionPlan) -> Tensor:
+        blocks = plan if plan.permuted else plan.blocks  # a plain layout goes as is
+        out = block_sparse_attn(q, k, v, blocks, backend=self.backend, precision=self.precision)
+        if not self.tracker.announced:
+            self._announce(q, k, v, plan)
+        return out
 
-    def joint_attention(self, q: Tensor, k: Tensor, v: Tensor, layer: int, text_tokens: int,
-                        part: Optional[int] = None) -> Tensor:
-        """Attention over ``[video; text_tokens valid text tokens]`` (text after the video) of layer ``layer``:
-        ``[B, S, H, D]`` -> ``[B, S, H, D]``. ``part`` numbers the calls one transformer call makes for
-        different text lengths (one per batch element), None for a single call."""
-        raise NotImplementedError(f"{type(self).__name__} does not implement joint_attention")
-
-
-class LVSARuntime(AttentionRuntime):
-    """Pattern, backend, step and current geometry shared by all installed LVSA processors.
-
-    Args:
-        pattern: the LVSA pattern (latent-frame units).
-        backend: ``block_sparse_attn`` backend name or ``"auto"``.
-        model: model family name used in messages ("Wan", "HunyuanVideo 1.5", "CogVideoX").
-        reference_source: where ``pattern.reference_frames`` came from (logged).
-        precision: ``block_sparse_attn`` precision.
-
-    Attributes:
-        densities: layout density per planned ``(step, text_tokens, text_position)`` of the current generation.
-        chosen_backend: the backend ``backend`` resolved to at the generation's first attention call.
-        leading_frames: conditioning frames before the video (reference images) in the current pipeline
-            call; the layout's first frames are ``pattern.n_first + leading_frames``.
-    """
-
-    def __init__(self, pattern: LVSAPattern, backend: str, model: str, reference_source: str,
-                 precision: str = "exact") -> None:
-        super().__init__(pattern, backend, model, precision)
-        self.reference_source = reference_source
-        self._layouts: Dict[Tuple[Any, ...], BlockSparseLayout] = {}
-        self._planned_for: Optional[Tuple[int, Optional[int], VideoGeometry]] = None
-        self.densities: Dict[Tuple[int, int, str], float] = {}
-        self.chosen_backend: Optional[str] = None
-        self.leading_frames = 0
-
-    def begin_forward(self, geometry: VideoGeometry, timestep: Any, ulysses: Optional[UlyssesGroup] = None,
-                      expert: int = 0) -> None:
-        """As `AttentionRuntime.begin_forward`; layouts are re-planned when the step or geometry changes."""
-        super().begin_forward(geometry, timestep, ulysses, expert)
-        key = (self.tracker.generation, self.tracker.step, geometry)
-        if key != self._planned_for:
-            if self._planned_for is None or self._planned_for[0] != key[0]:
-                self.densities.clear()
-            self._layouts.clear()
-            self._planned_for = key
-
-    # ------------------------------------------------------------------ planning and attention
-    def layout(self, text_tokens: int = 0, text_position: str = "after") -> BlockSparseLayout:
-        """The layout of the current step over ``T*P`` video tokens plus ``text_tokens`` text tokens."""
-        key = (text_tokens, text_position, self.leading_frames)
-        layout = self._layouts.get(key)
-        if layout is None:
-            geo = self.current_geometry("layout")
-            layout = self._pattern().plan(geo.frames, geo.tokens_per_frame, step=self.tracker.step,
-                                          text_tokens=text_tokens, text_position=text_position)
-            self._layouts[key] = layout
-            self.densities[(self.tracker.step, text_tokens, text_position)] = layout.density
-        return layout
-
-    def _pattern(self) -> LVSAPattern:
-        """The pattern with the call's leading conditioning frames added to its first frames."""
-        if not self.leading_frames:
-            return self.pattern
-        return dataclasses.replace(self.pattern, n_first=self.pattern.n_first + self.leading_frames)
-
-    def causal_layout(self, frames_per_block: int) -> BlockSparseLayout:
-        """The current step's video layout intersected with the block-causal frame mask of diffusion forcing:
-        query frame ``i`` sees key frame ``j`` iff ``j // frames_per_block <= i // frames_per_block``
-        (a ``[T, T]`` frame mask, never a token-level one)."""
-        key = ("causal", frames_per_block, self.leading_frames)
-        layout = self._layouts.get(key)
-        if layout is None:
-            geo = self.current_geometry("layout")
-            T, P = geo.frames, geo.tokens_per_frame
-            if T % frames_per_block:
-                raise ValueError(f"LVSA ({self.model}): diffusion forcing needs the {T} token frames to be a multiple "
-                                 f"of num_frame_per_block={frames_per_block}")
-            pattern, step = self._pattern(), self.tracker.step
-            block = torch.arange(T) // frames_per_block
-            mask = pattern.frame_mask(T, step) & (block[None, :] <= block[:, None])
-            meta = {**pattern.plan(T, P, step=step).meta, "causal_block": frames_per_block}
-            layout = BlockSparseLayout.from_block_mask(mask, [P] * T, [P] * T, meta)
-            self._layouts[key] = layout
-            self.densities[(self.tracker.step, 0, f"causal{frames_per_block}")] = layout.density
-        return layout
-
-    def video_attention(self, q: Tensor, k: Tensor, v: Tensor, layer: int) -> Tensor:
-        """LVSA attention over the video tokens with the current step's layout (same for every layer)."""
-        return self.attend(q, k, v, self.layout())
-
-    def joint_attention(self, q: Tensor, k: Tensor, v: Tensor, layer: int, text_tokens: int,
-                        part: Optional[int] = None) -> Tensor:
-        """LVSA attention over ``[video; text]`` with the step's layout for ``text_tokens`` text tokens after the video."""
-        return self.attend(q, k, v, self.layout(text_tokens=text_tokens, text_position="after"))
-
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout) -> Tensor:
-        """``block_sparse_attn`` on ``[B, S, H, D]`` tensors with the runtime's backend and the full-sequence
-        ``layout`` (under Ulysses through `exchanged`)."""
-        def run(q: Tensor, k: Tensor, v: Tensor, heads: Optional[Tuple[int, int]]) -> Tensor:
-            out = block_sparse_attn(q, k, v, layout, backend=self.backend, precision=self.precision)
-            if not self.tracker.announced:
-                self._announce(q, k, v, layout)
-            return out
-
-        return self.exchanged(q, k, v, run)
-
-    def _announce(self, q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout) -> None:
+    def _announce(self, q: Tensor, k: Tensor, v: Tensor, plan: AttentionPlan) -> None:
         self.tracker.announced = True
         geo = self.current_geometry("log")
-        chosen = select_backend(self.backend, q, k, v, layout, q.shape[-1] ** -0.5, False, self.precision).name
-        self.chosen_backend = chosen
-        meta = layout.meta
-        log.info(
-            "LVSA %s on %s: T=%d P=%d text=%d kfi=%d offset=%d density=%.4f backend=%s (requested %s) "
-            "reference_frames=%d (%s) ulysses_degree=%d precision=%s",
-            "dense" if layout.is_dense else "engaged", self.model, geo.frames, geo.tokens_per_frame,
-            meta.get("text_tokens", 0), meta["kfi"], meta["offset"], layout.density, chosen, self.backend,
-            self.pattern.reference_frames, self.reference_source, 1 if self.ulysses is None else self.ulysses.degree,
-            self.precision,
-        )
+        if self.pattern.per_layer:
+            chosen = "per call"
+        else:
+            chosen = select_backend(self.backend, q, k, v, plan.blocks, q.shape[-1] ** -0.5, False,
+                                    self.precision).name
+            self.chosen_backend = chosen
+        what, fields = self.pattern.summary(plan)
+        log.info("%s on %s: T=%d P=%d %s backend=%s (requested %s) pattern from %s ulysses_degree=%d precision=%s",
+                 what, self.model, geo.frames, geo.tokens_per_frame, fields, chosen, self.backend, self.reference_source, 1 if self.ulysses is None else self.ulysses.degree,
+                 self.precision)
 
 
 class LVSAProcessorBase:
@@ -253,11 +247,12 @@ class LVSAProcessorBase:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """How to install LVSA on one transformer family.
+    """How to install LVSA on one transformer family: the diffusers-specific part of a model-table row.
 
     Attributes:
         name: family name used in messages.
-        transformer_cls: the diffusers transformer class.
+        model: the model's key in the model table (`lvsa_kernels.models.MODELS`), which names the diffusers
+            transformer class (`transformer_cls`) and holds the geometry and LVSA defaults.
         processor_cls: the LVSA processor class (constructed with the runtime and the layer index).
         original_processors: processor classes that may be replaced.
         self_attention: the transformer's self-attention modules as ``(name, module)`` pairs.
@@ -277,7 +272,7 @@ class ModelSpec:
     """
 
     name: str
-    transformer_cls: Type[nn.Module]
+    model: str
     processor_cls: Type[LVSAProcessorBase]
     original_processors: Tuple[type, ...]
     self_attention: Callable[[nn.Module], List[Tuple[str, nn.Module]]]
@@ -290,3 +285,15 @@ class ModelSpec:
     step_marker: Optional[Callable[[Any], Any]] = None
     geometry: Optional[Callable[[Dict[str, Any]], VideoGeometry]] = None
     svoo: bool = False
+
+    @property
+    def preset(self) -> ModelPreset:
+        """The model's row in the model table."""
+        return get_model(self.model)
+
+    @property
+    def transformer_cls(self) -> Type[nn.Module]:
+        """The diffusers transformer class the table row names."""
+        import diffusers
+
+        return getattr(diffusers, self.preset.diffusers_class)

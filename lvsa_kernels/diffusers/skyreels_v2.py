@@ -3,7 +3,7 @@
 T2V / I2V run like Wan (image tokens only reach ``attn2``). In diffusion-forcing mode
 (``num_frame_per_block > 1``) diffusers passes ``attn1`` a dense ``[1, 1, S, S]`` block-causal mask; the
 processor never reads it: it attends with the step's LVSA frame mask intersected with the same block-causal
-frame mask (`LVSARuntime.causal_layout`). Diffusion-forcing pipelines pass per-frame timesteps, so with a
+frame mask (`LVSAPattern.causal_plan`). Diffusion-forcing pipelines pass per-frame timesteps, so with a
 pipeline the denoising step follows the pipeline's own iteration (``pipe._current_timestep``).
 """
 from __future__ import annotations
@@ -11,18 +11,15 @@ from __future__ import annotations
 from typing import Any, Optional, Tuple
 
 import torch
-from diffusers import SkyReelsV2Transformer3DModel
 from diffusers.models.transformers.transformer_skyreels_v2 import SkyReelsV2AttnProcessor
 from torch import Tensor, nn
 
-from ..reference import latent_frames
+from ..models import MODELS
 from .wan_qkv import wan_self_attention_qkv
-from .runtime import LVSAProcessorBase, LVSARuntime, ModelSpec
+from .runtime import LVSAProcessorBase, ModelSpec
 from .wan import WAN
 
 __all__ = ["LVSASkyReelsV2AttnProcessor", "SKYREELS_V2"]
-
-_SKYREELS_REFERENCE_VIDEO_FRAMES = 97  # SkyReels-V2 540P base_num_frames
 
 
 class LVSASkyReelsV2AttnProcessor(LVSAProcessorBase):
@@ -41,10 +38,8 @@ class LVSASkyReelsV2AttnProcessor(LVSAProcessorBase):
         if attention_mask is None:
             out = self.runtime.video_attention(query, key, value, self.layer)
         else:
-            if not isinstance(self.runtime, LVSARuntime):
-                raise NotImplementedError(f"LVSA ({self.where}): diffusion forcing runs with an LVSAPattern only")
-            frames_per_block = self._frames_per_block(attention_mask)
-            out = self.runtime.attend(query, key, value, self.runtime.causal_layout(frames_per_block))
+            out = self.runtime.attention(query, key, value, self.layer,
+                                         causal_block=self._frames_per_block(attention_mask))
         out = out.flatten(2, 3).type_as(query)
         return attn.to_out[1](attn.to_out[0](out))
 
@@ -69,7 +64,7 @@ class LVSASkyReelsV2AttnProcessor(LVSAProcessorBase):
 
 
 def _reference_frames(config: Any) -> Tuple[int, str]:
-    return latent_frames(_SKYREELS_REFERENCE_VIDEO_FRAMES), "SkyReels-V2 default (97 video frames)"
+    return MODELS["skyreels_v2"].reference_frames, "SkyReels-V2 default (97 video frames)"
 
 
 def _current_timestep(pipeline: Any) -> Any:
@@ -78,7 +73,7 @@ def _current_timestep(pipeline: Any) -> Any:
 
 SKYREELS_V2 = ModelSpec(
     name="SkyReels-V2",
-    transformer_cls=SkyReelsV2Transformer3DModel,
+    model="skyreels_v2",
     processor_cls=LVSASkyReelsV2AttnProcessor,
     original_processors=(SkyReelsV2AttnProcessor,),
     self_attention=WAN.self_attention,

@@ -8,17 +8,16 @@ from __future__ import annotations
 
 from typing import Any, List, Optional, Tuple
 
-from diffusers import WanTransformer3DModel
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 from torch import Tensor, nn
 
+from ..models import MODELS
 from ..reference import latent_frames
 from .wan_qkv import wan_self_attention_qkv
 from .runtime import LVSAProcessorBase, ModelSpec
 
 __all__ = ["LVSAWanAttnProcessor", "WAN"]
 
-_WAN_REFERENCE = 21       # Wan 2.1 / 2.2 T2V: 81 video frames
 _WAN22_5B_REFERENCE = 31  # Wan2.2-TI2V-5B: 121 video frames
 _WAN22_5B_CHANNELS = 48   # its latent channels (Wan 2.2 VAE); every other Wan transformer has 16 (or 36 for I2V)
 
@@ -51,12 +50,12 @@ def _reference_frames(config: Any) -> Tuple[int, str]:
         return latent_frames(int(config["sample_frames"])), "config sample_frames"
     if config.get("in_channels") == _WAN22_5B_CHANNELS:
         return _WAN22_5B_REFERENCE, "Wan2.2-TI2V-5B default (48 latent channels)"
-    return _WAN_REFERENCE, "Wan default"
+    return MODELS["wan"].reference_frames, "Wan default"
 
 
 WAN = ModelSpec(
     name="Wan",
-    transformer_cls=WanTransformer3DModel,
+    model="wan",
     processor_cls=LVSAWanAttnProcessor,
     original_processors=(WanAttnProcessor,),
     self_attention=_self_attention,

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Tuple
 
-from diffusers import WanVACETransformer3DModel
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 from torch import nn
 
@@ -39,7 +38,7 @@ def reference_image_frames(kwargs: Dict[str, Any]) -> int:
 
 WAN_VACE = ModelSpec(
     name="Wan VACE",
-    transformer_cls=WanVACETransformer3DModel,
+    model="wan_vace",
     processor_cls=LVSAWanAttnProcessor,
     original_processors=(WanAttnProcessor,),
     self_attention=_self_attention,
