@@ -18,6 +18,7 @@ from .reference.svoo import ClusterOps, Clusters, SVOOPlanner
 
 __all__ = ["SVOOPattern", "triton_cluster_ops"]
 
+
 class SVOOPattern(SVOOPlanner):
     __doc__ = SVOOPlanner.__doc__
 
