@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from typing import Hashable, Optional, Tuple
 
-import torch
 from torch import Tensor
 
 from .api import block_sparse_attn
