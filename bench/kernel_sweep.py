@@ -23,7 +23,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lvsa_kernels import LVSAPattern, reference_attention
 from lvsa_kernels.triton_src.launch import hopper_eligible, launch, run_scheduled, tma_eligible
-from lvsa_kernels.triton_src.schedule import build_key_tiles, build_schedule
+from lvsa_kernels.triton_src.schedule import build_key_tiles, build_schedule, key_starts_aligned
 from lvsa_kernels.timing import bench_ms
 from lvsa_kernels.triton_src.tuning import KernelConfig, candidate_configs
 
@@ -74,7 +74,8 @@ def main() -> None:
         best = None
         for precision in args.precisions.split(","):
             tma_ok = tma_eligible(q, k, v) and precision != "fp8"
-            configs = candidate_configs(D, tma_ok, q.dtype, hopper_eligible(q, k, v), precision)
+            hopper_ok = hopper_eligible(q, k, v) and (precision != "fp8" or key_starts_aligned(layout))
+            configs = candidate_configs(D, tma_ok, q.dtype, hopper_ok, precision)
             if args.max_portable is not None:
                 hopper = [c for c in configs if c.kernel == "hopper"]
                 configs = hopper + [c for c in configs if c.kernel != "hopper"][:args.max_portable]

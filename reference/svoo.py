@@ -372,7 +372,7 @@ class SVOOPlanner:
         self.clip = (float(lo_clip), float(hi_clip))
         self.seed = seed
         self._cache: Dict[Tuple[int, Hashable], _CacheEntry] = {}
-        self._floors: Dict[Tuple[object, ...], Tuple[Tensor, Tensor]] = {}
+        self._floors: Dict[Tuple[object, ...], Tensor] = {}
 
     def is_dense(self, step: int, layer: int) -> bool:
         """Whether (step, layer) runs dense attention (warm-up step or dense layer)."""
@@ -488,9 +488,8 @@ class SVOOPlanner:
 
     def _device_floors(self, step: int, layer: int, B: int, H: int, heads: Optional[Tuple[int, int]],
                        device: torch.device) -> Tensor:
-        """`min_blocks` of every (b, h) group, int64 ``[B * H]`` on ``device``, in one buffer per (layer, shape,
-        device) filled from a device table of every profiled step (built and copied once): a call adds one
-        device copy and no host work."""
+        """`min_blocks` of every (b, h) group, int64 ``[B * H]`` on ``device``: a row of a device table of every
+        profiled step (built and copied once per (layer, shape, device)), so a call does no host work."""
         first, total = heads or (0, H)
         steps = 1 if self.profile is None else self.profile.steps
         if step >= steps and self.profile is not None:
@@ -498,9 +497,5 @@ class SVOOPlanner:
         key = (layer, B, first, H, total, str(device))
         if key not in self._floors:
             table = torch.stack([self.min_blocks(s, layer, H, first, total).repeat(B) for s in range(steps)])
-            table = table.to(device)
-            self._floors[key] = (table, table[0].clone())
-        table, floors = self._floors[key]
-        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-            floors.copy_(table[min(step, steps - 1)])
-        return floors
+            self._floors[key] = table.to(device)
+        return self._floors[key][min(step, steps - 1)]

@@ -242,7 +242,7 @@ def test_hopper_kernel_matches_fake_quant(layout_name, dist, strided, mode, cfg,
 
 @needs_hopper
 @pytest.mark.parametrize("mode", ["fp8", "int8_qk"])
-def test_block_sparse_attn_runs_the_8bit_hopper_kernel(mode, monkeypatch):
+def test_block_sparse_attn_runs_the_8bit_hopper_kernel(mode, monkeypatch, isolated_dispatch_cache):
     from lvsa_kernels.backends.triton_backend import AUTOTUNE_ENV, config_for
 
     monkeypatch.setenv(AUTOTUNE_ENV, "0")  # the first candidate: the Hopper kernel where it may run
@@ -280,6 +280,27 @@ def test_key_span_alignment():
         assert key_starts_aligned(layout)
         assert build_key_tiles(layout, 128, torch.device("cpu")).starts_aligned
     assert not build_key_tiles(LAYOUTS["empty_rows"], 128, torch.device("cpu")).starts_aligned
+
+
+def test_launch_guards_the_8bit_paths_that_fault():
+    """The portable fp8 mode never reads V^T through TMA; an unknown precision is refused by both launchers;
+    a cached config that the inputs cannot run is tuned again rather than used."""
+    from lvsa_kernels.backends.triton_backend import _config_can_run
+    from lvsa_kernels.triton_src.launch import launch, launch_hopper
+    from lvsa_kernels.triton_src.tuning import KernelConfig, hopper_configs
+
+    q = torch.zeros(1, 16, 1, 32, dtype=torch.float16)
+    args = (q, q, q, q.clone(), torch.zeros(1, 1, 16), (), 1, False, 0.1)
+    with pytest.raises(ValueError, match="use_tma must be False"):
+        launch(*args, KernelConfig(16, 16, 1, 1, use_tma=True), precision="fp8")
+    for launcher, extra in ((launch, ()), (launch_hopper, ((),))):
+        with pytest.raises(ValueError, match="'fp16'"):
+            launcher(*args[:6], *extra, *args[6:], KernelConfig(128, 128, 4, 2, True, True, "hopper"), "fp16")
+    tma = KernelConfig(128, 128, 8, 3, use_tma=True)
+    assert _config_can_run(tma, False, True, "int8_qk") and not _config_can_run(tma, False, True, "fp8")
+    assert not _config_can_run(tma, False, False, "exact")
+    assert not _config_can_run(hopper_configs(128)[0], False, True, "exact")
+    assert _config_can_run(hopper_configs(128)[0], True, True, "fp8")
 
 
 # ----------------------------------------------------------------------------------- precision checks

@@ -182,7 +182,7 @@ def test_custom_op_path_and_repeatable_results():
 
 
 @needs_hopper
-def test_block_sparse_attn_runs_the_hopper_kernel_by_default():
+def test_block_sparse_attn_runs_the_hopper_kernel_by_default(isolated_dispatch_cache):
     from lvsa_kernels import block_sparse_attn
     from lvsa_kernels.backends.triton_backend import config_for
 

@@ -1,8 +1,8 @@
 """Operation count of one SVOO reuse-step call (`lvsa_kernels.bench.op_count`): a regression guard.
 
 Every op of the reuse path is a GPU launch of a few microseconds; 2026 GPU runs measured ~310 per call, a third
-of a 480p call's time. The fused planner cut the count at this geometry from 147 to 12 (9 Triton launches, a
-GEMM, a cast and the floors copy); the bound fails if it grows back by a lot. The path never waits for the GPU.
+of a 480p call's time. The fused planner cut the count at this geometry from 147 to 11 (9 Triton launches, a
+GEMM and a cast); the bound fails if it grows back by a lot. The path never waits for the GPU.
 """
 import pytest
 import torch

@@ -23,7 +23,8 @@ all lie past the tile's end only walks the barriers. Rows without keys write 0 a
 8-bit modes (``precision="int8_qk"`` / ``"fp8"``, see `fp8_quant.py`) follow the tensors' dtypes: INT8 Q
 (quantized per tile by a pre-pass) and K give exact int32 scores, turned into floats with one integer add
 and one multiply-add by the per-key scales; ``fp8`` also multiplies e4m3 P by e4m3 V^T, a fresh product per
-key tile added in fp32 (V^T column blocks must start 16-aligned for TMA, see `schedule.key_starts_aligned`).
+key tile added in fp32 (V^T column blocks must start 16-aligned for TMA, see `schedule.key_starts_aligned`;
+V^T tails are not zeroed: masked columns give P = 0, and the 8-bit modes need finite inputs on every token).
 
 The kernel takes a non-negative softmax scale (the host negates q for a negative one). Gluon's API still
 changes between Triton releases (3.7 renamed the barrier, 3.9 the TMA copies), so the kernel is offered only

@@ -73,7 +73,9 @@ def launch_hopper(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, sch
     """Run the Hopper kernel (same contract as `launch`); a negative ``scale`` runs as ``-q`` with ``-scale``.
 
     The 8-bit precisions quantize first: K and V with `quantize_kv`, Q per 128-row schedule tile with
-    `quantize_q_tiles` (the kernel reads Q through TMA, so it cannot quantize it on the fly)."""
+    `quantize_q_tiles` (the kernel reads Q through TMA, so it cannot quantize it on the fly). ``fp8`` needs key
+    tiles starting at multiples of 16 tokens (`run_scheduled` checks `KeyTiles.starts_aligned`)."""
+    _check_precision(precision)
     from triton.experimental.gluon import language as gl
 
     from .block_sparse_hopper import HALF_M, block_sparse_attn_fwd_hopper
@@ -115,6 +117,11 @@ def launch_hopper(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, sch
     )
 
 
+def _check_precision(precision: str) -> None:
+    if precision not in ("exact", "fp8", "int8_qk"):
+        raise ValueError(f"precision: expected 'exact', 'fp8' or 'int8_qk', got {precision!r}")
+
+
 def _gluon_dtype(dtype: torch.dtype, half):
     """Gluon's element type for a tensor of ``dtype`` (``half``: the one of the bf16/fp16 inputs)."""
     from triton.experimental.gluon import language as gl
@@ -129,8 +136,9 @@ def launch(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, sched_tens
     ``precision``: ``"exact"``, ``"fp8"`` or ``"int8_qk"``. Returns Triton's compiled-kernel handle (register/spill counts for
     diagnostics), or None if nothing ran.
     """
-    if precision not in ("exact", "fp8", "int8_qk"):
-        raise ValueError(f"precision: expected 'exact', 'fp8' or 'int8_qk', got {precision!r}")
+    _check_precision(precision)
+    if precision == "fp8" and cfg.use_tma:  # V^T column blocks at unaligned token offsets fault through TMA
+        raise ValueError("the portable kernel's fp8 mode reads K and V^T with pointer loads: use_tma must be False")
     B, Sq, H, D = q.shape
     if max_tiles == 0 or B == 0:
         return None
@@ -213,14 +221,13 @@ triton_block_sparse_fwd_hopper.register_fake(_fake)
 def _check_hopper_inputs(sched: KernelSchedule, key_tiles: Optional[KeyTiles], cfg: KernelConfig, precision: str):
     from .block_sparse_hopper import HALF_M  # two consumer warpgroups of HALF_M query rows each
 
-    if precision == "fp8" and key_tiles is not None and not key_tiles.starts_aligned:
-        raise ValueError("the hopper kernel's fp8 mode needs key tiles starting at multiples of 16 tokens "
-                         "(see schedule.key_starts_aligned); run fp8 on the portable kernel for this layout")
-
     if key_tiles is None or key_tiles.block_n != cfg.block_n:
         raise ValueError(f"the hopper kernel needs the key tiles of BLOCK_N={cfg.block_n}")
     if sched.block_m != 2 * int(HALF_M):
         raise ValueError(f"the hopper kernel takes query tiles of {2 * int(HALF_M)} rows, got {sched.block_m}")
+    if precision == "fp8" and not key_tiles.starts_aligned:
+        raise ValueError("the hopper kernel's fp8 mode needs key tiles starting at multiples of 16 tokens "
+                         "(see schedule.key_starts_aligned); run fp8 on the portable kernel for this layout")
 
 
 def run_scheduled(q: Tensor, k: Tensor, v: Tensor, sched: KernelSchedule, per_head_layout: bool,

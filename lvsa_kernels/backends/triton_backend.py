@@ -145,6 +145,13 @@ def _hopper_ok(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout, preci
     return hopper_eligible(q, k, v) and (precision != "fp8" or key_starts_aligned(layout))
 
 
+def _config_can_run(cfg, hopper_ok: bool, tma_ok: bool, precision: str) -> bool:
+    """Whether a cached config fits these inputs (a hand-edited or stale cache entry is tuned again)."""
+    if cfg.kernel == "hopper":
+        return hopper_ok
+    return not cfg.use_tma or (tma_ok and precision != "fp8")
+
+
 def config_key(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout, precision: str = "exact") -> str:
     """The tuning-cache key of these inputs: the problem class, the precision, and the kernels that may compete
     for it (so a config tuned where the Hopper kernel could not run is not reused where it can)."""
@@ -168,7 +175,7 @@ def choose_config(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout, sc
     hopper_ok = _hopper_ok(q, k, v, layout, precision)
     key = config_key(q, k, v, layout, precision)
     cfg = None if retune else tuning.lookup(key)
-    if cfg is not None:
+    if cfg is not None and _config_can_run(cfg, hopper_ok, tma_ok, precision):
         return cfg
     # FP8 P V reads V^T column blocks; through a tensor descriptor (TMA) a block starting at a token offset
     # that is not a multiple of 16 is an illegal instruction on an H200 (Triton 3.6; bench/results/
