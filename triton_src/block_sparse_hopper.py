@@ -105,6 +105,36 @@ def _zero_v_tail(v_buf, kv0, kv_end, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constex
 
 
 @gluon.jit
+def _pv_operand(p, v_buf, kv0, kv_end, p_layout: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr):
+    """P of key tile ``kv0 ..`` as the A operand of ``P V``: e4m3 times 448 against V^T in e4m3 (fp8), else in
+    V's dtype, after zeroing the V rows of a ragged tile (keys outside the span may hold NaN)."""
+    if v_buf.dtype == gl.float8e4nv:
+        return gl.convert_layout((p * P_SCALE).to(gl.float8e4nv), p_layout)
+    else:
+        _zero_v_tail(v_buf, kv0, kv_end, BLOCK_N, HEAD_DIM)
+        return gl.convert_layout(p.to(v_buf.dtype), p_layout)
+
+
+@gluon.jit
+def _issue_pv(p_op, v_buf, acc):
+    """Issue ``P V`` asynchronously: into the accumulator, or for fp8 as a fresh product (FP8 MMAs accumulate
+    their C operand with reduced precision; `_fold_pv` adds it in fp32)."""
+    if v_buf.dtype == gl.float8e4nv:
+        return warpgroup_mma(p_op, v_buf.permute((1, 0)), gl.zeros_like(acc), use_acc=False, is_async=True)
+    else:
+        return warpgroup_mma(p_op, v_buf, acc, is_async=True)
+
+
+@gluon.jit
+def _fold_pv(acc, pv, FP8_PV: gl.constexpr):
+    """The accumulator after a finished ``P V``: the product itself, or (fp8) the accumulator plus it."""
+    if FP8_PV:
+        return acc + pv
+    else:
+        return pv
+
+
+@gluon.jit
 def _wait_turn(turn, HALF: gl.constexpr, j, pingpong):
     """Wait until it is this consumer's turn to issue its ``j``-th block of matrix products.
 
@@ -180,18 +210,10 @@ def _consume(args, HALF: gl.constexpr):
             # S_j = Q K_j^T first, then O += P_{j-1} V_{j-1}: the softmax of S_j overlaps the P V product
             mbarrier.wait(k_ready.index(stage), phase)
             mbarrier.wait(v_ready.index(prev), prev_phase)
-            if FP8_PV:
-                p_op = gl.convert_layout((p * P_SCALE).to(gl.float8e4nv), p_layout)
-            else:
-                _zero_v_tail(v_smem.index(prev), kv0, kv_end, BLOCK_N, HEAD_DIM)
-                p_op = gl.convert_layout(p.to(v_smem.dtype), p_layout)
+            p_op = _pv_operand(p, v_smem.index(prev), kv0, kv_end, p_layout, BLOCK_N, HEAD_DIM)
             _wait_turn(turn, HALF, j, pingpong)
             s_tok = warpgroup_mma(q, k_smem.index(stage).permute((1, 0)), s_init, use_acc=False, is_async=True)
-            if FP8_PV:  # a fresh product per tile, added in fp32: FP8 MMAs accumulate C with reduced precision
-                pv_tok = warpgroup_mma(p_op, v_smem.index(prev).permute((1, 0)), gl.zeros_like(acc),
-                                       use_acc=False, is_async=True)
-            else:
-                pv_tok = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
+            pv_tok = _issue_pv(p_op, v_smem.index(prev), acc)
             _give_turn(turn, HALF, pingpong)
             kv0 = gl.load(kv_tile_start + i_lo + j)  # read while the products run, not after them
             kv_end = gl.load(kv_tile_end + i_lo + j)
@@ -202,30 +224,16 @@ def _consume(args, HALF: gl.constexpr):
                                                BLOCK_N, s_layout, QK_INT8)
             pv = warpgroup_mma_wait(0, deps=(pv_tok, ))
             mbarrier.arrive(v_empty.index(prev), count=1)
-            if FP8_PV:
-                acc = (acc + pv) * gl.convert_layout(alpha, row_o)[:, None]
-            else:
-                acc = pv * gl.convert_layout(alpha, row_o)[:, None]
+            acc = _fold_pv(acc, pv, FP8_PV) * gl.convert_layout(alpha, row_o)[:, None]
         last = (n_kv - 1) % STAGES
         mbarrier.wait(v_ready.index(last), ((n_kv - 1) // STAGES) & 1)
-        if FP8_PV:
-            p_op = gl.convert_layout((p * P_SCALE).to(gl.float8e4nv), p_layout)
-        else:
-            _zero_v_tail(v_smem.index(last), kv0, kv_end, BLOCK_N, HEAD_DIM)
-            p_op = gl.convert_layout(p.to(v_smem.dtype), p_layout)
+        p_op = _pv_operand(p, v_smem.index(last), kv0, kv_end, p_layout, BLOCK_N, HEAD_DIM)
         _wait_turn(turn, HALF, n_kv, pingpong)
-        if FP8_PV:
-            pv_tok = warpgroup_mma(p_op, v_smem.index(last).permute((1, 0)), gl.zeros_like(acc), use_acc=False,
-                                   is_async=True)
-        else:
-            pv_tok = warpgroup_mma(p_op, v_smem.index(last), acc, is_async=True)
+        pv_tok = _issue_pv(p_op, v_smem.index(last), acc)
         _give_turn(turn, HALF, pingpong)
         pv = warpgroup_mma_wait(0, deps=(pv_tok, ))
         mbarrier.arrive(v_empty.index(last), count=1)
-        if FP8_PV:
-            acc = acc + pv
-        else:
-            acc = pv
+        acc = _fold_pv(acc, pv, FP8_PV)
 
     has_keys = l_i > 0.0
     l_safe = gl.where(has_keys, l_i, 1.0)
