@@ -171,7 +171,7 @@ def quantize_kv(k: Tensor, v: Tensor, fp8_pv: bool, interpreted: bool, block_s: 
     float32 arithmetic first (Triton's CPU interpreter).
     """
     B, S, H, D = k.shape
-    mean = k.float().mean(dim=1)  # [B, H_kv, D]: the smoothing constant
+    mean = k.mean(dim=1, dtype=torch.float32)  # [B, H_kv, D]: the smoothing constant (no float32 copy of k)
     k8 = torch.empty(B, S, H, D, dtype=torch.int8, device=k.device)
     k_scale = torch.empty(B, H, S, dtype=torch.float32, device=k.device)
     grid = (triton.cdiv(S, block_s), B * H)

@@ -87,17 +87,15 @@ def launch_hopper(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, sch
         q, scale = -q, -scale
     _ensure_tma_allocator()
     gdt = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
-    q_scale = q_mu = k_scale = v_scale = lse  # unread placeholders in the exact mode
-    v_strides = (v.stride(0), v.stride(1), v.stride(2))
-    v_block = [cfg.block_n, D]
-    if precision != "exact":
-        quant = quantize_kv(k, v, precision == "fp8", interpreted=False)
+    k, v, v_strides, quant = _kv_operands(k, v, precision, interpreted=False)
+    q_scale = q_mu = k_scale = v_scale = lse  # unread placeholders where a mode does not read them
+    if quant is not None:
         q8 = quantize_q_tiles(q, quant.k_mean, sched_tensors[:3], max_tiles, per_head_layout, 2 * int(HALF_M),
                               interpreted=False)
-        q, k, k_scale, q_scale, q_mu = q8.q8, quant.k8, quant.k_scale, q8.q_scale, q8.q_mu
-        if precision == "fp8":  # V^T [B, H_kv, D, S_pad]: the kernel's sequence-stride slot carries the channel stride
-            v, v_scale, v_block = quant.vt8, quant.v_scale, [D, cfg.block_n]
-            v_strides = (v.stride(0), v.stride(2), v.stride(1))
+        q, k_scale, q_scale, q_mu = q8.q8, quant.k_scale, q8.q_scale, q8.q_mu
+        if quant.v_scale is not None:
+            v_scale = quant.v_scale
+    v_block = [D, cfg.block_n] if precision == "fp8" else [cfg.block_n, D]
     grid = (max_tiles, B * H)
     return block_sparse_attn_fwd_hopper[grid](
         q, k, v, out, lse,
@@ -115,6 +113,20 @@ def launch_hopper(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, sch
         V_LAYOUT=gl.NVMMASharedLayout.get_default_for(v_block, _gluon_dtype(v.dtype, gdt)),
         CONSUMER_REGS=240, num_warps=4, maxnreg=168,
     )
+
+
+def _kv_operands(k: Tensor, v: Tensor, precision: str, interpreted: bool):
+    """K and V as both kernels read them: ``(k, v, v_strides, quant)``. Exact: the inputs and no ``quant``.
+    8-bit: `quantize_kv`'s INT8 K and, for fp8, its e4m3 V^T ``[B, H_kv, D, S_pad]``, whose channel stride
+    takes the kernels' sequence-stride slot; ``quant`` holds the scales and the K mean."""
+    v_strides = (v.stride(0), v.stride(1), v.stride(2))
+    if precision == "exact":
+        return k, v, v_strides, None
+    quant = quantize_kv(k, v, precision == "fp8", interpreted)
+    if precision == "fp8":
+        v = quant.vt8
+        v_strides = (v.stride(0), v.stride(2), v.stride(1))
+    return quant.k8, v, v_strides, quant
 
 
 def _check_precision(precision: str) -> None:
@@ -145,14 +157,12 @@ def launch(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, sched_tens
     if cfg.use_tma:
         _ensure_tma_allocator()
     qk_int8, fp8_pv = precision != "exact", precision == "fp8"
-    k_scale = k_mean = v_scale = k  # unread placeholders in the exact mode
-    v_strides = (v.stride(0), v.stride(1), v.stride(2))
-    if qk_int8:
-        quant = quantize_kv(k, v, fp8_pv, interpreting())
-        k, k_scale, k_mean = quant.k8, quant.k_scale, quant.k_mean
-        if fp8_pv:  # V^T [B, H_kv, D, S_pad]: the kernel's sequence-stride slot carries the channel stride
-            v, v_scale = quant.vt8, quant.v_scale
-            v_strides = (v.stride(0), v.stride(2), v.stride(1))
+    k, v, v_strides, quant = _kv_operands(k, v, precision, interpreting())
+    k_scale = k_mean = v_scale = k  # unread placeholders where a mode does not read them
+    if quant is not None:
+        k_scale, k_mean = quant.k_scale, quant.k_mean
+        if quant.v_scale is not None:
+            v_scale = quant.v_scale
     dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"
     grid = (max_tiles, B * H)
     with launch_lock():
