@@ -22,8 +22,8 @@ import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lvsa_kernels import LVSAPattern, reference_attention
-from lvsa_kernels.triton_src.launch import hopper_eligible, launch, run_scheduled, tma_eligible
-from lvsa_kernels.triton_src.schedule import build_key_tiles, build_schedule, key_starts_aligned
+from lvsa_kernels.triton_src.launch import hopper_supports, launch, run_scheduled, tma_eligible
+from lvsa_kernels.triton_src.schedule import build_key_tiles, build_schedule
 from lvsa_kernels.timing import bench_ms
 from lvsa_kernels.triton_src.tuning import KernelConfig, candidate_configs
 
@@ -74,8 +74,7 @@ def main() -> None:
         best = None
         for precision in args.precisions.split(","):
             tma_ok = tma_eligible(q, k, v) and precision != "fp8"
-            hopper_ok = hopper_eligible(q, k, v) and (precision != "fp8" or key_starts_aligned(layout))
-            configs = candidate_configs(D, tma_ok, q.dtype, hopper_ok, precision)
+            configs = candidate_configs(D, tma_ok, q.dtype, hopper_supports(q, k, v, layout, precision), precision)
             if args.max_portable is not None:
                 hopper = [c for c in configs if c.kernel == "hopper"]
                 configs = hopper + [c for c in configs if c.kernel != "hopper"][:args.max_portable]
@@ -125,8 +124,8 @@ def main() -> None:
               f"rel_err={row['rel_err']:.2e} nan={row['nan_out']}")
         for e in sorted(row["configs"], key=lambda e: e.get("ms", 1e9)):
             print(f"   {e.get('ms', float('nan')):8.2f} ms  {e.get('eff_tflops', 0):6.1f} TF/s  regs={e.get('regs')} "
-                  f"spills={e.get('spills')} err={e.get('rel_err', float('nan')):.1e}  {e['precision']:7s} {e['config']}  "
-                  f"{e.get('error', '')[:120]}")
+                  f"spills={e.get('spills')} err={e.get('rel_err', float('nan')):.1e}  {e['precision']:7s} "
+                  f"{e['config']}  {e.get('error', '')[:120]}")
 
 
 if __name__ == "__main__":

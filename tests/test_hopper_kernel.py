@@ -114,7 +114,8 @@ def test_tiles_of_at_most_64_rows(cfg):
     mask = torch.rand(8, 8, generator=torch.Generator().manual_seed(14)) < 0.5
     mask[0] = False
     mask[1] = True
-    layout = BlockSparseLayout.from_block_mask(mask, [1, 24, 63, 64, 40, 7, 33, 64], [0, 100, 128, 300, 1, 257, 64, 500])
+    sizes = ([1, 24, 63, 64, 40, 7, 33, 64], [0, 100, 128, 300, 1, 257, 64, 500])  # query / key blocks, tokens
+    layout = BlockSparseLayout.from_block_mask(mask, *sizes)
     out, lse = check(*qkv(2, layout.q_len, layout.kv_len, 4, 2, 128, torch.bfloat16, seed=15), layout, cfg)
     assert (out[:, :1] == 0).all() and torch.isneginf(lse[:, :, :1]).all()
 

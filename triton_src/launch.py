@@ -21,10 +21,12 @@ from torch import Tensor
 from .block_sparse_fwd import LOG2E, block_sparse_attn_fwd
 from .fp8_quant import quantize_kv, quantize_q_tiles
 from .interpreter import launch_lock
-from .schedule import KernelSchedule, KeyTiles
+from ..reference.layout import BlockSparseLayout
+from .schedule import KernelSchedule, KeyTiles, key_starts_aligned
 from .tuning import KernelConfig, interpreting
 
-__all__ = ["hopper_eligible", "hopper_kernel_available", "launch", "launch_hopper", "run_scheduled", "tma_eligible"]
+__all__ = ["hopper_eligible", "hopper_kernel_available", "hopper_supports", "launch", "launch_hopper", "run_scheduled",
+           "tma_eligible"]
 
 _allocator_set = False
 
@@ -56,6 +58,12 @@ def hopper_eligible(q: Tensor, k: Tensor, v: Tensor) -> bool:
     if not all(t.data_ptr() % 16 == 0 and all((s * e) % 16 == 0 for s in t.stride()[:3]) for t in (q, k, v)):
         return False
     return hopper_kernel_available()
+
+
+def hopper_supports(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout, precision: str) -> bool:
+    """Whether the Hopper kernel can run these inputs on ``layout`` at ``precision``: `hopper_eligible`, and for
+    fp8 key spans that start at multiples of 16 tokens (`schedule.key_starts_aligned`)."""
+    return hopper_eligible(q, k, v) and (precision != "fp8" or key_starts_aligned(layout))
 
 
 def hopper_kernel_available() -> bool:
@@ -145,8 +153,8 @@ def launch(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, sched_tens
            max_tiles: int, per_head_layout: bool, scale: float, cfg: KernelConfig, precision: str = "exact"):
     """Run the kernel writing ``out [B, Sq, H, D]`` and ``lse [B, H, Sq]`` (contiguous float32).
 
-    ``precision``: ``"exact"``, ``"fp8"`` or ``"int8_qk"``. Returns Triton's compiled-kernel handle (register/spill counts for
-    diagnostics), or None if nothing ran.
+    ``precision``: ``"exact"``, ``"fp8"`` or ``"int8_qk"``. Returns Triton's compiled-kernel handle
+    (register/spill counts for diagnostics), or None if nothing ran.
     """
     _check_precision(precision)
     if precision == "fp8" and cfg.use_tma:  # V^T column blocks at unaligned token offsets fault through TMA

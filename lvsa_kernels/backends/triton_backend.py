@@ -137,14 +137,6 @@ def _tma_strides_ok(q: Tensor, k: Tensor, v: Tensor) -> bool:
     return all((s * e) % 16 == 0 for t in (q, k, v) for s in t.stride()[:3])
 
 
-def _hopper_ok(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout, precision: str) -> bool:
-    """Whether the Hopper kernel may compete: eligible inputs, and for fp8 16-token-aligned key spans."""
-    from ..triton_src.launch import hopper_eligible
-    from ..triton_src.schedule import key_starts_aligned
-
-    return hopper_eligible(q, k, v) and (precision != "fp8" or key_starts_aligned(layout))
-
-
 def _config_can_run(cfg, hopper_ok: bool, tma_ok: bool, precision: str) -> bool:
     """Whether a cached config fits these inputs (a hand-edited or stale cache entry is tuned again)."""
     if cfg.kernel == "hopper":
@@ -155,10 +147,10 @@ def _config_can_run(cfg, hopper_ok: bool, tma_ok: bool, precision: str) -> bool:
 def config_key(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout, precision: str = "exact") -> str:
     """The tuning-cache key of these inputs: the problem class, the precision, and the kernels that may compete
     for it (so a config tuned where the Hopper kernel could not run is not reused where it can)."""
-    from ..triton_src.launch import tma_eligible
+    from ..triton_src.launch import hopper_supports, tma_eligible
 
     tma_ok = tma_eligible(q, k, v) and precision != "fp8"  # the portable fp8 mode reads without TMA, see below
-    kernels = "|hopper" if _hopper_ok(q, k, v, layout, precision) else "|tma" if tma_ok else "|no-tma"
+    kernels = "|hopper" if hopper_supports(q, k, v, layout, precision) else "|tma" if tma_ok else "|no-tma"
     if precision != "exact":
         kernels = f"|{precision}" + kernels
     return tuning.tuning_key(q.device, q.dtype, q.shape[-1], layout.typical_q_block) + kernels
@@ -169,10 +161,10 @@ def choose_config(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout, sc
     """Tuned config from the disk cache, else tune now on these inputs (interpreter: fixed small config)."""
     if tuning.interpreting():
         return tuning.INTERPRETER_CONFIG
-    from ..triton_src.launch import tma_eligible
+    from ..triton_src.launch import hopper_supports, tma_eligible
 
     tma_ok = tma_eligible(q, k, v)
-    hopper_ok = _hopper_ok(q, k, v, layout, precision)
+    hopper_ok = hopper_supports(q, k, v, layout, precision)
     key = config_key(q, k, v, layout, precision)
     cfg = None if retune else tuning.lookup(key)
     if cfg is not None and _config_can_run(cfg, hopper_ok, tma_ok, precision):
@@ -180,7 +172,7 @@ def choose_config(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout, sc
     # FP8 P V reads V^T column blocks; through a tensor descriptor (TMA) a block starting at a token offset
     # that is not a multiple of 16 is an illegal instruction on an H200 (Triton 3.6; bench/results/
     # h200_fp8_align_run2.log). The portable fp8 mode therefore reads K and V^T with pointer loads, and the
-    # Hopper kernel computes fp8 only for layouts whose key spans start 16-aligned (`_hopper_ok`).
+    # Hopper kernel computes fp8 only for layouts whose key spans start 16-aligned (`hopper_supports`).
     candidates = tuning.candidate_configs(q.shape[-1], tma_ok and precision != "fp8", q.dtype, hopper_ok, precision)
     if os.environ.get(AUTOTUNE_ENV, "1") == "0":
         return candidates[0]
