@@ -86,7 +86,8 @@ def main() -> None:
                 entry = {"config": str(cfg), "precision": precision}
                 try:
                     sched = build_schedule(layout, cfg.block_m, q.device)
-                    tiles = build_key_tiles(layout, cfg.block_n, q.device) if cfg.kernel == "hopper" else None
+                    tiles = (build_key_tiles(layout, cfg.block_n, q.device, precision) if cfg.kernel == "hopper"
+                             else None)
                     out = torch.full_like(q, float("nan"))
                     if cfg.kernel == "hopper":
                         run_scheduled(q, k, v, sched, False, scale, cfg, out=out, key_tiles=tiles, precision=precision)

@@ -17,8 +17,9 @@ from lvsa_kernels.triton_src.tuning import hopper_configs
 def main(precisions: str) -> None:
     layout = LVSAPattern(window=4).plan(31, 1536, step=0)
     q, k, v = (torch.randn(1, layout.q_len, 12, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    sched, tiles = build_schedule(layout, 128, q.device), build_key_tiles(layout, 128, q.device)
+    sched = build_schedule(layout, 128, q.device)
     for precision in precisions.split(","):
+        tiles = build_key_tiles(layout, 128, q.device, precision)
         cfg = hopper_configs(128, precision)[1]  # 128 x 128, 3 stages
         for _ in range(2):
             run_scheduled(q, k, v, sched, False, 0.088, cfg, precision=precision, key_tiles=tiles)

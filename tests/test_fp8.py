@@ -293,7 +293,7 @@ def test_launch_guards_the_8bit_paths_that_fault():
     args = (q, q, q, q.clone(), torch.zeros(1, 1, 16), (), 1, False, 0.1)
     with pytest.raises(ValueError, match="use_tma must be False"):
         launch(*args, KernelConfig(16, 16, 1, 1, use_tma=True), precision="fp8")
-    for launcher, extra in ((launch, ()), (launch_hopper, ((),))):
+    for launcher, extra in ((launch, ()), (launch_hopper, ((), 0))):
         with pytest.raises(ValueError, match="'fp16'"):
             launcher(*args[:6], *extra, *args[6:], KernelConfig(128, 128, 4, 2, True, True, "hopper"), "fp16")
     tma = KernelConfig(128, 128, 8, 3, use_tma=True)

@@ -31,10 +31,13 @@ def ragged_layout(seed, heads=1, nqb=5, nkb=6, max_block=300):
     return BlockSparseLayout.from_block_mask(mask if heads > 1 else mask[0], qs, ks)
 
 
-def test_key_tiles_cover_each_rows_spans_exactly():
+@pytest.mark.parametrize("precision", ["exact", "int8_qk", "fp8"])
+def test_key_tiles_cover_each_rows_spans_exactly(precision):
     layout = ragged_layout(seed=1, heads=2)
     for bn in (64, 128):
-        kt = build_key_tiles(layout, bn, torch.device("cpu"))
+        kt = build_key_tiles(layout, bn, torch.device("cpu"), precision)
+        assert kt.aligned == (precision != "exact")
+        assert kt.short_n in ((0,) if precision == "fp8" else (bn // 4, bn // 2))
         sp = layout.spans
         span_ptr = torch.cat([sp.ptr[:, :-1].reshape(-1), sp.ptr[-1:, -1]])
         for row in range(span_ptr.numel() - 1):
@@ -42,14 +45,23 @@ def test_key_tiles_cover_each_rows_spans_exactly():
             for i in range(int(span_ptr[row]), int(span_ptr[row + 1])):
                 want[int(sp.start[i]):int(sp.end[i])] = 1
             got = torch.zeros(layout.kv_len, dtype=torch.int64)
-            ragged = []
+            kinds = []
             for t in range(int(kt.row_ptr[row]), int(kt.row_ptr[row + 1])):
                 a, b = int(kt.start[t]), int(kt.end[t])
                 assert 0 < b - a <= bn
+                if kt.aligned:
+                    assert a // bn == (b - 1) // bn, "an aligned tile stays inside one block of bn tokens"
                 got[a:b] += 1
-                ragged.append(b - a < bn)
+                kinds.append(0 if b - a == bn else 1 if b - a > kt.short_n else 2)
             assert torch.equal(got, want), "key tiles cover the row's keys exactly once"
-            assert ragged == sorted(ragged), "full tiles first, then the ragged tails"
+            assert kinds == sorted(kinds), "full tiles first, then the ragged ones, then the short ones"
+            assert kinds.count(2) == int(kt.row_short[row])
+
+
+def test_short_tiles_take_the_width_that_loads_fewer_keys():
+    layout = LVSAPattern(window=4).plan(31, 1560, step=0)  # 1560 = 12 * 128 + 24: 24-key tails
+    assert build_key_tiles(layout, 128, torch.device("cpu")).short_n == 32
+    assert build_key_tiles(layout, 128, torch.device("cpu"), "fp8").short_n == 0
 
 
 def run_hopper(q, k, v, layout, scale, cfg, poison=True):

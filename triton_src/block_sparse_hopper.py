@@ -17,14 +17,18 @@ Same inputs, schedule and results as the portable kernel (`block_sparse_fwd.py`)
 
 Ragged key tiles (``kv_end - kv0 < BLOCK_N``) are the only masked ones: their scores are scaled first, then
 columns from ``kv_end`` on are set to -inf, and the V rows from ``kv_end`` on are zeroed in shared memory
-before ``P V`` (a TMA tile reads whatever follows the span, which may hold NaN). A consumer whose 64 rows
+before ``P V`` (a TMA tile reads whatever follows the span, which may hold NaN). A row's *short* tiles (at most
+``SHORT_N`` keys, e.g. the 24-key tail of a 1560-token frame; its last ``row_kv_short`` tiles) load only
+``SHORT_N`` rows into the head of a ring slot and run ``SHORT_N``-column products. A consumer whose 64 rows
 all lie past the tile's end only walks the barriers. Rows without keys write 0 and lse = -inf.
 
 8-bit modes (``precision="int8_qk"`` / ``"fp8"``, see `fp8_quant.py`) follow the tensors' dtypes: INT8 Q
-(quantized per tile by a pre-pass) and K give exact int32 scores, turned into floats with one integer add
-and one multiply-add by the per-key scales; ``fp8`` also multiplies e4m3 P by e4m3 V^T, a fresh product per
-key tile added in fp32 (V^T column blocks must start 16-aligned for TMA, see `schedule.key_starts_aligned`;
-V^T tails are not zeroed: masked columns give P = 0, and the 8-bit modes need finite inputs on every token).
+(quantized per tile by a pre-pass) and K (one scale per aligned block of ``KEY_BLOCK`` tokens; the key tiles
+never cross a block) give exact int32 scores, turned into floats with one integer add; the softmax then costs
+one multiply-add per score, as in exact mode. ``fp8`` also multiplies e4m3 P by e4m3 V^T, a fresh product per
+key tile added in fp32 (V^T column blocks must start 16-aligned for TMA, see `schedule.key_starts_aligned`, and
+have no short tiles; V^T tails are not zeroed: masked columns give P = 0, and the 8-bit modes need finite
+inputs on every token).
 
 The kernel takes a non-negative softmax scale (the host negates q for a negative one). Gluon's API still
 changes between Triton releases (3.7 renamed the barrier, 3.9 the TMA copies), so the kernel is offered only
@@ -38,25 +42,22 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait,
 )
 
+from .fp8_quant import KEY_QUANT_BLOCK
+
 VERIFIED_TRITON = ("3.6.",)  # Triton releases this kernel was compiled, tested and timed with on an H200
 HALF_M = gl.constexpr(64)  # query rows per consumer warpgroup (the wgmma M of one warpgroup)
 LN2 = gl.constexpr(0.6931471805599453)
 P_SCALE = gl.constexpr(448.0)  # P <= 1 against the running max: 1 maps onto e4m3's largest finite value
+KEY_BLOCK = gl.constexpr(KEY_QUANT_BLOCK)  # 8-bit modes: tokens per K scale; key tiles never cross a block
 
 
 @gluon.jit
-def _softmax_step(s, m_i, l_i, kv0, kv_end, qk_scale, BLOCK_N: gl.constexpr, s_layout: gl.constexpr,
-                  SCALED: gl.constexpr):
-    """Fold scores ``s [64, BLOCK_N]`` of keys ``kv0 ..`` (times ``qk_scale`` unless SCALED) into the running
-    max/sum; returns (p, m, l, alpha)."""
+def _softmax_step(s, m_i, l_i, kv0, kv_end, qk_scale, BLOCK_N: gl.constexpr, s_layout: gl.constexpr):
+    """Fold scores ``s [64, BLOCK_N]`` of keys ``kv0 ..`` times ``qk_scale`` (>= 0) into the running max/sum;
+    returns (p, m, l, alpha)."""
     if kv0 + BLOCK_N > kv_end:
         cols = kv0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-        if not SCALED:
-            s = s * qk_scale
-        s = gl.where((cols < kv_end)[None, :], s, float("-inf"))
-        m_new = gl.maximum(m_i, gl.max(s, 1))
-        p = gl.exp2(s - m_new[:, None])
-    elif SCALED:
+        s = gl.where((cols < kv_end)[None, :], s * qk_scale, float("-inf"))
         m_new = gl.maximum(m_i, gl.max(s, 1))
         p = gl.exp2(s - m_new[:, None])
     else:  # full tile: one fused multiply-add per score (qk_scale >= 0 keeps the max)
@@ -68,28 +69,24 @@ def _softmax_step(s, m_i, l_i, kv0, kv_end, qk_scale, BLOCK_N: gl.constexpr, s_l
 
 
 @gluon.jit
-def _key_scales(ks_base, kv0, kv_end, walk_scale, s_layout: gl.constexpr, QK_INT8: gl.constexpr):
-    """8-bit modes: ``walk_scale`` times the per-key INT8 scales of key tile ``kv0 ..`` (0 from ``kv_end`` on);
-    exact mode: unused 0."""
+def _fold_scores(s, m_i, l_i, kv0, kv_end, qk_scale, walk_scale, ks_base, s_layout: gl.constexpr,
+                 QK_INT8: gl.constexpr):
+    """`_softmax_step` of the ``Q K^T`` accumulator ``s`` of key tile ``kv0 ..``; returns (p, m, l, alpha).
+
+    8-bit modes: ``s`` holds int32 products of INT8 Q and K; the tile lies in one aligned K-scale block, so
+    ``c = walk_scale * k_scale`` scales every score alike. int32 -> float32 without the (slow) conversion
+    unit: |s| <= 127 * 127 * D < 2**22, so adding the bits of 1.5 * 2**23 gives the float ``f = 1.5 * 2**23
+    + s`` exactly; the softmax runs on ``f`` with scale ``c`` and a row max shifted by ``bias = 1.5 * 2**23
+    * c``, i.e. one fused multiply-add per score, as in exact mode."""
+    BLOCK_N: gl.constexpr = s_layout.instr_shape[1]
     if QK_INT8:
-        cols = kv0 + gl.arange(0, s_layout.instr_shape[1], layout=gl.SliceLayout(0, s_layout))
-        return gl.load(ks_base + cols, mask=cols < kv_end, other=0.0) * walk_scale
-    else:
-        return 0.0
-
-
-@gluon.jit
-def _scores(s, col_scale, QK_INT8: gl.constexpr):
-    """Exact mode: the Q K^T accumulator as is. 8-bit modes: the int32 products times ``col_scale`` (the key
-    scales times the softmax and query-tile scales), i.e. already in the exp2 domain.
-
-    int32 -> float32 without the (slow) conversion unit: |s| <= 127 * 127 * D < 2**22, so adding the bits of
-    1.5 * 2**23 gives a float of value 1.5 * 2**23 + s exactly; its product with the scale minus 1.5 * 2**23
-    times the scale is one fused multiply-add (absolute error ~1e-7 of the scale's magnitude x 2**23)."""
-    if QK_INT8:
+        c = walk_scale * gl.load(ks_base + kv0 // KEY_BLOCK)
+        bias = 12582912.0 * c
         f = (s + 0x4B400000).to(gl.float32, bitcast=True)
-        s = f * col_scale[None, :] - (12582912.0 * col_scale)[None, :]
-    return s
+        p, m_b, l_i, alpha = _softmax_step(f, m_i + bias, l_i, kv0, kv_end, c, BLOCK_N, s_layout)
+        return p, m_b - bias, l_i, alpha
+    else:
+        return _softmax_step(s, m_i, l_i, kv0, kv_end, qk_scale, BLOCK_N, s_layout)
 
 
 @gluon.jit
@@ -150,10 +147,100 @@ def _give_turn(turn, HALF: gl.constexpr, pingpong):
 
 
 @gluon.jit
+def _k_view(k_smem, stage, N: gl.constexpr):
+    """Ring slot ``stage`` as the B operand K^T ``[D, N]`` of an ``N``-key tile (a short tile fills only the
+    head of the slot)."""
+    k_buf = k_smem.index(stage)
+    if N < k_smem.type.shape[1]:
+        k_buf = k_buf.slice(0, N)
+    return k_buf.permute((1, 0))
+
+
+@gluon.jit
+def _v_view(v_smem, stage, N: gl.constexpr):
+    """Ring slot ``stage`` as V ``[N, D]`` of an ``N``-key tile (V^T slots of fp8 have no short tiles)."""
+    v_buf = v_smem.index(stage)
+    if N < v_smem.type.shape[1]:
+        v_buf = v_buf.slice(0, N)
+    return v_buf
+
+
+@gluon.jit
+def _attend_tiles(q, acc, m_i, l_i, j_lo, j_hi, turn0, pingpong, ring, scales, HALF: gl.constexpr,
+                  N: gl.constexpr):
+    """Fold key tiles ``j_lo .. j_hi`` (> j_lo) of the row, all ``N`` keys wide, into ``(acc, m_i, l_i)``.
+
+    ``S_j = Q K_j^T`` is issued before ``O += P_{j-1} V_{j-1}``, so the softmax of ``S_j`` overlaps the
+    ``P V`` product; matrix-product issue ``t`` of this walk is turn ``turn0 + t`` (`_wait_turn`)."""
+    (k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn, kv_tile_start, kv_tile_end, i_lo) = ring
+    qk_scale, walk_scale, ks_base = scales
+    STAGES: gl.constexpr = k_smem.type.shape[0]
+    ROWS: gl.constexpr = q.type.shape[0]
+    HEAD_DIM: gl.constexpr = k_smem.type.shape[2]
+    QK_INT8: gl.constexpr = q.dtype == gl.int8
+    FP8_PV: gl.constexpr = v_smem.dtype == gl.float8e4nv
+    qk_k: gl.constexpr = 32 if QK_INT8 else 16  # wgmma K per instruction: 256 bits of the operand type
+    pv_k: gl.constexpr = 32 if FP8_PV else 16
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, N, qk_k])
+    o_layout: gl.constexpr = acc.type.layout
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=pv_k // 8)
+    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+    if QK_INT8:
+        s_init = gl.zeros([ROWS, N], gl.int32, s_layout)
+    else:
+        s_init = gl.zeros([ROWS, N], gl.float32, s_layout)
+    m_i = gl.convert_layout(m_i, gl.SliceLayout(1, s_layout))
+    l_i = gl.convert_layout(l_i, gl.SliceLayout(1, s_layout))
+
+    stage = j_lo % STAGES
+    kv0 = gl.load(kv_tile_start + i_lo + j_lo)
+    kv_end = gl.load(kv_tile_end + i_lo + j_lo)
+    mbarrier.wait(k_ready.index(stage), (j_lo // STAGES) & 1)
+    _wait_turn(turn, HALF, turn0, pingpong)
+    s_tok = warpgroup_mma(q, _k_view(k_smem, stage, N), s_init, use_acc=False, is_async=True)
+    _give_turn(turn, HALF, pingpong)
+    s = warpgroup_mma_wait(0, deps=(s_tok, ))
+    mbarrier.arrive(k_empty.index(stage), count=1)
+    p, m_i, l_i, alpha = _fold_scores(s, m_i, l_i, kv0, kv_end, qk_scale, walk_scale, ks_base, s_layout, QK_INT8)
+    acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+    for j in range(j_lo + 1, j_hi):
+        prev = stage
+        stage = j % STAGES
+        prev_v = _v_view(v_smem, prev, N)
+        mbarrier.wait(k_ready.index(stage), (j // STAGES) & 1)
+        mbarrier.wait(v_ready.index(prev), ((j - 1) // STAGES) & 1)
+        p_op = _pv_operand(p, prev_v, kv0, kv_end, p_layout, N, HEAD_DIM)
+        _wait_turn(turn, HALF, turn0 + j - j_lo, pingpong)
+        s_tok = warpgroup_mma(q, _k_view(k_smem, stage, N), s_init, use_acc=False, is_async=True)
+        pv_tok = _issue_pv(p_op, prev_v, acc)
+        _give_turn(turn, HALF, pingpong)
+        kv0 = gl.load(kv_tile_start + i_lo + j)  # read while the products run, not after them
+        kv_end = gl.load(kv_tile_end + i_lo + j)
+        s = warpgroup_mma_wait(1, deps=(s_tok, ))
+        mbarrier.arrive(k_empty.index(stage), count=1)
+        p, m_i, l_i, alpha = _fold_scores(s, m_i, l_i, kv0, kv_end, qk_scale, walk_scale, ks_base, s_layout,
+                                          QK_INT8)
+        pv = warpgroup_mma_wait(0, deps=(pv_tok, ))
+        mbarrier.arrive(v_empty.index(prev), count=1)
+        acc = _fold_pv(acc, pv, FP8_PV) * gl.convert_layout(alpha, row_o)[:, None]
+    v_buf = _v_view(v_smem, stage, N)
+    mbarrier.wait(v_ready.index(stage), ((j_hi - 1) // STAGES) & 1)
+    p_op = _pv_operand(p, v_buf, kv0, kv_end, p_layout, N, HEAD_DIM)
+    _wait_turn(turn, HALF, turn0 + j_hi - j_lo, pingpong)
+    pv_tok = _issue_pv(p_op, v_buf, acc)
+    _give_turn(turn, HALF, pingpong)
+    pv = warpgroup_mma_wait(0, deps=(pv_tok, ))
+    mbarrier.arrive(v_empty.index(stage), count=1)
+    acc = _fold_pv(acc, pv, FP8_PV)
+    return acc, gl.convert_layout(m_i, row_o), gl.convert_layout(l_i, row_o)
+
+
+@gluon.jit
 def _consume(args, HALF: gl.constexpr):
     (q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, turn,
-     kv_tile_start, kv_tile_end, i_lo, n_kv, q0, q1,
-     o_base, stride_os, lse_base, qk_scale, walk_scale, ks_base, qmu_base, vs_base) = args
+     kv_tile_start, kv_tile_end, i_lo, n_kv, n_short, q0, q1,
+     o_base, stride_os, lse_base, qk_scale, walk_scale, ks_base, qmu_base, vs_base, k_short) = args
     STAGES: gl.constexpr = k_smem.type.shape[0]
     BLOCK_N: gl.constexpr = k_smem.type.shape[1]
     HEAD_DIM: gl.constexpr = k_smem.type.shape[2]
@@ -161,25 +248,17 @@ def _consume(args, HALF: gl.constexpr):
     QK_INT8: gl.constexpr = q_smem.dtype == gl.int8
     FP8_PV: gl.constexpr = v_smem.dtype == gl.float8e4nv  # V^T tiles [HEAD_DIM, BLOCK_N], P in e4m3
     out_dtype: gl.constexpr = o_base.dtype.element_ty
-    qk_k: gl.constexpr = 32 if QK_INT8 else 16  # wgmma K per instruction: 256 bits of the operand type
+    SHORT_N: gl.constexpr = k_short.block_type.shape[0]  # BLOCK_N: no short tiles
     pv_k: gl.constexpr = 32 if FP8_PV else 16
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, BLOCK_N, qk_k])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, HEAD_DIM, pv_k])
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=pv_k // 8)
-    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
 
     r0 = q0 + HALF * ROWS
     pingpong = q1 - q0 > ROWS
-    m_i = gl.full([ROWS], float("-inf"), gl.float32, row_s)
-    l_i = gl.full([ROWS], 0.0, gl.float32, row_s)
+    m_i = gl.full([ROWS], float("-inf"), gl.float32, row_o)
+    l_i = gl.full([ROWS], 0.0, gl.float32, row_o)
     acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)
-    if QK_INT8:
-        s_init = gl.zeros([ROWS, BLOCK_N], gl.int32, s_layout)
-    else:
-        s_init = gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout)
     if r0 >= q1:  # no rows of this tile here (so no turns either): only keep the ring moving
         for j in range(n_kv):
             stage = j % STAGES
@@ -190,65 +269,31 @@ def _consume(args, HALF: gl.constexpr):
             mbarrier.arrive(v_empty.index(stage), count=1)
     elif n_kv > 0:
         q = q_smem.index(HALF)
-        kv0 = gl.load(kv_tile_start + i_lo)
-        kv_end = gl.load(kv_tile_end + i_lo)
         mbarrier.wait(q_bar.index(HALF), 0)
-        mbarrier.wait(k_ready.index(0), 0)
-        _wait_turn(turn, HALF, 0, pingpong)
-        s_tok = warpgroup_mma(q, k_smem.index(0).permute((1, 0)), s_init, use_acc=False, is_async=True)
-        _give_turn(turn, HALF, pingpong)
-        ks = _key_scales(ks_base, kv0, kv_end, walk_scale, s_layout, QK_INT8)
-        s = warpgroup_mma_wait(0, deps=(s_tok, ))
-        mbarrier.arrive(k_empty.index(0), count=1)
-        p, m_i, l_i, alpha = _softmax_step(_scores(s, ks, QK_INT8), m_i, l_i, kv0, kv_end, qk_scale, BLOCK_N,
-                                           s_layout, QK_INT8)
-        for j in range(1, n_kv):
-            stage = j % STAGES
-            phase = (j // STAGES) & 1
-            prev = (j - 1) % STAGES
-            prev_phase = ((j - 1) // STAGES) & 1
-            # S_j = Q K_j^T first, then O += P_{j-1} V_{j-1}: the softmax of S_j overlaps the P V product
-            mbarrier.wait(k_ready.index(stage), phase)
-            mbarrier.wait(v_ready.index(prev), prev_phase)
-            p_op = _pv_operand(p, v_smem.index(prev), kv0, kv_end, p_layout, BLOCK_N, HEAD_DIM)
-            _wait_turn(turn, HALF, j, pingpong)
-            s_tok = warpgroup_mma(q, k_smem.index(stage).permute((1, 0)), s_init, use_acc=False, is_async=True)
-            pv_tok = _issue_pv(p_op, v_smem.index(prev), acc)
-            _give_turn(turn, HALF, pingpong)
-            kv0 = gl.load(kv_tile_start + i_lo + j)  # read while the products run, not after them
-            kv_end = gl.load(kv_tile_end + i_lo + j)
-            ks = _key_scales(ks_base, kv0, kv_end, walk_scale, s_layout, QK_INT8)
-            s = warpgroup_mma_wait(1, deps=(s_tok, ))
-            mbarrier.arrive(k_empty.index(stage), count=1)
-            p, m_i, l_i, alpha = _softmax_step(_scores(s, ks, QK_INT8), m_i, l_i, kv0, kv_end, qk_scale,
-                                               BLOCK_N, s_layout, QK_INT8)
-            pv = warpgroup_mma_wait(0, deps=(pv_tok, ))
-            mbarrier.arrive(v_empty.index(prev), count=1)
-            acc = _fold_pv(acc, pv, FP8_PV) * gl.convert_layout(alpha, row_o)[:, None]
-        last = (n_kv - 1) % STAGES
-        mbarrier.wait(v_ready.index(last), ((n_kv - 1) // STAGES) & 1)
-        p_op = _pv_operand(p, v_smem.index(last), kv0, kv_end, p_layout, BLOCK_N, HEAD_DIM)
-        _wait_turn(turn, HALF, n_kv, pingpong)
-        pv_tok = _issue_pv(p_op, v_smem.index(last), acc)
-        _give_turn(turn, HALF, pingpong)
-        pv = warpgroup_mma_wait(0, deps=(pv_tok, ))
-        mbarrier.arrive(v_empty.index(last), count=1)
-        acc = _fold_pv(acc, pv, FP8_PV)
+        ring = (k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn, kv_tile_start, kv_tile_end, i_lo)
+        scales = (qk_scale, walk_scale, ks_base)
+        n_long = n_kv - n_short
+        if n_long > 0:
+            acc, m_i, l_i = _attend_tiles(q, acc, m_i, l_i, 0, n_long, 0, pingpong, ring, scales, HALF, BLOCK_N)
+        if SHORT_N < BLOCK_N:
+            if n_short > 0:  # n_long + 1 turns were taken above
+                turn0 = gl.where(n_long > 0, n_long + 1, 0)
+                acc, m_i, l_i = _attend_tiles(q, acc, m_i, l_i, n_long, n_kv, turn0, pingpong, ring, scales, HALF,
+                                              SHORT_N)
 
     has_keys = l_i > 0.0
     l_safe = gl.where(has_keys, l_i, 1.0)
-    out = acc / gl.convert_layout(l_safe, row_o)[:, None]
+    out = acc / l_safe[:, None]
     cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
     if FP8_PV:  # undo V's per-channel scales and P's fixed scale
         out = out * (gl.load(vs_base + cols) / P_SCALE)[None, :]
     rows_o = r0 + gl.arange(0, ROWS, layout=row_o)
     o_ptrs = o_base + rows_o[:, None].to(gl.int64) * stride_os + cols[None, :]
     gl.store(o_ptrs, out.to(out_dtype), mask=(rows_o < q1)[:, None])
-    rows_s = r0 + gl.arange(0, ROWS, layout=row_s)
     if QK_INT8:  # the scores were of the smoothed keys: add back q . k_mean
-        m_i = m_i + gl.load(qmu_base + rows_s, mask=rows_s < q1, other=0.0) * qk_scale
+        m_i = m_i + gl.load(qmu_base + rows_o, mask=rows_o < q1, other=0.0) * qk_scale
     lse = gl.where(has_keys, (m_i + gl.log2(l_safe)) * LN2, float("-inf"))
-    gl.store(lse_base + rows_s, lse, mask=rows_s < q1)
+    gl.store(lse_base + rows_o, lse, mask=rows_o < q1)
 
 
 @gluon.jit
@@ -264,26 +309,40 @@ def _consume_second_half(args):
 @gluon.jit
 def _load(args):
     (q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, turn,
-     kv_tile_start, kv_tile_end, i_lo, n_kv, q0, q1, q_desc, k_desc, v_desc) = args
+     kv_tile_start, kv_tile_end, i_lo, n_kv, n_short, q0, q1, q_desc, k_desc, v_desc, k_short, v_short) = args
     STAGES: gl.constexpr = k_smem.type.shape[0]
     ROWS: gl.constexpr = q_smem.type.shape[1]
+    FP8_PV: gl.constexpr = v_smem.dtype == gl.float8e4nv
+    SHORT_N: gl.constexpr = k_short.block_type.shape[0]
+    HAS_SHORT: gl.constexpr = SHORT_N < k_smem.type.shape[1]
     for half in gl.static_range(2):  # only halves a consumer will wait for (no copy may outlive the program)
         needed = (n_kv > 0) & (q0 + half * ROWS < q1)
         mbarrier.expect(q_bar.index(half), q_desc.block_type.nbytes, pred=needed)
         tma.async_copy_global_to_shared(q_desc, [q0 + half * ROWS, 0], q_bar.index(half), q_smem.index(half),
                                         pred=needed)
+    n_long = n_kv - n_short
     for j in range(n_kv):
         stage = j % STAGES
         phase = (j // STAGES) & 1
         kv0 = gl.load(kv_tile_start + i_lo + j)
         mbarrier.wait(k_empty.index(stage), phase ^ 1)
-        mbarrier.expect(k_ready.index(stage), k_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(k_desc, [kv0, 0], k_ready.index(stage), k_smem.index(stage))
-        mbarrier.wait(v_empty.index(stage), phase ^ 1)
-        mbarrier.expect(v_ready.index(stage), v_desc.block_type.nbytes)
-        if v_smem.dtype == gl.float8e4nv:  # V^T [HEAD_DIM, kv_len]: the key tile is a column block
-            tma.async_copy_global_to_shared(v_desc, [0, kv0], v_ready.index(stage), v_smem.index(stage))
+        if HAS_SHORT and j >= n_long:  # a short tile fills the head of the slot
+            mbarrier.expect(k_ready.index(stage), k_short.block_type.nbytes)
+            tma.async_copy_global_to_shared(k_short, [kv0, 0], k_ready.index(stage),
+                                            k_smem.index(stage).slice(0, SHORT_N))
         else:
+            mbarrier.expect(k_ready.index(stage), k_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(k_desc, [kv0, 0], k_ready.index(stage), k_smem.index(stage))
+        mbarrier.wait(v_empty.index(stage), phase ^ 1)
+        if FP8_PV:  # V^T [HEAD_DIM, kv_len]: the key tile is a column block (no short tiles)
+            mbarrier.expect(v_ready.index(stage), v_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(v_desc, [0, kv0], v_ready.index(stage), v_smem.index(stage))
+        elif HAS_SHORT and j >= n_long:
+            mbarrier.expect(v_ready.index(stage), v_short.block_type.nbytes)
+            tma.async_copy_global_to_shared(v_short, [kv0, 0], v_ready.index(stage),
+                                            v_smem.index(stage).slice(0, SHORT_N))
+        else:
+            mbarrier.expect(v_ready.index(stage), v_desc.block_type.nbytes)
             tma.async_copy_global_to_shared(v_desc, [kv0, 0], v_ready.index(stage), v_smem.index(stage))
 
 
@@ -295,11 +354,11 @@ def block_sparse_attn_fwd_hopper(
     stride_vb, stride_vs, stride_vh,
     stride_ob, stride_os, stride_oh,
     tile_ptr, tile_start, tile_end, tile_row,
-    row_kv_ptr, kv_tile_start, kv_tile_end,
+    row_kv_ptr, kv_tile_start, kv_tile_end, row_kv_short,
     qk_scale, q_len, kv_len,
     Q_SCALE, Q_MU, K_SCALE, V_SCALE, q_scale_stride,
     NUM_HEADS: gl.constexpr, KV_GROUP: gl.constexpr, PER_HEAD_LAYOUT: gl.constexpr,
-    HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+    HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, SHORT_N: gl.constexpr, STAGES: gl.constexpr,
     Q_LAYOUT: gl.constexpr, K_LAYOUT: gl.constexpr, V_LAYOUT: gl.constexpr, CONSUMER_REGS: gl.constexpr,
 ):
     """Grid ``(max query tiles per layout head, B * H)``; ``num_warps`` must be 4 (the first consumer).
@@ -325,6 +384,7 @@ def block_sparse_attn_fwd_hopper(
     row = gl.load(tile_row + t, mask=valid, other=0)
     i_lo = gl.load(row_kv_ptr + row)
     n_kv = gl.where(valid, gl.load(row_kv_ptr + row + 1) - i_lo, 0)
+    n_short = gl.where(valid, gl.load(row_kv_short + row), 0)
 
     b64 = b.to(gl.int64)
     h64 = h.to(gl.int64)
@@ -338,16 +398,23 @@ def block_sparse_attn_fwd_hopper(
                                         strides=[stride_qs, 1], block_shape=[HALF_M, HEAD_DIM], layout=Q_LAYOUT)
     k_desc = tma.make_tensor_descriptor(K + b64 * stride_kb + h_kv64 * stride_kh, shape=[kv_len, HEAD_DIM],
                                         strides=[stride_ks, 1], block_shape=[BLOCK_N, HEAD_DIM], layout=K_LAYOUT)
+    SHORT_ROWS: gl.constexpr = SHORT_N if SHORT_N > 0 else BLOCK_N  # no short tiles: an unused copy of k_desc
+    k_short = tma.make_tensor_descriptor(K + b64 * stride_kb + h_kv64 * stride_kh, shape=[kv_len, HEAD_DIM],
+                                         strides=[stride_ks, 1], block_shape=[SHORT_ROWS, HEAD_DIM], layout=K_LAYOUT)
     if FP8_PV:
         v_desc = tma.make_tensor_descriptor(V + b64 * stride_vb + h_kv64 * stride_vh, shape=[HEAD_DIM, kv_len],
                                             strides=[stride_vs, 1], block_shape=[HEAD_DIM, BLOCK_N],
                                             layout=V_LAYOUT)
         v_smem = gl.allocate_shared_memory(v_dtype, [STAGES, HEAD_DIM, BLOCK_N], V_LAYOUT)
+        v_short = v_desc
     else:
         v_desc = tma.make_tensor_descriptor(V + b64 * stride_vb + h_kv64 * stride_vh, shape=[kv_len, HEAD_DIM],
                                             strides=[stride_vs, 1], block_shape=[BLOCK_N, HEAD_DIM],
                                             layout=V_LAYOUT)
         v_smem = gl.allocate_shared_memory(v_dtype, [STAGES, BLOCK_N, HEAD_DIM], V_LAYOUT)
+        v_short = tma.make_tensor_descriptor(V + b64 * stride_vb + h_kv64 * stride_vh, shape=[kv_len, HEAD_DIM],
+                                             strides=[stride_vs, 1], block_shape=[SHORT_ROWS, HEAD_DIM],
+                                             layout=V_LAYOUT)
     q_smem = gl.allocate_shared_memory(q_dtype, [2, HALF_M, HEAD_DIM], Q_LAYOUT)
     k_smem = gl.allocate_shared_memory(k_dtype, [STAGES, BLOCK_N, HEAD_DIM], K_LAYOUT)
     q_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
@@ -370,13 +437,14 @@ def block_sparse_attn_fwd_hopper(
         walk_scale = qk_scale * gl.load(Q_SCALE + pid_bh.to(gl.int64) * q_scale_stride + pid_t, mask=valid,
                                         other=1.0)
     ring = (q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, turn,
-            kv_tile_start, kv_tile_end, i_lo, n_kv, q0, q1)
+            kv_tile_start, kv_tile_end, i_lo, n_kv, n_short, q0, q1)
     o_base = O + b64 * stride_ob + h64 * stride_oh
     lse_base = LSE + (b64 * NUM_HEADS + h) * q_len
-    consumer_args = ring + (o_base, stride_os, lse_base, qk_scale, walk_scale, K_SCALE + bh_kv * kv_len,
-                            Q_MU + (b64 * NUM_HEADS + h) * q_len, V_SCALE + bh_kv * HEAD_DIM)
+    key_blocks = (kv_len + KEY_BLOCK - 1) // KEY_BLOCK
+    consumer_args = ring + (o_base, stride_os, lse_base, qk_scale, walk_scale, K_SCALE + bh_kv * key_blocks,
+                            Q_MU + (b64 * NUM_HEADS + h) * q_len, V_SCALE + bh_kv * HEAD_DIM, k_short)
     gl.warp_specialize([
         (_consume_first_half, (consumer_args, )),
         (_consume_second_half, (consumer_args, )),
-        (_load, (ring + (q_desc, k_desc, v_desc), )),
-    ], [4, 1], [CONSUMER_REGS, 24])
+        (_load, (ring + (q_desc, k_desc, v_desc, k_short, v_short), )),
+    ], [4, 1], [CONSUMER_REGS, 32])

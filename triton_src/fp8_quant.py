@@ -29,6 +29,7 @@ from .interpreter import launch_lock
 
 __all__ = ["Fp8KV", "QuantizedQ", "quantize_kv", "quantize_q_tile", "quantize_q_tiles", "to_e4m3", "to_int8"]
 
+KEY_QUANT_BLOCK = 128  # tokens per K scale (aligned blocks from token 0)
 _RNE = 12582912.0  # 1.5 * 2**23: (x + _RNE) - _RNE rounds |x| < 2**22 to an integer, nearest even
 
 

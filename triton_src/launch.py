@@ -19,7 +19,7 @@ import triton
 from torch import Tensor
 
 from .block_sparse_fwd import LOG2E, block_sparse_attn_fwd
-from .fp8_quant import quantize_kv, quantize_q_tiles
+from .fp8_quant import KEY_QUANT_BLOCK, quantize_kv, quantize_q_tiles
 from .interpreter import launch_lock
 from ..reference.layout import BlockSparseLayout
 from .schedule import KernelSchedule, KeyTiles, key_starts_aligned
@@ -76,13 +76,14 @@ def hopper_kernel_available() -> bool:
 
 
 def launch_hopper(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, sched_tensors: Tuple[Tensor, ...],
-                  key_tiles: Tuple[Tensor, ...], max_tiles: int, per_head_layout: bool, scale: float,
+                  key_tiles: Tuple[Tensor, ...], short_n: int, max_tiles: int, per_head_layout: bool, scale: float,
                   cfg: KernelConfig, precision: str = "exact"):
     """Run the Hopper kernel (same contract as `launch`); a negative ``scale`` runs as ``-q`` with ``-scale``.
 
-    The 8-bit precisions quantize first: K and V with `quantize_kv`, Q per 128-row schedule tile with
-    `quantize_q_tiles` (the kernel reads Q through TMA, so it cannot quantize it on the fly). ``fp8`` needs key
-    tiles starting at multiples of 16 tokens (`run_scheduled` checks `KeyTiles.starts_aligned`)."""
+    ``key_tiles``: `KeyTiles.tensors()` built for ``precision`` (``short_n``: its `KeyTiles.short_n`). The 8-bit
+    precisions quantize first: K and V with `quantize_kv`, Q per 128-row schedule tile with `quantize_q_tiles`
+    (the kernel reads Q through TMA, so it cannot quantize it on the fly). ``fp8`` needs key tiles starting at
+    multiples of 16 tokens (`run_scheduled` checks `KeyTiles.starts_aligned`)."""
     _check_precision(precision)
     from triton.experimental.gluon import language as gl
 
@@ -115,7 +116,7 @@ def launch_hopper(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, sch
         scale * LOG2E, Sq, k.shape[1],
         q_scale, q_mu, k_scale, v_scale, q_scale.shape[-1],
         NUM_HEADS=H, KV_GROUP=H // k.shape[2], PER_HEAD_LAYOUT=per_head_layout,
-        HEAD_DIM=D, BLOCK_N=cfg.block_n, STAGES=cfg.num_stages,
+        HEAD_DIM=D, BLOCK_N=cfg.block_n, SHORT_N=short_n, STAGES=cfg.num_stages,
         Q_LAYOUT=gl.NVMMASharedLayout.get_default_for([int(HALF_M), D], _gluon_dtype(q.dtype, gdt)),
         K_LAYOUT=gl.NVMMASharedLayout.get_default_for([cfg.block_n, D], _gluon_dtype(k.dtype, gdt)),
         V_LAYOUT=gl.NVMMASharedLayout.get_default_for(v_block, _gluon_dtype(v.dtype, gdt)),
@@ -214,8 +215,9 @@ def triton_block_sparse_fwd(
 def triton_block_sparse_fwd_hopper(
     q: Tensor, k: Tensor, v: Tensor,
     tile_ptr: Tensor, tile_start: Tensor, tile_end: Tensor, tile_row: Tensor,
-    row_kv_ptr: Tensor, kv_tile_start: Tensor, kv_tile_end: Tensor,
-    max_tiles: int, per_head_layout: bool, scale: float, block_n: int, num_stages: int, precision: str = "exact",
+    row_kv_ptr: Tensor, kv_tile_start: Tensor, kv_tile_end: Tensor, row_kv_short: Tensor,
+    max_tiles: int, per_head_layout: bool, scale: float, block_n: int, short_n: int, num_stages: int,
+    precision: str = "exact",
 ) -> Tuple[Tensor, Tensor]:
     """Block-sparse attention forward on Hopper: returns ``(out [B, Sq, H, D], lse [B, H, Sq] float32)``."""
     B, Sq, H, D = q.shape
@@ -223,7 +225,8 @@ def triton_block_sparse_fwd_hopper(
     lse = torch.empty(B, H, Sq, dtype=torch.float32, device=q.device)
     cfg = KernelConfig(128, block_n, 4, num_stages, True, True, "hopper")
     launch_hopper(q, k, v, out, lse, (tile_ptr, tile_start, tile_end, tile_row),
-                  (row_kv_ptr, kv_tile_start, kv_tile_end), max_tiles, per_head_layout, scale, cfg, precision)
+                  (row_kv_ptr, kv_tile_start, kv_tile_end, row_kv_short), short_n, max_tiles, per_head_layout, scale,
+                  cfg, precision)
     return out, lse
 
 
@@ -241,6 +244,11 @@ def _check_hopper_inputs(sched: KernelSchedule, key_tiles: Optional[KeyTiles], c
 
     if key_tiles is None or key_tiles.block_n != cfg.block_n:
         raise ValueError(f"the hopper kernel needs the key tiles of BLOCK_N={cfg.block_n}")
+    if key_tiles.aligned != (precision != "exact") or (precision == "fp8" and key_tiles.short_n):
+        raise ValueError(f"key_tiles: built for another precision than {precision!r} (see schedule.build_key_tiles)")
+    if precision != "exact" and cfg.block_n != KEY_QUANT_BLOCK:
+        raise ValueError(f"the hopper kernel's 8-bit modes take key tiles of {KEY_QUANT_BLOCK} keys (one K scale "
+                         f"each), got BLOCK_N={cfg.block_n}")
     if sched.block_m != 2 * int(HALF_M):
         raise ValueError(f"the hopper kernel takes query tiles of {2 * int(HALF_M)} rows, got {sched.block_m}")
     if precision == "fp8" and not key_tiles.starts_aligned:
@@ -260,14 +268,14 @@ def run_scheduled(q: Tensor, k: Tensor, v: Tensor, sched: KernelSchedule, per_he
         if hopper:
             return torch.ops.lvsa_kernels.triton_block_sparse_fwd_hopper(
                 q, k, v, *sched.tensors()[:4], *key_tiles.tensors(), sched.max_tiles, per_head_layout, scale,
-                cfg.block_n, cfg.num_stages, precision)
+                cfg.block_n, key_tiles.short_n, cfg.num_stages, precision)
         return torch.ops.lvsa_kernels.triton_block_sparse_fwd(
             q, k, v, *sched.tensors(), sched.max_tiles, per_head_layout, scale,
             cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, cfg.use_tma, cfg.warp_spec, precision)
     lse = torch.empty(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32, device=q.device)
     if hopper:
-        launch_hopper(q, k, v, out, lse, sched.tensors(), key_tiles.tensors(), sched.max_tiles, per_head_layout,
-                      scale, cfg, precision)
+        launch_hopper(q, k, v, out, lse, sched.tensors(), key_tiles.tensors(), key_tiles.short_n, sched.max_tiles,
+                      per_head_layout, scale, cfg, precision)
     else:
         launch(q, k, v, out, lse, sched.tensors(), sched.max_tiles, per_head_layout, scale, cfg, precision)
     return out, lse

@@ -131,45 +131,72 @@ def _query_runs(layout: BlockSparseLayout, span_ptr: Tensor, s0: Tensor, s1: Ten
 
 @dataclass(frozen=True)
 class KeyTiles:
-    """Each query-block row's key tiles of ``block_n`` columns, for kernels that walk a flat tile list.
+    """Each query-block row's key tiles, as the Hopper kernel walks them (see `build_key_tiles`).
 
     row_ptr   [Hl*nQB + 1]  key tiles of flat row r: row_ptr[r] : row_ptr[r + 1]
     start     [nK]          first key token of the tile
-    end       [nK]          one past its last key token (``end - start < block_n`` only for a span's ragged tail)
+    end       [nK]          one past its last key token (``end - start < block_n`` only for a ragged piece)
+    row_short [Hl*nQB]      how many of row r's tiles are *short* (``end - start <= short_n``): its last ones
 
-    The tiles of a row cover its merged key spans exactly: first every span's full tiles, then every
-    span's ragged tail (the portable kernel's order, so both kernels fold keys into the softmax alike).
+    The tiles of a row cover its merged key spans exactly, in three classes, each in span order: full
+    tiles of ``block_n`` keys, ragged tiles longer than ``short_n``, then short tiles (the kernel runs
+    those as ``short_n``-column products on ``short_n``-row loads; ``short_n = 0``: none).
+    ``aligned``: spans are cut at every multiple of ``block_n`` (token index), so no tile crosses one
+    (the 8-bit modes scale K per aligned block); otherwise every ``block_n`` keys from the span's start.
     """
 
     block_n: int
+    short_n: int
+    aligned: bool
     row_ptr: Tensor
     start: Tensor
     end: Tensor
+    row_short: Tensor
     starts_aligned: bool = False  # every start a multiple of 16 tokens (see `key_starts_aligned`)
 
     def tensors(self):
-        return (self.row_ptr, self.start, self.end)
+        return (self.row_ptr, self.start, self.end, self.row_short)
 
 
-def build_key_tiles(layout: BlockSparseLayout, block_n: int, device: torch.device) -> KeyTiles:
-    """The cached `KeyTiles` of ``layout`` for key tiles of ``block_n`` columns on ``device``."""
-    key = ("triton_key_tiles", block_n, str(device))
-    return _SCHEDULES.get(layout, key, lambda: _build_key_tiles(layout, block_n, torch.device(device)))
+def build_key_tiles(layout: BlockSparseLayout, block_n: int, device: torch.device,
+                    precision: str = "exact") -> KeyTiles:
+    """The cached `KeyTiles` of ``layout`` for the Hopper kernel with key tiles of ``block_n`` columns at
+    ``precision``: ``"exact"`` cuts each span from its start; the 8-bit modes cut at aligned blocks of
+    ``block_n`` tokens (one K scale per tile). Short tiles: ``short_n`` in ``{block_n / 4, block_n / 2}``,
+    whichever loads fewer keys over the layout; none for ``"fp8"`` (its V^T tiles are column blocks)."""
+    aligned, short = precision != "exact", precision != "fp8"
+    key = ("triton_key_tiles", block_n, aligned, short, str(device))
+    return _SCHEDULES.get(layout, key, lambda: _build_key_tiles(layout, block_n, aligned, short,
+                                                                torch.device(device)))
 
 
-def _build_key_tiles(layout: BlockSparseLayout, bn: int, device: torch.device) -> KeyTiles:
+def _build_key_tiles(layout: BlockSparseLayout, bn: int, aligned: bool, short: bool, device: torch.device) -> KeyTiles:
     sp = layout.spans
     span_ptr = torch.cat([sp.ptr[:, :-1].reshape(-1), sp.ptr[-1:, -1]]).long()
     s0, s1 = sp.start.long(), sp.end.long()
-    n_tiles = (s1 - s0 + bn - 1) // bn
-    first = torch.repeat_interleave(s0, n_tiles)
-    i_in_span = torch.arange(first.numel()) - torch.repeat_interleave(_csr_ptr(n_tiles)[:-1], n_tiles)
-    start = first + i_in_span * bn
-    end = torch.minimum(start + bn, torch.repeat_interleave(s1, n_tiles))
+    if aligned:  # pieces between consecutive multiples of bn inside the span
+        first_block = s0 // bn
+        n_tiles = (s1 + bn - 1) // bn - first_block
+    else:
+        first_block = s0
+        n_tiles = (s1 - s0 + bn - 1) // bn
+    i_in_span = torch.arange(int(n_tiles.sum())) - torch.repeat_interleave(_csr_ptr(n_tiles)[:-1], n_tiles)
+    lo, hi = torch.repeat_interleave(s0, n_tiles), torch.repeat_interleave(s1, n_tiles)
+    if aligned:
+        block = (torch.repeat_interleave(first_block, n_tiles) + i_in_span) * bn
+        start, end = torch.maximum(block, lo), torch.minimum(block + bn, hi)
+    else:
+        start = lo + i_in_span * bn
+        end = torch.minimum(start + bn, hi)
+    length = end - start
+    short_n = _short_width(length, bn) if short else 0
     row_ptr = _csr_ptr(n_tiles)[span_ptr]
-    row = torch.repeat_interleave(torch.arange(span_ptr.numel() - 1), row_ptr[1:] - row_ptr[:-1])
-    order = torch.argsort(row * 2 + (end - start < bn).long(), stable=True)  # per row: full tiles, then tails
+    n_rows = span_ptr.numel() - 1
+    row = torch.repeat_interleave(torch.arange(n_rows), row_ptr[1:] - row_ptr[:-1])
+    kind = (length < bn).long() + (length <= short_n).long()  # 0 full, 1 ragged, 2 short
+    order = torch.argsort(row * 3 + kind, stable=True)
     start, end = start[order], end[order]
+    row_short = torch.bincount(row[kind == 2], minlength=n_rows)
 
     def dev(t: Tensor) -> Tensor:
         if t.numel() and int(t.max()) >= 2**31:
@@ -178,8 +205,16 @@ def _build_key_tiles(layout: BlockSparseLayout, bn: int, device: torch.device) -
             t = torch.zeros(1, dtype=torch.int64)
         return t.to(torch.int32).to(device)
 
-    return KeyTiles(block_n=bn, row_ptr=dev(row_ptr), start=dev(start), end=dev(end),
-                    starts_aligned=bool((start % 16 == 0).all()))
+    return KeyTiles(block_n=bn, short_n=short_n, aligned=aligned, row_ptr=dev(row_ptr), start=dev(start),
+                    end=dev(end), row_short=dev(row_short), starts_aligned=bool((start % 16 == 0).all()))
+
+
+def _short_width(length: Tensor, bn: int) -> int:
+    """``bn / 4`` or ``bn / 2``: the short-tile width that loads fewer keys for these tile lengths (a short
+    tile loads ``short_n`` keys, any other ``bn``)."""
+    def loaded(n: int) -> int:
+        return int(torch.where(length <= n, n, bn).sum())
+    return min((bn // 2, bn // 4), key=loaded)
 
 
 def key_starts_aligned(layout: BlockSparseLayout, multiple: int = 16) -> bool:

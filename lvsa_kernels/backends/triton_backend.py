@@ -107,7 +107,7 @@ def _run(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout, scale: floa
     from ..triton_src.schedule import build_key_tiles, build_schedule
 
     sched = build_schedule(layout, cfg.block_m, q.device)
-    key_tiles = build_key_tiles(layout, cfg.block_n, q.device) if cfg.kernel == "hopper" else None
+    key_tiles = build_key_tiles(layout, cfg.block_n, q.device, precision) if cfg.kernel == "hopper" else None
     return run_scheduled(q, k, v, sched, layout.num_heads > 1, scale, cfg, precision=precision, key_tiles=key_tiles)
 
 
