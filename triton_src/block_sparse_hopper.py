@@ -52,17 +52,17 @@ KEY_BLOCK = gl.constexpr(KEY_QUANT_BLOCK)  # 8-bit modes: tokens per K scale; ke
 
 
 @gluon.jit
-def _softmax_step(s, m_i, l_i, kv0, kv_end, qk_scale, BLOCK_N: gl.constexpr, s_layout: gl.constexpr):
-    """Fold scores ``s [64, BLOCK_N]`` of keys ``kv0 ..`` times ``qk_scale`` (>= 0) into the running max/sum;
-    returns (p, m, l, alpha)."""
-    if kv0 + BLOCK_N > kv_end:
+def _softmax_step(s, m_i, l_i, kv0, kv_end, qk_scale, bias, BLOCK_N: gl.constexpr, s_layout: gl.constexpr):
+    """Fold the scores ``s * qk_scale - bias`` (``qk_scale >= 0``) of key tile ``kv0 ..`` (``s [64, BLOCK_N]``)
+    into the running max/sum; returns (p, m, l, alpha)."""
+    if kv0 + BLOCK_N > kv_end:  # scale before masking: 0 * -inf would be NaN
         cols = kv0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
         s = gl.where((cols < kv_end)[None, :], s * qk_scale, float("-inf"))
-        m_new = gl.maximum(m_i, gl.max(s, 1))
-        p = gl.exp2(s - m_new[:, None])
+        m_new = gl.maximum(m_i, gl.max(s, 1) - bias)
+        p = gl.exp2(s - (m_new + bias)[:, None])
     else:  # full tile: one fused multiply-add per score (qk_scale >= 0 keeps the max)
-        m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
-        p = gl.exp2(s * qk_scale - m_new[:, None])
+        m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale - bias)
+        p = gl.exp2(s * qk_scale - (m_new + bias)[:, None])
     alpha = gl.exp2(m_i - m_new)
     l_i = l_i * alpha + gl.sum(p, 1)
     return p, m_new, l_i, alpha
@@ -76,17 +76,15 @@ def _fold_scores(s, m_i, l_i, kv0, kv_end, qk_scale, walk_scale, ks_base, s_layo
     8-bit modes: ``s`` holds int32 products of INT8 Q and K; the tile lies in one aligned K-scale block, so
     ``c = walk_scale * k_scale`` scales every score alike. int32 -> float32 without the (slow) conversion
     unit: |s| <= 127 * 127 * D < 2**22, so adding the bits of 1.5 * 2**23 gives the float ``f = 1.5 * 2**23
-    + s`` exactly; the softmax runs on ``f`` with scale ``c`` and a row max shifted by ``bias = 1.5 * 2**23
-    * c``, i.e. one fused multiply-add per score, as in exact mode."""
+    + s`` exactly, and the score is ``f * c - 1.5 * 2**23 * c``: one fused multiply-add per score against the
+    row max plus that bias, as in exact mode (the running max itself stays unbiased)."""
     BLOCK_N: gl.constexpr = s_layout.instr_shape[1]
     if QK_INT8:
         c = walk_scale * gl.load(ks_base + kv0 // KEY_BLOCK)
-        bias = 12582912.0 * c
         f = (s + 0x4B400000).to(gl.float32, bitcast=True)
-        p, m_b, l_i, alpha = _softmax_step(f, m_i + bias, l_i, kv0, kv_end, c, BLOCK_N, s_layout)
-        return p, m_b - bias, l_i, alpha
+        return _softmax_step(f, m_i, l_i, kv0, kv_end, c, 12582912.0 * c, BLOCK_N, s_layout)
     else:
-        return _softmax_step(s, m_i, l_i, kv0, kv_end, qk_scale, BLOCK_N, s_layout)
+        return _softmax_step(s, m_i, l_i, kv0, kv_end, qk_scale, 0.0, BLOCK_N, s_layout)
 
 
 @gluon.jit
