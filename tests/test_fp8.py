@@ -162,7 +162,7 @@ def _kernel_case(layout, dist, B, H, Hkv, D, dtype, seed, mode, strided=False):
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
 @pytest.mark.parametrize("mode", ["fp8", "int8_qk"])
 def test_kernel_matches_fake_quant_text_gqa_batch2(mode, dtype):
-    # 140 tokens: two K scale blocks per head, key tiles that straddle token 128
+    # 140 tokens: two K scale blocks per head (empty_rows has key tiles that straddle token 128)
     small_text = LVSAPattern(window=2, n_first=1, reference_frames=8).plan(8, 16, step=1, text_tokens=12)
     _kernel_case(small_text, "kbias", B=2, H=2, Hkv=1, D=32, dtype=dtype, seed=5, mode=mode)
 
