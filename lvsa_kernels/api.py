@@ -147,7 +147,7 @@ def block_sparse_attn(
             `effective_scale` for very large ones. Non-finite or non-numeric: ValueError.
         return_lse: also return lse ``[B, H, Sq]`` (float32, natural log; -inf for rows with no keys).
         precision: ``"exact"`` (default: MMAs in the input dtype), ``"fp8"`` (opt-in 8-bit: Q K^T in INT8
-            with per-tile / per-token scales after smoothing K, P V in FP8 e4m3; fp16/bf16 inputs, the
+            with per-tile / per-128-key scales after smoothing K, P V in FP8 e4m3; fp16/bf16 inputs, the
             ``triton`` backend on CUDA sm_89+ or in Triton's CPU interpreter) or ``"int8_qk"`` (INT8 Q K^T,
             P V in the input dtype). See docs/fp8.md for accuracy. ``auto`` only picks backends that run
             the requested precision and never changes it; none available raises `BackendUnavailable`.

@@ -2,13 +2,16 @@
 
 It reproduces the kernel's quantization, roundings and tile walk on any device:
 
-* K smoothed by its per-(batch, kv head) mean over all tokens (`key_mean`), then INT8 per token:
-  ``k8 = rne(k_s * 127 / amax_row)``, scale ``amax_row / 127``;
+* K smoothed by its per-(batch, kv head) mean over all tokens (`key_mean`), then INT8 with one scale per
+  block of ``KEY_QUANT_BLOCK`` (128) consecutive tokens from token 0 (`quantize_keys`):
+  ``k8 = rne(k_s * (127 / amax_block))``, scale ``amax_block / 127``;
 * Q in INT8 per query tile: tiles of ``block_m`` rows from the start of each run of consecutive query
   blocks with identical key spans (the kernel's schedule), scale ``amax_tile / 127``, folded into the
   softmax scale; Q K^T is exact on these integers;
-* online softmax in the exp2 domain over the block's key spans, in the kernel's order: every span's full
-  ``block_n`` tiles, then every span's ragged tail;
+* online softmax in the exp2 domain over the block's key spans, in the kernel's order (`_walk`): the
+  portable kernel cuts each span into ``block_n`` tiles from its start and takes every full tile, then every
+  ragged tail; ``aligned_tiles`` cuts spans at multiples of ``block_n`` instead and ``short_n`` moves tiles
+  of at most ``short_n`` keys last (the Hopper kernel: ``block_n=128, aligned_tiles=True, short_n=64``);
 * P in e4m3 with the fixed scale 448 (P <= 1 against the running max, so 1 maps onto e4m3's largest
   finite value); V in e4m3 per channel (`value_channel_scale`); both scales undone on the float32 output.
   With ``fp8_pv=False`` P is rounded to V's dtype and V is used as is.
@@ -26,12 +29,13 @@ from torch import Tensor
 
 from .layout import BlockSparseLayout
 
-__all__ = ["E4M3_MAX", "INT8_MAX", "P_SCALE", "fp8_reference_attention", "key_mean", "quantize_int8",
-           "value_channel_scale"]
+__all__ = ["E4M3_MAX", "INT8_MAX", "KEY_QUANT_BLOCK", "P_SCALE", "fp8_reference_attention", "key_mean",
+           "quantize_int8", "quantize_keys", "value_channel_scale"]
 
 E4M3_MAX = 448.0   # largest finite float8_e4m3fn
 INT8_MAX = 127.0
 P_SCALE = 448.0    # fixed scale of P in [0, 1]
+KEY_QUANT_BLOCK = 128  # tokens per K scale (aligned blocks from token 0)
 _LOG2E = 1.4426950408889634
 
 
@@ -68,6 +72,20 @@ def quantize_int8(x: Tensor, dim: int = -1) -> Tuple[Tensor, Tensor]:
     return torch.round(x * inv).clamp(-INT8_MAX, INT8_MAX), scale
 
 
+def quantize_keys(k_s: Tensor) -> Tuple[Tensor, Tensor]:
+    """INT8 values (float32 ``[B, S, H_kv, D]``) and scales (float32 ``[B, H_kv, ceil(S / 128)]``) of smoothed
+    keys k_s ``[B, S, H_kv, D]`` with one scale per block of `KEY_QUANT_BLOCK` tokens (the last one may be
+    partial) and all channels: ``amax / 127`` (1 for an all-zero block); rounding to nearest even."""
+    B, S, H, D = k_s.shape
+    n = -(-S // KEY_QUANT_BLOCK)
+    padded = torch.zeros(B, n * KEY_QUANT_BLOCK, H, D, dtype=torch.float32, device=k_s.device)
+    padded[:, :S] = k_s
+    amax = padded.view(B, n, KEY_QUANT_BLOCK, H, D).abs().amax(dim=(2, 4))  # [B, n, H]
+    scale, inv = _scales(amax, INT8_MAX)
+    per_token = inv.repeat_interleave(KEY_QUANT_BLOCK, dim=1)[:, :S, :, None]
+    return torch.round(k_s * per_token).clamp(-INT8_MAX, INT8_MAX), scale.transpose(1, 2).contiguous()
+
+
 def _runs(layout: BlockSparseLayout, lh: int) -> List[Tuple[int, int, int, int]]:
     """``(q0, q1, s0, s1)`` per run of consecutive non-empty query blocks of layout head ``lh`` that attend
     identical key spans (rows ``q0 .. q1``, spans ``s0 .. s1``); blocks without keys are left out."""
@@ -90,17 +108,27 @@ def _runs(layout: BlockSparseLayout, lh: int) -> List[Tuple[int, int, int, int]]
     return runs
 
 
-def _walk(starts: Tensor, ends: Tensor, block_n: int) -> List[Tuple[int, int]]:
-    """The kernel's key tiles for spans ``[starts, ends)``: all full tiles, then all ragged tails."""
-    spans = [(int(s), int(e)) for s, e in zip(starts, ends)]
-    full = [(t, t + block_n) for s, e in spans for t in range(s, s + (e - s) // block_n * block_n, block_n)]
-    tails = [(s + (e - s) // block_n * block_n, e) for s, e in spans if (e - s) % block_n]
-    return full + tails
+def _walk(starts, ends, block_n: int, aligned: bool = False, short_n: int = 0) -> List[Tuple[int, int]]:
+    """The kernel's key tiles ``(a, e)`` for spans ``[starts, ends)`` (layout order).
+
+    Each span is cut at ``start + j * block_n`` or, with ``aligned``, at every multiple of ``block_n`` inside
+    it (each piece then lies in one aligned block). Order: pieces of ``block_n`` keys, then those of more
+    than ``short_n`` keys, then the rest; within a class, span order, then position."""
+    classes: Tuple[List[Tuple[int, int]], ...] = ([], [], [])
+    for s, e in zip(starts, ends):
+        s, e = int(s), int(e)
+        a = s
+        while a < e:
+            b = min(e, (a // block_n + 1) * block_n if aligned else a + block_n)
+            classes[0 if b - a == block_n else 1 if b - a > short_n else 2].append((a, b))
+            a = b
+    return classes[0] + classes[1] + classes[2]
 
 
 def fp8_reference_attention(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout,
                             scale: Optional[float] = None, block_m: int = 128, block_n: int = 128,
-                            fp8_pv: bool = True, return_lse: bool = False) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+                            fp8_pv: bool = True, return_lse: bool = False, aligned_tiles: bool = False,
+                            short_n: int = 0) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     """Block-sparse attention as the 8-bit kernel computes it with tiles ``block_m`` x ``block_n``.
 
     Args:
@@ -108,6 +136,7 @@ def fp8_reference_attention(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparse
         scale: softmax scale (> 0), default ``1 / sqrt(D)``.
         fp8_pv: P and V in e4m3 (``precision="fp8"``); False: P rounded to v's dtype (``"int8_qk"``).
         return_lse: also return lse ``[B, H, Sq]`` (float32, natural log), un-smoothed.
+        aligned_tiles, short_n: the key walk (`_walk`); defaults: the portable kernel's.
 
     Returns:
         ``out [B, Sq, H, D]`` in q's dtype (and lse).
@@ -116,10 +145,12 @@ def fp8_reference_attention(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparse
     Hkv = k.shape[2]
     if layout.q_len != Sq or layout.kv_len != k.shape[1]:
         raise ValueError(f"layout covers {layout.q_len}x{layout.kv_len} tokens, inputs are {Sq}x{k.shape[1]}")
+    if not 0 <= short_n < block_n:
+        raise ValueError(f"short_n: expected 0 <= short_n < block_n = {block_n}, got {short_n}")
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     qk_scale = scale * _LOG2E
     mean = key_mean(k)                                                    # [B, Hkv, D]
-    k8, k_scale = quantize_int8(k.float() - mean[:, None])                # [B, S, Hkv, D], [B, S, Hkv, 1]
+    k8, k_scale = quantize_keys(k.float() - mean[:, None])                # [B, S, Hkv, D], [B, Hkv, S / 128]
     if fp8_pv:
         v_scale, v_inv = value_channel_scale(v)
         v_used = _e4m3(v.float() * v_inv[:, None])
@@ -143,9 +174,10 @@ def fp8_reference_attention(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparse
             m_i = torch.full((B, len(heads), tiles, block_m, 1), float("-inf"), device=q.device)
             l_i = torch.zeros_like(m_i)
             acc = torch.zeros(B, len(heads), tiles, block_m, D, device=q.device)
-            for a, e in _walk(sp.start[s0:s1], sp.end[s0:s1], block_n):
+            for a, e in _walk(sp.start[s0:s1].tolist(), sp.end[s0:s1].tolist(), block_n, aligned_tiles, short_n):
                 kk = k8[:, a:e][:, :, kvh].permute(0, 2, 3, 1)[:, :, None]      # [B, h, 1, D, n]
-                ks = k_scale[:, a:e][:, :, kvh, 0].transpose(1, 2)[:, :, None, None]  # [B, h, 1, 1, n]
+                blocks = torch.arange(a, e, device=q.device) // KEY_QUANT_BLOCK
+                ks = k_scale[:, kvh][:, :, blocks][:, :, None, None]                 # [B, h, 1, 1, n]
                 qk = torch.matmul(q8, kk) * ks
                 m_new = torch.maximum(m_i, qk.amax(-1, keepdim=True) * row_scale)
                 p = torch.exp2(qk * row_scale - m_new)

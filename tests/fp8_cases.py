@@ -1,4 +1,9 @@
-"""Inputs and error metrics shared by the 8-bit (``precision="fp8"`` / ``"int8_qk"``) tests and bench."""
+"""Inputs and error metrics shared by the 8-bit (``precision="fp8"`` / ``"int8_qk"``) tests and bench.
+
+``python tests/fp8_cases.py [--aligned]`` prints docs/fp8.md's CPU accuracy table (fake-quant reference vs
+float32 attention; ``--aligned``: with the Hopper kernel's key walk)."""
+import sys
+
 import torch
 
 from lvsa_kernels import BlockSparseLayout, LVSAPattern
@@ -47,3 +52,27 @@ def errors(out, ref):
     o, r = o[rows], r[rows]
     cos = torch.nn.functional.cosine_similarity(o, r, dim=1)
     return ((o - r).norm() / r.norm()).item(), cos.median().item(), cos.min().item()
+
+
+def accuracy_table(aligned=False):
+    """docs/fp8.md's accuracy rows: bf16 inputs, D=64, H=2, H_kv=1, seed 0, tiles 128 x 128."""
+    from lvsa_kernels import reference_attention
+    from lvsa_kernels.reference.fp8 import fp8_reference_attention
+
+    walk = dict(aligned_tiles=True, short_n=64) if aligned else {}
+    cases = {"text": LVSAPattern(window=3, n_first=1, reference_frames=21).plan(21, 24, step=1, text_tokens=40),
+             "long rows": LVSAPattern(window=3, n_first=1, reference_frames=21).plan(121, 8, step=0),
+             "empty rows": layouts()["empty_rows"]}
+    for name, layout in cases.items():
+        for dist in ("normal", "peaked", "kbias"):
+            q, k, v = (t.bfloat16() for t in distribution(dist, 1, layout.q_len, 2, 1, 64, seed=0))
+            exact = reference_attention(q.float(), k.float(), v.float(), layout)
+            cells = [errors(fp8_reference_attention(q, k, v, layout, block_m=128, block_n=128, fp8_pv=fp8, **walk),
+                            exact) for fp8 in (True, False)]
+            bf16 = errors(reference_attention(q, k, v, layout), exact)[0]
+            print(f"| {name} (S={layout.q_len}) | {dist} | "
+                  + " | ".join("%.2e / %.5f / %.5f" % c for c in cells) + f" | {bf16:.2e} |", flush=True)
+
+
+if __name__ == "__main__":
+    accuracy_table(aligned="--aligned" in sys.argv[1:])

@@ -12,13 +12,14 @@ from fp8_cases import distribution, errors, layouts
 from lvsa_kernels import BackendUnavailable, BlockSparseLayout, LVSAPattern, block_sparse_attn, reference_attention
 from lvsa_kernels import dispatch
 from lvsa_kernels.backends import get_backend
-from lvsa_kernels.reference.fp8 import fp8_reference_attention, key_mean, quantize_int8, value_channel_scale
+from lvsa_kernels.reference.fp8 import (KEY_QUANT_BLOCK, _walk, fp8_reference_attention, key_mean, quantize_int8,
+                                        quantize_keys, value_channel_scale)
 
 CUDA = torch.cuda.is_available()
 FP8_GPU = CUDA and torch.cuda.get_device_capability() >= (8, 9)
 DEVICE = "cuda" if CUDA else "cpu"
 LAYOUTS = layouts()
-# Measured (docs/fp8.md): e4m3 P and V cost ~3.6% relative L2 on zero-mean random V; INT8 Q K^T ~1.1%.
+# Measured (docs/fp8.md): e4m3 P and V cost ~3.6% relative L2 on zero-mean random V; INT8 Q K^T ~1.3%.
 # int8_qk is held to the target (3e-2); fp8 misses it (open issue) and is held to its measured floor, a
 # regression guard rather than the target.
 BOUND = {"int8_qk": (3e-2, 0.999), "fp8": (4.5e-2, 0.999)}  # (max relative L2, min median row cosine)
@@ -51,15 +52,71 @@ def test_fake_quant_long_rows_within_error_bound():
     _check_bound(fp8_reference_attention(q, k, v, layout, block_m=64, block_n=128), exact, "fp8")
 
 
+@pytest.mark.parametrize("layout_name,dist", [("long_rows", "normal"), ("empty_rows", "kbias")])
+@pytest.mark.parametrize("mode", ["fp8", "int8_qk"])
+def test_fake_quant_with_the_aligned_walk_within_error_bound(layout_name, dist, mode):
+    """The Hopper kernel's 8-bit walk (tiles inside aligned 128-token blocks, tiles of <= 64 keys last) keeps
+    the bound on long rows (T=121) and on biased keys; it changes the summation order, not the result's accuracy."""
+    layout = LAYOUTS[layout_name]
+    q, k, v = (t.bfloat16() for t in distribution(dist, 1, layout.q_len, 2, 1, 64, seed=2))
+    exact = reference_attention(q.float(), k.float(), v.float(), layout)
+    kw = dict(block_m=64, block_n=128, fp8_pv=mode == "fp8")
+    aligned = fp8_reference_attention(q, k, v, layout, aligned_tiles=True, short_n=64, **kw)
+    _check_bound(aligned, exact, mode)
+    assert errors(aligned, fp8_reference_attention(q, k, v, layout, **kw))[0] <= 1e-2
+
+
+def _brute_force_walk(spans, block_n, aligned, short_n):
+    """Group every key of every span by (span, block index) and order the groups by (class, span, start)."""
+    groups = {}
+    for i, (s, e) in enumerate(spans):
+        for key in range(s, e):
+            groups.setdefault((i, key // block_n if aligned else (key - s) // block_n), []).append(key)
+    pieces = [(i, keys[0], keys[-1] + 1) for (i, _), keys in groups.items()]
+    rank = lambda n: 0 if n == block_n else 1 if n > short_n else 2  # noqa: E731
+    return [(a, e) for _, _, a, e in sorted((rank(e - a), i, a, e) for i, a, e in pieces)]
+
+
+@pytest.mark.parametrize("aligned,short_n", [(False, 0), (True, 0), (True, 64), (False, 32)])
+def test_walk_matches_a_brute_force_enumeration(aligned, short_n):
+    g = torch.Generator().manual_seed(17)
+    for _ in range(40):
+        cuts = torch.randint(0, 2000, (30,), generator=g).unique().tolist()
+        spans = [(a, e) for a, e in zip(cuts[0::2], cuts[1::2])]  # ~15 disjoint spans in increasing order
+        spans = [spans[i] for i in torch.randperm(len(spans), generator=g)]  # layout order need not be sorted
+        walk = _walk([a for a, _ in spans], [e for _, e in spans], 128, aligned, short_n)
+        assert walk == _brute_force_walk(spans, 128, aligned, short_n)
+        assert sorted(key for a, e in walk for key in range(a, e)) == sorted(
+            key for a, e in spans for key in range(a, e))
+        sizes = [e - a for a, e in walk]
+        ranks = [0 if n == 128 else 1 if n > short_n else 2 for n in sizes]
+        assert ranks == sorted(ranks) and all(0 < n <= 128 for n in sizes)
+        if aligned:
+            assert all(a // 128 == (e - 1) // 128 for a, e in walk)
+    # the defaults are the portable kernel's walk: full tiles of every span, then every ragged tail
+    assert _walk([0, 300], [200, 600], 128) == [(0, 128), (300, 428), (428, 556), (128, 200), (556, 600)]
+    # aligned: cut at 128, 384, 512; full tiles, then (64, 128) keys, then <= 64 keys
+    assert _walk([0, 330], [200, 600], 128, True, 64) == [(0, 128), (384, 512), (128, 200), (512, 600),
+                                                          (330, 384)]
+
+
+def test_walk_arguments_are_checked():
+    layout = LAYOUTS["empty_rows"]
+    q, k, v = distribution("normal", 1, layout.q_len, 1, 1, 32, seed=0)
+    with pytest.raises(ValueError, match="short_n: expected 0 <= short_n < block_n = 128, got 128"):
+        fp8_reference_attention(q, k, v, layout, short_n=128)
+
+
 def test_smoothing_is_what_keeps_biased_keys_accurate():
-    """Without subtracting the key mean, a bias of 30 on 4 channels sets every row's INT8 scale, and the
+    """Without subtracting the key mean, a bias of 30 on 4 channels sets every block's INT8 scale, and the
     remaining channels lose their resolution: the error grows well past the bound."""
     layout = LAYOUTS["empty_rows"]
     q, k, v = (t.bfloat16() for t in distribution("kbias", 1, layout.q_len, 2, 1, 64, seed=1))
     exact = reference_attention(q.float(), k.float(), v.float(), layout)
-    k8, ks = quantize_int8(k.float())  # per token, unsmoothed
+    k8, ks = quantize_keys(k.float())  # per 128-token block, unsmoothed
     q8, qs = quantize_int8(q.float())
-    unsmoothed = reference_attention(q8 * qs, k8 * ks, v.float(), layout)
+    k_blocks = ks.repeat_interleave(KEY_QUANT_BLOCK, dim=2)[:, :, :k.shape[1]].transpose(1, 2)[..., None]
+    unsmoothed = reference_attention(q8 * qs, k8 * k_blocks, v.float(), layout)
     smoothed = fp8_reference_attention(q, k, v, layout, block_m=128, block_n=64, fp8_pv=False)
     assert errors(unsmoothed, exact)[0] > 3 * errors(smoothed, exact)[0]
 
@@ -105,7 +162,8 @@ def _kernel_case(layout, dist, B, H, Hkv, D, dtype, seed, mode, strided=False):
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
 @pytest.mark.parametrize("mode", ["fp8", "int8_qk"])
 def test_kernel_matches_fake_quant_text_gqa_batch2(mode, dtype):
-    small_text = LVSAPattern(window=2, n_first=1, reference_frames=8).plan(8, 8, step=1, text_tokens=12)
+    # 140 tokens: two K scale blocks per head (empty_rows has key tiles that straddle token 128)
+    small_text = LVSAPattern(window=2, n_first=1, reference_frames=8).plan(8, 16, step=1, text_tokens=12)
     _kernel_case(small_text, "kbias", B=2, H=2, Hkv=1, D=32, dtype=dtype, seed=5, mode=mode)
 
 
@@ -138,14 +196,18 @@ def test_kernel_writes_every_output_element():
 def test_quantize_kv_matches_the_reference_bit_for_bit():
     from lvsa_kernels.triton_src.fp8_quant import quantize_kv
 
-    k, v = (t.to(DEVICE, torch.float16) for t in distribution("kbias", 2, 100, 2, 2, 32, seed=8)[1:])
+    k, v = (t.to(DEVICE, torch.float16) for t in distribution("kbias", 2, 300, 2, 2, 32, seed=8)[1:])
+    k[:, 140:150, 0] *= 40  # a block whose amax is set by a few tokens
+    k[1, :, 1] = 0  # a head of zeros: every block's scale is 1
     v[:, :, 0, 3] *= 1e-4  # a channel of tiny values: e4m3 subnormals
     got = quantize_kv(k, v, fp8_pv=True, interpreted=not CUDA)
-    k8, ks = quantize_int8(k.float() - key_mean(k)[:, None])
+    k8, ks = quantize_keys(k.float() - key_mean(k)[:, None])
     v_scale, v_inv = value_channel_scale(v)
     v8 = (v.float() * v_inv[:, None]).to(torch.float8_e4m3fn)
-    assert torch.equal(got.k8.float(), k8) and torch.equal(got.k_scale, ks[..., 0].transpose(1, 2))
-    assert torch.equal(got.vt8[..., :100].view(torch.uint8), v8.permute(0, 2, 3, 1).view(torch.uint8))
+    assert got.k_scale.shape == (2, 2, 3) and got.k_scale.is_contiguous()  # blocks of 128, 128, 44 tokens
+    assert torch.equal(got.k8.float(), k8) and torch.equal(got.k_scale, ks)
+    assert (ks[1, 1] == 1).all() and (ks[:, 0, 1] > 10 * ks[:, 0, 0]).all()
+    assert torch.equal(got.vt8[..., :300].view(torch.uint8), v8.permute(0, 2, 3, 1).view(torch.uint8))
     assert torch.equal(got.v_scale, v_scale)
 
 
@@ -193,6 +255,17 @@ def _hopper_ready():
 needs_hopper = pytest.mark.skipif(not _hopper_ready(), reason="the Gluon kernel runs on sm_90 GPUs (verified Triton)")
 
 
+def _walk_of(cfg, layout, precision):
+    """The fake-quant reference's tile arguments for the kernel ``cfg`` runs: the Hopper kernel's 8-bit walk keeps
+    each key tile inside one aligned 128-token block (one K scale per tile) and takes its short tiles last."""
+    from lvsa_kernels.triton_src.schedule import build_key_tiles
+
+    if cfg.kernel == "hopper":
+        tiles = build_key_tiles(layout, cfg.block_n, torch.device("cpu"), precision)
+        return dict(block_n=cfg.block_n, aligned_tiles=True, short_n=tiles.short_n)
+    return dict(block_n=cfg.block_n)
+
+
 def _aligned_layouts():
     """Layouts whose key spans start at multiples of 16 tokens (the Hopper kernel's fp8 mode needs them): LVSA
     with text, ragged key blocks with an empty query block and an empty key block, and long rows (T=121)."""
@@ -215,7 +288,7 @@ HOPPER_CASES = [("text", "kbias", False), ("empty_rows", "peaked", True), ("long
 @pytest.mark.parametrize("layout_name,dist,strided", HOPPER_CASES, ids=[c[0] for c in HOPPER_CASES])
 def test_hopper_kernel_matches_fake_quant(layout_name, dist, strided, mode, cfg, dtype):
     """The 8-bit Hopper kernel (poisoned output buffer, GQA, batch 2) against the fake-quant reference with its
-    128 x BLOCK_N tiles (tight), and against float32 attention (the accuracy bound); rows without keys: 0, -inf."""
+    128-row query tiles and aligned key walk (tight), and against float32 attention (the accuracy bound); rows without keys: 0, -inf."""
     from lvsa_kernels.triton_src.launch import hopper_eligible, run_scheduled
     from lvsa_kernels.triton_src.schedule import build_key_tiles, build_schedule
 
@@ -227,9 +300,9 @@ def test_hopper_kernel_matches_fake_quant(layout_name, dist, strided, mode, cfg,
     assert hopper_eligible(q, k, v)
     out = torch.full_like(q, float("nan"))
     out, lse = run_scheduled(q, k, v, build_schedule(layout, 128, q.device), False, 0.09, cfg, out=out,
-                             precision=mode, key_tiles=build_key_tiles(layout, cfg.block_n, q.device))
-    ref, ref_lse = fp8_reference_attention(q, k, v, layout, scale=0.09, block_m=128, block_n=cfg.block_n,
-                                           fp8_pv=mode == "fp8", return_lse=True)
+                             precision=mode, key_tiles=build_key_tiles(layout, cfg.block_n, q.device, mode))
+    ref, ref_lse = fp8_reference_attention(q, k, v, layout, scale=0.09, block_m=128, fp8_pv=mode == "fp8",
+                                           return_lse=True, **_walk_of(cfg, layout, mode))
     assert torch.isfinite(out).all()
     assert errors(out, ref)[0] <= 3e-3, errors(out, ref)
     finite = torch.isfinite(ref_lse)
@@ -252,8 +325,8 @@ def test_block_sparse_attn_runs_the_8bit_hopper_kernel(mode, monkeypatch, isolat
         out = block_sparse_attn(q, k, v, layout, backend="triton", precision=mode)
         cfg = config_for(q, k, v, layout, 128 ** -0.5, mode)
         assert cfg.kernel == ("hopper" if fp8_hopper or mode == "int8_qk" else "portable"), (frame, cfg)
-        ref = fp8_reference_attention(q, k, v, layout, block_m=cfg.block_m, block_n=cfg.block_n,
-                                      fp8_pv=mode == "fp8")
+        ref = fp8_reference_attention(q, k, v, layout, block_m=cfg.block_m, fp8_pv=mode == "fp8",
+                                      **_walk_of(cfg, layout, mode))
         assert errors(out, ref)[0] <= 3e-3
         _check_bound(out, reference_attention(q.float(), k.float(), v.float(), layout), mode)
 
@@ -269,7 +342,7 @@ def test_hopper_fp8_refuses_unaligned_key_spans():
     cfg = hopper_configs(128, "fp8")[0]
     with pytest.raises(ValueError, match="multiples of 16"):
         run_scheduled(q, k, v, build_schedule(layout, 128, q.device), False, 0.1, cfg, precision="fp8",
-                      key_tiles=build_key_tiles(layout, cfg.block_n, q.device))
+                      key_tiles=build_key_tiles(layout, cfg.block_n, q.device, "fp8"))
 
 
 def test_key_span_alignment():
@@ -278,8 +351,8 @@ def test_key_span_alignment():
     assert not key_starts_aligned(LAYOUTS["empty_rows"]) and not key_starts_aligned(LAYOUTS["long_rows"])
     for layout in _aligned_layouts().values():
         assert key_starts_aligned(layout)
-        assert build_key_tiles(layout, 128, torch.device("cpu")).starts_aligned
-    assert not build_key_tiles(LAYOUTS["empty_rows"], 128, torch.device("cpu")).starts_aligned
+        assert build_key_tiles(layout, 128, torch.device("cpu"), "fp8").starts_aligned
+    assert not build_key_tiles(LAYOUTS["empty_rows"], 128, torch.device("cpu"), "fp8").starts_aligned
 
 
 def test_launch_guards_the_8bit_paths_that_fault():

@@ -7,9 +7,10 @@ second pass, each span's ragged tail with a column mask. Online softmax in the e
 accumulators.
 
 8-bit modes (``QK_INT8``, ``FP8_PV``; see `fp8_quant.py` for the pre-pass): the same walk with Q quantized
-to INT8 per query tile here (its scale folded into the softmax scale), K read as smoothed INT8 with
-per-token scales, and with ``FP8_PV`` P in e4m3 (fixed scale 448) times V^T in e4m3 (per-channel scales
-applied to the output). ``QK_INT8`` alone keeps P @ V in the input dtype.
+to INT8 per query tile here (its scale folded into the softmax scale), K read as smoothed INT8 with one
+scale per aligned 128-token block (`KEY_QUANT_BLOCK`; a tile may straddle two blocks), and with
+``FP8_PV`` P in e4m3 (fixed scale 448) times V^T in e4m3 (per-channel scales applied to the output).
+``QK_INT8`` alone keeps P @ V in the input dtype.
 
 Tensors are ``[B, S, H, D]`` with any batch/sequence/head strides and a contiguous head dim. K/V are
 read with plain pointer arithmetic or through on-device tensor descriptors (TMA on Hopper): ``USE_TMA``
@@ -19,11 +20,12 @@ picks; ``WARP_SPEC`` asks Triton to warp-specialise the full-tile loop. Grid:
 import triton
 import triton.language as tl
 
-from .fp8_quant import quantize_q_tile, to_e4m3
+from .fp8_quant import KEY_QUANT_BLOCK, quantize_q_tile, to_e4m3
 
 LOG2E = 1.4426950408889634  # host side: folded into qk_scale
 LN2 = tl.constexpr(0.6931471805599453)
 P_SCALE = tl.constexpr(448.0)  # P <= 1 against the running max: 1 maps onto e4m3's largest finite value
+KQ_BLOCK = tl.constexpr(KEY_QUANT_BLOCK)  # tokens per K scale
 
 
 @triton.jit
@@ -71,17 +73,18 @@ def _step(acc, m_i, l_i, q, k_ptr, v_ptr, k_desc, v_desc, ks_ptr, kv0, kv_end, s
           QK_INT8: tl.constexpr, FP8_PV: tl.constexpr, INTERPRETED: tl.constexpr):
     """Fold key tile ``kv0 .. kv0 + BLOCK_N`` (columns from ``kv_end`` on masked when MASKED) into the softmax.
 
-    QK_INT8: q, k are INT8 and ``ks_ptr`` holds the per-token k scales; FP8_PV: ``v_ptr`` / ``v_desc`` address
-    V^T in e4m3 and ``stride_vs`` is its channel stride."""
+    QK_INT8: q, k are INT8 and ``ks_ptr`` holds the head's k scales, one per `KQ_BLOCK` tokens; FP8_PV:
+    ``v_ptr`` / ``v_desc`` address V^T in e4m3 and ``stride_vs`` is its channel stride."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     k = _load_kv(k_ptr, k_desc, kv0, offs_n, offs_d, stride_ks, kv_end, BLOCK_N, MASKED, USE_TMA)
-    if QK_INT8:  # exact int32 dot products, then the per-token k scales
+    if QK_INT8:  # exact int32 dot products, then each key's block scale
         qk = tl.dot(q, tl.trans(k)).to(tl.float32)
+        blocks = (kv0 + offs_n) // KQ_BLOCK
         if MASKED:
-            qk = qk * tl.load(ks_ptr + kv0 + offs_n, mask=kv0 + offs_n < kv_end, other=0.0)[None, :]
+            qk = qk * tl.load(ks_ptr + blocks, mask=kv0 + offs_n < kv_end, other=0.0)[None, :]
         else:
-            qk = qk * tl.load(ks_ptr + kv0 + offs_n)[None, :]
+            qk = qk * tl.load(ks_ptr + blocks)[None, :]
     else:
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     if MASKED:  # scale before masking: 0 * -inf would be NaN
@@ -144,7 +147,7 @@ def block_sparse_attn_fwd(
     QK_INT8: tl.constexpr = False, FP8_PV: tl.constexpr = False, INTERPRETED: tl.constexpr = False,
 ):
     """One query tile of one (batch, head). 8-bit modes: K is `quantize_kv`'s INT8 ``k8`` with ``K_SCALE
-    [B, H_kv, kv_len]`` and ``K_MEAN [B, H_kv, D]``; with FP8_PV, V is its ``vt8 [B, H_kv, D, S_pad]``
+    [B, H_kv, ceil(kv_len / KQ_BLOCK)]`` and ``K_MEAN [B, H_kv, D]``; with FP8_PV, V is its ``vt8 [B, H_kv, D, S_pad]``
     (``stride_vs`` = channel stride) and ``V_SCALE [B, H_kv, D]``. Unused pointers may be any tensor."""
     pid_t = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -170,7 +173,7 @@ def block_sparse_attn_fwd(
         q = -q
         qk_scale = -qk_scale
     bh_kv = b64 * (NUM_HEADS // KV_GROUP) + h_kv
-    ks_ptr = K_SCALE + bh_kv * kv_len
+    ks_ptr = K_SCALE + bh_kv * tl.cdiv(kv_len, KQ_BLOCK)
     walk_scale = qk_scale
     if QK_INT8:  # one scale per query tile, folded into the softmax scale
         q, q_tile_scale, q_mu = quantize_q_tile(q.to(tl.float32), tl.load(K_MEAN + bh_kv * HEAD_DIM + offs_d),

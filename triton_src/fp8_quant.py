@@ -3,8 +3,11 @@
 `quantize_kv` is the pre-pass that runs once per call before the attention kernel:
 
 * K is smoothed (its per-head mean over the tokens subtracted; softmax is invariant to a per-row
-  constant, so every row of any block-sparse layout is unchanged) and quantized to INT8 per token:
-  ``k8[b, s, h] = rne(127 * (k - mean) / amax_row)``, ``k_scale[b, h, s] = amax_row / 127``.
+  constant, so every row of any block-sparse layout is unchanged) and quantized to INT8 with one scale per
+  block of `KEY_QUANT_BLOCK` (128) consecutive tokens from token 0: for block ``j``,
+  ``k8[b, s, h] = rne((k - mean) * (127 / amax_block))``, ``k_scale[b, h, j] = amax_block / 127``, the
+  amax over the block's tokens (the last block may be partial) and all channels. A key tile that lies in one
+  aligned block needs one scale.
 * V is quantized per channel, ``v_scale[b, h, d] = amax over tokens / 448``, and written transposed,
   ``vt8 [B, H_kv, D, S_pad]`` (tokens contiguous): Hopper's FP8 MMA wants its B operand K-major,
   and for ``P @ V`` the reduction runs over the tokens.
@@ -27,9 +30,10 @@ from torch import Tensor
 from .interpreter import launch_lock
 
 
-__all__ = ["Fp8KV", "QuantizedQ", "quantize_kv", "quantize_q_tile", "quantize_q_tiles", "to_e4m3", "to_int8"]
+__all__ = ["Fp8KV", "KEY_QUANT_BLOCK", "QuantizedQ", "quantize_kv", "quantize_q_tile", "quantize_q_tiles", "to_e4m3",
+           "to_int8"]
 
-KEY_QUANT_BLOCK = 128  # tokens per K scale (aligned blocks from token 0)
+KEY_QUANT_BLOCK = 128  # tokens per K scale, blocks aligned to token 0
 _RNE = 12582912.0  # 1.5 * 2**23: (x + _RNE) - _RNE rounds |x| < 2**22 to an integer, nearest even
 
 
@@ -118,20 +122,21 @@ def _program_rows(X, stride_b, stride_s, stride_h, seq_len, NUM_KV_HEADS: tl.con
 
 
 @triton.jit
-def _quantize_k(K, MEAN, K8, KS, stride_kb, stride_ks, stride_kh, seq_len,
+def _quantize_k(K, MEAN, K8, KS, stride_kb, stride_ks, stride_kh, seq_len, num_blocks,
                 NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, INTERPRETED: tl.constexpr):
-    """Rows ``program_id(0) * BLOCK_S ..`` of head ``program_id(1) = b * H_kv + h``: smooth, scale per row, cast."""
+    """Key block ``program_id(0)`` (``BLOCK_S`` tokens) of head ``program_id(1) = b * H_kv + h``: smooth, one
+    scale for the block's real tokens, cast."""
     bh, b, h, rows, offs_d, ok, x = _program_rows(K, stride_kb, stride_ks, stride_kh, seq_len, NUM_KV_HEADS,
                                                   HEAD_DIM, BLOCK_S)
-    x = x - tl.load(MEAN + bh * HEAD_DIM + offs_d)[None, :]
-    amax = tl.max(tl.abs(x), 1)
+    x = tl.where(ok[:, None], x - tl.load(MEAN + bh * HEAD_DIM + offs_d)[None, :], 0.0)
+    amax = tl.max(tl.max(tl.abs(x), 1), 0)
     nonzero = amax > 0.0
-    inv = tl.where(nonzero, tl.math.div_rn(tl.full([BLOCK_S], 127.0, tl.float32), tl.where(nonzero, amax, 1.0)), 1.0)
-    scale = tl.where(nonzero, tl.math.div_rn(amax, tl.full([BLOCK_S], 127.0, tl.float32)), 1.0)
-    k8 = to_int8(x * inv[:, None], INTERPRETED)
+    inv = tl.where(nonzero, tl.math.div_rn(tl.full(amax.shape, 127.0, tl.float32), tl.where(nonzero, amax, 1.0)), 1.0)
+    scale = tl.where(nonzero, tl.math.div_rn(amax, tl.full(amax.shape, 127.0, tl.float32)), 1.0)
+    k8 = to_int8(x * inv, INTERPRETED)
     out = K8 + (b.to(tl.int64) * seq_len + rows[:, None]) * (NUM_KV_HEADS * HEAD_DIM) + h * HEAD_DIM + offs_d[None, :]
     tl.store(out, k8, mask=ok[:, None])
-    tl.store(KS + bh.to(tl.int64) * seq_len + rows, scale, mask=ok)
+    tl.store(KS + bh.to(tl.int64) * num_blocks + tl.program_id(0), scale)
 
 
 @triton.jit
@@ -159,7 +164,7 @@ class Fp8KV(NamedTuple):
     """Quantized keys and values of one call (see the module docstring for the formulas)."""
 
     k8: Tensor        # int8 [B, S, H_kv, D], contiguous
-    k_scale: Tensor   # float32 [B, H_kv, S]
+    k_scale: Tensor   # float32 [B, H_kv, ceil(S / KEY_QUANT_BLOCK)], contiguous: one scale per 128-token block
     k_mean: Tensor    # float32 [B, H_kv, D]
     vt8: Tensor       # float8_e4m3fn [B, H_kv, D, S_pad] (S_pad = S rounded up to 16), or None without FP8 P @ V
     v_scale: Tensor   # float32 [B, H_kv, D], or None without FP8 P @ V
@@ -169,17 +174,18 @@ def quantize_kv(k: Tensor, v: Tensor, fp8_pv: bool, interpreted: bool, block_s: 
     """Quantize k, v ``[B, S, H_kv, D]`` (fp16/bf16/fp32, contiguous head dim) for the FP8 kernel.
 
     ``fp8_pv=False`` skips V (the kernel then multiplies P @ V in the input dtype). ``interpreted``: round in
-    float32 arithmetic first (Triton's CPU interpreter).
+    float32 arithmetic first (Triton's CPU interpreter). ``block_s``: tokens per V program.
     """
     B, S, H, D = k.shape
     mean = k.mean(dim=1, dtype=torch.float32)  # [B, H_kv, D]: the smoothing constant (no float32 copy of k)
     k8 = torch.empty(B, S, H, D, dtype=torch.int8, device=k.device)
-    k_scale = torch.empty(B, H, S, dtype=torch.float32, device=k.device)
-    grid = (triton.cdiv(S, block_s), B * H)
+    num_blocks = triton.cdiv(S, KEY_QUANT_BLOCK)
+    k_scale = torch.empty(B, H, num_blocks, dtype=torch.float32, device=k.device)
     if B * H * S:
         with launch_lock():
-            _quantize_k[grid](k, mean, k8, k_scale, k.stride(0), k.stride(1), k.stride(2), S,
-                              NUM_KV_HEADS=H, HEAD_DIM=D, BLOCK_S=block_s, INTERPRETED=interpreted)
+            _quantize_k[(num_blocks, B * H)](k, mean, k8, k_scale, k.stride(0), k.stride(1), k.stride(2), S,
+                                             num_blocks, NUM_KV_HEADS=H, HEAD_DIM=D, BLOCK_S=KEY_QUANT_BLOCK,
+                                             INTERPRETED=interpreted)
     if not fp8_pv:
         return Fp8KV(k8, k_scale, mean, None, None)
     v_scale, inv = _channel_scales(v)
@@ -187,8 +193,9 @@ def quantize_kv(k: Tensor, v: Tensor, fp8_pv: bool, interpreted: bool, block_s: 
     vt8 = torch.empty(B, H, D, padded, dtype=torch.float8_e4m3fn, device=v.device)
     if B * H * S:
         with launch_lock():
-            _quantize_vt[grid](v, inv, vt8, v.stride(0), v.stride(1), v.stride(2), S, padded,
-                               NUM_KV_HEADS=H, HEAD_DIM=D, BLOCK_S=block_s, INTERPRETED=interpreted)
+            _quantize_vt[(triton.cdiv(S, block_s), B * H)](
+                v, inv, vt8, v.stride(0), v.stride(1), v.stride(2), S, padded,
+                NUM_KV_HEADS=H, HEAD_DIM=D, BLOCK_S=block_s, INTERPRETED=interpreted)
     return Fp8KV(k8, k_scale, mean, vt8, v_scale)
 
 
