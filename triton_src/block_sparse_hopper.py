@@ -313,25 +313,27 @@ def _load(args):
         stage = j % STAGES
         phase = (j // STAGES) & 1
         kv0 = gl.load(kv_tile_start + i_lo + j)
+        short = HAS_SHORT and j >= n_long
         mbarrier.wait(k_empty.index(stage), phase ^ 1)
-        if HAS_SHORT and j >= n_long:  # a short tile fills the head of the slot
-            mbarrier.expect(k_ready.index(stage), k_short.block_type.nbytes)
-            tma.async_copy_global_to_shared(k_short, [kv0, 0], k_ready.index(stage),
-                                            k_smem.index(stage).slice(0, SHORT_N))
-        else:
-            mbarrier.expect(k_ready.index(stage), k_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(k_desc, [kv0, 0], k_ready.index(stage), k_smem.index(stage))
+        _load_rows(k_desc, k_short, k_smem.index(stage), k_ready.index(stage), kv0, short)
         mbarrier.wait(v_empty.index(stage), phase ^ 1)
         if FP8_PV:  # V^T [HEAD_DIM, kv_len]: the key tile is a column block (no short tiles)
             mbarrier.expect(v_ready.index(stage), v_desc.block_type.nbytes)
             tma.async_copy_global_to_shared(v_desc, [0, kv0], v_ready.index(stage), v_smem.index(stage))
-        elif HAS_SHORT and j >= n_long:
-            mbarrier.expect(v_ready.index(stage), v_short.block_type.nbytes)
-            tma.async_copy_global_to_shared(v_short, [kv0, 0], v_ready.index(stage),
-                                            v_smem.index(stage).slice(0, SHORT_N))
         else:
-            mbarrier.expect(v_ready.index(stage), v_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(v_desc, [kv0, 0], v_ready.index(stage), v_smem.index(stage))
+            _load_rows(v_desc, v_short, v_smem.index(stage), v_ready.index(stage), kv0, short)
+
+
+@gluon.jit
+def _load_rows(desc, short_desc, slot, ready, kv0, short):
+    """TMA-load the key tile from token ``kv0`` into ring ``slot``: all of it, or (``short``) its first
+    ``short_desc`` rows; ``ready`` expects the bytes."""
+    if short:
+        mbarrier.expect(ready, short_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(short_desc, [kv0, 0], ready, slot.slice(0, short_desc.block_type.shape[0]))
+    else:
+        mbarrier.expect(ready, desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(desc, [kv0, 0], ready, slot)
 
 
 @gluon.jit
