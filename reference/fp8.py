@@ -11,7 +11,8 @@ It reproduces the kernel's quantization, roundings and tile walk on any device:
 * online softmax in the exp2 domain over the block's key spans, in the kernel's order (`_walk`): the
   portable kernel cuts each span into ``block_n`` tiles from its start and takes every full tile, then every
   ragged tail; ``aligned_tiles`` cuts spans at multiples of ``block_n`` instead and ``short_n`` moves tiles
-  of at most ``short_n`` keys last (the Hopper kernel: ``block_n=128, aligned_tiles=True, short_n=64``);
+  of at most ``short_n`` keys last (the Hopper kernel: ``block_n=128, aligned_tiles=True`` and its key
+  tiles' ``short_n``, which it picks per layout: 0, 32 or 64);
 * P in e4m3 with the fixed scale 448 (P <= 1 against the running max, so 1 maps onto e4m3's largest
   finite value); V in e4m3 per channel (`value_channel_scale`); both scales undone on the float32 output.
   With ``fp8_pv=False`` P is rounded to V's dtype and V is used as is.

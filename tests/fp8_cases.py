@@ -59,7 +59,14 @@ def accuracy_table(aligned=False):
     from lvsa_kernels import reference_attention
     from lvsa_kernels.reference.fp8 import fp8_reference_attention
 
-    walk = dict(aligned_tiles=True, short_n=64) if aligned else {}
+    from lvsa_kernels.triton_src.schedule import build_key_tiles
+
+    def walk(layout, fp8):  # the Hopper kernel's 8-bit walk for this layout and mode, or the portable kernel's
+        if not aligned:
+            return {}
+        tiles = build_key_tiles(layout, 128, torch.device("cpu"), "fp8" if fp8 else "int8_qk")
+        return dict(aligned_tiles=True, short_n=tiles.short_n)
+
     cases = {"text": LVSAPattern(window=3, n_first=1, reference_frames=21).plan(21, 24, step=1, text_tokens=40),
              "long rows": LVSAPattern(window=3, n_first=1, reference_frames=21).plan(121, 8, step=0),
              "empty rows": layouts()["empty_rows"]}
@@ -67,8 +74,8 @@ def accuracy_table(aligned=False):
         for dist in ("normal", "peaked", "kbias"):
             q, k, v = (t.bfloat16() for t in distribution(dist, 1, layout.q_len, 2, 1, 64, seed=0))
             exact = reference_attention(q.float(), k.float(), v.float(), layout)
-            cells = [errors(fp8_reference_attention(q, k, v, layout, block_m=128, block_n=128, fp8_pv=fp8, **walk),
-                            exact) for fp8 in (True, False)]
+            cells = [errors(fp8_reference_attention(q, k, v, layout, block_m=128, block_n=128, fp8_pv=fp8,
+                                                    **walk(layout, fp8)), exact) for fp8 in (True, False)]
             bf16 = errors(reference_attention(q, k, v, layout), exact)[0]
             print(f"| {name} (S={layout.q_len}) | {dist} | "
                   + " | ".join("%.2e / %.5f / %.5f" % c for c in cells) + f" | {bf16:.2e} |", flush=True)

@@ -55,15 +55,18 @@ def test_fake_quant_long_rows_within_error_bound():
 @pytest.mark.parametrize("layout_name,dist", [("long_rows", "normal"), ("empty_rows", "kbias")])
 @pytest.mark.parametrize("mode", ["fp8", "int8_qk"])
 def test_fake_quant_with_the_aligned_walk_within_error_bound(layout_name, dist, mode):
-    """The Hopper kernel's 8-bit walk (tiles inside aligned 128-token blocks, tiles of <= 64 keys last) keeps
-    the bound on long rows (T=121) and on biased keys; it changes the summation order, not the result's accuracy."""
+    """The Hopper kernel's 8-bit walk (tiles inside aligned 128-token blocks, short tiles last) keeps the bound
+    on long rows (T=121) and on biased keys; it changes the summation order, not the result's accuracy."""
+    from lvsa_kernels.triton_src.schedule import build_key_tiles
+
     layout = LAYOUTS[layout_name]
     q, k, v = (t.bfloat16() for t in distribution(dist, 1, layout.q_len, 2, 1, 64, seed=2))
     exact = reference_attention(q.float(), k.float(), v.float(), layout)
     kw = dict(block_m=64, block_n=128, fp8_pv=mode == "fp8")
-    aligned = fp8_reference_attention(q, k, v, layout, aligned_tiles=True, short_n=64, **kw)
+    short_n = build_key_tiles(layout, 128, torch.device("cpu"), mode).short_n
+    aligned = fp8_reference_attention(q, k, v, layout, aligned_tiles=True, short_n=short_n, **kw)
     _check_bound(aligned, exact, mode)
-    assert errors(aligned, fp8_reference_attention(q, k, v, layout, **kw))[0] <= 1e-2
+    assert errors(aligned, fp8_reference_attention(q, k, v, layout, **kw))[0] <= 5e-3  # measured <= 2.2e-3
 
 
 def _brute_force_walk(spans, block_n, aligned, short_n):
@@ -288,7 +291,8 @@ HOPPER_CASES = [("text", "kbias", False), ("empty_rows", "peaked", True), ("long
 @pytest.mark.parametrize("layout_name,dist,strided", HOPPER_CASES, ids=[c[0] for c in HOPPER_CASES])
 def test_hopper_kernel_matches_fake_quant(layout_name, dist, strided, mode, cfg, dtype):
     """The 8-bit Hopper kernel (poisoned output buffer, GQA, batch 2) against the fake-quant reference with its
-    128-row query tiles and aligned key walk (tight), and against float32 attention (the accuracy bound); rows without keys: 0, -inf."""
+    128-row query tiles and aligned key walk (tight), and against float32 attention (the accuracy bound); rows
+    without keys: 0, -inf."""
     from lvsa_kernels.triton_src.launch import hopper_eligible, run_scheduled
     from lvsa_kernels.triton_src.schedule import build_key_tiles, build_schedule
 
@@ -311,6 +315,26 @@ def test_hopper_kernel_matches_fake_quant(layout_name, dist, strided, mode, cfg,
     _check_bound(out, reference_attention(q.float(), k.float(), v.float(), layout, scale=0.09), mode)
     empty = ~finite.all(dim=(0, 1))
     assert torch.equal(out[:, empty], torch.zeros_like(out[:, empty]))
+
+
+@needs_hopper
+def test_hopper_int8_rows_of_short_tiles_only():
+    """``int8_qk`` on rows whose every key tile is short (the short walk starts the consumers' turns)."""
+    from lvsa_kernels.triton_src.launch import run_scheduled
+    from lvsa_kernels.triton_src.schedule import build_key_tiles, build_schedule
+    from lvsa_kernels.triton_src.tuning import hopper_configs
+
+    mask = torch.zeros(3, 8, dtype=torch.bool)
+    mask[0, ::2] = mask[1, 1::2] = mask[2] = True
+    layout = BlockSparseLayout.from_block_mask(mask, [100, 128, 70], [24, 30, 20, 28, 26, 22, 29, 25])
+    q, k, v = (t.to("cuda", torch.bfloat16) for t in distribution("normal", 2, layout.q_len, 4, 2, 128, seed=17))
+    cfg = hopper_configs(128, "int8_qk")[0]
+    tiles = build_key_tiles(layout, 128, q.device, "int8_qk")
+    assert tiles.short_n == 32 and tiles.row_short.tolist() == [4, 4, 0]
+    out, _ = run_scheduled(q, k, v, build_schedule(layout, 128, q.device), False, 0.09, cfg,
+                           out=torch.full_like(q, float("nan")), precision="int8_qk", key_tiles=tiles)
+    ref = fp8_reference_attention(q, k, v, layout, scale=0.09, fp8_pv=False, **_walk_of(cfg, layout, "int8_qk"))
+    assert errors(out, ref)[0] <= 3e-3
 
 
 @needs_hopper

@@ -37,7 +37,7 @@ def test_key_tiles_cover_each_rows_spans_exactly(precision):
     for bn in (64, 128):
         kt = build_key_tiles(layout, bn, torch.device("cpu"), precision)
         assert kt.aligned == (precision != "exact")
-        assert kt.short_n in ((0,) if precision == "fp8" else (bn // 4, bn // 2))
+        assert kt.short_n in ((0,) if precision == "fp8" else (0, bn // 4, bn // 2))
         sp = layout.spans
         span_ptr = torch.cat([sp.ptr[:, :-1].reshape(-1), sp.ptr[-1:, -1]])
         for row in range(span_ptr.numel() - 1):
@@ -58,10 +58,39 @@ def test_key_tiles_cover_each_rows_spans_exactly(precision):
             assert kinds.count(2) == int(kt.row_short[row])
 
 
+def short_rows_layout():
+    """Rows 0 and 1 attend four separate 20-30-key spans each (only short tiles, under ping-pong: 100 and 128
+    query rows), row 2 one 204-key span (a full and a ragged tile)."""
+    mask = torch.zeros(3, 8, dtype=torch.bool)
+    mask[0, ::2] = mask[1, 1::2] = mask[2] = True
+    return BlockSparseLayout.from_block_mask(mask, [100, 128, 70], [24, 30, 20, 28, 26, 22, 29, 25])
+
+
+def test_key_tiles_are_the_fake_quant_references_walk():
+    """Row by row, the Hopper kernel's key tiles are `reference.fp8._walk` with the same options (the 8-bit
+    fake-quant reference then folds keys in the kernel's order)."""
+    from lvsa_kernels.reference.fp8 import _walk
+
+    for layout in (ragged_layout(seed=1, heads=2), short_rows_layout(), LVSAPattern(window=4).plan(9, 1560)):
+        for precision in ("exact", "int8_qk", "fp8"):
+            kt = build_key_tiles(layout, 128, torch.device("cpu"), precision)
+            sp = layout.spans
+            span_ptr = torch.cat([sp.ptr[:, :-1].reshape(-1), sp.ptr[-1:, -1]])
+            for row in range(span_ptr.numel() - 1):
+                lo, hi = int(span_ptr[row]), int(span_ptr[row + 1])
+                want = _walk(sp.start[lo:hi], sp.end[lo:hi], 128, kt.aligned, kt.short_n)
+                tiles = range(int(kt.row_ptr[row]), int(kt.row_ptr[row + 1]))
+                assert [(int(kt.start[t]), int(kt.end[t])) for t in tiles] == want, (precision, row)
+
+
 def test_short_tiles_take_the_width_that_loads_fewer_keys():
     layout = LVSAPattern(window=4).plan(31, 1560, step=0)  # 1560 = 12 * 128 + 24: 24-key tails
     assert build_key_tiles(layout, 128, torch.device("cpu")).short_n == 32
     assert build_key_tiles(layout, 128, torch.device("cpu"), "fp8").short_n == 0
+    whole_blocks = LVSAPattern(window=4).plan(31, 1536, step=0)  # every span a multiple of 128 keys
+    assert build_key_tiles(whole_blocks, 128, torch.device("cpu")).short_n == 0
+    kt = build_key_tiles(short_rows_layout(), 128, torch.device("cpu"))
+    assert kt.short_n == 32 and kt.row_short.tolist() == [4, 4, 0]
 
 
 def run_hopper(q, k, v, layout, scale, cfg, poison=True):
@@ -133,6 +162,13 @@ def test_tiles_of_at_most_64_rows(cfg):
 
 
 @needs_hopper
+@pytest.mark.parametrize("cfg", hopper_configs(128), ids=str)
+def test_rows_of_short_tiles_only(cfg):
+    layout = short_rows_layout()
+    check(*qkv(2, layout.q_len, layout.kv_len, 4, 2, 128, torch.bfloat16, seed=16), layout, cfg)
+
+
+@needs_hopper
 @pytest.mark.parametrize("scale", [-0.3, 0.0, 0.05, 3.0])
 def test_strided_inputs_and_any_scale(scale):
     layout = ragged_layout(seed=7)
@@ -163,6 +199,7 @@ def test_long_lvsa_rows_match_the_portable_kernel():
     from lvsa_kernels.triton_src.tuning import KernelConfig
 
     layout = LVSAPattern(window=3).plan(13, 1560, step=1)
+    assert build_key_tiles(layout, 128, torch.device("cpu")).short_n == 32  # the 24-key tails run short
     q, k, v = qkv(1, layout.q_len, layout.kv_len, 2, 2, 128, torch.bfloat16, seed=10)
     portable = KernelConfig(128, 64, 8, 3)
     ref, ref_lse = run_scheduled(q, k, v, build_schedule(layout, 128, q.device), False, 0.088, portable)

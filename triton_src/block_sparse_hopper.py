@@ -1,6 +1,7 @@
 """Hopper (sm_90) block-sparse attention forward in Gluon, warp-specialised in the manner of FlashAttention-3.
 
-Same inputs, schedule and results as the portable kernel (`block_sparse_fwd.py`), for bf16/fp16 with head dim
+Same inputs and schedule as the portable kernel (`block_sparse_fwd.py`; same results in exact mode, the 8-bit
+modes walk the keys in another order, see `schedule.build_key_tiles`), for bf16/fp16 with head dim
 64 or 128. One program computes one query tile of up to 128 rows (rows that attend identical keys, see
 `schedule.py`) for one (batch, head), with three partitions that meet in shared memory:
 
@@ -15,8 +16,8 @@ Same inputs, schedule and results as the portable kernel (`block_sparse_fwd.py`)
   issuing their matrix products (two ``turn`` barriers, FA3's ping-pong), so one warpgroup's softmax runs
   while the other's products occupy the tensor cores.
 
-Ragged key tiles (``kv_end - kv0 < BLOCK_N``) are the only masked ones: their scores are scaled first, then
-columns from ``kv_end`` on are set to -inf, and the V rows from ``kv_end`` on are zeroed in shared memory
+Ragged key tiles (``kv_end - kv0`` below the tile's width) are the only masked ones: their scores are scaled
+first, then columns from ``kv_end`` on are set to -inf, and the V rows from ``kv_end`` on are zeroed in shared memory
 before ``P V`` (a TMA tile reads whatever follows the span, which may hold NaN). A row's *short* tiles (at most
 ``SHORT_N`` keys, e.g. the 24-key tail of a 1560-token frame; its last ``row_kv_short`` tiles) load only
 ``SHORT_N`` rows into the head of a ring slot and run ``SHORT_N``-column products. A consumer whose 64 rows
@@ -26,7 +27,7 @@ all lie past the tile's end only walks the barriers. Rows without keys write 0 a
 (quantized per tile by a pre-pass) and K (one scale per aligned block of ``KEY_BLOCK`` tokens; the key tiles
 never cross a block) give exact int32 scores, turned into floats with one integer add; the softmax then costs
 one multiply-add per score, as in exact mode. ``fp8`` also multiplies e4m3 P by e4m3 V^T into the fp32
-accumulator (on an H200 as accurate as adding a fresh product per key tile, and 7% faster). Its V^T column
+accumulator (on an H200 as accurate as adding a fresh product per key tile, and 7.5% faster). Its V^T column
 blocks must start 16-aligned for TMA (see `schedule.key_starts_aligned`) and have no short tiles; V^T tails are
 not zeroed: masked columns give P = 0, and the 8-bit modes need finite inputs on every token.
 
@@ -355,8 +356,9 @@ def block_sparse_attn_fwd_hopper(
 
     Precision follows the tensors: Q/K in the input dtype (exact), or `quantize_q_tiles`' INT8 Q with
     ``Q_SCALE [B * H, q_scale_stride]`` and ``Q_MU [B, H, Sq]`` and `quantize_kv`'s INT8 K with ``K_SCALE
-    [B, H_kv, kv_len]`` (8-bit modes); V in the input dtype, or e4m3 V^T ``[B, H_kv, D, S_pad]`` (``stride_vs``
-    = its channel stride) with ``V_SCALE [B, H_kv, D]`` (``precision="fp8"``). Unused pointers may be any tensor."""
+    [B, H_kv, cdiv(kv_len, KEY_BLOCK)]`` (8-bit modes); V in the input dtype, or e4m3 V^T ``[B, H_kv, D, S_pad]``
+    (``stride_vs`` = its channel stride) with ``V_SCALE [B, H_kv, D]`` (``precision="fp8"``). Unused pointers
+    may be any tensor. ``SHORT_N``: `KeyTiles.short_n` (0: no short tiles)."""
     pid_t = gl.program_id(0)
     pid_bh = gl.program_id(1)
     b = pid_bh // NUM_HEADS
@@ -388,9 +390,11 @@ def block_sparse_attn_fwd_hopper(
                                         strides=[stride_qs, 1], block_shape=[HALF_M, HEAD_DIM], layout=Q_LAYOUT)
     k_desc = tma.make_tensor_descriptor(K + b64 * stride_kb + h_kv64 * stride_kh, shape=[kv_len, HEAD_DIM],
                                         strides=[stride_ks, 1], block_shape=[BLOCK_N, HEAD_DIM], layout=K_LAYOUT)
-    SHORT_ROWS: gl.constexpr = SHORT_N if SHORT_N > 0 else BLOCK_N  # no short tiles: an unused copy of k_desc
-    k_short = tma.make_tensor_descriptor(K + b64 * stride_kb + h_kv64 * stride_kh, shape=[kv_len, HEAD_DIM],
-                                         strides=[stride_ks, 1], block_shape=[SHORT_ROWS, HEAD_DIM], layout=K_LAYOUT)
+    if SHORT_N > 0:
+        k_short = tma.make_tensor_descriptor(K + b64 * stride_kb + h_kv64 * stride_kh, shape=[kv_len, HEAD_DIM],
+                                             strides=[stride_ks, 1], block_shape=[SHORT_N, HEAD_DIM], layout=K_LAYOUT)
+    else:  # no short tiles (the loader and consumers read that off the block shape)
+        k_short = k_desc
     if FP8_PV:
         v_desc = tma.make_tensor_descriptor(V + b64 * stride_vb + h_kv64 * stride_vh, shape=[HEAD_DIM, kv_len],
                                             strides=[stride_vs, 1], block_shape=[HEAD_DIM, BLOCK_N],
@@ -402,9 +406,12 @@ def block_sparse_attn_fwd_hopper(
                                             strides=[stride_vs, 1], block_shape=[BLOCK_N, HEAD_DIM],
                                             layout=V_LAYOUT)
         v_smem = gl.allocate_shared_memory(v_dtype, [STAGES, BLOCK_N, HEAD_DIM], V_LAYOUT)
-        v_short = tma.make_tensor_descriptor(V + b64 * stride_vb + h_kv64 * stride_vh, shape=[kv_len, HEAD_DIM],
-                                             strides=[stride_vs, 1], block_shape=[SHORT_ROWS, HEAD_DIM],
-                                             layout=V_LAYOUT)
+        if SHORT_N > 0:
+            v_short = tma.make_tensor_descriptor(V + b64 * stride_vb + h_kv64 * stride_vh,
+                                                 shape=[kv_len, HEAD_DIM], strides=[stride_vs, 1],
+                                                 block_shape=[SHORT_N, HEAD_DIM], layout=V_LAYOUT)
+        else:
+            v_short = v_desc
     q_smem = gl.allocate_shared_memory(q_dtype, [2, HALF_M, HEAD_DIM], Q_LAYOUT)
     k_smem = gl.allocate_shared_memory(k_dtype, [STAGES, BLOCK_N, HEAD_DIM], K_LAYOUT)
     q_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())

@@ -163,7 +163,8 @@ def build_key_tiles(layout: BlockSparseLayout, block_n: int, device: torch.devic
     """The cached `KeyTiles` of ``layout`` for the Hopper kernel with key tiles of ``block_n`` columns at
     ``precision``: ``"exact"`` cuts each span from its start; the 8-bit modes cut at aligned blocks of
     ``block_n`` tokens (one K scale per tile). Short tiles: ``short_n`` in ``{block_n / 4, block_n / 2}``,
-    whichever loads fewer keys over the layout; none for ``"fp8"`` (its V^T tiles are column blocks)."""
+    whichever loads fewer keys over the layout (0 when no tile is that short); none for ``"fp8"`` (its V^T
+    tiles are column blocks)."""
     aligned, short = precision != "exact", precision != "fp8"
     key = ("triton_key_tiles", block_n, aligned, short, str(device))
     return _SCHEDULES.get(layout, key, lambda: _build_key_tiles(layout, block_n, aligned, short,
@@ -210,11 +211,11 @@ def _build_key_tiles(layout: BlockSparseLayout, bn: int, aligned: bool, short: b
 
 
 def _short_width(length: Tensor, bn: int) -> int:
-    """``bn / 4`` or ``bn / 2``: the short-tile width that loads fewer keys for these tile lengths (a short
-    tile loads ``short_n`` keys, any other ``bn``)."""
+    """``bn / 4`` or ``bn / 2``, whichever loads fewer keys for these tile lengths (a short tile loads
+    ``short_n`` keys, any other ``bn``); 0 when no tile is that short."""
     def loaded(n: int) -> int:
         return int(torch.where(length <= n, n, bn).sum())
-    return min((bn // 2, bn // 4), key=loaded)
+    return min((0, bn // 2, bn // 4), key=loaded)  # ties: the first (no short tiles, then the wider)
 
 
 def key_starts_aligned(layout: BlockSparseLayout, multiple: int = 16) -> bool:
