@@ -328,6 +328,7 @@ def test_hopper_int8_rows_of_short_tiles_only():
     mask[0, ::2] = mask[1, 1::2] = mask[2] = True
     layout = BlockSparseLayout.from_block_mask(mask, [100, 128, 70], [24, 30, 20, 28, 26, 22, 29, 25])
     q, k, v = (t.to("cuda", torch.bfloat16) for t in distribution("normal", 2, layout.q_len, 4, 2, 128, seed=17))
+    k, v = k[:, :layout.kv_len], v[:, :layout.kv_len]
     cfg = hopper_configs(128, "int8_qk")[0]
     tiles = build_key_tiles(layout, 128, q.device, "int8_qk")
     assert tiles.short_n == 32 and tiles.row_short.tolist() == [4, 4, 0]
