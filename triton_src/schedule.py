@@ -175,20 +175,12 @@ def _build_key_tiles(layout: BlockSparseLayout, bn: int, aligned: bool, short: b
     sp = layout.spans
     span_ptr = torch.cat([sp.ptr[:, :-1].reshape(-1), sp.ptr[-1:, -1]]).long()
     s0, s1 = sp.start.long(), sp.end.long()
-    if aligned:  # pieces between consecutive multiples of bn inside the span
-        first_block = s0 // bn
-        n_tiles = (s1 + bn - 1) // bn - first_block
-    else:
-        first_block = s0
-        n_tiles = (s1 - s0 + bn - 1) // bn
+    origin = s0 // bn * bn if aligned else s0  # tiles step by bn from here, clipped to the span
+    n_tiles = (s1 - origin + bn - 1) // bn
     i_in_span = torch.arange(int(n_tiles.sum())) - torch.repeat_interleave(_csr_ptr(n_tiles)[:-1], n_tiles)
-    lo, hi = torch.repeat_interleave(s0, n_tiles), torch.repeat_interleave(s1, n_tiles)
-    if aligned:
-        block = (torch.repeat_interleave(first_block, n_tiles) + i_in_span) * bn
-        start, end = torch.maximum(block, lo), torch.minimum(block + bn, hi)
-    else:
-        start = lo + i_in_span * bn
-        end = torch.minimum(start + bn, hi)
+    step = torch.repeat_interleave(origin, n_tiles) + i_in_span * bn
+    start = torch.maximum(step, torch.repeat_interleave(s0, n_tiles))
+    end = torch.minimum(step + bn, torch.repeat_interleave(s1, n_tiles))
     length = end - start
     short_n = _short_width(length, bn) if short else 0
     row_ptr = _csr_ptr(n_tiles)[span_ptr]
