@@ -279,7 +279,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     deadline = time.monotonic() + args.time_budget
     rows: List[Dict[str, Any]] = []
     meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-            "torch": torch.__version__, "diffusers": diffusers.__version__, "dtype": str(dtype),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch": torch.__version__,
+            "triton": _triton_version(), "diffusers": diffusers.__version__, "dtype": str(dtype),
             "resolution": [height, width], "repeats": args.repeats, "tiny": args.tiny}
 
     def on_row(row: Dict[str, Any]) -> None:
@@ -306,6 +307,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.json_out:
         print(f"wrote {args.json_out}")
     return 0
+
+
+def _triton_version():
+    try:
+        import triton
+    except ImportError:
+        return None
+    return triton.__version__
 
 
 if __name__ == "__main__":

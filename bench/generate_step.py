@@ -233,7 +233,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 full_depth=not args.tiny and config["num_layers"] == full_depth, frames=args.frames,
                 height=args.height, width=args.width, steps=args.steps, dtype=str(dtype),
                 device=torch.cuda.get_device_name(device)
-                if device.type == "cuda" else "cpu", torch=torch.__version__,
+                if device.type == "cuda" else "cpu", date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                torch=torch.__version__, triton=_triton_version(),
                 command="python bench/generate_step.py " + " ".join(sys.argv[1:] if argv is None else argv),
                 date=time.strftime("%Y-%m-%d", time.gmtime()))
     for r in rows:
@@ -247,6 +248,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         with open(args.json_out, "w") as f:
             json.dump(dict(meta=meta, rows=rows, speedup=speedup, **difference), f, indent=1)
     return 0
+
+
+def _triton_version():
+    try:
+        import triton
+    except ImportError:
+        return None
+    return triton.__version__
 
 
 if __name__ == "__main__":

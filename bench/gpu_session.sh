@@ -15,6 +15,10 @@
 #   BENCH_METHODS   run_gpu.py --methods                                    (default: run_gpu.py's list)
 #   BENCH_TAIL      seconds kept free after the last bench case may start   (default 150: a T=121 case)
 #   BENCH_ARGS, E2E_ARGS   extra arguments for run_gpu.py / e2e_step.py
+#   TESTS_PATHS     test files or folders for the test stage                 (default tests)
+#   TRITON_BUNDLE   an archive of `bench/triton_bundle.sh pack`: that Triton runs every stage (first on PYTHONPATH,
+#                   the machine's CUDA tools as its ptxas); default: the machine's own Triton
+#   WRITE_RESULTS=0 skip RESULTS.md + PNG (two runs in one call: fewer files back in $OUT)
 #   SKIP_INSTALL=1  use the installed lvsa_kernels and site packages as they are (local dry runs)
 # Files back in $OUT (at most 8): session.log, gpu_tests.log, kernel_sweep.json, attention_bench.json, RESULTS.md,
 # speedup_vs_frames.png, e2e.json.
@@ -52,6 +56,13 @@ main() {
   if [[ "${SKIP_INSTALL:-0}" != 1 ]]; then
     python3 -m pip install --no-deps --no-build-isolation . -q || { say "ERROR: pip install . failed"; return 1; }  # the image's old pip cannot do editable installs offline
   fi
+  if [[ -n "${TRITON_BUNDLE:-}" ]]; then
+    local exports
+    exports=$(bash bench/triton_bundle.sh unpack "$TRITON_BUNDLE" "/tmp/triton-bundle-$(basename "$TRITON_BUNDLE" .tar.xz)") \
+      || { say "ERROR: could not unpack $TRITON_BUNDLE"; return 1; }
+    eval "$exports"
+    say "Triton from $TRITON_BUNDLE: $exports"
+  fi
   python3 - <<'EOF'
 import importlib.metadata as md, torch, triton
 def v(d):
@@ -70,8 +81,8 @@ EOF
   if has_stage tests; then
     local lim=$(( $(left) - e2e_reserve - 60 )); (( lim > TESTS_LIMIT )) && lim=$TESTS_LIMIT
     if (( lim > 20 )); then
-      say "stage tests (limit ${lim}s): pytest -q -rs tests ${TESTS_K:+-k \"$TESTS_K\"}"
-      timeout -k 10 "$lim" python3 -m pytest -q -rs -p no:cacheprovider tests ${TESTS_K:+-k "$TESTS_K"} \
+      say "stage tests (limit ${lim}s): pytest -q -rs ${TESTS_PATHS:-tests} ${TESTS_K:+-k \"$TESTS_K\"}"
+      timeout -k 10 "$lim" python3 -m pytest -q -rs -p no:cacheprovider ${TESTS_PATHS:-tests} ${TESTS_K:+-k "$TESTS_K"} \
         > "$OUT/gpu_tests.log" 2>&1; rc=$?
       tail -n 25 "$OUT/gpu_tests.log"
       say "stage tests rc=$rc"; (( rc != 0 )) && status=1
@@ -103,7 +114,7 @@ EOF
     else
       say "stage bench skipped: ${soft}s left for it"
     fi
-    if [[ -f "$OUT/attention_bench.json" ]]; then
+    if [[ -f "$OUT/attention_bench.json" && "${WRITE_RESULTS:-1}" == 1 ]]; then
       [[ -f bench/RESULTS.md ]] && cp bench/RESULTS.md "$OUT/RESULTS.md"
       python3 bench/write_results.py --json "$OUT/attention_bench.json" --md "$OUT/RESULTS.md" \
         --png "$OUT/speedup_vs_frames.png" || status=1

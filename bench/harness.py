@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from lvsa_kernels.reference import BlockSparseLayout, reference_attention
-from lvsa_kernels.timing import bench_ms
+from lvsa_kernels.timing import bench_ms, interleaved_ms
 
 from .baselines import Method, MethodSkipped, Prepared
 from .shapes import BenchCase
@@ -41,6 +41,9 @@ class Settings:
     min_iters: int = 5
     ref_stride: int = 1
     seed: int = 0
+    interleave: Tuple[str, ...] = ()  # methods also timed alternately (`lvsa_kernels.timing.interleaved_ms`)
+    interleave_rounds: int = 10
+    interleave_burst: int = 3
 
 
 def layout_flops(layout: BlockSparseLayout, batch: int, heads: int, head_dim: int) -> float:
@@ -210,6 +213,10 @@ def summarize(result: Dict[str, Any]) -> Dict[str, Any]:
             out.update(flashinfer_method=fi, triton_time_over_flashinfer=ms["triton"] / ms[fi])
         if "flex" in ms:
             out["triton_speedup_vs_flex"] = ms["flex"] / ms["triton"]
+    inter = {n: r["ms"] for n, r in result.get("interleaved", {}).items()}
+    fi_inter = next((n for n in ("flashinfer", "ours_flashinfer") if n in inter), None)
+    if "triton" in inter and fi_inter:
+        out["triton_time_over_flashinfer_interleaved"] = inter["triton"] / inter[fi_inter]
     fi = next((n for n in ("flashinfer", "ours_flashinfer") if n in ms), None)
     for eight_bit in ("fp8", "int8_qk"):
         if eight_bit in ms and fi:
@@ -242,6 +249,11 @@ def run_case(case: BenchCase, methods: Sequence[Method], s: Settings,
         rec["dense"] = m.dense
         result["methods"][m.name] = rec
         log(f"[{case.name}] {m.name:16s} {_line(rec)}")
+    if s.interleave and device.type == "cuda":
+        result["interleaved"] = _interleaved(case, methods, q, k, v, layout, s, result["methods"])
+        if result["interleaved"]:
+            log(f"[{case.name}] interleaved: " + ", ".join(f"{n} {r['ms']:.3f} ms" + (f" ({r['sm_mhz']} MHz, "
+                f"{r['power_w']} W)" if "sm_mhz" in r else "") for n, r in result["interleaved"].items()))
     del q, k, v, ref
     gc.collect()
     if device.type == "cuda":
@@ -249,6 +261,22 @@ def run_case(case: BenchCase, methods: Sequence[Method], s: Settings,
     result["summary"] = summarize(result)
     result["wall_s"] = round(time.perf_counter() - t_case, 1)
     return result
+
+
+def _interleaved(case: BenchCase, methods: Sequence[Method], q: Tensor, k: Tensor, v: Tensor,
+                 layout: BlockSparseLayout, s: Settings, records: Dict[str, Any]) -> Dict[str, Any]:
+    """The methods of ``s.interleave`` that ran correctly, prepared together and timed alternately in bursts
+    (`lvsa_kernels.timing.interleaved_ms`); ``{}`` when fewer than two qualify."""
+    chosen = [m for m in methods if m.name in s.interleave and records.get(m.name, {}).get("status") == "ok"]
+    if len(chosen) < 2:
+        return {}
+    prepared = {m.name: m.prepare(q, k, v, layout, case) for m in chosen}
+    try:
+        return interleaved_ms(prepared, q.device, s.interleave_rounds, s.interleave_burst)
+    finally:
+        del prepared
+        gc.collect()
+        torch.cuda.empty_cache()
 
 
 def _line(rec: Dict[str, Any]) -> str:

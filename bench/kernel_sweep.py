@@ -53,8 +53,8 @@ def main() -> None:
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     t_start = time.time()
-    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-               "cases": {}}
+    results = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+               "torch": torch.__version__, "triton": triton.__version__, "cases": {}}
     torch.manual_seed(0)
     for name in args.cases.split(","):
         if time.time() - t_start > args.time_budget:

@@ -47,6 +47,10 @@ def _parse(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--flex-mask", choices=("create_block_mask", "layout"), default="create_block_mask",
                    help="FlexAttention mask builder: torch create_block_mask(_compile=True) or layout.to_flex_block_mask")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--interleave", default="triton,flashinfer",
+                   help="methods also timed alternately in back-to-back bursts, A B then B A (CUDA; '' = off)")
+    p.add_argument("--interleave-rounds", type=int, default=10)
+    p.add_argument("--interleave-burst", type=int, default=3, help="calls per timed burst")
     return p.parse_args(argv)
 
 
@@ -114,6 +118,8 @@ def _table(doc: Dict[str, Any]) -> str:
             parts.append(f"best dense {s['dense_best']} {s['dense_best_ms']:.2f} ms")
         if "triton_time_over_flashinfer" in s:
             parts.append(f"triton/{s['flashinfer_method']} time {s['triton_time_over_flashinfer']:.3f}")
+        if "triton_time_over_flashinfer_interleaved" in s:
+            parts.append(f"interleaved {s['triton_time_over_flashinfer_interleaved']:.3f}")
         if "triton_speedup_vs_flex" in s:
             parts.append(f"triton vs flex {s['triton_speedup_vs_flex']:.2f}x")
         for eight_bit in ("fp8", "int8_qk"):
@@ -150,7 +156,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     methods = [methods_all[m] for m in method_names]
     settings = harness.Settings(device=device, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms,
-                                min_iters=args.min_iters, ref_stride=args.ref_stride, seed=args.seed)
+                                min_iters=args.min_iters, ref_stride=args.ref_stride, seed=args.seed,
+                                interleave=tuple(m for m in args.interleave.split(",") if m),
+                                interleave_rounds=args.interleave_rounds, interleave_burst=args.interleave_burst)
     if args.cpu_smoke:
         settings = harness.Settings(device="cpu", warmup_ms=0.0, rep_ms=0.0, min_iters=2,
                                     ref_stride=args.ref_stride, seed=args.seed)

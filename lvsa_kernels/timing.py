@@ -3,12 +3,13 @@ between caller-given synchronisations (multi-process steps), and ``do_bench``-st
 from __future__ import annotations
 
 import statistics
+import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["bench_ms", "call_seconds", "median_seconds", "synchronize", "wall_seconds"]
+__all__ = ["bench_ms", "call_seconds", "interleaved_ms", "median_seconds", "synchronize", "wall_seconds"]
 
 
 def synchronize(device: torch.device) -> None:
@@ -104,3 +105,62 @@ def bench_ms(fn: Callable[[], object], device: torch.device, warmup_ms: float, r
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
     return {"ms": statistics.median(times), "iters": len(times)}
+
+
+def interleaved_ms(fns: Dict[str, Callable[[], object]], device: torch.device, rounds: int, burst: int,
+                   sample_clocks: bool = True) -> Dict[str, Dict[str, Any]]:
+    """Per-call milliseconds of several functions timed alternately on one CUDA device.
+
+    Each of ``rounds`` rounds runs every function ``burst`` times back to back, timed with CUDA events around the
+    burst (no cache flush between calls), in an order that reverses every round (A B, then B A), so drift in
+    clocks, temperature or memory state falls on each function alike. One untimed burst of each comes first.
+    Returns ``{name: {"ms": median per-call ms, "round_ms": [...], "sm_mhz": ..., "power_w": ...}}``; the last two
+    are means of samples taken every 5 ms while that function's bursts ran (`torch.cuda.clock_rate` /
+    ``power_draw``; omitted without NVML)."""
+    names = list(fns)
+    samples: Dict[str, List[Tuple[float, float]]] = {n: [] for n in names}
+    current: List[Optional[str]] = [None]
+    stop = threading.Event()
+
+    def sampler() -> None:
+        while not stop.wait(0.005):
+            name = current[0]
+            if name is not None:
+                try:
+                    samples[name].append((float(torch.cuda.clock_rate(device)), torch.cuda.power_draw(device) / 1e3))
+                except Exception:  # noqa: BLE001 - no NVML here: no clock readings
+                    return
+
+    def run_burst(name: str) -> float:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize(device)
+        current[0] = name
+        start.record()
+        for _ in range(burst):
+            fns[name]()
+        end.record()
+        end.synchronize()
+        current[0] = None
+        return start.elapsed_time(end) / burst
+
+    for name in names:
+        run_burst(name)
+    thread = threading.Thread(target=sampler, daemon=True) if sample_clocks else None
+    if thread is not None:
+        thread.start()
+    round_ms: Dict[str, List[float]] = {n: [] for n in names}
+    try:
+        for r in range(rounds):
+            for name in (names if r % 2 == 0 else names[::-1]):
+                round_ms[name].append(run_burst(name))
+    finally:
+        stop.set()
+        if thread is not None:
+            thread.join()
+    result: Dict[str, Dict[str, Any]] = {}
+    for name in names:
+        result[name] = {"ms": statistics.median(round_ms[name]), "round_ms": [round(t, 3) for t in round_ms[name]]}
+        if samples[name]:
+            result[name]["sm_mhz"] = round(statistics.fmean(c for c, _ in samples[name]))
+            result[name]["power_w"] = round(statistics.fmean(w for _, w in samples[name]), 1)
+    return result

@@ -293,7 +293,7 @@ def test_hopper_kernel_matches_fake_quant(layout_name, dist, strided, mode, cfg,
     """The 8-bit Hopper kernel (poisoned output buffer, GQA, batch 2) against the fake-quant reference with its
     128-row query tiles and aligned key walk (tight), and against float32 attention (the accuracy bound); rows
     without keys: 0, -inf."""
-    from lvsa_kernels.triton_src.launch import hopper_eligible, run_scheduled
+    from lvsa_kernels.triton_src.launch import hopper_refusal, run_scheduled
     from lvsa_kernels.triton_src.schedule import build_key_tiles, build_schedule
 
     layout = _aligned_layouts()[layout_name] if mode == "fp8" else LAYOUTS[layout_name]
@@ -301,7 +301,7 @@ def test_hopper_kernel_matches_fake_quant(layout_name, dist, strided, mode, cfg,
     if strided:
         q = torch.cat([q, q], dim=2)[:, :, :4]
         k, v = (torch.cat([t, t], dim=2)[:, :, :2] for t in (k, v))
-    assert hopper_eligible(q, k, v)
+    assert hopper_refusal(q, k, v) is None
     out = torch.full_like(q, float("nan"))
     out, lse = run_scheduled(q, k, v, build_schedule(layout, 128, q.device), False, 0.09, cfg, out=out,
                              precision=mode, key_tiles=build_key_tiles(layout, cfg.block_n, q.device, mode))

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lvsa_kernels import BlockSparseLayout, LVSAPattern, reference_attention
-from lvsa_kernels.triton_src.launch import hopper_eligible, hopper_kernel_available, run_scheduled
+from lvsa_kernels.triton_src.launch import hopper_kernel_available, hopper_refusal, run_scheduled
 from lvsa_kernels.triton_src.schedule import build_key_tiles, build_schedule
 from lvsa_kernels.triton_src.tuning import hopper_configs
 
@@ -102,7 +102,7 @@ def run_hopper(q, k, v, layout, scale, cfg, poison=True):
 
 def check(q, k, v, layout, cfg, scale=None, poison=True):
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    assert hopper_eligible(q, k, v)
+    assert hopper_refusal(q, k, v) is None
     out, lse = run_hopper(q, k, v, layout, scale, cfg, poison)
     ref, ref_lse = reference_attention(q.double(), k.double(), v.double(), layout, scale=scale, return_lse=True)
     assert not torch.isnan(out).any(), "every output element written, none NaN"
@@ -243,6 +243,6 @@ def test_block_sparse_attn_runs_the_hopper_kernel_by_default(isolated_dispatch_c
     ref = reference_attention(q.double(), k.double(), v.double(), layout)
     assert rel_err(out, ref) <= 1e-2
     misaligned = torch.empty(q.numel() + 8, dtype=q.dtype, device="cuda")[1:1 + q.numel()].view_as(q).copy_(q)
-    assert not hopper_eligible(misaligned, k, v)  # an odd-element view: no TMA, the portable kernel runs
+    assert hopper_refusal(misaligned, k, v) is not None  # an odd-element view: no TMA, the portable kernel runs
     assert config_for(misaligned, k, v, layout, 128 ** -0.5).kernel == "portable"
     assert rel_err(block_sparse_attn(misaligned, k, v, layout, backend="triton"), ref) <= 1e-2

@@ -32,10 +32,10 @@ blocks must start 16-aligned for TMA (see `schedule.key_starts_aligned`) and hav
 not zeroed: masked columns give P = 0, and the 8-bit modes need finite inputs on every token.
 
 The kernel takes a non-negative softmax scale (the host negates q for a negative one). Gluon's API still
-changes between Triton releases (3.7 renamed the barrier, 3.9 the TMA copies), so the kernel is offered only
-on the Triton versions it was verified with on a GPU (`VERIFIED_TRITON`); elsewhere the portable kernel runs.
-The CPU interpreter cannot run Gluon: this kernel is tested on the GPU; the portable kernel keeps the
-interpreter tests.
+changes between Triton releases: the names that moved are bound in `gluon_compat`, which also says on which
+releases the kernel is offered (elsewhere the portable kernel runs). The CPU interpreter cannot run Gluon: this
+kernel is compiled for sm_90a against every tested release in CI (`compile_check`) and tested on the GPU; the
+portable kernel keeps the interpreter tests.
 """
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -44,8 +44,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 
 from .fp8_quant import KEY_QUANT_BLOCK
+from .gluon_compat import cta_barrier, tma_load
 
-VERIFIED_TRITON = ("3.6.",)  # Triton releases this kernel was compiled, tested and timed with on an H200
 HALF_M = gl.constexpr(64)  # query rows per consumer warpgroup (the wgmma M of one warpgroup)
 LN2 = gl.constexpr(0.6931471805599453)
 P_SCALE = gl.constexpr(448.0)  # P <= 1 against the running max: 1 maps onto e4m3's largest finite value
@@ -97,7 +97,7 @@ def _zero_v_tail(v_buf, kv0, kv_end, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constex
         v = v_buf.load(blk)
         v_buf.store(gl.where((rows < kv_end)[:, None], v, gl.zeros_like(v)))
         fence_async_shared()
-        gl.thread_barrier()
+        cta_barrier()
 
 
 @gluon.jit
@@ -307,7 +307,7 @@ def _load(args):
     for half in gl.static_range(2):  # only halves a consumer will wait for (no copy may outlive the program)
         needed = (n_kv > 0) & (q0 + half * ROWS < q1)
         mbarrier.expect(q_bar.index(half), q_desc.block_type.nbytes, pred=needed)
-        tma.async_copy_global_to_shared(q_desc, [q0 + half * ROWS, 0], q_bar.index(half), q_smem.index(half),
+        tma_load(q_desc, [q0 + half * ROWS, 0], q_bar.index(half), q_smem.index(half),
                                         pred=needed)
     n_long = n_kv - n_short
     for j in range(n_kv):
@@ -320,7 +320,7 @@ def _load(args):
         mbarrier.wait(v_empty.index(stage), phase ^ 1)
         if FP8_PV:  # V^T [HEAD_DIM, kv_len]: the key tile is a column block (no short tiles)
             mbarrier.expect(v_ready.index(stage), v_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(v_desc, [0, kv0], v_ready.index(stage), v_smem.index(stage))
+            tma_load(v_desc, [0, kv0], v_ready.index(stage), v_smem.index(stage))
         else:
             _load_rows(v_desc, v_short, v_smem.index(stage), v_ready.index(stage), kv0, short)
 
@@ -331,10 +331,10 @@ def _load_rows(desc, short_desc, slot, ready, kv0, short):
     ``short_desc`` rows; ``ready`` expects the bytes."""
     if short:
         mbarrier.expect(ready, short_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(short_desc, [kv0, 0], ready, slot.slice(0, short_desc.block_type.shape[0]))
+        tma_load(short_desc, [kv0, 0], ready, slot.slice(0, short_desc.block_type.shape[0]))
     else:
         mbarrier.expect(ready, desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(desc, [kv0, 0], ready, slot)
+        tma_load(desc, [kv0, 0], ready, slot)
 
 
 @gluon.jit

@@ -20,15 +20,20 @@ from torch import Tensor
 
 from .block_sparse_fwd import LOG2E, block_sparse_attn_fwd
 from .fp8_quant import KEY_QUANT_BLOCK, quantize_kv, quantize_q_tiles
+from .gluon_compat import hopper_triton_refusal
 from .interpreter import launch_lock
 from ..reference.layout import BlockSparseLayout
 from .schedule import KernelSchedule, KeyTiles, key_starts_aligned
 from .tuning import KernelConfig, interpreting
 
-__all__ = ["hopper_eligible", "hopper_kernel_available", "hopper_supports", "launch", "launch_hopper", "run_scheduled",
-           "tma_eligible"]
+__all__ = ["hopper_device_refusal", "hopper_kernel_available", "hopper_meta", "hopper_refusal", "hopper_supports",
+           "launch", "launch_hopper", "run_scheduled", "tma_eligible"]
 
 _allocator_set = False
+# The Hopper kernel's registers: the launch caps every thread at HOPPER_MAXNREG; inside (setmaxnreg) the second
+# consumer warpgroup (a worker partition) takes HOPPER_CONSUMER_REGS and the loader warp 32.
+HOPPER_MAXNREG = 168
+HOPPER_CONSUMER_REGS = 240
 
 
 def _ensure_tma_allocator() -> None:
@@ -47,32 +52,45 @@ def tma_eligible(q: Tensor, k: Tensor, v: Tensor) -> bool:
     return all(t.data_ptr() % 16 == 0 and all((s * e) % 16 == 0 for s in t.stride()[:3]) for t in (k, v))
 
 
-def hopper_eligible(q: Tensor, k: Tensor, v: Tensor) -> bool:
-    """Whether the warp-specialised Gluon kernel can run: an sm_90 GPU, bf16/fp16, head dim 64 or 128,
-    q/k/v rows readable by TMA (16-byte aligned bases and strides), and a Triton release it was verified with."""
-    if q.device.type != "cuda" or torch.cuda.get_device_capability(q.device) != (9, 0):
-        return False
-    if q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] not in (64, 128):
-        return False
+def hopper_device_refusal(device: torch.device) -> Optional[str]:
+    """Why the warp-specialised Gluon kernel cannot run on ``device`` with this Triton (None: it can): it needs
+    an sm_90 GPU (H100/H200) and a Triton release it is tested with (`gluon_compat.hopper_triton_refusal`)."""
+    if device.type != "cuda":
+        return f"needs a CUDA sm_90 GPU, not {device.type}"
+    cc = torch.cuda.get_device_capability(device)
+    if cc != (9, 0):
+        return f"needs an sm_90 GPU (H100/H200); {torch.cuda.get_device_name(device)} is sm_{cc[0]}{cc[1]}"
+    return hopper_triton_refusal()
+
+
+def hopper_refusal(q: Tensor, k: Tensor, v: Tensor, layout: Optional[BlockSparseLayout] = None,
+                   precision: str = "exact") -> Optional[str]:
+    """Why the Hopper kernel cannot run these inputs (None: it can): `hopper_device_refusal`, then bf16/fp16,
+    head dim 64 or 128, q/k/v rows readable by TMA (16-byte aligned bases and strides), and for fp8 key spans
+    that start at multiples of 16 tokens (`schedule.key_starts_aligned`)."""
+    reason = hopper_device_refusal(q.device)
+    if reason is not None:
+        return reason
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"takes bf16 or fp16, got {str(q.dtype).replace('torch.', '')}"
+    if q.shape[-1] not in (64, 128):
+        return f"takes head dim 64 or 128, got {q.shape[-1]}"
     e = q.element_size()
     if not all(t.data_ptr() % 16 == 0 and all((s * e) % 16 == 0 for s in t.stride()[:3]) for t in (q, k, v)):
-        return False
-    return hopper_kernel_available()
+        return "needs q/k/v with 16-byte aligned base pointers and strides (TMA)"
+    if precision == "fp8" and layout is not None and not key_starts_aligned(layout):
+        return "fp8 needs key spans starting at multiples of 16 tokens (V^T column blocks read by TMA)"
+    return None
 
 
 def hopper_supports(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout, precision: str) -> bool:
-    """Whether the Hopper kernel can run these inputs on ``layout`` at ``precision``: `hopper_eligible`, and for
-    fp8 key spans that start at multiples of 16 tokens (`schedule.key_starts_aligned`)."""
-    return hopper_eligible(q, k, v) and (precision != "fp8" or key_starts_aligned(layout))
+    """Whether the Hopper kernel can run these inputs on ``layout`` at ``precision`` (see `hopper_refusal`)."""
+    return hopper_refusal(q, k, v, layout, precision) is None
 
 
 def hopper_kernel_available() -> bool:
-    """Whether this Triton ships the Gluon Hopper module in a release the kernel was verified with."""
-    try:
-        from .block_sparse_hopper import VERIFIED_TRITON
-    except ImportError:
-        return False
-    return triton.__version__.startswith(VERIFIED_TRITON)
+    """Whether this Triton release can run the Hopper kernel at all (see `gluon_compat`)."""
+    return hopper_triton_refusal() is None
 
 
 def launch_hopper(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, sched_tensors: Tuple[Tensor, ...],
@@ -85,8 +103,6 @@ def launch_hopper(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, sch
     (the kernel reads Q through TMA, so it cannot quantize it on the fly). ``fp8`` needs key tiles starting at
     multiples of 16 tokens (`run_scheduled` checks `KeyTiles.starts_aligned`)."""
     _check_precision(precision)
-    from triton.experimental.gluon import language as gl
-
     from .block_sparse_hopper import HALF_M, block_sparse_attn_fwd_hopper
 
     B, Sq, H, D = q.shape
@@ -95,7 +111,6 @@ def launch_hopper(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, sch
     if scale < 0:
         q, scale = -q, -scale
     _ensure_tma_allocator()
-    gdt = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
     k, v, v_strides, quant = _kv_operands(k, v, precision, interpreted=False)
     q_scale = q_mu = k_scale = v_scale = lse  # unread placeholders where a mode does not read them
     if quant is not None:
@@ -104,7 +119,6 @@ def launch_hopper(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, sch
         q, k_scale, q_scale, q_mu = q8.q8, quant.k_scale, q8.q_scale, q8.q_mu
         if quant.v_scale is not None:
             v_scale = quant.v_scale
-    v_block = [D, cfg.block_n] if precision == "fp8" else [cfg.block_n, D]
     grid = (max_tiles, B * H)
     return block_sparse_attn_fwd_hopper[grid](
         q, k, v, out, lse,
@@ -116,11 +130,27 @@ def launch_hopper(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, sch
         scale * LOG2E, Sq, k.shape[1],
         q_scale, q_mu, k_scale, v_scale, q_scale.shape[-1],
         NUM_HEADS=H, KV_GROUP=H // k.shape[2], PER_HEAD_LAYOUT=per_head_layout,
-        HEAD_DIM=D, BLOCK_N=cfg.block_n, SHORT_N=short_n, STAGES=cfg.num_stages,
-        Q_LAYOUT=gl.NVMMASharedLayout.get_default_for([int(HALF_M), D], _gluon_dtype(q.dtype, gdt)),
-        K_LAYOUT=gl.NVMMASharedLayout.get_default_for([cfg.block_n, D], _gluon_dtype(k.dtype, gdt)),
-        V_LAYOUT=gl.NVMMASharedLayout.get_default_for(v_block, _gluon_dtype(v.dtype, gdt)),
-        CONSUMER_REGS=240, num_warps=4, maxnreg=168,
+        **hopper_meta(D, q.dtype, k.dtype, v.dtype, out.dtype, cfg, short_n, precision),
+    )
+
+
+def hopper_meta(head_dim: int, q_dtype: torch.dtype, k_dtype: torch.dtype, v_dtype: torch.dtype,
+                out_dtype: torch.dtype, cfg: KernelConfig, short_n: int, precision: str) -> dict:
+    """The Hopper kernel's compile-time arguments beyond the head counts: tile shapes, shared-memory layouts
+    of the operands as the kernel receives them (``*_dtype``: after quantization; ``out_dtype``: bf16 or fp16),
+    the register split and the launch options. Shared by `launch_hopper` and `compile_check`."""
+    from triton.experimental.gluon import language as gl
+
+    from .block_sparse_hopper import HALF_M
+
+    half = gl.bfloat16 if out_dtype == torch.bfloat16 else gl.float16
+    v_block = [head_dim, cfg.block_n] if precision == "fp8" else [cfg.block_n, head_dim]
+    return dict(
+        HEAD_DIM=head_dim, BLOCK_N=cfg.block_n, SHORT_N=short_n, STAGES=cfg.num_stages,
+        Q_LAYOUT=gl.NVMMASharedLayout.get_default_for([int(HALF_M), head_dim], _gluon_dtype(q_dtype, half)),
+        K_LAYOUT=gl.NVMMASharedLayout.get_default_for([cfg.block_n, head_dim], _gluon_dtype(k_dtype, half)),
+        V_LAYOUT=gl.NVMMASharedLayout.get_default_for(v_block, _gluon_dtype(v_dtype, half)),
+        CONSUMER_REGS=HOPPER_CONSUMER_REGS, num_warps=4, maxnreg=HOPPER_MAXNREG,
     )
 
 

@@ -39,6 +39,10 @@ class TritonBackend(Backend):
                         head_dims=frozenset({16, 32, 64, 128}),
                         precisions=frozenset({"exact", "fp8", "int8_qk"}))
 
+    @property
+    def notes(self) -> str:
+        return kernel_note()
+
     def unavailable_reason(self, device: torch.device) -> Optional[str]:
         if not _HAS_TRITON:
             return "the 'triton' package is not installed"
@@ -92,6 +96,43 @@ class TritonBackend(Backend):
         out, lse = cluster_path.attend(q, kp, vp, blocks.q_sizes, blocks.k_sizes, plan.q_perm.reshape(B * H, S),
                                        blocks.mask, scale)
         return out, (lse if return_lse else None)
+
+
+def kernel_note() -> str:
+    """Which of the two kernels CUDA inputs get on this machine: the Gluon Hopper kernel (sm_90, a Triton release
+    it is tested with) or the portable one, and why not the Hopper kernel when it cannot run."""
+    if not _HAS_TRITON:
+        return ""
+    import triton
+
+    from ..triton_src.gluon_compat import GPU_VERIFIED_TRITON, TESTED_TRITON, triton_release
+    from ..triton_src.launch import hopper_device_refusal
+
+    tested = (f"Triton {triton.__version__} (Hopper kernel tested with {', '.join(TESTED_TRITON)}; "
+              f"run on a GPU with {', '.join(GPU_VERIFIED_TRITON)})")
+    conditions = ("bf16/fp16 inputs with head dim 64 or 128 and 16-byte aligned rows (fp8: key spans starting at "
+                  "multiples of 16 tokens); the portable kernel runs everything else")
+    if not torch.cuda.is_available():
+        from ..triton_src.gluon_compat import hopper_triton_refusal
+
+        refusal = hopper_triton_refusal()
+        return (f"{tested}. Hopper kernel: needs an sm_90 GPU (none here)"
+                + ("" if refusal is None else f"; and here: {refusal}"))
+    refusal = hopper_device_refusal(torch.device("cuda"))
+    if refusal is None:
+        return f"{tested}. Hopper kernel ON for {conditions}"
+    return f"{tested}. Hopper kernel OFF ({refusal}): the portable kernel runs every CUDA call"
+
+
+def _log_hopper_refusal_once(reason: str) -> None:
+    """One INFO line per process when an sm_90 GPU gets the portable kernel because of the Triton release."""
+    global _hopper_refusal_logged
+    if not _hopper_refusal_logged:
+        _hopper_refusal_logged = True
+        log.info("lvsa_kernels triton: Hopper kernel not used: %s", reason)
+
+
+_hopper_refusal_logged = False
 
 
 def _tensor_reason(q: Tensor, k: Tensor) -> Optional[str]:
@@ -161,10 +202,13 @@ def choose_config(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout, sc
     """Tuned config from the disk cache, else tune now on these inputs (interpreter: fixed small config)."""
     if tuning.interpreting():
         return tuning.INTERPRETER_CONFIG
+    from ..triton_src.gluon_compat import hopper_triton_refusal
     from ..triton_src.launch import hopper_supports, tma_eligible
 
     tma_ok = tma_eligible(q, k, v)
     hopper_ok = hopper_supports(q, k, v, layout, precision)
+    if q.device.type == "cuda" and torch.cuda.get_device_capability(q.device) == (9, 0) and hopper_triton_refusal():
+        _log_hopper_refusal_once(hopper_triton_refusal())
     key = config_key(q, k, v, layout, precision)
     cfg = None if retune else tuning.lookup(key)
     if cfg is not None and _config_can_run(cfg, hopper_ok, tma_ok, precision):

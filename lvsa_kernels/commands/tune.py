@@ -31,6 +31,9 @@ def run(args: argparse.Namespace) -> int:
 
     path = tuning.cache_path()
     if args.show:
+        from ..backends.triton_backend import kernel_note
+
+        print(f"kernels: {kernel_note()}")
         configs = tuning.stored_configs()
         print(f"tuned Triton configs in {path}:" if configs else f"no tuned Triton configs in {path}")
         for key, cfg in sorted(configs.items()):

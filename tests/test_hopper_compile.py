@@ -1,0 +1,53 @@
+"""The Gluon Hopper kernel compiles for sm_90a, without register spills, on every Triton release it is offered on.
+
+No GPU is needed: `lvsa_kernels.triton_src.compile_check` compiles every variant the tuner can hand the kernel
+(head dim x precision x launch config x short-tile width, bf16) through Triton's own ``ptxas`` and reads its
+resource report. Each release of `gluon_compat.TESTED_TRITON` is installed once into the cache folder
+(``pip install --target``; pip's wheel cache keeps the downloads), then the check runs in a subprocess with
+that release first on the path. Its table (registers, shared memory, SASS and wgmma instruction counts per
+variant) is printed to the terminal.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from lvsa_kernels.settings import cache_dir
+from lvsa_kernels.triton_src.gluon_compat import TESTED_TRITON
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the patch release compiled against for each tested Triton release
+RELEASES = {"3.6": "3.6.0", "3.7": "3.7.1", "3.8": "3.8.0", "3.9": "3.9.0"}
+
+
+def test_every_tested_release_is_in_the_matrix():
+    assert sorted(RELEASES) == sorted(TESTED_TRITON)
+
+
+def _installed(version: str) -> str:
+    """A folder holding ``triton==version`` (installed on first use)."""
+    target = cache_dir() / "triton-releases" / version
+    if not (target / "triton" / "__init__.py").is_file():
+        tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-compile",
+                        "--disable-pip-version-check", "--target", str(tmp), f"triton=={version}"], check=True)
+        tmp.rename(target)
+    return str(target)
+
+
+@pytest.mark.parametrize("release", sorted(RELEASES))
+def test_hopper_kernel_compiles_clean(release, tmp_path, capsys):
+    site = _installed(RELEASES[release])
+    report = tmp_path / "report.json"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([site, REPO]), TRITON_DEFAULT_FP_FUSION="1",
+               TRITON_CACHE_DIR=str(tmp_path / "triton-cache"))
+    proc = subprocess.run([sys.executable, "-m", "lvsa_kernels.triton_src.compile_check", "--quick", "--jobs", "2",
+                           "--json", str(report)], env=env, capture_output=True, text=True, timeout=1200)
+    with capsys.disabled():
+        print(f"\n{proc.stdout}{proc.stderr[-3000:] if proc.returncode else ''}")
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    rows = json.loads(report.read_text())["rows"]
+    assert json.loads(report.read_text())["triton"] == RELEASES[release]
+    assert rows and all("error" not in r and r["spill_stores"] == 0 for r in rows)

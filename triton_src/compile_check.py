@@ -1,0 +1,207 @@
+"""Compile the Gluon Hopper kernel for sm_90a without a GPU, for every variant the tuner can offer.
+
+    python -m lvsa_kernels.triton_src.compile_check [--json FILE] [--quick]
+
+Triton compiles for a named target on any machine: each variant (head dim x dtype x precision x launch config
+of `tuning.hopper_configs` x short-tile width) goes through Gluon -> TTGIR -> LLVM -> PTX, then through the
+``ptxas`` that ships with Triton, whose resource report gives registers and spills; ``nvdisasm`` of the cubin
+counts the SASS instructions and the tensor-core ones (HGMMA, and for the 8-bit modes IGMMA / QGMMA). A
+variant fails on any compile error or on a register spill (the consumers' accumulators must stay in
+registers). Exit status 0 when every variant compiled clean, 1 otherwise. CI runs this against every Triton
+release in `gluon_compat.TESTED_TRITON` (``tests/test_hopper_compile.py``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from typing import Dict, Iterator, List, Optional
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+
+from .gluon_compat import hopper_triton_refusal
+from .launch import hopper_meta
+from .tuning import KernelConfig, hopper_configs
+
+SM90A = GPUTarget("cuda", 90, 32)
+HEAD_DIMS = (64, 128)
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = ("exact", "int8_qk", "fp8")
+# pointer arguments -> which operand's dtype they carry ("half": the bf16/fp16 of the inputs)
+_POINTERS = {"Q": "q", "K": "k", "V": "v", "O": "half", "LSE": "fp32", "Q_SCALE": "fp32", "Q_MU": "fp32",
+             "K_SCALE": "fp32", "V_SCALE": "fp32"}
+_INT32_ARRAYS = ("tile_ptr", "tile_start", "tile_end", "tile_row", "row_kv_ptr", "kv_tile_start", "kv_tile_end",
+                 "row_kv_short")
+_TRITON_TYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.int8: "i8", torch.float8_e4m3fn: "fp8e4nv"}
+
+
+@dataclass
+class Variant:
+    head_dim: int
+    dtype: str
+    precision: str
+    cfg: KernelConfig
+    short_n: int
+
+    @property
+    def name(self) -> str:
+        return (f"d{self.head_dim} {self.dtype} {self.precision:7s} BLOCK_N={self.cfg.block_n:<3d} "
+                f"stages={self.cfg.num_stages} short_n={self.short_n}")
+
+
+def variants(quick: bool = False) -> Iterator[Variant]:
+    """Every (head dim, dtype, precision, config, short width) the tuner can hand the kernel; ``quick``: bf16
+    only (fp16 differs from it only in the element type of the same products)."""
+    for head_dim in HEAD_DIMS:
+        for dtype in (("bf16",) if quick else tuple(DTYPES)):
+            for precision in PRECISIONS:
+                for cfg in hopper_configs(head_dim, precision):
+                    # short tiles: none, or block_n / 2 or / 4 (`schedule._short_width`); fp8 has none
+                    shorts = (0,) if precision == "fp8" else (0, cfg.block_n // 2, cfg.block_n // 4)
+                    for short_n in shorts:
+                        yield Variant(head_dim, dtype, precision, cfg, short_n)
+
+
+def _operand_dtypes(precision: str, half: torch.dtype) -> Dict[str, torch.dtype]:
+    """The dtypes of Q, K and V as the kernel receives them (after the 8-bit pre-passes)."""
+    if precision == "exact":
+        return {"q": half, "k": half, "v": half}
+    return {"q": torch.int8, "k": torch.int8, "v": torch.float8_e4m3fn if precision == "fp8" else half}
+
+
+def _source(v: Variant):
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from .block_sparse_hopper import block_sparse_attn_fwd_hopper as kernel
+
+    half = DTYPES[v.dtype]
+    ops = _operand_dtypes(v.precision, half)
+    meta = hopper_meta(v.head_dim, ops["q"], ops["k"], ops["v"], half, v.cfg, v.short_n, v.precision)
+    options = {"num_warps": meta.pop("num_warps"), "maxnreg": meta.pop("maxnreg")}
+    constexprs = dict(meta, NUM_HEADS=12, KV_GROUP=1, PER_HEAD_LAYOUT=False)
+    signature, attrs = {}, {}
+    for i, name in enumerate(kernel.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+            continue
+        if name in _POINTERS:
+            which = _POINTERS[name]
+            signature[name] = "*" + ("fp32" if which == "fp32" else _TRITON_TYPE[half if which == "half" else ops[which]])
+        elif name in _INT32_ARRAYS:
+            signature[name] = "*i32"
+        elif name == "qk_scale":
+            signature[name] = "fp32"
+        else:  # strides, lengths: as the launcher specializes them for contiguous [B, S, H, D] inputs
+            signature[name] = "i32"
+        if signature[name].startswith("*") or name.startswith("stride_"):
+            attrs[(i, )] = [["tt.divisibility", 16]]
+    return GluonASTSource(kernel, signature, {k: constexprs[k] for k in signature if k in constexprs}, attrs), options
+
+
+def _tool(name: str) -> str:
+    from triton.backends.nvidia import compiler as nv
+
+    if name == "ptxas":  # the one Triton itself uses for sm_90
+        return nv.get_ptxas(SM90A.arch).path
+    return os.path.join(os.path.dirname(nv.__file__), "bin", name)
+
+
+def _ptxas_report(ptx: str, tmp: str) -> Dict[str, int]:
+    """Registers, spill bytes and stack frame of the kernel from ``ptxas -v`` for sm_90a."""
+    path = os.path.join(tmp, "kernel.ptx")
+    with open(path, "w") as f:
+        f.write(ptx)
+    out = subprocess.run([_tool("ptxas"), "-v", "--gpu-name", "sm_90a", path, "-o", os.path.join(tmp, "k.cubin")],
+                         capture_output=True, text=True, check=True)
+    text = out.stdout + out.stderr
+    regs = re.search(r"Used (\d+) registers", text)
+    stores = re.search(r"(\d+) bytes spill stores", text)
+    loads = re.search(r"(\d+) bytes spill loads", text)
+    frame = re.search(r"(\d+) bytes stack frame", text)
+    return {"registers": int(regs.group(1)) if regs else -1,
+            "spill_stores": int(stores.group(1)) if stores else 0, "spill_loads": int(loads.group(1)) if loads else 0,
+            "stack_frame": int(frame.group(1)) if frame else 0}
+
+
+def _sass_counts(cubin: bytes, tmp: str) -> Dict[str, int]:
+    """Instruction counts of the cubin's SASS: all, and the warpgroup matrix products (HGMMA: bf16/fp16,
+    IGMMA: int8, QGMMA: fp8)."""
+    path = os.path.join(tmp, "kernel.cubin")
+    with open(path, "wb") as f:
+        f.write(cubin)
+    sass = subprocess.run([_tool("nvdisasm"), "-c", path], capture_output=True, text=True, check=True).stdout
+    ops = re.findall(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", sass, re.M)
+    return {"instructions": len(ops), **{op: sum(o == op for o in ops) for op in ("HGMMA", "IGMMA", "QGMMA")}}
+
+
+def check(v: Variant) -> Dict[str, object]:
+    """Compile one variant; its row of the report (``error`` set when it failed)."""
+    row: Dict[str, object] = {"variant": v.name, **{k: val for k, val in asdict(v).items() if k != "cfg"},
+                              "block_n": v.cfg.block_n, "stages": v.cfg.num_stages}
+    t0 = time.perf_counter()
+    try:
+        src, options = _source(v)
+        compiled = triton.compile(src, target=SM90A, options=options)
+        with tempfile.TemporaryDirectory() as tmp:
+            row.update(_ptxas_report(compiled.asm["ptx"], tmp))
+            row.update(_sass_counts(compiled.asm["cubin"], tmp))
+        row["shared_bytes"] = compiled.metadata.shared
+        if row["spill_stores"] or row["spill_loads"]:
+            row["error"] = f"register spill: {row['spill_stores']} bytes stored, {row['spill_loads']} loaded"
+        elif row["HGMMA"] + row["IGMMA"] + row["QGMMA"] == 0:
+            row["error"] = "no warpgroup matrix products (wgmma) in the SASS"
+    except Exception as exc:  # noqa: BLE001 - every compile error is a result to report
+        row["error"] = _root_cause(exc)
+    row["seconds"] = round(time.perf_counter() - t0, 1)
+    return row
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The innermost error of a chain (Triton wraps the real one in a CompilationError per call frame)."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[-1] if lines else ''}"[:400]
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--json", help="write the report (one row per variant) to this file")
+    p.add_argument("--quick", action="store_true", help="bf16 only")
+    p.add_argument("--jobs", type=int, default=1, help="variants compiled at once (processes)")
+    args = p.parse_args(argv)
+    refusal = hopper_triton_refusal()
+    print(f"Triton {triton.__version__}: Gluon Hopper kernel for sm_90a"
+          f"{'' if refusal is None else ' (not offered at run time: ' + refusal + ')'}")
+    rows = []
+    print(f"{'variant':58s} {'regs':>4s} {'spill':>5s} {'smem':>6s} {'SASS':>6s} {'MMA':>4s}  seconds")
+    todo = list(variants(args.quick))
+    with ProcessPoolExecutor(max(1, args.jobs)) as pool:
+        results = pool.map(check, todo)
+    for v, row in zip(todo, results):
+        rows.append(row)
+        if "registers" in row:
+            mma = row["HGMMA"] + row["IGMMA"] + row["QGMMA"]
+            print(f"{v.name:58s} {row['registers']:4d} {row['spill_stores']:5d} {row['shared_bytes']:6d} "
+                  f"{row['instructions']:6d} {mma:4d}  {row['seconds']}", flush=True)
+        if "error" in row:
+            print(f"  FAILED {v.name}: {row['error']}", flush=True)
+    failed = [r for r in rows if "error" in r]
+    print(f"{len(rows) - len(failed)} of {len(rows)} variants compiled clean on Triton {triton.__version__}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"triton": triton.__version__, "target": "sm_90a", "rows": rows}, f, indent=1)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
