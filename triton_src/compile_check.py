@@ -3,11 +3,11 @@
     python -m lvsa_kernels.triton_src.compile_check [--json FILE] [--quick]
 
 Triton compiles for a named target on any machine: each variant (head dim x dtype x precision x launch config
-of `tuning.hopper_configs` x short-tile width) goes through Gluon -> TTGIR -> LLVM -> PTX, then through the
-``ptxas`` that ships with Triton, whose resource report gives registers and spills; ``nvdisasm`` of the cubin
-counts the SASS instructions and the tensor-core ones (HGMMA, and for the 8-bit modes IGMMA / QGMMA). A
-variant fails on any compile error or on a register spill (the consumers' accumulators must stay in
-registers). Exit status 0 when every variant compiled clean, 1 otherwise. CI runs this against every Triton
+of `tuning.hopper_configs` x short-tile width) goes through Gluon -> TTGIR -> LLVM -> PTX -> cubin exactly as
+at run time (Triton's own ``ptxas`` and flags); the cubin's resource usage (``cuobjdump``) gives registers and
+stack frame, its SASS (``nvdisasm``) the instruction counts: all, local-memory (spills) and tensor-core
+(HGMMA, and for the 8-bit modes IGMMA / QGMMA). A variant fails on a compile error, on any local-memory
+instruction (a spill: the consumers' accumulators must stay in registers) or when it has no wgmma. Exit status 0 when every variant compiled clean, 1 otherwise. CI runs this against every Triton
 release in `gluon_compat.TESTED_TRITON` (``tests/test_hopper_compile.py``).
 """
 from __future__ import annotations
@@ -108,39 +108,27 @@ def _source(v: Variant):
 
 
 def _tool(name: str) -> str:
+    """A CUDA binary tool shipped with Triton (``cuobjdump``, ``nvdisasm``)."""
     from triton.backends.nvidia import compiler as nv
 
-    if name == "ptxas":  # the one Triton itself uses for sm_90
-        return nv.get_ptxas(SM90A.arch).path
     return os.path.join(os.path.dirname(nv.__file__), "bin", name)
 
 
-def _ptxas_report(ptx: str, tmp: str) -> Dict[str, int]:
-    """Registers, spill bytes and stack frame of the kernel from ``ptxas -v`` for sm_90a."""
-    path = os.path.join(tmp, "kernel.ptx")
-    with open(path, "w") as f:
-        f.write(ptx)
-    out = subprocess.run([_tool("ptxas"), "-v", "--gpu-name", "sm_90a", path, "-o", os.path.join(tmp, "k.cubin")],
-                         capture_output=True, text=True, check=True)
-    text = out.stdout + out.stderr
-    regs = re.search(r"Used (\d+) registers", text)
-    stores = re.search(r"(\d+) bytes spill stores", text)
-    loads = re.search(r"(\d+) bytes spill loads", text)
-    frame = re.search(r"(\d+) bytes stack frame", text)
-    return {"registers": int(regs.group(1)) if regs else -1,
-            "spill_stores": int(stores.group(1)) if stores else 0, "spill_loads": int(loads.group(1)) if loads else 0,
-            "stack_frame": int(frame.group(1)) if frame else 0}
-
-
-def _sass_counts(cubin: bytes, tmp: str) -> Dict[str, int]:
-    """Instruction counts of the cubin's SASS: all, and the warpgroup matrix products (HGMMA: bf16/fp16,
-    IGMMA: int8, QGMMA: fp8)."""
+def _cubin_report(cubin: bytes, tmp: str) -> Dict[str, int]:
+    """Resources and instruction counts of the cubin Triton built (its own ``ptxas`` flags included):
+    registers and stack frame from ``cuobjdump -res-usage``; from the SASS, all instructions, the local-memory
+    ones (``STL``/``LDL``: spills, or arrays the compiler could not keep in registers) and the warpgroup matrix
+    products (HGMMA: bf16/fp16, IGMMA: int8, QGMMA: fp8)."""
     path = os.path.join(tmp, "kernel.cubin")
     with open(path, "wb") as f:
         f.write(cubin)
+    usage = subprocess.run([_tool("cuobjdump"), "-res-usage", path], capture_output=True, text=True, check=True).stdout
     sass = subprocess.run([_tool("nvdisasm"), "-c", path], capture_output=True, text=True, check=True).stdout
     ops = re.findall(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", sass, re.M)
-    return {"instructions": len(ops), **{op: sum(o == op for o in ops) for op in ("HGMMA", "IGMMA", "QGMMA")}}
+    regs, stack = re.search(r"REG:(\d+)", usage), re.search(r"STACK:(\d+)", usage)
+    return {"registers": int(regs.group(1)) if regs else -1, "stack_frame": int(stack.group(1)) if stack else -1,
+            "instructions": len(ops), "local_stores": ops.count("STL"), "local_loads": ops.count("LDL"),
+            **{op: ops.count(op) for op in ("HGMMA", "IGMMA", "QGMMA")}}
 
 
 def check(v: Variant) -> Dict[str, object]:
@@ -152,11 +140,11 @@ def check(v: Variant) -> Dict[str, object]:
         src, options = _source(v)
         compiled = triton.compile(src, target=SM90A, options=options)
         with tempfile.TemporaryDirectory() as tmp:
-            row.update(_ptxas_report(compiled.asm["ptx"], tmp))
-            row.update(_sass_counts(compiled.asm["cubin"], tmp))
+            row.update(_cubin_report(compiled.asm["cubin"], tmp))
         row["shared_bytes"] = compiled.metadata.shared
-        if row["spill_stores"] or row["spill_loads"]:
-            row["error"] = f"register spill: {row['spill_stores']} bytes stored, {row['spill_loads']} loaded"
+        if row["local_stores"] or row["local_loads"]:
+            row["error"] = (f"register spill: {row['local_stores']} local stores and {row['local_loads']} local loads "
+                            f"in the SASS ({row['stack_frame']}-byte stack frame)")
         elif row["HGMMA"] + row["IGMMA"] + row["QGMMA"] == 0:
             row["error"] = "no warpgroup matrix products (wgmma) in the SASS"
     except Exception as exc:  # noqa: BLE001 - every compile error is a result to report
@@ -183,7 +171,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"Triton {triton.__version__}: Gluon Hopper kernel for sm_90a"
           f"{'' if refusal is None else ' (not offered at run time: ' + refusal + ')'}")
     rows = []
-    print(f"{'variant':58s} {'regs':>4s} {'spill':>5s} {'smem':>6s} {'SASS':>6s} {'MMA':>4s}  seconds")
+    print(f"{'variant':58s} {'regs':>4s} {'stack':>5s} {'STL/LDL':>7s} {'smem':>6s} {'SASS':>6s} {'MMA':>4s}  seconds")
     todo = list(variants(args.quick))
     with ProcessPoolExecutor(max(1, args.jobs)) as pool:
         results = pool.map(check, todo)
@@ -191,7 +179,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         rows.append(row)
         if "registers" in row:
             mma = row["HGMMA"] + row["IGMMA"] + row["QGMMA"]
-            print(f"{v.name:58s} {row['registers']:4d} {row['spill_stores']:5d} {row['shared_bytes']:6d} "
+            local = f"{row['local_stores']}/{row['local_loads']}"
+            print(f"{v.name:58s} {row['registers']:4d} {row['stack_frame']:5d} {local:>7s} {row['shared_bytes']:6d} "
                   f"{row['instructions']:6d} {mma:4d}  {row['seconds']}", flush=True)
         if "error" in row:
             print(f"  FAILED {v.name}: {row['error']}", flush=True)
