@@ -10,9 +10,9 @@ It reproduces the kernel's quantization, roundings and tile walk on any device:
   softmax scale; Q K^T is exact on these integers;
 * online softmax in the exp2 domain over the block's key spans, in the kernel's order (`_walk`): the
   portable kernel cuts each span into ``block_n`` tiles from its start and takes every full tile, then every
-  ragged tail; ``aligned_tiles`` cuts spans at multiples of ``block_n`` instead and ``short_n`` moves tiles
-  of at most ``short_n`` keys last (the Hopper kernel: ``block_n=128, aligned_tiles=True`` and its key
-  tiles' ``short_n``, which it picks per layout: 0, 32 or 64);
+  ragged tail; ``aligned_tiles`` cuts spans at multiples of ``block_n`` instead and ``short_n`` cuts every
+  shorter piece into tiles of at most ``short_n`` keys (the Hopper kernel: ``block_n=128,
+  aligned_tiles=True`` and its key tiles' ``short_n``, which it picks per layout: 0, 32 or 64);
 * P in e4m3 with the fixed scale 448 (P <= 1 against the running max, so 1 maps onto e4m3's largest
   finite value); V in e4m3 per channel (`value_channel_scale`); both scales undone on the float32 output.
   With ``fp8_pv=False`` P is rounded to V's dtype and V is used as is.
@@ -113,17 +113,23 @@ def _walk(starts, ends, block_n: int, aligned: bool = False, short_n: int = 0) -
     """The kernel's key tiles ``(a, e)`` for spans ``[starts, ends)`` (layout order).
 
     Each span is cut at ``start + j * block_n`` or, with ``aligned``, at every multiple of ``block_n`` inside
-    it (each piece then lies in one aligned block). Order: pieces of ``block_n`` keys, then those of more
-    than ``short_n`` keys, then the rest; within a class, span order, then position."""
-    classes: Tuple[List[Tuple[int, int]], ...] = ([], [], [])
+    it (each piece then lies in one aligned block). Order: pieces of ``block_n`` keys, then the shorter ones;
+    with ``short_n > 0`` each shorter piece is first cut into tiles of at most ``short_n`` keys. Within a class,
+    span order, then position."""
+    full: List[Tuple[int, int]] = []
+    rest: List[Tuple[int, int]] = []
     for s, e in zip(starts, ends):
         s, e = int(s), int(e)
         a = s
         while a < e:
             b = min(e, (a // block_n + 1) * block_n if aligned else a + block_n)
-            classes[0 if b - a == block_n else 1 if b - a > short_n else 2].append((a, b))
+            if b - a == block_n:
+                full.append((a, b))
+            else:
+                width = short_n or block_n
+                rest.extend((c, min(c + width, b)) for c in range(a, b, width))
             a = b
-    return classes[0] + classes[1] + classes[2]
+    return full + rest
 
 
 def fp8_reference_attention(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout,

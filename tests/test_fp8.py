@@ -70,14 +70,18 @@ def test_fake_quant_with_the_aligned_walk_within_error_bound(layout_name, dist, 
 
 
 def _brute_force_walk(spans, block_n, aligned, short_n):
-    """Group every key of every span by (span, block index) and order the groups by (class, span, start)."""
+    """Group every key of every span by (span, block index); a group shorter than ``block_n`` is regrouped by
+    ``short_n`` keys from its first (with ``short_n``); order the groups by (full or not, span, start)."""
     groups = {}
     for i, (s, e) in enumerate(spans):
         for key in range(s, e):
             groups.setdefault((i, key // block_n if aligned else (key - s) // block_n), []).append(key)
-    pieces = [(i, keys[0], keys[-1] + 1) for (i, _), keys in groups.items()]
-    rank = lambda n: 0 if n == block_n else 1 if n > short_n else 2  # noqa: E731
-    return [(a, e) for _, _, a, e in sorted((rank(e - a), i, a, e) for i, a, e in pieces)]
+    pieces = []
+    for (i, _), keys in groups.items():
+        full = len(keys) == block_n
+        step = block_n if full or not short_n else short_n
+        pieces += [(not full, i, keys[j], keys[min(j + step, len(keys)) - 1] + 1) for j in range(0, len(keys), step)]
+    return [(a, e) for _, _, a, e in sorted(pieces)]
 
 
 @pytest.mark.parametrize("aligned,short_n", [(False, 0), (True, 0), (True, 64), (False, 32)])
@@ -92,15 +96,16 @@ def test_walk_matches_a_brute_force_enumeration(aligned, short_n):
         assert sorted(key for a, e in walk for key in range(a, e)) == sorted(
             key for a, e in spans for key in range(a, e))
         sizes = [e - a for a, e in walk]
-        ranks = [0 if n == 128 else 1 if n > short_n else 2 for n in sizes]
-        assert ranks == sorted(ranks) and all(0 < n <= 128 for n in sizes)
+        ranks = [0 if n == 128 else 1 for n in sizes]
+        assert ranks == sorted(ranks) and all(0 < n <= (128 if r == 0 else short_n or 128)
+                                              for n, r in zip(sizes, ranks))
         if aligned:
             assert all(a // 128 == (e - 1) // 128 for a, e in walk)
     # the defaults are the portable kernel's walk: full tiles of every span, then every ragged tail
     assert _walk([0, 300], [200, 600], 128) == [(0, 128), (300, 428), (428, 556), (128, 200), (556, 600)]
-    # aligned: cut at 128, 384, 512; full tiles, then (64, 128) keys, then <= 64 keys
-    assert _walk([0, 330], [200, 600], 128, True, 64) == [(0, 128), (384, 512), (128, 200), (512, 600),
-                                                          (330, 384)]
+    # aligned: cut at 128, 384, 512; full tiles, then the rest in tiles of <= 64 keys (span order, then position)
+    assert _walk([0, 330], [200, 600], 128, True, 64) == [(0, 128), (384, 512), (128, 192), (192, 200),
+                                                          (330, 384), (512, 576), (576, 600)]
 
 
 def test_walk_arguments_are_checked():
@@ -331,7 +336,7 @@ def test_hopper_int8_rows_of_short_tiles_only():
     k, v = k[:, :layout.kv_len], v[:, :layout.kv_len]
     cfg = hopper_configs(128, "int8_qk")[0]
     tiles = build_key_tiles(layout, 128, q.device, "int8_qk")
-    assert tiles.short_n == 32 and tiles.row_short.tolist() == [4, 4, 0]
+    assert tiles.short_n == 32 and tiles.row_short.tolist() == [4, 4, 3]
     out, _ = run_scheduled(q, k, v, build_schedule(layout, 128, q.device), False, 0.09, cfg,
                            out=torch.full_like(q, float("nan")), precision="int8_qk", key_tiles=tiles)
     ref = fp8_reference_attention(q, k, v, layout, scale=0.09, fp8_pv=False, **_walk_of(cfg, layout, "int8_qk"))

@@ -56,11 +56,13 @@ def test_key_tiles_cover_each_rows_spans_exactly(precision):
             assert torch.equal(got, want), "key tiles cover the row's keys exactly once"
             assert kinds == sorted(kinds), "full tiles first, then the ragged ones, then the short ones"
             assert kinds.count(2) == int(kt.row_short[row])
+            if kt.short_n:
+                assert 1 not in kinds, "with short tiles every tile of the long walk is full (it runs unmasked)"
 
 
 def short_rows_layout():
     """Rows 0 and 1 attend four separate 20-30-key spans each (only short tiles, under ping-pong: 100 and 128
-    query rows), row 2 one 204-key span (a full and a ragged tile)."""
+    query rows), row 2 one 204-key span (a full tile, then its 76-key rest as three short tiles)."""
     mask = torch.zeros(3, 8, dtype=torch.bool)
     mask[0, ::2] = mask[1, 1::2] = mask[2] = True
     return BlockSparseLayout.from_block_mask(mask, [100, 128, 70], [24, 30, 20, 28, 26, 22, 29, 25])
@@ -90,7 +92,10 @@ def test_short_tiles_take_the_width_that_loads_fewer_keys():
     whole_blocks = LVSAPattern(window=4).plan(31, 1536, step=0)  # every span a multiple of 128 keys
     assert build_key_tiles(whole_blocks, 128, torch.device("cpu")).short_n == 0
     kt = build_key_tiles(short_rows_layout(), 128, torch.device("cpu"))
-    assert kt.short_n == 32 and kt.row_short.tolist() == [4, 4, 0]
+    assert kt.short_n == 32 and kt.row_short.tolist() == [4, 4, 3]
+    # a 100-key rest: two 64-key tiles load as many keys as four 32-key ones, in fewer tiles
+    hundreds = BlockSparseLayout.from_block_mask(torch.ones(1, 1, dtype=torch.bool), [64], [228])
+    assert build_key_tiles(hundreds, 128, torch.device("cpu")).short_n == 64
 
 
 def run_hopper(q, k, v, layout, scale, cfg, poison=True):

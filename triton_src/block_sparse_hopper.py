@@ -53,17 +53,28 @@ KEY_BLOCK = gl.constexpr(KEY_QUANT_BLOCK)  # 8-bit modes: tokens per K scale; ke
 
 
 @gluon.jit
-def _softmax_step(s, m_i, l_i, kv0, kv_end, qk_scale, bias, BLOCK_N: gl.constexpr, s_layout: gl.constexpr):
+def _full_tile_scores(s, m_i, qk_scale, bias):
+    """One fused multiply-add per score (``qk_scale >= 0`` keeps the max); returns (p, m)."""
+    m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale - bias)
+    return gl.exp2(s * qk_scale - (m_new + bias)[:, None]), m_new
+
+
+@gluon.jit
+def _softmax_step(s, m_i, l_i, kv0, kv_end, qk_scale, bias, BLOCK_N: gl.constexpr, s_layout: gl.constexpr,
+                  RAGGED: gl.constexpr):
     """Fold the scores ``s * qk_scale - bias`` (``qk_scale >= 0``) of key tile ``kv0 ..`` (``s [64, BLOCK_N]``)
-    into the running max/sum; returns (p, m, l, alpha)."""
-    if kv0 + BLOCK_N > kv_end:  # scale before masking: 0 * -inf would be NaN
-        cols = kv0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-        s = gl.where((cols < kv_end)[None, :], s * qk_scale, float("-inf"))
-        m_new = gl.maximum(m_i, gl.max(s, 1) - bias)
-        p = gl.exp2(s - (m_new + bias)[:, None])
-    else:  # full tile: one fused multiply-add per score (qk_scale >= 0 keeps the max)
-        m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale - bias)
-        p = gl.exp2(s * qk_scale - (m_new + bias)[:, None])
+    into the running max/sum; returns (p, m, l, alpha). Only a walk that may hold ragged tiles (``RAGGED``)
+    carries the column mask: its per-thread column indices cost registers for the whole walk."""
+    if RAGGED:
+        if kv0 + BLOCK_N > kv_end:  # scale before masking: 0 * -inf would be NaN
+            cols = kv0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+            s = gl.where((cols < kv_end)[None, :], s * qk_scale, float("-inf"))
+            m_new = gl.maximum(m_i, gl.max(s, 1) - bias)
+            p = gl.exp2(s - (m_new + bias)[:, None])
+        else:
+            p, m_new = _full_tile_scores(s, m_i, qk_scale, bias)
+    else:
+        p, m_new = _full_tile_scores(s, m_i, qk_scale, bias)
     alpha = gl.exp2(m_i - m_new)
     l_i = l_i * alpha + gl.sum(p, 1)
     return p, m_new, l_i, alpha
@@ -71,7 +82,7 @@ def _softmax_step(s, m_i, l_i, kv0, kv_end, qk_scale, bias, BLOCK_N: gl.constexp
 
 @gluon.jit
 def _fold_scores(s, m_i, l_i, kv0, kv_end, qk_scale, walk_scale, ks_base, s_layout: gl.constexpr,
-                 QK_INT8: gl.constexpr):
+                 QK_INT8: gl.constexpr, RAGGED: gl.constexpr):
     """`_softmax_step` of the ``Q K^T`` accumulator ``s`` of key tile ``kv0 ..``; returns (p, m, l, alpha).
 
     8-bit modes: ``s`` holds int32 products of INT8 Q and K; the tile lies in one aligned K-scale block, so
@@ -83,9 +94,9 @@ def _fold_scores(s, m_i, l_i, kv0, kv_end, qk_scale, walk_scale, ks_base, s_layo
     if QK_INT8:
         c = walk_scale * gl.load(ks_base + kv0 // KEY_BLOCK)
         f = (s + 0x4B400000).to(gl.float32, bitcast=True)
-        return _softmax_step(f, m_i, l_i, kv0, kv_end, c, 12582912.0 * c, BLOCK_N, s_layout)
+        return _softmax_step(f, m_i, l_i, kv0, kv_end, c, 12582912.0 * c, BLOCK_N, s_layout, RAGGED)
     else:
-        return _softmax_step(s, m_i, l_i, kv0, kv_end, qk_scale, 0.0, BLOCK_N, s_layout)
+        return _softmax_step(s, m_i, l_i, kv0, kv_end, qk_scale, 0.0, BLOCK_N, s_layout, RAGGED)
 
 
 @gluon.jit
@@ -101,13 +112,15 @@ def _zero_v_tail(v_buf, kv0, kv_end, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constex
 
 
 @gluon.jit
-def _pv_operand(p, v_buf, kv0, kv_end, p_layout: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr):
+def _pv_operand(p, v_buf, kv0, kv_end, p_layout: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+                RAGGED: gl.constexpr):
     """P of key tile ``kv0 ..`` as the A operand of ``P V``: e4m3 times 448 against V^T in e4m3 (fp8), else in
     V's dtype, after zeroing the V rows of a ragged tile (keys outside the span may hold NaN)."""
     if v_buf.dtype == gl.float8e4nv:
         return gl.convert_layout((p * P_SCALE).to(gl.float8e4nv), p_layout)
     else:
-        _zero_v_tail(v_buf, kv0, kv_end, BLOCK_N, HEAD_DIM)
+        if RAGGED:
+            _zero_v_tail(v_buf, kv0, kv_end, BLOCK_N, HEAD_DIM)
         return gl.convert_layout(p.to(v_buf.dtype), p_layout)
 
 
@@ -156,8 +169,9 @@ def _v_view(v_smem, stage, N: gl.constexpr):
 
 @gluon.jit
 def _attend_tiles(q, acc, m_i, l_i, j_lo, j_hi, turn0, pingpong, ring, scales, HALF: gl.constexpr,
-                  N: gl.constexpr):
-    """Fold key tiles ``j_lo .. j_hi`` (> j_lo) of the row, all ``N`` keys wide, into ``(acc, m_i, l_i)``.
+                  N: gl.constexpr, RAGGED: gl.constexpr):
+    """Fold key tiles ``j_lo .. j_hi`` (> j_lo) of the row, all ``N`` keys wide, into ``(acc, m_i, l_i)``;
+    ``RAGGED``: some may hold fewer keys (masked; otherwise every tile is full).
 
     ``S_j = Q K_j^T`` is issued before ``O += P_{j-1} V_{j-1}``, so the softmax of ``S_j`` overlaps the
     ``P V`` product; matrix-product issue ``t`` of this walk is turn ``turn0 + t`` (`_wait_turn`)."""
@@ -191,7 +205,8 @@ def _attend_tiles(q, acc, m_i, l_i, j_lo, j_hi, turn0, pingpong, ring, scales, H
     _give_turn(turn, HALF, pingpong)
     s = warpgroup_mma_wait(0, deps=(s_tok, ))
     mbarrier.arrive(k_empty.index(stage), count=1)
-    p, m_i, l_i, alpha = _fold_scores(s, m_i, l_i, kv0, kv_end, qk_scale, walk_scale, ks_base, s_layout, QK_INT8)
+    p, m_i, l_i, alpha = _fold_scores(s, m_i, l_i, kv0, kv_end, qk_scale, walk_scale, ks_base, s_layout, QK_INT8,
+                                      RAGGED)
     acc = acc * gl.convert_layout(alpha, row_o)[:, None]
     for j in range(j_lo + 1, j_hi):
         prev = stage
@@ -199,7 +214,7 @@ def _attend_tiles(q, acc, m_i, l_i, j_lo, j_hi, turn0, pingpong, ring, scales, H
         prev_v = _v_view(v_smem, prev, N)
         mbarrier.wait(k_ready.index(stage), (j // STAGES) & 1)
         mbarrier.wait(v_ready.index(prev), ((j - 1) // STAGES) & 1)
-        p_op = _pv_operand(p, prev_v, kv0, kv_end, p_layout, N, HEAD_DIM)
+        p_op = _pv_operand(p, prev_v, kv0, kv_end, p_layout, N, HEAD_DIM, RAGGED)
         _wait_turn(turn, HALF, turn0 + j - j_lo, pingpong)
         s_tok = warpgroup_mma(q, _k_view(k_smem, stage, N), s_init, use_acc=False, is_async=True)
         pv_tok = _issue_pv(p_op, prev_v, acc)
@@ -209,13 +224,13 @@ def _attend_tiles(q, acc, m_i, l_i, j_lo, j_hi, turn0, pingpong, ring, scales, H
         s = warpgroup_mma_wait(1, deps=(s_tok, ))
         mbarrier.arrive(k_empty.index(stage), count=1)
         p, m_i, l_i, alpha = _fold_scores(s, m_i, l_i, kv0, kv_end, qk_scale, walk_scale, ks_base, s_layout,
-                                          QK_INT8)
+                                          QK_INT8, RAGGED)
         pv = warpgroup_mma_wait(0, deps=(pv_tok, ))
         mbarrier.arrive(v_empty.index(prev), count=1)
         acc = pv * gl.convert_layout(alpha, row_o)[:, None]
     v_buf = _v_view(v_smem, stage, N)
     mbarrier.wait(v_ready.index(stage), ((j_hi - 1) // STAGES) & 1)
-    p_op = _pv_operand(p, v_buf, kv0, kv_end, p_layout, N, HEAD_DIM)
+    p_op = _pv_operand(p, v_buf, kv0, kv_end, p_layout, N, HEAD_DIM, RAGGED)
     _wait_turn(turn, HALF, turn0 + j_hi - j_lo, pingpong)
     pv_tok = _issue_pv(p_op, v_buf, acc)
     _give_turn(turn, HALF, pingpong)
@@ -262,13 +277,14 @@ def _consume(args, HALF: gl.constexpr):
         ring = (k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn, kv_tile_start, kv_tile_end, i_lo)
         scales = (qk_scale, walk_scale, ks_base)
         n_long = n_kv - n_short
-        if n_long > 0:
-            acc, m_i, l_i = _attend_tiles(q, acc, m_i, l_i, 0, n_long, 0, pingpong, ring, scales, HALF, BLOCK_N)
+        if n_long > 0:  # with short tiles, every ragged piece is cut into short ones: the long tiles are full
+            acc, m_i, l_i = _attend_tiles(q, acc, m_i, l_i, 0, n_long, 0, pingpong, ring, scales, HALF, BLOCK_N,
+                                          SHORT_N == BLOCK_N)
         if SHORT_N < BLOCK_N:
             if n_short > 0:  # n_long + 1 turns were taken above
                 turn0 = gl.where(n_long > 0, n_long + 1, 0)
                 acc, m_i, l_i = _attend_tiles(q, acc, m_i, l_i, n_long, n_kv, turn0, pingpong, ring, scales, HALF,
-                                              SHORT_N)
+                                              SHORT_N, True)
 
     has_keys = l_i > 0.0
     l_safe = gl.where(has_keys, l_i, 1.0)

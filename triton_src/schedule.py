@@ -138,9 +138,11 @@ class KeyTiles:
     end       [nK]          one past its last key token (``end - start < block_n`` only for a ragged piece)
     row_short [Hl*nQB]      how many of row r's tiles are *short* (``end - start <= short_n``): its last ones
 
-    The tiles of a row cover its merged key spans exactly, in three classes, each in span order: full
-    tiles of ``block_n`` keys, ragged tiles longer than ``short_n``, then short tiles (the kernel runs
-    those as ``short_n``-column products on ``short_n``-row loads; ``short_n = 0``: none).
+    The tiles of a row cover its merged key spans exactly, each class in span order: full tiles of ``block_n``
+    keys first. With ``short_n > 0`` every shorter piece is cut into short tiles of at most ``short_n`` keys,
+    which come last (the kernel runs them as ``short_n``-column products on ``short_n``-row loads), so the long
+    tiles are all full and need no mask. With ``short_n = 0`` (fp8, or no piece shorter than ``block_n``) the
+    ragged pieces follow the full tiles as masked ``block_n``-wide tiles.
     ``aligned``: spans are cut at every multiple of ``block_n`` (token index), so no tile crosses one
     (the 8-bit modes scale K per aligned block); otherwise every ``block_n`` keys from the span's start.
     """
@@ -163,7 +165,7 @@ def build_key_tiles(layout: BlockSparseLayout, block_n: int, device: torch.devic
     """The cached `KeyTiles` of ``layout`` for the Hopper kernel with key tiles of ``block_n`` columns at
     ``precision``: ``"exact"`` cuts each span from its start; the 8-bit modes cut at aligned blocks of
     ``block_n`` tokens (one K scale per tile). Short tiles: ``short_n`` in ``{block_n / 4, block_n / 2}``,
-    whichever loads fewer keys over the layout (0 when no tile is that short); none for ``"fp8"`` (its V^T
+    whichever loads fewer keys over the layout (0 when every piece is full); none for ``"fp8"`` (its V^T
     tiles are column blocks)."""
     aligned, short = precision != "exact", precision != "fp8"
     key = ("triton_key_tiles", block_n, aligned, short, str(device))
@@ -183,10 +185,19 @@ def _build_key_tiles(layout: BlockSparseLayout, bn: int, aligned: bool, short: b
     end = torch.minimum(step + bn, torch.repeat_interleave(s1, n_tiles))
     length = end - start
     short_n = _short_width(length, bn) if short else 0
+    if short_n:  # every piece shorter than bn becomes tiles of at most short_n keys, in key order
+        cuts = torch.where(length < bn, (length + short_n - 1) // short_n, 1)  # tiles per piece
+        span_of_piece = torch.repeat_interleave(torch.arange(n_tiles.numel()), n_tiles)
+        n_tiles = torch.zeros_like(n_tiles).index_add_(0, span_of_piece, cuts)
+        i_in_piece = torch.arange(int(cuts.sum())) - torch.repeat_interleave(_csr_ptr(cuts)[:-1], cuts)
+        width = torch.repeat_interleave(torch.where(length < bn, short_n, bn), cuts)
+        start = torch.repeat_interleave(start, cuts) + i_in_piece * width
+        end = torch.minimum(start + width, torch.repeat_interleave(end, cuts))
+        length = end - start
     row_ptr = _csr_ptr(n_tiles)[span_ptr]
     n_rows = span_ptr.numel() - 1
     row = torch.repeat_interleave(torch.arange(n_rows), row_ptr[1:] - row_ptr[:-1])
-    kind = (length < bn).long() + (length <= short_n).long()  # 0 full, 1 ragged, 2 short
+    kind = (length < bn).long() + (length <= short_n).long()  # 0 full, 1 ragged (no short tiles), 2 short
     order = torch.argsort(row * 3 + kind, stable=True)
     start, end = start[order], end[order]
     row_short = torch.bincount(row[kind == 2], minlength=n_rows)
@@ -203,11 +214,16 @@ def _build_key_tiles(layout: BlockSparseLayout, bn: int, aligned: bool, short: b
 
 
 def _short_width(length: Tensor, bn: int) -> int:
-    """``bn / 4`` or ``bn / 2``, whichever loads fewer keys for these tile lengths (a short tile loads
-    ``short_n`` keys, any other ``bn``); 0 when no tile is that short."""
+    """The short-tile width for pieces of these lengths: 0 when every piece is full (``bn`` keys), else
+    ``bn / 4`` or ``bn / 2``, whichever loads fewer keys when each shorter piece is cut into tiles of that width
+    (ties: the wider, fewer tiles)."""
+    ragged = length[length < bn]
+    if ragged.numel() == 0:
+        return 0
+
     def loaded(n: int) -> int:
-        return int(torch.where(length <= n, n, bn).sum())
-    return min((0, bn // 2, bn // 4), key=loaded)  # ties: the first (no short tiles, then the wider)
+        return int(((ragged + n - 1) // n * n).sum())
+    return min((bn // 2, bn // 4), key=loaded)
 
 
 def key_starts_aligned(layout: BlockSparseLayout, multiple: int = 16) -> bool:
