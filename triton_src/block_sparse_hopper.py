@@ -20,8 +20,11 @@ Ragged key tiles (``kv_end - kv0`` below the tile's width) are the only masked o
 first, then columns from ``kv_end`` on are set to -inf, and the V rows from ``kv_end`` on are zeroed in shared memory
 before ``P V`` (a TMA tile reads whatever follows the span, which may hold NaN). A row's *short* tiles (at most
 ``SHORT_N`` keys, e.g. the 24-key tail of a 1560-token frame; its last ``row_kv_short`` tiles) load only
-``SHORT_N`` rows into the head of a ring slot and run ``SHORT_N``-column products. A consumer whose 64 rows
-all lie past the tile's end only walks the barriers. Rows without keys write 0 and lse = -inf.
+``SHORT_N`` rows into the head of a ring slot and run ``SHORT_N``-column products. Outside fp8 every piece of a
+span shorter than ``BLOCK_N`` is cut into short tiles (`schedule.build_key_tiles`), so the walk over the long
+tiles carries no mask (the mask's per-thread column indices would hold registers for the whole walk: on Triton
+3.9 that spilled). A consumer whose 64 rows all lie past the tile's end only walks the barriers. Rows without
+keys write 0 and lse = -inf.
 
 8-bit modes (``precision="int8_qk"`` / ``"fp8"``, see `fp8_quant.py`) follow the tensors' dtypes: INT8 Q
 (quantized per tile by a pre-pass) and K (one scale per aligned block of ``KEY_BLOCK`` tokens; the key tiles
@@ -277,9 +280,9 @@ def _consume(args, HALF: gl.constexpr):
         ring = (k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn, kv_tile_start, kv_tile_end, i_lo)
         scales = (qk_scale, walk_scale, ks_base)
         n_long = n_kv - n_short
-        if n_long > 0:  # with short tiles, every ragged piece is cut into short ones: the long tiles are full
+        if n_long > 0:  # only fp8 has ragged long tiles: elsewhere every shorter piece is cut into short tiles
             acc, m_i, l_i = _attend_tiles(q, acc, m_i, l_i, 0, n_long, 0, pingpong, ring, scales, HALF, BLOCK_N,
-                                          SHORT_N == BLOCK_N)
+                                          FP8_PV)
         if SHORT_N < BLOCK_N:
             if n_short > 0:  # n_long + 1 turns were taken above
                 turn0 = gl.where(n_long > 0, n_long + 1, 0)
