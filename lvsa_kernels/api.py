@@ -116,8 +116,8 @@ def effective_scale(q: Tensor, k: Tensor, scale: float) -> Tuple[float, float]:
     if abs(scale) <= 1.0 or torch.compiler.is_compiling() or q.numel() == 0 or k.numel() == 0:
         return scale, 1.0
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    bound = float(torch.linalg.vector_norm(q, dim=-1, dtype=acc).amax()) * \
-        float(torch.linalg.vector_norm(k, dim=-1, dtype=acc).amax())
+    bound = float(torch.linalg.vector_norm(q.detach(), dim=-1, dtype=acc).amax()) * \
+        float(torch.linalg.vector_norm(k.detach(), dim=-1, dtype=acc).amax())
     if bound == 0.0:
         return 1.0, 1.0
     if not math.isfinite(bound) or abs(scale) * bound <= SCALE_CAP:
@@ -171,6 +171,10 @@ def block_sparse_attn(
             ``triton`` backend on CUDA sm_89+ or in Triton's CPU interpreter) or ``"int8_qk"`` (INT8 Q K^T,
             P V in the input dtype). See docs/fp8.md for accuracy. ``auto`` only picks backends that run
             the requested precision and never changes it; none available raises `BackendUnavailable`.
+
+    Differentiable: when q, k or v require grad, ``out`` and ``lse`` carry gradients (Triton's block-sparse
+    backward kernels, or autograd through ``sdpa`` / ``reference``); backends without a backward are not chosen
+    (explicitly named, they raise `BackendUnavailable`); the 8-bit precisions have no backward.
 
     Returns:
         ``out [B, Sq, H, D]`` in q's dtype, or ``(out, lse)``. Without work (batch, sequence or heads of
