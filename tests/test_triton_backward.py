@@ -211,3 +211,11 @@ def test_8bit_precision_refuses_gradients():
         block_sparse_attn(q, k, v, layout, backend="triton", precision="fp8")
     with torch.no_grad():
         assert block_sparse_attn(q, k, v, layout, backend="triton", precision="fp8").shape == q.shape
+
+
+@pytest.mark.skipif(not CUDA, reason="bf16 at the GPU tile sizes (64-key tiles, head dim 128) needs a CUDA device")
+@pytest.mark.parametrize("heads, kv_heads", [(4, 4), (4, 2)])
+def test_gpu_bf16_wan_like_gradients(heads, kv_heads):
+    """A Wan-like LVSA layout with text: 200-token frames (ragged against every tile width), head dim 128."""
+    layout = LVSAPattern(window=1, n_first=1, reference_frames=3).plan(7, 200, step=1, text_tokens=40)
+    check_grads(layout, B=2, H=heads, Hkv=kv_heads, dtype=torch.bfloat16, D=128, seed=11)
