@@ -144,10 +144,11 @@ def _fake_bwd(do, q, k, v, *args):
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, q_sched, k_sched, max_q, max_k, per_head, scale, block_m = inputs[:10]
+    (q, k, v, q_sched, k_sched, max_q_tiles, max_k_tiles, per_head_layout, scale, block_m,
+     _block_n, _num_warps, _num_stages, _use_tma, *bwd_config) = inputs
     ctx.save_for_backward(q, k, v, *output, *q_sched, *k_sched)
     ctx.n_sched = len(q_sched)
-    ctx.args = (max_q, max_k, per_head, scale, block_m, *inputs[14:])
+    ctx.args = (max_q_tiles, max_k_tiles, per_head_layout, scale, block_m, *bwd_config)
     ctx.n_inputs = len(inputs)
 
 
