@@ -76,6 +76,7 @@ def _methods(names: List[str], q, k, v, layout, device, bwd=None) -> List[Method
     import torch.nn.functional as F
 
     from lvsa_kernels import block_sparse_attn
+    from lvsa_kernels.bench.baselines import _is_smem_oom
     from lvsa_kernels.interop import to_flex_block_mask
 
     scale = q.shape[-1] ** -0.5
@@ -90,12 +91,20 @@ def _methods(names: List[str], q, k, v, layout, device, bwd=None) -> List[Method
             from torch.nn.attention.flex_attention import flex_attention
 
             mask = to_flex_block_mask(layout, 128, device=device)
-            fn = torch.compile(flex_attention, dynamic=False) if device.type == "cuda" else flex_attention
+            info = {"compile_mode": "default" if device.type == "cuda" else "eager"}
+            compiled = {"fn": torch.compile(flex_attention, dynamic=False) if device.type == "cuda" else flex_attention}
 
-            def flex(fn=fn, mask=mask):
-                return fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=mask,
-                          scale=scale).transpose(1, 2)
-            out.append(Method("flex", flex, {"compiled": device.type == "cuda"}))
+            def flex(mask=mask, info=info, compiled=compiled):
+                args = (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+                try:
+                    return compiled["fn"](*args, block_mask=mask, scale=scale).transpose(1, 2)
+                except Exception as exc:  # shared-memory out of resources: the mode run_gpu.py falls back to
+                    if info["compile_mode"] != "default" or not _is_smem_oom(exc):
+                        raise
+                    info["compile_mode"] = "max-autotune-no-cudagraphs"
+                    compiled["fn"] = torch.compile(flex_attention, dynamic=False, mode=info["compile_mode"])
+                    return compiled["fn"](*args, block_mask=mask, scale=scale).transpose(1, 2)
+            out.append(Method("flex", flex, info))
         elif name == "dense_cudnn":
             from torch.nn.attention import SDPBackend, sdpa_kernel
 
