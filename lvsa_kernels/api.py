@@ -194,6 +194,8 @@ def block_sparse_attn(
     chosen = select_backend(backend, q, k, v, layout, scale, return_lse, precision)
     if not has_work(q, layout):
         out = q.new_zeros(q.shape)
+        if q.requires_grad and torch.is_grad_enabled():  # zeros that backpropagate zeros (NaN-safe, unlike q * 0)
+            out = torch.where(torch.zeros_like(q, dtype=torch.bool), q, out)
         lse = torch.full((q.shape[0], q.shape[2], q.shape[1]), float("-inf"), dtype=torch.float32, device=q.device)
     else:
         run_scale, lse_factor = effective_scale(q, k, scale)

@@ -108,6 +108,17 @@ def test_rows_and_keys_without_pairs_get_zero_gradients():
     assert (dk[:, 30:] == 0).all() and (dv[:, 30:] == 0).all()  # key block 3 is attended by nothing
 
 
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_a_layout_without_pairs_backpropagates_zeros(backend):
+    """No key at all: out is 0 without running a backend, and still part of the graph (q's gradient is 0)."""
+    layout = BlockSparseLayout.from_block_mask(torch.zeros(2, 2, dtype=torch.bool), [5, 7], [6, 4])
+    q, k, v = (t.float().to(DEVICE).requires_grad_() for t in inputs(layout, 1, 2, 2, 16, 8)[:3])
+    q.data[0, 0, 0, 0] = float("inf")
+    out = block_sparse_attn(q, k, v, layout, backend=backend)
+    out.sum().backward()
+    assert (out == 0).all() and torch.equal(q.grad, torch.zeros_like(q))
+
+
 def _direct(layout, q, k, v, do, out, lse, fill):
     """`launch_backward` into buffers pre-filled with ``fill``."""
     bwd = backward_config(q.dtype, q.shape[-1])
