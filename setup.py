@@ -32,7 +32,7 @@ setup(
     install_requires=["torch>=2.5", "numpy"],
     extras_require={
         "dev": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "triton>=3.2", "matplotlib",
-                "imageio", "imageio-ffmpeg", "ftfy"],
+                "imageio", "imageio-ffmpeg", "ftfy", "peft"],
         "diffusers": ["diffusers>=0.42,<0.43", "transformers>=4.50", "accelerate"],
         "flashinfer": ["flashinfer-python>=0.6.7"],
         "video": ["imageio", "imageio-ffmpeg", "ftfy"],  # `lvsa-kernels generate`: mp4 output, prompt cleaning

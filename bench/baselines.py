@@ -12,7 +12,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +20,7 @@ from torch import Tensor
 
 from lvsa_kernels import block_sparse_attn
 from lvsa_kernels.backends import registered_backends
-from lvsa_kernels.backends.flashinfer_backend import flashinfer_bsr
+from lvsa_kernels.interop import to_flashinfer_bsr, to_flex_block_mask
 from lvsa_kernels.reference import BlockSparseLayout
 
 from .shapes import BenchCase
@@ -111,59 +111,6 @@ def _dense_factory(sdpa_backend: Optional[str]) -> Factory:
 
 
 # ----------------------------------------------------------------------------- FlexAttention
-def flex_block_mask(layout: BlockSparseLayout, block_size: int = 128, device: Union[str, torch.device, None] = None):
-    """A FlexAttention ``BlockMask`` with the same token-level mask.
-
-    Tiles of ``block_size`` tokens wholly inside selected block pairs are "full"; tiles that straddle
-    a block boundary and touch at least one selected pair are "partial" and use a ``mask_mod`` that
-    looks the pair up through O(S) token->block tables. Nothing O(S^2) is built.
-    """
-    from torch.nn.attention.flex_attention import BlockMask
-
-    dev = torch.device(device) if device is not None else torch.device("cpu")
-    H, bs = layout.num_heads, block_size
-    n_qt = -(-layout.q_len // bs)
-    n_kt = -(-layout.kv_len // bs)
-
-    def overlap(offsets: Tensor, n_tiles: int, length: int) -> Tensor:
-        # [H, n_tiles, n_blocks] float: tile t overlaps block b
-        lo = offsets[:, :-1].long()[:, None, :]
-        hi = offsets[:, 1:].long()[:, None, :]
-        t0 = (torch.arange(n_tiles) * bs)[None, :, None]
-        t1 = torch.clamp(t0 + bs, max=length)
-        return ((lo < t1) & (hi > t0) & (hi > lo)).float()
-
-    oq = overlap(layout.q_offsets.expand(layout.num_heads, -1), n_qt, layout.q_len)
-    ok = overlap(layout.kv_offsets.expand(layout.num_heads, -1), n_kt, layout.kv_len)
-    bm = layout.to_block_mask().float()
-    touched = oq @ torch.ones_like(bm) @ ok.transpose(1, 2)
-    selected = oq @ bm @ ok.transpose(1, 2)
-    any_sel = selected > 0
-    full = any_sel & (selected == touched)
-    partial = any_sel & ~full
-
-    def pack(m: Tensor) -> Tuple[Tensor, Tensor]:
-        num = m.sum(-1).to(torch.int32)
-        idx = torch.argsort((~m).to(torch.int8), dim=-1, stable=True).to(torch.int32)
-        return num[None].to(dev), idx[None].to(dev)
-
-    p_num, p_idx = pack(partial)
-    f_num, f_idx = pack(full)
-    qb = layout.token_to_block(layout.q_offsets.expand(layout.num_heads, -1)).to(dev)
-    kb = layout.token_to_block(layout.kv_offsets.expand(layout.num_heads, -1)).to(dev)
-    allowed = layout.to_block_mask().to(dev)
-    shared = H == 1
-
-    def mask_mod(b, h, q_idx, kv_idx):
-        hh = 0 if shared else h
-        return allowed[hh, qb[hh, q_idx], kb[hh, kv_idx]]
-
-    return BlockMask.from_kv_blocks(
-        p_num, p_idx, f_num, f_idx, BLOCK_SIZE=bs, mask_mod=mask_mod,
-        seq_lengths=(layout.q_len, layout.kv_len),
-    )
-
-
 FLEX_MASK_BUILDERS = ("create_block_mask", "layout")
 
 
@@ -198,7 +145,7 @@ def flex_factory(mask_builder: str = "create_block_mask") -> Factory:
     """FlexAttention with the layout's token mask in 128-token tiles, compiled with ``dynamic=False``.
 
     ``mask_builder``: ``"create_block_mask"`` (PyTorch's builder, ``_compile=True``) or ``"layout"``
-    (`flex_block_mask`). On a shared-memory out-of-resources error the compile is
+    (`lvsa_kernels.interop.to_flex_block_mask`). On a shared-memory out-of-resources error the compile is
     retried once with ``mode="max-autotune-no-cudagraphs"``; ``info["compile_mode"]`` records which ran.
     """
     if mask_builder not in FLEX_MASK_BUILDERS:
@@ -212,7 +159,7 @@ def flex_factory(mask_builder: str = "create_block_mask") -> Factory:
         if mask_builder == "create_block_mask":
             block_mask = _flex_mask_create(layout, q.device)
         else:
-            block_mask = flex_block_mask(layout, 128, device=q.device)
+            block_mask = to_flex_block_mask(layout, 128, device=q.device)
         _sync(q.device)
         mask_s = time.perf_counter() - t0
         qt, kt, vt = _bhsd(q, k, v)
@@ -272,7 +219,7 @@ def _flashinfer_skip(q: Tensor, k: Tensor, layout: BlockSparseLayout, case: Benc
     if q.shape[0] != 1:
         return f"the direct baseline runs batch 1 (BSR has no batch dim), got B={q.shape[0]}"
     try:
-        flashinfer_bsr(layout)
+        to_flashinfer_bsr(layout)
     except ValueError as exc:
         return str(exc)
     return None
@@ -339,7 +286,7 @@ def _prepare_flashinfer(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayo
     info = dict(_flashinfer_module(q.dtype, q.shape[-1], q.device))
     from flashinfer import BlockSparseAttentionWrapper
 
-    bsr = flashinfer_bsr(layout)
+    bsr = to_flashinfer_bsr(layout)
     wrapper = BlockSparseAttentionWrapper(_flashinfer_workspace(q.device), backend="auto")
     t0 = time.perf_counter()
     wrapper.plan(bsr["indptr"].to(q.device, torch.int32), bsr["indices"].to(q.device, torch.int32),

@@ -45,7 +45,7 @@ def _parse(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--min-iters", type=int, default=5)
     p.add_argument("--ref-stride", type=int, default=1, help="check every n-th query block only (1 = all)")
     p.add_argument("--flex-mask", choices=("create_block_mask", "layout"), default="create_block_mask",
-                   help="FlexAttention mask builder: torch create_block_mask(_compile=True) or layout.to_flex_block_mask")
+                   help="FlexAttention mask builder: torch create_block_mask(_compile=True) or lvsa_kernels.interop.to_flex_block_mask")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--interleave", default="triton,flashinfer",
                    help="methods also timed alternately in back-to-back bursts, A B then B A (CUDA; '' = off)")

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from .dispatch import has_work, run_on, select_backend
-from .reference.args import as_flag, as_real
+from .reference.args import ArgumentError, as_flag, as_real
 from .reference.layout import BlockSparseLayout
 from .reference.plan import AttentionPlan, BlockMap
 
@@ -19,6 +19,7 @@ __all__ = ["PRECISIONS", "SCALE_CAP", "block_sparse_attn", "check_inputs", "chec
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 PRECISIONS = ("exact", "fp8", "int8_qk")
 SCALE_CAP = 2.0 ** 100  # bound on |scale * q.k| handed to a backend (float32 overflows at 2^128)
+FLOAT32_MAX = torch.finfo(torch.float32).max  # lse is float32; kernels scale scores in float32
 log = logging.getLogger("lvsa_kernels")
 _copied: Set[str] = set()
 
@@ -108,17 +109,36 @@ def effective_scale(q: Tensor, k: Tensor, scale: float) -> Tuple[float, float]:
     ``>= 2^76`` after scaling, far beyond exp's range, so ``out`` keeps the float64 answer of the original
     scale and nothing overflows. lse is multiplied back by ``scale / capped``, exact
     when a row's maximum score is attained once (with t tied maxima it is off by ``(factor - 1) * log t``).
-    Inputs holding inf/NaN (even outside the layout) and ``torch.compile`` tracing skip the cap.
+    Inputs holding inf/NaN (even outside the layout) and ``torch.compile`` tracing skip the cap. All-zero
+    q or k (every score 0) run with scale 1 (same output and lse). A scale beyond float32's range on inputs
+    whose scores stay below `SCALE_CAP` cannot be run in float32 and raises `ArgumentError` naming ``scale``.
     """
     if abs(scale) <= 1.0 or torch.compiler.is_compiling() or q.numel() == 0 or k.numel() == 0:
         return scale, 1.0
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    bound = float(torch.linalg.vector_norm(q, dim=-1, dtype=acc).amax()) * \
-        float(torch.linalg.vector_norm(k, dim=-1, dtype=acc).amax())
+    bound = float(torch.linalg.vector_norm(q.detach(), dim=-1, dtype=acc).amax()) * \
+        float(torch.linalg.vector_norm(k.detach(), dim=-1, dtype=acc).amax())
+    if bound == 0.0:
+        return 1.0, 1.0
     if not math.isfinite(bound) or abs(scale) * bound <= SCALE_CAP:
+        if abs(scale) > FLOAT32_MAX and math.isfinite(bound):
+            raise ArgumentError(f"scale: {scale:g} exceeds float32's range ({FLOAT32_MAX:.4g}) while these inputs' "
+                                f"scores are at most {bound:.4g} (no hard maximum to fall back on); expected "
+                                f"|scale| <= {FLOAT32_MAX:.4g}")
         return scale, 1.0
     capped = math.copysign(SCALE_CAP / bound, scale)
     return capped, scale / capped
+
+
+def _scaled_lse(lse: Tensor, factor: float, scale: float) -> Tensor:
+    """``lse * factor`` (the lse of the original scale, see `effective_scale`); `ArgumentError` when it leaves
+    float32's range on a row with keys (lse is float32; ``out`` would be exact, so the caller can drop lse)."""
+    scaled = lse.double() * factor
+    if bool(((scaled.abs() > FLOAT32_MAX) & torch.isfinite(lse)).any()):
+        raise ArgumentError(f"scale: at {scale:g} the lse (scale times a row's largest score) exceeds float32's "
+                            f"range ({FLOAT32_MAX:.4g}) on rows with keys; pass a smaller |scale|, or "
+                            f"return_lse=False (out is exact)")
+    return scaled.float()
 
 
 def block_sparse_attn(
@@ -152,6 +172,10 @@ def block_sparse_attn(
             P V in the input dtype). See docs/fp8.md for accuracy. ``auto`` only picks backends that run
             the requested precision and never changes it; none available raises `BackendUnavailable`.
 
+    Differentiable: when q, k or v require grad, ``out`` and ``lse`` carry gradients (Triton's block-sparse
+    backward kernels, or autograd through ``sdpa`` / ``reference``); backends without a backward are not chosen
+    (explicitly named, they raise `BackendUnavailable`); the 8-bit precisions have no backward.
+
     Returns:
         ``out [B, Sq, H, D]`` in q's dtype, or ``(out, lse)``. Without work (batch, sequence or heads of
         size 0, or a layout selecting no key) every backend gives zeros and lse -inf without running
@@ -170,10 +194,12 @@ def block_sparse_attn(
     chosen = select_backend(backend, q, k, v, layout, scale, return_lse, precision)
     if not has_work(q, layout):
         out = q.new_zeros(q.shape)
+        if q.requires_grad and torch.is_grad_enabled():  # zeros that backpropagate zeros (NaN-safe, unlike q * 0)
+            out = torch.where(torch.zeros_like(q, dtype=torch.bool), q, out)
         lse = torch.full((q.shape[0], q.shape[2], q.shape[1]), float("-inf"), dtype=torch.float32, device=q.device)
     else:
         run_scale, lse_factor = effective_scale(q, k, scale)
         out, lse = run_on(chosen, q, k, v, layout, run_scale, return_lse, precision)
         if return_lse and lse_factor != 1.0:
-            lse = lse * lse_factor
+            lse = _scaled_lse(lse, lse_factor, scale)
     return (out, lse) if return_lse else out

@@ -23,6 +23,10 @@ per-batch host layouts on permuted tokens for every other backend), one cache en
 (dense SDPA and ``reference`` do not), is part of the cache key, and raises `BackendUnavailable` when none
 can run it: ``auto`` never changes the precision by itself.
 
+Inputs that require grad (autograd enabled) only consider backends with a backward (`Capabilities.backward`:
+``triton``, ``sdpa`` for dense layouts, ``reference``) at precision ``"exact"``; an explicit backend without one
+raises `BackendUnavailable` saying so, so a gradient is never silently missing or wrong.
+
 Overrides: the ``backend=`` argument, or the environment variable ``LVSA_KERNELS_BACKEND`` (read when
 the argument is ``"auto"``). An explicit backend that cannot run raises `BackendUnavailable`.
 The cache folder is ``~/.cache/lvsa_kernels`` unless ``LVSA_KERNELS_CACHE_DIR`` names another one.
@@ -38,7 +42,7 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 from torch import Tensor
 
 from .backends import BackendUnavailable, get_backend, registered_backends
-from .backends.base import Backend
+from .backends.base import Backend, needs_grad
 from .choice import (  # noqa: F401  (ENV_CACHE_DIR, cache_file, cached_choices, reset_state: re-exported)
     ENV_CACHE_DIR, _warn_once, _warn_skip, cache_file, cached_choices, problem_key, reset_state, timed_choice,
 )
@@ -70,11 +74,16 @@ def candidate_order(device_type: str) -> List[str]:
     return [n for n in names if device_type in backends[n].caps.devices]
 
 
-def _reason(backend: Backend, q: Tensor, k: Tensor, layout: Union[BlockSparseLayout, AttentionPlan],
+def _reason(backend: Backend, q: Tensor, k: Tensor, v: Tensor, layout: Union[BlockSparseLayout, AttentionPlan],
             return_lse: bool, precision: str = "exact") -> Optional[str]:
     reason = backend.precision_reason(precision, q)
     if reason:
         return reason
+    if needs_grad(q, k, v):
+        if not backend.caps.backward:
+            return "has no backward (q, k or v requires grad); use backend 'triton' or 'reference', or no_grad"
+        if precision != "exact":
+            return f"precision={precision!r} has no backward (q, k or v requires grad); use precision='exact'"
     if isinstance(layout, AttentionPlan):
         return backend.unsupported_permuted_reason(q, k, return_lse)
     return backend.unsupported_reason(q, k, layout, return_lse)
@@ -90,13 +99,13 @@ def run_on(backend: Backend, q: Tensor, k: Tensor, v: Tensor, layout: Union[Bloc
     return backend.run(q, k, v, layout, scale, return_lse, **extra)
 
 
-def _explicit(name: str, source: str, q: Tensor, k: Tensor, layout: Union[BlockSparseLayout, AttentionPlan],
-              return_lse: bool, precision: str) -> Backend:
+def _explicit(name: str, source: str, q: Tensor, k: Tensor, v: Tensor,
+              layout: Union[BlockSparseLayout, AttentionPlan], return_lse: bool, precision: str) -> Backend:
     try:
         backend = get_backend(name)
     except ValueError as exc:
         raise ValueError(f"{source}: {exc}") from None
-    reason = _reason(backend, q, k, layout, return_lse, precision)
+    reason = _reason(backend, q, k, v, layout, return_lse, precision)
     if reason:
         raise BackendUnavailable(f"backend {name!r} ({source}) cannot run these inputs: {reason}")
     return backend
@@ -129,21 +138,21 @@ def select_backend(requested: str, q: Tensor, k: Tensor, v: Tensor, layout: Unio
     if not isinstance(requested, str):
         raise TypeError(f"backend: expected a str, got {type(requested).__name__}")
     if requested != "auto":
-        return _explicit(requested, "backend argument", q, k, layout, return_lse, precision)
+        return _explicit(requested, "backend argument", q, k, v, layout, return_lse, precision)
     env = os.environ.get(ENV_BACKEND, "")
     if env and env != "auto":
-        return _explicit(env, f"environment variable {ENV_BACKEND}", q, k, layout, return_lse, precision)
+        return _explicit(env, f"environment variable {ENV_BACKEND}", q, k, v, layout, return_lse, precision)
 
     backends = registered_backends()
     if not has_work(q, layout) and _FALLBACK in backends and precision == "exact":
         return backends[_FALLBACK]  # nothing to run or time (`block_sparse_attn` returns zeros)
     if isinstance(layout, BlockSparseLayout) and layout.is_dense and _DENSE in backends:
         dense = backends[_DENSE]
-        if _reason(dense, q, k, layout, return_lse, precision) is None:
+        if _reason(dense, q, k, v, layout, return_lse, precision) is None:
             return dense
     eligible: Dict[str, Backend] = {}
     for name in candidate_order(q.device.type):
-        reason = _reason(backends[name], q, k, layout, return_lse, precision)
+        reason = _reason(backends[name], q, k, v, layout, return_lse, precision)
         if reason is None:
             eligible[name] = backends[name]
         else:
@@ -153,7 +162,7 @@ def select_backend(requested: str, q: Tensor, k: Tensor, v: Tensor, layout: Unio
                                  f"{q.device.type!r} (see the warnings above for each backend's reason)")
     if not eligible:
         fallback = backends.get(_FALLBACK)
-        reason = _reason(fallback, q, k, layout, return_lse) if fallback else "not registered"
+        reason = _reason(fallback, q, k, v, layout, return_lse) if fallback else "not registered"
         if reason:
             raise BackendUnavailable(f"no backend can run these inputs on device {q.device.type!r} "
                                      f"(reference: {reason})")

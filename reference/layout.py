@@ -59,6 +59,8 @@ def _as_offsets(sizes: Union[Tensor, Sequence[int], Sequence[Sequence[int]]], na
         t = torch.as_tensor(sizes).cpu()
     except (TypeError, ValueError, RuntimeError) as exc:
         raise LayoutError(f"{name}: expected integer block sizes, got {sizes!r} ({exc})") from None
+    if t.numel() == 0:  # before the dtype check: an empty list converts to float32
+        raise LayoutError(f"{name}: expected at least one block, got no block sizes ({sizes!r:.80})")
     if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
         raise LayoutError(f"{name}: expected integer block sizes, got dtype {t.dtype} ({sizes!r:.80})")
     t = t.to(torch.int64)

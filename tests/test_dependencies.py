@@ -5,6 +5,7 @@
   shim, kernels, NPU code, nor the ``diffusers`` package;
 * a backend never imports another backend, the dispatcher or the API;
 * library code never imports ``bench/``;
+* the interop converters (``lvsa_kernels/interop.py``) import only the layout module;
 * the model table (``lvsa_kernels/models.py``) imports only the planners.
 """
 import ast
@@ -166,6 +167,15 @@ def test_each_rule_catches_its_violation(monkeypatch, source, target):
         except AssertionError:
             failed += 1
     assert failed == 1
+
+
+INTEROP = "lvsa_kernels.interop"
+
+
+def test_interop_imports_only_the_layout():
+    """The converters are used by the FlashInfer backend and the benchmarks: they sit below both."""
+    bad = [t for _, t in _imports(INTEROP, MODULES[INTEROP]) if _project(t) and t != LAYOUT]
+    assert not bad
 
 
 MODEL_TABLE = "lvsa_kernels.models"

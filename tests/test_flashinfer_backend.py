@@ -11,6 +11,7 @@ import torch
 
 from lvsa_kernels import BackendUnavailable, BlockSparseLayout, LVSAPattern, block_sparse_attn, reference_attention
 from lvsa_kernels.backends import flashinfer_backend as fb
+from lvsa_kernels.interop import to_flashinfer_bsr
 
 LN2 = math.log(2.0)
 
@@ -122,7 +123,7 @@ def _mask_from_bsr(bsr):
 
 def test_bsr_arrays_equal_layout():
     layout = _random_layout(1, 5, 6, [8, 8, 8, 8, 5], [4] * 6)
-    bsr = fb.flashinfer_bsr(layout)
+    bsr = to_flashinfer_bsr(layout)
     assert bsr["indptr"].dtype == torch.int32 and bsr["indices"].dtype == torch.int32
     assert (bsr["M"], bsr["N"], bsr["R"], bsr["C"]) == (37, 24, 8, 4)
     assert torch.equal(_mask_from_bsr(bsr), layout.to_block_mask()[0])
@@ -131,13 +132,13 @@ def test_bsr_arrays_equal_layout():
 
 def test_block_diagonal_bsr_is_block_diagonal():
     layout = _random_layout(2, 3, 4, [6] * 3, [5] * 4)
-    bsr = fb.flashinfer_bsr(layout)
+    bsr = to_flashinfer_bsr(layout)
     folded = fb.block_diagonal_bsr(bsr, 3)
     assert (folded["M"], folded["N"], folded["R"], folded["C"]) == (54, 60, 6, 5)
     assert folded["indptr"].dtype == torch.int32 and folded["indices"].dtype == torch.int32
     assert torch.equal(_mask_from_bsr(folded), torch.block_diag(*[layout.to_block_mask()[0]] * 3))
     with pytest.raises(ValueError, match="multiple of R"):
-        fb.block_diagonal_bsr(fb.flashinfer_bsr(_random_layout(2, 2, 2, [6, 5], [5, 5])), 2)
+        fb.block_diagonal_bsr(to_flashinfer_bsr(_random_layout(2, 2, 2, [6, 5], [5, 5])), 2)
 
 
 def test_variable_args_per_kv_head():

@@ -74,6 +74,34 @@ def test_huge_scale_lse_is_scaled_back():
     assert torch.allclose(lse.double(), s.amax(-1) * 1e35, rtol=1e-6)  # no ties: lse = scale * max score
 
 
+@pytest.mark.parametrize("backend", SPARSE_BACKENDS)
+def test_lse_beyond_float32_is_rejected(backend):
+    """At scale 1e39 the lse of a row with keys (scale times its largest score) exceeds float32: ValueError
+    naming scale, never an inf lse; without lse the output is the hard maximum."""
+    q, k, v = inputs(3)
+    with pytest.raises(ValueError, match="scale: at 1e.39 the lse .* exceeds float32"):
+        block_sparse_attn(q, k, v, ragged_layout(), backend=backend, scale=1e39, return_lse=True)
+    assert torch.isfinite(block_sparse_attn(q, k, v, ragged_layout(), backend=backend, scale=1e39)).all()
+
+
+@pytest.mark.parametrize("backend", SPARSE_BACKENDS)
+def test_scale_beyond_float32_on_tiny_scores_is_rejected(backend):
+    """Scores 1e39 * 1e-36 are ordinary (no hard maximum) but the scale has no float32 value."""
+    q, k, v = inputs(4)
+    with pytest.raises(ValueError, match="scale: 1e.39 exceeds float32's range"):
+        block_sparse_attn(q * 1e-18, k * 1e-18, v, ragged_layout(), backend=backend, scale=1e39)
+
+
+@pytest.mark.parametrize("backend", SPARSE_BACKENDS)
+def test_huge_scale_on_zero_scores_is_uniform(backend):
+    """q = 0: every score is 0 at any scale; out is the mean of the row's values and lse log(keys)."""
+    q, k, v = inputs(5)
+    layout = ragged_layout()
+    out, lse = block_sparse_attn(torch.zeros_like(q), k, v, layout, backend=backend, scale=1e39, return_lse=True)
+    ref, ref_lse = float64_attention(torch.zeros_like(q).cpu(), k.cpu(), v.cpu(), layout, 1.0)
+    assert torch.allclose(out.cpu().double(), ref, atol=1e-5) and torch.allclose(lse.cpu().double(), ref_lse)
+
+
 def test_effective_scale_leaves_ordinary_scales_alone():
     q, k, _ = inputs()
     assert effective_scale(q, k, 0.125) == (0.125, 1.0)

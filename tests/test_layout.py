@@ -1,12 +1,12 @@
-"""BlockSparseLayout invariants (hypothesis), validation errors and conversions (FlashInfer BSR, FlexAttention)."""
+"""BlockSparseLayout invariants (hypothesis), validation errors and the interop conversions' structure (FlashInfer BSR,
+FlexAttention BlockMask; their outputs: test_interop.py)."""
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lvsa_kernels import BlockSparseLayout, LayoutError, LVSAPattern
-from lvsa_kernels.backends.flashinfer_backend import flashinfer_bsr
-from lvsa_kernels.bench.baselines import flex_block_mask
+from lvsa_kernels.interop import to_flashinfer_bsr, to_flex_block_mask
 
 
 # ---------------------------------------------------------------- strategies and brute-force helpers
@@ -152,6 +152,10 @@ def test_from_block_mask_rejects_bad_arguments():
         BlockSparseLayout.from_block_mask(torch.ones(2, 2, dtype=torch.bool), [1, 1, 1], [1, 1])
     with pytest.raises(LayoutError, match="q_block_sizes: block sizes must be >= 0"):
         BlockSparseLayout.from_block_mask(torch.ones(2, 2, dtype=torch.bool), [1, -1], [1, 1])
+    with pytest.raises(LayoutError, match="q_block_sizes: expected at least one block, got no block sizes"):
+        BlockSparseLayout.from_block_mask(torch.zeros(0, 0, dtype=torch.bool), [], [])
+    with pytest.raises(LayoutError, match="kv_block_sizes: expected at least one block"):
+        BlockSparseLayout.from_block_mask(torch.zeros(1, 0, dtype=torch.bool), [4], torch.zeros(0, dtype=torch.int32))
 
 
 # ---------------------------------------------------------------- FlashInfer BSR
@@ -159,7 +163,7 @@ def test_flashinfer_bsr_uniform():
     gen = torch.Generator().manual_seed(1)
     mask = torch.rand(5, 4, generator=gen) < 0.5
     layout = BlockSparseLayout.from_block_mask(mask, [3, 3, 3, 3, 2], [4] * 4)
-    bsr = flashinfer_bsr(layout)
+    bsr = to_flashinfer_bsr(layout)
     indptr = torch.cat([torch.zeros(1, dtype=torch.int64), mask.sum(1).cumsum(0)])
     assert bsr["indptr"].dtype == bsr["indices"].dtype == torch.int32
     assert bsr["indptr"].tolist() == indptr.tolist()
@@ -175,13 +179,13 @@ def test_flashinfer_bsr_uniform():
 ])
 def test_flashinfer_bsr_rejects(mask, qs, ks, match):
     with pytest.raises(ValueError, match=match):
-        flashinfer_bsr(BlockSparseLayout.from_block_mask(mask, qs, ks))
+        to_flashinfer_bsr(BlockSparseLayout.from_block_mask(mask, qs, ks))
 
 
 # ---------------------------------------------------------------- FlexAttention BlockMask
 def _check_flex(layout, bs):
     tm = layout.to_token_mask()
-    bm = flex_block_mask(layout, block_size=bs)
+    bm = to_flex_block_mask(layout, block_size=bs)
     H, sq, skv = tm.shape
     n_qt, n_kt = -(-sq // bs), -(-skv // bs)
     dense = bm.to_dense()

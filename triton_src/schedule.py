@@ -17,7 +17,8 @@ from torch import Tensor
 
 from ..reference.layout import BlockSparseLayout, LayoutMemo
 
-__all__ = ["KernelSchedule", "KeyTiles", "build_key_tiles", "build_schedule", "key_starts_aligned"]
+__all__ = ["KernelSchedule", "KeyTiles", "build_key_schedule", "build_key_tiles", "build_schedule",
+           "key_starts_aligned", "transpose_layout"]
 
 _SCHEDULES = LayoutMemo()   # per layout: the kernel schedule of each (block_m, device)
 
@@ -59,6 +60,30 @@ def build_schedule(layout: BlockSparseLayout, block_m: int, device: torch.device
     """The cached `KernelSchedule` of ``layout`` for query tiles of ``block_m`` rows on ``device``."""
     key = ("triton_schedule", block_m, str(device))
     return _SCHEDULES.get(layout, key, lambda: _build(layout, block_m, torch.device(device)))
+
+
+def build_key_schedule(layout: BlockSparseLayout, block_n: int, device: torch.device) -> KernelSchedule:
+    """The backward's key-side schedule: `build_schedule` of the layout's transpose (`transpose_layout`), so
+    ``tile_*`` are key tiles of at most ``block_n`` keys whose query spans are identical and the spans are query
+    tokens. The transpose is built once per layout and kept with the layout's other schedules."""
+    transposed = _SCHEDULES.get(layout, ("triton_transpose",), lambda: transpose_layout(layout))
+    return build_schedule(transposed, block_n, device)
+
+
+def transpose_layout(layout: BlockSparseLayout) -> BlockSparseLayout:
+    """The layout with queries and keys swapped: key block c of head h attends the query blocks that attend it.
+    O(nnz) from the CSR (no dense block mask)."""
+    H, nqb, nkb = layout.num_heads, layout.num_q_blocks, layout.num_kv_blocks
+    rp = layout.row_ptr.long()
+    counts = torch.cat([rp[:, :-1].reshape(-1), rp[-1:, -1]]).diff()
+    rows = torch.repeat_interleave(torch.arange(H * nqb), counts)       # flat head * nQB + query block per entry
+    head, qblock = rows // nqb, rows % nqb
+    t_rows = head * nkb + layout.col_idx.long()                           # flat head * nKB + key block
+    order = torch.argsort(t_rows * nqb + qblock)
+    t_ptr = _csr_ptr(torch.bincount(t_rows, minlength=H * nkb))
+    t_row_ptr = torch.cat([t_ptr[:-1].view(H, nkb), t_ptr[nkb::nkb].view(H, 1)], dim=1)
+    return BlockSparseLayout(layout.kv_offsets, layout.q_offsets, t_row_ptr.to(torch.int32).contiguous(),
+                             qblock[order].to(torch.int32).contiguous(), {"pattern": "transpose"})
 
 
 def _build(layout: BlockSparseLayout, bm: int, device: torch.device) -> KernelSchedule:

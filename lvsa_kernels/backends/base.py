@@ -10,7 +10,13 @@ from torch import Tensor
 from ..reference.layout import BlockSparseLayout
 from ..reference.plan import AttentionPlan, inverse_permutation, permute_tokens, unpermute_tokens
 
-__all__ = ["Backend", "BackendUnavailable", "Capabilities", "register", "get_backend", "registered_backends"]
+__all__ = ["Backend", "BackendUnavailable", "Capabilities", "register", "get_backend", "registered_backends",
+           "needs_grad"]
+
+
+def needs_grad(*tensors: Tensor) -> bool:
+    """Whether autograd will want gradients of any of ``tensors`` from this call."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 class BackendUnavailable(RuntimeError):
@@ -29,6 +35,7 @@ class Capabilities:
     lse: bool = True
     dense_only: bool = False                # only layouts where every query attends every key
     precisions: FrozenSet[str] = frozenset({"exact"})  # `block_sparse_attn` precision modes
+    backward: bool = False                  # gradients for inputs that require grad (precision "exact")
 
 
 class Backend:

@@ -2,7 +2,7 @@
 
 A layout is converted once into one of three plans, chosen in this order:
 
-* ``bsr`` - a shared layout with uniform blocks (`flashinfer_bsr`) runs on
+* ``bsr`` - a shared layout with uniform blocks (`interop.to_flashinfer_bsr`) runs on
   ``BlockSparseAttentionWrapper`` (BSR: R-token query rows, C-token key blocks);
 * ``text`` - a shared LVSA layout with one leading or trailing text block (``layout.text``): the video queries run as BSR over the video keys, plus a dense side call
   over the text keys (a one-block BSR plan on the same prebuilt module), merged by log-sum-exp; the text
@@ -36,11 +36,12 @@ from typing import Any, Callable, Dict, Optional, Set, Tuple
 import torch
 from torch import Tensor
 
+from ..interop import to_flashinfer_bsr
 from ..reference.layout import BlockSparseLayout, LayoutMemo
 from .base import Backend, BackendUnavailable, Capabilities, register
 
 __all__ = [
-    "FlashInferBackend", "TextSplit", "block_diagonal_bsr", "flashinfer_bsr", "layout_plan_kind", "merge_states_base2",
+    "FlashInferBackend", "TextSplit", "block_diagonal_bsr", "layout_plan_kind", "merge_states_base2",
     "text_split", "use_prebuilt_modules", "variable_block_args",
 ]
 
@@ -107,33 +108,6 @@ def _workspace(device: torch.device) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------- conversions
-def flashinfer_bsr(layout: BlockSparseLayout) -> Dict[str, Any]:
-    """Arguments for ``flashinfer.BlockSparseAttentionWrapper.plan``.
-
-    Returns ``dict(indptr, indices, M, N, R, C)`` (int32 CPU tensors). Requires a layout shared by
-    all heads, equal query blocks of R tokens (the last may be shorter) and equal key blocks of C tokens.
-    Raises ValueError otherwise (use FlashInfer's variable-block wrapper then).
-    """
-    if layout.num_heads != 1:
-        raise ValueError("flashinfer_bsr: BSR is shared by all heads; this layout is per head")
-    qs, ks = layout.block_sizes()
-    qs, ks = qs[0], ks[0]
-    R, C = int(qs[0]), int(ks[0])
-    if R <= 0 or C <= 0 or (qs[:-1] != R).any() or int(qs[-1]) > R or int(qs[-1]) <= 0 or (ks != C).any():
-        raise ValueError(
-            "flashinfer_bsr: needs uniform query blocks (last may be shorter) and uniform key blocks; "
-            f"got query sizes {sorted(set(qs.tolist()))}, key sizes {sorted(set(ks.tolist()))}"
-        )
-    return {
-        "indptr": layout.row_ptr[0].clone(),
-        "indices": layout.col_idx.clone(),
-        "M": layout.q_len,
-        "N": layout.kv_len,
-        "R": R,
-        "C": C,
-    }
-
-
 @dataclass(frozen=True)
 class TextSplit:
     """A shared layout split into video blocks (uniform BSR) and one text block, in token ranges."""
@@ -142,7 +116,7 @@ class TextSplit:
     q_text: slice
     kv_video: slice
     kv_text: slice
-    video_bsr: Dict[str, Any]   # `flashinfer_bsr` of the video-only layout (video queries x video keys)
+    video_bsr: Dict[str, Any]   # `interop.to_flashinfer_bsr` of the video-only layout (video queries x video keys)
 
 
 def _text_block_range(offsets: Tensor, block: int) -> Tuple[slice, slice]:
@@ -176,11 +150,11 @@ def text_split(layout: BlockSparseLayout) -> Optional[TextSplit]:
         raise ValueError("text split needs the text query block to attend every key block")
     qs, ks = layout.block_sizes()
     video = BlockSparseLayout.from_block_mask(bm[vq][:, vk], qs[0, vq], ks[0, vk])
-    return TextSplit(q_video, q_text, kv_video, kv_text, flashinfer_bsr(video))
+    return TextSplit(q_video, q_text, kv_video, kv_text, to_flashinfer_bsr(video))
 
 
 def block_diagonal_bsr(bsr: Dict[str, Any], batch: int) -> Dict[str, Any]:
-    """Fold ``batch`` copies of a BSR (`flashinfer_bsr` dict, M a multiple of R) into one block-diagonal
+    """Fold ``batch`` copies of a BSR (`interop.to_flashinfer_bsr` dict, M a multiple of R) into one block-diagonal
     BSR over ``batch * M`` query and ``batch * N`` key tokens (sequence b's blocks are offset by b)."""
     M, N, R, C = bsr["M"], bsr["N"], bsr["R"], bsr["C"]
     if M % R:
@@ -230,7 +204,7 @@ def layout_plan_kind(layout: BlockSparseLayout, num_qo_heads: int, num_kv_heads:
         errors = []
         if layout.num_heads == 1:
             try:
-                flashinfer_bsr(layout)
+                to_flashinfer_bsr(layout)
                 return "bsr", None
             except ValueError as exc:
                 errors.append(str(exc))
@@ -281,7 +255,7 @@ def _plan_bsr(fi: ModuleType, bsr: Dict[str, Any], q: Tensor, k: Tensor, scale: 
 
 
 def _bsr_runner(fi: ModuleType, layout: BlockSparseLayout, q: Tensor, k: Tensor, scale: float) -> Callable:
-    bsr = flashinfer_bsr(layout)
+    bsr = to_flashinfer_bsr(layout)
     B, Sq, H, D = q.shape
     if B > 1 and Sq % bsr["R"] == 0:
         wrapper = _plan_bsr(fi, block_diagonal_bsr(bsr, B), q, k, scale)

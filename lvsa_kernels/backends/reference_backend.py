@@ -11,7 +11,7 @@ class ReferenceBackend(Backend):
     name = "reference"
     caps = Capabilities(devices=frozenset({"cpu", "cuda", "npu"}),
                         dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64}),
-                        head_dims=None)
+                        head_dims=None, backward=True)  # plain PyTorch ops: autograd differentiates them
 
     def run(self, q, k, v, layout, scale, return_lse):
         if return_lse:

@@ -11,7 +11,7 @@ class SDPABackend(Backend):
     name = "sdpa"
     caps = Capabilities(devices=frozenset({"cpu", "cuda", "npu"}),
                         dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64}),
-                        head_dims=None, lse=False, dense_only=True)
+                        head_dims=None, lse=False, dense_only=True, backward=True)
 
     def run(self, q, k, v, layout, scale, return_lse):
         gqa = k.shape[2] != q.shape[2]

@@ -9,6 +9,9 @@ Precisions ``"fp8"`` and ``"int8_qk"`` (8-bit, see docs/fp8.md) need fp16/bf16 i
 and CUDA sm_89+ (or the interpreter). The launch config is tuned once per problem class (and precision)
 on the real inputs and cached on disk
 (`lvsa_kernels.triton_src.tuning`); ``LVSA_KERNELS_TRITON_AUTOTUNE=0`` uses the default config instead.
+
+Inputs that require grad run the differentiable path (`triton_src.backward_launch`): the portable forward kernel
+and the block-sparse backward kernels (precision ``"exact"``; permuted plans through per-batch host layouts).
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ from torch import Tensor
 
 from ..reference.layout import BlockSparseLayout, LayoutMemo
 from ..triton_src import tuning  # no Triton import: kernels are imported on the first call (always eager, see config_for)
-from .base import Backend, Capabilities, register
+from .base import Backend, Capabilities, needs_grad, register
 
 log = logging.getLogger("lvsa_kernels")
 AUTOTUNE_ENV = "LVSA_KERNELS_TRITON_AUTOTUNE"
@@ -37,7 +40,7 @@ class TritonBackend(Backend):
     caps = Capabilities(devices=frozenset({"cuda", "cpu"}),
                         dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
                         head_dims=frozenset({16, 32, 64, 128}),
-                        precisions=frozenset({"exact", "fp8", "int8_qk"}))
+                        precisions=frozenset({"exact", "fp8", "int8_qk"}), backward=True)
 
     @property
     def notes(self) -> str:
@@ -75,6 +78,8 @@ class TritonBackend(Backend):
     def run(self, q, k, v, layout, scale, return_lse, precision="exact"):
         if v.stride(-1) != 1:
             raise ValueError("v: the head dim (last dim) must be contiguous")
+        if needs_grad(q, k, v):
+            return _run_trainable(q, k, v, layout, scale, precision, return_lse)
         cfg = config_for(q, k, v, layout, scale, precision)
         out, lse = _run(q, k, v, layout, scale, cfg, precision)
         return out, (lse if return_lse else None)
@@ -84,7 +89,7 @@ class TritonBackend(Backend):
         block map, queries read and outputs written through the query permutation by the packed cluster kernel
         (no host synchronisation, no host layouts). The cluster kernel is exact only: an 8-bit precision runs
         the per-batch host layouts on permuted tokens (`Backend.run_permuted`)."""
-        if precision != "exact":
+        if precision != "exact" or needs_grad(q, k, v):  # the cluster kernel has no backward either
             return super().run_permuted(q, k, v, plan, scale, return_lse, precision=precision)
         if v.stride(-1) != 1:
             raise ValueError("v: the head dim (last dim) must be contiguous")
@@ -150,6 +155,23 @@ def _run(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout, scale: floa
     sched = build_schedule(layout, cfg.block_m, q.device)
     key_tiles = build_key_tiles(layout, cfg.block_n, q.device, precision) if cfg.kernel == "hopper" else None
     return run_scheduled(q, k, v, sched, layout.num_heads > 1, scale, cfg, precision=precision, key_tiles=key_tiles)
+
+
+def _run_trainable(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout, scale: float, precision: str,
+                   return_lse: bool):
+    """The differentiable path (`triton_src.backward_launch`): the portable forward kernel at the tuned config, or
+    at the first portable candidate where the Hopper kernel won the tuning (it has no backward)."""
+    from ..triton_src.backward_launch import backward_config, run_trainable
+    from ..triton_src.launch import tma_eligible
+
+    if precision != "exact":
+        raise ValueError(f"precision={precision!r} has no backward (q, k or v requires grad); use precision='exact'")
+    with torch.no_grad():  # tuning times the inference forward
+        cfg = config_for(q, k, v, layout, scale, precision)
+    if cfg.kernel != "portable":
+        cfg = tuning.candidate_configs(q.shape[-1], tma_eligible(q, k, v), q.dtype)[0]
+    out, lse = run_trainable(q, k, v, layout, scale, cfg, backward_config(q.dtype, q.shape[-1]))
+    return out, (lse if return_lse else None)
 
 
 def config_for(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout, scale: float, precision: str = "exact"):

@@ -1,0 +1,233 @@
+"""Gradients of `block_sparse_attn` on the Triton backward kernels against float64 reference gradients.
+
+Without CUDA the kernels run in Triton's CPU interpreter (fp32 and fp16: bf16 ``tl.dot`` is wrong there); with
+CUDA they run on the GPU and add bf16. Every layout class: LVSA with text (after / before the video), ragged
+spans, rows and key blocks without any pair, GQA, per-head layouts (with per-head block sizes), batch > 1.
+"""
+import pytest
+import torch
+
+from lvsa_kernels import BackendUnavailable, BlockSparseLayout, LVSAPattern, block_sparse_attn, dispatch
+from lvsa_kernels import reference_attention
+from lvsa_kernels.backends import base as backend_base
+from lvsa_kernels.backends.base import Backend, Capabilities
+from lvsa_kernels.triton_src.backward_launch import backward_config, launch_backward
+from lvsa_kernels.triton_src.schedule import build_key_schedule, build_schedule
+from lvsa_kernels.triton_src.tuning import INTERPRETER_CONFIG
+from test_triton_kernel import random_layout
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
+TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}  # relative (Frobenius) error of each grad
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def layouts():
+    no_pairs = torch.tensor([[True, False, True, False], [False, False, False, False], [True, True, False, False]])
+    return {
+        "lvsa_text_after": (LVSAPattern(window=1, reference_frames=3).plan(5, 12, step=1, text_tokens=7), 1),
+        "lvsa_text_before": (LVSAPattern(window=1, reference_frames=3).plan(4, 9, step=2, text_tokens=5,
+                                                                          text_position="before"), 1),
+        "ragged_empty_rows": (random_layout(seed=3), 1),
+        # query block 1 attends nothing, key block 3 is attended by nothing, key block 1 is empty
+        "unattended": (BlockSparseLayout.from_block_mask(no_pairs, [9, 6, 21], [17, 0, 13, 5]), 1),
+        "per_head": (random_layout(seed=4, heads=4, per_head_sizes=True), 4),
+    }
+
+
+def inputs(layout, B, H, Hkv, D, seed):
+    """float64 q, k, v, output gradient and lse gradient (0 on rows without keys, whose lse is -inf)."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, layout.q_len, H, D, generator=g, dtype=torch.float64)
+    k = torch.randn(B, layout.kv_len, Hkv, D, generator=g, dtype=torch.float64)
+    v = torch.randn(B, layout.kv_len, Hkv, D, generator=g, dtype=torch.float64)
+    do = torch.randn(B, layout.q_len, H, D, generator=g, dtype=torch.float64)
+    dlse = torch.randn(B, H, layout.q_len, generator=g, dtype=torch.float64)
+    return q, k, v, do, dlse
+
+
+def grads(q, k, v, do, dlse, layout, scale, backend, dtype):
+    """(dq, dk, dv) of ``sum(out * do) + sum(lse * dlse)`` over rows with keys, inputs cast to ``dtype``."""
+    leaves = [t.to(DEVICE, dtype).requires_grad_() for t in (q, k, v)]
+    out, lse = block_sparse_attn(*leaves, layout, backend=backend, scale=scale, return_lse=True)
+    keys = torch.isfinite(lse)
+    loss = (out.double() * do.to(DEVICE)).sum() + (lse.double()[keys] * dlse.to(DEVICE)[keys]).sum()
+    return torch.autograd.grad(loss, leaves)
+
+
+def check_grads(layout, B, H, Hkv, dtype, scale=None, D=16, seed=0):
+    q, k, v, do, dlse = inputs(layout, B, H, Hkv, D, seed)
+    q, k, v = (t.to(dtype).double() for t in (q, k, v))  # the reference sees the same rounded inputs
+    got = grads(q, k, v, do, dlse, layout, scale, "triton", dtype)
+    ref = grads(q, k, v, do, dlse, layout, scale, "reference", torch.float64)
+    for name, a, b in zip(("dq", "dk", "dv"), got, ref):
+        assert a.dtype == dtype and a.shape == b.shape and torch.isfinite(a).all(), name
+        assert rel_err(a, b) <= TOL[dtype], (name, rel_err(a, b))
+    return got
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", list(layouts()))
+def test_gradients_match_float64(name, dtype):
+    layout, heads = layouts()[name]
+    check_grads(layout, B=2, H=heads, Hkv=heads, dtype=dtype)
+
+
+@pytest.mark.parametrize("name", ["lvsa_text_after", "per_head"])
+def test_gqa_sums_the_group(name):
+    """Key heads shared by 2 query heads: dK/dV sum both (shared layouts in one program, per-head ones on the host)."""
+    layout, _ = layouts()[name]
+    check_grads(layout, B=2, H=4, Hkv=2, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("scale", [0.0, -0.6, 3.0])
+def test_any_scale(scale):
+    check_grads(layouts()["ragged_empty_rows"][0], B=1, H=2, Hkv=1, dtype=torch.float32, scale=scale)
+
+
+def test_head_dims_and_strided_inputs():
+    """Head dim 32, q a view into a fused qkv tensor (sequence and head strides of the fused layout)."""
+    layout, _ = layouts()["lvsa_text_before"]
+    q64, k, v, do, dlse = inputs(layout, 1, 2, 2, 32, 5)
+    fused = torch.cat([q64, k, v], dim=-1).to(DEVICE, torch.float32).requires_grad_()
+    qs, ks, vs = fused.split(32, dim=-1)
+    out, lse = block_sparse_attn(qs, ks, vs, layout, backend="triton", return_lse=True)
+    keys = torch.isfinite(lse)
+    ((out.double() * do).sum() + (lse.double()[keys] * dlse[keys]).sum()).backward()
+    ref = grads(q64, k, v, do, dlse, layout, None, "reference", torch.float64)
+    assert rel_err(fused.grad, torch.cat(ref, dim=-1)) <= TOL[torch.float32]
+
+
+def test_rows_and_keys_without_pairs_get_zero_gradients():
+    layout, _ = layouts()["unattended"]
+    dq, dk, dv = check_grads(layout, B=1, H=2, Hkv=2, dtype=torch.float32)
+    assert (dq[:, 9:15] == 0).all()       # query block 1 attends nothing
+    assert (dk[:, 30:] == 0).all() and (dv[:, 30:] == 0).all()  # key block 3 is attended by nothing
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_a_layout_without_pairs_backpropagates_zeros(backend):
+    """No key at all: out is 0 without running a backend, and still part of the graph (q's gradient is 0)."""
+    layout = BlockSparseLayout.from_block_mask(torch.zeros(2, 2, dtype=torch.bool), [5, 7], [6, 4])
+    q, k, v = (t.float().to(DEVICE).requires_grad_() for t in inputs(layout, 1, 2, 2, 16, 8)[:3])
+    q.data[0, 0, 0, 0] = float("inf")
+    out = block_sparse_attn(q, k, v, layout, backend=backend)
+    out.sum().backward()
+    assert (out == 0).all() and torch.equal(q.grad, torch.zeros_like(q))
+
+
+def _direct(layout, q, k, v, do, out, lse, fill):
+    """`launch_backward` into buffers pre-filled with ``fill``."""
+    bwd = backward_config(q.dtype, q.shape[-1])
+    dq, dk, dv = (torch.full_like(t, fill) for t in (q, k, v))
+    launch_backward(do, q, k, v, out, lse, None, dq, dk, dv, build_schedule(layout, INTERPRETER_CONFIG.block_m, DEVICE),
+                    build_key_schedule(layout, bwd.block_n, DEVICE), layout.num_heads > 1, 0.25, bwd)
+    return dq, dk, dv
+
+
+@pytest.mark.parametrize("name", ["unattended", "per_head"])
+def test_every_gradient_element_is_written_and_runs_are_identical(name):
+    """Buffers poisoned with NaN: the kernels write every element; two runs agree bit for bit (no atomics)."""
+    layout, heads = layouts()[name]
+    q, k, v, do, _ = (t.float() for t in inputs(layout, 2, 4, 2 if heads == 4 else 4, 16, 7))
+    out, lse = block_sparse_attn(q, k, v, layout, backend="triton", scale=0.25, return_lse=True)
+    first = _direct(layout, q, k, v, do, out, lse, float("nan"))
+    assert all(torch.isfinite(t).all() for t in first)
+    for a, b in zip(first, _direct(layout, q, k, v, do, out, lse, 7.0)):
+        assert torch.equal(a, b)
+
+
+def test_key_schedule_is_built_once_per_layout():
+    layout, _ = layouts()["lvsa_text_after"]
+    assert build_key_schedule(layout, 16, DEVICE) is build_key_schedule(layout, 16, DEVICE)
+
+
+def test_compiled_training_step_traces_through_forward_and_backward():
+    layout, _ = layouts()["lvsa_text_after"]
+    q, k, v, do, _ = inputs(layout, 1, 2, 2, 16, 9)
+    leaves = [t.float().to(DEVICE).requires_grad_() for t in (q, k, v)]
+    block_sparse_attn(*leaves, layout, backend="triton").sum().backward()  # eager first: schedules cached
+
+    @torch.compile(fullgraph=True, backend="eager" if not CUDA else "inductor")
+    def f(q, k, v):
+        return block_sparse_attn(q, k, v, layout, backend="triton")
+
+    got = torch.autograd.grad((f(*leaves).double() * do.to(DEVICE)).sum(), leaves)
+    ref = grads(q, k, v, do, torch.zeros(1, 2, layout.q_len, dtype=torch.float64), layout, None, "reference",
+                torch.float64)
+    for a, b in zip(got, ref):
+        assert rel_err(a, b) <= TOL[torch.float32]
+
+
+def test_fake_backward_gives_shapes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    layout, _ = layouts()["ragged_empty_rows"]
+    qs, ks = build_schedule(layout, 16, torch.device(DEVICE)), build_key_schedule(layout, 16, torch.device(DEVICE))
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        q = mode.from_tensor(torch.empty(2, layout.q_len, 4, 32, device=DEVICE))
+        k = mode.from_tensor(torch.empty(2, layout.kv_len, 2, 32, device=DEVICE))
+        lse = mode.from_tensor(torch.empty(2, 4, layout.q_len, device=DEVICE))
+        dq, dk, dv = torch.ops.lvsa_kernels.triton_block_sparse_bwd(
+            q, q, k, k, q, lse, None, list(qs.tensors()), list(ks.tensors()), qs.max_tiles, ks.max_tiles, False,
+            0.1, 16, 16, 16, 1, 1)
+    assert dq.shape == q.shape and dk.shape == dv.shape == k.shape
+
+
+class ForwardOnly(Backend):
+    """A sparse CPU backend without a backward (as FlashInfer and NPU are), always the fastest."""
+
+    name = "forward_only"
+    caps = Capabilities(devices=frozenset({"cpu", "cuda"}), dtypes=frozenset({torch.float32}), head_dims=None)
+
+    def run(self, q, k, v, layout, scale, return_lse):
+        with torch.no_grad():
+            out, lse = reference_attention(q, k, v, layout, scale=scale, return_lse=True)
+        return out, (lse if return_lse else None)
+
+
+@pytest.fixture
+def forward_only(monkeypatch, isolated_dispatch_cache):
+    monkeypatch.setitem(backend_base._REGISTRY, "forward_only", ForwardOnly())
+    monkeypatch.setattr(dispatch, "PREFERENCE", ("forward_only",) + dispatch.PREFERENCE)
+
+
+def test_a_backend_without_backward_refuses_inputs_that_require_grad(forward_only):
+    layout, _ = layouts()["ragged_empty_rows"]
+    q, k, v = (t.float().to(DEVICE).requires_grad_() for t in inputs(layout, 1, 2, 2, 16, 1)[:3])
+    with pytest.raises(BackendUnavailable, match="backend 'forward_only' .* has no backward .*requires grad"):
+        block_sparse_attn(q, k, v, layout, backend="forward_only")
+    with torch.no_grad():
+        assert block_sparse_attn(q, k, v, layout, backend="forward_only").shape == q.shape
+
+
+def test_auto_picks_a_backend_with_a_backward(forward_only, monkeypatch):
+    """``auto`` never times or picks the forward-only backend for inputs that require grad."""
+    layout, _ = layouts()["lvsa_text_after"]
+    q, k, v, do, dlse = inputs(layout, 1, 2, 2, 16, 2)
+    got = grads(q, k, v, do, dlse, layout, None, "auto", torch.float32)
+    ref = grads(q, k, v, do, dlse, layout, None, "reference", torch.float64)
+    assert all(rel_err(a, b) <= TOL[torch.float32] for a, b in zip(got, ref))
+    leaves = [t.float().to(DEVICE).requires_grad_() for t in (q, k, v)]
+    assert dispatch.select_backend("auto", *leaves, layout, 0.25, True).name == "triton"
+
+
+def test_8bit_precision_refuses_gradients():
+    layout, _ = layouts()["ragged_empty_rows"]
+    q, k, v = (t.half().to(DEVICE).requires_grad_() for t in inputs(layout, 1, 2, 2, 32, 1)[:3])
+    with pytest.raises(BackendUnavailable, match="precision='fp8' has no backward"):
+        block_sparse_attn(q, k, v, layout, backend="triton", precision="fp8")
+    with torch.no_grad():
+        assert block_sparse_attn(q, k, v, layout, backend="triton", precision="fp8").shape == q.shape
+
+
+@pytest.mark.skipif(not CUDA, reason="bf16 at the GPU tile sizes (64-key tiles, head dim 128) needs a CUDA device")
+@pytest.mark.parametrize("heads, kv_heads", [(4, 4), (4, 2)])
+def test_gpu_bf16_wan_like_gradients(heads, kv_heads):
+    """A Wan-like LVSA layout with text: 200-token frames (ragged against every tile width), head dim 128."""
+    layout = LVSAPattern(window=1, n_first=1, reference_frames=3).plan(7, 200, step=1, text_tokens=40)
+    check_grads(layout, B=2, H=heads, Hkv=kv_heads, dtype=torch.bfloat16, D=128, seed=11)

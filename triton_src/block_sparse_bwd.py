@@ -1,0 +1,213 @@
+"""Block-sparse FlashAttention backward kernels (FA2 recomputation) reading the layout's spans in place.
+
+Given the forward's ``out`` and ``lse``, softmax probabilities are recomputed tile by tile,
+``P = exp(scale * Q K^T - lse)``, never stored. With ``dP = dO V^T`` and ``Delta = rowsum(dO * O)`` (minus the
+lse's own gradient, see `bwd_preprocess`), ``dS = P * (dP - Delta)``:
+
+* ``dV = P^T dO`` and ``dK = scale * dS^T Q``: `block_sparse_attn_bwd_dkdv`, one program per key tile of the
+  layout's *transpose* (key rows whose query spans are identical, see `schedule.build_key_schedule`), walking the
+  query spans that attend it; with GQA one program sums its key head's group of query heads;
+* ``dQ = scale * dS K``: `block_sparse_attn_bwd_dq`, one program per query tile of the forward schedule, walking
+  its key spans like the forward kernel.
+
+Each output element is written by exactly one program (no atomics, deterministic). Scores live in the exp2
+domain (``qk_scale = scale * log2(e)``), accumulators in fp32; any finite scale sign works (no running max).
+Tensors are ``[B, S, H, D]`` with any batch/sequence/head strides and a contiguous head dim; ``LSE`` and
+``DELTA`` are contiguous ``[B, H, Sq]`` float32.
+"""
+import triton
+import triton.language as tl
+
+LOG2E = tl.constexpr(1.4426950408889634)
+
+
+@triton.jit
+def bwd_preprocess(O, DO, DLSE, DELTA, stride_ob, stride_os, stride_oh, stride_dob, stride_dos, stride_doh, q_len,
+                   NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, HAS_DLSE: tl.constexpr):
+    """``DELTA[b, h, s] = sum_d O * dO - dLSE`` (fp32): the lse gradient enters dS exactly like ``-Delta``.
+    Grid ``(cdiv(q_len, BLOCK_M), B * H)``."""
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // NUM_HEADS).to(tl.int64)
+    h = pid_bh % NUM_HEADS
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < q_len
+    rows = offs_m[:, None].to(tl.int64)
+    o = tl.load(O + b * stride_ob + h * stride_oh + rows * stride_os + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + rows * stride_dos + offs_d[None, :], mask=row_ok[:, None],
+                 other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    lse_offs = (b * NUM_HEADS + h) * q_len + offs_m
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + lse_offs, mask=row_ok, other=0.0)
+    tl.store(DELTA + lse_offs, delta, mask=row_ok)
+
+
+@triton.jit
+def _dq_step(dq, q, do, lse2, delta, k_ptr, v_ptr, kv0, kv_end, stride_ks, stride_vs, qk_scale,
+             BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Add key tile ``kv0 .. kv0 + BLOCK_N`` (columns from ``kv_end`` on left out when MASKED) to ``dq`` (unscaled)."""
+    offs_n = kv0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    col_ok = offs_n < kv_end
+    k_ptrs = k_ptr + offs_n[:, None].to(tl.int64) * stride_ks + offs_d[None, :]
+    v_ptrs = v_ptr + offs_n[:, None].to(tl.int64) * stride_vs + offs_d[None, :]
+    if MASKED:
+        k = tl.load(k_ptrs, mask=col_ok[:, None], other=0.0)
+        v = tl.load(v_ptrs, mask=col_ok[:, None], other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    p = tl.math.exp2(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale - lse2[:, None])
+    if MASKED:
+        p = tl.where(col_ok[None, :], p, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+    ds = p * (dp - delta[:, None])
+    return tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def block_sparse_attn_bwd_dq(
+    Q, K, V, DO, DQ, LSE, DELTA,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_dob, stride_dos, stride_doh,
+    stride_dqb, stride_dqs, stride_dqh,
+    tile_ptr, tile_start, tile_end, tile_row,
+    span_ptr, span_start, span_end,
+    sm_scale, q_len,
+    NUM_HEADS: tl.constexpr, KV_GROUP: tl.constexpr, PER_HEAD_LAYOUT: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """dQ of one query tile (the forward's schedule) of one (batch, head). Grid ``(max query tiles, B * H)``.
+    Rows of a tile without keys get dQ = 0."""
+    pid_t = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // NUM_HEADS).to(tl.int64)
+    h = pid_bh % NUM_HEADS
+    lh = h if PER_HEAD_LAYOUT else 0
+    t_lo = tl.load(tile_ptr + lh)
+    if pid_t >= tl.load(tile_ptr + lh + 1) - t_lo:
+        return
+    t = t_lo + pid_t
+    q1 = tl.load(tile_end + t)
+    row = tl.load(tile_row + t)
+    offs_m = tl.load(tile_start + t) + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < q1
+    rows = offs_m[:, None].to(tl.int64)
+    q = tl.load(Q + b * stride_qb + h * stride_qh + rows * stride_qs + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + rows * stride_dos + offs_d[None, :], mask=row_ok[:, None],
+                 other=0.0)
+    lse_offs = (b * NUM_HEADS + h) * q_len + offs_m
+    lse2 = tl.load(LSE + lse_offs, mask=row_ok, other=float("inf")) * LOG2E  # padding rows: P = 0
+    delta = tl.load(DELTA + lse_offs, mask=row_ok, other=0.0)
+    qk_scale = sm_scale * LOG2E
+    h_kv = h // KV_GROUP
+    k_ptr = K + b * stride_kb + h_kv * stride_kh
+    v_ptr = V + b * stride_vb + h_kv * stride_vh
+
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    lo = tl.load(span_ptr + row)
+    hi = tl.load(span_ptr + row + 1)
+    for sp in range(lo, hi):  # each span's full tiles, then its ragged tail
+        s = tl.load(span_start + sp)
+        e = tl.load(span_end + sp)
+        full_end = s + ((e - s) // BLOCK_N) * BLOCK_N
+        for kv0 in range(s, full_end, BLOCK_N):
+            dq = _dq_step(dq, q, do, lse2, delta, k_ptr, v_ptr, kv0, kv0 + BLOCK_N, stride_ks, stride_vs, qk_scale,
+                          BLOCK_N, HEAD_DIM, False, DOT_PRECISION)
+        if full_end < e:
+            dq = _dq_step(dq, q, do, lse2, delta, k_ptr, v_ptr, full_end, e, stride_ks, stride_vs, qk_scale,
+                          BLOCK_N, HEAD_DIM, True, DOT_PRECISION)
+    dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + rows * stride_dqs + offs_d[None, :]
+    tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _dkdv_step(dk, dv, k, v, key_ok, q_ptr, do_ptr, lse_ptr, delta_ptr, q0, q_end, stride_qs, stride_dos,
+               qk_scale, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Add query rows ``q0 .. min(q0 + BLOCK_M, q_end)`` of one head to the key tile's ``dk`` (unscaled) and ``dv``;
+    everything is transposed (keys are rows)."""
+    offs_m = q0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < q_end
+    rows = offs_m[:, None].to(tl.int64)
+    q = tl.load(q_ptr + rows * stride_qs + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    do = tl.load(do_ptr + rows * stride_dos + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    lse2 = tl.load(lse_ptr + offs_m, mask=row_ok, other=float("inf")) * LOG2E  # padding rows: P = 0
+    delta = tl.load(delta_ptr + offs_m, mask=row_ok, other=0.0)
+    pt = tl.math.exp2(tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale - lse2[None, :])
+    pt = tl.where(key_ok[:, None], pt, 0.0)  # padding keys of a short tile
+    dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+    dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+    dst = pt * (dpt - delta[None, :])
+    dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def block_sparse_attn_bwd_dkdv(
+    Q, K, V, DO, DK, DV, LSE, DELTA,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_dob, stride_dos, stride_doh,
+    stride_dkb, stride_dks, stride_dkh,
+    stride_dvb, stride_dvs, stride_dvh,
+    tile_ptr, tile_start, tile_end, tile_row,
+    span_ptr, span_start, span_end,
+    sm_scale, q_len,
+    NUM_HEADS: tl.constexpr, KV_GROUP: tl.constexpr, PER_HEAD_LAYOUT: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """dK, dV of one key tile (the transpose's schedule: ``tile_*`` are key rows, spans are query tokens).
+
+    Shared layout: grid ``(max key tiles, B * H_kv)``, one program sums the ``KV_GROUP`` query heads of its key
+    head and writes ``DK/DV [B, Skv, H_kv, D]``. Per-head layout: grid ``(max key tiles of a head, B * H)``, one
+    query head each, written to ``DK/DV [B, Skv, H, D]`` (the host sums GQA groups). Keys no query attends get 0.
+    """
+    pid_t = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    OUT_HEADS: tl.constexpr = NUM_HEADS if PER_HEAD_LAYOUT else NUM_HEADS // KV_GROUP
+    HEADS_PER_PROGRAM: tl.constexpr = 1 if PER_HEAD_LAYOUT else KV_GROUP
+    b = (pid_bh // OUT_HEADS).to(tl.int64)
+    oh = pid_bh % OUT_HEADS
+    lh = oh if PER_HEAD_LAYOUT else 0
+    h_kv = oh // KV_GROUP if PER_HEAD_LAYOUT else oh
+    t_lo = tl.load(tile_ptr + lh)
+    if pid_t >= tl.load(tile_ptr + lh + 1) - t_lo:
+        return
+    t = t_lo + pid_t
+    k1 = tl.load(tile_end + t)
+    row = tl.load(tile_row + t)
+    offs_n = tl.load(tile_start + t) + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    key_ok = offs_n < k1
+    keys = offs_n[:, None].to(tl.int64)
+    k = tl.load(K + b * stride_kb + h_kv * stride_kh + keys * stride_ks + offs_d[None, :], mask=key_ok[:, None],
+                other=0.0)
+    v = tl.load(V + b * stride_vb + h_kv * stride_vh + keys * stride_vs + offs_d[None, :], mask=key_ok[:, None],
+                other=0.0)
+    qk_scale = sm_scale * LOG2E
+
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    lo = tl.load(span_ptr + row)
+    hi = tl.load(span_ptr + row + 1)
+    for g in range(HEADS_PER_PROGRAM):
+        h = oh if PER_HEAD_LAYOUT else oh * KV_GROUP + g
+        q_ptr = Q + b * stride_qb + h * stride_qh
+        do_ptr = DO + b * stride_dob + h * stride_doh
+        lse_ptr = LSE + (b * NUM_HEADS + h) * q_len
+        delta_ptr = DELTA + (b * NUM_HEADS + h) * q_len
+        for sp in range(lo, hi):
+            e = tl.load(span_end + sp)
+            for q0 in range(tl.load(span_start + sp), e, BLOCK_M):
+                dk, dv = _dkdv_step(dk, dv, k, v, key_ok, q_ptr, do_ptr, lse_ptr, delta_ptr, q0, e, stride_qs,
+                                    stride_dos, qk_scale, BLOCK_M, HEAD_DIM, DOT_PRECISION)
+    dk_ptrs = DK + b * stride_dkb + oh * stride_dkh + keys * stride_dks + offs_d[None, :]
+    dv_ptrs = DV + b * stride_dvb + oh * stride_dvh + keys * stride_dvs + offs_d[None, :]
+    tl.store(dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=key_ok[:, None])
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=key_ok[:, None])
