@@ -7,6 +7,7 @@
 #
 # Environment (optional): BUNDLE (default .tri/triton-3.9.0-slim.tar.xz), OLD (a tree of the older source,
 # e.g. `git archive REV | tar -x -C .ab/old`; default .ab/old), BUDGET (seconds for everything, default 560),
+# TESTS_LIMIT (default 280), AB_RESERVE (seconds kept for the A/B runs after the tests, default 80),
 # CASES (the new source's run_gpu cases, default anchor), AB_CASE (the A/B case, default wan-w4-t121).
 # Files in $OUT: session.log, {new,old}{39,36}/attention_bench.json, gpu_tests_bundle.log.
 set -uo pipefail
@@ -42,9 +43,7 @@ main() {
   }
   bench new39 bundle new "${CASES:-anchor}" dense_cudnn,flashinfer,triton
   bench new36 machine new "${CASES:-anchor}" dense_cudnn,flashinfer,triton
-  bench old39 bundle old "${AB_CASE:-wan-w4-t121}" flashinfer,triton
-  bench old36 machine old "${AB_CASE:-wan-w4-t121}" flashinfer,triton
-  local lim=$(( BUDGET - SECONDS - 10 ))
+  local lim=$(( BUDGET - SECONDS - ${AB_RESERVE:-80} )); (( lim > ${TESTS_LIMIT:-280} )) && lim=${TESTS_LIMIT:-280}
   if (( lim > 60 )); then
     say "Hopper GPU tests under the bundled Triton (limit ${lim}s)"
     ( eval "$bundle_env"; timeout -k 10 "$lim" python3 -m pytest -q -rs -p no:cacheprovider \
@@ -53,6 +52,8 @@ main() {
   else
     say "Hopper GPU tests skipped: ${lim}s left"
   fi
+  bench old39 bundle old "${AB_CASE:-wan-w4-t121}" flashinfer,triton
+  bench old36 machine old "${AB_CASE:-wan-w4-t121}" flashinfer,triton
   say "done; files: $(cd "$OUT" && find . -type f | tr '\n' ' ')"
 }
 
