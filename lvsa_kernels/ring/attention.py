@@ -11,6 +11,7 @@ on its cached sub-layout with ``return_lse=True`` and the parts are merged by th
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 from typing import List, Optional, Tuple, Union
 
@@ -24,7 +25,7 @@ from .plan import KeyRuns, SequenceShards, rank_plan
 
 __all__ = ["TrafficCounter", "merge_partial", "ring_attention"]
 
-_READY = set()  # names of groups whose communicator a collective has set up (p2p may then skip ranks)
+_READY: "weakref.WeakSet" = weakref.WeakSet()  # groups a collective has set up (batched p2p may then skip ranks)
 
 
 @dataclass
@@ -85,10 +86,10 @@ def _pack(k: Tensor, v: Tensor, runs: KeyRuns, origin: int) -> Tensor:
 
 def _ensure_ready(group, device: torch.device) -> None:
     """One collective on a new group before its first p2p batch: NCCL's batched p2p may then leave ranks out."""
-    name = dist.get_backend(group), group.group_name if group is not None else "default"
-    if name not in _READY:
+    group = dist.group.WORLD if group is None else group
+    if group not in _READY:
         dist.all_reduce(torch.zeros(1, device=device), group=group)
-        _READY.add(name)
+        _READY.add(group)
 
 
 def ring_attention(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout, group, shards: SequenceShards, *,
