@@ -176,7 +176,7 @@ def test_merge_partial_keeps_rows_without_keys_at_zero():
 
 
 def test_shard_and_layout_errors():
-    with pytest.raises(ValueError, match=r"bounds: expected non-decreasing token offsets starting at 0, got \(0, 5, 3\)"):
+    with pytest.raises(ValueError, match=r"non-decreasing token offsets starting at 0, got \(0, 5, 3\)"):
         SequenceShards((0, 5, 3))
     with pytest.raises(ValueError, match="sizes: expected non-negative"):
         SequenceShards.from_sizes([4, -1])
