@@ -5,8 +5,9 @@ transformer (4 heads x 16) under ``enable_parallelism(ContextParallelConfig(ulys
 ``ring_degree=2``) with ``enable_lvsa(backend="reference")`` and a sparse pattern; each rank's output must equal
 the single-process LVSA output in fp32 (Ulysses x ring on 4 processes: tests/test_diffusers_usp.py).
 diffusers 0.42.1's ``_resolve_parallel_config`` computes the device as ``rank % torch.accelerator.device_count()``,
-which divides by zero on a machine without an accelerator; the workers patch ``device_count`` to 1 around ``enable_parallelism`` only (the mesh is
-built on "cpu", and the split/gather hooks and all collectives run unmodified over gloo).
+which divides by zero on a machine without an accelerator; the workers patch ``device_count`` to 1 around
+``enable_parallelism`` only (the mesh is built on "cpu", and the split/gather hooks and all collectives run
+unmodified over gloo).
 """
 from __future__ import annotations
 
