@@ -19,10 +19,11 @@ ulysses_degree=N))``. Two ways, each a warm-up then the median of ``--repeats`` 
   give nearly uniform attention, so ``--svoo-top-p`` (default 0.3) sets the density (reported).
 
 With N > 1, rank 0's output is compared with the one-GPU output in ``--ref`` (``rel_diff`` = max |a - b| /
-max |b|, must be <= ``--tolerance``), and ``efficiency`` = t_1 / (N * t_N). NCCL's NVLink multicast stays
-off: ``NCCL_NVLS_ENABLE`` is set to 0 when unset and any other value is refused. A CPU dry run of the same
-logic on gloo (tiny config, reference backend) checks the outputs only: its JSON says ``"dry_run": true``
-and holds no speedup or efficiency (N processes sharing a few CPU cores measure nothing about scaling):
+max |b|, must be <= ``--tolerance``), and ``efficiency`` = t_1 / (N * t_N). NVLink multicast stays off:
+``NCCL_NVLS_ENABLE=0`` and ``TORCH_SYMM_MEM_DISABLE_MULTICAST=1`` are set when unset, other values refused.
+A CPU dry run of the same logic on gloo (tiny config, reference backend) checks the outputs only: its JSON says
+``"dry_run": true`` and holds no speedup or efficiency (N processes sharing a few CPU cores measure nothing
+about scaling):
 
     torchrun --standalone --nproc_per_node 1 bench/multigpu_step.py --device cpu --tiny --ref /tmp/r.pt
     torchrun --standalone --nproc_per_node 2 bench/multigpu_step.py --device cpu --tiny --ref /tmp/r.pt
@@ -79,7 +80,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def init_distributed(device_type: str) -> torch.device:
-    """Join the torchrun group (NCCL on CUDA with NVLink multicast off, gloo on CPU); returns this rank's device."""
+    """Join the torchrun group (NCCL on CUDA with NVLink multicast off: ``NCCL_NVLS_ENABLE=0`` and
+    ``TORCH_SYMM_MEM_DISABLE_MULTICAST=1``, set when unset; gloo on CPU); returns this rank's device."""
     if "RANK" not in os.environ:
         raise SystemExit("multigpu_step: launch with torchrun (see the module docstring)")
     local_rank = int(os.environ["LOCAL_RANK"])
@@ -88,9 +90,10 @@ def init_distributed(device_type: str) -> torch.device:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["LOCAL_WORLD_SIZE"])))
         dist.init_process_group("gloo", timeout=timeout)
         return torch.device("cpu")
-    if os.environ.setdefault("NCCL_NVLS_ENABLE", "0") != "0":
-        raise SystemExit(f"multigpu_step: NCCL_NVLS_ENABLE={os.environ['NCCL_NVLS_ENABLE']}; NVLink multicast "
-                         "must stay off (NCCL_NVLS_ENABLE=0)")
+    for name, off in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")):
+        if os.environ.setdefault(name, off) != off:
+            raise SystemExit(f"multigpu_step: {name}={os.environ[name]}; NVLink multicast must stay off "
+                             f"({name}={off})")
     device = torch.device("cuda", local_rank)
     torch.cuda.set_device(device)
     dist.init_process_group("nccl", timeout=timeout, device_id=device)
