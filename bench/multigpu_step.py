@@ -202,6 +202,38 @@ def run_way(way: str, model: nn.Module, inputs: Dict[str, Any], args: argparse.N
     return rec
 
 
+def record(way: str, rec: Dict[str, Any], out: Tensor, reference: Optional[Dict[str, Any]], saved: Dict[str, Any],
+           tolerance: float, meta: Dict[str, Any]) -> None:
+    """Keep rank 0's one-GPU output of ``way`` in ``saved``; on N ranks add to ``rec`` its difference from the
+    one-GPU output in ``reference`` (``rel_diff_vs_1gpu``, ``matches_1gpu``) and, outside a dry run, the one-GPU
+    seconds, the speedup and the efficiency t_1 / (N * t_N)."""
+    world = meta["world_size"]
+    if world == 1 and dist.get_rank() == 0:
+        saved[way] = {"output": out.cpu(), "seconds": rec["seconds"]}
+    if reference is None or way not in reference:
+        return
+    ref = reference[way]
+    rec["rel_diff_vs_1gpu"] = rel_diff(out, ref["output"])
+    rec["matches_1gpu"] = rec["rel_diff_vs_1gpu"] <= tolerance
+    if not meta["dry_run"]:
+        rec["seconds_1gpu"] = ref["seconds"]
+        rec["speedup_vs_1gpu"] = ref["seconds"] / rec["seconds"]
+        rec["efficiency"] = rec["speedup_vs_1gpu"] / world
+
+
+def publish(script: str, what: str, rec: Dict[str, Any], meta: Dict[str, Any], results: Dict[str, Any],
+            saved: Dict[str, Any], args: argparse.Namespace) -> None:
+    """Rank 0, after each way: print its record (``[script] what: {...}``), write the reference file (one GPU)
+    and the JSON so far."""
+    dry = " DRY RUN (CPU/gloo: checks outputs; times are not scaling measurements)" if meta["dry_run"] else ""
+    print(f"[{script}]{dry} {what}: " + json.dumps(rec), flush=True)
+    if meta["world_size"] == 1:
+        torch.save(saved, args.ref)
+    if args.json_out:
+        with open(args.json_out, "w", encoding="utf-8") as fh:
+            json.dump({"meta": meta, "results": results}, fh, indent=2)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     import diffusers
@@ -248,27 +280,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             results[way] = {"status": "skipped: --time-budget exceeded"}
             continue
         rec = run_way(way, model, inputs, args, device)
-        out = rec.pop("output")
-        if rank == 0 and world == 1:
-            saved[way] = {"output": out.cpu(), "seconds": rec["seconds"]}
-        if reference is not None and way in reference:
-            ref = reference[way]
-            rec["rel_diff_vs_1gpu"] = rel_diff(out, ref["output"])
-            rec["matches_1gpu"] = rec["rel_diff_vs_1gpu"] <= args.tolerance
-            if not meta["dry_run"]:
-                rec["seconds_1gpu"] = ref["seconds"]
-                rec["speedup_vs_1gpu"] = ref["seconds"] / rec["seconds"]
-                rec["efficiency"] = rec["speedup_vs_1gpu"] / world
+        record(way, rec, rec.pop("output"), reference, saved, args.tolerance, meta)
         results[way] = rec
-        del out
         if rank == 0:
-            dry = " DRY RUN (CPU/gloo: checks outputs; times are not scaling measurements)" if meta["dry_run"] else ""
-            print(f"[multigpu_step]{dry} world={world} {way}: " + json.dumps(rec), flush=True)
-            if world == 1:
-                torch.save(saved, args.ref)
-            if args.json_out:
-                with open(args.json_out, "w", encoding="utf-8") as fh:
-                    json.dump({"meta": meta, "results": results}, fh, indent=2)
+            publish("multigpu_step", f"world={world} {way}", rec, meta, results, saved, args)
     dist.barrier()
     dist.destroy_process_group()
     return 0

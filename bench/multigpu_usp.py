@@ -30,7 +30,6 @@ runs only without ring attention.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -43,7 +42,7 @@ from torch import nn
 
 from lvsa_kernels.bench.e2e_step import TINY_KNOBS, WAN_1_3B, WAN_TINY, build, wan_inputs
 from lvsa_kernels.bench.multigpu_step import (accelerator_count_for_cpu, agree, broadcast_state, checksum,
-                                              init_distributed, rel_diff, timed_step)
+                                              init_distributed, publish, record, timed_step)
 from lvsa_kernels.reference import latent_frames
 
 WAYS = ("lvsa", "dense")
@@ -189,28 +188,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             results[way] = {"status": "skipped: --time-budget exceeded"}
             continue
         rec = run_way(way, model, inputs, args, device, ring)
-        out = rec.pop("output", None)
-        if out is not None and rank == 0 and world == 1:
-            saved[way] = {"output": out.cpu(), "seconds": rec["seconds"]}
-        if out is not None and reference is not None and way in reference:
-            ref = reference[way]
-            rec["rel_diff_vs_1gpu"] = rel_diff(out, ref["output"])
-            rec["matches_1gpu"] = rec["rel_diff_vs_1gpu"] <= args.tolerance
-            if not meta["dry_run"]:
-                rec["seconds_1gpu"] = ref["seconds"]
-                rec["speedup_vs_1gpu"] = ref["seconds"] / rec["seconds"]
-                rec["efficiency"] = rec["speedup_vs_1gpu"] / world
+        if "output" in rec:
+            record(way, rec, rec.pop("output"), reference, saved, args.tolerance, meta)
         results[way] = rec
-        del out
         if rank == 0:
-            dry = " DRY RUN (CPU/gloo: checks outputs; times are not scaling measurements)" if meta["dry_run"] else ""
-            print(f"[multigpu_usp]{dry} world={world} ring={ring} ulysses={ulysses} {way}: " + json.dumps(rec),
-                  flush=True)
-            if world == 1:
-                torch.save(saved, args.ref)
-            if args.json_out:
-                with open(args.json_out, "w", encoding="utf-8") as fh:
-                    json.dump({"meta": meta, "results": results}, fh, indent=2)
+            publish("multigpu_usp", f"world={world} ring={ring} ulysses={ulysses} {way}", rec, meta, results, saved,
+                    args)
     dist.barrier()
     dist.destroy_process_group()
     return 0

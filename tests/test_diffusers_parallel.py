@@ -11,19 +11,17 @@ unmodified over gloo).
 """
 from __future__ import annotations
 
-import datetime
-import os
 from unittest import mock
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 pytest.importorskip("diffusers")
 from diffusers import ContextParallelConfig, WanTransformer3DModel  # noqa: E402
 from diffusers.models._modeling_parallel import ContextParallelOutput  # noqa: E402
 
+from gloo_ranks import error, run_ranks  # noqa: E402
 from lvsa_kernels import LVSAPattern, SVOOPattern, block_sparse_attn  # noqa: E402
 from lvsa_kernels.diffusers import disable_lvsa, enable_lvsa  # noqa: E402
 from lvsa_kernels.reference.svoo_profile import SVOOProfile  # noqa: E402
@@ -74,14 +72,6 @@ def _enable_cp(model: WanTransformer3DModel, cp_plan: dict | None = None, **conf
         model.enable_parallelism(config=ContextParallelConfig(**config), cp_plan=cp_plan)
 
 
-def _error(fn) -> str:
-    try:
-        fn()
-    except Exception as exc:  # the parent checks the type and message
-        return f"{type(exc).__name__}: {exc}"
-    return "no error"
-
-
 def _record_attn1(model: WanTransformer3DModel, handle, seen: list):
     """Record (tokens the first attn1 receives, geometry the runtime holds) at each call; returns the hook."""
     def hook(module, args):
@@ -89,82 +79,73 @@ def _record_attn1(model: WanTransformer3DModel, handle, seen: list):
     return model.blocks[0].attn1.register_forward_pre_hook(hook)
 
 
-def _worker(rank: int, tmp: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=60))
-    res: dict = {}
-    try:
-        x = wan_inputs()
-        # LVSA first, then diffusers' context parallelism; disable_lvsa hands the config to the dense processors
-        model = tiny_wan()
-        handle = enable_lvsa(model, backend="reference", **SPARSE)
-        _enable_cp(model, ulysses_degree=WORLD)
-        res["seen"] = []
-        recorder = _record_attn1(model, handle, res["seen"])
-        res["lvsa_then_cp"] = denoise(model, x)
-        recorder.remove()
-        res["steps"] = handle.runtime.tracker.step
-        disable_lvsa(model)
-        res["dense_cp"] = denoise(model, x)
-        # context parallelism first, then LVSA
-        model = tiny_wan()
-        _enable_cp(model, ulysses_degree=WORLD)
-        enable_lvsa(model, backend="reference", **SPARSE)
-        res["cp_then_lvsa"] = denoise(model, x)
-        # ring attention: each rank attends its half against the keys the layout reads on the other rank
-        model = tiny_wan()
-        _enable_cp(model, ring_degree=WORLD)
-        handle = enable_lvsa(model, backend="reference", **SPARSE)
-        res["ring"] = denoise(model, x)
-        res["ring_traffic"] = handle.runtime.ring_traffic
-        # SVOO under Ulysses: each rank clusters its two heads over the full sequence
-        model = tiny_wan()
-        _enable_cp(model, ulysses_degree=WORLD)
-        enable_lvsa(model, pattern=svoo_pattern(), backend="reference")
-        res["svoo"] = denoise(model, x)
+def _worker(rank: int, res: dict) -> None:
+    x = wan_inputs()
+    # LVSA first, then diffusers' context parallelism; disable_lvsa hands the config to the dense processors
+    model = tiny_wan()
+    handle = enable_lvsa(model, backend="reference", **SPARSE)
+    _enable_cp(model, ulysses_degree=WORLD)
+    res["seen"] = []
+    recorder = _record_attn1(model, handle, res["seen"])
+    res["lvsa_then_cp"] = denoise(model, x)
+    recorder.remove()
+    res["steps"] = handle.runtime.tracker.step
+    disable_lvsa(model)
+    res["dense_cp"] = denoise(model, x)
+    # context parallelism first, then LVSA
+    model = tiny_wan()
+    _enable_cp(model, ulysses_degree=WORLD)
+    enable_lvsa(model, backend="reference", **SPARSE)
+    res["cp_then_lvsa"] = denoise(model, x)
+    # ring attention: each rank attends its half against the keys the layout reads on the other rank
+    model = tiny_wan()
+    _enable_cp(model, ring_degree=WORLD)
+    handle = enable_lvsa(model, backend="reference", **SPARSE)
+    res["ring"] = denoise(model, x)
+    res["ring_traffic"] = handle.runtime.ring_traffic
+    # SVOO under Ulysses: each rank clusters its two heads over the full sequence
+    model = tiny_wan()
+    _enable_cp(model, ulysses_degree=WORLD)
+    enable_lvsa(model, pattern=svoo_pattern(), backend="reference")
+    res["svoo"] = denoise(model, x)
 
-        # GQA through the runtime's all-to-all: q 4 heads, k/v 2 heads, one random layout
-        g = torch.Generator().manual_seed(5)
-        q = torch.randn(2, S, 4, 16, generator=g)
-        k, v = (torch.randn(2, S, 2, 16, generator=g) for _ in range(2))
-        ug = UlyssesGroup(dist.group.WORLD, WORLD)
-        shard = slice(rank * S // WORLD, (rank + 1) * S // WORLD)
-        res["q_heads"], res["k_heads"] = seq_to_heads([q[:, shard], k[:, shard]], ug)
-        res["q_back"] = heads_to_seq(res["q_heads"], ug)
-        runtime = AttentionRuntime(LVSAPattern(**SPARSE), "reference", "test", "test")
-        runtime.begin_forward(VideoGeometry(T, H_LAT // 2, W_LAT // 2), 900.0, ContextGroups(ug, None))
-        res["gqa"] = runtime.attend(q[:, shard], k[:, shard], v[:, shard], runtime.layout())
+    # GQA through the runtime's all-to-all: q 4 heads, k/v 2 heads, one random layout
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(2, S, 4, 16, generator=g)
+    k, v = (torch.randn(2, S, 2, 16, generator=g) for _ in range(2))
+    ug = UlyssesGroup(dist.group.WORLD, WORLD)
+    shard = slice(rank * S // WORLD, (rank + 1) * S // WORLD)
+    res["q_heads"], res["k_heads"] = seq_to_heads([q[:, shard], k[:, shard]], ug)
+    res["q_back"] = heads_to_seq(res["q_heads"], ug)
+    runtime = AttentionRuntime(LVSAPattern(**SPARSE), "reference", "test", "test")
+    runtime.begin_forward(VideoGeometry(T, H_LAT // 2, W_LAT // 2), 900.0, ContextGroups(ug, None))
+    res["gqa"] = runtime.attend(q[:, shard], k[:, shard], v[:, shard], runtime.layout())
 
-        # bad configurations (each raises on both ranks before any collective)
-        odd_heads = tiny_wan(heads=3)
-        enable_lvsa(odd_heads, backend="reference", **SPARSE)
-        _enable_cp(odd_heads, ulysses_degree=WORLD)
-        res["err_heads"] = _error(lambda: denoise(odd_heads, x))
-        svoo_ring = tiny_wan()
-        enable_lvsa(svoo_ring, pattern=svoo_pattern(), backend="reference")
-        _enable_cp(svoo_ring, ring_degree=WORLD)
-        res["err_svoo_ring"] = _error(lambda: denoise(svoo_ring, x))
-        unsplit = tiny_wan()  # a plan that gathers the output but never splits the sequence
-        enable_lvsa(unsplit, backend="reference", **SPARSE)
-        _enable_cp(unsplit, cp_plan={"proj_out": ContextParallelOutput(gather_dim=1, expected_dims=3)},
-                   ulysses_degree=WORLD)
-        res["err_unsplit"] = _error(lambda: denoise(unsplit, x))
-        odd_tokens = tiny_wan()
-        enable_lvsa(odd_tokens, backend="reference", **SPARSE)
-        _enable_cp(odd_tokens, ulysses_degree=WORLD)
-        res["err_tokens"] = _error(lambda: denoise(odd_tokens, wan_inputs(frames=3, height=2, width=2)))
-    finally:
-        torch.save(res, os.path.join(tmp, f"rank{rank}.pt"))
-        dist.destroy_process_group()
+    # bad configurations (each raises on both ranks before any collective)
+    odd_heads = tiny_wan(heads=3)
+    enable_lvsa(odd_heads, backend="reference", **SPARSE)
+    _enable_cp(odd_heads, ulysses_degree=WORLD)
+    res["err_heads"] = error(lambda: denoise(odd_heads, x))
+    svoo_ring = tiny_wan()
+    enable_lvsa(svoo_ring, pattern=svoo_pattern(), backend="reference")
+    _enable_cp(svoo_ring, ring_degree=WORLD)
+    res["err_svoo_ring"] = error(lambda: denoise(svoo_ring, x))
+    unsplit = tiny_wan()  # a plan that gathers the output but never splits the sequence
+    enable_lvsa(unsplit, backend="reference", **SPARSE)
+    _enable_cp(unsplit, cp_plan={"proj_out": ContextParallelOutput(gather_dim=1, expected_dims=3)},
+               ulysses_degree=WORLD)
+    res["err_unsplit"] = error(lambda: denoise(unsplit, x))
+    odd_tokens = tiny_wan()
+    enable_lvsa(odd_tokens, backend="reference", **SPARSE)
+    _enable_cp(odd_tokens, ulysses_degree=WORLD)
+    res["err_tokens"] = error(lambda: denoise(odd_tokens, wan_inputs(frames=3, height=2, width=2)))
 
 
 # ---------------------------------------------------------------------------------------------- tests
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     tmp = str(tmp_path_factory.mktemp("ulysses"))
-    mp.spawn(_worker, args=(tmp,), nprocs=WORLD, join=True)
-    return [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
+    return run_ranks(_worker, WORLD, tmp)
 
 
 @pytest.fixture(scope="module")

@@ -10,18 +10,15 @@ is patched as in that file; for ``ring_anything`` the workers also replace diffu
 """
 from __future__ import annotations
 
-import datetime
-import os
 from unittest import mock
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 pytest.importorskip("diffusers")
-from test_diffusers_parallel import (SPARSE, TIMESTEPS, TOL, _enable_cp, _error, denoise, tiny_wan,  # noqa: E402
-                                     wan_inputs)
+from gloo_ranks import error, run_ranks  # noqa: E402
+from test_diffusers_parallel import SPARSE, TIMESTEPS, TOL, _enable_cp, denoise, tiny_wan, wan_inputs  # noqa: E402
 
 from lvsa_kernels import LVSAPattern, block_sparse_attn  # noqa: E402
 from lvsa_kernels.diffusers import enable_lvsa  # noqa: E402
@@ -55,50 +52,41 @@ def _gather_padded(tensor: torch.Tensor, dim: int, group) -> torch.Tensor:
     return torch.cat([p.narrow(dim, 0, int(n)) for p, n in zip(pieces, sizes)], dim)
 
 
-def _worker(rank: int, tmp: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=120))
-    res: dict = {}
-    try:
-        x = wan_inputs()
-        for name, config in (("usp", dict(ring_degree=2, ulysses_degree=2)), ("ring4", dict(ring_degree=4))):
-            model = tiny_wan()
-            _enable_cp(model, **config)
-            handle = enable_lvsa(model, backend="reference", **SPARSE)
-            res[name] = denoise(model, x)
-            res[name + "/traffic"] = handle.runtime.ring_traffic
+def _worker(rank: int, res: dict) -> None:
+    x = wan_inputs()
+    for name, config in (("usp", dict(ring_degree=2, ulysses_degree=2)), ("ring4", dict(ring_degree=4))):
         model = tiny_wan()
-        _enable_cp(model, ring_degree=4, ring_anything=True)
-        enable_lvsa(model, backend="reference", **SPARSE)
-        with mock.patch("diffusers.hooks.context_parallel._all_gather_anything", _gather_padded):
-            res["ring_anything"] = denoise(model, wan_inputs(**UNEVEN))
+        _enable_cp(model, **config)
+        handle = enable_lvsa(model, backend="reference", **SPARSE)
+        res[name] = denoise(model, x)
+        res[name + "/traffic"] = handle.runtime.ring_traffic
+    model = tiny_wan()
+    _enable_cp(model, ring_degree=4, ring_anything=True)
+    enable_lvsa(model, backend="reference", **SPARSE)
+    with mock.patch("diffusers.hooks.context_parallel._all_gather_anything", _gather_padded):
+        res["ring_anything"] = denoise(model, wan_inputs(**UNEVEN))
 
-        # the runtime's USP exchange on diffusers' mesh layout: ulysses groups {0,1} {2,3}, ring groups {0,2} {1,3}
-        ulysses = [dist.new_group([0, 1]), dist.new_group([2, 3])][rank // 2]
-        ring = [dist.new_group([0, 2]), dist.new_group([1, 3])][rank % 2]
-        q, k, v = _attend_inputs()
-        piece = slice(rank * q.shape[1] // WORLD, (rank + 1) * q.shape[1] // WORLD)
-        runtime = AttentionRuntime(LVSAPattern(**SPARSE), "reference", "test", "test")
-        runtime.begin_forward(GEO, 900.0, ContextGroups(UlyssesGroup(ulysses, 2), RingGroup(ring, 2)))
-        for where in ("before", "after"):
-            res["gqa_" + where] = runtime.attend(q[:, piece], k[:, piece], v[:, piece],
-                                                 runtime.layout(TEXT, where))
+    # the runtime's USP exchange on diffusers' mesh layout: ulysses groups {0,1} {2,3}, ring groups {0,2} {1,3}
+    ulysses = [dist.new_group([0, 1]), dist.new_group([2, 3])][rank // 2]
+    ring = [dist.new_group([0, 2]), dist.new_group([1, 3])][rank % 2]
+    q, k, v = _attend_inputs()
+    piece = slice(rank * q.shape[1] // WORLD, (rank + 1) * q.shape[1] // WORLD)
+    runtime = AttentionRuntime(LVSAPattern(**SPARSE), "reference", "test", "test")
+    runtime.begin_forward(GEO, 900.0, ContextGroups(UlyssesGroup(ulysses, 2), RingGroup(ring, 2)))
+    for where in ("before", "after"):
+        res["gqa_" + where] = runtime.attend(q[:, piece], k[:, piece], v[:, piece],
+                                             runtime.layout(TEXT, where))
 
-        odd = tiny_wan()
-        _enable_cp(odd, ring_degree=2, ulysses_degree=2)
-        enable_lvsa(odd, backend="reference", **SPARSE)
-        res["err_tokens"] = _error(lambda: denoise(odd, wan_inputs(frames=3, height=2, width=2)))
-    finally:
-        torch.save(res, os.path.join(tmp, f"rank{rank}.pt"))
-        dist.destroy_process_group()
+    odd = tiny_wan()
+    _enable_cp(odd, ring_degree=2, ulysses_degree=2)
+    enable_lvsa(odd, backend="reference", **SPARSE)
+    res["err_tokens"] = error(lambda: denoise(odd, wan_inputs(frames=3, height=2, width=2)))
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     tmp = str(tmp_path_factory.mktemp("usp"))
-    mp.spawn(_worker, args=(tmp,), nprocs=WORLD, join=True)
-    return [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
+    return run_ranks(_worker, WORLD, tmp)
 
 
 @pytest.fixture(scope="module")

@@ -7,14 +7,10 @@ a FileStore in the test's tmp dir) and compares every rank's rows with single-pr
 """
 from __future__ import annotations
 
-import datetime
-import os
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from gloo_ranks import error, run_ranks
 from lvsa_kernels import LVSAPattern, block_sparse_attn
 from lvsa_kernels.models import get_model
 from lvsa_kernels.reference import BlockSparseLayout
@@ -187,44 +183,27 @@ def test_shard_and_layout_errors():
 
 
 # ---------------------------------------------------------------------------------------------- 3 processes
-def _worker(rank: int, tmp: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=120))
-    res: dict = {}
-    try:
-        for name, (layout, sizes, backend, h, hk, d) in cases().items():
-            q, k, v = inputs(layout, h, hk, d)
-            shards = SequenceShards.from_sizes(sizes)
-            a, b = shards.range(rank)
-            counter = TrafficCounter()
-            res[name] = ring_attention(q[:, a:b], k[:, a:b], v[:, a:b], layout, None, shards, backend=backend,
-                                       return_lse=True, counter=counter)
-            res[name + "/traffic"] = counter
-        layout, sizes = cases()["lvsa_even"][:2]
-        q, k, v = inputs(layout, 2, 2, 8)
-        res["err_size"] = _error(lambda: ring_attention(q[:, :19], k[:, :19], v[:, :19], layout, None,
-                                                        SequenceShards.from_sizes(sizes)))
-        res["err_world"] = _error(lambda: ring_attention(q[:, :30], k[:, :30], v[:, :30], layout, None,
-                                                         SequenceShards.split(60, 2)))
-    finally:
-        torch.save(res, os.path.join(tmp, f"rank{rank}.pt"))
-        dist.destroy_process_group()
-
-
-def _error(fn) -> str:
-    try:
-        fn()
-    except Exception as exc:  # the parent checks the type and message
-        return f"{type(exc).__name__}: {exc}"
-    return "no error"
+def _worker(rank: int, res: dict) -> None:
+    for name, (layout, sizes, backend, h, hk, d) in cases().items():
+        q, k, v = inputs(layout, h, hk, d)
+        shards = SequenceShards.from_sizes(sizes)
+        a, b = shards.range(rank)
+        counter = TrafficCounter()
+        res[name] = ring_attention(q[:, a:b], k[:, a:b], v[:, a:b], layout, None, shards, backend=backend,
+                                   return_lse=True, counter=counter)
+        res[name + "/traffic"] = counter
+    layout, sizes = cases()["lvsa_even"][:2]
+    q, k, v = inputs(layout, 2, 2, 8)
+    res["err_size"] = error(lambda: ring_attention(q[:, :19], k[:, :19], v[:, :19], layout, None,
+                                                   SequenceShards.from_sizes(sizes)))
+    res["err_world"] = error(lambda: ring_attention(q[:, :30], k[:, :30], v[:, :30], layout, None,
+                                                    SequenceShards.split(60, 2)))
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     tmp = str(tmp_path_factory.mktemp("ring"))
-    mp.spawn(_worker, args=(tmp,), nprocs=WORLD, join=True)
-    return [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
+    return run_ranks(_worker, WORLD, tmp)
 
 
 @pytest.mark.parametrize("name", list(cases()))
