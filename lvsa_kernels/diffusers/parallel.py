@@ -110,18 +110,18 @@ def context_groups(parallel_config: Any, heads: int, geometry: VideoGeometry, wh
             f"LVSA ({where}): diffusers context parallelism is supported for Wan only (its self-attention is "
             "video-only); call disable_lvsa() or run without enable_parallelism()"
         )
-    if cp.ulysses_anything:
-        raise NotImplementedError(
-            f"LVSA ({where}): ContextParallelConfig(ulysses_anything=True) (uneven shards) is not supported; "
-            "use ulysses_anything=False with heads and T*P divisible by ulysses_degree, or ring attention "
-            "(ring_degree=N, ring_anything=True handles uneven shards)"
-        )
     u, r = int(cp.ulysses_degree), int(cp.ring_degree)
     if r > 1 and per_call_pattern:
         raise NotImplementedError(
             f"LVSA ({where}): ring attention (ContextParallelConfig ring_degree={r}) needs a layout planned from the "
             "geometry (LVSAPattern); SVOO plans each call from the full q and k, which no ring rank holds. Use "
             "Ulysses, ContextParallelConfig(ulysses_degree=N), for SVOO"
+        )
+    if cp.ulysses_anything:
+        raise NotImplementedError(
+            f"LVSA ({where}): ContextParallelConfig(ulysses_anything=True) (uneven shards) is not supported; "
+            "use ulysses_anything=False with heads and T*P divisible by ulysses_degree, or ring attention "
+            "(ring_degree=N, ring_anything=True handles uneven shards)"
         )
     if heads % u:
         raise ValueError(
