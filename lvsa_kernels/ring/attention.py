@@ -117,6 +117,7 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout, g
     plan = rank_plan(layout, shards, rank)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     B, n, H, _ = q.shape
+    per_token = 2 * B * k.shape[2] * k.shape[3] * k.element_size()  # bytes of one token of k and v
     out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     lse = torch.full((B, H, n), float("-inf"), dtype=torch.float32, device=q.device)
     origin = shards.range(rank)[0]
@@ -127,7 +128,8 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout, g
         merge_partial(out, lse, o, l)
 
     def post(i: int):
-        """Round ``i``'s send and receive (None when this rank neither sends nor receives in it)."""
+        """Round ``i``'s send and receive as ``(source, receive buffer or None, works, bytes sent)``; None when
+        this rank neither sends nor receives in it."""
         dst, src = (rank + i) % world, (rank - i) % world
         send, recv = plan.send(dst), plan.recv(src)
         ops, buf = [], None
@@ -138,7 +140,7 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout, g
             ops.append(dist.P2POp(dist.irecv, buf, group=group, group_peer=src))
         if not ops:
             return None
-        return src, buf, dist.batch_isend_irecv(ops), ops
+        return src, buf, dist.batch_isend_irecv(ops), send.tokens * per_token
 
     if world > 1:
         _ensure_ready(group, q.device)
@@ -153,13 +155,12 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout, g
                 work.wait()
         pending = post(i + 1) if i + 1 < world else None
         if current is not None:
-            src, buf, _, ops = current
-            sent += sum(op.tensor.numel() for op in ops if op.op is dist.isend)
+            src, buf, _, sent_bytes = current
+            sent += sent_bytes
             if buf is not None:
                 attend(buf[0], buf[1], plan.parts[src])
     if counter is not None:
-        per_token = 2 * B * k.shape[2] * k.shape[3] * k.element_size()
-        counter.sent_bytes += sent * k.element_size()
+        counter.sent_bytes += sent
         counter.dense_bytes += (world - 1) * n * per_token
         counter.calls += 1
     result = out.to(q.dtype)
