@@ -19,10 +19,11 @@ ulysses_degree=N))``. Two ways, each a warm-up then the median of ``--repeats`` 
   give nearly uniform attention, so ``--svoo-top-p`` (default 0.3) sets the density (reported).
 
 With N > 1, rank 0's output is compared with the one-GPU output in ``--ref`` (``rel_diff`` = max |a - b| /
-max |b|, must be <= ``--tolerance``), and ``efficiency`` = t_1 / (N * t_N). NCCL's NVLink multicast stays
-off: ``NCCL_NVLS_ENABLE`` is set to 0 when unset and any other value is refused. A CPU dry run of the same
-logic on gloo (tiny config, reference backend) checks the outputs only: its JSON says ``"dry_run": true``
-and holds no speedup or efficiency (N processes sharing a few CPU cores measure nothing about scaling):
+max |b|, must be <= ``--tolerance``), and ``efficiency`` = t_1 / (N * t_N). NVLink multicast stays off:
+``NCCL_NVLS_ENABLE=0`` and ``TORCH_SYMM_MEM_DISABLE_MULTICAST=1`` are set when unset, other values refused.
+A CPU dry run of the same logic on gloo (tiny config, reference backend) checks the outputs only: its JSON says
+``"dry_run": true`` and holds no speedup or efficiency (N processes sharing a few CPU cores measure nothing
+about scaling):
 
     torchrun --standalone --nproc_per_node 1 bench/multigpu_step.py --device cpu --tiny --ref /tmp/r.pt
     torchrun --standalone --nproc_per_node 2 bench/multigpu_step.py --device cpu --tiny --ref /tmp/r.pt
@@ -79,7 +80,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def init_distributed(device_type: str) -> torch.device:
-    """Join the torchrun group (NCCL on CUDA with NVLink multicast off, gloo on CPU); returns this rank's device."""
+    """Join the torchrun group (NCCL on CUDA with NVLink multicast off: ``NCCL_NVLS_ENABLE=0`` and
+    ``TORCH_SYMM_MEM_DISABLE_MULTICAST=1``, set when unset; gloo on CPU); returns this rank's device."""
     if "RANK" not in os.environ:
         raise SystemExit("multigpu_step: launch with torchrun (see the module docstring)")
     local_rank = int(os.environ["LOCAL_RANK"])
@@ -88,9 +90,10 @@ def init_distributed(device_type: str) -> torch.device:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["LOCAL_WORLD_SIZE"])))
         dist.init_process_group("gloo", timeout=timeout)
         return torch.device("cpu")
-    if os.environ.setdefault("NCCL_NVLS_ENABLE", "0") != "0":
-        raise SystemExit(f"multigpu_step: NCCL_NVLS_ENABLE={os.environ['NCCL_NVLS_ENABLE']}; NVLink multicast "
-                         "must stay off (NCCL_NVLS_ENABLE=0)")
+    for name, off in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")):
+        if os.environ.setdefault(name, off) != off:
+            raise SystemExit(f"multigpu_step: {name}={os.environ[name]}; NVLink multicast must stay off "
+                             f"({name}={off})")
     device = torch.device("cuda", local_rank)
     torch.cuda.set_device(device)
     dist.init_process_group("nccl", timeout=timeout, device_id=device)
@@ -199,6 +202,38 @@ def run_way(way: str, model: nn.Module, inputs: Dict[str, Any], args: argparse.N
     return rec
 
 
+def record(way: str, rec: Dict[str, Any], out: Tensor, reference: Optional[Dict[str, Any]], saved: Dict[str, Any],
+           tolerance: float, meta: Dict[str, Any]) -> None:
+    """Keep rank 0's one-GPU output of ``way`` in ``saved``; on N ranks add to ``rec`` its difference from the
+    one-GPU output in ``reference`` (``rel_diff_vs_1gpu``, ``matches_1gpu``) and, outside a dry run, the one-GPU
+    seconds, the speedup and the efficiency t_1 / (N * t_N)."""
+    world = meta["world_size"]
+    if world == 1 and dist.get_rank() == 0:
+        saved[way] = {"output": out.cpu(), "seconds": rec["seconds"]}
+    if reference is None or way not in reference:
+        return
+    ref = reference[way]
+    rec["rel_diff_vs_1gpu"] = rel_diff(out, ref["output"])
+    rec["matches_1gpu"] = rec["rel_diff_vs_1gpu"] <= tolerance
+    if not meta["dry_run"]:
+        rec["seconds_1gpu"] = ref["seconds"]
+        rec["speedup_vs_1gpu"] = ref["seconds"] / rec["seconds"]
+        rec["efficiency"] = rec["speedup_vs_1gpu"] / world
+
+
+def publish(script: str, what: str, rec: Dict[str, Any], meta: Dict[str, Any], results: Dict[str, Any],
+            saved: Dict[str, Any], args: argparse.Namespace) -> None:
+    """Rank 0, after each way: print its record (``[script] what: {...}``), write the reference file (one GPU)
+    and the JSON so far."""
+    dry = " DRY RUN (CPU/gloo: checks outputs; times are not scaling measurements)" if meta["dry_run"] else ""
+    print(f"[{script}]{dry} {what}: " + json.dumps(rec), flush=True)
+    if meta["world_size"] == 1:
+        torch.save(saved, args.ref)
+    if args.json_out:
+        with open(args.json_out, "w", encoding="utf-8") as fh:
+            json.dump({"meta": meta, "results": results}, fh, indent=2)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     import diffusers
@@ -245,27 +280,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             results[way] = {"status": "skipped: --time-budget exceeded"}
             continue
         rec = run_way(way, model, inputs, args, device)
-        out = rec.pop("output")
-        if rank == 0 and world == 1:
-            saved[way] = {"output": out.cpu(), "seconds": rec["seconds"]}
-        if reference is not None and way in reference:
-            ref = reference[way]
-            rec["rel_diff_vs_1gpu"] = rel_diff(out, ref["output"])
-            rec["matches_1gpu"] = rec["rel_diff_vs_1gpu"] <= args.tolerance
-            if not meta["dry_run"]:
-                rec["seconds_1gpu"] = ref["seconds"]
-                rec["speedup_vs_1gpu"] = ref["seconds"] / rec["seconds"]
-                rec["efficiency"] = rec["speedup_vs_1gpu"] / world
+        record(way, rec, rec.pop("output"), reference, saved, args.tolerance, meta)
         results[way] = rec
-        del out
         if rank == 0:
-            dry = " DRY RUN (CPU/gloo: checks outputs; times are not scaling measurements)" if meta["dry_run"] else ""
-            print(f"[multigpu_step]{dry} world={world} {way}: " + json.dumps(rec), flush=True)
-            if world == 1:
-                torch.save(saved, args.ref)
-            if args.json_out:
-                with open(args.json_out, "w", encoding="utf-8") as fh:
-                    json.dump({"meta": meta, "results": results}, fh, indent=2)
+            publish("multigpu_step", f"world={world} {way}", rec, meta, results, saved, args)
     dist.barrier()
     dist.destroy_process_group()
     return 0

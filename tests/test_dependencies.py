@@ -6,6 +6,7 @@
 * a backend never imports another backend, the dispatcher or the API;
 * library code never imports ``bench/``;
 * the interop converters (``lvsa_kernels/interop.py``) import only the layout module;
+* the layout-aware ring (``lvsa_kernels/ring/``) imports only itself, the API and the layout module;
 * the model table (``lvsa_kernels/models.py``) imports only the planners.
 """
 import ast
@@ -142,16 +143,30 @@ def test_library_never_imports_bench():
     assert not _violations(rule)
 
 
+RING = "lvsa_kernels.ring"
+
+
+def test_ring_imports_only_the_api_and_the_layout():
+    """The ring is pure torch.distributed over `block_sparse_attn`: any backend, no diffusers, no dispatcher."""
+    def rule(name, target):
+        if _within(name, RING) and (_project(target) or _within(target, "diffusers")) and not (
+                _within(target, RING) or target in ("lvsa_kernels.api", LAYOUT)):
+            return "ring/ may import only itself, the API and the layout module"
+    assert not _violations(rule)
+
+
 @pytest.mark.parametrize("source, target", [
     ("lvsa_kernels.triton_src.schedule", "lvsa_kernels.reference.lvsa"),
     ("lvsa_kernels.reference.svoo", "lvsa_kernels.api"),
     ("lvsa_kernels.npu.backend", "lvsa_kernels.dispatch"),
     ("lvsa_kernels.backends.triton_backend", "lvsa_kernels.backends.flashinfer_backend"),
     ("lvsa_kernels.dispatch", "lvsa_kernels.bench.harness"),
+    ("lvsa_kernels.ring.attention", "lvsa_kernels.dispatch"),
 ])
 def test_each_rule_catches_its_violation(monkeypatch, source, target):
     rules = [test_kernels_import_only_the_layout, test_reference_imports_only_itself,
-             test_backends_import_neither_each_other_nor_the_dispatcher, test_library_never_imports_bench]
+             test_backends_import_neither_each_other_nor_the_dispatcher, test_library_never_imports_bench,
+             test_ring_imports_only_the_api_and_the_layout]
     original = _imports
 
     def with_extra(name, path):

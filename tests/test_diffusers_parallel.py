@@ -1,33 +1,33 @@
-"""LVSA and SVOO under diffusers' own Ulysses context parallelism: 2 CPU processes (gloo) vs one process.
+"""LVSA and SVOO under diffusers' own context parallelism: 2 CPU processes (gloo) vs one process.
 
 Two ranks (torch.multiprocessing.spawn, gloo, a FileStore in the test's tmp dir) run a tiny random Wan
-transformer (4 heads x 16) under ``enable_parallelism(ContextParallelConfig(ulysses_degree=2))`` with
-``enable_lvsa(backend="reference")`` and a sparse pattern; each rank's output must equal the
-single-process LVSA output in fp32. diffusers 0.42.1's ``_resolve_parallel_config`` computes the device
-as ``rank % torch.accelerator.device_count()``, which divides by zero on a machine without an
-accelerator; the workers patch ``device_count`` to 1 around ``enable_parallelism`` only (the mesh is
-built on "cpu", and the split/gather hooks and all collectives run unmodified over gloo).
+transformer (4 heads x 16) under ``enable_parallelism(ContextParallelConfig(ulysses_degree=2))`` (and
+``ring_degree=2``) with ``enable_lvsa(backend="reference")`` and a sparse pattern; each rank's output must equal
+the single-process LVSA output in fp32 (Ulysses x ring on 4 processes: tests/test_diffusers_usp.py).
+diffusers 0.42.1's ``_resolve_parallel_config`` computes the device as ``rank % torch.accelerator.device_count()``,
+which divides by zero on a machine without an accelerator; the workers patch ``device_count`` to 1 around
+``enable_parallelism`` only (the mesh is built on "cpu", and the split/gather hooks and all collectives run
+unmodified over gloo).
 """
 from __future__ import annotations
 
-import datetime
-import os
 from unittest import mock
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 pytest.importorskip("diffusers")
 from diffusers import ContextParallelConfig, WanTransformer3DModel  # noqa: E402
 from diffusers.models._modeling_parallel import ContextParallelOutput  # noqa: E402
 
+from gloo_ranks import error, run_ranks  # noqa: E402
 from lvsa_kernels import LVSAPattern, SVOOPattern, block_sparse_attn  # noqa: E402
 from lvsa_kernels.diffusers import disable_lvsa, enable_lvsa  # noqa: E402
 from lvsa_kernels.reference.svoo_profile import SVOOProfile  # noqa: E402
 from lvsa_kernels.diffusers.geometry import VideoGeometry  # noqa: E402
-from lvsa_kernels.diffusers.parallel import UlyssesGroup, heads_to_seq, seq_to_heads, ulysses_group  # noqa: E402
+from lvsa_kernels.diffusers.parallel import (ContextGroups, RingGroup, UlyssesGroup, context_groups,  # noqa: E402
+                                             heads_to_seq, seq_to_heads)
 from lvsa_kernels.diffusers.runtime import AttentionRuntime  # noqa: E402
 
 WORLD = 2
@@ -72,14 +72,6 @@ def _enable_cp(model: WanTransformer3DModel, cp_plan: dict | None = None, **conf
         model.enable_parallelism(config=ContextParallelConfig(**config), cp_plan=cp_plan)
 
 
-def _error(fn) -> str:
-    try:
-        fn()
-    except Exception as exc:  # the parent checks the type and message
-        return f"{type(exc).__name__}: {exc}"
-    return "no error"
-
-
 def _record_attn1(model: WanTransformer3DModel, handle, seen: list):
     """Record (tokens the first attn1 receives, geometry the runtime holds) at each call; returns the hook."""
     def hook(module, args):
@@ -87,76 +79,73 @@ def _record_attn1(model: WanTransformer3DModel, handle, seen: list):
     return model.blocks[0].attn1.register_forward_pre_hook(hook)
 
 
-def _worker(rank: int, tmp: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=60))
-    res: dict = {}
-    try:
-        x = wan_inputs()
-        # LVSA first, then diffusers' context parallelism; disable_lvsa hands the config to the dense processors
-        model = tiny_wan()
-        handle = enable_lvsa(model, backend="reference", **SPARSE)
-        _enable_cp(model, ulysses_degree=WORLD)
-        res["seen"] = []
-        recorder = _record_attn1(model, handle, res["seen"])
-        res["lvsa_then_cp"] = denoise(model, x)
-        recorder.remove()
-        res["steps"] = handle.runtime.tracker.step
-        disable_lvsa(model)
-        res["dense_cp"] = denoise(model, x)
-        # context parallelism first, then LVSA
-        model = tiny_wan()
-        _enable_cp(model, ulysses_degree=WORLD)
-        enable_lvsa(model, backend="reference", **SPARSE)
-        res["cp_then_lvsa"] = denoise(model, x)
-        # SVOO under Ulysses: each rank clusters its two heads over the full sequence
-        model = tiny_wan()
-        _enable_cp(model, ulysses_degree=WORLD)
-        enable_lvsa(model, pattern=svoo_pattern(), backend="reference")
-        res["svoo"] = denoise(model, x)
+def _worker(rank: int, res: dict) -> None:
+    x = wan_inputs()
+    # LVSA first, then diffusers' context parallelism; disable_lvsa hands the config to the dense processors
+    model = tiny_wan()
+    handle = enable_lvsa(model, backend="reference", **SPARSE)
+    _enable_cp(model, ulysses_degree=WORLD)
+    res["seen"] = []
+    recorder = _record_attn1(model, handle, res["seen"])
+    res["lvsa_then_cp"] = denoise(model, x)
+    recorder.remove()
+    res["steps"] = handle.runtime.tracker.step
+    disable_lvsa(model)
+    res["dense_cp"] = denoise(model, x)
+    # context parallelism first, then LVSA
+    model = tiny_wan()
+    _enable_cp(model, ulysses_degree=WORLD)
+    enable_lvsa(model, backend="reference", **SPARSE)
+    res["cp_then_lvsa"] = denoise(model, x)
+    # ring attention: each rank attends its half against the keys the layout reads on the other rank
+    model = tiny_wan()
+    _enable_cp(model, ring_degree=WORLD)
+    handle = enable_lvsa(model, backend="reference", **SPARSE)
+    res["ring"] = denoise(model, x)
+    res["ring_traffic"] = handle.runtime.ring_traffic
+    # SVOO under Ulysses: each rank clusters its two heads over the full sequence
+    model = tiny_wan()
+    _enable_cp(model, ulysses_degree=WORLD)
+    enable_lvsa(model, pattern=svoo_pattern(), backend="reference")
+    res["svoo"] = denoise(model, x)
 
-        # GQA through the runtime's all-to-all: q 4 heads, k/v 2 heads, one random layout
-        g = torch.Generator().manual_seed(5)
-        q = torch.randn(2, S, 4, 16, generator=g)
-        k, v = (torch.randn(2, S, 2, 16, generator=g) for _ in range(2))
-        ug = UlyssesGroup(dist.group.WORLD, WORLD)
-        shard = slice(rank * S // WORLD, (rank + 1) * S // WORLD)
-        res["q_heads"], res["k_heads"] = seq_to_heads([q[:, shard], k[:, shard]], ug)
-        res["q_back"] = heads_to_seq(res["q_heads"], ug)
-        runtime = AttentionRuntime(LVSAPattern(**SPARSE), "reference", "test", "test")
-        runtime.begin_forward(VideoGeometry(T, H_LAT // 2, W_LAT // 2), 900.0, ug)
-        res["gqa"] = runtime.attend(q[:, shard], k[:, shard], v[:, shard], runtime.layout())
+    # GQA through the runtime's all-to-all: q 4 heads, k/v 2 heads, one random layout
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(2, S, 4, 16, generator=g)
+    k, v = (torch.randn(2, S, 2, 16, generator=g) for _ in range(2))
+    ug = UlyssesGroup(dist.group.WORLD, WORLD)
+    shard = slice(rank * S // WORLD, (rank + 1) * S // WORLD)
+    res["q_heads"], res["k_heads"] = seq_to_heads([q[:, shard], k[:, shard]], ug)
+    res["q_back"] = heads_to_seq(res["q_heads"], ug)
+    runtime = AttentionRuntime(LVSAPattern(**SPARSE), "reference", "test", "test")
+    runtime.begin_forward(VideoGeometry(T, H_LAT // 2, W_LAT // 2), 900.0, ContextGroups(ug, None))
+    res["gqa"] = runtime.attend(q[:, shard], k[:, shard], v[:, shard], runtime.layout())
 
-        # bad configurations (each raises on both ranks before any collective)
-        odd_heads = tiny_wan(heads=3)
-        enable_lvsa(odd_heads, backend="reference", **SPARSE)
-        _enable_cp(odd_heads, ulysses_degree=WORLD)
-        res["err_heads"] = _error(lambda: denoise(odd_heads, x))
-        ring = tiny_wan()
-        enable_lvsa(ring, backend="reference", **SPARSE)
-        _enable_cp(ring, ring_degree=WORLD)
-        res["err_ring"] = _error(lambda: denoise(ring, x))
-        unsplit = tiny_wan()  # a plan that gathers the output but never splits the sequence
-        enable_lvsa(unsplit, backend="reference", **SPARSE)
-        _enable_cp(unsplit, cp_plan={"proj_out": ContextParallelOutput(gather_dim=1, expected_dims=3)},
-                   ulysses_degree=WORLD)
-        res["err_unsplit"] = _error(lambda: denoise(unsplit, x))
-        odd_tokens = tiny_wan()
-        enable_lvsa(odd_tokens, backend="reference", **SPARSE)
-        _enable_cp(odd_tokens, ulysses_degree=WORLD)
-        res["err_tokens"] = _error(lambda: denoise(odd_tokens, wan_inputs(frames=3, height=2, width=2)))
-    finally:
-        torch.save(res, os.path.join(tmp, f"rank{rank}.pt"))
-        dist.destroy_process_group()
+    # bad configurations (each raises on both ranks before any collective)
+    odd_heads = tiny_wan(heads=3)
+    enable_lvsa(odd_heads, backend="reference", **SPARSE)
+    _enable_cp(odd_heads, ulysses_degree=WORLD)
+    res["err_heads"] = error(lambda: denoise(odd_heads, x))
+    svoo_ring = tiny_wan()
+    enable_lvsa(svoo_ring, pattern=svoo_pattern(), backend="reference")
+    _enable_cp(svoo_ring, ring_degree=WORLD)
+    res["err_svoo_ring"] = error(lambda: denoise(svoo_ring, x))
+    unsplit = tiny_wan()  # a plan that gathers the output but never splits the sequence
+    enable_lvsa(unsplit, backend="reference", **SPARSE)
+    _enable_cp(unsplit, cp_plan={"proj_out": ContextParallelOutput(gather_dim=1, expected_dims=3)},
+               ulysses_degree=WORLD)
+    res["err_unsplit"] = error(lambda: denoise(unsplit, x))
+    odd_tokens = tiny_wan()
+    enable_lvsa(odd_tokens, backend="reference", **SPARSE)
+    _enable_cp(odd_tokens, ulysses_degree=WORLD)
+    res["err_tokens"] = error(lambda: denoise(odd_tokens, wan_inputs(frames=3, height=2, width=2)))
 
 
 # ---------------------------------------------------------------------------------------------- tests
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     tmp = str(tmp_path_factory.mktemp("ulysses"))
-    mp.spawn(_worker, args=(tmp,), nprocs=WORLD, join=True)
-    return [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
+    return run_ranks(_worker, WORLD, tmp)
 
 
 @pytest.fixture(scope="module")
@@ -185,6 +174,15 @@ def test_ulysses_equals_single_process(ranks, single, order):
         assert len(res[order]) == len(TIMESTEPS)
         for got, want in zip(res[order], single["lvsa"]):
             torch.testing.assert_close(got, want, **TOL)
+
+
+def test_ring_equals_single_process_and_sends_less(ranks, single):
+    for res in ranks:
+        for got, want in zip(res["ring"], single["lvsa"]):
+            torch.testing.assert_close(got, want, **TOL)
+        traffic = res["ring_traffic"]
+        assert traffic.calls == 2 * len(TIMESTEPS)  # 2 layers
+        assert 0 < traffic.sent_bytes < traffic.dense_bytes
 
 
 def test_svoo_under_ulysses_equals_single_process(ranks, single):
@@ -223,8 +221,9 @@ def test_all_to_all_and_gqa_attention(ranks):
 
 @pytest.mark.parametrize("key, kind, words", [
     ("err_heads", "ValueError", ["3 attention heads", "ulysses_degree=2"]),
-    ("err_ring", "NotImplementedError", ["ring attention", "ring_degree=2", "Ulysses"]),
-    ("err_unsplit", "ValueError", [f"{S} video tokens per rank x 2 ranks", f"= {S}"]),
+    ("err_svoo_ring", "NotImplementedError", ["ring attention", "ring_degree=2", "SVOO", "ulysses_degree=N"]),
+    ("err_unsplit", "ValueError", [f"{S} video tokens on rank", f"of 2 (its piece of T*P would be {S // 2})",
+                                   f"= {S}"]),
     ("err_tokens", "ValueError", ["3 video tokens are not divisible by ulysses_degree=2"]),
 ])
 def test_bad_configuration_errors(ranks, key, kind, words):
@@ -235,30 +234,51 @@ def test_bad_configuration_errors(ranks, key, kind, words):
 
 
 class _Mesh:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
     def get_group(self):
-        return "group"
+        return self.name
 
 
-def _cp_config(**kw) -> ContextParallelConfig:
+def _cp(**kw) -> mock.Mock:
     cfg = ContextParallelConfig(**kw)
-    cfg._ulysses_mesh = _Mesh()
-    return cfg
+    cfg._ulysses_mesh, cfg._ring_mesh = _Mesh("ulysses"), _Mesh("ring")
+    return mock.Mock(context_parallel_config=cfg)
 
 
-def test_ulysses_group_checks_in_process():
-    geo = VideoGeometry(T, 4, 4)
-    assert ulysses_group(None, 4, geo, "Wan") is None
-    parallel = mock.Mock(context_parallel_config=None)
-    assert ulysses_group(parallel, 4, geo, "Wan") is None
-    parallel = mock.Mock(context_parallel_config=_cp_config(ulysses_degree=2))
-    assert ulysses_group(parallel, 4, geo, "Wan") == UlyssesGroup("group", 2)
+def test_context_groups_checks_in_process():
+    geo = VideoGeometry(T, 4, 4)  # 128 video tokens
+    assert context_groups(None, 4, geo, "Wan") is None
+    assert context_groups(mock.Mock(context_parallel_config=None), 4, geo, "Wan") is None
+    assert context_groups(_cp(ulysses_degree=2), 4, geo, "Wan") == ContextGroups(UlyssesGroup("ulysses", 2), None)
+    assert context_groups(_cp(ring_degree=2), 3, geo, "Wan") == ContextGroups(None, RingGroup("ring", 2))
+    assert context_groups(_cp(ring_degree=2, ulysses_degree=2), 4, geo, "Wan") == \
+        ContextGroups(UlyssesGroup("ulysses", 2), RingGroup("ring", 2))
+    assert context_groups(_cp(ring_degree=3, ring_anything=True), 4, geo, "Wan") == \
+        ContextGroups(None, RingGroup("ring", 3))
+    assert context_groups(_cp(ulysses_degree=2), 4, geo, "Wan", per_call_pattern=True) is not None
     with pytest.raises(NotImplementedError, match="supported for Wan only"):
-        ulysses_group(parallel, 4, geo, "CogVideoX", supported=False)
-    anything = mock.Mock(context_parallel_config=_cp_config(ulysses_degree=2, ulysses_anything=True))
+        context_groups(_cp(ulysses_degree=2), 4, geo, "CogVideoX", supported=False)
     with pytest.raises(NotImplementedError, match="ulysses_anything"):
-        ulysses_group(anything, 4, geo, "Wan")
+        context_groups(_cp(ulysses_degree=2, ulysses_anything=True), 4, geo, "Wan")
     with pytest.raises(ValueError, match="4 attention heads are not divisible by ulysses_degree=8"):
-        ulysses_group(mock.Mock(context_parallel_config=_cp_config(ulysses_degree=8)), 4, geo, "Wan")
+        context_groups(_cp(ulysses_degree=8), 4, geo, "Wan")
+    with pytest.raises(NotImplementedError, match=r"ring_degree=2\) needs a layout planned from the geometry"):
+        context_groups(_cp(ring_degree=2), 4, geo, "Wan", per_call_pattern=True)
+    with pytest.raises(ValueError, match=r"128 video tokens are not divisible by ulysses_degree \* ring_degree = "
+                                         r"2\*3 = 6; choose"):
+        context_groups(_cp(ring_degree=3, ulysses_degree=2), 4, geo, "Wan")
+    with pytest.raises(ValueError, match=r"not divisible by ring_degree=3.*ring_anything=True\) for uneven shards"):
+        context_groups(_cp(ring_degree=3), 4, geo, "Wan")
+
+
+def test_context_groups_ranks_follow_diffusers_flattened_mesh():
+    ring, ulysses = RingGroup("ring", 3), UlyssesGroup("ulysses", 2)
+    with mock.patch.object(dist, "get_rank", lambda group: {"ring": 2, "ulysses": 1}[group]):
+        assert ContextGroups(ulysses, ring).rank == 5 and ContextGroups(ulysses, ring).degree == 6
+        assert ContextGroups(None, ring).rank == 2 and ContextGroups(ulysses, None).rank == 1
+    assert ring.shards(128).bounds == (0, 43, 86, 128)
 
 
 def test_all_to_all_shape_errors():

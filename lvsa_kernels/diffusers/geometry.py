@@ -57,14 +57,16 @@ def geometry_from_latents(latents: Tensor, frame_dim: int, patch: Sequence[int])
     return geo
 
 
-def check_video_tokens(geometry: VideoGeometry, video_tokens: int, where: str, shards: int = 1) -> None:
-    """Raise ValueError when a self-attention call's video tokens times ``shards`` (the Ulysses degree;
-    each rank holds an equal sequence shard) are not ``T * P``."""
-    if video_tokens * shards != geometry.video_tokens:
-        held = f"{video_tokens} video tokens" + (f" per rank x {shards} ranks" if shards > 1 else "")
+def check_video_tokens(geometry: VideoGeometry, video_tokens: int, where: str, shards: int = 1, rank: int = 0) -> None:
+    """Raise ValueError when a self-attention call's ``video_tokens`` are not piece ``rank`` of ``T * P`` split
+    over ``shards`` ranks as diffusers splits it (``torch.tensor_split`` order: equal pieces when divisible)."""
+    expected = geometry.video_tokens // shards + (rank < geometry.video_tokens % shards)
+    if video_tokens != expected:
+        held = f"{video_tokens} video tokens" + (
+            f" on rank {rank} of {shards} (its piece of T*P would be {expected})" if shards > 1 else "")
         raise ValueError(
             f"LVSA ({where}): the self-attention sequence holds {held}, but the transformer input gives "
             f"T={geometry.frames} frames x P={geometry.tokens_per_frame} tokens per frame = "
             f"{geometry.video_tokens}. Custom patch embeddings and context-parallel plans other than "
-            "diffusers' equal sequence split are not supported; call disable_lvsa() to run dense."
+            "diffusers' sequence split are not supported; call disable_lvsa() to run dense."
         )

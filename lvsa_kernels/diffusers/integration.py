@@ -16,7 +16,7 @@ from ..reference import LVSAPattern
 from ..svoo_attention import SVOOPattern
 from ..models import MODELS, ModelPreset
 from .geometry import geometry_from_latents
-from .parallel import ulysses_group
+from .parallel import context_groups
 from .riflex import install_riflex
 from .runtime import AttentionRuntime, ModelSpec
 
@@ -181,8 +181,9 @@ def _forward_hooks(runtime: AttentionRuntime, spec: ModelSpec, transformer: nn.M
         else:
             geometry = geometry_from_latents(bound["hidden_states"], spec.frame_dim, patch)
         parallel_config = getattr(module, "_parallel_config", None)
-        ulysses = ulysses_group(parallel_config, heads, geometry, spec.name, spec.context_parallel)
-        runtime.begin_forward(geometry, bound["timestep"], ulysses, expert)
+        context = context_groups(parallel_config, heads, geometry, spec.name, spec.context_parallel,
+                                 runtime.pattern.per_layer)
+        runtime.begin_forward(geometry, bound["timestep"], context, expert)
 
     def post_hook(module: nn.Module, args: tuple, output: Any) -> None:
         runtime.end_forward()

@@ -1,11 +1,15 @@
-"""Ulysses context parallelism for the LVSA processors under diffusers' ``enable_parallelism``.
+"""Context parallelism for the LVSA processors under diffusers' ``enable_parallelism``: Ulysses, ring, or both.
 
-With ``transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=N))`` diffusers splits
-the token sequence over N ranks before the first block and gathers it after ``proj_out``; each LVSA
-processor then sees ``S / N`` tokens with all heads. An all-to-all turns that into the full sequence for
-``H / N`` heads, attention runs with the layout planned from the global geometry (identical to one GPU,
-whatever N is), and a second all-to-all returns ``S / N`` tokens with all heads. Ring attention, "Ulysses
-anything" (uneven shards) and joint text+video attention under context parallelism raise.
+diffusers splits the token sequence over its flattened ``(ring, ulysses)`` mesh before the first block and
+gathers it after ``proj_out``: flat rank ``f = ring_rank * U + ulysses_rank`` holds the f-th piece (equal
+pieces; ``ring_anything`` cuts them as ``torch.tensor_split`` does). Each LVSA processor then sees its piece
+with all heads. With Ulysses (degree U) an all-to-all within the rank's Ulysses group turns the U pieces of
+its ring shard into the whole ring shard for ``H / U`` heads; with ring attention (degree R) the layout-aware
+ring (`lvsa_kernels.ring`) attends that shard against the keys the global layout makes it read on the other
+R - 1 ring ranks of its ring group (same Ulysses rank, so the same heads); a second all-to-all returns the
+piece with all heads. Ulysses alone: R = 1; ring alone: U = 1; both: USP. The layout is planned from the
+global geometry, identical to one GPU. "Ulysses anything", per-call patterns (SVOO) under ring attention and
+joint text+video attention under context parallelism raise.
 """
 from __future__ import annotations
 
@@ -16,9 +20,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ..ring import SequenceShards
 from .geometry import VideoGeometry
 
-__all__ = ["UlyssesGroup", "ulysses_group", "seq_to_heads", "heads_to_seq"]
+__all__ = ["ContextGroups", "RingGroup", "UlyssesGroup", "context_groups", "seq_to_heads", "heads_to_seq"]
 
 
 @dataclass(frozen=True)
@@ -39,20 +44,63 @@ class UlyssesGroup:
         return dist.get_rank(self.group)
 
 
-def ulysses_group(parallel_config: Any, heads: int, geometry: VideoGeometry, where: str,
-                  supported: bool = True) -> Optional[UlyssesGroup]:
-    """The Ulysses group of a transformer's diffusers ``_parallel_config``, or None without context parallelism.
+@dataclass(frozen=True)
+class RingGroup:
+    """The ring process group of one transformer call (diffusers' ``ring`` mesh dimension).
+
+    Attributes:
+        group: the process group of the ranks with this rank's Ulysses rank (they hold the same heads).
+        degree: R, the number of ring shards.
+    """
+
+    group: Any
+    degree: int
+
+    @property
+    def rank(self) -> int:
+        """This process's rank in the ring: it holds ring shard ``rank`` of the sequence."""
+        return dist.get_rank(self.group)
+
+    def shards(self, tokens: int) -> SequenceShards:
+        """The R ring shards of a ``tokens``-long sequence (``torch.tensor_split`` order, as diffusers splits)."""
+        return SequenceShards.split(tokens, self.degree)
+
+
+@dataclass(frozen=True)
+class ContextGroups:
+    """Context parallelism of one transformer call: Ulysses, ring, or both (at least one is set)."""
+
+    ulysses: Optional[UlyssesGroup]
+    ring: Optional[RingGroup]
+
+    @property
+    def degree(self) -> int:
+        """Ranks the sequence is split over (``U * R``)."""
+        return (self.ulysses.degree if self.ulysses else 1) * (self.ring.degree if self.ring else 1)
+
+    @property
+    def rank(self) -> int:
+        """This process's piece of diffusers' split: ``ring_rank * U + ulysses_rank``."""
+        u = self.ulysses.degree if self.ulysses else 1
+        return (self.ring.rank if self.ring else 0) * u + (self.ulysses.rank if self.ulysses else 0)
+
+
+def context_groups(parallel_config: Any, heads: int, geometry: VideoGeometry, where: str,
+                   supported: bool = True, per_call_pattern: bool = False) -> Optional[ContextGroups]:
+    """The context-parallel groups of a transformer's diffusers ``_parallel_config``, or None without them.
 
     Args:
         parallel_config: ``transformer._parallel_config`` (a diffusers ``ParallelConfig``) or None.
-        heads: attention heads of the transformer (must be divisible by the degree).
-        geometry: the global video geometry of the call (``T * P`` must be divisible by the degree).
+        heads: attention heads of the transformer (must be divisible by ``ulysses_degree``).
+        geometry: the global video geometry of the call (``T * P`` must be divisible by
+            ``ulysses_degree * ring_degree``, except with ``ring_anything``, whose shards may differ by a token).
         where: model name used in messages.
         supported: False for models whose LVSA processor cannot run under context parallelism.
+        per_call_pattern: True when the pattern plans per call from q and k (SVOO): not under ring attention.
 
     Raises:
-        ValueError / NotImplementedError with the reason for ring attention, uneven "anything" modes,
-        unsupported models, heads or video tokens not divisible by the degree.
+        ValueError / NotImplementedError with the reason for uneven "Ulysses anything", per-call patterns under
+        ring attention, unsupported models, heads or video tokens not divisible by the degrees.
     """
     cp = getattr(parallel_config, "context_parallel_config", None)
     if cp is None:
@@ -62,29 +110,34 @@ def ulysses_group(parallel_config: Any, heads: int, geometry: VideoGeometry, whe
             f"LVSA ({where}): diffusers context parallelism is supported for Wan only (its self-attention is "
             "video-only); call disable_lvsa() or run without enable_parallelism()"
         )
-    if cp.ring_degree > 1:
+    u, r = int(cp.ulysses_degree), int(cp.ring_degree)
+    if r > 1 and per_call_pattern:
         raise NotImplementedError(
-            f"LVSA ({where}): ring attention (ContextParallelConfig ring_degree={cp.ring_degree}) is not supported; "
-            "use Ulysses, ContextParallelConfig(ulysses_degree=N), which gives each rank the full sequence so "
-            "the LVSA layout is the same as on one GPU"
+            f"LVSA ({where}): ring attention (ContextParallelConfig ring_degree={r}) needs a layout planned from the "
+            "geometry (LVSAPattern); SVOO plans each call from the full q and k, which no ring rank holds. Use "
+            "Ulysses, ContextParallelConfig(ulysses_degree=N), for SVOO"
         )
     if cp.ulysses_anything:
         raise NotImplementedError(
             f"LVSA ({where}): ContextParallelConfig(ulysses_anything=True) (uneven shards) is not supported; "
-            "use ulysses_anything=False with heads and T*P divisible by ulysses_degree"
+            "use ulysses_anything=False with heads and T*P divisible by ulysses_degree, or ring attention "
+            "(ring_degree=N, ring_anything=True handles uneven shards)"
         )
-    degree = int(cp.ulysses_degree)
-    if heads % degree:
+    if heads % u:
         raise ValueError(
-            f"LVSA ({where}): {heads} attention heads are not divisible by ulysses_degree={degree}; Ulysses gives "
+            f"LVSA ({where}): {heads} attention heads are not divisible by ulysses_degree={u}; Ulysses gives "
             "each rank heads / ulysses_degree heads"
         )
-    if geometry.video_tokens % degree:
+    if geometry.video_tokens % (u * r) and not cp.ring_anything:
+        ranks = (f"ulysses_degree={u}" if r == 1 else f"ring_degree={r}" if u == 1
+                 else f"ulysses_degree * ring_degree = {u}*{r} = {u * r}")
         raise ValueError(
             f"LVSA ({where}): T*P = {geometry.frames}*{geometry.tokens_per_frame} = {geometry.video_tokens} video "
-            f"tokens are not divisible by ulysses_degree={degree}; choose a frame count or resolution that is"
+            f"tokens are not divisible by {ranks}; choose a frame count or resolution that is"
+            + ("" if u > 1 else ", or ContextParallelConfig(ring_anything=True) for uneven shards")
         )
-    return UlyssesGroup(cp._ulysses_mesh.get_group(), degree)
+    return ContextGroups(UlyssesGroup(cp._ulysses_mesh.get_group(), u) if u > 1 else None,
+                         RingGroup(cp._ring_mesh.get_group(), r) if r > 1 else None)
 
 
 def _check(x: Tensor, dim: int, degree: int, name: str, expected: str) -> None:

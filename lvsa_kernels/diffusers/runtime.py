@@ -1,13 +1,14 @@
 """The runtime shared by the attention processors of one `enable_lvsa` call, and the processors' common base.
 
 `AttentionRuntime` holds the pattern (any `VideoPattern`: `LVSAPattern`, `SVOOPattern`), the backend, the step
-tracker, and the geometry and Ulysses group of the transformer call in flight (set by a forward pre-hook from
-the unsplit input). Each attention call is described to the pattern as an `AttentionCall` (grid, step, layer,
-branch, text, heads) and runs the plan it returns through `block_sparse_attn`, under Ulysses inside the one
-all-to-all exchange (`exchanged`). Patterns whose plans do not depend on q and k (``per_layer = False``, LVSA)
-are planned once per step and shared by every layer and rank; the others (SVOO) plan per call, keyed by
-``branch``: the transformer call's index within the step (0, 1 for the two classifier-free-guidance calls;
-``(expert, call)`` with two experts; plus the batch part for per-element calls). The pattern is reset at each
+tracker, and the geometry and context-parallel groups of the transformer call in flight (set by a forward
+pre-hook from the unsplit input). Each attention call is described to the pattern as an `AttentionCall` (grid,
+step, layer, branch, text, heads) and runs the plan it returns through `block_sparse_attn`, under Ulysses inside
+the one all-to-all exchange (`exchanged`), under ring attention through the layout-aware ring (`ring_attention`).
+Patterns whose plans do not depend on q and k (``per_layer = False``, LVSA) are planned once per step and shared
+by every layer and rank; the others (SVOO) plan per call, keyed by ``branch``: the transformer call's index
+within the step (0, 1 for the two classifier-free-guidance calls; ``(expert, call)`` with two experts; plus the
+batch part for per-element calls). The pattern is reset at each
 new generation. The first attention call of a generation logs one INFO summary line.
 """
 from __future__ import annotations
@@ -25,8 +26,9 @@ from ..models import ModelPreset, get_model
 from ..reference import BlockSparseLayout
 from ..reference.eager import eager
 from ..reference.plan import AttentionCall, AttentionPlan, VideoPattern
+from ..ring import TrafficCounter, ring_attention
 from .geometry import VideoGeometry, check_video_tokens
-from .parallel import UlyssesGroup, heads_to_seq, seq_to_heads
+from .parallel import ContextGroups, heads_to_seq, seq_to_heads
 from .state import StepTracker
 
 __all__ = ["AttentionRuntime", "LVSAProcessorBase", "ModelSpec"]
@@ -51,6 +53,8 @@ class AttentionRuntime:
         chosen_backend: the backend ``backend`` resolved to at the generation's first attention call (patterns
             planned once per step; per-call plans resolve per call).
         leading_frames: conditioning frames before the video (reference images) in the current pipeline call.
+        ring_traffic: key/value bytes this rank sent through ring attention vs a dense ring's (`TrafficCounter`,
+            summed over the calls since `enable_lvsa`).
     """
 
     def __init__(self, pattern: VideoPattern, backend: str, model: str, reference_source: str = "given pattern",
@@ -63,7 +67,8 @@ class AttentionRuntime:
         self.experts = experts
         self.tracker = StepTracker()
         self.geometry: Optional[VideoGeometry] = None
-        self.ulysses: Optional[UlyssesGroup] = None
+        self.context: Optional[ContextGroups] = None
+        self.ring_traffic = TrafficCounter()
         self.expert = 0
         self.forward_cache: Dict[str, Any] = {}
         self.step_marker: Optional[Callable[[], Any]] = None
@@ -74,10 +79,10 @@ class AttentionRuntime:
         self._planned_for: Optional[Tuple[int, Optional[int], VideoGeometry]] = None
 
     # ------------------------------------------------------------------ transformer call boundaries
-    def begin_forward(self, geometry: VideoGeometry, timestep: Any, ulysses: Optional[UlyssesGroup] = None,
+    def begin_forward(self, geometry: VideoGeometry, timestep: Any, context: Optional[ContextGroups] = None,
                       expert: int = 0) -> None:
         """Called by the transformer's forward pre-hook: record the step, the global geometry, the
-        Ulysses group (None without context parallelism) and which transformer (expert) runs. With a
+        context-parallel groups (None without context parallelism) and which transformer (expert) runs. With a
         ``step_marker`` (the pipeline's own step counter) that returns an object, the step follows it
         instead of the timestep. A new generation resets the pattern; a new step or geometry drops the plans."""
         marker = None if self.step_marker is None else self.step_marker()
@@ -86,7 +91,7 @@ class AttentionRuntime:
         else:
             self.tracker.observe_marker(marker)
         self.geometry = geometry
-        self.ulysses = ulysses
+        self.context = context
         self.expert = expert
         self.forward_cache.clear()
         key = (self.tracker.generation, self.tracker.step, geometry)
@@ -100,7 +105,7 @@ class AttentionRuntime:
     def end_forward(self) -> None:
         """Called by the transformer's forward hook: no geometry outside a transformer call."""
         self.geometry = None
-        self.ulysses = None
+        self.context = None
         self.forward_cache.clear()
 
     def current_geometry(self, where: str) -> VideoGeometry:
@@ -184,22 +189,28 @@ class AttentionRuntime:
 
     def exchanged(self, q: Tensor, k: Tensor, v: Tensor,
                   attend: Callable[[Tensor, Tensor, Tensor, Optional[Tuple[int, int]]], Tensor]) -> Tensor:
-        """``attend(q, k, v, heads)`` over the full sequence, the one place the Ulysses exchange happens.
+        """``attend(q, k, v, heads)`` over this rank's ring shard, the one place the Ulysses exchange happens.
 
-        Without Ulysses, ``heads`` is None and q, k, v ``[B, S, H, D]`` pass through. Under Ulysses (degree N)
-        q, k, v are this rank's ``[B, S/N, H, D]`` shards: they are exchanged to ``[B, S, H/N, D]``, attended
-        with ``heads = (first, total)`` (this rank's global heads) and the output is exchanged back, so the
-        result is this rank's ``[B, S/N, H, D]`` shard of the one-GPU output.
+        Without Ulysses, ``heads`` is None and q, k, v ``[B, S_r, H, D]`` pass through (the full sequence
+        without context parallelism). Under Ulysses (degree N) q, k, v are this rank's ``[B, S_r/N, H, D]``
+        pieces: they are exchanged to ``[B, S_r, H/N, D]``, attended with ``heads = (first, total)`` (this
+        rank's global heads) and the output is exchanged back, so the result is this rank's
+        ``[B, S_r/N, H, D]`` piece of the one-GPU output. ``S_r`` is the ring shard (S without ring attention).
         """
-        ug = self.ulysses
+        ug = None if self.context is None else self.context.ulysses
         if ug is None:
             return attend(q, k, v, None)
         q, k, v = seq_to_heads([q, k, v], ug, "q/k/v")
         return heads_to_seq(attend(q, k, v, (ug.rank * q.shape[2], ug.degree * q.shape[2])), ug)
 
     def _run(self, q: Tensor, k: Tensor, v: Tensor, plan: AttentionPlan) -> Tensor:
-        blocks = plan if plan.permuted else plan.blocks  # a plain layout goes as is
-        out = block_sparse_attn(q, k, v, blocks, backend=self.backend, precision=self.precision)
+        ring = None if self.context is None else self.context.ring
+        if ring is not None:  # context_groups refused per-call (permuted) patterns under ring attention
+            out = ring_attention(q, k, v, plan.blocks, ring.group, ring.shards(plan.blocks.q_len),
+                                 backend=self.backend, precision=self.precision, counter=self.ring_traffic)
+        else:
+            blocks = plan if plan.permuted else plan.blocks  # a plain layout goes as is
+            out = block_sparse_attn(q, k, v, blocks, backend=self.backend, precision=self.precision)
         if not self.tracker.announced:
             self._announce(q, k, v, plan)
         return out
@@ -209,14 +220,18 @@ class AttentionRuntime:
         geo = self.current_geometry("log")
         if self.pattern.per_layer:
             chosen = "per call"
+        elif self.context is not None and self.context.ring is not None:
+            chosen = "per ring part"
         else:
             chosen = select_backend(self.backend, q, k, v, plan.blocks, q.shape[-1] ** -0.5, False,
                                     self.precision).name
             self.chosen_backend = chosen
         what, fields = self.pattern.summary(plan)
-        log.info("%s on %s: T=%d P=%d %s backend=%s (requested %s) pattern from %s ulysses_degree=%d precision=%s",
-                 what, self.model, geo.frames, geo.tokens_per_frame, fields, chosen, self.backend, self.reference_source, 1 if self.ulysses is None else self.ulysses.degree,
-                 self.precision)
+        cp = self.context
+        log.info("%s on %s: T=%d P=%d %s backend=%s (requested %s) pattern from %s ulysses_degree=%d ring_degree=%d "
+                 "precision=%s", what, self.model, geo.frames, geo.tokens_per_frame, fields, chosen, self.backend,
+                 self.reference_source, 1 if cp is None or cp.ulysses is None else cp.ulysses.degree,
+                 1 if cp is None or cp.ring is None else cp.ring.degree, self.precision)
 
 
 class LVSAProcessorBase:
@@ -240,8 +255,8 @@ class LVSAProcessorBase:
     def _geometry(self, video_tokens: int) -> VideoGeometry:
         """The global geometry of the call in flight, checked against the ``video_tokens`` this rank holds."""
         geo = self.runtime.current_geometry(self.where)
-        shards = 1 if self.runtime.ulysses is None else self.runtime.ulysses.degree
-        check_video_tokens(geo, video_tokens, self.where, shards)
+        cp = self.runtime.context
+        check_video_tokens(geo, video_tokens, self.where, 1 if cp is None else cp.degree, 0 if cp is None else cp.rank)
         return geo
 
 
@@ -259,7 +274,7 @@ class ModelSpec:
         frame_dim: latent frame axis of the transformer input (2 for ``[B, C, T, H, W]``).
         patch: ``(p_t, p_h, p_w)`` from the transformer config.
         reference_frames: default reference frames (token frames) and where they came from.
-        context_parallel: whether the processor runs under diffusers' Ulysses context parallelism.
+        context_parallel: whether the processor runs under diffusers' context parallelism (Ulysses, ring, both).
         rope: for RIFLEx, the transformer's RoPE module and its temporal channel count; None when the
             model's RoPE is not supported.
         leading_frames: from a pipeline call's keyword arguments, the conditioning latent frames the

@@ -1,8 +1,8 @@
 """Wan 2.1 / 2.2 (`WanTransformer3DModel`): LVSA on the video-only self-attention ``attn1``.
 
 Cross-attention ``attn2`` (text, I2V image tokens) keeps its diffusers processor. Under diffusers'
-Ulysses context parallelism (``enable_parallelism``) ``attn1`` runs through the runtime's all-to-all
-(`lvsa_kernels.diffusers.parallel`).
+context parallelism (``enable_parallelism``: Ulysses, ring or both) ``attn1`` runs through the runtime's
+all-to-all and layout-aware ring (`lvsa_kernels.diffusers.parallel`).
 """
 from __future__ import annotations
 
