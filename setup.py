@@ -17,7 +17,7 @@ ROOTS = {
     "lvsa_kernels.npu": "npu",
     "lvsa_kernels.bench": "bench",
 }
-SUBPACKAGES = ["lvsa_kernels.backends", "lvsa_kernels.commands", "lvsa_kernels.diffusers"]
+SUBPACKAGES = ["lvsa_kernels.backends", "lvsa_kernels.commands", "lvsa_kernels.diffusers", "lvsa_kernels.ring"]
 
 setup(
     name="lvsa_kernels",
