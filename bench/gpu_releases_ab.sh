@@ -33,6 +33,7 @@ main() {
 
   bench() {  # tag, release (bundle|machine), source (new|old), cases, methods
     local tag=$1 release=$2 src=$3 cases=$4 methods=$5 script=bench/run_gpu.py
+    [[ " ${SKIP:-} " == *" $tag "* ]] && return
     (
       [[ $release == bundle ]] && eval "$bundle_env"
       [[ $src == old ]] && { export PYTHONPATH="/tmp/old-site:$PYTHONPATH"; script="$OLD/bench/run_gpu.py"; }

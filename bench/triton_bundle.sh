@@ -34,7 +34,7 @@ unpack() {  # prints the exports that put the unpacked Triton first (for eval)
   tar -C "$target" -xJf "$archive"
   cuda_bin=$(dirname "$(command -v ptxas || echo /usr/local/cuda/bin/ptxas)")
   echo "export PYTHONPATH=$target\${PYTHONPATH:+:\$PYTHONPATH}"
-  echo "export TRITON_PTXAS_PATH=$cuda_bin/ptxas TRITON_PTXAS_BLACKWELL_PATH=$cuda_bin/ptxas" \
+  echo "export TRITON_BACKENDS_IN_TREE=1 TRITON_PTXAS_PATH=$cuda_bin/ptxas TRITON_PTXAS_BLACKWELL_PATH=$cuda_bin/ptxas" \
        "TRITON_CUOBJDUMP_PATH=$cuda_bin/cuobjdump TRITON_NVDISASM_PATH=$cuda_bin/nvdisasm"
 }
 
