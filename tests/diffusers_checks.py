@@ -61,3 +61,25 @@ def second_step_calls(model: torch.nn.Module, modules: Sequence[torch.nn.Module]
         finally:
             disable_lvsa(model)
     return calls, handle
+
+
+def assert_sparse_differs_and_round_trip(model, x: dict, run: Callable, replaced: Sequence[torch.nn.Module],
+                                         **sparse) -> None:
+    """A sparse pattern (``sparse`` knobs) changes the output, LVSA replaces exactly the processors of ``replaced``
+    (every other attention processor of ``model`` is kept), and `disable_lvsa` restores the original processor
+    objects and the output exactly."""
+    before = run(model, x, 500)
+    originals = [m.processor for m in replaced]
+    others = {name: p for name, p in model.attn_processors.items()}
+    handle = enable_lvsa(model, backend="reference", **sparse)
+    try:
+        assert [attn for attn, _ in handle._originals] == list(replaced)
+        kept = {name: p for name, p in model.attn_processors.items() if not any(p is m.processor for m in replaced)}
+        assert all(kept[name] is others[name] for name in kept)
+        assert len(kept) == len(others) - len(replaced)
+        sparse_out = run(model, x, 500)
+    finally:
+        disable_lvsa(model)
+    assert all(m.processor is p for m, p in zip(replaced, originals))
+    assert torch.equal(run(model, x, 500), before)
+    assert not torch.allclose(sparse_out, before, atol=1e-4)
