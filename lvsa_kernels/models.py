@@ -124,6 +124,12 @@ MODELS: Dict[str, ModelPreset] = {
         ModelPreset("consisid", "ConsisID", heads=48, head_dim=64, reference_frames=13,
                     spatial_factor=8, patch=2, height=480, width=720, text_position="before", text_tokens=226,
                     diffusers_class="ConsisIDTransformer3DModel"),
+        ModelPreset("cosmos", "Cosmos 1.0 Diffusion 7B", heads=32, head_dim=128, reference_frames=16,
+                    spatial_factor=8, patch=2, height=704, width=1280, text_position="none", text_tokens=0,
+                    diffusers_class="CosmosTransformer3DModel", temporal_factor=8),
+        ModelPreset("allegro", "Allegro", heads=24, head_dim=96, reference_frames=22,
+                    spatial_factor=8, patch=2, height=720, width=1280, text_position="none", text_tokens=0,
+                    diffusers_class="AllegroTransformer3DModel"),
     )
 }
 

@@ -63,6 +63,11 @@ def second_step_calls(model: torch.nn.Module, modules: Sequence[torch.nn.Module]
     return calls, handle
 
 
+def _processors(model: torch.nn.Module) -> dict:
+    """The attention processor of every module of ``model`` that has one, by module name."""
+    return {name: m.processor for name, m in model.named_modules() if hasattr(m, "processor")}
+
+
 def assert_sparse_differs_and_round_trip(model, x: dict, run: Callable, replaced: Sequence[torch.nn.Module],
                                          **sparse) -> None:
     """A sparse pattern (``sparse`` knobs) changes the output, LVSA replaces exactly the processors of ``replaced``
@@ -70,11 +75,11 @@ def assert_sparse_differs_and_round_trip(model, x: dict, run: Callable, replaced
     objects and the output exactly."""
     before = run(model, x, 500)
     originals = [m.processor for m in replaced]
-    others = {name: p for name, p in model.attn_processors.items()}
+    others = _processors(model)
     handle = enable_lvsa(model, backend="reference", **sparse)
     try:
         assert [attn for attn, _ in handle._originals] == list(replaced)
-        kept = {name: p for name, p in model.attn_processors.items() if not any(p is m.processor for m in replaced)}
+        kept = {name: p for name, p in _processors(model).items() if not any(p is m.processor for m in replaced)}
         assert all(kept[name] is others[name] for name in kept)
         assert len(kept) == len(others) - len(replaced)
         sparse_out = run(model, x, 500)
