@@ -130,6 +130,9 @@ MODELS: Dict[str, ModelPreset] = {
         ModelPreset("allegro", "Allegro", heads=24, head_dim=96, reference_frames=22,
                     spatial_factor=8, patch=2, height=720, width=1280, text_position="none", text_tokens=0,
                     diffusers_class="AllegroTransformer3DModel"),
+        ModelPreset("mochi", "Mochi 1", heads=24, head_dim=128, reference_frames=28,
+                    spatial_factor=8, patch=2, height=480, width=848, text_position="after", text_tokens=None,
+                    diffusers_class="MochiTransformer3DModel", temporal_factor=6),
     )
 }
 

@@ -88,3 +88,28 @@ def assert_sparse_differs_and_round_trip(model, x: dict, run: Callable, replaced
     assert all(m.processor is p for m, p in zip(replaced, originals))
     assert torch.equal(run(model, x, 500), before)
     assert not torch.allclose(sparse_out, before, atol=1e-4)
+
+
+def assert_svoo_three_way(model, x: dict, run: Callable, **svoo) -> None:
+    """SVOO (`enable_svoo`) on ``model``: top_p = 1 equals the original processors to fp32 precision, a sparse SVOO
+    pattern (top_p 0.3, reclustered every 2 steps) changes the output at its second step, and `disable_lvsa`
+    restores the original output exactly. ``svoo``: cluster counts for the tiny sizes."""
+    from lvsa_kernels.diffusers import enable_svoo
+
+    knobs = dict(q_clusters=4, k_clusters=8, warmup_steps=0, **svoo)
+    expected = run(model, x, 700)
+    enable_svoo(model, backend="reference", top_p=1.0, **knobs)
+    try:
+        torch.testing.assert_close(run(model, x, 700), expected, rtol=1e-5, atol=1e-5)
+    finally:
+        disable_lvsa(model)
+    handle = enable_svoo(model, backend="reference", top_p=0.3, recluster_every=2, **knobs)
+    try:
+        run(model, x, 900)
+        sparse = run(model, x, 800)  # the second step reuses the first step's clusters
+        assert max(handle.runtime.plan_densities()) < 0.9
+    finally:
+        disable_lvsa(model)
+    dense = run(model, x, 800)
+    assert torch.isfinite(sparse).all() and not torch.allclose(sparse, dense, atol=1e-4)
+    assert torch.equal(run(model, x, 700), expected)

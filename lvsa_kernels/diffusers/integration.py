@@ -86,7 +86,7 @@ class LVSAHandle:
             parallel_config = getattr(attn.processor, "_parallel_config", None)
             if parallel_config is not None:
                 processor._parallel_config = parallel_config
-            attn.set_processor(processor)
+            _set_processor(attn, processor)
         for hook in self._hooks:
             hook.remove()
         if self._pipeline_class is not None:
@@ -105,6 +105,15 @@ UNSUPPORTED_MODELS: Dict[type, str] = {
         "index) and its generation queries attend [text; generation] keys, which needs a rectangular "
         "(query != key) LVSA layout over the vision_token_shapes grid; no adapter yet"),
 }
+
+
+def _set_processor(attn: nn.Module, processor: Any) -> None:
+    """``attn.set_processor(processor)``, or the plain attribute for attention modules without that method
+    (Mochi's ``MochiAttention``)."""
+    if hasattr(attn, "set_processor"):
+        attn.set_processor(processor)
+    else:
+        attn.processor = processor
 
 
 def _spec_for(transformer: Any) -> ModelSpec:
@@ -284,7 +293,7 @@ def enable_lvsa(pipe_or_transformer: Any, pattern: Union[None, LVSAPattern, SVOO
     for expert, transformer in enumerate(transformers):
         for layer, (_, attn) in enumerate(spec.self_attention(transformer)):
             handle._originals.append((attn, attn.processor))
-            attn.set_processor(spec.processor_cls(runtime, layer))
+            _set_processor(attn, spec.processor_cls(runtime, layer))
         handle._hooks += _forward_hooks(runtime, spec, transformer, expert)
         if riflex:
             handle._hooks += _riflex_hooks(spec, transformer, runtime)
