@@ -133,6 +133,12 @@ MODELS: Dict[str, ModelPreset] = {
         ModelPreset("mochi", "Mochi 1", heads=24, head_dim=128, reference_frames=28,
                     spatial_factor=8, patch=2, height=480, width=848, text_position="after", text_tokens=None,
                     diffusers_class="MochiTransformer3DModel", temporal_factor=6),
+        ModelPreset("easyanimate", "EasyAnimate V5.1 12B", heads=48, head_dim=64, reference_frames=13,
+                    spatial_factor=8, patch=2, height=512, width=512, text_position="before", text_tokens=None,
+                    diffusers_class="EasyAnimateTransformer3DModel"),
+        ModelPreset("motif_video", "Motif-Video 2B", heads=24, head_dim=128, reference_frames=31,
+                    spatial_factor=8, patch=2, height=736, width=1280, text_position="after", text_tokens=None,
+                    diffusers_class="MotifVideoTransformer3DModel"),
     )
 }
 
