@@ -139,6 +139,9 @@ MODELS: Dict[str, ModelPreset] = {
         ModelPreset("motif_video", "Motif-Video 2B", heads=24, head_dim=128, reference_frames=31,
                     spatial_factor=8, patch=2, height=736, width=1280, text_position="after", text_tokens=None,
                     diffusers_class="MotifVideoTransformer3DModel"),
+        ModelPreset("kandinsky5", "Kandinsky 5 Video Lite", heads=28, head_dim=64, reference_frames=31,
+                    spatial_factor=8, patch=2, height=512, width=768, text_position="none", text_tokens=0,
+                    diffusers_class="Kandinsky5Transformer3DModel"),
     )
 }
 

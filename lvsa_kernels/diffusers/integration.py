@@ -175,10 +175,15 @@ def _pipeline_class(cls: type) -> type:
     return _PIPELINE_CLASSES[cls]
 
 
+def _attention_heads(attn: nn.Module) -> int:
+    """Heads of a self-attention module (``heads``; Kandinsky's modules call it ``num_heads``)."""
+    return int(attn.heads if hasattr(attn, "heads") else attn.num_heads)
+
+
 def _forward_hooks(runtime: AttentionRuntime, spec: ModelSpec, transformer: nn.Module, expert: int) -> List[Any]:
     signature = inspect.signature(type(transformer).forward)
     patch = spec.patch(transformer.config)
-    heads = int(transformer.config["num_attention_heads"])
+    heads = _attention_heads(spec.self_attention(transformer)[0][1])
 
     def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
         # runs before diffusers' context-parallel split hooks, so it sees the unsplit (global) input
@@ -186,7 +191,7 @@ def _forward_hooks(runtime: AttentionRuntime, spec: ModelSpec, transformer: nn.M
         if "hidden_states" not in bound or "timestep" not in bound:
             raise ValueError(f"LVSA ({spec.name}): the transformer call needs hidden_states and timestep")
         if spec.geometry is not None:
-            geometry = spec.geometry(bound)
+            geometry = spec.geometry(bound, patch)
         else:
             geometry = geometry_from_latents(bound["hidden_states"], spec.frame_dim, patch)
         parallel_config = getattr(module, "_parallel_config", None)
