@@ -9,7 +9,8 @@ from diffusers.models.embeddings import get_3d_rotary_pos_embed_allegro  # noqa:
 
 from lvsa_kernels.diffusers import enable_lvsa  # noqa: E402
 
-from diffusers_checks import assert_dense_pattern_matches_original, assert_sparse_differs_and_round_trip  # noqa: E402
+from diffusers_checks import (assert_dense_pattern_matches_original, assert_sparse_differs_and_round_trip,  # noqa: E402
+                              assert_svoo_three_way)
 
 T, HW = 8, 8  # latent [B, 4, 8, 8, 8], patch 2: 16 tokens per frame
 SPARSE = dict(window=1, n_first=1, reference_frames=2, key_frame_interval=4)
@@ -70,6 +71,10 @@ def test_dense_pattern_matches_original_processors(model):
 def test_sparse_differs_attn1_only_and_round_trip(model):
     replaced = [b.attn1 for b in model.transformer_blocks]
     assert_sparse_differs_and_round_trip(model, inputs(model), run, replaced, **SPARSE)
+
+
+def test_svoo(model):
+    assert_svoo_three_way(model, inputs(model), run)
 
 
 @pytest.mark.parametrize("name, reference, source", [("cosmos", 16, "Cosmos 1.0 default (121 frames, 8x temporal)"),

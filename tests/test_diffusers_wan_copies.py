@@ -8,7 +8,8 @@ from diffusers import ChronoEditTransformer3DModel, WanAnimateTransformer3DModel
 
 from lvsa_kernels.diffusers import enable_lvsa  # noqa: E402
 
-from diffusers_checks import assert_dense_pattern_matches_original, assert_sparse_differs_and_round_trip  # noqa: E402
+from diffusers_checks import (assert_dense_pattern_matches_original, assert_sparse_differs_and_round_trip,  # noqa: E402
+                              assert_svoo_three_way)
 from tiny_pipelines import wan_block_config  # noqa: E402
 
 T, HW = 8, 8  # latent [B, C, 8, 8, 8], patch (1, 2, 2): 16 tokens per frame
@@ -59,6 +60,10 @@ def test_dense_pattern_matches_original_processors(model):
 
 def test_sparse_differs_attn1_only_and_round_trip(model):
     assert_sparse_differs_and_round_trip(model, inputs(model), run, [b.attn1 for b in model.blocks], **SPARSE)
+
+
+def test_svoo(model):
+    assert_svoo_three_way(model, inputs(model), run)
 
 
 @pytest.mark.parametrize("name, reference", [("chronoedit", 21), ("wan_animate", 21)])

@@ -62,4 +62,5 @@ ALLEGRO = ModelSpec(
     frame_dim=2,
     patch=lambda config: (int(config["patch_size_t"]), int(config["patch_size"]), int(config["patch_size"])),
     reference_frames=_reference_frames,
+    svoo=True,
 )

@@ -23,4 +23,5 @@ CHRONOEDIT = ModelSpec(
     frame_dim=2,
     patch=WAN.patch,
     reference_frames=lambda config: (MODELS["chronoedit"].reference_frames, "ChronoEdit default (81 frames)"),
+    svoo=True,
 )

@@ -55,4 +55,5 @@ COSMOS = ModelSpec(
     patch=lambda config: tuple(int(p) for p in config["patch_size"]),
     reference_frames=lambda config: (MODELS["cosmos"].reference_frames,
                                      "Cosmos 1.0 default (121 frames, 8x temporal)"),
+    svoo=True,
 )

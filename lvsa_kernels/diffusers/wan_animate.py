@@ -24,4 +24,5 @@ WAN_ANIMATE = ModelSpec(
     patch=WAN.patch,
     reference_frames=lambda config: (MODELS["wan_animate"].reference_frames,
                                      "Wan Animate default (77-frame segment + reference frame)"),
+    svoo=True,
 )
