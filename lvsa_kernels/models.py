@@ -142,6 +142,9 @@ MODELS: Dict[str, ModelPreset] = {
         ModelPreset("kandinsky5", "Kandinsky 5 Video Lite", heads=28, head_dim=64, reference_frames=31,
                     spatial_factor=8, patch=2, height=512, width=768, text_position="none", text_tokens=0,
                     diffusers_class="Kandinsky5Transformer3DModel"),
+        ModelPreset("kandinsky6", "Kandinsky 6 (video stream)", heads=32, head_dim=128, reference_frames=31,
+                    spatial_factor=8, patch=2, height=512, width=768, text_position="none", text_tokens=0,
+                    diffusers_class="Kandinsky6Transformer3DModel"),
     )
 }
 

@@ -7,7 +7,8 @@ import inspect
 import logging
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
-from diffusers import Cosmos3OmniTransformer
+from diffusers import (Cosmos3OmniTransformer, HunyuanVideoFramepackTransformer3DModel, LatteTransformer3DModel,
+                       SanaVideoTransformer3DModel, WanAnimate2Transformer3DModel)
 from torch import nn
 
 from ..api import check_precision
@@ -98,8 +99,23 @@ class LVSAHandle:
         self._originals, self._hooks, self._pipeline_class = [], [], None
 
 
-# transformers that enable_lvsa recognises but cannot run honestly yet, with the reason
+# transformers that enable_lvsa recognises but does not run, with the reason
 UNSUPPORTED_MODELS: Dict[type, str] = {
+    LatteTransformer3DModel: (
+        "Latte factorises attention: its blocks alternate spatial self-attention within each frame and temporal "
+        "self-attention across frames at each position, so no attention is joint over all video tokens and there "
+        "is no frame x frame block structure for LVSA to sparsify"),
+    SanaVideoTransformer3DModel: (
+        "SANA-Video's video self-attention is linear attention (ReLU feature maps, no softmax), which has no "
+        "attention matrix to make block-sparse"),
+    HunyuanVideoFramepackTransformer3DModel: (
+        "FramePack prepends compressed history tokens (4x, 2x and 1x downsampled clean latents, each with its own "
+        "tokens per frame) to a short fixed-length section, so the sequence has no uniform frame grid, and FramePack "
+        "already bounds the context per section"),
+    WanAnimate2Transformer3DModel: (
+        "Wan-Animate-2's self-attention is already structured sparse attention: each generation frame attends the "
+        "generation tokens plus a KV-cached reference segment at the same frame index, through a flex BlockMask "
+        "over a rectangular [generation | reference] key buffer"),
     Cosmos3OmniTransformer: (
         "Cosmos 3 packs one un-batched sequence (causal text pathway, then video / sound / action tokens placed by "
         "index) and its generation queries attend [text; generation] keys, which needs a rectangular "
