@@ -101,4 +101,5 @@ HUNYUAN_VIDEO = ModelSpec(
     patch=lambda config: (int(config["patch_size_t"]), int(config["patch_size"]), int(config["patch_size"])),
     reference_frames=_reference_frames,
     rope=lambda transformer: (transformer.rope, int(transformer.rope.rope_dim[0])),
+    svoo=True,
 )

@@ -72,4 +72,5 @@ LTX_VIDEO = ModelSpec(
     patch=lambda config: (int(config["patch_size_t"]), int(config["patch_size"]), int(config["patch_size"])),
     reference_frames=lambda config: (MODELS["ltx_video"].reference_frames, "LTX-Video default (161 video frames)"),
     geometry=_geometry,
+    svoo=True,
 )

@@ -67,4 +67,5 @@ LTX_2 = ModelSpec(
     reference_frames=lambda config: (MODELS["ltx2"].reference_frames,
                                      "LTX-2 default (121 video frames)"),
     geometry=lambda bound, patch: call_grid(bound, "LTX-2"),
+    svoo=True,
 )
