@@ -247,11 +247,11 @@ def enable_lvsa(pipe_or_transformer: Any, pattern: Union[None, LVSAPattern, SVOO
                 backend: str = "auto", riflex: bool = False, precision: str = "exact", **knobs: Any) -> LVSAHandle:
     """Run the self-attention of a diffusers video transformer with LVSA block-sparse attention.
 
-    Supported: ``WanTransformer3DModel`` (Wan 2.1 / 2.2, both A14B experts; ``attn1`` only),
-    ``WanVACETransformer3DModel`` (``blocks`` and ``vace_blocks``), ``SkyReelsV2Transformer3DModel`` (also
-    diffusion forcing), ``HunyuanVideo15Transformer3DModel`` and ``HunyuanVideoTransformer3DModel`` (joint
-    attention, padded text after the video), ``CogVideoXTransformer3DModel`` (joint attention, text first),
-    ``LTXVideoTransformer3DModel`` and ``LTX2VideoTransformer3DModel`` (video ``attn1``). See ``docs/models.md``.
+    Supported: the transformer of every row of the model table (`SUPPORTED_MODELS`): Wan 2.1 / 2.2 (both
+    A14B experts), Wan VACE, SkyReels-V2 (also diffusion forcing), ChronoEdit, Wan 2.2 Animate, HunyuanVideo 1.0
+    and 1.5, Mochi, Motif-Video (joint attention, padded text after the video), CogVideoX, ConsisID, EasyAnimate
+    (joint attention, text first), LTX-Video, LTX-2, Cosmos, Allegro, Kandinsky 5 and 6 (video-only
+    self-attention). `UNSUPPORTED_MODELS` are refused with the reason. See ``docs/models.md``.
 
     Args:
         pipe_or_transformer: a pipeline (uses ``.transformer`` and ``.transformer_2`` when present, and
@@ -260,8 +260,8 @@ def enable_lvsa(pipe_or_transformer: Any, pattern: Union[None, LVSAPattern, SVOO
         pattern: an `LVSAPattern` (latent-frame units); default: window 3, n_first 1 and the model's
             reference frames (config ``sample_frames`` / ``sample_n_frames`` when present, else Wan 21,
             Wan2.2-TI2V-5B 31, HunyuanVideo 1.5 33; CogVideoX from its ``sample_frames``, 13 for 5B).
-            Or an `SVOOPattern` (Wan 2.1 / 2.2 incl. both A14B experts, also under Ulysses, and
-            HunyuanVideo 1.5; no ``knobs``): each self-attention call runs ``pattern.attention`` with the
+            Or an `SVOOPattern` (models whose spec has ``svoo``: self-attention joint over all video tokens,
+            text after the video if any; Wan also under Ulysses; no ``knobs``): each self-attention call runs ``pattern.attention`` with the
             denoising step, the block index as layer and the transformer call's index within the step as
             CFG branch (0, 1; with two experts ``(expert, call)``, so the experts never share clusters);
             the pattern's caches are reset at each new generation.
@@ -276,8 +276,9 @@ def enable_lvsa(pipe_or_transformer: Any, pattern: Union[None, LVSAPattern, SVOO
             sparsity_scale, key_frame_interval, expand_window, rotate, anchors).
 
     Raises:
-        NotImplementedError: an `SVOOPattern` on a model other than Wan or HunyuanVideo 1.5; ``riflex`` on a
-            model without a supported RoPE; a transformer in `UNSUPPORTED_MODELS` (Cosmos 3), with the reason.
+        NotImplementedError: an `SVOOPattern` on a model without SVOO support (text first, leading reference
+            frames, block-causal masks); ``riflex`` on a model without a supported RoPE; a transformer in
+            `UNSUPPORTED_MODELS` (Cosmos 3, Latte, SANA-Video, FramePack, Wan-Animate-2), with the reason.
 
     Returns:
         An `LVSAHandle`; ``disable_lvsa(pipe_or_transformer)`` or ``handle.disable()`` restores everything.
