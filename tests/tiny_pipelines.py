@@ -1,33 +1,13 @@
 """Tiny random-weight diffusers pipelines saved to a folder with ``save_pretrained`` (no downloads): the
 tokenizers are built locally, the text encoders and VAEs from small configs. For the ``generate`` command
-tests. Import only after ``pytest.importorskip("diffusers")``.
+tests; the Wan family's builders are the package's own (`lvsa_kernels.diffusers.tiny_pipeline`). Import only after ``pytest.importorskip("diffusers")``.
 """
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
+from tokenizers import pre_tokenizers
 
-WORDS = ["<pad>", "</s>", "<unk>", "a", "cat", "dog", "runs", "on", "the", "beach", "blurry"]
-
-
-def word_tokenizer(**special) -> PreTrainedTokenizerFast:
-    """A whitespace word-level tokenizer over `WORDS` (ids 0..10)."""
-    vocab = {w: i for i, w in enumerate(WORDS)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-                                   **special)
-
-
-def save_tiny_wan(path: str) -> str:
-    """A `WanPipeline` (2-layer transformer, 1-layer UMT5, tiny VAE) saved at ``path``."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
-    from tiny_wan import tiny_transformer
-
-    torch.manual_seed(0)
-    pipe = WanPipeline(tokenizer=word_tokenizer(), text_encoder=umt5(), vae=wan_vae(),
-                       scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), transformer=tiny_transformer(1))
-    pipe.save_pretrained(path)
-    return path
+from lvsa_kernels.diffusers.tiny_pipeline import (WORDS, save_tiny_wan, save_tiny_wan_i2v,  # noqa: F401
+                                                  save_tiny_wan_vace, umt5, wan_block_config, wan_vae,
+                                                  word_tokenizer)
 
 
 def byte_level_qwen_tokenizer():
@@ -69,38 +49,12 @@ def save_tiny_hunyuan15(path: str) -> str:
     return path
 
 
-def umt5(width: int = 16) -> UMT5EncoderModel:
-    """A 1-layer random UMT5 encoder of hidden size ``width`` over `WORDS`."""
-    return UMT5EncoderModel(UMT5Config(vocab_size=len(WORDS), d_model=width, d_kv=8, d_ff=32, num_layers=1,
-                                       num_heads=2, relative_attention_num_buckets=8)).eval()
 
 
-def wan_vae():
-    """A tiny `AutoencoderKLWan`: 4 latent channels, 8x spatial and 4x temporal compression."""
-    from diffusers import AutoencoderKLWan
-
-    return AutoencoderKLWan(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                            temperal_downsample=[False, True, True], latents_mean=[0.0] * 4,
-                            latents_std=[1.0] * 4).eval()
 
 
-def wan_block_config() -> dict:
-    """The attention/FFN part of the tiny Wan-family transformer configs (2 heads x 12, 2 layers, patch 1x2x2)."""
-    return dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
-                text_dim=16, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
-                qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
 
 
-def save_tiny_wan_vace(path: str) -> str:
-    """A `WanVACEPipeline` (2 blocks + 2 VACE blocks, 1-layer UMT5, tiny VAE) saved at ``path``."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, WanVACEPipeline, WanVACETransformer3DModel
-
-    torch.manual_seed(0)
-    transformer = WanVACETransformer3DModel(**wan_block_config(), vace_layers=[0, 1], vace_in_channels=8 + 64)
-    pipe = WanVACEPipeline(tokenizer=word_tokenizer(), text_encoder=umt5(), vae=wan_vae(),
-                           scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), transformer=transformer.eval())
-    pipe.save_pretrained(path)
-    return path
 
 
 def save_tiny_skyreels_v2(path: str, diffusion_forcing: bool) -> str:
