@@ -1,6 +1,6 @@
 """Checks shared by the per-model diffusers tests. Import only after ``pytest.importorskip("diffusers")``."""
 from contextlib import contextmanager
-from typing import Callable, Iterator, List, Sequence, Tuple
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -113,3 +113,27 @@ def assert_svoo_three_way(model, x: dict, run: Callable, **svoo) -> None:
     dense = run(model, x, 800)
     assert torch.isfinite(sparse).all() and not torch.allclose(sparse, dense, atol=1e-4)
     assert torch.equal(run(model, x, 700), expected)
+
+
+def assert_joint_layers_match_masked_original(model, modules: Sequence[torch.nn.Module], run: Callable, x: dict,
+                                              frames: int, tokens_per_frame: int, text_tokens: int,
+                                              mask_batch: Optional[int] = None, **sparse) -> None:
+    """At the second denoising step each joint-attention call (``[text; video]``, text first, returning
+    ``(video, text)``) equals the original processor given the planned LVSA layout as its boolean
+    ``attention_mask`` (``[S, S]``, or ``[mask_batch, S, S]`` for processors that reshape it per batch)."""
+    from lvsa_kernels import LVSAPattern
+
+    originals = {id(m): m.processor for m in modules}
+    calls, _ = second_step_calls(model, modules, run, x, with_kwargs=True, **sparse)
+    layout = LVSAPattern(**sparse).plan(frames, tokens_per_frame, step=1, text_tokens=text_tokens,
+                                        text_position="before")
+    assert layout.meta["offset"] == 1 and layout.density < 0.9
+    mask = layout.to_token_mask()[0]
+    if mask_batch is not None:
+        mask = mask.expand(mask_batch, -1, -1)
+    assert len(calls) == len(modules)
+    for attn, kwargs, (video, text) in calls:
+        with torch.no_grad():
+            want_video, want_text = originals[id(attn)](attn, **kwargs, attention_mask=mask)
+        torch.testing.assert_close(video, want_video, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(text, want_text, rtol=1e-5, atol=1e-5)

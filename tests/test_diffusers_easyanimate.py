@@ -6,10 +6,8 @@ import torch
 pytest.importorskip("diffusers")
 from diffusers import EasyAnimateTransformer3DModel  # noqa: E402
 
-from lvsa_kernels import LVSAPattern  # noqa: E402
-
-from diffusers_checks import (assert_dense_pattern_matches_original, assert_sparse_differs_and_round_trip,  # noqa: E402
-                              second_step_calls)
+from diffusers_checks import (assert_dense_pattern_matches_original,  # noqa: E402
+                              assert_joint_layers_match_masked_original, assert_sparse_differs_and_round_trip)
 
 T, HW, TEXT = 8, 8, 6  # latent [B, 4, 8, 8, 8], patch 2: P = 16 tokens per frame
 P = (HW // 2) ** 2
@@ -45,18 +43,8 @@ def test_dense_pattern_matches_original_processors(model):
 
 def test_sparse_layers_match_masked_original(model):
     """Each attn1 call equals the original processor given the planned layout (text first) as a boolean mask."""
-    originals = {id(b.attn1): b.attn1.processor for b in model.transformer_blocks}
-    calls, _ = second_step_calls(model, [b.attn1 for b in model.transformer_blocks], run, inputs(), with_kwargs=True,
-                                 **SPARSE)
-    layout = LVSAPattern(**SPARSE).plan(T, P, step=1, text_tokens=TEXT, text_position="before")
-    assert layout.density < 0.9
-    mask = layout.to_token_mask()[0]
-    assert len(calls) == len(model.transformer_blocks)
-    for attn, kwargs, (video, text) in calls:
-        with torch.no_grad():
-            want_video, want_text = originals[id(attn)](attn, **kwargs, attention_mask=mask)
-        torch.testing.assert_close(video, want_video, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(text, want_text, rtol=1e-5, atol=1e-5)
+    attn1 = [b.attn1 for b in model.transformer_blocks]
+    assert_joint_layers_match_masked_original(model, attn1, run, inputs(), T, P, TEXT, **SPARSE)
 
 
 def test_sparse_differs_attn1_only_and_round_trip(model):

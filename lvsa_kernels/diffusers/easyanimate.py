@@ -13,13 +13,10 @@ from diffusers.models.transformers.transformer_easyanimate import EasyAnimateAtt
 from torch import Tensor, nn
 
 from ..models import MODELS
+from .heads_qkv import TEXT, heads_qkv
 from .runtime import LVSAProcessorBase, ModelSpec
 
 __all__ = ["LVSAEasyAnimateAttnProcessor", "EASYANIMATE"]
-
-
-def _heads(attn: nn.Module, x: Tensor) -> Tensor:
-    return x.unflatten(2, (attn.heads, -1))
 
 
 class LVSAEasyAnimateAttnProcessor(LVSAProcessorBase):
@@ -37,18 +34,9 @@ class LVSAEasyAnimateAttnProcessor(LVSAProcessorBase):
         text_len = encoder_hidden_states.shape[1]
         mmdit = attn.add_q_proj is not None
         x = hidden_states if mmdit else torch.cat([encoder_hidden_states, hidden_states], dim=1)
-        query, key, value = _heads(attn, attn.to_q(x)), _heads(attn, attn.to_k(x)), _heads(attn, attn.to_v(x))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value = heads_qkv(attn, x)
         if mmdit:
-            text_q, text_k, text_v = (_heads(attn, proj(encoder_hidden_states))
-                                      for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
-            if attn.norm_added_q is not None:
-                text_q = attn.norm_added_q(text_q)
-            if attn.norm_added_k is not None:
-                text_k = attn.norm_added_k(text_k)
+            text_q, text_k, text_v = heads_qkv(attn, encoder_hidden_states, TEXT)
             query, key, value = (torch.cat(p, dim=1) for p in ((text_q, query), (text_k, key), (text_v, value)))
         if image_rotary_emb is not None:
             query = torch.cat([query[:, :text_len],

@@ -14,6 +14,7 @@ from diffusers.models.attention_processor import MochiAttnProcessor2_0
 from torch import Tensor, nn
 
 from ..models import MODELS
+from .heads_qkv import TEXT, heads_qkv
 from .hunyuan15 import LVSAHunyuanVideo15AttnProcessor
 from .runtime import ModelSpec
 
@@ -39,18 +40,8 @@ class LVSAMochiAttnProcessor(LVSAHunyuanVideo15AttnProcessor):
                  attention_mask: Tensor, image_rotary_emb: Optional[Tuple[Tensor, Tensor]] = None
                  ) -> Tuple[Tensor, Tensor]:
         geo, text_len, lengths = self._joint_inputs(hidden_states, encoder_hidden_states, attention_mask)
-        query, key, value = (proj(hidden_states).unflatten(2, (attn.heads, -1))
-                             for proj in (attn.to_q, attn.to_k, attn.to_v))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-        text_q, text_k, text_v = (proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-                                  for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
-        if attn.norm_added_q is not None:
-            text_q = attn.norm_added_q(text_q)
-        if attn.norm_added_k is not None:
-            text_k = attn.norm_added_k(text_k)
+        query, key, value = heads_qkv(attn, hidden_states)
+        text_q, text_k, text_v = heads_qkv(attn, encoder_hidden_states, TEXT)
         if image_rotary_emb is not None:
             query, key = mochi_rope(query, *image_rotary_emb), mochi_rope(key, *image_rotary_emb)
         query, key, value = (torch.cat(p, dim=1) for p in ((query, text_q), (key, text_k), (value, text_v)))
