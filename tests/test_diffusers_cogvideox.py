@@ -7,7 +7,6 @@ pytest.importorskip("diffusers")
 from diffusers import CogVideoXTransformer3DModel, ConsisIDTransformer3DModel  # noqa: E402
 from diffusers.models.embeddings import get_3d_rotary_pos_embed  # noqa: E402
 
-from lvsa_kernels import LVSAPattern  # noqa: E402
 from lvsa_kernels.diffusers import disable_lvsa, enable_lvsa  # noqa: E402
 
 from diffusers_checks import (assert_dense_pattern_matches_original,  # noqa: E402

@@ -12,8 +12,9 @@ import torch  # noqa: E402
 import lvsa_kernels.diffusers.runtime as runtime_module  # noqa: E402
 from lvsa_kernels.__main__ import main  # noqa: E402
 from lvsa_kernels.commands import generate  # noqa: E402
+from lvsa_kernels.diffusers.tiny_pipeline import save_tiny_wan  # noqa: E402
 
-from tiny_pipelines import save_tiny_hunyuan15, save_tiny_wan  # noqa: E402
+from tiny_pipelines import save_tiny_hunyuan15  # noqa: E402
 
 SMALL = ["--prompt", "a cat runs on the beach", "--negative-prompt", "blurry", "--frames", "17", "--height", "32",
          "--width", "32", "--steps", "2", "--guidance", "5", "--backend", "reference"]

@@ -14,6 +14,7 @@ import imageio  # noqa: E402
 
 import lvsa_kernels.diffusers.runtime as runtime_module  # noqa: E402
 from lvsa_kernels.__main__ import main  # noqa: E402
+from lvsa_kernels.diffusers.tiny_pipeline import save_tiny_wan_vace  # noqa: E402
 
 import tiny_pipelines  # noqa: E402
 
@@ -25,7 +26,7 @@ ARGS = ["--prompt", "a cat runs on the beach", "--negative-prompt", "blurry", "-
 # model: (pipeline builder, video frames); every tiny VAE compresses time 4x: 21 frames = 6 latent frames (a
 # multiple of the diffusion-forcing block of 2), CogVideoX 25 = 7 (its VAE decodes an even latent count to 4T frames)
 PIPELINES = {
-    "wan_vace": (tiny_pipelines.save_tiny_wan_vace, 21),
+    "wan_vace": (save_tiny_wan_vace, 21),
     "skyreels_v2_t2v": (lambda path: tiny_pipelines.save_tiny_skyreels_v2(path, diffusion_forcing=False), 21),
     "skyreels_v2_diffusion_forcing": (lambda path: tiny_pipelines.save_tiny_skyreels_v2(path, diffusion_forcing=True),
                                       21),

@@ -5,9 +5,7 @@ tests; the Wan family's builders are the package's own (`lvsa_kernels.diffusers.
 import torch
 from tokenizers import pre_tokenizers
 
-from lvsa_kernels.diffusers.tiny_pipeline import (WORDS, save_tiny_wan, save_tiny_wan_i2v,  # noqa: F401
-                                                  save_tiny_wan_vace, umt5, wan_block_config, wan_vae,
-                                                  word_tokenizer)
+from lvsa_kernels.diffusers.tiny_pipeline import WORDS, umt5, wan_block_config, wan_vae, word_tokenizer
 
 
 def byte_level_qwen_tokenizer():
