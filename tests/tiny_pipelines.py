@@ -187,3 +187,24 @@ def save_tiny_cogvideox(path: str) -> str:
                              scheduler=CogVideoXDDIMScheduler())
     pipe.save_pretrained(path)
     return path
+
+
+def save_tiny_mochi(path: str) -> str:
+    """A `MochiPipeline` (2-layer transformer, 1-layer T5, tiny VAE: 12 latent channels as the pipeline requires,
+    8x spatial and 6x temporal compression) saved at ``path``."""
+    from diffusers import AutoencoderKLMochi, FlowMatchEulerDiscreteScheduler, MochiPipeline, MochiTransformer3DModel
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    t5 = T5EncoderModel(T5Config(vocab_size=len(WORDS), d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+                                 relative_attention_num_buckets=8)).eval()
+    vae = AutoencoderKLMochi(latent_channels=12, out_channels=3, encoder_block_out_channels=(32,) * 4,
+                             decoder_block_out_channels=(32,) * 4, layers_per_block=(1,) * 5,
+                             latents_mean=(0.0,) * 12, latents_std=(1.0,) * 12).eval()
+    transformer = MochiTransformer3DModel(patch_size=2, num_attention_heads=2, attention_head_dim=8, num_layers=2,
+                                          pooled_projection_dim=16, in_channels=12, text_embed_dim=16,
+                                          time_embed_dim=4, max_sequence_length=16).eval()
+    pipe = MochiPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=t5,
+                         tokenizer=word_tokenizer(), transformer=transformer)
+    pipe.save_pretrained(path)
+    return path
