@@ -118,6 +118,7 @@ def test_consisid_sparse_differs_attn1_only_and_round_trip(consisid):
 def test_consisid_reference_frames_from_config(consisid):
     handle = enable_lvsa(consisid)
     try:
-        assert (handle.runtime.pattern.reference_frames, handle.runtime.reference_source) == (13, "config sample_frames")
+        assert handle.runtime.pattern.reference_frames == 13
+        assert handle.runtime.reference_source == "config sample_frames"
     finally:
         handle.disable()

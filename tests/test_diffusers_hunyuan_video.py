@@ -10,7 +10,8 @@ from diffusers import HunyuanVideoTransformer3DModel  # noqa: E402
 from lvsa_kernels import LVSAPattern  # noqa: E402
 from lvsa_kernels.diffusers import disable_lvsa, enable_lvsa  # noqa: E402
 
-from diffusers_checks import assert_dense_pattern_matches_original, assert_svoo_three_way, second_step_calls  # noqa: E402
+from diffusers_checks import (assert_dense_pattern_matches_original, assert_svoo_three_way,  # noqa: E402
+                              second_step_calls)
 
 T, HW = 8, 4
 P = HW * HW

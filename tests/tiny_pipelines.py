@@ -1,6 +1,7 @@
 """Tiny random-weight diffusers pipelines saved to a folder with ``save_pretrained`` (no downloads): the
 tokenizers are built locally, the text encoders and VAEs from small configs. For the ``generate`` command
-tests; the Wan family's builders are the package's own (`lvsa_kernels.diffusers.tiny_pipeline`). Import only after ``pytest.importorskip("diffusers")``.
+tests; the Wan family's builders are the package's own
+(`lvsa_kernels.diffusers.tiny_pipeline`). Import only after ``pytest.importorskip("diffusers")``.
 """
 import torch
 from tokenizers import pre_tokenizers

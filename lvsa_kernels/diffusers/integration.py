@@ -261,9 +261,10 @@ def enable_lvsa(pipe_or_transformer: Any, pattern: Union[None, LVSAPattern, SVOO
             reference frames (config ``sample_frames`` / ``sample_n_frames`` when present, else Wan 21,
             Wan2.2-TI2V-5B 31, HunyuanVideo 1.5 33; CogVideoX from its ``sample_frames``, 13 for 5B).
             Or an `SVOOPattern` (models whose spec has ``svoo``: self-attention joint over all video tokens,
-            text after the video if any; Wan also under Ulysses; no ``knobs``): each self-attention call runs ``pattern.attention`` with the
-            denoising step, the block index as layer and the transformer call's index within the step as
-            CFG branch (0, 1; with two experts ``(expert, call)``, so the experts never share clusters);
+            text after the video if any; Wan also under Ulysses; no ``knobs``): each self-attention call runs
+            ``pattern.attention`` with the denoising step, the block index as layer and the transformer call's
+            index within the step as CFG branch (0, 1; with two experts ``(expert, call)``, so the experts never
+            share clusters);
             the pattern's caches are reset at each new generation.
         backend: ``block_sparse_attn`` backend, ``"auto"`` or a registered name.
         riflex: RIFLEx (Wan, HunyuanVideo): past the reference frames ``L`` (the pattern's, else the model's),
