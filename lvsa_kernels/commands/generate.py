@@ -185,6 +185,13 @@ def call_kwargs(folder: PipelineFolder, args: argparse.Namespace) -> Dict[str, A
     return kwargs
 
 
+def seeded_generator(args: argparse.Namespace, device: torch.device) -> torch.Generator:
+    """The pipeline call's ``generator``: ``--seed`` on ``device`` (on the CPU under ``--cpu-offload``)."""
+    import torch
+
+    return torch.Generator(device="cpu" if args.cpu_offload else device).manual_seed(args.seed)
+
+
 def density_summary(handle: Optional[Any]) -> str:
     """Layout density of the run: mean, min and max over the planned layouts (LVSA) or cached SVOO plans."""
     if handle is None:
@@ -222,7 +229,7 @@ def run(args: argparse.Namespace) -> int:
         pipe.to(device)
     if args.guidance is not None and "guidance_scale" not in kwargs:
         pipe.guider.guidance_scale = args.guidance
-    kwargs["generator"] = torch.Generator(device="cpu" if args.cpu_offload else device).manual_seed(args.seed)
+    kwargs["generator"] = seeded_generator(args, device)
     handle = enable_attention(pipe, args)
     pipe.set_progress_bar_config(disable=False)
     if device.type == "cuda":
