@@ -20,12 +20,13 @@ FAST = ["--prompt", "a cat runs on the beach", "--frames", "17", "--height", "32
         "--backend", "reference", "--reference-frames", "2", "--window", "1", "--key-frame-interval", "0"]
 
 
-def index_only(folder, pipeline, transformer, **components):
+def index_only(folder, pipeline, transformer=None):
     """A folder holding only a model_index.json naming ``pipeline`` with a ``transformer`` (never loadable: any
     check that passes would fail later at loading)."""
     folder.mkdir()
-    spec = {"_class_name": pipeline, "_diffusers_version": "0.42.1", "transformer": ["diffusers", transformer],
-            **{name: ["diffusers", cls] for name, cls in components.items()}}
+    spec = {"_class_name": pipeline, "_diffusers_version": "0.42.1"}
+    if transformer is not None:
+        spec["transformer"] = ["diffusers", transformer]
     (folder / "model_index.json").write_text(json.dumps(spec))
     return str(folder)
 
@@ -40,6 +41,7 @@ def files(tmp_path_factory):
            "ltx": index_only(root / "ltx", "LTXPipeline", "LTXVideoTransformer3DModel"),
            "latte": index_only(root / "latte", "LattePipeline", "LatteTransformer3DModel"),
            "sd": index_only(root / "sd", "WanPipeline", "UNet2DConditionModel"),
+           "unet": index_only(root / "unet", "StableDiffusionPipeline"),
            "empty": str(root)}
     (root / "broken").mkdir()
     (root / "broken" / "model_index.json").write_text("{not json")
@@ -86,6 +88,7 @@ BAD = [  # (argv with {placeholders} from `files`, option named in the error)
     (["{ltx}", "--riflex"], "--riflex"),
     (["{latte}"], "--attention lvsa"),                                  # refused, with the reason
     (["{sd}"], "--attention lvsa"),                                     # not a video transformer
+    (["{unet}"], "--attention lvsa"),                                   # no transformer at all
 ]
 if not torch.cuda.is_available():
     BAD += [(["{wan}", "--cpu-offload"], "--cpu-offload"), (["{wan}", "--device", "cuda"], "--device cuda")]

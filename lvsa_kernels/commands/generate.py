@@ -124,6 +124,9 @@ def check_attention_fits(folder: PipelineFolder, args: argparse.Namespace) -> No
     if args.attention == "dense":
         return
     name = folder.transformer_class
+    if name is None:
+        raise UsageError(f"argument --attention {args.attention}: {folder.pipeline_class} has no transformer component "
+                         "(model_index.json); use --attention dense")
     spec = next((s for s in SUPPORTED_MODELS if s.preset.diffusers_class == name), None)
     if spec is None:
         reasons = {cls.__name__: reason for cls, reason in UNSUPPORTED_MODELS.items()}
