@@ -1,5 +1,5 @@
 """The models whose tiny pipeline is cheap to build (Wan VACE, SkyReels-V2, HunyuanVideo 1.0, CogVideoX, LTX-Video,
-LTX-2, Mochi) through their own diffusers pipeline and ``python -m lvsa_kernels generate`` on CPU: a tiny
+LTX-2, Mochi, Motif-Video) through their own diffusers pipeline and ``python -m lvsa_kernels generate`` on CPU: a tiny
 random-weight pipeline (locally built tokenizers and text encoders, no download) saved with
 ``save_pretrained``, loaded by ``generate``, run for 2 denoising steps with a sparse LVSA pattern; the mp4 has
 the requested frames, the layouts are sparse, and the rotation offset advances once per step through the
@@ -37,6 +37,7 @@ PIPELINES = {
     "ltx_video": (tiny_pipelines.save_tiny_ltx_video, 21, 6),
     "ltx2": (tiny_pipelines.save_tiny_ltx2, 21, 6),
     "mochi": (tiny_pipelines.save_tiny_mochi, 31, 6),
+    "motif_video": (tiny_pipelines.save_tiny_motif_video, 21, 6),
 }
 
 

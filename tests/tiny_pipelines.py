@@ -209,3 +209,27 @@ def save_tiny_mochi(path: str) -> str:
                          tokenizer=word_tokenizer(), transformer=transformer)
     pipe.save_pretrained(path)
     return path
+
+
+def save_tiny_motif_video(path: str) -> str:
+    """A `MotifVideoPipeline` (1 dual-stream + 2 single-stream blocks, one of them a decoder block; 1-layer T5Gemma 2
+    encoder; tiny Wan VAE; the transformer takes latents + condition latents + mask = 9 channels) saved at ``path``."""
+    from diffusers import (ClassifierFreeGuidance, FlowMatchEulerDiscreteScheduler, MotifVideoPipeline,
+                           MotifVideoTransformer3DModel)
+    from transformers import T5Gemma2Encoder
+    from transformers.models.t5gemma2.configuration_t5gemma2 import T5Gemma2EncoderConfig, T5Gemma2TextConfig
+
+    torch.manual_seed(0)
+    text = T5Gemma2TextConfig(vocab_size=len(WORDS), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                              num_attention_heads=2, num_key_value_heads=1, head_dim=8, pad_token_id=0,
+                              sliding_window=8, dropout_rate=0.0)
+    transformer = MotifVideoTransformer3DModel(in_channels=9, out_channels=4, num_attention_heads=2,
+                                               attention_head_dim=8, num_layers=1, num_single_layers=2,
+                                               num_decoder_layers=1, mlp_ratio=2.0, text_embed_dim=16,
+                                               rope_axes_dim=(2, 2, 4)).eval()
+    pipe = MotifVideoPipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=wan_vae(),
+                              text_encoder=T5Gemma2Encoder(T5Gemma2EncoderConfig(text_config=text)).eval(),
+                              tokenizer=word_tokenizer(), transformer=transformer,
+                              guider=ClassifierFreeGuidance(guidance_scale=5.0))
+    pipe.save_pretrained(path)
+    return path
