@@ -42,6 +42,7 @@ def files(tmp_path_factory):
            "latte": index_only(root / "latte", "LattePipeline", "LatteTransformer3DModel"),
            "sd": index_only(root / "sd", "WanPipeline", "UNet2DConditionModel"),
            "unet": index_only(root / "unet", "StableDiffusionPipeline"),
+           "animate": index_only(root / "animate", "WanAnimatePipeline", "WanAnimateTransformer3DModel"),
            "empty": str(root)}
     (root / "broken").mkdir()
     (root / "broken" / "model_index.json").write_text("{not json")
@@ -80,6 +81,7 @@ BAD = [  # (argv with {placeholders} from `files`, option named in the error)
     (["{wan}", "--image", "{image}"], "--image"),                       # text-to-video takes no image
     (["{wan}", "--control-video", "{out}"], "--control-video"),
     (["{wan}", "--ar-step", "2"], "--ar-step"),
+    (["{animate}", "--frames", "17"], "--frames"),                      # the pose video sets the length
     (["{vace}", "--control-video", "/no/such.mp4"], "--control-video"),
     (["{vace}", "--control-video", "{not_an_image}"], "--control-video"),
     (["{vace}", "--reference-image", "{not_an_image}"], "--reference-image"),
@@ -195,3 +197,24 @@ def test_skyreels_diffusion_forcing_gets_ar_step(tmp_path, pipeline_calls):
     assert frames_in(str(video)) == 21
     (kwargs,) = pipeline_calls
     assert kwargs["ar_step"] == 1
+
+
+def test_wan_animate_gets_the_image_pose_and_face_videos(tmp_path, files, pipeline_calls, monkeypatch):
+    from tiny_pipelines import save_tiny_wan_animate
+
+    folder = save_tiny_wan_animate(str(tmp_path / "animate"))
+    pose, face = str(tmp_path / "pose.mp4"), str(tmp_path / "face.mp4")
+    imageio.mimwrite(pose, [np.full((32, 32, 3), 15 * i, dtype=np.uint8) for i in range(17)], fps=8)
+    imageio.mimwrite(face, [np.full((16, 16, 3), 15 * i, dtype=np.uint8) for i in range(17)], fps=8)
+    layouts = []
+    real = runtime_module.block_sparse_attn
+    monkeypatch.setattr(runtime_module, "block_sparse_attn",
+                        lambda q, k, v, layout, **kw: layouts.append(layout) or real(q, k, v, layout, **kw))
+    fast = [a for a in FAST if a not in ("--frames", "17")]  # the pose video sets the length
+    video = tmp_path / "animate.mp4"
+    assert main(["generate", folder, *fast, "--image", files["image"], "--pose-video", pose, "--face-video", face,
+                 "--output", str(video)]) == 0
+    assert frames_in(str(video)) == 17
+    (kwargs,) = pipeline_calls
+    assert len(kwargs["pose_video"]) == 17 and len(kwargs["face_video"]) == 17 and kwargs["image"].size == (32, 32)
+    assert layouts and max(layout.density for layout in layouts) < 1.0

@@ -233,3 +233,28 @@ def save_tiny_motif_video(path: str) -> str:
                               guider=ClassifierFreeGuidance(guidance_scale=5.0))
     pipe.save_pretrained(path)
     return path
+
+
+def save_tiny_wan_animate(path: str) -> str:
+    """A `WanAnimatePipeline` (2-layer transformer with a face adapter per block, 16 x 16 px face images, a 2-layer
+    CLIP vision encoder, 1-layer UMT5, tiny Wan VAE) saved at ``path``; run it with ``--image``, ``--pose-video``
+    (32 x 32 px) and ``--face-video``."""
+    from diffusers import UniPCMultistepScheduler, WanAnimatePipeline, WanAnimateTransformer3DModel
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(0)
+    clip = CLIPVisionModel(CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                            num_attention_heads=2, image_size=32, patch_size=16)).eval()
+    transformer = WanAnimateTransformer3DModel(
+        **{**wan_block_config(), "in_channels": 12}, latent_channels=4, image_dim=16,
+        motion_encoder_channel_sizes={"4": 8, "8": 8, "16": 8}, motion_encoder_size=16, motion_style_dim=8,
+        motion_dim=4, motion_encoder_dim=8, face_encoder_hidden_dim=16, face_encoder_num_heads=2,
+        inject_face_latents_blocks=1, motion_encoder_batch_size=4).eval()
+    pipe = WanAnimatePipeline(tokenizer=word_tokenizer(), text_encoder=umt5(), vae=wan_vae(),
+                              scheduler=UniPCMultistepScheduler(prediction_type="flow_prediction",
+                                                                use_flow_sigmas=True, flow_shift=5.0),
+                              image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
+                                                                 crop_size={"height": 32, "width": 32}),
+                              image_encoder=clip, transformer=transformer)
+    pipe.save_pretrained(path)
+    return path
