@@ -9,6 +9,14 @@ from tokenizers import pre_tokenizers
 from lvsa_kernels.diffusers.tiny_pipeline import WORDS, umt5, wan_block_config, wan_vae, word_tokenizer
 
 
+def t5_encoder():
+    """A 1-layer random T5 encoder of hidden size 16 over `WORDS`."""
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(vocab_size=len(WORDS), d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+                                   relative_attention_num_buckets=8)).eval()
+
+
 def byte_level_qwen_tokenizer():
     """A `Qwen2Tokenizer` with the 256 byte-level symbols as vocabulary (no merges) and a chat template."""
     from transformers import Qwen2Tokenizer
@@ -118,11 +126,9 @@ def save_tiny_ltx_video(path: str) -> str:
     """An `LTXPipeline` (1-layer transformer, 1-layer T5, tiny VAE with 8x spatial / 4x temporal compression)
     saved at ``path``."""
     from diffusers import FlowMatchEulerDiscreteScheduler, LTXPipeline, LTXVideoTransformer3DModel
-    from transformers import T5Config, T5EncoderModel
 
     torch.manual_seed(0)
-    t5 = T5EncoderModel(T5Config(vocab_size=len(WORDS), d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
-                                 relative_attention_num_buckets=8)).eval()
+    t5 = t5_encoder()
     vae = ltx_vae()
     transformer = LTXVideoTransformer3DModel(in_channels=8, out_channels=8, patch_size=1, patch_size_t=1,
                                              num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16,
@@ -173,11 +179,9 @@ def save_tiny_ltx2(path: str) -> str:
 def save_tiny_cogvideox(path: str) -> str:
     """A `CogVideoXPipeline` (2-layer transformer with RoPE, 1-layer T5, tiny VAE) saved at ``path``."""
     from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
-    from transformers import T5Config, T5EncoderModel
 
     torch.manual_seed(0)
-    t5 = T5EncoderModel(T5Config(vocab_size=len(WORDS), d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
-                                 relative_attention_num_buckets=8)).eval()
+    t5 = t5_encoder()
     vae = AutoencoderKLCogVideoX(block_out_channels=(8, 8, 8, 8), latent_channels=4, layers_per_block=1,
                                  norm_num_groups=2, temporal_compression_ratio=4).eval()
     transformer = CogVideoXTransformer3DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4,
@@ -194,11 +198,9 @@ def save_tiny_mochi(path: str) -> str:
     """A `MochiPipeline` (2-layer transformer, 1-layer T5, tiny VAE: 12 latent channels as the pipeline requires,
     8x spatial and 6x temporal compression) saved at ``path``."""
     from diffusers import AutoencoderKLMochi, FlowMatchEulerDiscreteScheduler, MochiPipeline, MochiTransformer3DModel
-    from transformers import T5Config, T5EncoderModel
 
     torch.manual_seed(0)
-    t5 = T5EncoderModel(T5Config(vocab_size=len(WORDS), d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
-                                 relative_attention_num_buckets=8)).eval()
+    t5 = t5_encoder()
     vae = AutoencoderKLMochi(latent_channels=12, out_channels=3, encoder_block_out_channels=(32,) * 4,
                              decoder_block_out_channels=(32,) * 4, layers_per_block=(1,) * 5,
                              latents_mean=(0.0,) * 12, latents_std=(1.0,) * 12).eval()
