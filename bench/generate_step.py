@@ -31,6 +31,7 @@ import torch
 
 from lvsa_kernels.bench.e2e_step import HV15_480P, WAN_1_3B, build
 from lvsa_kernels.commands import generate
+from lvsa_kernels.commands._pipeline_inputs import read_pipeline_folder
 from lvsa_kernels.timing import synchronize
 
 WAN_TINY = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=16, out_channels=16,
@@ -162,8 +163,8 @@ def run_one(pipe: Any, folder: str, attention: str, args: argparse.Namespace,
                                   str(args.steps), "--attention", attention, "--backend", args.backend,
                                   "--device", device.type,
                                   *(TINY_KNOBS if args.tiny and attention == "lvsa" else [])])
-    kwargs = generate.call_kwargs(pipe, gen_args, device)
-    kwargs["output_type"] = "latent"
+    kwargs = generate.call_kwargs(read_pipeline_folder(folder), gen_args)
+    kwargs.update(output_type="latent", generator=generate.seeded_generator(gen_args, device))
     handle = generate.enable_attention(pipe, gen_args)
     times: List[float] = []
     outputs: List[torch.Tensor] = []
@@ -221,7 +222,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     config = transformer_config(args.model, args.tiny, args.layers)
     folder = saved_pipeline(args.model, config, args.tiny, args.dir, device, dtype)
-    pipe = generate.load_pipeline(folder, dtype).to(device)
+    pipe = generate.load_pipeline(read_pipeline_folder(folder), dtype).to(device)
     (dense, dense_first, dense_latents), (lvsa, lvsa_first, lvsa_latents) = (
         run_one(pipe, folder, attention, args, device) for attention in ("dense", "lvsa"))
     rows = [dense, lvsa]

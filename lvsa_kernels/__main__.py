@@ -15,7 +15,7 @@ from typing import List, Optional
 
 from .commands._args import UsageError
 
-COMMANDS = ["demo", "plan", "profile", "backends", "tune", "generate"]
+COMMANDS = ["demo", "plan", "profile", "backends", "tune", "generate", "tiny-pipeline"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMANDS:
-        module = importlib.import_module(f"lvsa_kernels.commands.{name}")
+        module = importlib.import_module(f"lvsa_kernels.commands.{name.replace('-', '_')}")
         p = sub.add_parser(name, help=module.HELP, description=module.__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(p)

@@ -43,6 +43,13 @@ def _with_contiguous_head_dim(name: str, t: Tensor) -> Tensor:
     return t.contiguous()
 
 
+def _order_hint(t: Tensor, tokens: int) -> str:
+    """The expected axis order for a sequence-length mismatch, naming the transpose when ``t`` is ``[B, H, S, D]``."""
+    if t.shape[2] == tokens:
+        return f"(expected [B, S, H, D]; shape {tuple(t.shape)} looks like [B, H, S, D]: pass .transpose(1, 2))"
+    return f"(expected [B, S, H, D], sequence on dim 1; got shape {tuple(t.shape)})"
+
+
 def check_inputs(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout) -> None:
     """Raise ValueError/TypeError naming the offending argument when inputs do not fit together."""
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -71,9 +78,11 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout) -> 
     if Hkv < 1 or H % Hkv:
         raise ValueError(f"k: H_kv={Hkv} must divide the number of query heads H={H}")
     if layout.q_len != Sq:
-        raise ValueError(f"layout: covers {layout.q_len} query tokens but q has S={Sq}")
+        raise ValueError(f"layout: covers {layout.q_len} query tokens but q has S={Sq} "
+                         f"{_order_hint(q, layout.q_len)}")
     if layout.kv_len != k.shape[1]:
-        raise ValueError(f"layout: covers {layout.kv_len} key tokens but k has S={k.shape[1]}")
+        raise ValueError(f"layout: covers {layout.kv_len} key tokens but k has S={k.shape[1]} "
+                         f"{_order_hint(k, layout.kv_len)}")
     if layout.num_heads not in (1, H):
         raise ValueError(f"layout: has {layout.num_heads} heads; expected 1 (shared) or H={H}")
 

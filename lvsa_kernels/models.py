@@ -21,8 +21,7 @@ class ModelPreset:
     """One model's self-attention geometry and LVSA defaults.
 
     Attributes:
-        name: registry key (``wan``, ``hunyuan15``, ``cogvideox``, ``wan_vace``, ``skyreels_v2``, ``hunyuan_video``,
-            ``ltx_video``, ``ltx2``).
+        name: registry key (``wan``, ``hunyuan15``, ``cogvideox``, ...; `MODELS` lists them).
         title: human-readable model name.
         heads, head_dim: self-attention heads and head dimension.
         reference_frames: training horizon in latent frames (the LVSA ``ref``).
@@ -116,6 +115,36 @@ MODELS: Dict[str, ModelPreset] = {
         ModelPreset("ltx2", "LTX-2 (video stream)", heads=32, head_dim=128, reference_frames=16,
                     spatial_factor=32, patch=1, height=512, width=768, text_position="none", text_tokens=0,
                     diffusers_class="LTX2VideoTransformer3DModel", temporal_factor=8),
+        ModelPreset("chronoedit", "ChronoEdit 14B", heads=40, head_dim=128, reference_frames=21,
+                    spatial_factor=8, patch=2, height=480, width=832, text_position="none", text_tokens=0,
+                    diffusers_class="ChronoEditTransformer3DModel"),
+        ModelPreset("wan_animate", "Wan 2.2 Animate 14B", heads=40, head_dim=128, reference_frames=21,
+                    spatial_factor=8, patch=2, height=720, width=1280, text_position="none", text_tokens=0,
+                    diffusers_class="WanAnimateTransformer3DModel"),
+        ModelPreset("consisid", "ConsisID", heads=48, head_dim=64, reference_frames=13,
+                    spatial_factor=8, patch=2, height=480, width=720, text_position="before", text_tokens=226,
+                    diffusers_class="ConsisIDTransformer3DModel"),
+        ModelPreset("cosmos", "Cosmos 1.0 Diffusion 7B", heads=32, head_dim=128, reference_frames=16,
+                    spatial_factor=8, patch=2, height=704, width=1280, text_position="none", text_tokens=0,
+                    diffusers_class="CosmosTransformer3DModel", temporal_factor=8),
+        ModelPreset("allegro", "Allegro", heads=24, head_dim=96, reference_frames=22,
+                    spatial_factor=8, patch=2, height=720, width=1280, text_position="none", text_tokens=0,
+                    diffusers_class="AllegroTransformer3DModel"),
+        ModelPreset("mochi", "Mochi 1", heads=24, head_dim=128, reference_frames=28,
+                    spatial_factor=8, patch=2, height=480, width=848, text_position="after", text_tokens=None,
+                    diffusers_class="MochiTransformer3DModel", temporal_factor=6),
+        ModelPreset("easyanimate", "EasyAnimate V5.1 12B", heads=48, head_dim=64, reference_frames=13,
+                    spatial_factor=8, patch=2, height=512, width=512, text_position="before", text_tokens=None,
+                    diffusers_class="EasyAnimateTransformer3DModel"),
+        ModelPreset("motif_video", "Motif-Video 2B", heads=24, head_dim=128, reference_frames=31,
+                    spatial_factor=8, patch=2, height=736, width=1280, text_position="after", text_tokens=None,
+                    diffusers_class="MotifVideoTransformer3DModel"),
+        ModelPreset("kandinsky5", "Kandinsky 5 Video Lite", heads=28, head_dim=64, reference_frames=31,
+                    spatial_factor=8, patch=2, height=512, width=768, text_position="none", text_tokens=0,
+                    diffusers_class="Kandinsky5Transformer3DModel"),
+        ModelPreset("kandinsky6", "Kandinsky 6 (video stream)", heads=32, head_dim=128, reference_frames=31,
+                    spatial_factor=8, patch=2, height=512, width=768, text_position="none", text_tokens=0,
+                    diffusers_class="Kandinsky6Transformer3DModel"),
     )
 }
 

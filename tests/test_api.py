@@ -103,6 +103,17 @@ def test_layout_sequence_mismatch():
         block_sparse_attn(q, k, v, BlockSparseLayout.dense(12, 10))
 
 
+def test_layout_sequence_mismatch_names_the_axis_order():
+    """q, k, v given as [B, H, S, D] (the SDPA order) get the expected order and the transpose in the error."""
+    q, k, v = (t.transpose(1, 2) for t in qkv())  # [1, 2, 12, 16]: heads on dim 1
+    with pytest.raises(ValueError, match=r"q has S=2 \(expected \[B, S, H, D\]; shape \(1, 2, 12, 8\) looks like "
+                                         r"\[B, H, S, D\]: pass \.transpose\(1, 2\)\)"):
+        block_sparse_attn(q, k, v, BlockSparseLayout.dense(12))
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match=r"q has S=12 \(expected \[B, S, H, D\], sequence on dim 1"):
+        block_sparse_attn(q, k, v, BlockSparseLayout.dense(10, 12))
+
+
 def test_layout_heads_mismatch():
     q, k, v = qkv(H=4, Hkv=2)
     layout = BlockSparseLayout.from_block_mask(torch.ones(3, 2, 2, dtype=torch.bool), [6, 6], [6, 6])

@@ -44,3 +44,23 @@ def test_demo_on_missing_cuda_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["demo", "--device", "cuda"])
     assert exc.value.code == 2 and "argument --device: no CUDA device is available" in capsys.readouterr().err
+
+
+def test_demo_help_states_the_horizon_it_plans(capsys):
+    """The command list and ``demo --help`` give the default horizon as the demo prints it (121 frames, 5.8x)."""
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    listing = " ".join(capsys.readouterr().out.split())
+    assert "5.8x its 21-frame horizon" in listing and "6x" not in listing
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU reason shown without a GPU")
+def test_backends_says_demo_runs_triton_in_the_interpreter(monkeypatch, capsys):
+    """Without TRITON_INTERPRET, `backends` lists Triton as unavailable on CPU and says why `demo` still ran it."""
+    from lvsa_kernels.triton_src import tuning
+
+    monkeypatch.setattr(tuning, "interpreting", lambda: False)
+    assert main(["backends"]) == 0
+    out = capsys.readouterr().out
+    assert "cpu: CPU tensors run only in Triton's interpreter" in out
+    assert "`python -m lvsa_kernels demo` sets it itself when there is no CUDA" in out

@@ -1,15 +1,16 @@
-"""LVSA on a tiny random-weight CogVideoXTransformer3DModel (CPU, fp32, reference backend). Text comes first."""
+"""LVSA on tiny random-weight CogVideoXTransformer3DModel and ConsisIDTransformer3DModel (CogVideoX's joint attn1
+with identity conditioning; CPU, fp32, reference backend). Text comes first."""
 import pytest
 import torch
 
 pytest.importorskip("diffusers")
-from diffusers import CogVideoXTransformer3DModel  # noqa: E402
+from diffusers import CogVideoXTransformer3DModel, ConsisIDTransformer3DModel  # noqa: E402
 from diffusers.models.embeddings import get_3d_rotary_pos_embed  # noqa: E402
 
-from lvsa_kernels import LVSAPattern  # noqa: E402
 from lvsa_kernels.diffusers import disable_lvsa, enable_lvsa  # noqa: E402
 
-from diffusers_checks import assert_dense_pattern_matches_original, second_step_calls  # noqa: E402
+from diffusers_checks import (assert_dense_pattern_matches_original,  # noqa: E402
+                              assert_joint_layers_match_masked_original, assert_sparse_differs_and_round_trip)
 
 T, HW, HEAD_DIM, TEXT = 8, 8, 16, 8    # latent [B, T, C, 8, 8], patch 2 -> P = 16 tokens per frame
 P = (HW // 2) ** 2
@@ -50,18 +51,8 @@ def test_dense_pattern_matches_original_processors(model):
 
 def test_sparse_layers_match_masked_sdpa(model):
     """Each attn1 call equals the original processor given the planned layout as a boolean mask."""
-    x = inputs()
-    originals = {id(b.attn1): b.attn1.processor for b in model.transformer_blocks}
-    calls, _ = second_step_calls(model, [b.attn1 for b in model.transformer_blocks], run, x, with_kwargs=True, **SPARSE)
-    layout = LVSAPattern(**SPARSE).plan(T, P, step=1, text_tokens=TEXT, text_position="before")
-    assert layout.meta["offset"] == 1 and layout.density < 0.9
-    mask = layout.to_token_mask()[0].expand(2, -1, -1)
-    assert len(calls) == len(model.transformer_blocks)
-    for attn, kwargs, (video, text) in calls:
-        with torch.no_grad():
-            want_video, want_text = originals[id(attn)](attn, **kwargs, attention_mask=mask)
-        torch.testing.assert_close(video, want_video, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(text, want_text, rtol=1e-5, atol=1e-5)
+    attn1 = [b.attn1 for b in model.transformer_blocks]
+    assert_joint_layers_match_masked_original(model, attn1, run, inputs(), T, P, TEXT, mask_batch=2, **SPARSE)
 
 
 def test_round_trip_restores_processors_and_outputs(model):
@@ -104,3 +95,30 @@ def test_temporal_patch_geometry():
     finally:
         handle.disable()
     assert seen[0].meta["frames"] == T // 2 and seen[0].meta["tokens_per_frame"] == P
+
+
+@pytest.fixture(scope="module")
+def consisid():
+    torch.manual_seed(0)
+    return ConsisIDTransformer3DModel(num_attention_heads=2, attention_head_dim=HEAD_DIM, in_channels=4,
+                                      out_channels=4, time_embed_dim=4, text_embed_dim=8, num_layers=2,
+                                      sample_width=HW, sample_height=HW, sample_frames=49, patch_size=2,
+                                      max_text_seq_length=TEXT, use_rotary_positional_embeddings=True).eval()
+
+
+def test_consisid_dense_pattern_matches_original_processors(consisid):
+    assert_dense_pattern_matches_original(consisid, inputs(), run, T)
+
+
+def test_consisid_sparse_differs_attn1_only_and_round_trip(consisid):
+    assert_sparse_differs_and_round_trip(consisid, inputs(), run, [b.attn1 for b in consisid.transformer_blocks],
+                                         **SPARSE)
+
+
+def test_consisid_reference_frames_from_config(consisid):
+    handle = enable_lvsa(consisid)
+    try:
+        assert handle.runtime.pattern.reference_frames == 13
+        assert handle.runtime.reference_source == "config sample_frames"
+    finally:
+        handle.disable()

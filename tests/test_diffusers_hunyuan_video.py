@@ -10,7 +10,8 @@ from diffusers import HunyuanVideoTransformer3DModel  # noqa: E402
 from lvsa_kernels import LVSAPattern  # noqa: E402
 from lvsa_kernels.diffusers import disable_lvsa, enable_lvsa  # noqa: E402
 
-from diffusers_checks import assert_dense_pattern_matches_original, second_step_calls  # noqa: E402
+from diffusers_checks import (assert_dense_pattern_matches_original, assert_svoo_three_way,  # noqa: E402
+                              second_step_calls)
 
 T, HW = 8, 4
 P = HW * HW
@@ -100,3 +101,7 @@ def test_masked_video_keys_are_rejected(model):
         proc._text_mask(mask, 4)
     with pytest.raises(ValueError, match=r"\[B, 1, 1, S\] key mask"):
         proc._text_mask(torch.ones(1, 10, 10, dtype=torch.bool), 4)
+
+
+def test_svoo(model):
+    assert_svoo_three_way(model, inputs(), run)

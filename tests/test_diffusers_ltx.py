@@ -7,7 +7,7 @@ from diffusers import LTXVideoTransformer3DModel  # noqa: E402
 
 from lvsa_kernels.diffusers import disable_lvsa, enable_lvsa  # noqa: E402
 
-from diffusers_checks import assert_dense_pattern_matches_original  # noqa: E402
+from diffusers_checks import assert_dense_pattern_matches_original, assert_svoo_three_way  # noqa: E402
 
 T, H, W = 6, 4, 4
 SPARSE = dict(window=1, n_first=1, reference_frames=2, key_frame_interval=0)
@@ -90,3 +90,7 @@ def test_pipeline_rotation_per_step(monkeypatch):
     finally:
         disable_lvsa(pipe)
     assert seen == [0, 1, 0]  # CFG batched in one call; one layer; offset = step mod kfi
+
+
+def test_svoo(model):
+    assert_svoo_three_way(model, inputs(), run)

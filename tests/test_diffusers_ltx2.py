@@ -8,6 +8,8 @@ from diffusers import LTX2VideoTransformer3DModel  # noqa: E402
 
 from lvsa_kernels.diffusers import disable_lvsa, enable_lvsa  # noqa: E402
 
+from diffusers_checks import assert_svoo_three_way  # noqa: E402
+
 T, H, W = 6, 4, 4
 SPARSE = dict(window=1, n_first=1, reference_frames=2, key_frame_interval=0)
 
@@ -65,3 +67,7 @@ def test_sparse_differs_only_video_attn1_replaced_and_round_trip():
     assert all(b.attn1.processor is p for b, p in zip(model.transformer_blocks, video))
     assert torch.equal(run(model, x, 500), before)
     assert not torch.allclose(sparse, before, atol=1e-4)
+
+
+def test_svoo():
+    assert_svoo_three_way(tiny(), inputs(), run)

@@ -38,3 +38,26 @@ def test_row_checks_text_position():
     with pytest.raises(ValueError, match="text_position"):
         ModelPreset("x", "X", heads=1, head_dim=64, reference_frames=4, spatial_factor=8, patch=2, height=64,
                     width=64, text_position="middle", text_tokens=0, diffusers_class="X")
+
+
+# every video transformer diffusers 0.42.1 ships
+DIFFUSERS_VIDEO_TRANSFORMERS = [
+    "CogVideoXTransformer3DModel", "ConsisIDTransformer3DModel", "LatteTransformer3DModel",
+    "AllegroTransformer3DModel", "ChronoEditTransformer3DModel", "CosmosTransformer3DModel", "Cosmos3OmniTransformer",
+    "EasyAnimateTransformer3DModel", "HunyuanVideoTransformer3DModel", "HunyuanVideo15Transformer3DModel",
+    "HunyuanVideoFramepackTransformer3DModel", "Kandinsky5Transformer3DModel", "Kandinsky6Transformer3DModel",
+    "LTXVideoTransformer3DModel", "LTX2VideoTransformer3DModel", "MochiTransformer3DModel",
+    "MotifVideoTransformer3DModel", "SanaVideoTransformer3DModel", "SkyReelsV2Transformer3DModel",
+    "WanTransformer3DModel", "WanAnimateTransformer3DModel", "WanAnimate2Transformer3DModel",
+    "WanVACETransformer3DModel",
+]
+
+
+def test_every_diffusers_video_transformer_is_supported_or_refused_with_a_reason():
+    from lvsa_kernels.diffusers.integration import UNSUPPORTED_MODELS
+
+    supported = {row.diffusers_class for row in MODELS.values()}
+    refused = {cls.__name__ for cls in UNSUPPORTED_MODELS}
+    assert not supported & refused
+    assert sorted(supported | refused) == sorted(DIFFUSERS_VIDEO_TRANSFORMERS)
+    assert len(supported) == 18 and len(refused) == 5

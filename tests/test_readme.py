@@ -6,6 +6,7 @@ sizes) or ``<!-- readme-test: compile-only (why) -->`` (needs a GPU or model wei
 Python block of the README must be tagged; in docs/ only tagged blocks are checked.
 """
 import contextlib
+import importlib
 import io
 import re
 import shlex
@@ -131,3 +132,29 @@ def test_readme_names_no_unshipped_files():
     text = README.read_text(encoding="utf-8")
     assert "svoo-pattern.md" not in text and "wan_1_3b.csv" not in text
     assert all(f"docs/{d.name}" in text for d in DOCS)  # every page is linked
+
+
+def _resolves(dotted: str) -> bool:
+    """Whether ``dotted`` (``lvsa_kernels.<module>[.<attribute>...]``) imports: its longest importable module
+    prefix, then attributes."""
+    parts = dotted.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:cut]))
+        except ModuleNotFoundError:
+            continue
+        for attr in parts[cut:]:
+            if not hasattr(obj, attr):
+                return False
+            obj = getattr(obj, attr)
+        return True
+    return False
+
+
+@pytest.mark.parametrize("path", [README, *DOCS], ids=lambda p: str(p.relative_to(ROOT)))
+def test_quoted_python_names_exist(path):
+    """Every ``lvsa_kernels.x.y`` name the page quotes in backticks imports (diffusers-dependent names need diffusers)."""
+    pytest.importorskip("diffusers")
+    names = set(re.findall(r"`(lvsa_kernels(?:\.\w+)+)", path.read_text(encoding="utf-8")))
+    missing = sorted(n for n in names if not _resolves(n))
+    assert not missing, f"{path.relative_to(ROOT)} names {missing}, which do not import"

@@ -1,33 +1,20 @@
 """Tiny random-weight diffusers pipelines saved to a folder with ``save_pretrained`` (no downloads): the
 tokenizers are built locally, the text encoders and VAEs from small configs. For the ``generate`` command
-tests. Import only after ``pytest.importorskip("diffusers")``.
+tests; the Wan family's builders are the package's own
+(`lvsa_kernels.diffusers.tiny_pipeline`). Import only after ``pytest.importorskip("diffusers")``.
 """
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
+from tokenizers import pre_tokenizers
 
-WORDS = ["<pad>", "</s>", "<unk>", "a", "cat", "dog", "runs", "on", "the", "beach", "blurry"]
-
-
-def word_tokenizer(**special) -> PreTrainedTokenizerFast:
-    """A whitespace word-level tokenizer over `WORDS` (ids 0..10)."""
-    vocab = {w: i for i, w in enumerate(WORDS)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-                                   **special)
+from lvsa_kernels.diffusers.tiny_pipeline import WORDS, umt5, wan_block_config, wan_vae, word_tokenizer
 
 
-def save_tiny_wan(path: str) -> str:
-    """A `WanPipeline` (2-layer transformer, 1-layer UMT5, tiny VAE) saved at ``path``."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
-    from tiny_wan import tiny_transformer
+def t5_encoder():
+    """A 1-layer random T5 encoder of hidden size 16 over `WORDS`."""
+    from transformers import T5Config, T5EncoderModel
 
-    torch.manual_seed(0)
-    pipe = WanPipeline(tokenizer=word_tokenizer(), text_encoder=umt5(), vae=wan_vae(),
-                       scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), transformer=tiny_transformer(1))
-    pipe.save_pretrained(path)
-    return path
+    return T5EncoderModel(T5Config(vocab_size=len(WORDS), d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+                                   relative_attention_num_buckets=8)).eval()
 
 
 def byte_level_qwen_tokenizer():
@@ -69,38 +56,12 @@ def save_tiny_hunyuan15(path: str) -> str:
     return path
 
 
-def umt5(width: int = 16) -> UMT5EncoderModel:
-    """A 1-layer random UMT5 encoder of hidden size ``width`` over `WORDS`."""
-    return UMT5EncoderModel(UMT5Config(vocab_size=len(WORDS), d_model=width, d_kv=8, d_ff=32, num_layers=1,
-                                       num_heads=2, relative_attention_num_buckets=8)).eval()
 
 
-def wan_vae():
-    """A tiny `AutoencoderKLWan`: 4 latent channels, 8x spatial and 4x temporal compression."""
-    from diffusers import AutoencoderKLWan
-
-    return AutoencoderKLWan(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                            temperal_downsample=[False, True, True], latents_mean=[0.0] * 4,
-                            latents_std=[1.0] * 4).eval()
 
 
-def wan_block_config() -> dict:
-    """The attention/FFN part of the tiny Wan-family transformer configs (2 heads x 12, 2 layers, patch 1x2x2)."""
-    return dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
-                text_dim=16, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
-                qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
 
 
-def save_tiny_wan_vace(path: str) -> str:
-    """A `WanVACEPipeline` (2 blocks + 2 VACE blocks, 1-layer UMT5, tiny VAE) saved at ``path``."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, WanVACEPipeline, WanVACETransformer3DModel
-
-    torch.manual_seed(0)
-    transformer = WanVACETransformer3DModel(**wan_block_config(), vace_layers=[0, 1], vace_in_channels=8 + 64)
-    pipe = WanVACEPipeline(tokenizer=word_tokenizer(), text_encoder=umt5(), vae=wan_vae(),
-                           scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), transformer=transformer.eval())
-    pipe.save_pretrained(path)
-    return path
 
 
 def save_tiny_skyreels_v2(path: str, diffusion_forcing: bool) -> str:
@@ -165,11 +126,9 @@ def save_tiny_ltx_video(path: str) -> str:
     """An `LTXPipeline` (1-layer transformer, 1-layer T5, tiny VAE with 8x spatial / 4x temporal compression)
     saved at ``path``."""
     from diffusers import FlowMatchEulerDiscreteScheduler, LTXPipeline, LTXVideoTransformer3DModel
-    from transformers import T5Config, T5EncoderModel
 
     torch.manual_seed(0)
-    t5 = T5EncoderModel(T5Config(vocab_size=len(WORDS), d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
-                                 relative_attention_num_buckets=8)).eval()
+    t5 = t5_encoder()
     vae = ltx_vae()
     transformer = LTXVideoTransformer3DModel(in_channels=8, out_channels=8, patch_size=1, patch_size_t=1,
                                              num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16,
@@ -220,11 +179,9 @@ def save_tiny_ltx2(path: str) -> str:
 def save_tiny_cogvideox(path: str) -> str:
     """A `CogVideoXPipeline` (2-layer transformer with RoPE, 1-layer T5, tiny VAE) saved at ``path``."""
     from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
-    from transformers import T5Config, T5EncoderModel
 
     torch.manual_seed(0)
-    t5 = T5EncoderModel(T5Config(vocab_size=len(WORDS), d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
-                                 relative_attention_num_buckets=8)).eval()
+    t5 = t5_encoder()
     vae = AutoencoderKLCogVideoX(block_out_channels=(8, 8, 8, 8), latent_channels=4, layers_per_block=1,
                                  norm_num_groups=2, temporal_compression_ratio=4).eval()
     transformer = CogVideoXTransformer3DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4,
@@ -233,5 +190,73 @@ def save_tiny_cogvideox(path: str) -> str:
                                               max_text_seq_length=226, use_rotary_positional_embeddings=True).eval()
     pipe = CogVideoXPipeline(tokenizer=word_tokenizer(), text_encoder=t5, vae=vae, transformer=transformer,
                              scheduler=CogVideoXDDIMScheduler())
+    pipe.save_pretrained(path)
+    return path
+
+
+def save_tiny_mochi(path: str) -> str:
+    """A `MochiPipeline` (2-layer transformer, 1-layer T5, tiny VAE: 12 latent channels as the pipeline requires,
+    8x spatial and 6x temporal compression) saved at ``path``."""
+    from diffusers import AutoencoderKLMochi, FlowMatchEulerDiscreteScheduler, MochiPipeline, MochiTransformer3DModel
+
+    torch.manual_seed(0)
+    t5 = t5_encoder()
+    vae = AutoencoderKLMochi(latent_channels=12, out_channels=3, encoder_block_out_channels=(32,) * 4,
+                             decoder_block_out_channels=(32,) * 4, layers_per_block=(1,) * 5,
+                             latents_mean=(0.0,) * 12, latents_std=(1.0,) * 12).eval()
+    transformer = MochiTransformer3DModel(patch_size=2, num_attention_heads=2, attention_head_dim=8, num_layers=2,
+                                          pooled_projection_dim=16, in_channels=12, text_embed_dim=16,
+                                          time_embed_dim=4, max_sequence_length=16).eval()
+    pipe = MochiPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=t5,
+                         tokenizer=word_tokenizer(), transformer=transformer)
+    pipe.save_pretrained(path)
+    return path
+
+
+def save_tiny_motif_video(path: str) -> str:
+    """A `MotifVideoPipeline` (1 dual-stream + 2 single-stream blocks, one of them a decoder block; 1-layer T5Gemma 2
+    encoder; tiny Wan VAE; the transformer takes latents + condition latents + mask = 9 channels) saved at ``path``."""
+    from diffusers import (ClassifierFreeGuidance, FlowMatchEulerDiscreteScheduler, MotifVideoPipeline,
+                           MotifVideoTransformer3DModel)
+    from transformers import T5Gemma2Encoder
+    from transformers.models.t5gemma2.configuration_t5gemma2 import T5Gemma2EncoderConfig, T5Gemma2TextConfig
+
+    torch.manual_seed(0)
+    text = T5Gemma2TextConfig(vocab_size=len(WORDS), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                              num_attention_heads=2, num_key_value_heads=1, head_dim=8, pad_token_id=0,
+                              sliding_window=8, dropout_rate=0.0)
+    transformer = MotifVideoTransformer3DModel(in_channels=9, out_channels=4, num_attention_heads=2,
+                                               attention_head_dim=8, num_layers=1, num_single_layers=2,
+                                               num_decoder_layers=1, mlp_ratio=2.0, text_embed_dim=16,
+                                               rope_axes_dim=(2, 2, 4)).eval()
+    pipe = MotifVideoPipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=wan_vae(),
+                              text_encoder=T5Gemma2Encoder(T5Gemma2EncoderConfig(text_config=text)).eval(),
+                              tokenizer=word_tokenizer(), transformer=transformer,
+                              guider=ClassifierFreeGuidance(guidance_scale=5.0))
+    pipe.save_pretrained(path)
+    return path
+
+
+def save_tiny_wan_animate(path: str) -> str:
+    """A `WanAnimatePipeline` (2-layer transformer with a face adapter per block, 16 x 16 px face images, a 2-layer
+    CLIP vision encoder, 1-layer UMT5, tiny Wan VAE) saved at ``path``; run it with ``--image``, ``--pose-video``
+    (32 x 32 px) and ``--face-video``."""
+    from diffusers import UniPCMultistepScheduler, WanAnimatePipeline, WanAnimateTransformer3DModel
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(0)
+    clip = CLIPVisionModel(CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                            num_attention_heads=2, image_size=32, patch_size=16)).eval()
+    transformer = WanAnimateTransformer3DModel(
+        **{**wan_block_config(), "in_channels": 12}, latent_channels=4, image_dim=16,
+        motion_encoder_channel_sizes={"4": 8, "8": 8, "16": 8}, motion_encoder_size=16, motion_style_dim=8,
+        motion_dim=4, motion_encoder_dim=8, face_encoder_hidden_dim=16, face_encoder_num_heads=2,
+        inject_face_latents_blocks=1, motion_encoder_batch_size=4).eval()
+    pipe = WanAnimatePipeline(tokenizer=word_tokenizer(), text_encoder=umt5(), vae=wan_vae(),
+                              scheduler=UniPCMultistepScheduler(prediction_type="flow_prediction",
+                                                                use_flow_sigmas=True, flow_shift=5.0),
+                              image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
+                                                                 crop_size={"height": 32, "width": 32}),
+                              image_encoder=clip, transformer=transformer)
     pipe.save_pretrained(path)
     return path

@@ -50,7 +50,8 @@ class TritonBackend(Backend):
         if not _HAS_TRITON:
             return "the 'triton' package is not installed"
         if device.type == "cpu" and not tuning.interpreting():
-            return "CPU tensors run only in Triton's interpreter (set TRITON_INTERPRET=1 before importing lvsa_kernels)"
+            return ("CPU tensors run only in Triton's interpreter (set TRITON_INTERPRET=1 before importing lvsa_kernels; "
+                    "`python -m lvsa_kernels demo` sets it itself when there is no CUDA, so demo runs Triton on CPU)")
         if device.type == "cuda" and tuning.interpreting():
             return "TRITON_INTERPRET=1 is set: the interpreter runs on CPU tensors only"
         return None

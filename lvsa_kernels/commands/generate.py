@@ -1,7 +1,9 @@
 """Generate a video with a local diffusers pipeline folder and LVSA (or SVOO, or dense attention for
-comparison): loads the pipeline without downloading anything, installs the sparse attention with the
-model's defaults (`enable_lvsa`), runs the pipeline with its progress bar, writes an mp4 and prints the
-wall time, the layout density and the attention backend.
+comparison): checks every option against the folder's pipeline class and reads the conditioning files
+(--image, --control-video, --reference-image, ...) before any model loads, then loads the pipeline without
+downloading anything, installs the sparse attention with the model's defaults (`enable_lvsa`), runs the
+pipeline with its progress bar, writes an mp4 and prints the wall time, the layout density and the backend.
+Try it on CPU with a tiny random pipeline: ``python -m lvsa_kernels tiny-pipeline tiny_wan`` first.
 
 Writing the mp4 needs imageio and imageio-ffmpeg, and the Wan VACE / SkyReels-V2 pipelines need ftfy:
 ``pip install "lvsa_kernels[video]"``.
@@ -11,12 +13,12 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import inspect
-import os
 import sys
 import time
-from typing import Any, Dict, Optional
+from typing import TYPE_CHECKING, Any, Dict, Optional
 
-from typing import TYPE_CHECKING
+from ._args import NON_NEGATIVE, POSITIVE, UsageError, float_in
+from ._pipeline_inputs import PipelineFolder, add_media_arguments, check_output_path, media_inputs, read_pipeline_folder
 
 if TYPE_CHECKING:  # torch loads inside the functions, so --help stays light
     import torch
@@ -24,21 +26,30 @@ if TYPE_CHECKING:  # torch loads inside the functions, so --help stays light
 HELP = "generate a video with a local diffusers pipeline folder and LVSA / SVOO / dense attention"
 
 _DTYPES = ("float16", "bfloat16", "float32")
-_LVSA_KNOBS = {"window": int, "n_first": int, "reference_frames": int, "sparsity_scale": float,
-               "key_frame_interval": int}
-_SVOO_KNOBS = {"top_p": float, "q_clusters": int, "k_clusters": int, "warmup_steps": int}
+_LVSA_KNOBS = {"window": NON_NEGATIVE, "n_first": NON_NEGATIVE, "reference_frames": POSITIVE,
+               "sparsity_scale": float_in(0.0), "key_frame_interval": NON_NEGATIVE}
+_SVOO_KNOBS = {"top_p": float_in(0.0, 1.0), "q_clusters": POSITIVE, "k_clusters": POSITIVE,
+               "warmup_steps": NON_NEGATIVE}
+# option dest -> the pipeline __call__ parameter it fills
+_CALL_OPTIONS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "frames": "num_frames",
+                 "height": "height", "width": "width", "steps": "num_inference_steps", "ar_step": "ar_step"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("pipeline", help="local diffusers pipeline folder (holds model_index.json)")
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--negative-prompt")
-    parser.add_argument("--frames", type=int, help="video frames (default: the pipeline's)")
-    parser.add_argument("--height", type=int, help="pixels (default: the pipeline's)")
-    parser.add_argument("--width", type=int, help="pixels (default: the pipeline's)")
-    parser.add_argument("--steps", type=int, help="denoising steps (default: the pipeline's)")
-    parser.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the pipeline's)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--frames", type=POSITIVE, help="video frames (default: the pipeline's)")
+    parser.add_argument("--height", type=POSITIVE, help="pixels (default: the pipeline's)")
+    parser.add_argument("--width", type=POSITIVE, help="pixels (default: the pipeline's)")
+    parser.add_argument("--steps", type=POSITIVE, help="denoising steps (default: the pipeline's)")
+    parser.add_argument("--guidance", type=float_in(0.0, low_open=False),
+                        help="classifier-free guidance scale (default: the pipeline's)")
+    parser.add_argument("--ar-step", type=NON_NEGATIVE,
+                        help="SkyReels-V2 diffusion forcing: asynchronous step offset between frame blocks "
+                             "(default: the pipeline's, 0 = synchronous)")
+    add_media_arguments(parser)
+    parser.add_argument("--seed", type=NON_NEGATIVE, default=0)
     parser.add_argument("--dtype", choices=["auto", *_DTYPES], default="auto",
                         help="auto: bfloat16 on CUDA, float32 on CPU")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -55,7 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="RIFLEx: lower the intrinsic temporal RoPE frequency past the model's reference length "
                              "(Wan, HunyuanVideo)")
     parser.add_argument("--cpu-offload", action="store_true", help="diffusers' model CPU offload (CUDA only)")
-    parser.add_argument("--fps", type=int, default=16)
+    parser.add_argument("--fps", type=POSITIVE, default=16)
     parser.add_argument("--output", default="lvsa_video.mp4", help="mp4 path (default lvsa_video.mp4)")
 
 
@@ -83,16 +94,11 @@ def check_prompt_cleaner(pipe: Any) -> None:
                            "install it with pip install \"lvsa_kernels[video]\" (or pip install ftfy)")
 
 
-def load_pipeline(path: str, dtype: torch.dtype) -> Any:
-    """``DiffusionPipeline.from_pretrained(path, local_files_only=True)``; raises ValueError naming ``path``
-    when it is not a diffusers pipeline folder."""
+def load_pipeline(folder: PipelineFolder, dtype: torch.dtype) -> Any:
+    """``DiffusionPipeline.from_pretrained(folder.path, local_files_only=True)``."""
     from diffusers import DiffusionPipeline
 
-    if not os.path.isfile(os.path.join(path, "model_index.json")):
-        raise ValueError(f"pipeline: {path!r} is not a diffusers pipeline folder (no model_index.json in it); "
-                         "give the local folder written by save_pretrained or a downloaded snapshot "
-                         "(generate never downloads)")
-    return DiffusionPipeline.from_pretrained(path, dtype=dtype, local_files_only=True)
+    return DiffusionPipeline.from_pretrained(folder.path, dtype=dtype, local_files_only=True)
 
 
 def _knobs(args: argparse.Namespace, table: Dict[str, type]) -> Dict[str, Any]:
@@ -100,14 +106,47 @@ def _knobs(args: argparse.Namespace, table: Dict[str, type]) -> Dict[str, Any]:
 
 
 def check_knobs(args: argparse.Namespace) -> None:
-    """Raise ValueError when pattern knobs or ``--riflex`` do not fit ``--attention`` (before any loading)."""
+    """Raise `UsageError` when pattern knobs or ``--riflex`` do not fit ``--attention`` (before any loading)."""
     lvsa, svoo = _knobs(args, _LVSA_KNOBS), _knobs(args, _SVOO_KNOBS)
     if args.attention == "dense" and (lvsa or svoo or args.riflex):
-        raise ValueError("--attention dense: pattern knobs and --riflex apply to lvsa / svoo only")
+        raise UsageError("argument --attention dense: pattern knobs and --riflex apply to lvsa / svoo only")
     if args.attention == "svoo" and lvsa:
-        raise ValueError(f"--attention svoo: LVSA knobs {sorted(lvsa)} do not apply to SVOO")
+        raise UsageError(f"argument --attention svoo: LVSA knobs {sorted(lvsa)} do not apply to SVOO")
     if args.attention == "lvsa" and svoo:
-        raise ValueError(f"--attention lvsa: SVOO knobs {sorted(svoo)} need --attention svoo")
+        raise UsageError(f"argument --attention lvsa: SVOO knobs {sorted(svoo)} need --attention svoo")
+
+
+def check_attention_fits(folder: PipelineFolder, args: argparse.Namespace) -> None:
+    """Raise `UsageError` when ``--attention`` / ``--riflex`` cannot run on the folder's transformer (not
+    supported, refused with a reason, no SVOO, no RIFLEx), before any loading."""
+    from ..diffusers.integration import SUPPORTED_MODELS, UNSUPPORTED_MODELS
+
+    if args.attention == "dense":
+        return
+    name = folder.transformer_class
+    if name is None:
+        raise UsageError(f"argument --attention {args.attention}: {folder.pipeline_class} has no transformer component "
+                         "(model_index.json); use --attention dense")
+    spec = next((s for s in SUPPORTED_MODELS if s.preset.diffusers_class == name), None)
+    if spec is None:
+        reasons = {cls.__name__: reason for cls, reason in UNSUPPORTED_MODELS.items()}
+        why = f"not supported: {reasons[name]}" if name in reasons else "not a transformer LVSA supports"
+        raise UsageError(f"argument --attention {args.attention}: the pipeline's transformer {name} is {why}; "
+                         "use --attention dense")
+    if args.attention == "svoo" and not spec.svoo:
+        raise UsageError(f"argument --attention svoo: SVOO does not run on {spec.name} ({name}); use lvsa")
+    if args.riflex and spec.rope is None:
+        raise UsageError(f"argument --riflex: RIFLEx does not run on {spec.name} ({name}); only on Wan and "
+                         "HunyuanVideo models")
+
+
+def check_device(args: argparse.Namespace) -> None:
+    """Raise `UsageError` when ``--device cuda`` or ``--cpu-offload`` is asked for without CUDA."""
+    import torch
+
+    if (args.cpu_offload or args.device == "cuda") and not torch.cuda.is_available():
+        option = "--cpu-offload" if args.cpu_offload else "--device cuda"
+        raise UsageError(f"argument {option}: needs CUDA, which torch does not see here")
 
 
 def enable_attention(pipe: Any, args: argparse.Namespace) -> Optional[Any]:
@@ -124,28 +163,36 @@ def enable_attention(pipe: Any, args: argparse.Namespace) -> Optional[Any]:
     return enable_lvsa(pipe, backend=args.backend, riflex=args.riflex, **_knobs(args, _LVSA_KNOBS))
 
 
-def call_kwargs(pipe: Any, args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
-    """The pipeline call's keyword arguments from the options given; raises ValueError for an option the
-    pipeline does not take. A pipeline with a ``guider`` (HunyuanVideo 1.5) gets ``--guidance`` there."""
-    import torch
-
-    accepted = inspect.signature(type(pipe).__call__).parameters
-    wanted = {"prompt": args.prompt, "negative_prompt": args.negative_prompt, "num_frames": args.frames,
-              "height": args.height, "width": args.width, "num_inference_steps": args.steps}
-    kwargs = {k: v for k, v in wanted.items() if v is not None}
+def call_kwargs(folder: PipelineFolder, args: argparse.Namespace) -> Dict[str, Any]:
+    """The pipeline call's keyword arguments from the options given (conditioning files read), checked against
+    the folder's pipeline class before it loads: raises `UsageError` naming an option it does not take.
+    ``--guidance`` goes to ``guidance_scale``, or to the ``guider`` component (HunyuanVideo 1.5) in `run`."""
+    accepted = folder.call_parameters()
+    kwargs = {}
+    for dest, parameter in _CALL_OPTIONS.items():
+        value = getattr(args, dest)
+        if value is None:
+            continue
+        if accepted is not None and parameter not in accepted:
+            option = "--" + dest.replace("_", "-")
+            raise UsageError(f"argument {option}: {folder.pipeline_class} takes no {parameter}, got {value!r}")
+        kwargs[parameter] = value
     if args.guidance is not None:
-        if "guidance_scale" in accepted:
+        if accepted is None or "guidance_scale" in accepted:
             kwargs["guidance_scale"] = args.guidance
-        elif hasattr(getattr(pipe, "guider", None), "guidance_scale"):
-            pipe.guider.guidance_scale = args.guidance
-        else:
-            raise ValueError(f"--guidance: {type(pipe).__name__} takes no guidance scale")
-    unknown = sorted(k for k in kwargs if k not in accepted)
-    if unknown:
-        raise ValueError(f"{type(pipe).__name__} does not take {unknown}; drop those options")
-    kwargs["generator"] = torch.Generator(device="cpu" if args.cpu_offload else device).manual_seed(args.seed)
+        elif "guider" not in folder.components:
+            raise UsageError(f"argument --guidance: {folder.pipeline_class} takes no guidance scale, "
+                             f"got {args.guidance}")
+    kwargs.update(media_inputs(args, folder))
     kwargs["output_type"] = "np"
     return kwargs
+
+
+def seeded_generator(args: argparse.Namespace, device: torch.device) -> torch.Generator:
+    """The pipeline call's ``generator``: ``--seed`` on ``device`` (on the CPU under ``--cpu-offload``)."""
+    import torch
+
+    return torch.Generator(device="cpu" if args.cpu_offload else device).manual_seed(args.seed)
 
 
 def density_summary(handle: Optional[Any]) -> str:
@@ -166,21 +213,26 @@ def run(args: argparse.Namespace) -> int:
 
     check_video_writer()
     check_knobs(args)
+    check_output_path(args.output)
+    check_device(args)
+    folder = read_pipeline_folder(args.pipeline)
+    check_attention_fits(folder, args)
+    kwargs = call_kwargs(folder, args)
     if args.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
         device = torch.device(args.device)
-    if (args.cpu_offload or device.type == "cuda") and not torch.cuda.is_available():
-        raise RuntimeError("generate: --device cuda / --cpu-offload need CUDA, which torch does not see here")
     dtype = (torch.bfloat16 if device.type == "cuda" else torch.float32) if args.dtype == "auto" \
         else getattr(torch, args.dtype)
-    pipe = load_pipeline(args.pipeline, dtype)
+    pipe = load_pipeline(folder, dtype)
     check_prompt_cleaner(pipe)
     if args.cpu_offload:
         pipe.enable_model_cpu_offload()
     else:
         pipe.to(device)
-    kwargs = call_kwargs(pipe, args, device)
+    if args.guidance is not None and "guidance_scale" not in kwargs:
+        pipe.guider.guidance_scale = args.guidance
+    kwargs["generator"] = seeded_generator(args, device)
     handle = enable_attention(pipe, args)
     pipe.set_progress_bar_config(disable=False)
     if device.type == "cuda":

@@ -1,13 +1,13 @@
-"""diffusers integration: one call turns the self-attention of Wan 2.1 / 2.2, Wan VACE, SkyReels-V2,
-HunyuanVideo 1.0 / 1.5, CogVideoX, LTX-Video and LTX-2 transformers into LVSA block-sparse attention
-(model table: ``docs/models.md``).
+"""diffusers integration: one call turns the self-attention of a diffusers video transformer (18 families: Wan,
+HunyuanVideo, CogVideoX, LTX, Mochi, Cosmos, Kandinsky, ...) into LVSA block-sparse attention (model table:
+``docs/models.md``).
 
     from lvsa_kernels.diffusers import enable_lvsa, disable_lvsa
     handle = enable_lvsa(pipe)            # or enable_lvsa(pipe.transformer, key_frame_interval=4, ...)
     video = pipe(prompt, num_frames=321).frames[0]
     disable_lvsa(pipe)                    # original processors back
 
-    handle = enable_svoo(pipe, top_p=0.9)  # SVOO (Wan, HunyuanVideo 1.5): enable_lvsa(pipe, pattern=SVOOPattern(...))
+    handle = enable_svoo(pipe, top_p=0.9)  # SVOO: enable_lvsa(pipe, pattern=SVOOPattern(...))
 """
 from .integration import SUPPORTED_MODELS, LVSAHandle, disable_lvsa, enable_lvsa, enable_svoo
 from .state import StepTracker

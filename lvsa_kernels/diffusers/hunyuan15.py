@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from ..models import MODELS
 from ..reference import latent_frames
 from .geometry import VideoGeometry
+from .heads_qkv import TEXT, heads_qkv
 from .runtime import LVSAProcessorBase, ModelSpec
 
 __all__ = ["LVSAHunyuanVideo15AttnProcessor", "HUNYUAN_VIDEO_15", "text_valid_lengths"]
@@ -57,19 +58,11 @@ class LVSAHunyuanVideo15AttnProcessor(LVSAProcessorBase):
                  attention_mask: Optional[Tensor] = None,
                  image_rotary_emb: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, Tensor]:
         geo, text_len, lengths = self._joint_inputs(hidden_states, encoder_hidden_states, attention_mask)
-        query = attn.norm_q(attn.to_q(hidden_states).unflatten(2, (attn.heads, -1)))
-        key = attn.norm_k(attn.to_k(hidden_states).unflatten(2, (attn.heads, -1)))
-        value = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
+        query, key, value = heads_qkv(attn, hidden_states)
         if image_rotary_emb is not None:
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
-        text_q = attn.add_q_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-        text_k = attn.add_k_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-        text_v = attn.add_v_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-        if attn.norm_added_q is not None:
-            text_q = attn.norm_added_q(text_q)
-        if attn.norm_added_k is not None:
-            text_k = attn.norm_added_k(text_k)
+        text_q, text_k, text_v = heads_qkv(attn, encoder_hidden_states, TEXT)
         query = torch.cat([query, text_q], dim=1)
         key = torch.cat([key, text_k], dim=1)
         value = torch.cat([value, text_v], dim=1)

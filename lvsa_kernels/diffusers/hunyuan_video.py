@@ -17,14 +17,11 @@ from diffusers.models.transformers.transformer_hunyuan_video import HunyuanVideo
 from torch import Tensor, nn
 
 from ..models import MODELS
+from .heads_qkv import TEXT, heads_qkv
 from .hunyuan15 import LVSAHunyuanVideo15AttnProcessor
 from .runtime import ModelSpec
 
 __all__ = ["LVSAHunyuanVideoAttnProcessor", "HUNYUAN_VIDEO"]
-
-
-def _heads(attn: nn.Module, x: Tensor) -> Tensor:
-    return x.unflatten(2, (attn.heads, -1))
 
 
 class LVSAHunyuanVideoAttnProcessor(LVSAHunyuanVideo15AttnProcessor):
@@ -39,23 +36,13 @@ class LVSAHunyuanVideoAttnProcessor(LVSAHunyuanVideo15AttnProcessor):
         geo, text_len, lengths = self._joint_inputs(hidden_states, encoder_hidden_states, attention_mask)
         dual = attn.add_q_proj is not None
         x = hidden_states if dual else torch.cat([hidden_states, encoder_hidden_states], dim=1)
-        query, key, value = _heads(attn, attn.to_q(x)), _heads(attn, attn.to_k(x)), _heads(attn, attn.to_v(x))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value = heads_qkv(attn, x)
         if image_rotary_emb is not None:
             n = geo.video_tokens
             query = torch.cat([apply_rotary_emb(query[:, :n], image_rotary_emb, sequence_dim=1), query[:, n:]], dim=1)
             key = torch.cat([apply_rotary_emb(key[:, :n], image_rotary_emb, sequence_dim=1), key[:, n:]], dim=1)
         if dual:
-            text_q = _heads(attn, attn.add_q_proj(encoder_hidden_states))
-            text_k = _heads(attn, attn.add_k_proj(encoder_hidden_states))
-            text_v = _heads(attn, attn.add_v_proj(encoder_hidden_states))
-            if attn.norm_added_q is not None:
-                text_q = attn.norm_added_q(text_q)
-            if attn.norm_added_k is not None:
-                text_k = attn.norm_added_k(text_k)
+            text_q, text_k, text_v = heads_qkv(attn, encoder_hidden_states, TEXT)
             query, key, value = (torch.cat(p, dim=1) for p in ((query, text_q), (key, text_k), (value, text_v)))
 
         out = self._attend_trimmed(query, key, value, geo.video_tokens, lengths, text_len)
@@ -101,4 +88,5 @@ HUNYUAN_VIDEO = ModelSpec(
     patch=lambda config: (int(config["patch_size_t"]), int(config["patch_size"]), int(config["patch_size"])),
     reference_frames=_reference_frames,
     rope=lambda transformer: (transformer.rope, int(transformer.rope.rope_dim[0])),
+    svoo=True,
 )

@@ -7,7 +7,8 @@ import inspect
 import logging
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
-from diffusers import Cosmos3OmniTransformer
+from diffusers import (Cosmos3OmniTransformer, HunyuanVideoFramepackTransformer3DModel, LatteTransformer3DModel,
+                       SanaVideoTransformer3DModel, WanAnimate2Transformer3DModel)
 from torch import nn
 
 from ..api import check_precision
@@ -86,7 +87,7 @@ class LVSAHandle:
             parallel_config = getattr(attn.processor, "_parallel_config", None)
             if parallel_config is not None:
                 processor._parallel_config = parallel_config
-            attn.set_processor(processor)
+            _set_processor(attn, processor)
         for hook in self._hooks:
             hook.remove()
         if self._pipeline_class is not None:
@@ -98,13 +99,37 @@ class LVSAHandle:
         self._originals, self._hooks, self._pipeline_class = [], [], None
 
 
-# transformers that enable_lvsa recognises but cannot run honestly yet, with the reason
+# transformers that enable_lvsa recognises but does not run, with the reason
 UNSUPPORTED_MODELS: Dict[type, str] = {
+    LatteTransformer3DModel: (
+        "Latte factorises attention: its blocks alternate spatial self-attention within each frame and temporal "
+        "self-attention across frames at each position, so no attention is joint over all video tokens and there "
+        "is no frame x frame block structure for LVSA to sparsify"),
+    SanaVideoTransformer3DModel: (
+        "SANA-Video's video self-attention is linear attention (ReLU feature maps, no softmax), which has no "
+        "attention matrix to make block-sparse"),
+    HunyuanVideoFramepackTransformer3DModel: (
+        "FramePack prepends compressed history tokens (4x, 2x and 1x downsampled clean latents, each with its own "
+        "tokens per frame) to a short fixed-length section, so the sequence has no uniform frame grid, and FramePack "
+        "already bounds the context per section"),
+    WanAnimate2Transformer3DModel: (
+        "Wan-Animate-2's self-attention is already structured sparse attention: each generation frame attends the "
+        "generation tokens plus a KV-cached reference segment at the same frame index, through a flex BlockMask "
+        "over a rectangular [generation | reference] key buffer"),
     Cosmos3OmniTransformer: (
         "Cosmos 3 packs one un-batched sequence (causal text pathway, then video / sound / action tokens placed by "
         "index) and its generation queries attend [text; generation] keys, which needs a rectangular "
         "(query != key) LVSA layout over the vision_token_shapes grid; no adapter yet"),
 }
+
+
+def _set_processor(attn: nn.Module, processor: Any) -> None:
+    """``attn.set_processor(processor)``, or the plain attribute for attention modules without that method
+    (Mochi's ``MochiAttention``)."""
+    if hasattr(attn, "set_processor"):
+        attn.set_processor(processor)
+    else:
+        attn.processor = processor
 
 
 def _spec_for(transformer: Any) -> ModelSpec:
@@ -166,10 +191,15 @@ def _pipeline_class(cls: type) -> type:
     return _PIPELINE_CLASSES[cls]
 
 
+def _attention_heads(attn: nn.Module) -> int:
+    """Heads of a self-attention module (``heads``; Kandinsky's modules call it ``num_heads``)."""
+    return int(attn.heads if hasattr(attn, "heads") else attn.num_heads)
+
+
 def _forward_hooks(runtime: AttentionRuntime, spec: ModelSpec, transformer: nn.Module, expert: int) -> List[Any]:
     signature = inspect.signature(type(transformer).forward)
     patch = spec.patch(transformer.config)
-    heads = int(transformer.config["num_attention_heads"])
+    heads = _attention_heads(spec.self_attention(transformer)[0][1])
 
     def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
         # runs before diffusers' context-parallel split hooks, so it sees the unsplit (global) input
@@ -177,7 +207,7 @@ def _forward_hooks(runtime: AttentionRuntime, spec: ModelSpec, transformer: nn.M
         if "hidden_states" not in bound or "timestep" not in bound:
             raise ValueError(f"LVSA ({spec.name}): the transformer call needs hidden_states and timestep")
         if spec.geometry is not None:
-            geometry = spec.geometry(bound)
+            geometry = spec.geometry(bound, patch)
         else:
             geometry = geometry_from_latents(bound["hidden_states"], spec.frame_dim, patch)
         parallel_config = getattr(module, "_parallel_config", None)
@@ -218,11 +248,11 @@ def enable_lvsa(pipe_or_transformer: Any, pattern: Union[None, LVSAPattern, SVOO
                 backend: str = "auto", riflex: bool = False, precision: str = "exact", **knobs: Any) -> LVSAHandle:
     """Run the self-attention of a diffusers video transformer with LVSA block-sparse attention.
 
-    Supported: ``WanTransformer3DModel`` (Wan 2.1 / 2.2, both A14B experts; ``attn1`` only),
-    ``WanVACETransformer3DModel`` (``blocks`` and ``vace_blocks``), ``SkyReelsV2Transformer3DModel`` (also
-    diffusion forcing), ``HunyuanVideo15Transformer3DModel`` and ``HunyuanVideoTransformer3DModel`` (joint
-    attention, padded text after the video), ``CogVideoXTransformer3DModel`` (joint attention, text first),
-    ``LTXVideoTransformer3DModel`` and ``LTX2VideoTransformer3DModel`` (video ``attn1``). See ``docs/models.md``.
+    Supported: the transformer of every row of the model table (`SUPPORTED_MODELS`): Wan 2.1 / 2.2 (both
+    A14B experts), Wan VACE, SkyReels-V2 (also diffusion forcing), ChronoEdit, Wan 2.2 Animate, HunyuanVideo 1.0
+    and 1.5, Mochi, Motif-Video (joint attention, padded text after the video), CogVideoX, ConsisID, EasyAnimate
+    (joint attention, text first), LTX-Video, LTX-2, Cosmos, Allegro, Kandinsky 5 and 6 (video-only
+    self-attention). `UNSUPPORTED_MODELS` are refused with the reason. See ``docs/models.md``.
 
     Args:
         pipe_or_transformer: a pipeline (uses ``.transformer`` and ``.transformer_2`` when present, and
@@ -231,10 +261,11 @@ def enable_lvsa(pipe_or_transformer: Any, pattern: Union[None, LVSAPattern, SVOO
         pattern: an `LVSAPattern` (latent-frame units); default: window 3, n_first 1 and the model's
             reference frames (config ``sample_frames`` / ``sample_n_frames`` when present, else Wan 21,
             Wan2.2-TI2V-5B 31, HunyuanVideo 1.5 33; CogVideoX from its ``sample_frames``, 13 for 5B).
-            Or an `SVOOPattern` (Wan 2.1 / 2.2 incl. both A14B experts, also under Ulysses, and
-            HunyuanVideo 1.5; no ``knobs``): each self-attention call runs ``pattern.attention`` with the
-            denoising step, the block index as layer and the transformer call's index within the step as
-            CFG branch (0, 1; with two experts ``(expert, call)``, so the experts never share clusters);
+            Or an `SVOOPattern` (models whose spec has ``svoo``: self-attention joint over all video tokens,
+            text after the video if any; Wan also under Ulysses; no ``knobs``): each self-attention call runs
+            ``pattern.attention`` with the denoising step, the block index as layer and the transformer call's
+            index within the step as CFG branch (0, 1; with two experts ``(expert, call)``, so the experts never
+            share clusters);
             the pattern's caches are reset at each new generation.
         backend: ``block_sparse_attn`` backend, ``"auto"`` or a registered name.
         riflex: RIFLEx (Wan, HunyuanVideo): past the reference frames ``L`` (the pattern's, else the model's),
@@ -247,8 +278,9 @@ def enable_lvsa(pipe_or_transformer: Any, pattern: Union[None, LVSAPattern, SVOO
             sparsity_scale, key_frame_interval, expand_window, rotate, anchors).
 
     Raises:
-        NotImplementedError: an `SVOOPattern` on a model other than Wan or HunyuanVideo 1.5; ``riflex`` on a
-            model without a supported RoPE; a transformer in `UNSUPPORTED_MODELS` (Cosmos 3), with the reason.
+        NotImplementedError: an `SVOOPattern` on a model without SVOO support (text first, leading reference
+            frames, block-causal masks); ``riflex`` on a model without a supported RoPE; a transformer in
+            `UNSUPPORTED_MODELS` (Cosmos 3, Latte, SANA-Video, FramePack, Wan-Animate-2), with the reason.
 
     Returns:
         An `LVSAHandle`; ``disable_lvsa(pipe_or_transformer)`` or ``handle.disable()`` restores everything.
@@ -285,7 +317,7 @@ def enable_lvsa(pipe_or_transformer: Any, pattern: Union[None, LVSAPattern, SVOO
     for expert, transformer in enumerate(transformers):
         for layer, (_, attn) in enumerate(spec.self_attention(transformer)):
             handle._originals.append((attn, attn.processor))
-            attn.set_processor(spec.processor_cls(runtime, layer))
+            _set_processor(attn, spec.processor_cls(runtime, layer))
         handle._hooks += _forward_hooks(runtime, spec, transformer, expert)
         if riflex:
             handle._hooks += _riflex_hooks(spec, transformer, runtime)

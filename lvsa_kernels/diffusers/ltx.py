@@ -42,7 +42,8 @@ class LVSALTXVideoAttnProcessor(LVSAProcessorBase):
 
 
 def call_grid(bound: Dict[str, Any], model: str) -> VideoGeometry:
-    """Token grid of a packed-token transformer call from its ``num_frames``, ``height``, ``width`` arguments."""
+    """Token grid of a packed-token transformer call from its ``num_frames``, ``height``, ``width`` arguments
+    (already in tokens: the patch does not apply)."""
     sizes = [bound.get(name) for name in ("num_frames", "height", "width")]
     if any(not isinstance(n, int) or n < 1 for n in sizes):
         raise ValueError(f"LVSA ({model}): the transformer call needs num_frames, height and width (token grid) "
@@ -50,7 +51,7 @@ def call_grid(bound: Dict[str, Any], model: str) -> VideoGeometry:
     return VideoGeometry(*sizes)
 
 
-def _geometry(bound: Dict[str, Any]) -> VideoGeometry:
+def _geometry(bound: Dict[str, Any], patch: Tuple[int, int, int]) -> VideoGeometry:
     if bound.get("video_coords") is not None:
         raise ValueError("LVSA (LTX-Video): calls with video_coords (conditioning tokens appended to the video, "
                          "LTXConditionPipeline) are not supported; call disable_lvsa() to run dense")
@@ -71,4 +72,5 @@ LTX_VIDEO = ModelSpec(
     patch=lambda config: (int(config["patch_size_t"]), int(config["patch_size"]), int(config["patch_size"])),
     reference_frames=lambda config: (MODELS["ltx_video"].reference_frames, "LTX-Video default (161 video frames)"),
     geometry=_geometry,
+    svoo=True,
 )

@@ -66,5 +66,6 @@ LTX_2 = ModelSpec(
     patch=lambda config: (int(config["patch_size_t"]), int(config["patch_size"]), int(config["patch_size"])),
     reference_frames=lambda config: (MODELS["ltx2"].reference_frames,
                                      "LTX-2 default (121 video frames)"),
-    geometry=lambda bound: call_grid(bound, "LTX-2"),
+    geometry=lambda bound, patch: call_grid(bound, "LTX-2"),
+    svoo=True,
 )

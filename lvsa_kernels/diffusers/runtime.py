@@ -281,8 +281,9 @@ class ModelSpec:
             pipeline puts before the video (Wan VACE reference images); they join the LVSA first frames.
         step_marker: from the pipeline, an object it replaces once per denoising iteration (or None
             outside its loop); the denoising step then follows the pipeline instead of the timestep.
-        geometry: the token grid from the transformer call's bound arguments, for transformers whose input
-            is not a 5-D latent video (LTX-Video's packed ``[B, S, C]`` tokens); None = from the latents.
+        geometry: the token grid from the transformer call's bound arguments and the patch, for transformers
+            whose input is not a ``[B, C, T, H, W]`` / ``[B, T, C, H, W]`` latent video (LTX-Video's packed
+            ``[B, S, C]`` tokens, Kandinsky's channels-last latents); None = from the latents.
         svoo: whether its processor runs an `SVOOPattern` (through `video_attention` / `joint_attention`).
     """
 
@@ -298,7 +299,7 @@ class ModelSpec:
     rope: Optional[Callable[[nn.Module], Tuple[nn.Module, int]]] = None
     leading_frames: Optional[Callable[[Dict[str, Any]], int]] = None
     step_marker: Optional[Callable[[Any], Any]] = None
-    geometry: Optional[Callable[[Dict[str, Any]], VideoGeometry]] = None
+    geometry: Optional[Callable[[Dict[str, Any], Tuple[int, int, int]], VideoGeometry]] = None
     svoo: bool = False
 
     @property
