@@ -97,7 +97,7 @@ MODELS: Dict[str, ModelPreset] = {
         ModelPreset("hunyuan15", "HunyuanVideo 1.5", heads=16, head_dim=128, reference_frames=33,
                     spatial_factor=16, patch=1, height=480, width=832, text_position="after", text_tokens=None,
                     diffusers_class="HunyuanVideo15Transformer3DModel"),
-        ModelPreset("cogvideox", "CogVideoX 5B", heads=30, head_dim=64, reference_frames=13,
+        ModelPreset("cogvideox", "CogVideoX 5B", heads=48, head_dim=64, reference_frames=13,
                     spatial_factor=8, patch=2, height=480, width=720, text_position="before", text_tokens=226,
                     diffusers_class="CogVideoXTransformer3DModel"),
         ModelPreset("wan_vace", "Wan VACE 1.3B", heads=12, head_dim=128, reference_frames=21,

@@ -374,7 +374,7 @@ def test_invalid_call_arguments():
 # ---------------------------------------------------------------- model presets (§1, §6)
 @pytest.mark.parametrize("name,ref,P,heads,head_dim,text", [
     ("wan", 21, 1560, 12, 128, "none"), ("hunyuan15", 33, 1560, 16, 128, "after"),
-    ("cogvideox", 13, 1350, 30, 64, "before"),
+    ("cogvideox", 13, 1350, 48, 64, "before"),
 ])
 def test_model_presets(name, ref, P, heads, head_dim, text):
     m = get_model(name)
