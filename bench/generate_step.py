@@ -234,8 +234,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 full_depth=not args.tiny and config["num_layers"] == full_depth, frames=args.frames,
                 height=args.height, width=args.width, steps=args.steps, dtype=str(dtype),
                 device=torch.cuda.get_device_name(device)
-                if device.type == "cuda" else "cpu", date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                torch=torch.__version__, triton=_triton_version(),
+                if device.type == "cuda" else "cpu", torch=torch.__version__, triton=_triton_version(),
                 command="python bench/generate_step.py " + " ".join(sys.argv[1:] if argv is None else argv),
                 date=time.strftime("%Y-%m-%d", time.gmtime()))
     for r in rows:
