@@ -47,7 +47,8 @@ def _installed(version: str) -> str:
 def test_hopper_kernel_compiles_clean(release, tmp_path, capsys):
     site = _installed(RELEASES[release])
     report = tmp_path / "report.json"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([site, REPO]), TRITON_DEFAULT_FP_FUSION="1",
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compiled, not interpreted
+    env.update(PYTHONPATH=os.pathsep.join([site, REPO]), TRITON_DEFAULT_FP_FUSION="1",
                TRITON_CACHE_DIR=str(tmp_path / "triton-cache"))
     proc = subprocess.run([sys.executable, "-m", "lvsa_kernels.triton_src.compile_check", "--quick", "--jobs", "2",
                            "--json", str(report)], env=env, capture_output=True, text=True, timeout=1200)

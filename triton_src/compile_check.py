@@ -31,6 +31,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 
 from .gluon_compat import hopper_triton_refusal
+from .interpreter import interpreting
 from .launch import hopper_meta
 from .tuning import KernelConfig, hopper_configs
 
@@ -189,6 +190,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--quick", action="store_true", help="bf16 only")
     p.add_argument("--jobs", type=int, default=1, help="variants compiled at once (processes)")
     args = p.parse_args(argv)
+    if interpreting():
+        print("compile_check: TRITON_INTERPRET=1 is set; kernels must be compiled, not interpreted: unset it",
+              file=sys.stderr)
+        return 2
     refusal = hopper_triton_refusal()
     print(f"Triton {triton.__version__}: Gluon Hopper kernel for sm_90a"
           f"{'' if refusal is None else ' (not offered at run time: ' + refusal + ')'}")
