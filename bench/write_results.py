@@ -53,6 +53,7 @@ def _case_values(c: Dict[str, Any]) -> Dict[str, Optional[float]]:
     cud = m.get("dense_cudnn") if _ok(m.get("dense_cudnn")) else None
     return {
         "triton_time_over_flashinfer": s.get("triton_time_over_flashinfer"),
+        "triton_time_over_flashinfer_interleaved": s.get("triton_time_over_flashinfer_interleaved"),
         "triton_speedup_vs_flex": s.get("triton_speedup_vs_flex"),
         "triton_speedup_vs_dense": tri.get("speedup_vs_dense") if tri else None,
         "triton_tflops": tri["tflops"] if tri else None,
@@ -65,7 +66,8 @@ def _case_values(c: Dict[str, Any]) -> Dict[str, Optional[float]]:
 
 def _summary_table(cases: Sequence[Dict[str, Any]], with_run: bool) -> List[str]:
     head = (("| run " if with_run else "") + "| T | tokens | pattern | density | dense ms (best) | Flex ms | FlashInfer ms | ours ms | ours (FI backend) ms "
-            "| ours vs dense | ours vs Flex | ours time / FlashInfer | ours eff. TFLOP/s | ours peak extra MiB "
+            "| ours vs dense | ours vs Flex | ours time / FlashInfer | same, interleaved | ours eff. TFLOP/s "
+            "| ours peak extra MiB "
             "| ours rel. err |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for c in cases:
@@ -83,6 +85,7 @@ def _summary_table(cases: Sequence[Dict[str, Any]], with_run: bool) -> List[str]
             f"| {_ms(m.get('flex'))} | {fi_cell} | {_ms(tri)} | {_ms(m.get('ours_flashinfer'))} "
             f"| {_ratio(vals['triton_speedup_vs_dense'])} | {_ratio(vals['triton_speedup_vs_flex'])} "
             f"| {_ratio(vals['triton_time_over_flashinfer'], '')} "
+            f"| {_ratio(vals['triton_time_over_flashinfer_interleaved'], '')} "
             f"| {tflops} | {mib} | {_err(tri)} |")
     return lines
 

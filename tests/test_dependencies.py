@@ -202,3 +202,18 @@ def test_model_table_stays_light():
     bad = [t for _, t in _imports(MODEL_TABLE, MODULES[MODEL_TABLE])
            if (_project(t) and not _within(t, "lvsa_kernels.reference")) or _within(t, "diffusers")]
     assert not bad
+
+
+def test_setup_installs_every_package_folder():
+    """A non-editable install (the GPU machines, a wheel) must carry every subpackage: setup.py lists them."""
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    listed = {node.targets[0].id: ast.literal_eval(node.value) for node in tree.body
+              if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)
+              and node.targets[0].id in ("ROOTS", "SUBPACKAGES")}
+    packages = set(listed["ROOTS"]) | set(listed["SUBPACKAGES"])
+    for top, name in listed["ROOTS"].items():
+        for init in (ROOT / name).rglob("__init__.py"):
+            rel = init.parent.relative_to(ROOT / name)
+            dotted = ".".join((top, *rel.parts)) if rel.parts else top
+            if "__pycache__" not in rel.parts:
+                assert dotted in packages, f"setup.py does not install {dotted} ({init.parent})"

@@ -24,3 +24,35 @@ def test_bench_ms_runs_at_least_min_iters_after_a_warmup():
     calls = []
     got = bench_ms(lambda: calls.append(1), CPU, warmup_ms=0, rep_ms=0, min_iters=5)
     assert got["iters"] == 5 and len(calls) == 6 and got["ms"] >= 0
+
+
+class _HostEvent:
+    """A CPU stand-in for ``torch.cuda.Event``: records ``perf_counter``."""
+
+    def __init__(self, enable_timing=True):
+        self.t = None
+
+    def record(self):
+        import time
+        self.t = time.perf_counter()
+
+    def synchronize(self):
+        pass
+
+    def elapsed_time(self, end):
+        return (end.t - self.t) * 1e3
+
+
+def test_interleaved_ms_alternates_the_order_and_reports_each_burst(monkeypatch):
+    from lvsa_kernels import timing
+
+    monkeypatch.setattr(torch.cuda, "Event", _HostEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "clock_rate", lambda device=None: 1500)
+    monkeypatch.setattr(torch.cuda, "power_draw", lambda device=None: 600_000)
+    order = []
+    fns = {"a": lambda: order.append("a"), "b": lambda: order.append("b")}
+    got = timing.interleaved_ms(fns, torch.device("cuda"), rounds=3, burst=2)
+    # one untimed burst of each, then rounds A B, B A, A B: every burst `burst` calls back to back
+    assert "".join(order) == "aabb" + "aabb" + "bbaa" + "aabb"
+    assert set(got) == {"a", "b"} and all(len(r["round_ms"]) == 3 and r["ms"] >= 0 for r in got.values())
