@@ -9,7 +9,8 @@
 # debug info: 477 -> 192 MB, about 40 MB compressed), the CUDA headers and libdevice. It drops the AMD backend,
 # the profiler (proton, CUPTI), the instrumentation plugins and the bundled ptxas / cuobjdump / nvdisasm:
 # `unpack` points Triton at the GPU machine's own CUDA tools instead (TRITON_PTXAS_PATH and friends), so the
-# PTX is assembled by that CUDA's ptxas (13.0 on the lent machines) rather than the one in the wheel.
+# PTX is assembled by that CUDA's ptxas (13.0 on the lent machines) rather than the one in the wheel, and sets
+# TRITON_BACKENDS_IN_TREE=1 so the machine's own Triton's entry points (which name the AMD backend) are ignored.
 # The wheel is for CPython 3.12 on x86-64 (the GPU machines' Python).
 set -euo pipefail
 

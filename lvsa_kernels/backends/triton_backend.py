@@ -111,7 +111,7 @@ def kernel_note() -> str:
         return ""
     import triton
 
-    from ..triton_src.gluon_compat import GPU_VERIFIED_TRITON, TESTED_TRITON
+    from ..triton_src.gluon_compat import GPU_VERIFIED_TRITON, TESTED_TRITON, hopper_triton_refusal
     from ..triton_src.launch import hopper_device_refusal
 
     tested = (f"Triton {triton.__version__} (Hopper kernel offered on {', '.join(TESTED_TRITON)}, compiled by CI "
@@ -119,8 +119,6 @@ def kernel_note() -> str:
     conditions = ("bf16/fp16 inputs with head dim 64 or 128 and 16-byte aligned rows (fp8: key spans starting at "
                   "multiples of 16 tokens); the portable kernel runs everything else")
     if not torch.cuda.is_available():
-        from ..triton_src.gluon_compat import hopper_triton_refusal
-
         refusal = hopper_triton_refusal()
         return (f"{tested}. Hopper kernel: needs an sm_90 GPU (none here)"
                 + ("" if refusal is None else f"; and here: {refusal}"))
@@ -131,7 +129,8 @@ def kernel_note() -> str:
 
 
 def _log_hopper_refusal_once(reason: str) -> None:
-    """One INFO line per process when an sm_90 GPU gets the portable kernel because of the Triton release."""
+    """One INFO line per process when CUDA inputs get the portable kernel because of the GPU or the Triton
+    release (`launch.hopper_device_refusal`)."""
     global _hopper_refusal_logged
     if not _hopper_refusal_logged:
         _hopper_refusal_logged = True
@@ -225,13 +224,13 @@ def choose_config(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout, sc
     """Tuned config from the disk cache, else tune now on these inputs (interpreter: fixed small config)."""
     if tuning.interpreting():
         return tuning.INTERPRETER_CONFIG
-    from ..triton_src.gluon_compat import hopper_triton_refusal
-    from ..triton_src.launch import hopper_supports, tma_eligible
+    from ..triton_src.launch import hopper_device_refusal, hopper_supports, tma_eligible
 
     tma_ok = tma_eligible(q, k, v)
     hopper_ok = hopper_supports(q, k, v, layout, precision)
-    if q.device.type == "cuda" and torch.cuda.get_device_capability(q.device) == (9, 0) and hopper_triton_refusal():
-        _log_hopper_refusal_once(hopper_triton_refusal())
+    device_refusal = hopper_device_refusal(q.device)
+    if device_refusal is not None:
+        _log_hopper_refusal_once(device_refusal)
     key = config_key(q, k, v, layout, precision)
     cfg = None if retune else tuning.lookup(key)
     if cfg is not None and _config_can_run(cfg, hopper_ok, tma_ok, precision):
