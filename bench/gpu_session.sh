@@ -5,12 +5,14 @@
 #   bash bench/gpu_session.sh                 (device tool: timeout_s 600, carry [".whl"] for FlashInfer)
 #
 # Environment (all optional):
-#   STAGES          comma list of tests,sweep,bench,e2e                     (default tests,bench,e2e)
+#   STAGES          comma list of tests,sweep,backward,svoo,bench,e2e (run in this order; default tests,bench,e2e)
 #   SESSION_BUDGET  seconds for the whole script, install included          (default 570)
 #   TESTS_LIMIT     hard limit of the test stage, seconds                   (default 150)
 #   TESTS_K         pytest -k expression for the test stage                 (default: the whole suite)
 #   SWEEP_CASES, SWEEP_LIMIT   kernel_sweep.py --cases / hard limit, seconds (default all / 180)
 #   E2E_LIMIT       hard limit of the e2e stage, seconds (reserved first)   (default 150)
+#   BACKWARD_LIMIT, BACKWARD_ARGS   hard limit (default 240 s) / extra arguments of bench/backward_bench.py
+#   SVOO_LIMIT, SVOO_ARGS           hard limit (default 180 s) / extra arguments of bench/svoo_bench.py
 #   BENCH_CASES     run_gpu.py --cases                                      (default all)
 #   BENCH_METHODS   run_gpu.py --methods                                    (default: run_gpu.py's list)
 #   BENCH_TAIL      seconds kept free after the last bench case may start   (default 150: a T=121 case)
@@ -20,8 +22,8 @@
 #                   the machine's CUDA tools as its ptxas); default: the machine's own Triton
 #   WRITE_RESULTS=0 skip RESULTS.md + PNG (two runs in one call: fewer files back in $OUT)
 #   SKIP_INSTALL=1  use the installed lvsa_kernels and site packages as they are (local dry runs)
-# Files back in $OUT (at most 8): session.log, gpu_tests.log, kernel_sweep.json, attention_bench.json, RESULTS.md,
-# speedup_vs_frames.png, e2e.json.
+# Files back in $OUT: session.log, gpu_tests.log, kernel_sweep.json, backward_bench.json, svoo_bench.json,
+# attention_bench.json, RESULTS.md, speedup_vs_frames.png, e2e.json (each stage's own).
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 OUT="${OUT:-$PWD/bench_out}"
@@ -102,6 +104,21 @@ EOF
       say "stage sweep skipped: ${lim}s left for it"
     fi
   fi
+
+  local name script limit args
+  for name in backward svoo; do
+    has_stage "$name" || continue
+    if [[ $name == backward ]]; then script=bench/backward_bench.py limit=${BACKWARD_LIMIT:-240} args=${BACKWARD_ARGS:-}
+    else script=bench/svoo_bench.py limit=${SVOO_LIMIT:-180} args=${SVOO_ARGS:-}; fi
+    local lim=$(( $(left) - e2e_reserve - 20 )); (( lim > limit )) && lim=$limit
+    if (( lim > 30 )); then
+      say "stage $name (limit ${lim}s): $script --out $OUT $args"
+      timeout -k 10 "$lim" python3 "$script" --out "$OUT" $args; rc=$?
+      say "stage $name rc=$rc"; (( rc != 0 )) && status=1
+    else
+      say "stage $name skipped: ${lim}s left for it"
+    fi
+  done
 
   if has_stage bench; then
     local hard=$(( $(left) - e2e_reserve - 20 ))

@@ -12,13 +12,15 @@ from lvsa_kernels.triton_src import tuning
 from lvsa_kernels.triton_src.tuning import KernelConfig
 
 GOOD = {"block_m": 64, "block_n": 32, "num_warps": 4, "num_stages": 2, "use_tma": False, "warp_spec": False,
-        "kernel": "portable"}
+        "kernel": "portable", "exp2_poly": 0}
 BAD_CONFIGS = {
     "list": [64, 32], "string": "64", "missing": {"block_m": 64}, "text field": {**GOOD, "block_m": "64"},
     "bool field": {**GOOD, "num_warps": True}, "float field": {**GOOD, "block_n": 32.0},
     "not a power of 2": {**GOOD, "block_m": 48}, "flag as int": {**GOOD, "use_tma": 1},
     "extra field": {**GOOD, "x": 1}, "zero stages": {**GOOD, "num_stages": 0},
     "unknown kernel": {**GOOD, "kernel": "cuda"}, "no kernel field (older cache)": {k: v for k, v in GOOD.items() if k != "kernel"},
+    "no exp2_poly field (older cache)": {k: v for k, v in GOOD.items() if k != "exp2_poly"},
+    "exp2_poly on the portable kernel": {**GOOD, "exp2_poly": 2}, "exp2_poly 3": {**GOOD, "kernel": "hopper", "exp2_poly": 3},
 }
 
 

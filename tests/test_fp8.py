@@ -274,19 +274,6 @@ def _walk_of(cfg, layout, precision):
     return dict(block_n=cfg.block_n)
 
 
-def _aligned_layouts():
-    """Layouts whose key spans start at multiples of 16 tokens (the Hopper kernel's fp8 mode needs them): LVSA
-    with text, ragged key blocks with an empty query block and an empty key block, and long rows (T=121)."""
-    mask = torch.rand(6, 7, generator=torch.Generator().manual_seed(3)) < 0.5
-    mask[0] = False
-    mask[1] = True
-    return {
-        "text": LAYOUTS["text"],
-        "empty_rows": BlockSparseLayout.from_block_mask(mask, [20, 64, 17, 30, 33, 40], [32, 0, 48, 16, 16, 64, 28]),
-        "long_rows": LVSAPattern(window=3, n_first=1, reference_frames=21).plan(121, 16, step=0),
-    }
-
-
 HOPPER_CASES = [("text", "kbias", False), ("empty_rows", "peaked", True), ("long_rows", "normal", False)]
 
 
@@ -301,7 +288,7 @@ def test_hopper_kernel_matches_fake_quant(layout_name, dist, strided, mode, cfg,
     from lvsa_kernels.triton_src.launch import hopper_refusal, run_scheduled
     from lvsa_kernels.triton_src.schedule import build_key_tiles, build_schedule
 
-    layout = _aligned_layouts()[layout_name] if mode == "fp8" else LAYOUTS[layout_name]
+    layout = LAYOUTS[layout_name]  # key spans start anywhere (fp8 loads the aligned block holding each tile)
     q, k, v = (t.to("cuda", dtype) for t in distribution(dist, 2, layout.q_len, 4, 2, 128, seed=11))
     if strided:
         q = torch.cat([q, q], dim=2)[:, :, :4]
@@ -349,40 +336,16 @@ def test_block_sparse_attn_runs_the_8bit_hopper_kernel(mode, monkeypatch, isolat
     from lvsa_kernels.backends.triton_backend import AUTOTUNE_ENV, config_for
 
     monkeypatch.setenv(AUTOTUNE_ENV, "0")  # the first candidate: the Hopper kernel where it may run
-    for frame, text, fp8_hopper in ((320, 48, True), (300, 40, False)):  # 16-aligned key spans or not
+    for frame, text in ((320, 48), (300, 40)):  # key spans 16-aligned or not: the Hopper kernel runs both
         layout = LVSAPattern(window=2, n_first=1, reference_frames=8).plan(9, frame, step=1, text_tokens=text)
         q, k, v = (t.to("cuda", torch.bfloat16) for t in distribution("kbias", 1, layout.q_len, 2, 2, 128, seed=12))
         out = block_sparse_attn(q, k, v, layout, backend="triton", precision=mode)
         cfg = config_for(q, k, v, layout, 128 ** -0.5, mode)
-        assert cfg.kernel == ("hopper" if fp8_hopper or mode == "int8_qk" else "portable"), (frame, cfg)
+        assert cfg.kernel == "hopper", (frame, cfg)
         ref = fp8_reference_attention(q, k, v, layout, block_m=cfg.block_m, fp8_pv=mode == "fp8",
                                       **_walk_of(cfg, layout, mode))
         assert errors(out, ref)[0] <= 3e-3
         _check_bound(out, reference_attention(q.float(), k.float(), v.float(), layout), mode)
-
-
-@needs_hopper
-def test_hopper_fp8_refuses_unaligned_key_spans():
-    from lvsa_kernels.triton_src.launch import run_scheduled
-    from lvsa_kernels.triton_src.schedule import build_key_tiles, build_schedule
-    from lvsa_kernels.triton_src.tuning import hopper_configs
-
-    layout = LAYOUTS["empty_rows"]  # key blocks of 30, 0, 50, ... tokens
-    q, k, v = (t.to("cuda", torch.bfloat16) for t in distribution("normal", 1, layout.q_len, 2, 2, 128, seed=13))
-    cfg = hopper_configs(128, "fp8")[0]
-    with pytest.raises(ValueError, match="multiples of 16"):
-        run_scheduled(q, k, v, build_schedule(layout, 128, q.device), False, 0.1, cfg, precision="fp8",
-                      key_tiles=build_key_tiles(layout, cfg.block_n, q.device, "fp8"))
-
-
-def test_key_span_alignment():
-    from lvsa_kernels.triton_src.schedule import build_key_tiles, key_starts_aligned
-
-    assert not key_starts_aligned(LAYOUTS["empty_rows"]) and not key_starts_aligned(LAYOUTS["long_rows"])
-    for layout in _aligned_layouts().values():
-        assert key_starts_aligned(layout)
-        assert build_key_tiles(layout, 128, torch.device("cpu"), "fp8").starts_aligned
-    assert not build_key_tiles(LAYOUTS["empty_rows"], 128, torch.device("cpu"), "fp8").starts_aligned
 
 
 def test_launch_guards_the_8bit_paths_that_fault():

@@ -30,9 +30,11 @@ keys write 0 and lse = -inf.
 (quantized per tile by a pre-pass) and K (one scale per aligned block of ``KEY_BLOCK`` tokens; the key tiles
 never cross a block) give exact int32 scores, turned into floats with one integer add; the softmax then costs
 one multiply-add per score, as in exact mode. ``fp8`` also multiplies e4m3 P by e4m3 V^T into the fp32
-accumulator (on an H200 as accurate as adding a fresh product per key tile, and 7.5% faster). Its V^T column
-blocks must start 16-aligned for TMA (see `schedule.key_starts_aligned`) and have no short tiles; V^T tails are
-not zeroed: masked columns give P = 0, and the 8-bit modes need finite inputs on every token.
+accumulator (on an H200 as accurate as adding a fresh product per key tile, and 7.5% faster). TMA faults on a
+V^T column block that does not start 16-aligned (1560-token frames start anywhere), so fp8 loads every key tile
+as the aligned block of ``BLOCK_N`` keys that holds it (8-bit tiles never cross one) and masks the columns
+outside the tile (`_tile_origin`); it has no short tiles. Masked columns give P = 0, so the keys around the
+tile are never zeroed: the 8-bit modes need finite inputs on every token.
 
 The kernel takes a non-negative softmax scale (the host negates q for a negative one). Gluon's API still
 changes between Triton releases: the names that moved are bound in `gluon_compat`, which also says on which
@@ -55,38 +57,83 @@ P_SCALE = gl.constexpr(448.0)  # P <= 1 against the running max: 1 maps onto e4m
 KEY_BLOCK = gl.constexpr(KEY_QUANT_BLOCK)  # 8-bit modes: tokens per K scale; key tiles never cross a block
 
 
+# 2^x on the FMA units for x <= 0 (-inf included): x = n + f with n = floor(x) (one add rounding down onto the
+# integers of 1.5 * 2^23), 2^f by a cubic on [0, 1) (relative error 7.5e-5, fitted for this kernel), then n added
+# to the exponent bits; x < -126 gives 2^-126 (1.2e-38), a zero for every later use of P.
+_POLY_EXP2 = """
+    max.ftz.f32 x, {x}, 0fC2FC0000;
+    add.rm.ftz.f32 t, x, 0f4B400000;
+    sub.ftz.f32 f, t, 0f4B400000;
+    sub.ftz.f32 f, x, f;
+    fma.rn.ftz.f32 p, f, 0f3D9FCB14, 0f3E677E0A;
+    fma.rn.ftz.f32 p, p, f, 0f3F322232;
+    fma.rn.ftz.f32 p, p, f, 0f3F7FFB17;
+    mov.b32 ti, t;
+    mov.b32 pi, p;
+    shl.b32 ti, ti, 23;
+    add.s32 pi, pi, ti;
+    mov.b32 {y}, pi;"""
+_EXP2_DECL = "{ .reg .f32 x, t, f, p; .reg .b32 ti, pi;"
+
+
+def _split_exp2_asm(n: int) -> str:
+    """PTX for ``pack = n`` scores: the first n - 1 on the MUFU unit (``ex2.approx``), the last by `_POLY_EXP2`."""
+    mufu = "".join(f"\n    ex2.approx.ftz.f32 ${i}, ${n + i};" for i in range(n - 1))
+    return _EXP2_DECL + mufu + _POLY_EXP2.format(x=f"${2 * n - 1}", y=f"${n - 1}") + "\n}"
+
+
+ASM_2, ASM_4 = gl.constexpr(_split_exp2_asm(2)), gl.constexpr(_split_exp2_asm(4))
+CONSTRAINTS_2, CONSTRAINTS_4 = gl.constexpr("=f,=f,f,f"), gl.constexpr("=f,=f,=f,=f,f,f,f,f")
+
+
 @gluon.jit
-def _full_tile_scores(s, m_i, qk_scale, bias):
+def _exp2(x, EXP2_POLY: gl.constexpr):
+    """``2^x`` of scores ``x <= 0``: ``EXP2_POLY = n`` (2 or 4) computes one score in n on the FMA units
+    (`_POLY_EXP2`) and the rest on the MUFU unit, whose 16 results per clock and SM otherwise set the pace of
+    the 8-bit modes (FlashAttention-4's split); 0: all on the MUFU unit."""
+    if EXP2_POLY == 2:
+        return gl.inline_asm_elementwise(ASM_2, CONSTRAINTS_2, [x], dtype=gl.float32, is_pure=True, pack=2)
+    elif EXP2_POLY == 4:
+        return gl.inline_asm_elementwise(ASM_4, CONSTRAINTS_4, [x], dtype=gl.float32, is_pure=True, pack=4)
+    else:
+        return gl.exp2(x)
+
+
+@gluon.jit
+def _full_tile_scores(s, m_i, qk_scale, bias, EXP2_POLY: gl.constexpr):
     """One fused multiply-add per score (``qk_scale >= 0`` keeps the max); returns (p, m)."""
     m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale - bias)
-    return gl.exp2(s * qk_scale - (m_new + bias)[:, None]), m_new
+    return _exp2(s * qk_scale - (m_new + bias)[:, None], EXP2_POLY), m_new
 
 
 @gluon.jit
-def _softmax_step(s, m_i, l_i, kv0, kv_end, qk_scale, bias, BLOCK_N: gl.constexpr, s_layout: gl.constexpr,
-                  RAGGED: gl.constexpr):
-    """Fold the scores ``s * qk_scale - bias`` (``qk_scale >= 0``) of key tile ``kv0 ..`` (``s [64, BLOCK_N]``)
-    into the running max/sum; returns (p, m, l, alpha). Only a walk that may hold ragged tiles (``RAGGED``)
-    carries the column mask: its per-thread column indices cost registers for the whole walk."""
+def _softmax_step(s, m_i, l_i, kv0, kv_end, base, qk_scale, bias, BLOCK_N: gl.constexpr, s_layout: gl.constexpr,
+                  RAGGED: gl.constexpr, EXP2_POLY: gl.constexpr):
+    """Fold the scores ``s * qk_scale - bias`` (``qk_scale >= 0``) of key tile ``kv0 .. kv_end`` into the
+    running max/sum; returns (p, m, l, alpha). ``s [64, BLOCK_N]``: column c is key ``base + c`` (``base <=
+    kv0``: the tile was loaded from ``base``). Only a walk that may hold ragged tiles (``RAGGED``) carries the
+    column mask: its per-thread column indices cost registers for the whole walk."""
     if RAGGED:
         if kv0 + BLOCK_N > kv_end:  # scale before masking: 0 * -inf would be NaN
-            cols = kv0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-            s = gl.where((cols < kv_end)[None, :], s * qk_scale, float("-inf"))
+            cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+            valid = (cols >= kv0 - base) & (cols < kv_end - base)
+            s = gl.where(valid[None, :], s * qk_scale, float("-inf"))
             m_new = gl.maximum(m_i, gl.max(s, 1) - bias)
-            p = gl.exp2(s - (m_new + bias)[:, None])
+            p = _exp2(s - (m_new + bias)[:, None], EXP2_POLY)
         else:
-            p, m_new = _full_tile_scores(s, m_i, qk_scale, bias)
+            p, m_new = _full_tile_scores(s, m_i, qk_scale, bias, EXP2_POLY)
     else:
-        p, m_new = _full_tile_scores(s, m_i, qk_scale, bias)
+        p, m_new = _full_tile_scores(s, m_i, qk_scale, bias, EXP2_POLY)
     alpha = gl.exp2(m_i - m_new)
     l_i = l_i * alpha + gl.sum(p, 1)
     return p, m_new, l_i, alpha
 
 
 @gluon.jit
-def _fold_scores(s, m_i, l_i, kv0, kv_end, qk_scale, walk_scale, ks_base, s_layout: gl.constexpr,
-                 QK_INT8: gl.constexpr, RAGGED: gl.constexpr):
-    """`_softmax_step` of the ``Q K^T`` accumulator ``s`` of key tile ``kv0 ..``; returns (p, m, l, alpha).
+def _fold_scores(s, m_i, l_i, kv0, kv_end, base, qk_scale, walk_scale, ks_base, s_layout: gl.constexpr,
+                 QK_INT8: gl.constexpr, RAGGED: gl.constexpr, EXP2_POLY: gl.constexpr):
+    """`_softmax_step` of the ``Q K^T`` accumulator ``s`` of key tile ``kv0 .. kv_end`` loaded from key
+    ``base``; returns (p, m, l, alpha).
 
     8-bit modes: ``s`` holds int32 products of INT8 Q and K; the tile lies in one aligned K-scale block, so
     ``c = walk_scale * k_scale`` scales every score alike. int32 -> float32 without the (slow) conversion
@@ -97,9 +144,10 @@ def _fold_scores(s, m_i, l_i, kv0, kv_end, qk_scale, walk_scale, ks_base, s_layo
     if QK_INT8:
         c = walk_scale * gl.load(ks_base + kv0 // KEY_BLOCK)
         f = (s + 0x4B400000).to(gl.float32, bitcast=True)
-        return _softmax_step(f, m_i, l_i, kv0, kv_end, c, 12582912.0 * c, BLOCK_N, s_layout, RAGGED)
+        return _softmax_step(f, m_i, l_i, kv0, kv_end, base, c, 12582912.0 * c, BLOCK_N, s_layout, RAGGED,
+                             EXP2_POLY)
     else:
-        return _softmax_step(s, m_i, l_i, kv0, kv_end, qk_scale, 0.0, BLOCK_N, s_layout, RAGGED)
+        return _softmax_step(s, m_i, l_i, kv0, kv_end, base, qk_scale, 0.0, BLOCK_N, s_layout, RAGGED, EXP2_POLY)
 
 
 @gluon.jit
@@ -134,6 +182,17 @@ def _issue_pv(p_op, v_buf, acc):
         return warpgroup_mma(p_op, v_buf.permute((1, 0)), acc, is_async=True)
     else:
         return warpgroup_mma(p_op, v_buf, acc, is_async=True)
+
+
+@gluon.jit
+def _tile_origin(kv0, BLOCK_N: gl.constexpr, FP8_PV: gl.constexpr):
+    """The key from which key tile ``kv0 ..`` is loaded: fp8 loads the aligned block of ``BLOCK_N`` keys holding
+    the tile (its V^T column blocks go through TMA, whose column starts must be 16-aligned; 8-bit key tiles never
+    cross such a block) and masks the columns outside the tile; the other modes load from ``kv0``."""
+    if FP8_PV:
+        return kv0 // BLOCK_N * BLOCK_N
+    else:
+        return kv0
 
 
 @gluon.jit
@@ -172,7 +231,7 @@ def _v_view(v_smem, stage, N: gl.constexpr):
 
 @gluon.jit
 def _attend_tiles(q, acc, m_i, l_i, j_lo, j_hi, turn0, pingpong, ring, scales, HALF: gl.constexpr,
-                  N: gl.constexpr, RAGGED: gl.constexpr):
+                  N: gl.constexpr, RAGGED: gl.constexpr, EXP2_POLY: gl.constexpr):
     """Fold key tiles ``j_lo .. j_hi`` (> j_lo) of the row, all ``N`` keys wide, into ``(acc, m_i, l_i)``;
     ``RAGGED``: some may hold fewer keys (masked; otherwise every tile is full).
 
@@ -208,8 +267,8 @@ def _attend_tiles(q, acc, m_i, l_i, j_lo, j_hi, turn0, pingpong, ring, scales, H
     _give_turn(turn, HALF, pingpong)
     s = warpgroup_mma_wait(0, deps=(s_tok, ))
     mbarrier.arrive(k_empty.index(stage), count=1)
-    p, m_i, l_i, alpha = _fold_scores(s, m_i, l_i, kv0, kv_end, qk_scale, walk_scale, ks_base, s_layout, QK_INT8,
-                                      RAGGED)
+    p, m_i, l_i, alpha = _fold_scores(s, m_i, l_i, kv0, kv_end, _tile_origin(kv0, N, FP8_PV), qk_scale, walk_scale,
+                                      ks_base, s_layout, QK_INT8, RAGGED, EXP2_POLY)
     acc = acc * gl.convert_layout(alpha, row_o)[:, None]
     for j in range(j_lo + 1, j_hi):
         prev = stage
@@ -226,8 +285,8 @@ def _attend_tiles(q, acc, m_i, l_i, j_lo, j_hi, turn0, pingpong, ring, scales, H
         kv_end = gl.load(kv_tile_end + i_lo + j)
         s = warpgroup_mma_wait(1, deps=(s_tok, ))
         mbarrier.arrive(k_empty.index(stage), count=1)
-        p, m_i, l_i, alpha = _fold_scores(s, m_i, l_i, kv0, kv_end, qk_scale, walk_scale, ks_base, s_layout,
-                                          QK_INT8, RAGGED)
+        p, m_i, l_i, alpha = _fold_scores(s, m_i, l_i, kv0, kv_end, _tile_origin(kv0, N, FP8_PV), qk_scale,
+                                          walk_scale, ks_base, s_layout, QK_INT8, RAGGED, EXP2_POLY)
         pv = warpgroup_mma_wait(0, deps=(pv_tok, ))
         mbarrier.arrive(v_empty.index(prev), count=1)
         acc = pv * gl.convert_layout(alpha, row_o)[:, None]
@@ -247,7 +306,7 @@ def _attend_tiles(q, acc, m_i, l_i, j_lo, j_hi, turn0, pingpong, ring, scales, H
 def _consume(args, HALF: gl.constexpr):
     (q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, turn,
      kv_tile_start, kv_tile_end, i_lo, n_kv, n_short, q0, q1,
-     o_base, stride_os, lse_base, qk_scale, walk_scale, ks_base, qmu_base, vs_base, k_short) = args
+     o_base, stride_os, lse_base, qk_scale, walk_scale, ks_base, qmu_base, vs_base, k_short, EXP2_POLY) = args
     STAGES: gl.constexpr = k_smem.type.shape[0]
     BLOCK_N: gl.constexpr = k_smem.type.shape[1]
     HEAD_DIM: gl.constexpr = k_smem.type.shape[2]
@@ -282,12 +341,12 @@ def _consume(args, HALF: gl.constexpr):
         n_long = n_kv - n_short
         if n_long > 0:  # only fp8 has ragged long tiles: elsewhere every shorter piece is cut into short tiles
             acc, m_i, l_i = _attend_tiles(q, acc, m_i, l_i, 0, n_long, 0, pingpong, ring, scales, HALF, BLOCK_N,
-                                          FP8_PV)
+                                          FP8_PV, EXP2_POLY)
         if SHORT_N < BLOCK_N:
             if n_short > 0:  # n_long + 1 turns were taken above
                 turn0 = gl.where(n_long > 0, n_long + 1, 0)
                 acc, m_i, l_i = _attend_tiles(q, acc, m_i, l_i, n_long, n_kv, turn0, pingpong, ring, scales, HALF,
-                                              SHORT_N, True)
+                                              SHORT_N, True, EXP2_POLY)
 
     has_keys = l_i > 0.0
     l_safe = gl.where(has_keys, l_i, 1.0)
@@ -319,10 +378,11 @@ def _load(args):
     (q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, turn,
      kv_tile_start, kv_tile_end, i_lo, n_kv, n_short, q0, q1, q_desc, k_desc, v_desc, k_short, v_short) = args
     STAGES: gl.constexpr = k_smem.type.shape[0]
+    BLOCK_N: gl.constexpr = k_smem.type.shape[1]
     ROWS: gl.constexpr = q_smem.type.shape[1]
     FP8_PV: gl.constexpr = v_smem.dtype == gl.float8e4nv
     SHORT_N: gl.constexpr = k_short.block_type.shape[0]
-    HAS_SHORT: gl.constexpr = SHORT_N < k_smem.type.shape[1]
+    HAS_SHORT: gl.constexpr = SHORT_N < BLOCK_N
     for half in gl.static_range(2):  # only halves a consumer will wait for (no copy may outlive the program)
         needed = (n_kv > 0) & (q0 + half * ROWS < q1)
         mbarrier.expect(q_bar.index(half), q_desc.block_type.nbytes, pred=needed)
@@ -334,12 +394,13 @@ def _load(args):
         phase = (j // STAGES) & 1
         kv0 = gl.load(kv_tile_start + i_lo + j)
         short = HAS_SHORT and j >= n_long
+        origin = _tile_origin(kv0, BLOCK_N, FP8_PV)
         mbarrier.wait(k_empty.index(stage), phase ^ 1)
-        _load_rows(k_desc, k_short, k_smem.index(stage), k_ready.index(stage), kv0, short)
+        _load_rows(k_desc, k_short, k_smem.index(stage), k_ready.index(stage), origin, short)
         mbarrier.wait(v_empty.index(stage), phase ^ 1)
-        if FP8_PV:  # V^T [HEAD_DIM, kv_len]: the key tile is a column block (no short tiles)
+        if FP8_PV:  # V^T [HEAD_DIM, kv_len]: the key tile's aligned block is a column block (no short tiles)
             mbarrier.expect(v_ready.index(stage), v_desc.block_type.nbytes)
-            tma_load(v_desc, [0, kv0], v_ready.index(stage), v_smem.index(stage))
+            tma_load(v_desc, [0, origin], v_ready.index(stage), v_smem.index(stage))
         else:
             _load_rows(v_desc, v_short, v_smem.index(stage), v_ready.index(stage), kv0, short)
 
@@ -370,6 +431,7 @@ def block_sparse_attn_fwd_hopper(
     NUM_HEADS: gl.constexpr, KV_GROUP: gl.constexpr, PER_HEAD_LAYOUT: gl.constexpr,
     HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, SHORT_N: gl.constexpr, STAGES: gl.constexpr,
     Q_LAYOUT: gl.constexpr, K_LAYOUT: gl.constexpr, V_LAYOUT: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+    EXP2_POLY: gl.constexpr,
 ):
     """Grid ``(max query tiles per layout head, B * H)``; ``num_warps`` must be 4 (the first consumer).
 
@@ -377,7 +439,8 @@ def block_sparse_attn_fwd_hopper(
     ``Q_SCALE [B * H, q_scale_stride]`` and ``Q_MU [B, H, Sq]`` and `quantize_kv`'s INT8 K with ``K_SCALE
     [B, H_kv, cdiv(kv_len, KEY_BLOCK)]`` (8-bit modes); V in the input dtype, or e4m3 V^T ``[B, H_kv, D, S_pad]``
     (``stride_vs`` = its channel stride) with ``V_SCALE [B, H_kv, D]`` (``precision="fp8"``). Unused pointers
-    may be any tensor. ``SHORT_N``: `KeyTiles.short_n` (0: no short tiles)."""
+    may be any tensor. ``SHORT_N``: `KeyTiles.short_n` (0: no short tiles). ``EXP2_POLY``: 0, or n = 2 / 4 to
+    compute one softmax exponential in n on the FMA units (`_exp2`)."""
     pid_t = gl.program_id(0)
     pid_bh = gl.program_id(1)
     b = pid_bh // NUM_HEADS
@@ -458,7 +521,7 @@ def block_sparse_attn_fwd_hopper(
     lse_base = LSE + (b64 * NUM_HEADS + h) * q_len
     key_blocks = (kv_len + KEY_BLOCK - 1) // KEY_BLOCK
     consumer_args = ring + (o_base, stride_os, lse_base, qk_scale, walk_scale, K_SCALE + bh_kv * key_blocks,
-                            Q_MU + (b64 * NUM_HEADS + h) * q_len, V_SCALE + bh_kv * HEAD_DIM, k_short)
+                            Q_MU + (b64 * NUM_HEADS + h) * q_len, V_SCALE + bh_kv * HEAD_DIM, k_short, EXP2_POLY)
     gl.warp_specialize([
         (_consume_first_half, (consumer_args, )),
         (_consume_second_half, (consumer_args, )),

@@ -57,8 +57,9 @@ class Variant:
 
     @property
     def name(self) -> str:
+        poly = f" exp2_poly={self.cfg.exp2_poly}" if self.cfg.exp2_poly else ""
         return (f"d{self.head_dim} {self.dtype} {self.precision:7s} BLOCK_N={self.cfg.block_n:<3d} "
-                f"stages={self.cfg.num_stages} short_n={self.short_n}")
+                f"stages={self.cfg.num_stages} short_n={self.short_n}{poly}")
 
 
 def variants(quick: bool = False) -> Iterator[Variant]:
@@ -156,7 +157,7 @@ def _cubin_report(cubin: bytes, tmp: str) -> Dict[str, int]:
 def check(v: Variant) -> Dict[str, object]:
     """Compile one variant; its row of the report (``error`` set when it failed)."""
     row: Dict[str, object] = {"variant": v.name, **{k: val for k, val in asdict(v).items() if k != "cfg"},
-                              "block_n": v.cfg.block_n, "stages": v.cfg.num_stages}
+                              "block_n": v.cfg.block_n, "stages": v.cfg.num_stages, "exp2_poly": v.cfg.exp2_poly}
     t0 = time.perf_counter()
     try:
         src, options = _source(v)

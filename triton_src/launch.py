@@ -22,8 +22,7 @@ from .block_sparse_fwd import LOG2E, block_sparse_attn_fwd
 from .fp8_quant import KEY_QUANT_BLOCK, quantize_kv, quantize_q_tiles
 from .gluon_compat import hopper_triton_refusal
 from .interpreter import launch_lock
-from ..reference.layout import BlockSparseLayout
-from .schedule import KernelSchedule, KeyTiles, key_starts_aligned
+from .schedule import KernelSchedule, KeyTiles
 from .tuning import KernelConfig, interpreting
 
 __all__ = ["hopper_device_refusal", "hopper_kernel_available", "hopper_meta", "hopper_refusal", "hopper_supports",
@@ -63,11 +62,10 @@ def hopper_device_refusal(device: torch.device) -> Optional[str]:
     return hopper_triton_refusal()
 
 
-def hopper_refusal(q: Tensor, k: Tensor, v: Tensor, layout: Optional[BlockSparseLayout] = None,
-                   precision: str = "exact") -> Optional[str]:
+def hopper_refusal(q: Tensor, k: Tensor, v: Tensor) -> Optional[str]:
     """Why the Hopper kernel cannot run these inputs (None: it can): `hopper_device_refusal`, then bf16/fp16,
-    head dim 64 or 128, q/k/v rows readable by TMA (16-byte aligned bases and strides), and for fp8 key spans
-    that start at multiples of 16 tokens (`schedule.key_starts_aligned`)."""
+    head dim 64 or 128, and q/k/v rows readable by TMA (16-byte aligned bases and strides). Any layout runs, at
+    any precision."""
     reason = hopper_device_refusal(q.device)
     if reason is not None:
         return reason
@@ -78,14 +76,12 @@ def hopper_refusal(q: Tensor, k: Tensor, v: Tensor, layout: Optional[BlockSparse
     e = q.element_size()
     if not all(t.data_ptr() % 16 == 0 and all((s * e) % 16 == 0 for s in t.stride()[:3]) for t in (q, k, v)):
         return "needs q/k/v with 16-byte aligned base pointers and strides (TMA)"
-    if precision == "fp8" and layout is not None and not key_starts_aligned(layout):
-        return "fp8 needs key spans starting at multiples of 16 tokens (V^T column blocks read by TMA)"
     return None
 
 
-def hopper_supports(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout, precision: str) -> bool:
-    """Whether the Hopper kernel can run these inputs on ``layout`` at ``precision`` (see `hopper_refusal`)."""
-    return hopper_refusal(q, k, v, layout, precision) is None
+def hopper_supports(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    """Whether the Hopper kernel can run these inputs (see `hopper_refusal`)."""
+    return hopper_refusal(q, k, v) is None
 
 
 def hopper_kernel_available() -> bool:
@@ -100,8 +96,7 @@ def launch_hopper(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, sch
 
     ``key_tiles``: `KeyTiles.tensors()` built for ``precision`` (``short_n``: its `KeyTiles.short_n`). The 8-bit
     precisions quantize first: K and V with `quantize_kv`, Q per 128-row schedule tile with `quantize_q_tiles`
-    (the kernel reads Q through TMA, so it cannot quantize it on the fly). ``fp8`` needs key tiles starting at
-    multiples of 16 tokens (`run_scheduled` checks `KeyTiles.starts_aligned`)."""
+    (the kernel reads Q through TMA, so it cannot quantize it on the fly)."""
     _check_precision(precision)
     from .block_sparse_hopper import HALF_M, block_sparse_attn_fwd_hopper
 
@@ -150,7 +145,7 @@ def hopper_meta(head_dim: int, q_dtype: torch.dtype, k_dtype: torch.dtype, v_dty
         Q_LAYOUT=gl.NVMMASharedLayout.get_default_for([int(HALF_M), head_dim], _gluon_dtype(q_dtype, half)),
         K_LAYOUT=gl.NVMMASharedLayout.get_default_for([cfg.block_n, head_dim], _gluon_dtype(k_dtype, half)),
         V_LAYOUT=gl.NVMMASharedLayout.get_default_for(v_block, _gluon_dtype(v_dtype, half)),
-        CONSUMER_REGS=HOPPER_CONSUMER_REGS, num_warps=4, maxnreg=HOPPER_MAXNREG,
+        CONSUMER_REGS=HOPPER_CONSUMER_REGS, EXP2_POLY=cfg.exp2_poly, num_warps=4, maxnreg=HOPPER_MAXNREG,
     )
 
 
@@ -247,13 +242,13 @@ def triton_block_sparse_fwd_hopper(
     tile_ptr: Tensor, tile_start: Tensor, tile_end: Tensor, tile_row: Tensor,
     row_kv_ptr: Tensor, kv_tile_start: Tensor, kv_tile_end: Tensor, row_kv_short: Tensor,
     max_tiles: int, per_head_layout: bool, scale: float, block_n: int, short_n: int, num_stages: int,
-    precision: str = "exact",
+    precision: str = "exact", exp2_poly: int = 0,
 ) -> Tuple[Tensor, Tensor]:
     """Block-sparse attention forward on Hopper: returns ``(out [B, Sq, H, D], lse [B, H, Sq] float32)``."""
     B, Sq, H, D = q.shape
     out = torch.empty(B, Sq, H, D, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, Sq, dtype=torch.float32, device=q.device)
-    cfg = KernelConfig(128, block_n, 4, num_stages, True, True, "hopper")
+    cfg = KernelConfig(128, block_n, 4, num_stages, True, True, "hopper", exp2_poly)
     launch_hopper(q, k, v, out, lse, (tile_ptr, tile_start, tile_end, tile_row),
                   (row_kv_ptr, kv_tile_start, kv_tile_end, row_kv_short), short_n, max_tiles, per_head_layout, scale,
                   cfg, precision)
@@ -281,9 +276,6 @@ def _check_hopper_inputs(sched: KernelSchedule, key_tiles: Optional[KeyTiles], c
                          f"each), got BLOCK_N={cfg.block_n}")
     if sched.block_m != 2 * int(HALF_M):
         raise ValueError(f"the hopper kernel takes query tiles of {2 * int(HALF_M)} rows, got {sched.block_m}")
-    if precision == "fp8" and not key_tiles.starts_aligned:
-        raise ValueError("the hopper kernel's fp8 mode needs key tiles starting at multiples of 16 tokens "
-                         "(see schedule.key_starts_aligned); run fp8 on the portable kernel for this layout")
 
 
 def run_scheduled(q: Tensor, k: Tensor, v: Tensor, sched: KernelSchedule, per_head_layout: bool,
@@ -298,7 +290,7 @@ def run_scheduled(q: Tensor, k: Tensor, v: Tensor, sched: KernelSchedule, per_he
         if hopper:
             return torch.ops.lvsa_kernels.triton_block_sparse_fwd_hopper(
                 q, k, v, *sched.tensors()[:4], *key_tiles.tensors(), sched.max_tiles, per_head_layout, scale,
-                cfg.block_n, key_tiles.short_n, cfg.num_stages, precision)
+                cfg.block_n, key_tiles.short_n, cfg.num_stages, precision, cfg.exp2_poly)
         return torch.ops.lvsa_kernels.triton_block_sparse_fwd(
             q, k, v, *sched.tensors(), sched.max_tiles, per_head_layout, scale,
             cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, cfg.use_tma, cfg.warp_spec, precision)

@@ -18,7 +18,7 @@ from torch import Tensor
 from ..reference.layout import BlockSparseLayout, LayoutMemo
 
 __all__ = ["KernelSchedule", "KeyTiles", "build_key_schedule", "build_key_tiles", "build_schedule",
-           "key_starts_aligned", "transpose_layout"]
+           "transpose_layout"]
 
 _SCHEDULES = LayoutMemo()   # per layout: the kernel schedule of each (block_m, device)
 
@@ -179,7 +179,6 @@ class KeyTiles:
     start: Tensor
     end: Tensor
     row_short: Tensor
-    starts_aligned: bool = False  # every start a multiple of 16 tokens (see `key_starts_aligned`)
 
     def tensors(self):
         return (self.row_ptr, self.start, self.end, self.row_short)
@@ -235,7 +234,7 @@ def _build_key_tiles(layout: BlockSparseLayout, bn: int, aligned: bool, short: b
         return t.to(torch.int32).to(device)
 
     return KeyTiles(block_n=bn, short_n=short_n, aligned=aligned, row_ptr=dev(row_ptr), start=dev(start),
-                    end=dev(end), row_short=dev(row_short), starts_aligned=bool((start % 16 == 0).all()))
+                    end=dev(end), row_short=dev(row_short))
 
 
 def _short_width(length: Tensor, bn: int) -> int:
@@ -249,10 +248,3 @@ def _short_width(length: Tensor, bn: int) -> int:
     def loaded(n: int) -> int:
         return int(((ragged + n - 1) // n * n).sum())
     return min((bn // 2, bn // 4), key=loaded)
-
-
-def key_starts_aligned(layout: BlockSparseLayout, multiple: int = 16) -> bool:
-    """Whether every key span (and so every key tile, whose starts step by ``block_n``) starts at a multiple of
-    ``multiple`` tokens: the Hopper kernel's fp8 mode reads V^T column blocks through TMA, which needs
-    16-byte-aligned column starts (an unaligned one is an illegal instruction on an H200)."""
-    return bool((layout.spans.start % multiple == 0).all())

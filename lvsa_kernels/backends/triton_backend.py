@@ -116,8 +116,8 @@ def kernel_note() -> str:
 
     tested = (f"Triton {triton.__version__} (Hopper kernel offered on {', '.join(TESTED_TRITON)}, compiled by CI "
               f"against each; GPU-tested on {', '.join(GPU_VERIFIED_TRITON)})")
-    conditions = ("bf16/fp16 inputs with head dim 64 or 128 and 16-byte aligned rows (fp8: key spans starting at "
-                  "multiples of 16 tokens); the portable kernel runs everything else")
+    conditions = ("bf16/fp16 inputs with head dim 64 or 128 and 16-byte aligned rows; the portable kernel runs "
+                  "everything else")
     if not torch.cuda.is_available():
         refusal = hopper_triton_refusal()
         return (f"{tested}. Hopper kernel: needs an sm_90 GPU (none here)"
@@ -213,7 +213,7 @@ def config_key(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout, preci
     from ..triton_src.launch import hopper_supports, tma_eligible
 
     tma_ok = tma_eligible(q, k, v) and precision != "fp8"  # the portable fp8 mode reads without TMA, see below
-    kernels = "|hopper" if hopper_supports(q, k, v, layout, precision) else "|tma" if tma_ok else "|no-tma"
+    kernels = "|hopper" if hopper_supports(q, k, v) else "|tma" if tma_ok else "|no-tma"
     if precision != "exact":
         kernels = f"|{precision}" + kernels
     return tuning.tuning_key(q.device, q.dtype, q.shape[-1], layout.typical_q_block) + kernels
@@ -227,7 +227,7 @@ def choose_config(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout, sc
     from ..triton_src.launch import hopper_device_refusal, hopper_supports, tma_eligible
 
     tma_ok = tma_eligible(q, k, v)
-    hopper_ok = hopper_supports(q, k, v, layout, precision)
+    hopper_ok = hopper_supports(q, k, v)
     device_refusal = hopper_device_refusal(q.device)
     if device_refusal is not None:
         _log_hopper_refusal_once(device_refusal)
@@ -237,8 +237,8 @@ def choose_config(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout, sc
         return cfg
     # FP8 P V reads V^T column blocks; through a tensor descriptor (TMA) a block starting at a token offset
     # that is not a multiple of 16 is an illegal instruction on an H200 (Triton 3.6; bench/results/
-    # h200_fp8_align_run2.log). The portable fp8 mode therefore reads K and V^T with pointer loads, and the
-    # Hopper kernel computes fp8 only for layouts whose key spans start 16-aligned (`hopper_supports`).
+    # h200_fp8_align_run2.log). The portable fp8 mode therefore reads K and V^T with pointer loads; the
+    # Hopper kernel loads aligned blocks and masks (`block_sparse_hopper._tile_origin`).
     candidates = tuning.candidate_configs(q.shape[-1], tma_ok and precision != "fp8", q.dtype, hopper_ok, precision)
     if os.environ.get(AUTOTUNE_ENV, "1") == "0":
         return candidates[0]
