@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""End-to-end denoising-step benchmark: one transformer forward (batch 1), dense vs LVSA, random weights.
+"""End-to-end denoising-step benchmark: one transformer forward (batch 1), dense vs LVSA, random weights;
+or (``--train``) one training step.
 
 Wan 2.1 1.3B-shaped ``WanTransformer3DModel`` (real config, random bf16 weights) at 480x832 and 81 / 161 /
 321 / 481 video frames (latent T = 21 / 41 / 81 / 121, 60x104 latents, 512 text tokens of dim 4096);
@@ -16,9 +17,22 @@ pattern is dense (Wan T = 21, HunyuanVideo T = 33) and is a pattern effect elsew
 ``rel_diff_8bit_vs_lvsa`` (same metric) and ``rel_l2_8bit_vs_lvsa`` (||8-bit - lvsa|| / ||lvsa||) compare the
 8-bit step output with the exact LVSA step: the error the quantization adds to one denoising step.
 
+``--train`` (Wan only; default 321 frames = T 81, 2 repeats, ``dense_default`` off) times one training step
+instead: forward with grad, loss = MSE(output in float32, a fixed random target of the latents' shape, as
+flow matching's velocity target), ``backward()``; no optimizer step. Full fine-tuning: every weight requires grad
+(bf16 weights get bf16 gradients, ``_keep_in_fp32_modules`` float32 ones), gradients reset before each step.
+Both ways run with diffusers' ``enable_gradient_checkpointing()`` (each transformer block recomputed in the
+backward: the same recompute cost on both sides; without it 126k tokens x 30 layers of activations do not
+fit). Per way: ``seconds`` (whole step), ``forward_seconds`` (forward + loss) and ``backward_seconds`` (backward
+with the recomputation), medians over the same steps, ``peak_gib``, ``loss``, ``nonfinite_grads`` (non-finite
+gradient entries over all weights). Per row: ``rel_diff_loss`` = |loss_lvsa - loss_dense| / |loss_dense| and
+``rel_l2_grad`` = ||g_lvsa - g_dense|| / ||g_dense|| of ``grad_probe``'s gradient (pattern effects, not errors).
+
     python bench/e2e_step.py [--frames 81 161 321 481] [--repeats 3] [--backend triton]
                              [--json-out e2e_step.json] [--time-budget 1500] [--hunyuan] [--precision fp8]
-    python bench/e2e_step.py --device cpu --tiny        # CPU dry run on tiny configs (seconds)
+    python bench/e2e_step.py --train [--frames 321] [--repeats 2] --json-out e2e_train.json
+    python bench/e2e_step.py --device cpu --tiny [--train]   # CPU dry run on tiny configs (seconds;
+                                                             # TRITON_INTERPRET=1 for the triton backend)
 """
 from __future__ import annotations
 
@@ -26,15 +40,17 @@ import argparse
 import contextlib
 import json
 import platform
+import statistics
 import sys
 import time
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lvsa_kernels.reference import latent_frames
-from lvsa_kernels.timing import median_seconds
+from lvsa_kernels.timing import median_seconds, synchronize
 
 WAN_1_3B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16,
                 out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
@@ -54,6 +70,7 @@ HV15_TINY = dict(in_channels=4, out_channels=4, num_attention_heads=2, attention
 HV15_TEXT = dict(mllm=1000, mllm_valid=128, byt5=256, byt5_valid=0, image=729)
 HV15_TEXT_TINY = dict(mllm=6, mllm_valid=4, byt5=3, byt5_valid=1, image=2)
 TINY_KNOBS = dict(reference_frames=2, window=1)  # --tiny: make the tiny sizes sparse so the LVSA path runs
+GRAD_PROBE = "blocks.0.attn1.to_q.weight"  # --train: its gradient passes through every layer's attention
 
 
 @contextlib.contextmanager
@@ -77,6 +94,14 @@ def build(cls: type, config: Dict[str, Any], device: torch.device, dtype: torch.
         if any(k in name.split(".") for k in keep):
             module.to(torch.float32)
     return model.eval().requires_grad_(False)
+
+
+def trainable(model: nn.Module) -> nn.Module:
+    """``model`` (from `build`) set up for full fine-tuning: train mode, every weight requires grad, diffusers'
+    gradient checkpointing of each transformer block."""
+    model.train().requires_grad_(True)
+    model.enable_gradient_checkpointing()
+    return model
 
 
 def wan_inputs(config: Dict[str, Any], frames: int, height: int, width: int, device: torch.device,
@@ -112,23 +137,67 @@ def hv15_inputs(config: Dict[str, Any], frames: int, height: int, width: int, de
                 return_dict=False)
 
 
+Mark = Union[torch.cuda.Event, float]
+
+
+def _mark(device: torch.device) -> Mark:
+    """Now on ``device``: a recorded CUDA event, else ``perf_counter`` seconds after a synchronisation."""
+    if device.type == "cuda":
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+    synchronize(device)
+    return time.perf_counter()
+
+
+def _between(a: Mark, b: Mark) -> float:
+    """Seconds from mark ``a`` to mark ``b`` (CUDA events must have completed)."""
+    return a.elapsed_time(b) / 1e3 if isinstance(a, torch.cuda.Event) else b - a
+
+
 def measure(model: nn.Module, inputs: Dict[str, Any], repeats: int, device: torch.device,
-            context: Callable[[], Any]) -> Dict[str, Any]:
-    """Time one forward under ``context``; returns seconds, peak memory and the output (or the error)."""
+            context: Callable[[], Any], target: Optional[Tensor] = None) -> Dict[str, Any]:
+    """Time one forward (no grad) under ``context``; returns seconds, peak memory and the output (or the error).
+
+    With ``target`` (float32, the output's shape) one training step instead: forward with grad, loss =
+    MSE(output.float(), target), backward (gradients reset before each step); it adds ``forward_seconds`` and
+    ``backward_seconds`` (medians over the same steps), the last step's ``loss``, ``nonfinite_grads`` and
+    ``probe_grad`` (`GRAD_PROBE`'s gradient, float32 on CPU), then frees the gradients.
+    """
     out: List[Tensor] = []
+    marks: List[Tuple[Mark, Mark, Mark]] = []
 
     def step() -> None:
         out[:] = [model(**inputs)[0]]
+
+    def train_step() -> None:
+        model.zero_grad(set_to_none=True)
+        begin = _mark(device)
+        pred = model(**inputs)[0]
+        loss = F.mse_loss(pred.float(), target)
+        middle = _mark(device)
+        loss.backward()
+        marks.append((begin, middle, _mark(device)))
+        out[:] = [pred.detach(), loss.detach()]
 
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     try:
-        with torch.no_grad(), context():
-            seconds = median_seconds(step, device, repeats)
+        with (torch.no_grad() if target is None else contextlib.nullcontext()), context():
+            seconds = median_seconds(step if target is None else train_step, device, repeats)
     except Exception as exc:  # one failing way (e.g. no cuDNN kernel for a mask) must not stop the sweep
+        model.zero_grad(set_to_none=True)
         return {"status": "error", "error": f"{type(exc).__name__}: {exc}".splitlines()[0][:300]}
     rec: Dict[str, Any] = {"status": "ok", "seconds": seconds, "output": out[0]}
+    if target is not None:
+        timed = marks[-repeats:]
+        rec.update(forward_seconds=statistics.median(_between(a, b) for a, b, _ in timed),
+                   backward_seconds=statistics.median(_between(b, c) for _, b, c in timed), loss=float(out[1]),
+                   nonfinite_grads=sum(int((~torch.isfinite(p.grad)).sum()) for p in model.parameters()
+                                       if p.grad is not None),
+                   probe_grad=model.get_parameter(GRAD_PROBE).grad.float().cpu())
+        model.zero_grad(set_to_none=True)
     if device.type == "cuda":
         rec["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     return rec
@@ -144,7 +213,8 @@ def run_model(name: str, build_model: Callable[[], nn.Module], patch: Sequence[i
               make_inputs: Callable[[int], Dict[str, Any]], frames: Sequence[int], args: argparse.Namespace,
               device: torch.device, deadline: float, on_row: Callable[[Dict[str, Any]], None]) -> None:
     """Measure the three ways at each video frame count and pass each row to ``on_row``; the model is
-    built before the first size that runs; ``patch`` = (p_t, p_h, p_w)."""
+    built before the first size that runs; ``patch`` = (p_t, p_h, p_w). With ``args.train`` each way times a
+    training step against a fixed random target shaped like ``hidden_states`` (out = in channels)."""
     from lvsa_kernels.diffusers import enable_lvsa
     from lvsa_kernels.diffusers.geometry import geometry_from_latents
 
@@ -159,18 +229,22 @@ def run_model(name: str, build_model: Callable[[], nn.Module], patch: Sequence[i
         model = model if model is not None else build_model()
         inputs = make_inputs(f)
         geo = geometry_from_latents(inputs["hidden_states"], 2, patch)
+        target = None
+        if args.train:
+            latents = inputs["hidden_states"]
+            target = torch.randn(latents.shape, generator=torch.Generator(device).manual_seed(2), device=device)
         ways: Dict[str, Dict[str, Any]] = {}
         if device.type == "cuda":
-            ways["dense_cudnn"] = measure(model, inputs, args.repeats, device, cudnn_context(device))
+            ways["dense_cudnn"] = measure(model, inputs, args.repeats, device, cudnn_context(device), target)
         else:
             ways["dense_cudnn"] = {"status": "skipped: cuDNN SDPA needs CUDA"}
-        if args.dense_default or device.type != "cuda":
-            ways["dense_default"] = measure(model, inputs, args.repeats, device, contextlib.nullcontext)
+        if args.dense_default or ways["dense_cudnn"]["status"] != "ok":
+            ways["dense_default"] = measure(model, inputs, args.repeats, device, contextlib.nullcontext, target)
         else:
-            ways["dense_default"] = {"status": "skipped: --no-dense-default"}
+            ways["dense_default"] = {"status": "skipped: not asked (--dense-default)"}
         handle = enable_lvsa(model, backend=args.backend, **knobs)
         try:
-            ways["lvsa"] = measure(model, inputs, args.repeats, device, contextlib.nullcontext)
+            ways["lvsa"] = measure(model, inputs, args.repeats, device, contextlib.nullcontext, target)
         finally:
             handle.disable()
         eight_bit = f"lvsa_{args.precision}" if args.precision else None
@@ -185,12 +259,19 @@ def run_model(name: str, build_model: Callable[[], nn.Module], patch: Sequence[i
                    kfi=pattern.key_frame_interval_for(geo.frames),
                    frame_density=float(pattern.frame_mask(geo.frames).float().mean()),
                    reference_frames=pattern.reference_frames, backend=args.backend)
+        if args.train:
+            row.update(trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
+                       grad_probe=GRAD_PROBE)
         dense = ways["dense_cudnn"] if ways["dense_cudnn"]["status"] == "ok" else ways["dense_default"]
         lvsa = ways["lvsa"]
         if dense["status"] == "ok" and lvsa["status"] == "ok":
             d, s = dense["output"].float(), lvsa["output"].float()
             row["rel_diff"] = float((s - d).abs().max() / d.abs().max().clamp_min(1e-30))
             row["nonfinite"] = int((~torch.isfinite(s)).sum() + (~torch.isfinite(d)).sum())
+            if args.train:
+                row["rel_diff_loss"] = abs(lvsa["loss"] - dense["loss"]) / max(abs(dense["loss"]), 1e-30)
+                g, h = lvsa["probe_grad"], dense["probe_grad"]
+                row["rel_l2_grad"] = float((g - h).norm() / h.norm().clamp_min(1e-30))
         if eight_bit and lvsa["status"] == "ok" and ways[eight_bit]["status"] == "ok":
             e, s = ways[eight_bit]["output"].float(), lvsa["output"].float()
             row["rel_diff_8bit_vs_lvsa"] = float((e - s).abs().max() / s.abs().max().clamp_min(1e-30))
@@ -200,11 +281,12 @@ def run_model(name: str, build_model: Callable[[], nn.Module], patch: Sequence[i
                 row["speedup_8bit_vs_dense"] = dense["seconds"] / ways[eight_bit]["seconds"]
         for way, rec in ways.items():
             rec.pop("output", None)
+            rec.pop("probe_grad", None)
             row[way] = rec
             if rec["status"] == "ok" and lvsa["status"] == "ok" and way != "lvsa" and way != eight_bit:
                 row[f"speedup_vs_{way}"] = rec["seconds"] / lvsa["seconds"]
         on_row(row)
-        del inputs, ways, dense, lvsa
+        del inputs, target, ways, dense, lvsa
 
 
 def _s(rec: Optional[Dict[str, Any]]) -> str:
@@ -228,7 +310,20 @@ def format_row(r: Dict[str, Any]) -> str:
     return (f"{r['model']:<10} {r['frames']:>6} {r['latent_frames']:>4} {r['video_tokens']:>7} {r['kfi']:>4} "
             f"{r['frame_density']:>7.3f} {_s(r.get('dense_cudnn')):>8} {_s(r.get('dense_default')):>9} "
             f"{_s(r.get('lvsa')):>8} {_x(r.get('speedup_vs_dense_cudnn')):>8} "
-            f"{_x(r.get('speedup_vs_dense_default')):>8} {rel:>9}" + _eight_bit_note(r))
+            f"{_x(r.get('speedup_vs_dense_default')):>8} {rel:>9}" + _eight_bit_note(r) + _train_note(r))
+
+
+def _train_note(r: Dict[str, Any]) -> str:
+    """Forward / backward seconds and peak GiB per way, loss and probe-gradient differences (--train rows)."""
+    if "grad_probe" not in r:
+        return ""
+    parts = [f"{w}: fwd {r[w]['forward_seconds']:.3f} + bwd {r[w]['backward_seconds']:.3f} s"
+             + (f", {r[w]['peak_gib']:.1f} GiB" if "peak_gib" in r[w] else "")
+             for w in ("dense_cudnn", "dense_default", "lvsa") if r[w]["status"] == "ok"]
+    if "rel_l2_grad" in r:
+        parts.append(f"loss diff {r['rel_diff_loss']:.1e}, grad L2 diff {r['rel_l2_grad']:.1e}, "
+                     f"non-finite grads {r['lvsa']['nonfinite_grads']}")
+    return "  " + "; ".join(parts)
 
 
 def _eight_bit_note(r: Dict[str, Any]) -> str:
@@ -243,12 +338,17 @@ def _eight_bit_note(r: Dict[str, Any]) -> str:
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--frames", type=int, nargs="+", help="Wan video frames (default 81 161 321 481; tiny 9 17)")
+    p.add_argument("--frames", type=int, nargs="+",
+                   help="Wan video frames (default 81 161 321 481, --train 321; tiny 9 17, --train 17)")
     p.add_argument("--hunyuan", action="store_true", help="also HunyuanVideo 1.5 480p-shaped (8.3B, 16 GB bf16)")
     p.add_argument("--hunyuan-frames", type=int, nargs="+", help="default 129 193; tiny 9 17")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per way after one warm-up (median)")
-    p.add_argument("--no-dense-default", dest="dense_default", action="store_false",
-                   help="skip the 'dense_default' way on CUDA (dense cuDNN stays the baseline)")
+    p.add_argument("--repeats", type=int, help="timed runs per way after one warm-up (median; default 3, --train 2)")
+    p.add_argument("--dense-default", action=argparse.BooleanOptionalAction,
+                   help="time the 'dense_default' way on CUDA too (default: yes, no with --train); it runs "
+                        "anyway where dense_cudnn did not")
+    p.add_argument("--train", action="store_true",
+                   help="time a training step (forward + MSE loss + backward, all weights, gradient "
+                        "checkpointing) instead of a forward; Wan only, default 321 frames")
     p.add_argument("--backend", default="triton", help="enable_lvsa backend (default triton)")
     p.add_argument("--precision", choices=("fp8", "int8_qk"),
                    help="also time LVSA at this 8-bit precision and compare its step output with the exact LVSA step")
@@ -260,8 +360,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="seconds; sizes not started before it runs out are skipped")
     p.add_argument("--json-out", help="write the results as JSON to this path")
     args = p.parse_args(argv)
-    if args.repeats < 1:
-        p.error("--repeats must be >= 1")
+    if args.repeats is not None and args.repeats < 1:
+        p.error(f"--repeats: expected >= 1, got {args.repeats}")
+    if args.train and args.hunyuan:
+        p.error("--hunyuan: the training step (--train) covers Wan only")
+    if args.train and args.precision:
+        p.error(f"--precision {args.precision}: 8-bit attention has no backward; expected no --precision with --train")
+    args.repeats = args.repeats or (2 if args.train else 3)
+    if args.dense_default is None:
+        args.dense_default = not args.train
     return args
 
 
@@ -281,7 +388,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch": torch.__version__,
             "triton": _triton_version(), "diffusers": diffusers.__version__, "dtype": str(dtype),
-            "resolution": [height, width], "repeats": args.repeats, "tiny": args.tiny}
+            "resolution": [height, width], "repeats": args.repeats, "tiny": args.tiny, "train": args.train}
+    if args.train:
+        meta["train_step"] = dict(loss="mse(output.float(), fixed randn target)", backward="all weights (full "
+                                  "fine-tuning), no optimizer step", gradient_checkpointing="diffusers "
+                                  "enable_gradient_checkpointing(), every block, both ways")
 
     def on_row(row: Dict[str, Any]) -> None:
         """Print the row and rewrite the JSON, so a run killed by a time limit keeps its finished sizes."""
@@ -294,9 +405,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(HEADER)
 
     wan_cfg = WAN_TINY if args.tiny else WAN_1_3B
-    run_model("wan-1.3b", lambda: build(WanTransformer3DModel, wan_cfg, device, dtype), wan_cfg["patch_size"],
-              lambda f: wan_inputs(wan_cfg, f, height, width, device, dtype),
-              args.frames or ([9, 17] if args.tiny else [81, 161, 321, 481]), args, device, deadline, on_row)
+    setup = trainable if args.train else (lambda model: model)
+    frames = ([17] if args.tiny else [321]) if args.train else ([9, 17] if args.tiny else [81, 161, 321, 481])
+    run_model("wan-1.3b", lambda: setup(build(WanTransformer3DModel, wan_cfg, device, dtype)), wan_cfg["patch_size"],
+              lambda f: wan_inputs(wan_cfg, f, height, width, device, dtype), args.frames or frames, args, device,
+              deadline, on_row)
     if args.hunyuan:
         if device.type == "cuda":
             torch.cuda.empty_cache()  # the Wan model is gone with run_model's frame

@@ -1,9 +1,11 @@
-"""Write the end-to-end step (bench/e2e_step.py), SVOO (bench/svoo_bench.py) and context-parallel
-(bench/multigpu_step.py) JSONs into RESULTS.md.
+"""Write the end-to-end step (bench/e2e_step.py, forward and ``--train``), SVOO (bench/svoo_bench.py) and
+context-parallel (bench/multigpu_step.py) JSONs into RESULTS.md.
 
-Each goes into its own marked section (``<!-- e2e:start/end -->``, ``<!-- svoo:... -->``, ``<!-- cp:... -->``),
-so the attention table written by `write_results.py` and hand-written notes stay untouched.
+Each goes into its own marked section (``<!-- e2e:start/end -->``, ``<!-- e2e-train:... -->``,
+``<!-- svoo:... -->``, ``<!-- cp:... -->``), so the attention table written by `write_results.py` and hand-written
+notes stay untouched.
 
+    python3 bench/write_step_results.py --e2e-train bench/results/h100_e2e_train.json
     python3 bench/write_step_results.py --e2e bench/results/h100_e2e_run4.json \
         --svoo bench/results/h100_svoo_cluster_run10.json --svoo-e2e bench/results/h100_svoo_e2e_topp0.3.json --cp bench/results/h200x2_cp_world1.json \
         bench/results/h200x2_cp_world2.json --md bench/RESULTS.md --png bench/e2e_speedup.png
@@ -47,6 +49,50 @@ def e2e_section(data: dict, source: str, png: Optional[str]) -> str:
               "sparse it measures the pattern's effect, not an error."]
     if png:
         lines += ["", f"![LVSA step speedup]({Path(png).name})"]
+    return "\n".join(lines)
+
+
+def _way(rec: dict, key: str = "seconds", fmt: str = "{:.2f}") -> str:
+    """One number of a way's record, or its status (``error``, ``skipped``) when it did not run."""
+    return fmt.format(rec[key]) if rec["status"] == "ok" else rec["status"].split(":")[0]
+
+
+def e2e_train_section(data: dict, source: str) -> str:
+    """The ``--train`` table: step, forward and backward seconds per way, speedup, peak memory, differences."""
+    meta = data["meta"]
+    lines = [
+        "## End-to-end: one training step of a Wan 2.1 1.3B-shaped transformer",
+        "",
+        f"{meta['device']}, torch {meta['torch']}, diffusers {meta['diffusers']}, {meta['dtype']}, "
+        f"{meta['resolution'][0]}x{meta['resolution'][1]}, random weights (real config), batch 1; one step = forward, "
+        f"{meta['train_step']['loss']}, backward into {meta['train_step']['backward']}; gradient checkpointing: "
+        f"{meta['train_step']['gradient_checkpointing']}. Median of {meta['repeats']} steps after a warm-up; fwd / "
+        "bwd = medians of the forward (+ loss) and backward (+ recomputation) parts of the same steps. Command: "
+        f"`python3 bench/e2e_step.py --train --json-out ...` (raw: `{source}`). Dense = diffusers' processors "
+        f"under cuDNN SDPA (default dispatch where cuDNN did not run); LVSA = `enable_lvsa(transformer, "
+        f"backend=\"{data['results'][0].get('backend', 'triton')}\")`, default pattern.",
+        "",
+        "| video frames | T | tokens | frame density | dense step s (fwd / bwd) | LVSA step s (fwd / bwd) | speedup | "
+        "peak GiB dense / LVSA | loss rel. diff | grad rel. L2 diff | non-finite LVSA grads |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in data["results"]:
+        if "lvsa" not in r:
+            lines.append(f"| {r['frames']} | {r['status']} | | | | | | | | | |")
+            continue
+        dense = r["dense_cudnn"] if r["dense_cudnn"]["status"] == "ok" else r["dense_default"]
+        lvsa = r["lvsa"]
+        speedup = r.get("speedup_vs_dense_cudnn", r.get("speedup_vs_dense_default"))
+        steps = [f"{_way(w)} ({_way(w, 'forward_seconds')} / {_way(w, 'backward_seconds')})" for w in (dense, lvsa)]
+        peaks = " / ".join(_way(w, "peak_gib", "{:.1f}") if "peak_gib" in w or w["status"] != "ok" else "-"
+                           for w in (dense, lvsa))
+        diffs = [f"{r[k]:.1e}" if k in r else "-" for k in ("rel_diff_loss", "rel_l2_grad")]
+        lines.append(
+            f"| {r['frames']} | {r['latent_frames']} | {r['video_tokens']:,} | {r['frame_density']:.3f} | {steps[0]} | "
+            f"{steps[1]} | {'-' if speedup is None else f'**{speedup:.2f}x**'} | {peaks} | {diffs[0]} | {diffs[1]} | "
+            f"{_way(lvsa, 'nonfinite_grads', '{}')} |")
+    lines += ["", f"grad rel. L2 diff: the gradient of `{data['results'][0].get('grad_probe', '-')}`, LVSA vs dense; "
+              "like the loss difference, a pattern effect where the pattern is sparse, not an error."]
     return "\n".join(lines)
 
 
@@ -160,7 +206,8 @@ def plot_e2e(data: dict, png: str) -> None:
 
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--e2e")
+    ap.add_argument("--e2e", help="bench/e2e_step.py JSON (forward steps)")
+    ap.add_argument("--e2e-train", help="bench/e2e_step.py --train JSON")
     ap.add_argument("--svoo")
     ap.add_argument("--svoo-e2e", nargs="*", default=[], help="bench/svoo_e2e.py JSON files")
     ap.add_argument("--cp", nargs="+", help="multigpu_step.py JSONs, one per world size")
@@ -174,6 +221,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.png:
             plot_e2e(data, args.png)
         text = replace_section(text, "e2e", e2e_section(data, args.e2e, args.png))
+    if args.e2e_train:
+        data = json.loads(Path(args.e2e_train).read_text())
+        if not data["meta"].get("train"):
+            raise SystemExit(f"write_step_results: --e2e-train {args.e2e_train}: a forward-step JSON; expected one "
+                             "written by e2e_step.py --train (give it to --e2e)")
+        text = replace_section(text, "e2e-train", e2e_train_section(data, args.e2e_train))
     if args.svoo:
         e2e = [json.loads(Path(x).read_text()) for x in args.svoo_e2e]
         text = replace_section(text, "svoo", svoo_section(json.loads(Path(args.svoo).read_text()), args.svoo, e2e,

@@ -90,3 +90,23 @@ def test_lora_gradients_match_dense_masked_attention_and_training_lowers_the_los
     finally:
         disable_lvsa(model)
     assert all(b < a for a, b in zip(losses, losses[1:])), losses
+
+
+def test_gradient_checkpointing_recomputes_the_same_sparse_attention():
+    """diffusers' gradient checkpointing reruns each block in the backward, after the transformer call ended: the
+    recomputed LVSA attention uses that call's geometry and layout, so the gradients are those without it."""
+    model = lora_model()
+    x = {k: v.to(DEVICE) for k, v in wan_inputs(FRAMES, SIZE, SIZE, batch=1, seed=3).items()}
+    target = torch.randn(1, 4, FRAMES, SIZE, SIZE, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    handle = enable_lvsa(model, PATTERN, backend="triton")
+    try:
+        want = torch.autograd.grad(loss_of(model, x, target), lora_params(model))
+        model.enable_gradient_checkpointing()
+        got = torch.autograd.grad(loss_of(model, x, target), lora_params(model))
+        block = model.blocks[0]
+        with pytest.raises(RuntimeError, match="outside a forward"):                 # no recompute, no forward
+            block.attn1(block.norm1(torch.randn(1, FRAMES * (SIZE // 2) ** 2, 32, device=DEVICE)))
+    finally:
+        handle.disable()
+    for g, w in zip(got, want):
+        assert ((g - w).norm() / w.norm()).item() <= 1e-6

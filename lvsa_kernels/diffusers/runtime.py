@@ -18,6 +18,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Hashable, List, Optional, Tuple, Type, Union
 
+import torch
 from torch import Tensor, nn
 
 from ..api import block_sparse_attn
@@ -68,6 +69,7 @@ class AttentionRuntime:
         self.tracker = StepTracker()
         self.geometry: Optional[VideoGeometry] = None
         self.context: Optional[ContextGroups] = None
+        self.in_forward = False
         self.ring_traffic = TrafficCounter()
         self.expert = 0
         self.forward_cache: Dict[str, Any] = {}
@@ -92,6 +94,7 @@ class AttentionRuntime:
             self.tracker.observe_marker(marker)
         self.geometry = geometry
         self.context = context
+        self.in_forward = True
         self.expert = expert
         self.forward_cache.clear()
         key = (self.tracker.generation, self.tracker.step, geometry)
@@ -103,14 +106,20 @@ class AttentionRuntime:
             self._planned_for = key
 
     def end_forward(self) -> None:
-        """Called by the transformer's forward hook: no geometry outside a transformer call."""
-        self.geometry = None
-        self.context = None
+        """Called by the transformer's forward hook: no geometry outside a transformer call, except in the
+        backward of a call that ran with grad enabled, where gradient checkpointing recomputes its blocks (the
+        geometry, context groups, step and plans stay those of the latest call: run its backward before the
+        next transformer call)."""
+        self.in_forward = False
+        if not torch.is_grad_enabled():
+            self.geometry = None
+            self.context = None
         self.forward_cache.clear()
 
     def current_geometry(self, where: str) -> VideoGeometry:
-        """The geometry of the transformer call in flight; raises outside one."""
-        if self.geometry is None:
+        """The geometry of the transformer call in flight (or recomputed in a backward); raises outside one."""
+        in_backward = torch._C._current_graph_task_id() != -1  # what torch.utils.checkpoint itself checks
+        if self.geometry is None or not (self.in_forward or in_backward):
             raise RuntimeError(
                 f"LVSA ({where}): attention was called outside a forward of the transformer that "
                 "enable_lvsa() was given, so the video geometry is unknown"
