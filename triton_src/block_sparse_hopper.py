@@ -30,7 +30,9 @@ keys write 0 and lse = -inf.
 (quantized per tile by a pre-pass) and K (one scale per aligned block of ``KEY_BLOCK`` tokens; the key tiles
 never cross a block) give exact int32 scores, turned into floats with one integer add; the softmax then costs
 one multiply-add per score, as in exact mode. ``fp8`` also multiplies e4m3 P by e4m3 V^T into the fp32
-accumulator (on an H200 as accurate as adding a fresh product per key tile, and 7.5% faster). TMA faults on a
+accumulator (on an H200 as accurate as adding a fresh product per key tile, and 7.5% faster); P's scale 448
+rides in the exponent (``2^(s - m + log2 448)``, no multiply) and in the row sum, where the normalization
+cancels it. TMA faults on a
 V^T column block that does not start 16-aligned (1560-token frames start anywhere), so fp8 loads every key tile
 as the aligned block of ``BLOCK_N`` keys that holds it (8-bit tiles never cross one) and masks the columns
 outside the tile (`_tile_origin`); it has no short tiles. Masked columns give P = 0, so the keys around the
@@ -53,7 +55,7 @@ from .gluon_compat import cta_barrier, tma_load
 
 HALF_M = gl.constexpr(64)  # query rows per consumer warpgroup (the wgmma M of one warpgroup)
 LN2 = gl.constexpr(0.6931471805599453)
-P_SCALE = gl.constexpr(448.0)  # P <= 1 against the running max: 1 maps onto e4m3's largest finite value
+LOG2_P_SCALE = gl.constexpr(8.807354922057604)  # fp8: P = 448 * 2^(s - m) <= 448, e4m3's largest finite value
 KEY_BLOCK = gl.constexpr(KEY_QUANT_BLOCK)  # 8-bit modes: tokens per K scale; key tiles never cross a block
 
 
@@ -100,30 +102,31 @@ def _exp2(x, EXP2_POLY: gl.constexpr):
 
 
 @gluon.jit
-def _full_tile_scores(s, m_i, qk_scale, bias, EXP2_POLY: gl.constexpr):
-    """One fused multiply-add per score (``qk_scale >= 0`` keeps the max); returns (p, m)."""
+def _full_tile_scores(s, m_i, qk_scale, bias, P_SHIFT: gl.constexpr, EXP2_POLY: gl.constexpr):
+    """One fused multiply-add per score (``qk_scale >= 0`` keeps the max); returns (p * 2^P_SHIFT, m)."""
     m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale - bias)
-    return _exp2(s * qk_scale - (m_new + bias)[:, None], EXP2_POLY), m_new
+    return _exp2(s * qk_scale - (m_new + (bias - P_SHIFT))[:, None], EXP2_POLY), m_new
 
 
 @gluon.jit
 def _softmax_step(s, m_i, l_i, kv0, kv_end, base, qk_scale, bias, BLOCK_N: gl.constexpr, s_layout: gl.constexpr,
-                  RAGGED: gl.constexpr, EXP2_POLY: gl.constexpr):
+                  RAGGED: gl.constexpr, P_SHIFT: gl.constexpr, EXP2_POLY: gl.constexpr):
     """Fold the scores ``s * qk_scale - bias`` (``qk_scale >= 0``) of key tile ``kv0 .. kv_end`` into the
-    running max/sum; returns (p, m, l, alpha). ``s [64, BLOCK_N]``: column c is key ``base + c`` (``base <=
-    kv0``: the tile was loaded from ``base``). Only a walk that may hold ragged tiles (``RAGGED``) carries the
-    column mask: its per-thread column indices cost registers for the whole walk."""
+    running max/sum; returns (p, m, l, alpha) with p and l scaled by ``2^P_SHIFT`` (the exponent takes the
+    scale for free). ``s [64, BLOCK_N]``: column c is key ``base + c`` (``base <= kv0``: the tile was loaded
+    from ``base``). Only a walk that may hold ragged tiles (``RAGGED``) carries the column mask: its per-thread
+    column indices cost registers for the whole walk."""
     if RAGGED:
         if kv0 + BLOCK_N > kv_end:  # scale before masking: 0 * -inf would be NaN
             cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
             valid = (cols >= kv0 - base) & (cols < kv_end - base)
             s = gl.where(valid[None, :], s * qk_scale, float("-inf"))
             m_new = gl.maximum(m_i, gl.max(s, 1) - bias)
-            p = _exp2(s - (m_new + bias)[:, None], EXP2_POLY)
+            p = _exp2(s - (m_new + (bias - P_SHIFT))[:, None], EXP2_POLY)
         else:
-            p, m_new = _full_tile_scores(s, m_i, qk_scale, bias, EXP2_POLY)
+            p, m_new = _full_tile_scores(s, m_i, qk_scale, bias, P_SHIFT, EXP2_POLY)
     else:
-        p, m_new = _full_tile_scores(s, m_i, qk_scale, bias, EXP2_POLY)
+        p, m_new = _full_tile_scores(s, m_i, qk_scale, bias, P_SHIFT, EXP2_POLY)
     alpha = gl.exp2(m_i - m_new)
     l_i = l_i * alpha + gl.sum(p, 1)
     return p, m_new, l_i, alpha
@@ -131,7 +134,7 @@ def _softmax_step(s, m_i, l_i, kv0, kv_end, base, qk_scale, bias, BLOCK_N: gl.co
 
 @gluon.jit
 def _fold_scores(s, m_i, l_i, kv0, kv_end, base, qk_scale, walk_scale, ks_base, s_layout: gl.constexpr,
-                 QK_INT8: gl.constexpr, RAGGED: gl.constexpr, EXP2_POLY: gl.constexpr):
+                 QK_INT8: gl.constexpr, RAGGED: gl.constexpr, P_SHIFT: gl.constexpr, EXP2_POLY: gl.constexpr):
     """`_softmax_step` of the ``Q K^T`` accumulator ``s`` of key tile ``kv0 .. kv_end`` loaded from key
     ``base``; returns (p, m, l, alpha).
 
@@ -145,9 +148,10 @@ def _fold_scores(s, m_i, l_i, kv0, kv_end, base, qk_scale, walk_scale, ks_base, 
         c = walk_scale * gl.load(ks_base + kv0 // KEY_BLOCK)
         f = (s + 0x4B400000).to(gl.float32, bitcast=True)
         return _softmax_step(f, m_i, l_i, kv0, kv_end, base, c, 12582912.0 * c, BLOCK_N, s_layout, RAGGED,
-                             EXP2_POLY)
+                             P_SHIFT, EXP2_POLY)
     else:
-        return _softmax_step(s, m_i, l_i, kv0, kv_end, base, qk_scale, 0.0, BLOCK_N, s_layout, RAGGED, EXP2_POLY)
+        return _softmax_step(s, m_i, l_i, kv0, kv_end, base, qk_scale, 0.0, BLOCK_N, s_layout, RAGGED, P_SHIFT,
+                             EXP2_POLY)
 
 
 @gluon.jit
@@ -165,10 +169,11 @@ def _zero_v_tail(v_buf, kv0, kv_end, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constex
 @gluon.jit
 def _pv_operand(p, v_buf, kv0, kv_end, p_layout: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                 RAGGED: gl.constexpr):
-    """P of key tile ``kv0 ..`` as the A operand of ``P V``: e4m3 times 448 against V^T in e4m3 (fp8), else in
-    V's dtype, after zeroing the V rows of a ragged tile (keys outside the span may hold NaN)."""
+    """P of key tile ``kv0 ..`` as the A operand of ``P V``: e4m3 against V^T in e4m3 (fp8; P already carries
+    its scale 448, see `LOG2_P_SCALE`), else in V's dtype, after zeroing the V rows of a ragged tile (keys
+    outside the span may hold NaN)."""
     if v_buf.dtype == gl.float8e4nv:
-        return gl.convert_layout((p * P_SCALE).to(gl.float8e4nv), p_layout)
+        return gl.convert_layout(p.to(gl.float8e4nv), p_layout)
     else:
         if RAGGED:
             _zero_v_tail(v_buf, kv0, kv_end, BLOCK_N, HEAD_DIM)
@@ -246,6 +251,7 @@ def _attend_tiles(q, acc, m_i, l_i, j_lo, j_hi, turn0, pingpong, ring, scales, H
     FP8_PV: gl.constexpr = v_smem.dtype == gl.float8e4nv
     qk_k: gl.constexpr = 32 if QK_INT8 else 16  # wgmma K per instruction: 256 bits of the operand type
     pv_k: gl.constexpr = 32 if FP8_PV else 16
+    P_SHIFT: gl.constexpr = LOG2_P_SCALE if FP8_PV else 0.0
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, N, qk_k])
     o_layout: gl.constexpr = acc.type.layout
@@ -268,7 +274,7 @@ def _attend_tiles(q, acc, m_i, l_i, j_lo, j_hi, turn0, pingpong, ring, scales, H
     s = warpgroup_mma_wait(0, deps=(s_tok, ))
     mbarrier.arrive(k_empty.index(stage), count=1)
     p, m_i, l_i, alpha = _fold_scores(s, m_i, l_i, kv0, kv_end, _tile_origin(kv0, N, FP8_PV), qk_scale, walk_scale,
-                                      ks_base, s_layout, QK_INT8, RAGGED, EXP2_POLY)
+                                      ks_base, s_layout, QK_INT8, RAGGED, P_SHIFT, EXP2_POLY)
     acc = acc * gl.convert_layout(alpha, row_o)[:, None]
     for j in range(j_lo + 1, j_hi):
         prev = stage
@@ -286,7 +292,7 @@ def _attend_tiles(q, acc, m_i, l_i, j_lo, j_hi, turn0, pingpong, ring, scales, H
         s = warpgroup_mma_wait(1, deps=(s_tok, ))
         mbarrier.arrive(k_empty.index(stage), count=1)
         p, m_i, l_i, alpha = _fold_scores(s, m_i, l_i, kv0, kv_end, _tile_origin(kv0, N, FP8_PV), qk_scale,
-                                          walk_scale, ks_base, s_layout, QK_INT8, RAGGED, EXP2_POLY)
+                                          walk_scale, ks_base, s_layout, QK_INT8, RAGGED, P_SHIFT, EXP2_POLY)
         pv = warpgroup_mma_wait(0, deps=(pv_tok, ))
         mbarrier.arrive(v_empty.index(prev), count=1)
         acc = pv * gl.convert_layout(alpha, row_o)[:, None]
@@ -352,13 +358,15 @@ def _consume(args, HALF: gl.constexpr):
     l_safe = gl.where(has_keys, l_i, 1.0)
     out = acc / l_safe[:, None]
     cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
-    if FP8_PV:  # undo V's per-channel scales and P's fixed scale
-        out = out * (gl.load(vs_base + cols) / P_SCALE)[None, :]
+    if FP8_PV:  # undo V's per-channel scales (P's scale 448 is in l too, so the ratio drops it)
+        out = out * gl.load(vs_base + cols)[None, :]
     rows_o = r0 + gl.arange(0, ROWS, layout=row_o)
     o_ptrs = o_base + rows_o[:, None].to(gl.int64) * stride_os + cols[None, :]
     gl.store(o_ptrs, out.to(out_dtype), mask=(rows_o < q1)[:, None])
     if QK_INT8:  # the scores were of the smoothed keys: add back q . k_mean
         m_i = m_i + gl.load(qmu_base + rows_o, mask=rows_o < q1, other=0.0) * qk_scale
+    if FP8_PV:
+        m_i = m_i - LOG2_P_SCALE
     lse = gl.where(has_keys, (m_i + gl.log2(l_safe)) * LN2, float("-inf"))
     gl.store(lse_base + rows_o, lse, mask=rows_o < q1)
 
