@@ -97,6 +97,7 @@ def test_head_dims_and_strided_inputs():
     qs, ks, vs = fused.split(32, dim=-1)
     out, lse = block_sparse_attn(qs, ks, vs, layout, backend="triton", return_lse=True)
     keys = torch.isfinite(lse)
+    do, dlse = do.to(DEVICE), dlse.to(DEVICE)
     ((out.double() * do).sum() + (lse.double()[keys] * dlse[keys]).sum()).backward()
     ref = grads(q64, k, v, do, dlse, layout, None, "reference", torch.float64)
     assert rel_err(fused.grad, torch.cat(ref, dim=-1)) <= TOL[torch.float32]
@@ -133,7 +134,7 @@ def _direct(layout, q, k, v, do, out, lse, fill):
 def test_every_gradient_element_is_written_and_runs_are_identical(name):
     """Buffers poisoned with NaN: the kernels write every element; two runs agree bit for bit (no atomics)."""
     layout, heads = layouts()[name]
-    q, k, v, do, _ = (t.float() for t in inputs(layout, 2, 4, 2 if heads == 4 else 4, 16, 7))
+    q, k, v, do, _ = (t.float().to(DEVICE) for t in inputs(layout, 2, 4, 2 if heads == 4 else 4, 16, 7))
     out, lse = block_sparse_attn(q, k, v, layout, backend="triton", scale=0.25, return_lse=True)
     first = _direct(layout, q, k, v, do, out, lse, float("nan"))
     assert all(torch.isfinite(t).all() for t in first)
