@@ -23,6 +23,12 @@ from .tuning import KernelConfig
 __all__ = ["CONFIG_ENV", "ClusterConfig", "assign_labels", "cluster_attention", "cluster_config"]
 
 CONFIG_ENV = "LVSA_KERNELS_CLUSTER_CONFIG"
+# The Hopper cluster kernel's registers: the launch caps each of its 384 threads at CLUSTER_MAXNREG (64K in all);
+# inside (setmaxnreg) the second consumer warpgroup takes CLUSTER_CONSUMER_REGS and the producer warpgroup
+# CLUSTER_PRODUCER_REGS.
+CLUSTER_MAXNREG = 168
+CLUSTER_CONSUMER_REGS = 224
+CLUSTER_PRODUCER_REGS = 56
 
 
 @dataclass(frozen=True)
@@ -38,6 +44,24 @@ class ClusterConfig:
 
     def __str__(self) -> str:
         return " + ".join(f"{c.block_m}x{c.block_n}/{c.num_warps}w/{c.num_stages}s" for c in self.parts)
+
+
+def cluster_hopper_meta(head_dim: int, dtype: torch.dtype, block_n: int, stages: int, window: int) -> dict:
+    """`cluster_hopper.cluster_attn_fwd_hopper`'s compile-time arguments beyond the head count: tile shapes,
+    NVMMA shared layouts of the Q halves and K/V tiles, the register split and the launch options. Shared by
+    the launch and `compile_check`."""
+    from triton.experimental.gluon import language as gl
+
+    from .block_sparse_hopper import HALF_M
+
+    el = gl.bfloat16 if dtype == torch.bfloat16 else gl.float16
+    return dict(
+        HEAD_DIM=head_dim, BLOCK_N=block_n, WINDOW=window, STAGES=stages,
+        Q_LAYOUT=gl.NVMMASharedLayout.get_default_for([int(HALF_M), head_dim], el),
+        KV_LAYOUT=gl.NVMMASharedLayout.get_default_for([block_n, head_dim], el),
+        CONSUMER_REGS=CLUSTER_CONSUMER_REGS, PRODUCER_REGS=CLUSTER_PRODUCER_REGS, num_warps=4,
+        maxnreg=CLUSTER_MAXNREG,
+    )
 
 
 def cluster_config(device: torch.device, dtype: torch.dtype, head_dim: int) -> ClusterConfig:
