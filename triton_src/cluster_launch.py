@@ -22,6 +22,7 @@ from .block_sparse_fwd import LOG2E
 from .cluster_attn import assign_argmax, cluster_attn_fwd
 from .cluster_schedule import ClusterSchedule
 from .interpreter import interpreting, launch_lock
+from .gluon_compat import triton_release
 from .launch import _ensure_tma_allocator, hopper_device_refusal
 from .tuning import KernelConfig
 
@@ -31,6 +32,9 @@ __all__ = ["CONFIG_ENV", "KERNEL_ENV", "ClusterConfig", "assign_labels", "cluste
 CONFIG_ENV = "LVSA_KERNELS_CLUSTER_CONFIG"
 KERNEL_ENV = "LVSA_KERNELS_CLUSTER_KERNEL"
 KERNELS = ("auto", "hopper", "portable")
+# Triton releases the Hopper cluster kernel is offered on: those where `compile_check` finds no local-memory
+# instruction in its loops (3.8.0 spills in the consumer loops at head dim 128: 119 in-loop spill instructions).
+CLUSTER_TRITON = ("3.6", "3.7", "3.9")
 # The Hopper cluster kernel's registers: the launch caps each of its 384 threads at CLUSTER_MAXNREG (64K in all);
 # inside (setmaxnreg) the second consumer warpgroup takes CLUSTER_CONSUMER_REGS and the producer warpgroup
 # CLUSTER_PRODUCER_REGS.
@@ -74,6 +78,9 @@ def _hopper_shape_refusal(q: Tensor) -> Optional[str]:
     reason = hopper_device_refusal(q.device)
     if reason is not None:
         return reason
+    if triton_release() not in CLUSTER_TRITON:
+        return (f"is not offered on Triton {triton.__version__} (its loops spill registers there; offered on "
+                f"{', '.join(CLUSTER_TRITON)})")
     if q.dtype not in (torch.float16, torch.bfloat16):
         return f"takes bf16 or fp16, got {str(q.dtype).replace('torch.', '')}"
     if q.shape[-1] not in (64, 128):
