@@ -75,6 +75,8 @@ def cluster_hopper_refusal(q: Tensor) -> Optional[str]:
 
 def _hopper_shape_refusal(q: Tensor) -> Optional[str]:
     """`cluster_hopper_refusal` without the alignment (which needs a real tensor, not one being traced)."""
+    if interpreting():
+        return "cannot run in Triton's CPU interpreter (Gluon)"
     reason = hopper_device_refusal(q.device)
     if reason is not None:
         return reason
@@ -103,7 +105,7 @@ def cluster_kernel(q: Tensor) -> str:
     choice = os.environ.get(KERNEL_ENV, "auto").strip().lower() or "auto"
     if choice not in KERNELS:
         raise ValueError(f"{KERNEL_ENV}: expected one of {', '.join(KERNELS)}, got {choice!r}")
-    if choice == "portable" or interpreting():
+    if choice == "portable":
         return "portable"
     reason = cluster_hopper_refusal(q)
     if choice == "hopper" and reason is not None:
