@@ -23,7 +23,7 @@ from .cluster_attn import assign_argmax, cluster_attn_fwd
 from .cluster_schedule import ClusterSchedule
 from .interpreter import interpreting, launch_lock
 from .gluon_compat import triton_release
-from .launch import _ensure_tma_allocator, hopper_device_refusal
+from .launch import hopper_device_refusal
 from .tuning import KernelConfig
 
 __all__ = ["CONFIG_ENV", "KERNEL_ENV", "ClusterConfig", "assign_labels", "cluster_attention", "cluster_config",
@@ -204,7 +204,6 @@ def _launch_hopper(q: Tensor, kp: Tensor, vp: Tensor, out: Tensor, lse: Tensor, 
         raise ValueError(f"q: the Hopper cluster kernel {reason}; run the portable one ({KERNEL_ENV}=portable)")
     if scale < 0:
         q, scale = -q, -scale
-    _ensure_tma_allocator()  # Gluon kernels may need the global scratch allocator
     cluster_attn_fwd_hopper[(q0.shape[1], B * H)](
         q, kp, vp, out, lse, q_perm,
         q.stride(0), q.stride(1), q.stride(2), out.stride(0), out.stride(1), out.stride(2),
