@@ -8,10 +8,10 @@ the permutation) for one group ``g = b * H + h``, in three partitions that meet 
   full tiles, then its partial ones; records of `cluster_plan.plan_key_tiles`) as a K tile and a V tile into a
   ``STAGES``-deep ring, with ``cp.async`` (16 bytes per thread and copy) into NVMMA-swizzled shared memory:
   a key tile's columns map to KP rows through its record (``WINDOW - 1`` selects per column), so it is no TMA
-  box. Columns past a partial tile's end are zero-filled by the copy (no NaN can reach ``P V``). The producer
-  keeps ``STAGES - 1`` tiles in flight: after committing tile ``j`` it waits for its own copies up to tile
-  ``j - STAGES + 1`` (``cp.async.wait_group``), fences them for the async proxy (wgmma), meets its other warps
-  (partition barrier) and arrives once on that tile's ``k_ready`` / ``v_ready`` barriers;
+  box. Columns past a partial tile's end are zero-filled by the copy (no NaN can reach ``P V``). After
+  committing tile ``j``'s K rows it waits for its own copies up to ``K_{j-STAGES+1}`` (``cp.async.wait_group``),
+  fences them for the async proxy (wgmma), meets its other warps (partition barrier) and arrives once on
+  ``k_ready`` of tile ``j - STAGES + 1`` and ``v_ready`` of tile ``j - STAGES`` (see `_produce`);
 * two consumers (one warpgroup each, 64 query rows each), as in the LVSA Hopper kernel: ``S = Q K^T`` by wgmma
   from shared memory, online softmax in registers (exp2 domain, fp32), ``O += P V`` with P from registers,
   the next tile's ``Q K^T`` issued before the previous tile's ``P V``, and ping-pong turns between the two
@@ -71,12 +71,16 @@ def _gather_keys(dst, base, rec, layout: gl.constexpr, WINDOW: gl.constexpr):
 
 @gluon.jit
 def _produce(args, WINDOW: gl.constexpr):
-    (q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, turn, recs, n_full, n_kv, rec_shift, q0, q1,
+    """Fill the ring. Each thread's copies form groups in the order Q, K_0, V_0, K_1, V_1, ...; ``wait_group(n)``
+    waits for all but its newest n groups. After committing ``K_j`` the producer waits for ``K_{j-STAGES+1}``
+    (and everything older), then publishes ``k_ready`` of tile ``j - STAGES + 1`` and ``v_ready`` of tile
+    ``j - STAGES``; tile 0's ``k_ready`` also covers Q. It publishes before waiting for ``v_empty`` of tile j,
+    whose release (``P V`` of tile ``j - STAGES``) needs exactly those two tiles: no cycle."""
+    (q_smem, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn, recs, n_full, n_kv, rec_shift, q0, q1,
      perm_base, q_base, stride_qs, k_base, v_base) = args
     STAGES: gl.constexpr = k_smem.type.shape[0]
     HEAD_DIM: gl.constexpr = k_smem.type.shape[2]
     ROWS: gl.constexpr = q_smem.type.shape[1]
-    LAG: gl.constexpr = STAGES - 1  # tiles in flight; their slots must not be the one being refilled
     REC: gl.constexpr = 2 * WINDOW + 1
     tpw_cols: gl.constexpr = HEAD_DIM // 8  # 8 elements (16 bytes) per thread and copy
     layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // tpw_cols, tpw_cols], [4, 1], [1, 0])
@@ -91,25 +95,22 @@ def _produce(args, WINDOW: gl.constexpr):
         mbarrier.wait(k_empty.index(stage), phase ^ 1)
         _gather_keys(k_smem.index(stage), k_base, rec, layout, WINDOW)
         async_commit_group()
+        if j >= STAGES - 1:  # K_{j-STAGES+1} is followed by 2 * STAGES - 2 newer groups
+            async_wait_group(2 * STAGES - 2)
+            fence_async_shared()  # the copies are read by wgmma (async proxy)
+            cta_barrier()  # every producer thread's copies have landed
+            mbarrier.arrive(k_ready.index((j - STAGES + 1) % STAGES), count=1)
+            if j >= STAGES:
+                mbarrier.arrive(v_ready.index((j - STAGES) % STAGES), count=1)
         mbarrier.wait(v_empty.index(stage), phase ^ 1)
         _gather_keys(v_smem.index(stage), v_base, rec, layout, WINDOW)
         async_commit_group()
-        if j >= LAG - 1:  # everything older than the last LAG tiles (Q counts as tile -1) has landed
-            async_wait_group(2 * LAG)
-            fence_async_shared()
-            cta_barrier()
-            if j == LAG - 1:
-                mbarrier.arrive(q_bar.index(0), count=1)
-            else:
-                old = (j - LAG) % STAGES
-                mbarrier.arrive(k_ready.index(old), count=1)
-                mbarrier.arrive(v_ready.index(old), count=1)
     async_wait_group(0)
     fence_async_shared()
     cta_barrier()
-    mbarrier.arrive(q_bar.index(0), count=1, pred=(n_kv > 0) & (n_kv < LAG))
-    for j in range(gl.maximum(n_kv - LAG, 0), n_kv):
+    for j in range(gl.maximum(n_kv - STAGES + 1, 0), n_kv):
         mbarrier.arrive(k_ready.index(j % STAGES), count=1)
+    for j in range(gl.maximum(n_kv - STAGES, 0), n_kv):
         mbarrier.arrive(v_ready.index(j % STAGES), count=1)
 
 
@@ -201,7 +202,7 @@ def _walk(q, acc, m_i, l_i, j_lo, j_hi, turn0, pingpong, ring, HALF: gl.constexp
 
 @gluon.jit
 def _consume(args, HALF: gl.constexpr, WINDOW: gl.constexpr):
-    (q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, turn, recs, n_full, n_kv, rec_shift, q0, q1,
+    (q_smem, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn, recs, n_full, n_kv, rec_shift, q0, q1,
      perm_base, o_base, stride_os, lse_base, qk_scale) = args
     STAGES: gl.constexpr = k_smem.type.shape[0]
     HEAD_DIM: gl.constexpr = k_smem.type.shape[2]
@@ -224,8 +225,7 @@ def _consume(args, HALF: gl.constexpr, WINDOW: gl.constexpr):
             mbarrier.wait(v_ready.index(stage), phase)
             mbarrier.arrive(v_empty.index(stage), count=1)
     elif n_kv > 0:
-        q = q_smem.index(HALF)
-        mbarrier.wait(q_bar.index(0), 0)
+        q = q_smem.index(HALF)  # landed with tile 0's K (its k_ready, waited for first)
         ring = (k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn, recs, rec_shift, qk_scale)
         if n_full > 0:
             acc, m_i, l_i = _walk(q, acc, m_i, l_i, 0, n_full, 0, pingpong, ring, HALF, False, WINDOW)
@@ -286,13 +286,11 @@ def cluster_attn_fwd_hopper(
     q_smem = gl.allocate_shared_memory(dtype, [2, HALF_M, HEAD_DIM], Q_LAYOUT)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], KV_LAYOUT)
     v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], KV_LAYOUT)
-    q_bar = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
     k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(q_bar.index(0), count=1)
     for i in gl.static_range(2):
         mbarrier.init(turn.index(i), count=1)
     for i in gl.static_range(STAGES):
@@ -303,7 +301,7 @@ def cluster_attn_fwd_hopper(
 
     perm_base = Q_PERM + g * seq_len
     recs = key_tiles + r * key_slots * (2 * WINDOW + 1)
-    ring = (q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, turn, recs, n_full, n_kv, rec_shift,
+    ring = (q_smem, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn, recs, n_full, n_kv, rec_shift,
             q0, q1, perm_base)
     o_base = O + b * stride_ob + h * stride_oh
     consumer_args = ring + (o_base, stride_os, LSE + g * seq_len, qk_scale)
