@@ -74,7 +74,7 @@ def land(w, newest):
 
 def producer(w, n_kv):
     """`cluster_hopper._produce`."""
-    S = w.S
+    S, lag = w.S, w.S - 2
     if n_kv > 0:
         copy(w, "q", None, None)
     for j in range(n_kv):
@@ -82,20 +82,20 @@ def producer(w, n_kv):
         yield from wait(w.k_empty[stage], phase ^ 1)
         copy(w, "k", stage, j)
         yield
-        if j >= S - 1:
-            land(w, 2 * S - 2)
+        if j >= lag:
+            land(w, 2 * lag)
             yield
-            w.k_ready[(j - S + 1) % S].arrive()
-            if j >= S:
-                w.v_ready[(j - S) % S].arrive()
+            w.k_ready[(j - lag) % S].arrive()
+            if j > lag:
+                w.v_ready[(j - lag - 1) % S].arrive()
         yield from wait(w.v_empty[stage], phase ^ 1)
         copy(w, "v", stage, j)
         yield
     land(w, 0)
     yield
-    for j in range(max(n_kv - S + 1, 0), n_kv):
+    for j in range(max(n_kv - lag, 0), n_kv):
         w.k_ready[j % S].arrive()
-    for j in range(max(n_kv - S, 0), n_kv):
+    for j in range(max(n_kv - lag - 1, 0), n_kv):
         w.v_ready[j % S].arrive()
 
 
@@ -191,7 +191,7 @@ def run(S, q0, q1, n_full, n_kv, seed, produce=producer, max_steps=20000):
             assert [t for kind, t in logs[half] if kind == "v"] == list(range(n_kv))
 
 
-@pytest.mark.parametrize("stages", [2, 4])
+@pytest.mark.parametrize("stages", [2, 3, 4])
 @pytest.mark.parametrize("rows", [0, 1, 64, 65, 128])
 def test_ring_protocol_under_random_schedules(stages, rows):
     """Empty slot, one consumer busy (<= 64 rows), ping-pong (> 64); every split of full / partial tiles."""

@@ -9,9 +9,9 @@ the permutation) for one group ``g = b * H + h``, in three partitions that meet 
   ``STAGES``-deep ring, with ``cp.async`` (16 bytes per thread and copy) into NVMMA-swizzled shared memory:
   a key tile's columns map to KP rows through its record (``WINDOW - 1`` selects per column), so it is no TMA
   box. Columns past a partial tile's end are zero-filled by the copy (no NaN can reach ``P V``). After
-  committing tile ``j``'s K rows it waits for its own copies up to ``K_{j-STAGES+1}`` (``cp.async.wait_group``),
+  committing tile ``j``'s K rows it waits for its own copies up to ``K_{j-STAGES+2}`` (``cp.async.wait_group``),
   fences them for the async proxy (wgmma), meets its other warps (partition barrier) and arrives once on
-  ``k_ready`` of tile ``j - STAGES + 1`` and ``v_ready`` of tile ``j - STAGES`` (see `_produce`);
+  ``k_ready`` of that tile and ``v_ready`` of the one before (see `_produce`);
 * two consumers (one warpgroup each, 64 query rows each), as in the LVSA Hopper kernel: ``S = Q K^T`` by wgmma
   from shared memory, online softmax in registers (exp2 domain, fp32), ``O += P V`` with P from registers,
   the next tile's ``Q K^T`` issued before the previous tile's ``P V``, and ping-pong turns between the two
@@ -72,15 +72,18 @@ def _gather_keys(dst, base, rec, layout: gl.constexpr, WINDOW: gl.constexpr):
 @gluon.jit
 def _produce(args, WINDOW: gl.constexpr):
     """Fill the ring. Each thread's copies form groups in the order Q, K_0, V_0, K_1, V_1, ...; ``wait_group(n)``
-    waits for all but its newest n groups. After committing ``K_j`` the producer waits for ``K_{j-STAGES+1}``
-    (and everything older), then publishes ``k_ready`` of tile ``j - STAGES + 1`` and ``v_ready`` of tile
-    ``j - STAGES``; tile 0's ``k_ready`` also covers Q. It publishes before waiting for ``v_empty`` of tile j,
-    whose release (``P V`` of tile ``j - STAGES``) needs exactly those two tiles: no cycle."""
+    waits for all but its newest n groups. After committing ``K_j`` the producer waits for ``K_{j-LAG}`` (and
+    everything older; ``LAG = STAGES - 2`` K tiles stay in flight), then publishes ``k_ready`` of tile ``j - LAG``
+    and ``v_ready`` of tile ``j - LAG - 1``; tile 0's ``k_ready`` also covers Q. Why this order cannot deadlock:
+    the slots it waits for next are freed by ``Q K^T`` of tile ``j - STAGES`` and ``P V`` of tile ``j - STAGES``,
+    which need at most tiles ``j - STAGES + 1`` (K) and ``j - STAGES`` (V), published by now; a K tile is
+    published once it lands, not when the next slot frees (the consumers would stall on each other)."""
     (q_smem, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn, recs, n_full, n_kv, rec_shift, q0, q1,
      perm_base, q_base, stride_qs, k_base, v_base) = args
     STAGES: gl.constexpr = k_smem.type.shape[0]
     HEAD_DIM: gl.constexpr = k_smem.type.shape[2]
     ROWS: gl.constexpr = q_smem.type.shape[1]
+    LAG: gl.constexpr = STAGES - 2
     REC: gl.constexpr = 2 * WINDOW + 1
     tpw_cols: gl.constexpr = HEAD_DIM // 8  # 8 elements (16 bytes) per thread and copy
     layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // tpw_cols, tpw_cols], [4, 1], [1, 0])
@@ -95,22 +98,22 @@ def _produce(args, WINDOW: gl.constexpr):
         mbarrier.wait(k_empty.index(stage), phase ^ 1)
         _gather_keys(k_smem.index(stage), k_base, rec, layout, WINDOW)
         async_commit_group()
-        if j >= STAGES - 1:  # K_{j-STAGES+1} is followed by 2 * STAGES - 2 newer groups
-            async_wait_group(2 * STAGES - 2)
+        if j >= LAG:  # K_{j-LAG} is followed by 2 * LAG newer groups
+            async_wait_group(2 * LAG)
             fence_async_shared()  # the copies are read by wgmma (async proxy)
             cta_barrier()  # every producer thread's copies have landed
-            mbarrier.arrive(k_ready.index((j - STAGES + 1) % STAGES), count=1)
-            if j >= STAGES:
-                mbarrier.arrive(v_ready.index((j - STAGES) % STAGES), count=1)
+            mbarrier.arrive(k_ready.index((j - LAG) % STAGES), count=1)
+            if j > LAG:
+                mbarrier.arrive(v_ready.index((j - LAG - 1) % STAGES), count=1)
         mbarrier.wait(v_empty.index(stage), phase ^ 1)
         _gather_keys(v_smem.index(stage), v_base, rec, layout, WINDOW)
         async_commit_group()
     async_wait_group(0)
     fence_async_shared()
     cta_barrier()
-    for j in range(gl.maximum(n_kv - STAGES + 1, 0), n_kv):
+    for j in range(gl.maximum(n_kv - LAG, 0), n_kv):
         mbarrier.arrive(k_ready.index(j % STAGES), count=1)
-    for j in range(gl.maximum(n_kv - STAGES, 0), n_kv):
+    for j in range(gl.maximum(n_kv - LAG - 1, 0), n_kv):
         mbarrier.arrive(v_ready.index(j % STAGES), count=1)
 
 
