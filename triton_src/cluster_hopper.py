@@ -31,7 +31,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from .block_sparse_hopper import HALF_M, LN2, _give_turn, _wait_turn
 from .gluon_compat import async_commit_group, async_load, async_wait_group, cta_barrier
 
-COPY_ROWS = gl.constexpr(16)  # rows per gather step of the producer (2 of them per thread and step at d128)
+COPY_ROWS = gl.constexpr(64)  # rows per gather step of the producer (Triton 3.6 puts a partition barrier between steps)
 
 
 @gluon.jit
