@@ -448,7 +448,7 @@ def kernels_case(kernel, dtype, D, seed, B=2, S=700, H=2, n_q=6, n_k=40, window=
 
 @needs_cuda
 @pytest.mark.parametrize("D", [64, 128])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("kernel", KERNEL_CHOICES)
 def test_cluster_kernels_equal_reference_over_one_plan(kernel, dtype, D):
     """Query clusters over two tiles (ping-pong), of 65-127 rows and of at most 64 (one busy consumer), of one
@@ -479,7 +479,7 @@ def test_cluster_kernels_any_finite_scale(kernel, scale):
 
 
 @needs_cuda
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("kernel", KERNEL_CHOICES)
 def test_pattern_picks_the_cluster_kernel_and_matches_reference(kernel, dtype, monkeypatch):
     """`SVOOPattern.attention(backend="triton")` at head dim 64 with trailing text, batch 2, re-cluster and reuse
