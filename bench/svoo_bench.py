@@ -190,12 +190,13 @@ HOPPER_SWEEP = [  # 128-row query tiles: the ring (key-tile width, stages), the 
 def kernels_to_time(choice: str, q: torch.Tensor) -> List[str]:
     """The cluster kernels to time: ``both`` -> hopper (where it can run) then portable; ``auto`` ->
     `cluster_kernel` (which also reads ``LVSA_KERNELS_CLUSTER_KERNEL``); else the one named."""
-    if choice == "both":
-        return ["hopper", "portable"] if cluster_launch.cluster_hopper_refusal(q) is None else ["portable"]
     if choice == "auto":
         return [cluster_kernel(q)]
-    if choice == "hopper" and cluster_launch.cluster_hopper_refusal(q) is not None:
-        raise SystemExit(f"--cluster-kernel hopper: the Hopper cluster kernel {cluster_launch.cluster_hopper_refusal(q)}")
+    refusal = cluster_launch.cluster_hopper_refusal(q)
+    if choice == "both":
+        return ["hopper", "portable"] if refusal is None else ["portable"]
+    if choice == "hopper" and refusal is not None:
+        raise SystemExit(f"--cluster-kernel hopper: the Hopper cluster kernel {refusal}")
     return [choice]
 
 
@@ -217,16 +218,16 @@ def sweep(q, kp, vp, qperm, mask, cl, S, scale, measure, kernel: str) -> List[Di
 
 
 def table(results: List[Dict[str, object]]) -> str:
-    cols = ["case", "kernel", "floor", "density", "recall", "err", "cluster", "refresh", "select", "perm", "plan", "sparse",
-            "reuse", "reclust", "dense", "x reuse", "x reclust", "ovh/sparse", "TF/s", "ops"]
+    cols = ["case", "kernel", "floor", "density", "recall", "err", "cluster", "refresh", "select", "perm", "plan",
+            "sparse", "reuse", "reclust", "dense", "x reuse", "x reclust", "ovh/sparse", "TF/s", "ops"]
     lines = [" | ".join(cols)]
     for r in results:
         if "ms" not in r:
             lines.append(f"{r['case']} | {r['floor_keep_ratio']} | skipped: {r.get('skipped')}")
             continue
         t = r["ms"]
-        vals = [r["case"], r["cluster_kernel"], f"{r['floor_keep_ratio']:.2f}", f"{r['density']:.3f}", f"{r['recall']:.3f}",
-                f"{r['rel_err_sampled']:.1e}"]
+        vals = [r["case"], r["cluster_kernel"], f"{r['floor_keep_ratio']:.2f}", f"{r['density']:.3f}",
+                f"{r['recall']:.3f}", f"{r['rel_err_sampled']:.1e}"]
         vals += [f"{t[c]:.2f}" if c in t else "-" for c in ("cluster", "refresh", "select", "permute", "plan",
                                                             "sparse_attn", "svoo_reuse", "svoo_recluster", "dense")]
         vals += [f"{r['speedup_reuse']:.2f}", f"{r['speedup_recluster']:.2f}", f"{r['reuse_overhead_share']:.2f}",

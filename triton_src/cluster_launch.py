@@ -21,8 +21,8 @@ from torch import Tensor
 from .block_sparse_fwd import LOG2E
 from .cluster_attn import assign_argmax, cluster_attn_fwd
 from .cluster_schedule import ClusterSchedule
-from .interpreter import interpreting, launch_lock
 from .gluon_compat import triton_release
+from .interpreter import interpreting, launch_lock
 from .launch import hopper_device_refusal
 from .tuning import KernelConfig
 
@@ -131,7 +131,8 @@ def cluster_hopper_meta(head_dim: int, dtype: torch.dtype, block_n: int, stages:
     )
 
 
-def cluster_config(device: torch.device, dtype: torch.dtype, head_dim: int, kernel: str = "portable") -> ClusterConfig:
+def cluster_config(device: torch.device, dtype: torch.dtype, head_dim: int,
+                   kernel: str = "portable") -> ClusterConfig:
     """Launch configs of ``kernel`` (`cluster_kernel`) for ``device`` / ``dtype`` / ``head_dim`` (portable:
     measured on the H100, ``bench/RESULTS.md``). ``LVSA_KERNELS_CLUSTER_CONFIG="128,128,8,3;64,64,4,3"``
     overrides them (``BLOCK_M,BLOCK_N,warps,stages`` per launch, all run by ``kernel``).

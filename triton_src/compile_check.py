@@ -251,7 +251,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"Triton {triton.__version__}: Gluon Hopper kernels for sm_90a"
           f"{'' if refusal is None else ' (not offered at run time: ' + refusal + ')'}")
     rows = []
-    print(f"{'variant':66s} {'regs':>4s} {'stack':>5s} {'STL/LDL/in-loop':>15s} {'smem':>6s} {'SASS':>6s} {'MMA':>4s}  seconds")
+    print(f"{'variant':66s} {'regs':>4s} {'stack':>5s} {'STL/LDL/in-loop':>15s} {'smem':>6s} {'SASS':>6s} {'MMA':>4s}  "
+          "seconds")
     todo = [v for v in variants(args.quick) if args.kernel in (None, v.kernel)]
     with ProcessPoolExecutor(max(1, args.jobs)) as pool:
         results = pool.map(check, todo)
