@@ -205,13 +205,17 @@ def _launch_hopper(q: Tensor, kp: Tensor, vp: Tensor, out: Tensor, lse: Tensor, 
         raise ValueError(f"q: the Hopper cluster kernel {reason}; run the portable one ({KERNEL_ENV}=portable)")
     if scale < 0:
         q, scale = -q, -scale
-    cluster_attn_fwd_hopper[(q0.shape[1], B * H)](
-        q, kp, vp, out, lse, q_perm,
-        q.stride(0), q.stride(1), q.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        row, q0, q1, records, count,
-        scale * LOG2E, S, q0.shape[1], records.shape[1],
-        NUM_HEADS=H, **cluster_hopper_meta(D, q.dtype, block_n, stages, window),
-    )
+    try:
+        cluster_attn_fwd_hopper[(q0.shape[1], B * H)](
+            q, kp, vp, out, lse, q_perm,
+            q.stride(0), q.stride(1), q.stride(2), out.stride(0), out.stride(1), out.stride(2),
+            row, q0, q1, records, count,
+            scale * LOG2E, S, q0.shape[1], records.shape[1],
+            NUM_HEADS=H, **cluster_hopper_meta(D, q.dtype, block_n, stages, window),
+        )
+    except Exception as exc:  # a compile or launch failure: say how to run without this kernel
+        raise RuntimeError(f"the Hopper cluster kernel failed ({type(exc).__name__}: {exc}); "
+                           f"{KERNEL_ENV}=portable runs the portable one") from exc
 
 
 @triton_cluster_attn_fwd.register_fake
