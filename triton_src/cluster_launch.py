@@ -214,8 +214,8 @@ def _launch_hopper(q: Tensor, kp: Tensor, vp: Tensor, out: Tensor, lse: Tensor, 
             NUM_HEADS=H, **cluster_hopper_meta(D, q.dtype, block_n, stages, window),
         )
     except Exception as exc:  # a compile or launch failure: say how to run without this kernel
-        raise RuntimeError(f"the Hopper cluster kernel failed ({type(exc).__name__}: {exc}); "
-                           f"{KERNEL_ENV}=portable runs the portable one") from exc
+        raise RuntimeError(f"the Hopper cluster kernel failed ({type(exc).__name__}, above); {KERNEL_ENV}=portable "
+                           "runs the portable one") from exc
 
 
 @triton_cluster_attn_fwd.register_fake
