@@ -8,7 +8,10 @@ the profile floor uses keep ratios in the published Wan 1.3B band 0.15-0.20. It 
 - ``cluster``: co-clustering with the fused assignment kernel (what a re-clustering step adds),
 - ``refresh``: centroids of the cached clusters from the current q, k (what a reuse step adds),
 - ``select``: block selection, ``permute``: k, v into key-cluster order, ``plan``: the device schedule,
-- ``sparse_attn``: the packed cluster kernel alone (reads q and writes out through the permutation),
+- ``sparse_attn``: the packed cluster kernel alone (reads q and writes out through the permutation): the Hopper
+  kernel on sm_90, else the portable one (`cluster_launch.cluster_kernel`; ``--cluster-kernel`` or
+  ``LVSA_KERNELS_CLUSTER_KERNEL`` choose; ``--cluster-kernel both`` times both on the same plan inputs and the
+  reuse call with each: an A/B in one process),
 - ``svoo_reuse`` / ``svoo_recluster``: one full `SVOOPattern.attention` call on a reuse / re-clustering step,
 - ``dense``: cuDNN SDPA on the same q, k, v,
 
@@ -19,6 +22,7 @@ Cases run floor by floor (both resolutions at the first floor first); about 2 mi
 ``--sweep`` adds a launch-config sweep of the cluster kernel. Writes ``svoo_bench.json`` under ``--out``.
 
     python3 bench/svoo_bench.py --out "$OUT" [--cases wan480,wan720] [--floors 0.15,0.20] [--sweep]
+                                [--cluster-kernel auto|hopper|portable|both]
     TRITON_INTERPRET=1 python3 bench/svoo_bench.py --cpu-smoke --out /tmp/svoo_smoke   # tiny, CPU interpreter
 """
 from __future__ import annotations
@@ -40,8 +44,9 @@ from lvsa_kernels.reference.svoo_profile import SVOOProfile
 from lvsa_kernels.svoo_attention import triton_cluster_ops
 from lvsa_kernels.svoo_eval import clustered_qkv, sampled_rows, selected_attention
 from lvsa_kernels.timing import bench_ms
-from lvsa_kernels.triton_src import cluster_path
-from lvsa_kernels.triton_src.cluster_launch import ClusterConfig, cluster_attention, cluster_config
+from lvsa_kernels.triton_src import cluster_launch, cluster_path
+from lvsa_kernels.triton_src.cluster_launch import (KERNEL_ENV, ClusterConfig, cluster_attention, cluster_config,
+                                                    cluster_kernel)
 from lvsa_kernels.triton_src.cluster_schedule import build_cluster_schedule
 from lvsa_kernels.triton_src.tuning import KernelConfig
 
@@ -79,18 +84,12 @@ def run_case(name: str, floor: float, args, device, dtype, measure) -> Dict[str,
     floors = pat.min_blocks(0, 0, H)
     mask = select_blocks(cl.q.centroids, cl.k.centroids, cl.k.sizes, args.top_p, floors, scale)
     kp, vp = cluster_path.permute_keys(k, v, cl.k.perm)
-    cfg = cluster_config(device, dtype, D)
-    sched = build_cluster_schedule(mask, cl.q.sizes, cl.k.sizes, S, cfg.tiles)
     qperm = cl.q.perm.to(torch.int32)
-    out, _ = cluster_attention(q, kp, vp, qperm, sched, scale, cfg)
-    pairs = float((cl.q.sizes.double().reshape(-1) * sched.keys_per_row.double()).sum())
     rows = sampled_rows(S, args.recall_queries, device)
     ref, recall = selected_attention(q, k, v, cl, mask, rows)
-    res.update(density=pairs / (H * S * S), computed_pairs=pairs, recall=recall,
-               rel_err_sampled=sampled_error(out, ref, rows), config=str(cfg),
-               q_cluster_size_max=int(cl.q.sizes.max()), k_clusters_empty=int((cl.k.sizes == 0).sum()),
-               key_tiles=[int(kt.count.sum()) for _, kt in sched.parts],
-               query_tiles=[int((qt.q1 > qt.q0).sum()) for qt, _ in sched.parts])
+    kernels = kernels_to_time(args.cluster_kernel, q)
+    res.update(recall=recall, cluster_kernel=kernels[0], q_cluster_size_max=int(cl.q.sizes.max()),
+               k_clusters_empty=int((cl.k.sizes == 0).sum()))
 
     t = {}
     t["cluster"] = measure(lambda: co_cluster(gq, gk, args.q_clusters, args.k_clusters, args.iterations, seed=0,
@@ -99,14 +98,6 @@ def run_case(name: str, floor: float, args, device, dtype, measure) -> Dict[str,
     t["refresh"] = measure(lambda: (ops.refresh(q, cl.q), ops.refresh(k, cl.k)))
     t["select"] = measure(lambda: select_blocks(cl.q.centroids, cl.k.centroids, cl.k.sizes, args.top_p, floors, scale))
     t["permute"] = measure(lambda: cluster_path.permute_keys(k, v, cl.k.perm))
-    t["plan"] = measure(lambda: build_cluster_schedule(mask, cl.q.sizes, cl.k.sizes, S, cfg.tiles))
-    t["sparse_attn"] = measure(lambda: cluster_attention(q, kp, vp, qperm, sched, scale, cfg))
-    pat.attention(q, k, v, 0, 0, backend="triton")  # fill the cache: later steps reuse it
-    reuse = lambda: pat.attention(q, k, v, 1, 0, backend="triton")  # noqa: E731
-    t["svoo_reuse"] = measure(reuse)
-    t["svoo_recluster"] = measure(lambda: (pat.reset(), pat.attention(q, k, v, 0, 0, backend="triton")))
-    pat.attention(q, k, v, 0, 0, backend="triton")
-    res["gpu_ops_reuse"] = gpu_ops(reuse, device)
     qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
     if device.type == "cuda":
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -115,16 +106,54 @@ def run_case(name: str, floor: float, args, device, dtype, measure) -> Dict[str,
             t["dense"] = measure(lambda: F.scaled_dot_product_attention(qt, kt, vt))
     else:
         t["dense"] = measure(lambda: F.scaled_dot_product_attention(qt, kt, vt))
+    per_kernel = {}
+    previous = os.environ.get(KERNEL_ENV)
+    for kernel in kernels:  # the first is the case's headline kernel (its numbers fill the top-level fields)
+        os.environ[KERNEL_ENV] = kernel  # SVOOPattern's calls pick the kernel through cluster_path.attend
+        cfg = cluster_config(device, dtype, D, kernel)
+        sched = build_cluster_schedule(mask, cl.q.sizes, cl.k.sizes, S, cfg.tiles)
+        out, _ = cluster_attention(q, kp, vp, qperm, sched, scale, cfg)
+        pairs = float((cl.q.sizes.double().reshape(-1) * sched.keys_per_row.double()).sum())
+        kt_ms = {"plan": measure(lambda: build_cluster_schedule(mask, cl.q.sizes, cl.k.sizes, S, cfg.tiles)),
+                 "sparse_attn": measure(lambda: cluster_attention(q, kp, vp, qperm, sched, scale, cfg))}
+        pat.reset()
+        pat.attention(q, k, v, 0, 0, backend="triton")  # fill the cache: later steps reuse it
+        reuse = lambda: pat.attention(q, k, v, 1, 0, backend="triton")  # noqa: E731
+        kt_ms["svoo_reuse"] = measure(reuse)
+        per_kernel[kernel] = {
+            "config": str(cfg), "ms": kt_ms, "rel_err_sampled": sampled_error(out, ref, rows),
+            "sparse_effective_tflops": 4 * D * pairs / kt_ms["sparse_attn"] / 1e9,
+            "speedup_reuse": t["dense"] / kt_ms["svoo_reuse"],
+            "key_tiles": [int(kt.count.sum()) for _, kt in sched.parts],
+            "query_tiles": [int((qt.q1 > qt.q0).sum()) for qt, _ in sched.parts]}
+        print(f"  {name} floor {floor}: {kernel} cluster kernel {cfg}: sparse_attn {kt_ms['sparse_attn']:.2f} ms "
+              f"= {per_kernel[kernel]['sparse_effective_tflops']:.0f} effective TF/s, reuse call "
+              f"{kt_ms['svoo_reuse']:.2f} ms = {per_kernel[kernel]['speedup_reuse']:.2f}x dense, "
+              f"err {per_kernel[kernel]['rel_err_sampled']:.1e}", flush=True)
+        if kernel == kernels[0]:
+            t.update(kt_ms)
+            res.update(density=pairs / (H * S * S), computed_pairs=pairs, config=str(cfg),
+                       rel_err_sampled=per_kernel[kernel]["rel_err_sampled"], key_tiles=per_kernel[kernel]["key_tiles"],
+                       query_tiles=per_kernel[kernel]["query_tiles"])
+            t["svoo_recluster"] = measure(lambda: (pat.reset(), pat.attention(q, k, v, 0, 0, backend="triton")))
+            pat.attention(q, k, v, 0, 0, backend="triton")
+            res["gpu_ops_reuse"] = gpu_ops(reuse, device)
+            primary = (cfg, sched)
+    if previous is None:
+        os.environ.pop(KERNEL_ENV, None)
+    else:
+        os.environ[KERNEL_ENV] = previous
+    res["kernels"] = per_kernel
     res["ms"] = t
     reuse_overhead = t["refresh"] + t["select"] + t["permute"] + t["plan"]
     res.update(speedup_reuse=t["dense"] / t["svoo_reuse"], speedup_recluster=t["dense"] / t["svoo_recluster"],
                reuse_overhead_share=reuse_overhead / t["sparse_attn"],
                cluster_permute_share=(t["cluster"] + t["permute"]) / t["sparse_attn"],
-               sparse_effective_tflops=4 * D * pairs / t["sparse_attn"] / 1e9,
+               sparse_effective_tflops=per_kernel[kernels[0]]["sparse_effective_tflops"],
                dense_tflops=4 * H * D * S * S / t["dense"] / 1e9)
     if args.sweep and not getattr(args, "swept", False):
         args.swept = True  # once, on the first case
-        res["sweep"] = sweep(q, kp, vp, qperm, mask, cl, S, scale, measure)
+        res["sweep"] = sweep(q, kp, vp, qperm, mask, cl, S, scale, measure, primary[0].kernel)
     return res
 
 
@@ -150,12 +179,32 @@ SWEEP = [  # (launch configs, window)
     ((KernelConfig(128, 128, 8, 4), KernelConfig(64, 64, 4, 3)), 4), ((_BIG, KernelConfig(64, 64, 4, 3)), 8),
     ((KernelConfig(64, 64, 4, 3),), 4),
 ]
+_HOPPER = dict(num_warps=4, kernel="hopper")
+HOPPER_SWEEP = [  # 128-row query tiles: the ring (key-tile width, stages), the window
+    ((KernelConfig(128, 128, num_stages=2, **_HOPPER),), 4), ((KernelConfig(128, 64, num_stages=4, **_HOPPER),), 4),
+    ((KernelConfig(128, 128, num_stages=2, **_HOPPER),), 8), ((KernelConfig(128, 64, num_stages=4, **_HOPPER),), 8),
+    ((KernelConfig(128, 128, num_stages=2, **_HOPPER), KernelConfig(64, 128, num_stages=2, **_HOPPER)), 4),
+]
 
 
-def sweep(q, kp, vp, qperm, mask, cl, S, scale, measure) -> List[Dict[str, object]]:
-    """Milliseconds of the cluster kernel per launch config (one process: ratios comparable)."""
+def kernels_to_time(choice: str, q: torch.Tensor) -> List[str]:
+    """The cluster kernels to time: ``both`` -> hopper (where it can run) then portable; ``auto`` ->
+    `cluster_kernel` (which also reads ``LVSA_KERNELS_CLUSTER_KERNEL``); else the one named."""
+    if choice == "auto":
+        return [cluster_kernel(q)]
+    refusal = cluster_launch.cluster_hopper_refusal(q)
+    if choice == "both":
+        return ["hopper", "portable"] if refusal is None else ["portable"]
+    if choice == "hopper" and refusal is not None:
+        raise SystemExit(f"--cluster-kernel hopper: the Hopper cluster kernel {refusal}")
+    return [choice]
+
+
+def sweep(q, kp, vp, qperm, mask, cl, S, scale, measure, kernel: str) -> List[Dict[str, object]]:
+    """Milliseconds of the cluster kernel per launch config (one process: ratios comparable): `SWEEP` on the
+    portable kernel, `HOPPER_SWEEP` on the Hopper one."""
     out = []
-    for parts, window in SWEEP:
+    for parts, window in (HOPPER_SWEEP if kernel == "hopper" else SWEEP):
         cfg = ClusterConfig(parts)
         name = f"{cfg} window={window}"
         try:
@@ -169,16 +218,16 @@ def sweep(q, kp, vp, qperm, mask, cl, S, scale, measure) -> List[Dict[str, objec
 
 
 def table(results: List[Dict[str, object]]) -> str:
-    cols = ["case", "floor", "density", "recall", "err", "cluster", "refresh", "select", "perm", "plan", "sparse",
-            "reuse", "reclust", "dense", "x reuse", "x reclust", "ovh/sparse", "TF/s", "ops"]
+    cols = ["case", "kernel", "floor", "density", "recall", "err", "cluster", "refresh", "select", "perm", "plan",
+            "sparse", "reuse", "reclust", "dense", "x reuse", "x reclust", "ovh/sparse", "TF/s", "ops"]
     lines = [" | ".join(cols)]
     for r in results:
         if "ms" not in r:
             lines.append(f"{r['case']} | {r['floor_keep_ratio']} | skipped: {r.get('skipped')}")
             continue
         t = r["ms"]
-        vals = [r["case"], f"{r['floor_keep_ratio']:.2f}", f"{r['density']:.3f}", f"{r['recall']:.3f}",
-                f"{r['rel_err_sampled']:.1e}"]
+        vals = [r["case"], r["cluster_kernel"], f"{r['floor_keep_ratio']:.2f}", f"{r['density']:.3f}",
+                f"{r['recall']:.3f}", f"{r['rel_err_sampled']:.1e}"]
         vals += [f"{t[c]:.2f}" if c in t else "-" for c in ("cluster", "refresh", "select", "permute", "plan",
                                                             "sparse_attn", "svoo_reuse", "svoo_recluster", "dense")]
         vals += [f"{r['speedup_reuse']:.2f}", f"{r['speedup_recluster']:.2f}", f"{r['reuse_overhead_share']:.2f}",
@@ -201,6 +250,8 @@ def main(argv: List[str] = None) -> int:
     ap.add_argument("--centers", type=int, default=64, help="cluster centres of the synthetic q/k per head")
     ap.add_argument("--recall-queries", type=int, default=256)
     ap.add_argument("--sweep", action="store_true", help="also time the cluster kernel's launch configs (first case)")
+    ap.add_argument("--cluster-kernel", choices=("auto", "hopper", "portable", "both"), default="auto",
+                    help="cluster kernel to time (auto: the one SVOO picks; both: hopper then portable, A/B)")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--time-budget", type=float, default=170.0, help="seconds; later cases are skipped")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on CPU with the reference backend")

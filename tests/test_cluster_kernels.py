@@ -10,7 +10,7 @@ import torch
 import cluster_schedule_oracle as oracle
 from lvsa_kernels import SVOOPattern
 from lvsa_kernels.reference.svoo import assign, co_cluster, segment_means
-from lvsa_kernels.triton_src import cluster_path
+from lvsa_kernels.triton_src import cluster_launch, cluster_path
 from lvsa_kernels.triton_src.cluster_launch import ClusterConfig, assign_labels, cluster_attention, cluster_config
 from lvsa_kernels.triton_src.cluster_schedule import build_cluster_schedule
 from lvsa_kernels.triton_src.tuning import KernelConfig
@@ -372,3 +372,156 @@ def test_fused_selection_equals_reference_selection(top_p):
     got = cluster_path.select_blocks(qc.to(DEVICE), kc.to(DEVICE), sizes.to(DEVICE), top_p, floor.to(DEVICE), 0.7)
     assert torch.equal(got.cpu(), ref)
     assert 0 < int(ref.sum()) < ref.numel()
+
+
+# --- the Hopper cluster kernel (sm_90) against the portable one and the reference, over one plan --------------
+
+HOPPER = CUDA and cluster_launch.cluster_hopper_refusal(torch.empty(1, 1, 1, 64, device="cuda")
+                                                       .to(torch.bfloat16)) is None
+needs_hopper = pytest.mark.skipif(not HOPPER, reason="needs an sm_90 GPU and a Triton release the Hopper cluster "
+                                                     "kernel is offered on (cluster_launch.CLUSTER_TRITON)")
+needs_cuda = pytest.mark.skipif(not CUDA, reason="head dims 64/128 at these sizes are for the GPU")
+KERNEL_CHOICES = ["portable", pytest.param("hopper", marks=needs_hopper)]
+
+
+def with_single_tokens(sizes, g, count):
+    """``sizes`` with ``count`` non-empty clusters per group cut to one token (the rest moved to the largest)."""
+    sizes = sizes.clone()
+    for row in sizes:
+        big = int(row.argmax())
+        for j in torch.randperm(len(row), generator=g).tolist():
+            if count and j != big and row[j] > 1:
+                row[big] += row[j] - 1
+                row[j] = 1
+                count -= 1
+    return sizes
+
+
+def kernel_config(kernel, D, block_n=128, stages=None):
+    """One launch of 128-row query tiles and ``block_n``-column key tiles on ``kernel``."""
+    if kernel == "hopper":
+        return ClusterConfig((KernelConfig(128, block_n, 4, stages or (2 if D > 64 else 4), kernel="hopper"),))
+    return ClusterConfig((KernelConfig(128, block_n, 8 if D > 64 else 4, 3),))
+
+
+def poisoned_call(fn, q):
+    """``fn()`` after freeing NaN-filled blocks of the output's and lse's sizes (the caching allocator hands them
+    back), so a row the kernel forgets to write stays NaN."""
+    B, S, H, _ = q.shape
+    junk = [torch.full_like(q, float("nan")), torch.full((B, H, S), float("nan"), device=q.device)]
+    del junk
+    return fn()
+
+
+def kernels_case(kernel, dtype, D, seed, B=2, S=700, H=2, n_q=6, n_k=40, window=4, block_n=128, stages=None,
+                 p=0.35, scale=None, singles=3):
+    """Run ``kernel`` and the portable kernel over one plan; check both against float64 attention over the plan's
+    selected keys (empty clusters, one-token clusters, a keyless and a dense row per group)."""
+    g = torch.Generator().manual_seed(seed)
+    G = B * H
+    q_sizes = with_single_tokens(random_sizes(g, G, n_q, S, empty=1), g, 1)
+    k_sizes = with_single_tokens(random_sizes(g, G, n_k, S, empty=3), g, singles)
+    q_labels, q_perm = labels_and_perm(q_sizes, g)
+    k_labels, k_perm = labels_and_perm(k_sizes, g)
+    mask = torch.rand(G, n_q, n_k, generator=g) < p
+    mask[:, 0] = False
+    mask[:, 1] = True
+    q, k, v = (torch.randn(B, S, H, D, generator=g).to(DEVICE, dtype) for _ in range(3))
+    scale = D ** -0.5 if scale is None else scale
+    cfg = kernel_config(kernel, D, block_n, stages)
+    sched = build_cluster_schedule(mask.to(DEVICE), q_sizes.to(DEVICE), k_sizes.to(DEVICE), S, cfg.tiles, window)
+    kp, vp = cluster_path.permute_keys(k, v, k_perm.to(DEVICE))
+    qperm = q_perm.to(DEVICE, torch.int32)
+    out, lse = poisoned_call(lambda: cluster_attention(q, kp, vp, qperm, sched, scale, cfg), q)
+    portable, portable_lse = cluster_attention(q, kp, vp, qperm, sched, scale, kernel_config("portable", D, block_n))
+    ref, ref_lse = masked_reference(q.cpu(), k.cpu(), v.cpu(), token_mask(mask & (k_sizes > 0)[:, None], q_labels,
+                                                                             k_labels), scale)
+    assert out.shape == q.shape and out.dtype == q.dtype and torch.isfinite(out).all()
+    assert rel_err(out.cpu(), ref) <= TOL[dtype], rel_err(out.cpu(), ref)
+    assert rel_err(out.cpu(), portable.cpu().double()) <= TOL[dtype]
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse.cpu()), finite) and torch.equal(torch.isfinite(portable_lse.cpu()), finite)
+    assert torch.allclose(lse.cpu()[finite].double(), ref_lse[finite], atol=2e-3)
+    assert (~finite).any() and out.cpu().transpose(1, 2)[~finite].eq(0).all()  # keyless rows: exactly 0
+    return sched
+
+
+@needs_cuda
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("kernel", KERNEL_CHOICES)
+def test_cluster_kernels_equal_reference_over_one_plan(kernel, dtype, D):
+    """Query clusters over two tiles (ping-pong), of 65-127 rows and of at most 64 (one busy consumer), of one
+    token; empty and one-token key clusters; full and partial key tiles; batch 2."""
+    sched = kernels_case(kernel, dtype, D, seed=20 + D)
+    qt, kt = sched.parts[0]
+    rows = (qt.q1 - qt.q0).cpu()
+    assert (rows > 64).any() and ((rows > 0) & (rows <= 64)).any()
+    assert (kt.count[:, 0] > 0).any() and (kt.count[:, 1] > 0).any()
+
+
+@needs_cuda
+@pytest.mark.parametrize("kernel", KERNEL_CHOICES)
+def test_cluster_kernels_on_tiny_key_clusters(kernel):
+    """Hundreds of 1-3 token key clusters: key tiles end where their WINDOW segments end, so most are partial
+    (the masked walk), here with 64-column key tiles in a 4-stage ring."""
+    sched = kernels_case(kernel, torch.bfloat16, 128, seed=31, S=640, n_k=300, window=2, block_n=64, stages=4,
+                         p=0.5, singles=40)
+    count = sched.parts[0][1].count.cpu()
+    assert count[:, 1].sum() > count[:, 0].sum()
+
+
+@needs_cuda
+@pytest.mark.parametrize("scale", [0.0, -0.7])
+@pytest.mark.parametrize("kernel", KERNEL_CHOICES)
+def test_cluster_kernels_any_finite_scale(kernel, scale):
+    kernels_case(kernel, torch.bfloat16, 64, seed=41, B=1, S=300, scale=scale)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("kernel", KERNEL_CHOICES)
+def test_pattern_picks_the_cluster_kernel_and_matches_reference(kernel, dtype, monkeypatch):
+    """`SVOOPattern.attention(backend="triton")` at head dim 64 with trailing text, batch 2, re-cluster and reuse
+    steps, on the kernel ``LVSA_KERNELS_CLUSTER_KERNEL`` names (the launches counted)."""
+    monkeypatch.setenv(cluster_launch.KERNEL_ENV, kernel)
+    launches = []
+    real = cluster_launch._launch_hopper
+    monkeypatch.setattr(cluster_launch, "_launch_hopper", lambda *a, **kw: (launches.append(1), real(*a, **kw)))
+    B, n_video, n_text, H, D = 2, 400, 30, 2, 64
+    S = n_video + n_text
+    g = torch.Generator().manual_seed(12)
+    q, k, v = (torch.randn(B, S, H, D, generator=g).to(DEVICE, dtype) for _ in range(3))
+    pat = SVOOPattern(top_p=0.5, q_clusters=5, k_clusters=24, warmup_steps=0, recluster_every=2)
+    for step in (0, 1):
+        out = pat.attention(q, k, v, step, 0, backend="triton", branch="c", text_tokens=n_text)
+        cl = pat._cache[(0, "c")].clustering
+        mask = pat._block_map(cl, step, 0, B, H, D ** -0.5).cpu()
+        allowed = torch.ones(B * H, S, S, dtype=torch.bool)
+        allowed[:, :n_video, :n_video] = token_mask(mask & (cl.k.sizes.cpu() > 0)[:, None], cl.q.labels.cpu(),
+                                                    cl.k.labels.cpu())
+        ref = masked_reference(q.cpu(), k.cpu(), v.cpu(), allowed, D ** -0.5)[0]
+        assert torch.isfinite(out).all() and rel_err(out.cpu(), ref) <= TOL[dtype]
+    assert bool(launches) == (kernel == "hopper")
+
+
+def test_cluster_kernel_choice(monkeypatch):
+    """``LVSA_KERNELS_CLUSTER_KERNEL``: auto picks the Hopper kernel only where it can run; ``hopper`` where it
+    cannot is an error naming why; anything else is refused."""
+    q = torch.empty(1, 8, 1, 64, device=DEVICE, dtype=torch.bfloat16 if CUDA else torch.float16)
+    monkeypatch.delenv(cluster_launch.KERNEL_ENV, raising=False)
+    assert cluster_launch.cluster_kernel(q) == ("hopper" if HOPPER else "portable")
+    monkeypatch.setenv(cluster_launch.KERNEL_ENV, "portable")
+    assert cluster_launch.cluster_kernel(q) == "portable"
+    monkeypatch.setenv(cluster_launch.KERNEL_ENV, "fastest")
+    with pytest.raises(ValueError, match="LVSA_KERNELS_CLUSTER_KERNEL.*fastest"):
+        cluster_launch.cluster_kernel(q)
+    assert cluster_launch.cluster_hopper_refusal(q.float()) is not None
+    if not HOPPER:
+        monkeypatch.setenv(cluster_launch.KERNEL_ENV, "hopper")
+        with pytest.raises(ValueError, match="hopper: the Hopper cluster kernel"):
+            cluster_launch.cluster_kernel(q)
+    cfg = cluster_config(torch.device("cuda"), torch.bfloat16, 128, "hopper")
+    assert cfg.kernel == "hopper" and cfg.tiles == [(128, 128)]
+    with pytest.raises(ValueError, match="kernel"):
+        cluster_config(torch.device("cuda"), torch.bfloat16, 128, "fast")

@@ -23,10 +23,14 @@ def test_untested_releases_are_refused_with_the_reason():
 
 def test_moved_names_are_bound_to_what_this_triton_has():
     from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import async_copy
     from triton.experimental.gluon.language.nvidia.hopper import tma
 
     assert gluon_compat.tma_load is getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
     assert gluon_compat.cta_barrier is getattr(gl, "barrier", None) or gl.thread_barrier
+    assert gluon_compat.async_load is getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
+    assert (gluon_compat.async_commit_group, gluon_compat.async_wait_group) == (async_copy.commit_group,
+                                                                                async_copy.wait_group)
 
 
 def test_backends_and_tune_say_which_kernel_runs_here():

@@ -1,5 +1,6 @@
-"""The Gluon Hopper kernel compiles for sm_90a on every Triton release it is offered on, with no register spill in
-its loops (Triton 3.8.0: at most its measured few, `IN_LOOP_ALLOWANCE`).
+"""The Gluon Hopper kernels compile for sm_90a on every tested Triton release. The LVSA kernel has no register
+spill in its loops (Triton 3.8.0: at most its measured few, `IN_LOOP_ALLOWANCE`); the SVOO cluster kernel none on
+the releases it is offered on (`cluster_launch.CLUSTER_TRITON`; elsewhere it only has to compile).
 
 No GPU is needed: `lvsa_kernels.triton_src.compile_check` compiles every variant the tuner can hand the kernel
 (head dim x precision x launch config x short-tile width, bf16) to a cubin as at run time and reads its
@@ -16,6 +17,7 @@ import sys
 import pytest
 
 from lvsa_kernels.settings import cache_dir
+from lvsa_kernels.triton_src.cluster_launch import CLUSTER_TRITON
 from lvsa_kernels.triton_src.compile_check import variants
 from lvsa_kernels.triton_src.gluon_compat import TESTED_TRITON
 
@@ -57,8 +59,10 @@ def test_hopper_kernel_compiles_clean(release, tmp_path, capsys):
     assert report.is_file(), proc.stdout[-4000:] + proc.stderr[-4000:]
     doc = json.loads(report.read_text())
     assert doc["triton"] == RELEASES[release] and len(doc["rows"]) == len(list(variants(quick=True)))
-    allowed = IN_LOOP_ALLOWANCE.get(release, 0)
     for row in doc["rows"]:
         assert "registers" in row, f"{row['variant']}: {row.get('error')}"  # compiled
         assert row["HGMMA"] + row["IGMMA"] + row["QGMMA"] > 0, row["variant"]
+        if row["kernel"] == "cluster" and release not in CLUSTER_TRITON:
+            continue  # not offered there: compiling is all it has to do
+        allowed = IN_LOOP_ALLOWANCE.get(release, 0) if row["kernel"] == "lvsa" else 0
         assert row["local_in_loops"] <= allowed, f"{row['variant']}: {row.get('error')}"

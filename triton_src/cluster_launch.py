@@ -1,14 +1,18 @@
-"""Host side of the SVOO cluster kernels: launch configs, the custom op and the assignment wrapper.
+"""Host side of the SVOO cluster kernels: kernel choice, launch configs, the custom op and the assignment wrapper.
 
+Two kernels run the packed cluster attention: the portable Triton kernel (`cluster_attn.cluster_attn_fwd`, any
+GPU and the CPU interpreter) and the warp-specialised Gluon kernel for sm_90 (`cluster_hopper`, bf16/fp16, head
+dim 64 or 128). `cluster_kernel` picks the Hopper kernel where it can run; ``LVSA_KERNELS_CLUSTER_KERNEL=portable``
+forces the portable one and ``=hopper`` the Hopper one (an error where it cannot run, never a silent fallback).
 ``torch.ops.lvsa_kernels.triton_cluster_attn_fwd`` has a fake implementation, so ``torch.compile``
-traces through it. Launch configs are fixed per device class (measured on the H100, see
+traces through it. Launch configs are fixed per kernel and device class (measured on the H100, see
 ``bench/RESULTS.md``) and can be overridden with ``LVSA_KERNELS_CLUSTER_CONFIG``.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import triton
@@ -17,17 +21,32 @@ from torch import Tensor
 from .block_sparse_fwd import LOG2E
 from .cluster_attn import assign_argmax, cluster_attn_fwd
 from .cluster_schedule import ClusterSchedule
+from .gluon_compat import triton_release
 from .interpreter import interpreting, launch_lock
+from .launch import hopper_device_refusal
 from .tuning import KernelConfig
 
-__all__ = ["CONFIG_ENV", "ClusterConfig", "assign_labels", "cluster_attention", "cluster_config"]
+__all__ = ["CONFIG_ENV", "KERNEL_ENV", "ClusterConfig", "assign_labels", "cluster_attention", "cluster_config",
+           "cluster_hopper_meta", "cluster_hopper_refusal", "cluster_kernel"]
 
 CONFIG_ENV = "LVSA_KERNELS_CLUSTER_CONFIG"
+KERNEL_ENV = "LVSA_KERNELS_CLUSTER_KERNEL"
+KERNELS = ("auto", "hopper", "portable")
+# Triton releases the Hopper cluster kernel is offered on: those where `compile_check` finds no local-memory
+# instruction in its loops (3.8.0 spills in the consumer loops at head dim 128: 114 in-loop spill instructions).
+CLUSTER_TRITON = ("3.6", "3.7", "3.9")
+# The Hopper cluster kernel's registers: the launch caps each of its 384 threads at CLUSTER_MAXNREG (64K in all);
+# inside (setmaxnreg) the second consumer warpgroup takes CLUSTER_CONSUMER_REGS and the producer warpgroup
+# CLUSTER_PRODUCER_REGS.
+CLUSTER_MAXNREG = 168
+CLUSTER_CONSUMER_REGS = 224
+CLUSTER_PRODUCER_REGS = 56
 
 
 @dataclass(frozen=True)
 class ClusterConfig:
-    """Launch configs of the cluster kernel: big query tiles first, then optionally small remainder tiles."""
+    """Launch configs of the cluster kernels: big query tiles first, then optionally small remainder tiles; each
+    part runs the kernel its `KernelConfig.kernel` names (``"portable"`` or ``"hopper"``)."""
 
     parts: Tuple[KernelConfig, ...]
 
@@ -37,20 +56,101 @@ class ClusterConfig:
         return [(c.block_m, c.block_n) for c in self.parts]
 
     def __str__(self) -> str:
-        return " + ".join(f"{c.block_m}x{c.block_n}/{c.num_warps}w/{c.num_stages}s" for c in self.parts)
+        return " + ".join(f"{'hopper ' if c.kernel == 'hopper' else ''}{c.block_m}x{c.block_n}/{c.num_warps}w/"
+                          f"{c.num_stages}s" for c in self.parts)
+
+    @property
+    def kernel(self) -> str:
+        """``"hopper"``, ``"portable"`` or ``"mixed"``: which kernel runs the parts."""
+        kernels = {c.kernel for c in self.parts}
+        return kernels.pop() if len(kernels) == 1 else "mixed"
 
 
-def cluster_config(device: torch.device, dtype: torch.dtype, head_dim: int) -> ClusterConfig:
-    """Launch configs of `cluster_attn_fwd` for ``device`` / ``dtype`` / ``head_dim`` (measured on the H100:
-    ``bench/RESULTS.md``). ``LVSA_KERNELS_CLUSTER_CONFIG="128,128,8,3;64,64,4,3"`` overrides them
-    (``BLOCK_M,BLOCK_N,warps,stages`` per launch)."""
+def cluster_hopper_refusal(q: Tensor) -> Optional[str]:
+    """Why the Hopper cluster kernel cannot run on ``q [B, S, H, D]`` (None: it can): an sm_90 GPU and a tested
+    Triton release (`launch.hopper_device_refusal`), bf16/fp16, head dim 64 or 128, and q rows the 16-byte
+    ``cp.async`` copies can read (16-byte aligned base and strides). KP/VP/out are allocated contiguous."""
+    return _hopper_shape_refusal(q) or _hopper_alignment_refusal(q)
+
+
+def _hopper_shape_refusal(q: Tensor) -> Optional[str]:
+    """`cluster_hopper_refusal` without the alignment (which needs a real tensor, not one being traced)."""
+    if interpreting():
+        return "cannot run in Triton's CPU interpreter (Gluon)"
+    reason = hopper_device_refusal(q.device)
+    if reason is not None:
+        return reason
+    if triton_release() not in CLUSTER_TRITON:
+        return (f"is not offered on Triton {triton.__version__} (its loops spill registers there; offered on "
+                f"{', '.join(CLUSTER_TRITON)})")
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"takes bf16 or fp16, got {str(q.dtype).replace('torch.', '')}"
+    if q.shape[-1] not in (64, 128):
+        return f"takes head dim 64 or 128, got {q.shape[-1]}"
+    return None
+
+
+def _hopper_alignment_refusal(q: Tensor) -> Optional[str]:
+    e = q.element_size()
+    if q.data_ptr() % 16 or any((s * e) % 16 for s in q.stride()[:3]):
+        return (f"needs q with a 16-byte aligned base pointer and strides (16-byte cp.async copies), got strides "
+                f"{tuple(q.stride())}")
+    return None
+
+
+def cluster_kernel(q: Tensor) -> str:
+    """The cluster kernel for ``q``: ``"hopper"`` where `cluster_hopper_refusal` allows it, else ``"portable"``;
+    ``LVSA_KERNELS_CLUSTER_KERNEL`` (``auto``, ``hopper``, ``portable``) overrides, and ``hopper`` where the Hopper
+    kernel cannot run is an error."""
+    choice = os.environ.get(KERNEL_ENV, "auto").strip().lower() or "auto"
+    if choice not in KERNELS:
+        raise ValueError(f"{KERNEL_ENV}: expected one of {', '.join(KERNELS)}, got {choice!r}")
+    if choice == "portable":
+        return "portable"
+    reason = cluster_hopper_refusal(q)
+    if choice == "hopper" and reason is not None:
+        raise ValueError(f"{KERNEL_ENV}=hopper: the Hopper cluster kernel {reason}")
+    return "hopper" if reason is None else "portable"
+
+
+def cluster_hopper_meta(head_dim: int, dtype: torch.dtype, block_n: int, stages: int, window: int) -> dict:
+    """`cluster_hopper.cluster_attn_fwd_hopper`'s compile-time arguments beyond the head count: tile shapes,
+    NVMMA shared layouts of the Q halves and K/V tiles, the register split and the launch options. Shared by
+    the launch and `compile_check`."""
+    from triton.experimental.gluon import language as gl
+
+    from .block_sparse_hopper import HALF_M
+
+    el = gl.bfloat16 if dtype == torch.bfloat16 else gl.float16
+    return dict(
+        HEAD_DIM=head_dim, BLOCK_N=block_n, WINDOW=window, STAGES=stages,
+        Q_LAYOUT=gl.NVMMASharedLayout.get_default_for([int(HALF_M), head_dim], el),
+        KV_LAYOUT=gl.NVMMASharedLayout.get_default_for([block_n, head_dim], el),
+        CONSUMER_REGS=CLUSTER_CONSUMER_REGS, PRODUCER_REGS=CLUSTER_PRODUCER_REGS, num_warps=4,
+        maxnreg=CLUSTER_MAXNREG,
+    )
+
+
+def cluster_config(device: torch.device, dtype: torch.dtype, head_dim: int,
+                   kernel: str = "portable") -> ClusterConfig:
+    """Launch configs of ``kernel`` (`cluster_kernel`) for ``device`` / ``dtype`` / ``head_dim`` (portable:
+    measured on the H100, ``bench/RESULTS.md``). ``LVSA_KERNELS_CLUSTER_CONFIG="128,128,8,3;64,64,4,3"``
+    overrides them (``BLOCK_M,BLOCK_N,warps,stages`` per launch, all run by ``kernel``).
+
+    Hopper: one launch of 128-row query tiles (a shorter remainder leaves the second consumer idle) and
+    128-column key tiles, a ring of 2 stages at head dim 128 (4 at 64: shared memory holds Q and the ring;
+    non-power-of-two rings spill in the producer). ``"128,64,4,4"`` selects 64-column key tiles in 4 stages."""
+    if kernel not in ("hopper", "portable"):
+        raise ValueError(f"kernel: expected 'hopper' or 'portable', got {kernel!r}")
     env = os.environ.get(CONFIG_ENV)
     if env:
         try:
-            parts = tuple(KernelConfig(*(int(x) for x in part.split(","))) for part in env.split(";"))
+            parts = tuple(KernelConfig(*(int(x) for x in part.split(",")), kernel=kernel) for part in env.split(";"))
         except (TypeError, ValueError):
             raise ValueError(f"{CONFIG_ENV}: expected 'BLOCK_M,BLOCK_N,warps,stages[;...]', got {env!r}") from None
         return ClusterConfig(parts)
+    if kernel == "hopper":
+        return ClusterConfig((KernelConfig(128, 128, 4, 2 if head_dim > 64 else 4, kernel="hopper"),))
     if interpreting() or device.type != "cuda":
         return ClusterConfig((KernelConfig(32, 16, 1, 1), KernelConfig(16, 16, 1, 1)))
     if dtype == torch.float32:
@@ -65,7 +165,7 @@ def triton_cluster_attn_fwd(q: Tensor, kp: Tensor, vp: Tensor, q_perm: Tensor, t
     """Cluster-packed attention: returns ``(out [B, S, H, D], lse [B, H, S] float32)`` in token order.
 
     ``tiles``: per launch ``query rows, q0, q1, key records, key counts``; ``meta``: ``window`` then per
-    launch ``block_m, block_n, warps, stages`` (see `cluster_attention`).
+    launch ``block_m, block_n, warps, stages, hopper`` (see `cluster_attention`).
     """
     B, S, H, D = q.shape
     out = torch.empty(B, S, H, D, dtype=q.dtype, device=q.device)
@@ -75,7 +175,10 @@ def triton_cluster_attn_fwd(q: Tensor, kp: Tensor, vp: Tensor, q_perm: Tensor, t
     window = meta[0]
     for part in range(len(tiles) // 5):
         row, q0, q1, records, count = tiles[5 * part:5 * part + 5]
-        block_m, block_n, warps, stages = meta[1 + 4 * part:5 + 4 * part]
+        block_m, block_n, warps, stages, hopper = meta[1 + 5 * part:6 + 5 * part]
+        if hopper:
+            _launch_hopper(q, kp, vp, out, lse, q_perm, (row, q0, q1, records, count), scale, window, block_n, stages)
+            continue
         with launch_lock():
             cluster_attn_fwd[(q0.shape[1], B * H)](
                 q, kp, vp, out, lse, q_perm,
@@ -87,6 +190,32 @@ def triton_cluster_attn_fwd(q: Tensor, kp: Tensor, vp: Tensor, q_perm: Tensor, t
                 num_warps=warps, num_stages=stages,
             )
     return out, lse
+
+
+def _launch_hopper(q: Tensor, kp: Tensor, vp: Tensor, out: Tensor, lse: Tensor, q_perm: Tensor,
+                   part: Tuple[Tensor, ...], scale: float, window: int, block_n: int, stages: int) -> None:
+    """One launch of `cluster_hopper.cluster_attn_fwd_hopper` over the query tiles of ``part`` (a negative
+    ``scale`` runs as ``-q`` with ``-scale``: the kernel's softmax needs a non-negative one)."""
+    from .cluster_hopper import cluster_attn_fwd_hopper
+
+    row, q0, q1, records, count = part
+    B, S, H, D = q.shape
+    reason = _hopper_alignment_refusal(q)
+    if reason is not None:
+        raise ValueError(f"q: the Hopper cluster kernel {reason}; run the portable one ({KERNEL_ENV}=portable)")
+    if scale < 0:
+        q, scale = -q, -scale
+    try:
+        cluster_attn_fwd_hopper[(q0.shape[1], B * H)](
+            q, kp, vp, out, lse, q_perm,
+            q.stride(0), q.stride(1), q.stride(2), out.stride(0), out.stride(1), out.stride(2),
+            row, q0, q1, records, count,
+            scale * LOG2E, S, q0.shape[1], records.shape[1],
+            NUM_HEADS=H, **cluster_hopper_meta(D, q.dtype, block_n, stages, window),
+        )
+    except Exception as exc:  # a compile or launch failure: say how to run without this kernel
+        raise RuntimeError(f"the Hopper cluster kernel failed ({type(exc).__name__}, above); {KERNEL_ENV}=portable "
+                           "runs the portable one") from exc
 
 
 @triton_cluster_attn_fwd.register_fake
@@ -109,11 +238,27 @@ def cluster_attention(q: Tensor, kp: Tensor, vp: Tensor, q_perm: Tensor, sched: 
     built = [(qt.block_m, kt.block_n) for qt, kt in sched.parts]
     if built != cfg.tiles:
         raise ValueError(f"sched: built for tiles {built}, config {cfg} has {cfg.tiles}")
+    for c in cfg.parts:
+        if c.kernel == "hopper":
+            _check_hopper_part(q, c)
     if q.shape[1] * q.shape[3] >= 2**31:
         raise ValueError(f"q: S * D must stay below 2**31 (int32 offsets per group), got shape {tuple(q.shape)}")
     tiles = [t for qt, kt in sched.parts for t in (qt.row, qt.q0, qt.q1, kt.records, kt.count)]
-    meta = [sched.window] + [x for c in cfg.parts for x in (c.block_m, c.block_n, c.num_warps, c.num_stages)]
+    meta = [sched.window] + [x for c in cfg.parts
+                             for x in (c.block_m, c.block_n, c.num_warps, c.num_stages, int(c.kernel == "hopper"))]
     return torch.ops.lvsa_kernels.triton_cluster_attn_fwd(q, kp, vp, q_perm, tiles, meta, scale)
+
+
+def _check_hopper_part(q: Tensor, cfg: KernelConfig) -> None:
+    """A Hopper part must fit the kernel: a device and inputs it takes (`cluster_hopper_refusal`; the alignment is
+    checked at launch), query tiles of at most
+    128 rows (two 64-row consumers), 64- or 128-column key tiles and a ring of at least 2 stages."""
+    reason = _hopper_shape_refusal(q)
+    if reason is not None:
+        raise ValueError(f"cfg: {cfg} runs the Hopper cluster kernel, which {reason}")
+    if not (0 < cfg.block_m <= 128 and cfg.block_n in (64, 128) and cfg.num_stages >= 2 and cfg.num_warps == 4):
+        raise ValueError(f"cfg: the Hopper cluster kernel takes BLOCK_M <= 128, BLOCK_N 64 or 128, 4 warps and "
+                         f">= 2 stages, got {cfg}")
 
 
 def assign_labels(x: Tensor, weights: Tensor, gemm_dtype: torch.dtype) -> Tensor:

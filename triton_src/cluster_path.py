@@ -14,7 +14,7 @@ import triton
 from torch import Tensor
 
 from .cluster_attn import permute_rows, segment_means
-from .cluster_launch import assign_labels, cluster_attention, cluster_config
+from .cluster_launch import assign_labels, cluster_attention, cluster_config, cluster_kernel
 from .cluster_plan import select_key_clusters
 from .cluster_schedule import build_cluster_schedule
 from .interpreter import interpreting, launch_lock
@@ -96,13 +96,14 @@ def permute_keys(k: Tensor, v: Tensor, perm: Tensor) -> Tuple[Tensor, Tensor]:
 
 def attend(q: Tensor, kp: Tensor, vp: Tensor, q_sizes: Tensor, k_sizes: Tensor, q_perm: Tensor, mask: Tensor,
            scale: float) -> Tuple[Tensor, Tensor]:
-    """Plan on the device and run the packed cluster kernel; returns ``(out [B, S, H, D], lse [B, H, S] float32)``
+    """Plan on the device and run the packed cluster kernel (`cluster_launch.cluster_kernel`: the Hopper one on
+    sm_90 GPUs, else the portable one); returns ``(out [B, S, H, D], lse [B, H, S] float32)``
     in token order.
 
     q ``[B, S, H, D]`` in token order; kp, vp from `permute_keys`; q_sizes ``[B * H, n_q]``, k_sizes
     ``[B * H, n_k]`` (tokens per block), q_perm ``[B * H, S]``, mask bool ``[B * H, n_q, n_k]``.
     """
     S = q.shape[1]
-    cfg = cluster_config(q.device, q.dtype, q.shape[-1])
+    cfg = cluster_config(q.device, q.dtype, q.shape[-1], cluster_kernel(q))
     sched = build_cluster_schedule(mask, q_sizes, k_sizes, S, cfg.tiles)
     return cluster_attention(q, kp, vp, q_perm.to(torch.int32), sched, scale, cfg)

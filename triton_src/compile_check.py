@@ -1,9 +1,11 @@
-"""Compile the Gluon Hopper kernel for sm_90a without a GPU, for every variant the tuner can offer.
+"""Compile the Gluon Hopper kernels for sm_90a without a GPU: the LVSA kernel in every variant the tuner can
+offer, and the SVOO cluster kernel (`cluster_hopper`) in its launch configs.
 
-    python -m lvsa_kernels.triton_src.compile_check [--json FILE] [--quick]
+    python -m lvsa_kernels.triton_src.compile_check [--json FILE] [--quick] [--kernel lvsa|cluster]
 
 Triton compiles for a named target on any machine: each variant (head dim x dtype x precision x launch config
-of `tuning.hopper_configs` x short-tile width) goes through Gluon -> TTGIR -> LLVM -> PTX -> cubin exactly as
+of `tuning.hopper_configs` x short-tile width; cluster kernel: head dim x its `cluster_launch.cluster_config`
+plus the 64-column ring at head dim 128, bf16) goes through Gluon -> TTGIR -> LLVM -> PTX -> cubin exactly as
 at run time (Triton's own ``ptxas`` and flags); the cubin's resource usage (``cuobjdump``) gives registers and
 stack frame, its SASS (``nvdisasm``) the instruction counts: all, local-memory (spills) and tensor-core
 (HGMMA, and for the 8-bit modes IGMMA / QGMMA). A variant fails on a compile error, when it has no wgmma, or
@@ -32,6 +34,8 @@ from triton.backends.compiler import GPUTarget
 
 from .gluon_compat import hopper_triton_refusal
 from .interpreter import interpreting
+from .cluster_launch import cluster_config, cluster_hopper_meta
+from .cluster_schedule import WINDOW
 from .launch import hopper_meta
 from .tuning import KernelConfig, hopper_configs
 
@@ -44,27 +48,33 @@ _POINTERS = {"Q": "q", "K": "k", "V": "v", "O": "half", "LSE": "fp32", "Q_SCALE"
              "K_SCALE": "fp32", "V_SCALE": "fp32"}
 _INT32_ARRAYS = ("tile_ptr", "tile_start", "tile_end", "tile_row", "row_kv_ptr", "kv_tile_start", "kv_tile_end",
                  "row_kv_short")
+_CLUSTER_INT32_ARRAYS = ("Q_PERM", "tile_row", "tile_q0", "tile_q1", "key_tiles", "key_count")
 _TRITON_TYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.int8: "i8", torch.float8_e4m3fn: "fp8e4nv"}
 
 
 @dataclass
 class Variant:
+    """A variant of the LVSA Hopper kernel (``kernel="lvsa"``) or of the SVOO cluster kernel (``"cluster"``:
+    exact precision, no short tiles)."""
+
     head_dim: int
     dtype: str
     precision: str
     cfg: KernelConfig
     short_n: int
+    kernel: str = "lvsa"
 
     @property
     def name(self) -> str:
         poly = f" exp2_poly={self.cfg.exp2_poly}" if self.cfg.exp2_poly else ""
-        return (f"d{self.head_dim} {self.dtype} {self.precision:7s} BLOCK_N={self.cfg.block_n:<3d} "
+        return (f"{self.kernel:7s} d{self.head_dim} {self.dtype} {self.precision:7s} BLOCK_N={self.cfg.block_n:<3d} "
                 f"stages={self.cfg.num_stages} short_n={self.short_n}{poly}")
 
 
 def variants(quick: bool = False) -> Iterator[Variant]:
-    """Every (head dim, dtype, precision, config, short width) the tuner can hand the kernel; ``quick``: bf16
-    only (fp16 differs from it only in the element type of the same products)."""
+    """Every (head dim, dtype, precision, config, short width) the tuner can hand the LVSA kernel, then the
+    cluster kernel's configs; ``quick``: bf16 only (fp16 differs from it only in the element type of the same
+    products)."""
     for head_dim in HEAD_DIMS:
         for dtype in (("bf16",) if quick else tuple(DTYPES)):
             for precision in PRECISIONS:
@@ -73,6 +83,16 @@ def variants(quick: bool = False) -> Iterator[Variant]:
                     shorts = (0,) if precision == "fp8" else (0, cfg.block_n // 2, cfg.block_n // 4)
                     for short_n in shorts:
                         yield Variant(head_dim, dtype, precision, cfg, short_n)
+    yield from cluster_variants()
+
+
+def cluster_variants() -> Iterator[Variant]:
+    """The cluster kernel's shipped configs (bf16, head dims 64 and 128) and the 64-column ring of 4 stages at
+    head dim 128 (the alternative ``LVSA_KERNELS_CLUSTER_CONFIG=128,64,4,4``)."""
+    for head_dim in HEAD_DIMS:
+        for cfg in cluster_config(torch.device("cuda"), torch.bfloat16, head_dim, "hopper").parts:
+            yield Variant(head_dim, "bf16", "exact", cfg, 0, "cluster")
+    yield Variant(128, "bf16", "exact", KernelConfig(128, 64, 4, 4, kernel="hopper"), 0, "cluster")
 
 
 def _operand_dtypes(precision: str, half: torch.dtype) -> Dict[str, torch.dtype]:
@@ -82,11 +102,43 @@ def _operand_dtypes(precision: str, half: torch.dtype) -> Dict[str, torch.dtype]
     return {"q": torch.int8, "k": torch.int8, "v": torch.float8_e4m3fn if precision == "fp8" else half}
 
 
+def _cluster_source(v: Variant):
+    """The cluster kernel as `cluster_launch._launch_hopper` specialises it for contiguous inputs."""
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from .cluster_hopper import cluster_attn_fwd_hopper as kernel
+
+    half = DTYPES[v.dtype]
+    meta = cluster_hopper_meta(v.head_dim, half, v.cfg.block_n, v.cfg.num_stages, WINDOW)
+    options = {"num_warps": meta.pop("num_warps"), "maxnreg": meta.pop("maxnreg")}
+    constexprs = dict(meta, NUM_HEADS=12)
+    signature, attrs = {}, {}
+    for i, name in enumerate(kernel.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+            continue
+        if name in ("Q", "KP", "VP", "O"):
+            signature[name] = "*" + _TRITON_TYPE[half]
+        elif name == "LSE":
+            signature[name] = "*fp32"
+        elif name in _CLUSTER_INT32_ARRAYS:
+            signature[name] = "*i32"
+        elif name == "qk_scale":
+            signature[name] = "fp32"
+        else:  # strides, lengths, slot counts
+            signature[name] = "i32"
+        if signature[name].startswith("*") or name.startswith("stride_"):
+            attrs[(i, )] = [["tt.divisibility", 16]]
+    return GluonASTSource(kernel, signature, {k: constexprs[k] for k in signature if k in constexprs}, attrs), options
+
+
 def _source(v: Variant):
     from triton.experimental.gluon._runtime import GluonASTSource
 
     from .block_sparse_hopper import block_sparse_attn_fwd_hopper as kernel
 
+    if v.kernel == "cluster":
+        return _cluster_source(v)
     half = DTYPES[v.dtype]
     ops = _operand_dtypes(v.precision, half)
     meta = hopper_meta(v.head_dim, ops["q"], ops["k"], ops["v"], half, v.cfg, v.short_n, v.precision)
@@ -190,17 +242,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--json", help="write the report (one row per variant) to this file")
     p.add_argument("--quick", action="store_true", help="bf16 only")
     p.add_argument("--jobs", type=int, default=1, help="variants compiled at once (processes)")
+    p.add_argument("--kernel", choices=("lvsa", "cluster"), help="only this kernel's variants")
     args = p.parse_args(argv)
     if interpreting():
         print("compile_check: TRITON_INTERPRET=1 is set; kernels must be compiled, not interpreted: unset it",
               file=sys.stderr)
         return 2
     refusal = hopper_triton_refusal()
-    print(f"Triton {triton.__version__}: Gluon Hopper kernel for sm_90a"
+    print(f"Triton {triton.__version__}: Gluon Hopper kernels for sm_90a"
           f"{'' if refusal is None else ' (not offered at run time: ' + refusal + ')'}")
     rows = []
-    print(f"{'variant':58s} {'regs':>4s} {'stack':>5s} {'STL/LDL/in-loop':>15s} {'smem':>6s} {'SASS':>6s} {'MMA':>4s}  seconds")
-    todo = list(variants(args.quick))
+    print(f"{'variant':66s} {'regs':>4s} {'stack':>5s} {'STL/LDL/in-loop':>15s} {'smem':>6s} {'SASS':>6s} {'MMA':>4s}  "
+          "seconds")
+    todo = [v for v in variants(args.quick) if args.kernel in (None, v.kernel)]
     with ProcessPoolExecutor(max(1, args.jobs)) as pool:
         results = pool.map(check, todo)
     for v, row in zip(todo, results):
@@ -208,7 +262,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if "registers" in row:
             mma = row["HGMMA"] + row["IGMMA"] + row["QGMMA"]
             local = f"{row['local_stores']}/{row['local_loads']}/{row['local_in_loops']}"
-            print(f"{v.name:58s} {row['registers']:4d} {row['stack_frame']:5d} {local:>15s} {row['shared_bytes']:6d} "
+            print(f"{v.name:66s} {row['registers']:4d} {row['stack_frame']:5d} {local:>15s} {row['shared_bytes']:6d} "
                   f"{row['instructions']:6d} {mma:4d}  {row['seconds']}", flush=True)
         if "error" in row:
             print(f"  FAILED {v.name}: {row['error']}", flush=True)

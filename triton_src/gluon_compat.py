@@ -11,6 +11,10 @@ string, and the kernels import it from here:
   default) and removed the old name.
 * ``mbarrier.expect(bar, nbytes, pred)`` is called with positional arguments: 3.7 renamed its second parameter
   (``bytes`` -> ``bytes_per_cta``) and 3.9 added a keyword-only ``from_cta``.
+* ``async_load(smem, pointers, mask=None)``: ``cp.async`` of a pointer tensor into shared memory (masked-off
+  elements zero-filled), with ``async_commit_group()`` / ``async_wait_group(n)``. Triton 3.6 and 3.7 call the copy
+  ``ampere.async_copy.async_copy_global_to_shared``; 3.8 renamed it ``async_load`` (the old name kept as an alias);
+  3.9 left the old name only as a stub that raises. ``commit_group`` / ``wait_group`` kept their names.
 * ``gl.warp_specialize([(fn, args), ...], worker_num_warps, worker_num_regs)`` has had this form on every
   release from 3.6 to 3.9 (3.7 made the register counts optional).
 
@@ -61,6 +65,10 @@ def _hopper_module():
 _hopper = _hopper_module()
 if _hopper is not None:
     from triton.experimental.gluon import language as _gl
+    from triton.experimental.gluon.language.nvidia.ampere import async_copy as _async_copy
 
     tma_load = getattr(_hopper.tma, "async_load", None) or _hopper.tma.async_copy_global_to_shared
     cta_barrier = getattr(_gl, "barrier", None) or _gl.thread_barrier
+    async_load = getattr(_async_copy, "async_load", None) or _async_copy.async_copy_global_to_shared
+    async_commit_group = _async_copy.commit_group
+    async_wait_group = _async_copy.wait_group
