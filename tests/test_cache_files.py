@@ -20,7 +20,7 @@ BAD_CONFIGS = {
     "extra field": {**GOOD, "x": 1}, "zero stages": {**GOOD, "num_stages": 0},
     "unknown kernel": {**GOOD, "kernel": "cuda"}, "no kernel field (older cache)": {k: v for k, v in GOOD.items() if k != "kernel"},
     "no exp2_poly field (older cache)": {k: v for k, v in GOOD.items() if k != "exp2_poly"},
-    "exp2_poly on the portable kernel": {**GOOD, "exp2_poly": 2}, "exp2_poly 3": {**GOOD, "kernel": "hopper", "exp2_poly": 3},
+    "exp2_poly on the portable kernel": {**GOOD, "exp2_poly": 2}, "exp2_poly 2": {**GOOD, "kernel": "hopper", "exp2_poly": 2},
 }
 
 

@@ -59,7 +59,7 @@ LOG2_P_SCALE = gl.constexpr(8.807354922057604)  # fp8: P = 448 * 2^(s - m) <= 44
 KEY_BLOCK = gl.constexpr(KEY_QUANT_BLOCK)  # 8-bit modes: tokens per K scale; key tiles never cross a block
 
 
-# 2^x on the FMA units for x <= 0 (-inf included): x = n + f with n = floor(x) (one add rounding down onto the
+# 2^x on the FMA units for x <= 9 (-inf included): x = n + f with n = floor(x) (one add rounding down onto the
 # integers of 1.5 * 2^23), 2^f by a cubic on [0, 1) (relative error 7.5e-5, fitted for this kernel), then n added
 # to the exponent bits; x < -126 gives 2^-126 (1.2e-38), a zero for every later use of P.
 _POLY_EXP2 = """
@@ -75,28 +75,22 @@ _POLY_EXP2 = """
     shl.b32 ti, ti, 23;
     add.s32 pi, pi, ti;
     mov.b32 {y}, pi;"""
-_EXP2_DECL = "{ .reg .f32 x, t, f, p; .reg .b32 ti, pi;"
 
 
-def _split_exp2_asm(n: int) -> str:
-    """PTX for ``pack = n`` scores: the first n - 1 on the MUFU unit (``ex2.approx``), the last by `_POLY_EXP2`."""
-    mufu = "".join(f"\n    ex2.approx.ftz.f32 ${i}, ${n + i};" for i in range(n - 1))
-    return _EXP2_DECL + mufu + _POLY_EXP2.format(x=f"${2 * n - 1}", y=f"${n - 1}") + "\n}"
-
-
-ASM_2, ASM_4 = gl.constexpr(_split_exp2_asm(2)), gl.constexpr(_split_exp2_asm(4))
-CONSTRAINTS_2, CONSTRAINTS_4 = gl.constexpr("=f,=f,f,f"), gl.constexpr("=f,=f,=f,=f,f,f,f,f")
+# four scores per call: three on the MUFU unit (``ex2.approx``), the fourth by `_POLY_EXP2`
+SPLIT_EXP2_ASM = gl.constexpr("{ .reg .f32 x, t, f, p; .reg .b32 ti, pi;"
+                              + "".join(f"\n    ex2.approx.ftz.f32 ${i}, ${4 + i};" for i in range(3))
+                              + _POLY_EXP2.format(x="$7", y="$3") + "\n}")
 
 
 @gluon.jit
 def _exp2(x, EXP2_POLY: gl.constexpr):
-    """``2^x`` of scores ``x <= 0``: ``EXP2_POLY = n`` (2 or 4) computes one score in n on the FMA units
-    (`_POLY_EXP2`) and the rest on the MUFU unit, whose 16 results per clock and SM otherwise set the pace of
-    the 8-bit modes (FlashAttention-4's split); 0: all on the MUFU unit."""
-    if EXP2_POLY == 2:
-        return gl.inline_asm_elementwise(ASM_2, CONSTRAINTS_2, [x], dtype=gl.float32, is_pure=True, pack=2)
-    elif EXP2_POLY == 4:
-        return gl.inline_asm_elementwise(ASM_4, CONSTRAINTS_4, [x], dtype=gl.float32, is_pure=True, pack=4)
+    """``2^x`` of scores ``x``: ``EXP2_POLY = 4`` computes one score in 4 on the FMA units (`_POLY_EXP2`) and
+    the rest on the MUFU unit, whose 16 results per clock and SM can set the pace of the fp8 mode
+    (FlashAttention-4's split); 0: all on the MUFU unit."""
+    if EXP2_POLY == 4:
+        return gl.inline_asm_elementwise(SPLIT_EXP2_ASM, "=f,=f,=f,=f,f,f,f,f", [x], dtype=gl.float32, is_pure=True,
+                                         pack=4)
     else:
         return gl.exp2(x)
 
@@ -447,8 +441,8 @@ def block_sparse_attn_fwd_hopper(
     ``Q_SCALE [B * H, q_scale_stride]`` and ``Q_MU [B, H, Sq]`` and `quantize_kv`'s INT8 K with ``K_SCALE
     [B, H_kv, cdiv(kv_len, KEY_BLOCK)]`` (8-bit modes); V in the input dtype, or e4m3 V^T ``[B, H_kv, D, S_pad]``
     (``stride_vs`` = its channel stride) with ``V_SCALE [B, H_kv, D]`` (``precision="fp8"``). Unused pointers
-    may be any tensor. ``SHORT_N``: `KeyTiles.short_n` (0: no short tiles). ``EXP2_POLY``: 0, or n = 2 / 4 to
-    compute one softmax exponential in n on the FMA units (`_exp2`)."""
+    may be any tensor. ``SHORT_N``: `KeyTiles.short_n` (0: no short tiles). ``EXP2_POLY``: 0, or 4 to compute
+    one softmax exponential in 4 on the FMA units (`_exp2`)."""
     pid_t = gl.program_id(0)
     pid_bh = gl.program_id(1)
     b = pid_bh // NUM_HEADS

@@ -35,7 +35,7 @@ class KernelConfig:
     use_tma: bool = False
     warp_spec: bool = False
     kernel: str = "portable"  # "portable" (block_sparse_fwd.py) or "hopper" (block_sparse_hopper.py, sm_90 only)
-    exp2_poly: int = 0  # hopper: one softmax exponential in n (2 or 4) on the FMA units; 0: none
+    exp2_poly: int = 0  # hopper: 4 = one softmax exponential in 4 on the FMA units; 0: none
 
     def __str__(self) -> str:
         if self.kernel == "hopper":
@@ -51,13 +51,15 @@ INTERPRETER_CONFIG = KernelConfig(block_m=16, block_n=16, num_warps=1, num_stage
 def hopper_configs(head_dim: int, precision: str = "exact") -> List[KernelConfig]:
     """Configs of the warp-specialised Hopper kernel (128-row query tiles; shared memory holds Q and the ring,
     whose 8-bit K (and V^T) tiles take half the bytes, leaving room for a deeper ring)."""
-    # exact: measured on an H200 (bench/results/h200_hopper_sweep_run2.json): 128-column key tiles, 2 stages first.
-    # 8-bit: also with part of the softmax exponentials on the FMA units (exp2_poly; their products take half
-    # the tensor-core time, so the MUFU unit's exponentials can set the pace).
+    # Fastest first, measured at Wan T=121 W=4 (exact: H200, bench/results/h200_hopper_sweep_run2.json; 8-bit:
+    # H100, h100_s5_sweep_8bit_call2.json). fp8 also with one softmax exponential in 4 on the FMA units
+    # (exp2_poly: 2% faster there; 3% slower for int8_qk, 1 in 2 slower for both).
     if precision == "exact":
         ring = [(128, 2, 0), (128, 3, 0), (64, 4, 0)]
+    elif precision == "int8_qk":
+        ring = [(128, 3, 0), (128, 2, 0), (128, 4, 0)]
     else:
-        ring = [(128, 2, 0), (128, 3, 0), (128, 4, 0), (128, 2, 2), (128, 2, 4)]
+        ring = [(128, 2, 4), (128, 3, 0), (128, 2, 0), (128, 4, 0)]
     return [KernelConfig(128, bn, 4, stages, True, True, "hopper", poly) for bn, stages, poly in ring]
 
 
@@ -97,7 +99,7 @@ def _valid_config(key: str, raw: Any) -> Optional[KernelConfig]:
     """The `KernelConfig` a cache entry describes, or None when any field is missing or of the wrong kind."""
     if not isinstance(raw, dict) or set(raw) != {f.name for f in fields(KernelConfig)}:
         return None
-    if type(raw["exp2_poly"]) is not int or raw["exp2_poly"] not in (0, 2, 4) or (
+    if type(raw["exp2_poly"]) is not int or raw["exp2_poly"] not in (0, 4) or (
             raw["exp2_poly"] and raw["kernel"] != "hopper"):
         return None
     ints = [raw[n] for n in ("block_m", "block_n", "num_warps", "num_stages")]
