@@ -5,7 +5,7 @@
 #   bash bench/gpu_session.sh                 (device tool: timeout_s 600, carry [".whl"] for FlashInfer)
 #
 # Environment (all optional):
-#   STAGES          comma list of tests,sweep,backward,svoo,bench,e2e (run in this order; default tests,bench,e2e)
+#   STAGES          comma list of tests,sweep,backward,svoo,bench,train,e2e (run in this order; default tests,bench,e2e)
 #   SESSION_BUDGET  seconds for the whole script, install included          (default 570)
 #   TESTS_LIMIT     hard limit of the test stage, seconds                   (default 150)
 #   TESTS_K         pytest -k expression for the test stage                 (default: the whole suite)
@@ -13,6 +13,7 @@
 #   E2E_LIMIT       hard limit of the e2e stage, seconds (reserved first)   (default 150)
 #   BACKWARD_LIMIT, BACKWARD_ARGS   hard limit (default 240 s) / extra arguments of bench/backward_bench.py
 #   SVOO_LIMIT, SVOO_ARGS           hard limit (default 180 s) / extra arguments of bench/svoo_bench.py
+#   TRAIN_LIMIT, TRAIN_ARGS         hard limit (default 200 s) / extra arguments of bench/e2e_step.py --train
 #   BENCH_CASES     run_gpu.py --cases                                      (default all)
 #   BENCH_METHODS   run_gpu.py --methods                                    (default: run_gpu.py's list)
 #   BENCH_TAIL      seconds kept free after the last bench case may start   (default 150: a T=121 case)
@@ -23,7 +24,7 @@
 #   WRITE_RESULTS=0 skip RESULTS.md + PNG (two runs in one call: fewer files back in $OUT)
 #   SKIP_INSTALL=1  use the installed lvsa_kernels and site packages as they are (local dry runs)
 # Files back in $OUT: session.log, gpu_tests.log, kernel_sweep.json, backward_bench.json, svoo_bench.json,
-# attention_bench.json, RESULTS.md, speedup_vs_frames.png, e2e.json (each stage's own).
+# attention_bench.json, RESULTS.md, speedup_vs_frames.png, e2e_train.json, e2e.json (each stage's own).
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 OUT="${OUT:-$PWD/bench_out}"
@@ -135,6 +136,18 @@ EOF
       [[ -f bench/RESULTS.md ]] && cp bench/RESULTS.md "$OUT/RESULTS.md"
       python3 bench/write_results.py --json "$OUT/attention_bench.json" --md "$OUT/RESULTS.md" \
         --png "$OUT/speedup_vs_frames.png" || status=1
+    fi
+  fi
+
+  if has_stage train; then
+    local lim=$(( $(left) - e2e_reserve - 10 )); (( lim > ${TRAIN_LIMIT:-200} )) && lim=${TRAIN_LIMIT:-200}
+    if (( lim > 60 )); then
+      say "stage train (limit ${lim}s): bench/e2e_step.py --train --time-budget $(( lim - 60 )) ${TRAIN_ARGS:-}"
+      timeout -k 10 "$lim" python3 bench/e2e_step.py --train --json-out "$OUT/e2e_train.json" \
+        --time-budget $(( lim - 60 )) ${TRAIN_ARGS:-}; rc=$?
+      say "stage train rc=$rc"; (( rc != 0 )) && status=1
+    else
+      say "stage train skipped: ${lim}s left for it"
     fi
   fi
 
