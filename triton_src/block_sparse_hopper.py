@@ -303,11 +303,24 @@ def _attend_tiles(q, acc, m_i, l_i, j_lo, j_hi, turn0, pingpong, ring, scales, H
 
 
 @gluon.jit
+def _pass_ring(k_ready, k_empty, v_ready, v_empty, n_kv):
+    """Wait for and release every ring slot of ``n_kv`` key tiles, as a consumer with no rows in the tile does
+    (the loader refills a slot only after both consumers released it)."""
+    STAGES: gl.constexpr = k_ready.type.shape[0]
+    for j in range(n_kv):
+        stage = j % STAGES
+        phase = (j // STAGES) & 1
+        mbarrier.wait(k_ready.index(stage), phase)
+        mbarrier.arrive(k_empty.index(stage), count=1)
+        mbarrier.wait(v_ready.index(stage), phase)
+        mbarrier.arrive(v_empty.index(stage), count=1)
+
+
+@gluon.jit
 def _consume(args, HALF: gl.constexpr):
     (q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, turn,
      kv_tile_start, kv_tile_end, i_lo, n_kv, n_short, q0, q1,
      o_base, stride_os, lse_base, qk_scale, walk_scale, ks_base, qmu_base, vs_base, k_short, EXP2_POLY) = args
-    STAGES: gl.constexpr = k_smem.type.shape[0]
     BLOCK_N: gl.constexpr = k_smem.type.shape[1]
     HEAD_DIM: gl.constexpr = k_smem.type.shape[2]
     ROWS: gl.constexpr = q_smem.type.shape[1]
@@ -326,13 +339,7 @@ def _consume(args, HALF: gl.constexpr):
     l_i = gl.full([ROWS], 0.0, gl.float32, row_o)
     acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)
     if r0 >= q1:  # no rows of this tile here (so no turns either): only keep the ring moving
-        for j in range(n_kv):
-            stage = j % STAGES
-            phase = (j // STAGES) & 1
-            mbarrier.wait(k_ready.index(stage), phase)
-            mbarrier.arrive(k_empty.index(stage), count=1)
-            mbarrier.wait(v_ready.index(stage), phase)
-            mbarrier.arrive(v_empty.index(stage), count=1)
+        _pass_ring(k_ready, k_empty, v_ready, v_empty, n_kv)
     elif n_kv > 0:
         q = q_smem.index(HALF)
         mbarrier.wait(q_bar.index(HALF), 0)

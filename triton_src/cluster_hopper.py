@@ -28,7 +28,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     fence_async_shared, mbarrier, warpgroup_mma, warpgroup_mma_wait,
 )
 
-from .block_sparse_hopper import HALF_M, LN2, _give_turn, _wait_turn
+from .block_sparse_hopper import HALF_M, LN2, _give_turn, _pass_ring, _wait_turn
 from .gluon_compat import async_commit_group, async_load, async_wait_group, cta_barrier
 
 COPY_ROWS = gl.constexpr(64)  # rows per gather step of the producer (Triton 3.6 puts a partition barrier between steps)
@@ -207,7 +207,6 @@ def _walk(q, acc, m_i, l_i, j_lo, j_hi, turn0, pingpong, ring, HALF: gl.constexp
 def _consume(args, HALF: gl.constexpr, WINDOW: gl.constexpr):
     (q_smem, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn, recs, n_full, n_kv, rec_shift, q0, q1,
      perm_base, o_base, stride_os, lse_base, qk_scale) = args
-    STAGES: gl.constexpr = k_smem.type.shape[0]
     HEAD_DIM: gl.constexpr = k_smem.type.shape[2]
     ROWS: gl.constexpr = q_smem.type.shape[1]
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -220,13 +219,7 @@ def _consume(args, HALF: gl.constexpr, WINDOW: gl.constexpr):
     l_i = gl.full([ROWS], 0.0, gl.float32, row_o)
     acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)
     if r0 >= q1:  # no rows of this tile here (so no turns either): only keep the ring moving
-        for j in range(n_kv):
-            stage = j % STAGES
-            phase = (j // STAGES) & 1
-            mbarrier.wait(k_ready.index(stage), phase)
-            mbarrier.arrive(k_empty.index(stage), count=1)
-            mbarrier.wait(v_ready.index(stage), phase)
-            mbarrier.arrive(v_empty.index(stage), count=1)
+        _pass_ring(k_ready, k_empty, v_ready, v_empty, n_kv)
     elif n_kv > 0:
         q = q_smem.index(HALF)  # landed with tile 0's K (its k_ready, waited for first)
         ring = (k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn, recs, rec_shift, qk_scale)
