@@ -527,3 +527,15 @@ def test_cluster_kernel_choice(monkeypatch):
     assert cfg.kernel == "hopper" and cfg.tiles == [(128, 128)]
     with pytest.raises(ValueError, match="kernel"):
         cluster_config(torch.device("cuda"), torch.bfloat16, 128, "fast")
+
+
+def test_hopper_cluster_kernel_refuses_what_it_cannot_compile_or_fit():
+    """Strides of 16 bytes but not 16 elements (the Q gather's 16-byte copies would not compile) and rings
+    beyond an sm_90 block's shared memory are refused before any launch."""
+    q = torch.empty(1, 8, 2, 72, dtype=torch.bfloat16)[..., :64]  # row stride 144 bytes = 72 elements
+    assert "divisible by 16 elements" in cluster_launch._hopper_alignment_refusal(q)
+    assert cluster_launch._hopper_alignment_refusal(torch.empty(1, 8, 2, 64, dtype=torch.bfloat16)) is None
+    fits = cluster_launch.hopper_shared_memory_refusal
+    assert "bytes of shared memory" in fits(KernelConfig(128, 128, 4, 4, kernel="hopper"), 2, 128)
+    assert fits(KernelConfig(128, 128, 4, 3, kernel="hopper"), 2, 128) is None
+    assert fits(KernelConfig(128, 128, 4, 4, kernel="hopper"), 2, 64) is None

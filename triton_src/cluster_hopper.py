@@ -85,11 +85,13 @@ def _produce(args, WINDOW: gl.constexpr):
     ROWS: gl.constexpr = q_smem.type.shape[1]
     LAG: gl.constexpr = STAGES - 2
     REC: gl.constexpr = 2 * WINDOW + 1
+    gl.static_assert(k_smem.dtype.primitive_bitwidth == 16, "the copy layout moves 8 two-byte elements per copy")
     tpw_cols: gl.constexpr = HEAD_DIM // 8  # 8 elements (16 bytes) per thread and copy
     layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // tpw_cols, tpw_cols], [4, 1], [1, 0])
     if n_kv > 0:
-        for half in gl.static_range(2):
-            _gather_q(q_smem.index(half), q_base, stride_qs, perm_base, q0 + half * ROWS, q1, layout)
+        _gather_q(q_smem.index(0), q_base, stride_qs, perm_base, q0, q1, layout)
+        if q1 - q0 > ROWS:  # the second consumer has rows (otherwise it never reads its Q half)
+            _gather_q(q_smem.index(1), q_base, stride_qs, perm_base, q0 + ROWS, q1, layout)
         async_commit_group()
     for j in range(n_kv):
         stage = j % STAGES

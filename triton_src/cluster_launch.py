@@ -32,6 +32,7 @@ __all__ = ["CONFIG_ENV", "KERNEL_ENV", "ClusterConfig", "assign_labels", "cluste
 CONFIG_ENV = "LVSA_KERNELS_CLUSTER_CONFIG"
 KERNEL_ENV = "LVSA_KERNELS_CLUSTER_KERNEL"
 KERNELS = ("auto", "hopper", "portable")
+SM90_SHARED_BYTES = 232448  # shared memory one block may use on an H100/H200 (227 KiB)
 HOPPER_GPU_VERIFIED = False  # set once tests/test_cluster_kernels.py has passed on an sm_90 GPU with this kernel
 # Triton releases the Hopper cluster kernel is offered on: those where `compile_check` finds no local-memory
 # instruction in its loops (3.8.0 spills in the consumer loops at head dim 128: 114 in-loop spill instructions).
@@ -92,10 +93,11 @@ def _hopper_shape_refusal(q: Tensor) -> Optional[str]:
 
 
 def _hopper_alignment_refusal(q: Tensor) -> Optional[str]:
-    e = q.element_size()
-    if q.data_ptr() % 16 or any((s * e) % 16 for s in q.stride()[:3]):
-        return (f"needs q with a 16-byte aligned base pointer and strides (16-byte cp.async copies), got strides "
-                f"{tuple(q.stride())}")
+    # Triton treats an integer argument as aligned only when it divides by 16 (elements): a stride of 16 bytes
+    # but not 16 elements would compile the Q gather without 16-byte cp.async copies, which fails
+    if q.data_ptr() % 16 or any(s % 16 for s in q.stride()[:3]):
+        return (f"needs q with a 16-byte aligned base pointer and strides divisible by 16 elements (16-byte "
+                f"cp.async copies), got strides {tuple(q.stride())}")
     return None
 
 
@@ -261,6 +263,19 @@ def _check_hopper_part(q: Tensor, cfg: KernelConfig) -> None:
     if not (0 < cfg.block_m <= 128 and cfg.block_n in (64, 128) and cfg.num_stages >= 2 and cfg.num_warps == 4):
         raise ValueError(f"cfg: the Hopper cluster kernel takes BLOCK_M <= 128, BLOCK_N 64 or 128, 4 warps and "
                          f">= 2 stages, got {cfg}")
+    reason = hopper_shared_memory_refusal(cfg, q.element_size(), q.shape[-1])
+    if reason is not None:
+        raise ValueError(f"cfg: {reason}")
+
+
+def hopper_shared_memory_refusal(cfg: KernelConfig, element_size: int, head_dim: int) -> Optional[str]:
+    """Why a Hopper cluster-kernel config does not fit an sm_90 block's shared memory (None: it fits): two 64-row
+    Q halves and ``num_stages`` K and V slots of ``block_n`` rows, plus a few hundred bytes of barriers."""
+    ring = element_size * head_dim * (2 * 64 + 2 * cfg.num_stages * cfg.block_n)
+    if ring > SM90_SHARED_BYTES - 1024:
+        return (f"{cfg} needs {ring} bytes of shared memory at head dim {head_dim}; an sm_90 block has "
+                f"{SM90_SHARED_BYTES} (fewer stages or 64-column key tiles fit)")
+    return None
 
 
 def assign_labels(x: Tensor, weights: Tensor, gemm_dtype: torch.dtype) -> Tensor:
