@@ -1,7 +1,7 @@
 """Inputs and error metrics shared by the 8-bit (``precision="fp8"`` / ``"int8_qk"``) tests and bench.
 
 ``python tests/fp8_cases.py [--aligned]`` prints docs/fp8.md's CPU accuracy table (fake-quant reference vs
-float32 attention; ``--aligned``: with the Hopper kernel's key walk)."""
+float32 attention; ``--aligned``: with the Hopper kernel's key walk); ``--pv`` its table of P V roundings."""
 import sys
 
 import torch
@@ -81,5 +81,39 @@ def accuracy_table(aligned=False):
                   + " | ".join("%.2e / %.5f / %.5f" % c for c in cells) + f" | {bf16:.2e} |", flush=True)
 
 
+def pv_rounding_table():
+    """docs/fp8.md's P V rounding rows: the error of ``P V / rowsum(P)`` with P (= exp(s - row max), exact
+    float64 scores) and V rounded to each candidate format, vs float64, for 256 queries against 1560 or 14040
+    keys (one or nine 1560-token frames), head dim 128, seed 1. e4m3: P x 448, V per channel to 448; u8 / s8:
+    P x 255 / 127, V per channel to 127; bf16: plain casts."""
+    def e4m3(x):
+        return x.float().to(torch.float8_e4m3fn).double()
+
+    for dist in ("normal", "peaked"):
+        for keys in (1560, 14040):
+            q, k, v = (t[0, :, 0].double() for t in distribution(dist, 1, keys, 1, 1, 128, seed=1))
+            s = q[:256] @ k.T / 128 ** 0.5
+            p = torch.exp(s - s.amax(1, keepdim=True))
+            v_s8 = v.abs().amax(0) / 127
+            v_e4m3 = v.abs().amax(0) / 448
+            formats = {
+                "e4m3 P, e4m3 V": (e4m3(p * 448) / 448, e4m3(v / v_e4m3) * v_e4m3),
+                "u8 P, s8 V": (torch.round(p * 255) / 255, torch.round(v / v_s8) * v_s8),
+                "s8 P, s8 V": (torch.round(p * 127) / 127, torch.round(v / v_s8) * v_s8),
+                "e4m3 P, bf16 V": (e4m3(p * 448) / 448, v.bfloat16().double()),
+                "bf16 P, e4m3 V": (p.bfloat16().double(), e4m3(v / v_e4m3) * v_e4m3),
+                "bf16 P, bf16 V": (p.bfloat16().double(), v.bfloat16().double()),
+            }
+            ref = p @ v / p.sum(1, keepdim=True)
+            cells = []
+            for pq, vq in formats.values():
+                out = pq @ vq / p.sum(1, keepdim=True)
+                cells.append(f"{((out - ref).norm() / ref.norm()).item():.2e}")
+            print(f"| {dist} | {keys} | " + " | ".join(cells) + " |", flush=True)
+
+
 if __name__ == "__main__":
-    accuracy_table(aligned="--aligned" in sys.argv[1:])
+    if "--pv" in sys.argv[1:]:
+        pv_rounding_table()
+    else:
+        accuracy_table(aligned="--aligned" in sys.argv[1:])
