@@ -110,3 +110,27 @@ def test_gradient_checkpointing_recomputes_the_same_sparse_attention():
         handle.disable()
     for g, w in zip(got, want):
         assert ((g - w).norm() / w.norm()).item() <= 1e-6
+
+
+def test_a_second_checkpointed_call_before_the_backward_raises():
+    """Checkpointed blocks are recomputed with the latest call's layout, so a grad-enabled call that starts
+    before the previous one's backward is refused; a dropped output (no backward possible) or a finished
+    backward frees the next call."""
+    model = lora_model()
+    x = {k: v.to(DEVICE) for k, v in wan_inputs(FRAMES, SIZE, SIZE, batch=1, seed=5).items()}
+    target = torch.randn(1, 4, FRAMES, SIZE, SIZE, generator=torch.Generator().manual_seed(6)).to(DEVICE)
+    handle = enable_lvsa(model, PATTERN, backend="triton")
+    try:
+        model.enable_gradient_checkpointing()
+        loss = loss_of(model, x, target)
+        for _ in range(2):  # a refused call leaves the first one waiting
+            with pytest.raises(RuntimeError, match="before the backward of the previous gradient-checkpointed"):
+                loss_of(model, x, target)
+        loss.backward()
+        del loss
+        loss_of(model, x, target)          # dropped: its graph is gone, so nothing waits for a backward
+        loss_of(model, x, target).backward()
+        with torch.no_grad():
+            loss_of(model, x, target)
+    finally:
+        handle.disable()

@@ -9,7 +9,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from diffusers import (Cosmos3OmniTransformer, HunyuanVideoFramepackTransformer3DModel, LatteTransformer3DModel,
                        SanaVideoTransformer3DModel, WanAnimate2Transformer3DModel)
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from ..api import check_precision
 from ..backends import get_backend
@@ -216,10 +217,22 @@ def _forward_hooks(runtime: AttentionRuntime, spec: ModelSpec, transformer: nn.M
         runtime.begin_forward(geometry, bound["timestep"], context, expert)
 
     def post_hook(module: nn.Module, args: tuple, output: Any) -> None:
-        runtime.end_forward()
+        checkpointed = torch.is_grad_enabled() and bool(getattr(module, "gradient_checkpointing", False))
+        runtime.end_forward(_first_tensor(output), checkpointed)
 
     return [transformer.register_forward_pre_hook(pre_hook, with_kwargs=True),
-            transformer.register_forward_hook(post_hook)]
+            transformer.register_forward_hook(post_hook, always_call=True)]
+
+
+def _first_tensor(output: Any) -> Optional[Tensor]:
+    """The sample of a transformer's output (a tensor, a tuple starting with it, or a diffusers output object);
+    None when the forward raised (``always_call`` hooks then get None)."""
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+        return output[0]
+    sample = getattr(output, "sample", None)
+    return sample if isinstance(sample, Tensor) else None
 
 
 def _make_runtime(spec: ModelSpec, transformers: Sequence[nn.Module], pattern: Union[None, LVSAPattern, SVOOPattern],

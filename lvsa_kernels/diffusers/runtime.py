@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Hashable, List, Optional, Tuple, Type, Union
 
@@ -70,6 +71,7 @@ class AttentionRuntime:
         self.geometry: Optional[VideoGeometry] = None
         self.context: Optional[ContextGroups] = None
         self.in_forward = False
+        self._awaiting_backward: Optional[weakref.ref] = None  # output of a checkpointed call, until its backward
         self.ring_traffic = TrafficCounter()
         self.expert = 0
         self.forward_cache: Dict[str, Any] = {}
@@ -86,7 +88,14 @@ class AttentionRuntime:
         """Called by the transformer's forward pre-hook: record the step, the global geometry, the
         context-parallel groups (None without context parallelism) and which transformer (expert) runs. With a
         ``step_marker`` (the pipeline's own step counter) that returns an object, the step follows it
-        instead of the timestep. A new generation resets the pattern; a new step or geometry drops the plans."""
+        instead of the timestep. A new generation resets the pattern; a new step or geometry drops the plans.
+        Raises while a gradient-checkpointed call's output still awaits its backward (see `end_forward`)."""
+        pending = None if self._awaiting_backward is None else self._awaiting_backward()
+        if pending is not None and torch.is_grad_enabled():
+            raise RuntimeError(
+                f"LVSA ({self.model}): a transformer call started before the backward of the previous "
+                "gradient-checkpointed call; its blocks would be recomputed with this call's video geometry and "
+                "layout. Run backward() after each call (or turn gradient checkpointing off)")
         marker = None if self.step_marker is None else self.step_marker()
         if marker is None:
             self.tracker.observe(timestep)
@@ -105,16 +114,26 @@ class AttentionRuntime:
             self._plans.clear()
             self._planned_for = key
 
-    def end_forward(self) -> None:
-        """Called by the transformer's forward hook: no geometry outside a transformer call, except in the
-        backward of a call that ran with grad enabled, where gradient checkpointing recomputes its blocks (the
-        geometry, context groups, step and plans stay those of the latest call: run its backward before the
-        next transformer call)."""
+    def end_forward(self, output: Optional[Tensor] = None, checkpointed: bool = False) -> None:
+        """Called by the transformer's forward hook (also when the forward raised, ``output`` None): no geometry
+        outside a transformer call, except in the backward of a call that ran with grad enabled, where gradient
+        checkpointing recomputes its blocks: the geometry, context groups, step and plans stay those of the
+        latest call. ``checkpointed`` (grad enabled and the transformer checkpoints its blocks): until the
+        backward reaches ``output`` (or ``output`` is freed), the next grad-enabled call raises instead of
+        replacing them."""
         self.in_forward = False
         if not torch.is_grad_enabled():
             self.geometry = None
             self.context = None
+        elif output is not None:  # a call that raised (e.g. refused here) leaves the waiting one as it was
+            self._awaiting_backward = None
+            if checkpointed and output.requires_grad:
+                self._awaiting_backward = weakref.ref(output)
+                output.register_hook(self._backward_reached)
         self.forward_cache.clear()
+
+    def _backward_reached(self, grad: Tensor) -> None:
+        self._awaiting_backward = None
 
     def current_geometry(self, where: str) -> VideoGeometry:
         """The geometry of the transformer call in flight (or recomputed in a backward); raises outside one."""
