@@ -191,10 +191,10 @@ def time_case(case, device, names: List[str], bwd_configs, rep_ms: float, min_it
             with torch.no_grad():
                 fwd = bench_ms(m.forward, device, 25.0, rep_ms, min_iters)
             both = bench_ms(lambda: torch.autograd.grad(m.forward(), (q, k, v), do), device, 25.0, rep_ms, min_iters)
-            out = m.forward()
-            bwd = bench_ms(lambda: torch.autograd.grad(out, (q, k, v), do, retain_graph=True), device, 25.0, rep_ms,
-                           min_iters)
-            del out
+            retained = m.forward()
+            bwd = bench_ms(lambda: torch.autograd.grad(retained, (q, k, v), do, retain_graph=True), device, 25.0,
+                           rep_ms, min_iters)
+            retained = None  # frees the retained graph before the next method
         except Exception as exc:  # recorded, the other methods still run
             rec["methods"][m.name] = {"status": "error", "error": f"{type(exc).__name__}: {exc}"[:500]}
             continue

@@ -108,41 +108,42 @@ def run_case(name: str, floor: float, args, device, dtype, measure) -> Dict[str,
         t["dense"] = measure(lambda: F.scaled_dot_product_attention(qt, kt, vt))
     per_kernel = {}
     previous = os.environ.get(KERNEL_ENV)
-    for kernel in kernels:  # the first is the case's headline kernel (its numbers fill the top-level fields)
-        os.environ[KERNEL_ENV] = kernel  # SVOOPattern's calls pick the kernel through cluster_path.attend
-        cfg = cluster_config(device, dtype, D, kernel)
-        sched = build_cluster_schedule(mask, cl.q.sizes, cl.k.sizes, S, cfg.tiles)
-        out, _ = cluster_attention(q, kp, vp, qperm, sched, scale, cfg)
-        pairs = float((cl.q.sizes.double().reshape(-1) * sched.keys_per_row.double()).sum())
-        kt_ms = {"plan": measure(lambda: build_cluster_schedule(mask, cl.q.sizes, cl.k.sizes, S, cfg.tiles)),
-                 "sparse_attn": measure(lambda: cluster_attention(q, kp, vp, qperm, sched, scale, cfg))}
-        pat.reset()
-        pat.attention(q, k, v, 0, 0, backend="triton")  # fill the cache: later steps reuse it
-        reuse = lambda: pat.attention(q, k, v, 1, 0, backend="triton")  # noqa: E731
-        kt_ms["svoo_reuse"] = measure(reuse)
-        per_kernel[kernel] = {
-            "config": str(cfg), "ms": kt_ms, "rel_err_sampled": sampled_error(out, ref, rows),
-            "sparse_effective_tflops": 4 * D * pairs / kt_ms["sparse_attn"] / 1e9,
-            "speedup_reuse": t["dense"] / kt_ms["svoo_reuse"],
-            "key_tiles": [int(kt.count.sum()) for _, kt in sched.parts],
-            "query_tiles": [int((qt.q1 > qt.q0).sum()) for qt, _ in sched.parts]}
-        print(f"  {name} floor {floor}: {kernel} cluster kernel {cfg}: sparse_attn {kt_ms['sparse_attn']:.2f} ms "
-              f"= {per_kernel[kernel]['sparse_effective_tflops']:.0f} effective TF/s, reuse call "
-              f"{kt_ms['svoo_reuse']:.2f} ms = {per_kernel[kernel]['speedup_reuse']:.2f}x dense, "
-              f"err {per_kernel[kernel]['rel_err_sampled']:.1e}", flush=True)
-        if kernel == kernels[0]:
-            t.update(kt_ms)
-            res.update(density=pairs / (H * S * S), computed_pairs=pairs, config=str(cfg),
-                       rel_err_sampled=per_kernel[kernel]["rel_err_sampled"], key_tiles=per_kernel[kernel]["key_tiles"],
-                       query_tiles=per_kernel[kernel]["query_tiles"])
-            t["svoo_recluster"] = measure(lambda: (pat.reset(), pat.attention(q, k, v, 0, 0, backend="triton")))
-            pat.attention(q, k, v, 0, 0, backend="triton")
-            res["gpu_ops_reuse"] = gpu_ops(reuse, device)
-            primary = (cfg, sched)
-    if previous is None:
-        os.environ.pop(KERNEL_ENV, None)
-    else:
-        os.environ[KERNEL_ENV] = previous
+    try:
+        for kernel in kernels:  # the first is the case's headline kernel (its numbers fill the top-level fields)
+            os.environ[KERNEL_ENV] = kernel  # SVOOPattern's calls pick the kernel through cluster_path.attend
+            cfg = cluster_config(device, dtype, D, kernel)
+            sched = build_cluster_schedule(mask, cl.q.sizes, cl.k.sizes, S, cfg.tiles)
+            out, _ = cluster_attention(q, kp, vp, qperm, sched, scale, cfg)
+            pairs = float((cl.q.sizes.double().reshape(-1) * sched.keys_per_row.double()).sum())
+            kt_ms = {"plan": measure(lambda: build_cluster_schedule(mask, cl.q.sizes, cl.k.sizes, S, cfg.tiles)),
+                     "sparse_attn": measure(lambda: cluster_attention(q, kp, vp, qperm, sched, scale, cfg))}
+            pat.reset()
+            pat.attention(q, k, v, 0, 0, backend="triton")  # fill the cache: later steps reuse it
+            reuse = lambda: pat.attention(q, k, v, 1, 0, backend="triton")  # noqa: E731
+            kt_ms["svoo_reuse"] = measure(reuse)
+            per_kernel[kernel] = {
+                "config": str(cfg), "ms": kt_ms, "rel_err_sampled": sampled_error(out, ref, rows),
+                "sparse_effective_tflops": 4 * D * pairs / kt_ms["sparse_attn"] / 1e9,
+                "speedup_reuse": t["dense"] / kt_ms["svoo_reuse"],
+                "key_tiles": [int(kt.count.sum()) for _, kt in sched.parts],
+                "query_tiles": [int((qt.q1 > qt.q0).sum()) for qt, _ in sched.parts]}
+            print(f"  {name} floor {floor}: {kernel} cluster kernel {cfg}: sparse_attn {kt_ms['sparse_attn']:.2f} ms "
+                  f"= {per_kernel[kernel]['sparse_effective_tflops']:.0f} effective TF/s, reuse call "
+                  f"{kt_ms['svoo_reuse']:.2f} ms = {per_kernel[kernel]['speedup_reuse']:.2f}x dense, "
+                  f"err {per_kernel[kernel]['rel_err_sampled']:.1e}", flush=True)
+            if kernel == kernels[0]:
+                t.update(kt_ms)
+                res.update(density=pairs / (H * S * S), computed_pairs=pairs, config=str(cfg),
+                           rel_err_sampled=per_kernel[kernel]["rel_err_sampled"], key_tiles=per_kernel[kernel]["key_tiles"],
+                           query_tiles=per_kernel[kernel]["query_tiles"])
+                t["svoo_recluster"] = measure(lambda: (pat.reset(), pat.attention(q, k, v, 0, 0, backend="triton")))
+                pat.attention(q, k, v, 0, 0, backend="triton")
+                res["gpu_ops_reuse"] = gpu_ops(reuse, device)
+    finally:
+        if previous is None:
+            os.environ.pop(KERNEL_ENV, None)
+        else:
+            os.environ[KERNEL_ENV] = previous
     res["kernels"] = per_kernel
     res["ms"] = t
     reuse_overhead = t["refresh"] + t["select"] + t["permute"] + t["plan"]
@@ -153,7 +154,7 @@ def run_case(name: str, floor: float, args, device, dtype, measure) -> Dict[str,
                dense_tflops=4 * H * D * S * S / t["dense"] / 1e9)
     if args.sweep and not getattr(args, "swept", False):
         args.swept = True  # once, on the first case
-        res["sweep"] = sweep(q, kp, vp, qperm, mask, cl, S, scale, measure, primary[0].kernel)
+        res["sweep"] = sweep(q, kp, vp, qperm, mask, cl, S, scale, measure, kernels[0])
     return res
 
 

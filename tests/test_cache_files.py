@@ -20,7 +20,7 @@ BAD_CONFIGS = {
     "extra field": {**GOOD, "x": 1}, "zero stages": {**GOOD, "num_stages": 0},
     "unknown kernel": {**GOOD, "kernel": "cuda"}, "no kernel field (older cache)": {k: v for k, v in GOOD.items() if k != "kernel"},
     "no exp2_poly field (older cache)": {k: v for k, v in GOOD.items() if k != "exp2_poly"},
-    "exp2_poly on the portable kernel": {**GOOD, "exp2_poly": 2}, "exp2_poly 2": {**GOOD, "kernel": "hopper", "exp2_poly": 2},
+    "exp2_poly on the portable kernel": {**GOOD, "exp2_poly": 4}, "exp2_poly 2": {**GOOD, "kernel": "hopper", "exp2_poly": 2},
 }
 
 
@@ -41,6 +41,14 @@ def test_tuning_cache_ignores_bad_entries_with_one_warning(cache_dir, caplog):
         assert tuning.lookup("good") == KernelConfig(64, 32, 4, 2)
         assert all(tuning.lookup(k) is None for k in BAD_CONFIGS)
     assert len(caplog.records) == 1 and f"{len(BAD_CONFIGS)} invalid entries" in caplog.text
+
+
+def test_tuning_cache_keeps_a_hopper_config_with_the_exp2_split(cache_dir):
+    cfg = KernelConfig(128, 128, 4, 2, True, True, "hopper", 4)
+    tuning.store("split", cfg)
+    tuning._memory.clear()
+    tuning._loaded_from = None
+    assert tuning.lookup("split") == cfg
 
 
 @pytest.mark.parametrize("content", ["[1, 2]", '{"version": 1, "entries": []}', "\xff\xfe not utf-8", "null"])

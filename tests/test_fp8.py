@@ -441,3 +441,19 @@ def test_enable_lvsa_and_enable_svoo_pass_the_precision(monkeypatch):
         disable_lvsa(transformer)
         assert handle.runtime.precision in seen and len(set(seen)) == 1
         seen.clear()
+
+
+def test_run_scheduled_refuses_an_exp2_split_it_cannot_run():
+    """``exp2_poly`` is 0 or 4, and only the Hopper kernel has the split."""
+    from lvsa_kernels.triton_src.launch import run_scheduled
+    from lvsa_kernels.triton_src.schedule import build_schedule
+    from lvsa_kernels.triton_src.tuning import INTERPRETER_CONFIG, KernelConfig
+
+    layout = LAYOUTS["text"]
+    q = torch.zeros(1, layout.q_len, 1, 32, dtype=torch.float16)
+    sched = build_schedule(layout, INTERPRETER_CONFIG.block_m, q.device)
+    portable = KernelConfig(16, 16, 1, 1, exp2_poly=4)
+    with pytest.raises(ValueError, match="cfg.exp2_poly: expected 0 or 4"):
+        run_scheduled(q, q[:, :layout.kv_len], q[:, :layout.kv_len], sched, False, 0.1, portable)
+    with pytest.raises(ValueError, match="got 2"):
+        run_scheduled(q, q, q, sched, False, 0.1, KernelConfig(128, 128, 4, 2, True, True, "hopper", 2))

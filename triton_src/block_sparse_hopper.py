@@ -61,7 +61,8 @@ KEY_BLOCK = gl.constexpr(KEY_QUANT_BLOCK)  # 8-bit modes: tokens per K scale; ke
 
 # 2^x on the FMA units for x <= 9 (-inf included): x = n + f with n = floor(x) (one add rounding down onto the
 # integers of 1.5 * 2^23), 2^f by a cubic on [0, 1) (relative error 7.5e-5, fitted for this kernel), then n added
-# to the exponent bits; x < -126 gives 2^-126 (1.2e-38), a zero for every later use of P.
+# to the exponent bits; x < -126 gives 2^-126 (1.2e-38): negligible in the row sum, and its V rows are zeroed or
+# its e4m3 P rounds to 0.
 _POLY_EXP2 = """
     max.ftz.f32 x, {x}, 0fC2FC0000;
     add.rm.ftz.f32 t, x, 0f4B400000;

@@ -2,8 +2,9 @@
 
 Two kernels run the packed cluster attention: the portable Triton kernel (`cluster_attn.cluster_attn_fwd`, any
 GPU and the CPU interpreter) and the warp-specialised Gluon kernel for sm_90 (`cluster_hopper`, bf16/fp16, head
-dim 64 or 128). `cluster_kernel` picks the Hopper kernel where it can run; ``LVSA_KERNELS_CLUSTER_KERNEL=portable``
-forces the portable one and ``=hopper`` the Hopper one (an error where it cannot run, never a silent fallback).
+dim 64 or 128). `cluster_kernel` runs the portable one unless ``LVSA_KERNELS_CLUSTER_KERNEL=hopper`` (an error
+where the Hopper kernel cannot run, never a silent fallback); ``auto`` picks the Hopper kernel only once a GPU run
+has verified it (`HOPPER_GPU_VERIFIED`).
 ``torch.ops.lvsa_kernels.triton_cluster_attn_fwd`` has a fake implementation, so ``torch.compile``
 traces through it. Launch configs are fixed per kernel and device class (measured on the H100, see
 ``bench/RESULTS.md``) and can be overridden with ``LVSA_KERNELS_CLUSTER_CONFIG``.
@@ -255,8 +256,8 @@ def cluster_attention(q: Tensor, kp: Tensor, vp: Tensor, q_perm: Tensor, sched: 
 
 def _check_hopper_part(q: Tensor, cfg: KernelConfig) -> None:
     """A Hopper part must fit the kernel: a device and inputs it takes (`cluster_hopper_refusal`; the alignment is
-    checked at launch), query tiles of at most
-    128 rows (two 64-row consumers), 64- or 128-column key tiles and a ring of at least 2 stages."""
+    checked at launch), query tiles of at most 128 rows (two 64-row consumers), 64- or 128-column key tiles, a
+    ring of at least 2 stages, and an sm_90 block's shared memory."""
     reason = _hopper_shape_refusal(q)
     if reason is not None:
         raise ValueError(f"cfg: {cfg} runs the Hopper cluster kernel, which {reason}")

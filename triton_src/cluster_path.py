@@ -96,8 +96,7 @@ def permute_keys(k: Tensor, v: Tensor, perm: Tensor) -> Tuple[Tensor, Tensor]:
 
 def attend(q: Tensor, kp: Tensor, vp: Tensor, q_sizes: Tensor, k_sizes: Tensor, q_perm: Tensor, mask: Tensor,
            scale: float) -> Tuple[Tensor, Tensor]:
-    """Plan on the device and run the packed cluster kernel (`cluster_launch.cluster_kernel`: the Hopper one on
-    sm_90 GPUs, else the portable one); returns ``(out [B, S, H, D], lse [B, H, S] float32)``
+    """Plan on the device and run the packed cluster kernel `cluster_launch.cluster_kernel` picks; returns ``(out [B, S, H, D], lse [B, H, S] float32)``
     in token order.
 
     q ``[B, S, H, D]`` in token order; kp, vp from `permute_keys`; q_sizes ``[B * H, n_q]``, k_sizes

@@ -284,6 +284,9 @@ def run_scheduled(q: Tensor, k: Tensor, v: Tensor, sched: KernelSchedule, per_he
     """Run with a prepared schedule (and, for the Hopper kernel, the key tiles of ``cfg.block_n``);
     through the custom op unless ``out`` (a buffer to write) is given."""
     hopper = cfg.kernel == "hopper"
+    if cfg.exp2_poly not in ((0, 4) if hopper else (0,)):
+        raise ValueError(f"cfg.exp2_poly: expected 0 or 4 (one softmax exponential in 4 on the FMA units; the Hopper "
+                         f"kernel only), got {cfg.exp2_poly} for {cfg}")
     if hopper:
         _check_hopper_inputs(sched, key_tiles, cfg, precision)
     if out is None:
