@@ -52,9 +52,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 
 from .fp8_quant import KEY_QUANT_BLOCK
 from .gluon_compat import cta_barrier, tma_load
+from .hopper_ring import HALF_M, LN2, give_turn, pass_ring, wait_turn
 
-HALF_M = gl.constexpr(64)  # query rows per consumer warpgroup (the wgmma M of one warpgroup)
-LN2 = gl.constexpr(0.6931471805599453)
 LOG2_P_SCALE = gl.constexpr(8.807354922057604)  # fp8: P = 448 * 2^(s - m) <= 448, e4m3's largest finite value
 KEY_BLOCK = gl.constexpr(KEY_QUANT_BLOCK)  # 8-bit modes: tokens per K scale; key tiles never cross a block
 
@@ -196,21 +195,6 @@ def _tile_origin(kv0, BLOCK_N: gl.constexpr, FP8_PV: gl.constexpr):
 
 
 @gluon.jit
-def _wait_turn(turn, HALF: gl.constexpr, j, pingpong):
-    """Wait until it is this consumer's turn to issue its ``j``-th block of matrix products.
-
-    Consumer 0 goes first (its first wait is on the barrier's pre-completed phase); each consumer hands
-    the turn over with `_give_turn` once its products are issued. Tiles of at most 64 rows (one busy
-    consumer) take no turns (``pingpong`` false)."""
-    mbarrier.wait(turn.index(HALF), (j & 1) ^ (1 - HALF), pred=pingpong)
-
-
-@gluon.jit
-def _give_turn(turn, HALF: gl.constexpr, pingpong):
-    mbarrier.arrive(turn.index(1 - HALF), count=1, pred=pingpong)
-
-
-@gluon.jit
 def _k_view(k_smem, stage, N: gl.constexpr):
     """Ring slot ``stage`` as the B operand K^T ``[D, N]`` of an ``N``-key tile (a short tile fills only the
     head of the slot)."""
@@ -236,7 +220,7 @@ def _attend_tiles(q, acc, m_i, l_i, j_lo, j_hi, turn0, pingpong, ring, scales, H
     ``RAGGED``: some may hold fewer keys (masked; otherwise every tile is full).
 
     ``S_j = Q K_j^T`` is issued before ``O += P_{j-1} V_{j-1}``, so the softmax of ``S_j`` overlaps the
-    ``P V`` product; matrix-product issue ``t`` of this walk is turn ``turn0 + t`` (`_wait_turn`)."""
+    ``P V`` product; matrix-product issue ``t`` of this walk is turn ``turn0 + t`` (`hopper_ring.wait_turn`)."""
     (k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn, kv_tile_start, kv_tile_end, i_lo) = ring
     qk_scale, walk_scale, ks_base = scales
     STAGES: gl.constexpr = k_smem.type.shape[0]
@@ -263,9 +247,9 @@ def _attend_tiles(q, acc, m_i, l_i, j_lo, j_hi, turn0, pingpong, ring, scales, H
     kv0 = gl.load(kv_tile_start + i_lo + j_lo)
     kv_end = gl.load(kv_tile_end + i_lo + j_lo)
     mbarrier.wait(k_ready.index(stage), (j_lo // STAGES) & 1)
-    _wait_turn(turn, HALF, turn0, pingpong)
+    wait_turn(turn, HALF, turn0, pingpong)
     s_tok = warpgroup_mma(q, _k_view(k_smem, stage, N), s_init, use_acc=False, is_async=True)
-    _give_turn(turn, HALF, pingpong)
+    give_turn(turn, HALF, pingpong)
     s = warpgroup_mma_wait(0, deps=(s_tok, ))
     mbarrier.arrive(k_empty.index(stage), count=1)
     p, m_i, l_i, alpha = _fold_scores(s, m_i, l_i, kv0, kv_end, _tile_origin(kv0, N, FP8_PV), qk_scale, walk_scale,
@@ -278,10 +262,10 @@ def _attend_tiles(q, acc, m_i, l_i, j_lo, j_hi, turn0, pingpong, ring, scales, H
         mbarrier.wait(k_ready.index(stage), (j // STAGES) & 1)
         mbarrier.wait(v_ready.index(prev), ((j - 1) // STAGES) & 1)
         p_op = _pv_operand(p, prev_v, kv0, kv_end, p_layout, N, HEAD_DIM, RAGGED)
-        _wait_turn(turn, HALF, turn0 + j - j_lo, pingpong)
+        wait_turn(turn, HALF, turn0 + j - j_lo, pingpong)
         s_tok = warpgroup_mma(q, _k_view(k_smem, stage, N), s_init, use_acc=False, is_async=True)
         pv_tok = _issue_pv(p_op, prev_v, acc)
-        _give_turn(turn, HALF, pingpong)
+        give_turn(turn, HALF, pingpong)
         kv0 = gl.load(kv_tile_start + i_lo + j)  # read while the products run, not after them
         kv_end = gl.load(kv_tile_end + i_lo + j)
         s = warpgroup_mma_wait(1, deps=(s_tok, ))
@@ -294,27 +278,13 @@ def _attend_tiles(q, acc, m_i, l_i, j_lo, j_hi, turn0, pingpong, ring, scales, H
     v_buf = _v_view(v_smem, stage, N)
     mbarrier.wait(v_ready.index(stage), ((j_hi - 1) // STAGES) & 1)
     p_op = _pv_operand(p, v_buf, kv0, kv_end, p_layout, N, HEAD_DIM, RAGGED)
-    _wait_turn(turn, HALF, turn0 + j_hi - j_lo, pingpong)
+    wait_turn(turn, HALF, turn0 + j_hi - j_lo, pingpong)
     pv_tok = _issue_pv(p_op, v_buf, acc)
-    _give_turn(turn, HALF, pingpong)
+    give_turn(turn, HALF, pingpong)
     pv = warpgroup_mma_wait(0, deps=(pv_tok, ))
     mbarrier.arrive(v_empty.index(stage), count=1)
     acc = pv
     return acc, gl.convert_layout(m_i, row_o), gl.convert_layout(l_i, row_o)
-
-
-@gluon.jit
-def _pass_ring(k_ready, k_empty, v_ready, v_empty, n_kv):
-    """Wait for and release every ring slot of ``n_kv`` key tiles, as a consumer with no rows in the tile does
-    (the loader refills a slot only after both consumers released it)."""
-    STAGES: gl.constexpr = k_ready.type.shape[0]
-    for j in range(n_kv):
-        stage = j % STAGES
-        phase = (j // STAGES) & 1
-        mbarrier.wait(k_ready.index(stage), phase)
-        mbarrier.arrive(k_empty.index(stage), count=1)
-        mbarrier.wait(v_ready.index(stage), phase)
-        mbarrier.arrive(v_empty.index(stage), count=1)
 
 
 @gluon.jit
@@ -340,7 +310,7 @@ def _consume(args, HALF: gl.constexpr):
     l_i = gl.full([ROWS], 0.0, gl.float32, row_o)
     acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)
     if r0 >= q1:  # no rows of this tile here (so no turns either): only keep the ring moving
-        _pass_ring(k_ready, k_empty, v_ready, v_empty, n_kv)
+        pass_ring(k_ready, k_empty, v_ready, v_empty, n_kv)
     elif n_kv > 0:
         q = q_smem.index(HALF)
         mbarrier.wait(q_bar.index(HALF), 0)

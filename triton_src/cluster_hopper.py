@@ -15,7 +15,7 @@ the permutation) for one group ``g = b * H + h``, in three partitions that meet 
 * two consumers (one warpgroup each, 64 query rows each), as in the LVSA Hopper kernel: ``S = Q K^T`` by wgmma
   from shared memory, online softmax in registers (exp2 domain, fp32), ``O += P V`` with P from registers,
   the next tile's ``Q K^T`` issued before the previous tile's ``P V``, and ping-pong turns between the two
-  consumers (`block_sparse_hopper._wait_turn`). Partial tiles are the only masked ones (columns from the
+  consumers (`hopper_ring.wait_turn`). Partial tiles are the only masked ones (columns from the
   tile's width on get -inf after scaling). Each consumer arrives once per tile on ``k_empty`` / ``v_empty``.
 
 Rows without keys write 0 and lse = -inf. The kernel takes a non-negative softmax scale (the host negates q for
@@ -28,8 +28,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     fence_async_shared, mbarrier, warpgroup_mma, warpgroup_mma_wait,
 )
 
-from .block_sparse_hopper import HALF_M, LN2, _give_turn, _pass_ring, _wait_turn
 from .gluon_compat import async_commit_group, async_load, async_wait_group, cta_barrier
+from .hopper_ring import HALF_M, LN2, give_turn, pass_ring, wait_turn
 
 COPY_ROWS = gl.constexpr(64)  # rows per gather step of the producer (Triton 3.6 puts a partition barrier between steps)
 
@@ -169,9 +169,9 @@ def _walk(q, acc, m_i, l_i, j_lo, j_hi, turn0, pingpong, ring, HALF: gl.constexp
     stage = j_lo % STAGES
     width = _tile_width(recs, j_lo, rec_shift, REC, RAGGED)
     mbarrier.wait(k_ready.index(stage), (j_lo // STAGES) & 1)
-    _wait_turn(turn, HALF, turn0, pingpong)
+    wait_turn(turn, HALF, turn0, pingpong)
     s_tok = warpgroup_mma(q, k_smem.index(stage).permute((1, 0)), s_init, use_acc=False, is_async=True)
-    _give_turn(turn, HALF, pingpong)
+    give_turn(turn, HALF, pingpong)
     s = warpgroup_mma_wait(0, deps=(s_tok, ))
     mbarrier.arrive(k_empty.index(stage), count=1)
     p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, width, qk_scale, s_layout, RAGGED)
@@ -183,10 +183,10 @@ def _walk(q, acc, m_i, l_i, j_lo, j_hi, turn0, pingpong, ring, HALF: gl.constexp
         mbarrier.wait(k_ready.index(stage), (j // STAGES) & 1)
         mbarrier.wait(v_ready.index(prev), ((j - 1) // STAGES) & 1)
         p_op = gl.convert_layout(p.to(v_smem.dtype), p_layout)
-        _wait_turn(turn, HALF, turn0 + j - j_lo, pingpong)
+        wait_turn(turn, HALF, turn0 + j - j_lo, pingpong)
         s_tok = warpgroup_mma(q, k_smem.index(stage).permute((1, 0)), s_init, use_acc=False, is_async=True)
         pv_tok = warpgroup_mma(p_op, prev_v, acc, is_async=True)
-        _give_turn(turn, HALF, pingpong)
+        give_turn(turn, HALF, pingpong)
         width = _tile_width(recs, j, rec_shift, REC, RAGGED)  # read while the products run
         s = warpgroup_mma_wait(1, deps=(s_tok, ))
         mbarrier.arrive(k_empty.index(stage), count=1)
@@ -197,9 +197,9 @@ def _walk(q, acc, m_i, l_i, j_lo, j_hi, turn0, pingpong, ring, HALF: gl.constexp
     v_buf = v_smem.index(stage)
     mbarrier.wait(v_ready.index(stage), ((j_hi - 1) // STAGES) & 1)
     p_op = gl.convert_layout(p.to(v_smem.dtype), p_layout)
-    _wait_turn(turn, HALF, turn0 + j_hi - j_lo, pingpong)
+    wait_turn(turn, HALF, turn0 + j_hi - j_lo, pingpong)
     pv_tok = warpgroup_mma(p_op, v_buf, acc, is_async=True)
-    _give_turn(turn, HALF, pingpong)
+    give_turn(turn, HALF, pingpong)
     acc = warpgroup_mma_wait(0, deps=(pv_tok, ))
     mbarrier.arrive(v_empty.index(stage), count=1)
     return acc, gl.convert_layout(m_i, row_o), gl.convert_layout(l_i, row_o)
@@ -221,7 +221,7 @@ def _consume(args, HALF: gl.constexpr, WINDOW: gl.constexpr):
     l_i = gl.full([ROWS], 0.0, gl.float32, row_o)
     acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)
     if r0 >= q1:  # no rows of this tile here (so no turns either): only keep the ring moving
-        _pass_ring(k_ready, k_empty, v_ready, v_empty, n_kv)
+        pass_ring(k_ready, k_empty, v_ready, v_empty, n_kv)
     elif n_kv > 0:
         q = q_smem.index(HALF)  # landed with tile 0's K (its k_ready, waited for first)
         ring = (k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn, recs, rec_shift, qk_scale)

@@ -124,7 +124,7 @@ def cluster_hopper_meta(head_dim: int, dtype: torch.dtype, block_n: int, stages:
     the launch and `compile_check`."""
     from triton.experimental.gluon import language as gl
 
-    from .block_sparse_hopper import HALF_M
+    from .hopper_ring import HALF_M
 
     el = gl.bfloat16 if dtype == torch.bfloat16 else gl.float16
     return dict(

@@ -98,7 +98,8 @@ def launch_hopper(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, sch
     precisions quantize first: K and V with `quantize_kv`, Q per 128-row schedule tile with `quantize_q_tiles`
     (the kernel reads Q through TMA, so it cannot quantize it on the fly)."""
     _check_precision(precision)
-    from .block_sparse_hopper import HALF_M, block_sparse_attn_fwd_hopper
+    from .block_sparse_hopper import block_sparse_attn_fwd_hopper
+    from .hopper_ring import HALF_M
 
     B, Sq, H, D = q.shape
     if max_tiles == 0 or B == 0:
@@ -136,7 +137,7 @@ def hopper_meta(head_dim: int, q_dtype: torch.dtype, k_dtype: torch.dtype, v_dty
     the register split and the launch options. Shared by `launch_hopper` and `compile_check`."""
     from triton.experimental.gluon import language as gl
 
-    from .block_sparse_hopper import HALF_M
+    from .hopper_ring import HALF_M
 
     half = gl.bfloat16 if out_dtype == torch.bfloat16 else gl.float16
     v_block = [head_dim, cfg.block_n] if precision == "fp8" else [cfg.block_n, head_dim]
@@ -265,7 +266,7 @@ triton_block_sparse_fwd_hopper.register_fake(_fake)
 
 
 def _check_hopper_inputs(sched: KernelSchedule, key_tiles: Optional[KeyTiles], cfg: KernelConfig, precision: str):
-    from .block_sparse_hopper import HALF_M  # two consumer warpgroups of HALF_M query rows each
+    from .hopper_ring import HALF_M  # two consumer warpgroups of HALF_M query rows each
 
     if key_tiles is None or key_tiles.block_n != cfg.block_n:
         raise ValueError(f"the hopper kernel needs the key tiles of BLOCK_N={cfg.block_n}")
