@@ -52,7 +52,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 
 from .fp8_quant import KEY_QUANT_BLOCK
 from .gluon_compat import cta_barrier, tma_load
-from .hopper_ring import HALF_M, LN2, give_turn, pass_ring, wait_turn
+from .hopper_ring import HALF_M, LN2, give_turn, pass_ring, ring_barriers, wait_turn
 
 LOG2_P_SCALE = gl.constexpr(8.807354922057604)  # fp8: P = 448 * 2^(s - m) <= 448, e4m3's largest finite value
 KEY_BLOCK = gl.constexpr(KEY_QUANT_BLOCK)  # 8-bit modes: tokens per K scale; key tiles never cross a block
@@ -477,19 +477,9 @@ def block_sparse_attn_fwd_hopper(
     q_smem = gl.allocate_shared_memory(q_dtype, [2, HALF_M, HEAD_DIM], Q_LAYOUT)
     k_smem = gl.allocate_shared_memory(k_dtype, [STAGES, BLOCK_N, HEAD_DIM], K_LAYOUT)
     q_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(2):
         mbarrier.init(q_bar.index(i), count=1)
-        mbarrier.init(turn.index(i), count=1)
-    for i in gl.static_range(STAGES):
-        mbarrier.init(k_ready.index(i), count=1)
-        mbarrier.init(v_ready.index(i), count=1)
-        mbarrier.init(k_empty.index(i), count=2)
-        mbarrier.init(v_empty.index(i), count=2)
+    k_ready, k_empty, v_ready, v_empty, turn = ring_barriers(STAGES)
 
     walk_scale = qk_scale
     if q_dtype == gl.int8:  # the tile's Q scale folds into the softmax scale

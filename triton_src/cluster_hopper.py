@@ -29,7 +29,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 
 from .gluon_compat import async_commit_group, async_load, async_wait_group, cta_barrier
-from .hopper_ring import HALF_M, LN2, give_turn, pass_ring, wait_turn
+from .hopper_ring import HALF_M, LN2, give_turn, pass_ring, ring_barriers, wait_turn
 
 COPY_ROWS = gl.constexpr(64)  # rows per gather step of the producer (Triton 3.6 puts a partition barrier between steps)
 
@@ -284,18 +284,7 @@ def cluster_attn_fwd_hopper(
     q_smem = gl.allocate_shared_memory(dtype, [2, HALF_M, HEAD_DIM], Q_LAYOUT)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], KV_LAYOUT)
     v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], KV_LAYOUT)
-    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(2):
-        mbarrier.init(turn.index(i), count=1)
-    for i in gl.static_range(STAGES):
-        mbarrier.init(k_ready.index(i), count=1)
-        mbarrier.init(v_ready.index(i), count=1)
-        mbarrier.init(k_empty.index(i), count=2)
-        mbarrier.init(v_empty.index(i), count=2)
+    k_ready, k_empty, v_ready, v_empty, turn = ring_barriers(STAGES)
 
     perm_base = Q_PERM + g * seq_len
     recs = key_tiles + r * key_slots * (2 * WINDOW + 1)

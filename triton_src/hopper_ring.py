@@ -1,12 +1,31 @@
-"""What the warp-specialised Hopper kernels' consumers share (`block_sparse_hopper`, `cluster_hopper`): the
-consumer tile height, the turns two consumer warpgroups take issuing their matrix products (FlashAttention-3's
-ping-pong), and how a consumer without rows keeps the ring moving."""
+"""What the warp-specialised Hopper kernels share (`block_sparse_hopper`, `cluster_hopper`): the consumer tile
+height, the ring's barriers, the turns two consumer warpgroups take issuing their matrix products
+(FlashAttention-3's ping-pong), and how a consumer without rows keeps the ring moving."""
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 
 HALF_M = gl.constexpr(64)  # query rows per consumer warpgroup (the wgmma M of one warpgroup)
 LN2 = gl.constexpr(0.6931471805599453)
+
+
+@gluon.jit
+def ring_barriers(STAGES: gl.constexpr):
+    """The K/V ring's barriers ``(k_ready, k_empty, v_ready, v_empty)``, ``STAGES`` each, and the two ``turn``
+    barriers: a slot is ready after one arrival (the loader's), empty after two (one per consumer)."""
+    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(2):
+        mbarrier.init(turn.index(i), count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(k_ready.index(i), count=1)
+        mbarrier.init(v_ready.index(i), count=1)
+        mbarrier.init(k_empty.index(i), count=2)
+        mbarrier.init(v_empty.index(i), count=2)
+    return k_ready, k_empty, v_ready, v_empty, turn
 
 
 @gluon.jit
