@@ -92,7 +92,9 @@ def _methods(names: List[str], q, k, v, layout, device, bwd=None) -> List[Method
 
             # the backward is timed alone on a retained graph, which a compiled backward that donates its
             # saved buffers refuses
-            torch._functorch.config.donated_buffer = False
+            import torch._functorch.config as functorch_config
+
+            functorch_config.donated_buffer = False
 
             mask = to_flex_block_mask(layout, 128, device=device)
             info = {"compile_mode": "default" if device.type == "cuda" else "eager"}
@@ -129,14 +131,10 @@ def _ours_at(q, k, v, layout, scale, bwd) -> Method:
     import torch
 
     from lvsa_kernels.backends.triton_backend import config_for
-    from lvsa_kernels.triton_src import tuning
     from lvsa_kernels.triton_src.backward_launch import run_trainable
-    from lvsa_kernels.triton_src.launch import tma_eligible
 
     with torch.no_grad():
         cfg = config_for(q, k, v, layout, scale)
-    if cfg.kernel != "portable":
-        cfg = tuning.candidate_configs(q.shape[-1], tma_eligible(q, k, v), q.dtype)[0]
     label = f"ours_{bwd.block_m}x{bwd.block_n}x{bwd.num_warps}x{bwd.num_stages}"
     return Method(label, lambda: run_trainable(q, k, v, layout, scale, cfg, bwd)[0],
                   {"forward_config": str(cfg), "backward_config": label[5:]})

@@ -43,6 +43,7 @@ import platform
 import statistics
 import sys
 import time
+import traceback
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -188,7 +189,10 @@ def measure(model: nn.Module, inputs: Dict[str, Any], repeats: int, device: torc
             seconds = median_seconds(step if target is None else train_step, device, repeats)
     except Exception as exc:  # one failing way (e.g. no cuDNN kernel for a mask) must not stop the sweep
         model.zero_grad(set_to_none=True)
-        return {"status": "error", "error": f"{type(exc).__name__}: {exc}".splitlines()[0][:300]}
+        traceback.print_exc()  # the whole story in the log; the row keeps the first line and where it was raised
+        frame = traceback.extract_tb(exc.__traceback__)[-1]
+        return {"status": "error", "error": f"{type(exc).__name__}: {exc}".splitlines()[0][:300],
+                "raised_at": f"{frame.filename}:{frame.lineno} ({frame.name})"}
     rec: Dict[str, Any] = {"status": "ok", "seconds": seconds, "output": out[0]}
     if target is not None:
         timed = marks[-repeats:]

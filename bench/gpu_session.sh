@@ -84,8 +84,8 @@ EOF
   if has_stage tests; then
     local lim=$(( $(left) - e2e_reserve - 60 )); (( lim > TESTS_LIMIT )) && lim=$TESTS_LIMIT
     if (( lim > 20 )); then
-      say "stage tests (limit ${lim}s): pytest -q -rs ${TESTS_PATHS:-tests} ${TESTS_K:+-k \"$TESTS_K\"}"
-      timeout -k 10 "$lim" python3 -m pytest -q -rs -p no:cacheprovider ${TESTS_PATHS:-tests} ${TESTS_K:+-k "$TESTS_K"} \
+      say "stage tests (limit ${lim}s): pytest -v -rs ${TESTS_PATHS:-tests} ${TESTS_K:+-k \"$TESTS_K\"}"
+      timeout -k 10 "$lim" python3 -m pytest -v --durations=12 -rs -p no:cacheprovider ${TESTS_PATHS:-tests} ${TESTS_K:+-k "$TESTS_K"} \
         > "$OUT/gpu_tests.log" 2>&1; rc=$?
       tail -n 25 "$OUT/gpu_tests.log"
       say "stage tests rc=$rc"; (( rc != 0 )) && status=1

@@ -11,9 +11,10 @@ from lvsa_kernels import BackendUnavailable, BlockSparseLayout, LVSAPattern, blo
 from lvsa_kernels import reference_attention
 from lvsa_kernels.backends import base as backend_base
 from lvsa_kernels.backends.base import Backend, Capabilities
-from lvsa_kernels.triton_src.backward_launch import backward_config, launch_backward
+from lvsa_kernels.triton_src.backward_launch import backward_config, launch_backward, run_trainable
 from lvsa_kernels.triton_src.schedule import build_key_schedule, build_schedule
-from lvsa_kernels.triton_src.tuning import INTERPRETER_CONFIG
+from lvsa_kernels.triton_src.tuning import INTERPRETER_CONFIG, hopper_configs
+from test_hopper_kernel import needs_hopper, ragged_layout
 from test_triton_kernel import random_layout
 
 CUDA = torch.cuda.is_available()
@@ -119,6 +120,31 @@ def test_a_layout_without_pairs_backpropagates_zeros(backend):
     out = block_sparse_attn(q, k, v, layout, backend=backend)
     out.sum().backward()
     assert (out == 0).all() and torch.equal(q.grad, torch.zeros_like(q))
+
+
+@needs_hopper
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", ["lvsa_text", "ragged_gqa", "per_head_gqa"])
+def test_hopper_forward_under_autograd(case, dtype):
+    """Training where the Hopper kernel won the tuning: its out and lse feed the portable backward (head dim
+    128, every Hopper config); out and the gradients against float64."""
+    layout, H, Hkv = {
+        "lvsa_text": (LVSAPattern(window=1, reference_frames=2).plan(5, 300, step=1, text_tokens=77), 2, 2),
+        "ragged_gqa": (ragged_layout(seed=2), 4, 2),
+        "per_head_gqa": (ragged_layout(seed=3, heads=4), 4, 2),
+    }[case]
+    q, k, v, do, dlse = inputs(layout, 2, H, Hkv, 128, seed=11)
+    q, k, v = (t.to(dtype).double() for t in (q, k, v))
+    ref_out = reference_attention(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), layout)
+    ref = grads(q, k, v, do, dlse, layout, None, "reference", torch.float64)
+    for cfg in hopper_configs(128):
+        leaves = [t.to(DEVICE, dtype).requires_grad_() for t in (q, k, v)]
+        out, lse = run_trainable(*leaves, layout, 128 ** -0.5, cfg, backward_config(dtype, 128))
+        assert rel_err(out, ref_out) <= TOL[dtype], (str(cfg), "out")
+        keys = torch.isfinite(lse)
+        loss = (out.double() * do.to(DEVICE)).sum() + (lse.double()[keys] * dlse.to(DEVICE)[keys]).sum()
+        for name, a, b in zip(("dq", "dk", "dv"), torch.autograd.grad(loss, leaves), ref):
+            assert torch.isfinite(a).all() and rel_err(a, b) <= TOL[dtype], (str(cfg), name, rel_err(a, b))
 
 
 def _direct(layout, q, k, v, do, out, lse, fill):

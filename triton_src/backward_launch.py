@@ -1,8 +1,8 @@
 """Host side of the backward: launches, and the differentiable forward as a torch custom op.
 
-``torch.ops.lvsa_kernels.triton_block_sparse_fwd_train`` runs the portable forward kernel (`launch.launch`) and
-has an autograd formula (`torch.library.register_autograd`) that calls ``torch.ops.lvsa_kernels.
-triton_block_sparse_bwd``: the delta pre-pass, then the dK/dV and dQ kernels of `block_sparse_bwd.py`. Both ops
+``torch.ops.lvsa_kernels.triton_block_sparse_fwd_train`` runs a forward kernel (the portable `launch.launch`,
+or the Hopper `launch.launch_hopper` at exact precision) and has an autograd formula
+(`torch.library.register_autograd`) that calls ``torch.ops.lvsa_kernels.triton_block_sparse_bwd``: the delta pre-pass, then the dK/dV and dQ kernels of `block_sparse_bwd.py`. Both ops
 have fake implementations, so ``torch.compile`` traces forward and backward without graph breaks. The forward
 saves q, k, v (the autograd inputs), ``out`` and ``lse``; the schedules are the layout's cached index arrays.
 """
@@ -17,8 +17,8 @@ from torch import Tensor
 
 from .block_sparse_bwd import block_sparse_attn_bwd_dkdv, block_sparse_attn_bwd_dq, bwd_preprocess
 from .interpreter import interpreting, launch_lock
-from .launch import launch
-from .schedule import KernelSchedule, build_key_schedule, build_schedule
+from .launch import check_hopper_inputs, launch, launch_hopper
+from .schedule import KernelSchedule, build_key_schedule, build_key_tiles, build_schedule
 from .tuning import KernelConfig
 from ..reference.layout import BlockSparseLayout
 
@@ -103,19 +103,25 @@ def _strides(*ts: Tensor):
 
 @torch.library.custom_op("lvsa_kernels::triton_block_sparse_fwd_train", mutates_args=())
 def triton_block_sparse_fwd_train(
-    q: Tensor, k: Tensor, v: Tensor, q_sched: List[Tensor], k_sched: List[Tensor],
+    q: Tensor, k: Tensor, v: Tensor, q_sched: List[Tensor], k_sched: List[Tensor], key_tiles: List[Tensor],
     max_q_tiles: int, max_k_tiles: int, per_head_layout: bool, scale: float,
-    block_m: int, block_n: int, num_warps: int, num_stages: int, use_tma: bool,
-    bwd_block_m: int, bwd_block_n: int, bwd_warps: int, bwd_stages: int,
+    kernel: str, block_m: int, block_n: int, num_warps: int, num_stages: int, use_tma: bool, warp_spec: bool,
+    exp2_poly: int, short_n: int, bwd_block_m: int, bwd_block_n: int, bwd_warps: int, bwd_stages: int,
 ) -> Tuple[Tensor, Tensor]:
-    """The portable forward (``out [B, Sq, H, D]``, ``lse [B, H, Sq]`` float32) with a backward: ``q_sched`` is
-    its `KernelSchedule` (tiles of ``block_m``), ``k_sched`` the backward's key schedule (tiles of
-    ``bwd_block_n``), both as ``tensors()``; the ``bwd_*`` ints are the `BackwardConfig`."""
+    """The forward (``out [B, Sq, H, D]``, ``lse [B, H, Sq]`` float32) with a backward: ``q_sched`` is its
+    `KernelSchedule` (tiles of ``block_m``), ``k_sched`` the backward's key schedule (tiles of ``bwd_block_n``),
+    both as ``tensors()``. ``kernel`` ``"portable"`` or ``"hopper"`` (then ``key_tiles`` are its `KeyTiles`
+    ``tensors()`` with ``short_n``; empty for the portable kernel); the forward ints are its `KernelConfig`, the
+    ``bwd_*`` ints the `BackwardConfig`."""
     B, Sq, H, D = q.shape
     out = torch.empty(B, Sq, H, D, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, Sq, dtype=torch.float32, device=q.device)
-    cfg = KernelConfig(block_m, block_n, num_warps, num_stages, use_tma)
-    launch(q, k, v, out, lse, tuple(q_sched), max_q_tiles, per_head_layout, scale, cfg)
+    cfg = KernelConfig(block_m, block_n, num_warps, num_stages, use_tma, warp_spec, kernel, exp2_poly)
+    if kernel == "hopper":
+        launch_hopper(q, k, v, out, lse, tuple(q_sched), tuple(key_tiles), short_n, max_q_tiles, per_head_layout,
+                      scale, cfg)
+    else:
+        launch(q, k, v, out, lse, tuple(q_sched), max_q_tiles, per_head_layout, scale, cfg)
     return out, lse
 
 
@@ -147,10 +153,11 @@ def _fake_bwd(do, q, k, v, *args):
 
 
 def _setup_context(ctx, inputs, output):
-    (q, k, v, q_sched, k_sched, max_q_tiles, max_k_tiles, per_head_layout, scale, block_m,
-     _block_n, _num_warps, _num_stages, _use_tma, *bwd_config) = inputs
+    (q, k, v, q_sched, k_sched, _key_tiles, max_q_tiles, max_k_tiles, per_head_layout, scale, _kernel, block_m,
+     _block_n, _num_warps, _num_stages, _use_tma, _warp_spec, _exp2_poly, _short_n, *bwd_config) = inputs
     ctx.save_for_backward(q, k, v, *output, *q_sched, *k_sched)
     ctx.n_sched = len(q_sched)
+    ctx.n_key_tiles = len(_key_tiles)
     ctx.args = (max_q_tiles, max_k_tiles, per_head_layout, scale, block_m, *bwd_config)
     ctx.n_inputs = len(inputs)
 
@@ -160,8 +167,9 @@ def _backward(ctx, dout, dlse):
     n = ctx.n_sched
     dq, dk, dv = torch.ops.lvsa_kernels.triton_block_sparse_bwd(dout, q, k, v, out, lse, dlse, sched[:n], sched[n:],
                                                                 *ctx.args)
-    no_grad = [None] * n  # the schedule lists (autograd wants one entry per list element)
-    return (dq, dk, dv, no_grad, [None] * (len(sched) - n)) + (None,) * (ctx.n_inputs - 5)
+    # the schedule and key-tile lists take one None per element
+    lists = ([None] * n, [None] * (len(sched) - n), [None] * ctx.n_key_tiles)
+    return (dq, dk, dv) + lists + (None,) * (ctx.n_inputs - 6)
 
 
 triton_block_sparse_fwd_train.register_autograd(_backward, setup_context=_setup_context)
@@ -169,13 +177,17 @@ triton_block_sparse_fwd_train.register_autograd(_backward, setup_context=_setup_
 
 def run_trainable(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout, scale: float, cfg: KernelConfig,
                   bwd: BackwardConfig) -> Tuple[Tensor, Tensor]:
-    """``(out, lse)`` of the portable kernel at forward config ``cfg`` (not the Hopper kernel), differentiable in
-    q, k and v through the backward kernels at ``bwd``. Schedules are built once per layout and cached."""
-    if cfg.kernel != "portable":
-        raise ValueError(f"cfg: the differentiable forward runs the portable kernel, got a {cfg.kernel!r} config")
+    """``(out, lse)`` of the forward kernel at ``cfg`` (portable, or Hopper at exact precision), differentiable
+    in q, k and v through the backward kernels at ``bwd``. Schedules are built once per layout and cached."""
     q_sched = build_schedule(layout, cfg.block_m, q.device)
     k_sched = build_key_schedule(layout, bwd.block_n, q.device)
+    key_tiles, short_n = [], 0
+    if cfg.kernel == "hopper":
+        tiles = build_key_tiles(layout, cfg.block_n, q.device)
+        check_hopper_inputs(q_sched, tiles, cfg, "exact")
+        key_tiles, short_n = list(tiles.tensors()), tiles.short_n
     return torch.ops.lvsa_kernels.triton_block_sparse_fwd_train(
-        q, k, v, list(q_sched.tensors()), list(k_sched.tensors()), q_sched.max_tiles, k_sched.max_tiles,
-        layout.num_heads > 1, scale, cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, cfg.use_tma,
-        bwd.block_m, bwd.block_n, bwd.num_warps, bwd.num_stages)
+        q, k, v, list(q_sched.tensors()), list(k_sched.tensors()), key_tiles, q_sched.max_tiles, k_sched.max_tiles,
+        layout.num_heads > 1, scale, cfg.kernel, cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages,
+        cfg.use_tma, cfg.warp_spec, cfg.exp2_poly, short_n, bwd.block_m, bwd.block_n, bwd.num_warps,
+        bwd.num_stages)

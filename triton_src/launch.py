@@ -25,8 +25,8 @@ from .interpreter import launch_lock
 from .schedule import KernelSchedule, KeyTiles
 from .tuning import KernelConfig, interpreting
 
-__all__ = ["hopper_device_refusal", "hopper_kernel_available", "hopper_meta", "hopper_refusal", "hopper_supports",
-           "launch", "launch_hopper", "run_scheduled", "tma_eligible"]
+__all__ = ["check_hopper_inputs", "hopper_device_refusal", "hopper_kernel_available", "hopper_meta", "hopper_refusal",
+           "hopper_supports", "launch", "launch_hopper", "run_scheduled", "tma_eligible"]
 
 _allocator_set = False
 # The Hopper kernel's registers: the launch caps every thread at HOPPER_MAXNREG; inside (setmaxnreg) the second
@@ -265,7 +265,7 @@ def _fake(q, k, v, *args, **kwargs):
 triton_block_sparse_fwd_hopper.register_fake(_fake)
 
 
-def _check_hopper_inputs(sched: KernelSchedule, key_tiles: Optional[KeyTiles], cfg: KernelConfig, precision: str):
+def check_hopper_inputs(sched: KernelSchedule, key_tiles: Optional[KeyTiles], cfg: KernelConfig, precision: str):
     from .hopper_ring import HALF_M  # two consumer warpgroups of HALF_M query rows each
 
     if key_tiles is None or key_tiles.block_n != cfg.block_n:
@@ -289,7 +289,7 @@ def run_scheduled(q: Tensor, k: Tensor, v: Tensor, sched: KernelSchedule, per_he
         raise ValueError(f"cfg.exp2_poly: expected 0 or 4 (one softmax exponential in 4 on the FMA units; the Hopper "
                          f"kernel only), got {cfg.exp2_poly} for {cfg}")
     if hopper:
-        _check_hopper_inputs(sched, key_tiles, cfg, precision)
+        check_hopper_inputs(sched, key_tiles, cfg, precision)
     if out is None:
         if hopper:
             return torch.ops.lvsa_kernels.triton_block_sparse_fwd_hopper(

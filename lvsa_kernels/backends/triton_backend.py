@@ -10,8 +10,8 @@ and CUDA sm_89+ (or the interpreter). The launch config is tuned once per proble
 on the real inputs and cached on disk
 (`lvsa_kernels.triton_src.tuning`); ``LVSA_KERNELS_TRITON_AUTOTUNE=0`` uses the default config instead.
 
-Inputs that require grad run the differentiable path (`triton_src.backward_launch`): the portable forward kernel
-and the block-sparse backward kernels (precision ``"exact"``; permuted plans through per-batch host layouts).
+Inputs that require grad run the differentiable path (`triton_src.backward_launch`): the tuned forward kernel
+(portable or Hopper) and the portable block-sparse backward kernels (precision ``"exact"``; permuted plans through per-batch host layouts).
 """
 from __future__ import annotations
 
@@ -159,17 +159,14 @@ def _run(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout, scale: floa
 
 def _run_trainable(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout, scale: float, precision: str,
                    return_lse: bool):
-    """The differentiable path (`triton_src.backward_launch`): the portable forward kernel at the tuned config, or
-    at the first portable candidate where the Hopper kernel won the tuning (it has no backward)."""
+    """The differentiable path (`triton_src.backward_launch`): the forward kernel (portable or Hopper) at the
+    tuned config, then the portable backward kernels."""
     from ..triton_src.backward_launch import backward_config, run_trainable
-    from ..triton_src.launch import tma_eligible
 
     if precision != "exact":
         raise ValueError(f"precision={precision!r} has no backward (q, k or v requires grad); use precision='exact'")
     with torch.no_grad():  # tuning times the inference forward
         cfg = config_for(q, k, v, layout, scale, precision)
-    if cfg.kernel != "portable":
-        cfg = tuning.candidate_configs(q.shape[-1], tma_eligible(q, k, v), q.dtype)[0]
     out, lse = run_trainable(q, k, v, layout, scale, cfg, backward_config(q.dtype, q.shape[-1]))
     return out, (lse if return_lse else None)
 
