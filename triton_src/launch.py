@@ -28,19 +28,21 @@ from .tuning import KernelConfig, interpreting
 __all__ = ["check_hopper_inputs", "hopper_device_refusal", "hopper_kernel_available", "hopper_meta", "hopper_refusal",
            "hopper_supports", "launch", "launch_hopper", "run_scheduled", "tma_eligible"]
 
-_allocator_set = False
 # The Hopper kernel's registers: the launch caps every thread at HOPPER_MAXNREG; inside (setmaxnreg) the second
 # consumer warpgroup (a worker partition) takes HOPPER_CONSUMER_REGS and the loader warp 32.
 HOPPER_MAXNREG = 168
 HOPPER_CONSUMER_REGS = 240
 
 
+def _scratch(size: int, alignment: int, stream: Optional[int]) -> Tensor:
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
 def _ensure_tma_allocator() -> None:
-    """On-device tensor descriptors need a global scratch allocator (set once per process)."""
-    global _allocator_set
-    if not _allocator_set:
-        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
-        _allocator_set = True
+    """On-device tensor descriptors need a global scratch allocator. Triton keeps it in a context variable, which
+    a thread that did not set it does not see (the autograd engine's device thread recomputes checkpointed
+    forwards), so it is set before every launch that needs it (a context-variable write)."""
+    triton.set_allocator(_scratch)
 
 
 def tma_eligible(q: Tensor, k: Tensor, v: Tensor) -> bool:
