@@ -9,7 +9,7 @@ the profile floor uses keep ratios in the published Wan 1.3B band 0.15-0.20. It 
 - ``refresh``: centroids of the cached clusters from the current q, k (what a reuse step adds),
 - ``select``: block selection, ``permute``: k, v into key-cluster order, ``plan``: the device schedule,
 - ``sparse_attn``: the packed cluster kernel alone (reads q and writes out through the permutation): the one
-  `cluster_launch.cluster_kernel` picks (portable until the Hopper kernel is GPU-verified; ``--cluster-kernel`` or
+  `cluster_launch.cluster_kernel` picks (the Hopper kernel where it can run; ``--cluster-kernel`` or
   ``LVSA_KERNELS_CLUSTER_KERNEL`` choose; ``--cluster-kernel both`` times both on the same plan inputs and the
   reuse call with each: an A/B in one process),
 - ``svoo_reuse`` / ``svoo_recluster``: one full `SVOOPattern.attention` call on a reuse / re-clustering step,
