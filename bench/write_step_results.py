@@ -96,6 +96,15 @@ def e2e_train_section(data: dict, source: str) -> str:
     return "\n".join(lines)
 
 
+def _svoo_command(data: dict) -> str:
+    """The run's svoo_bench.py command without its output folder (older JSONs did not record it)."""
+    words = data.get("command", "python3 bench/svoo_bench.py --cases wan720,wan480 --floors 0.15,0.20,0.12 --sweep").split()
+    if "--out" in words:
+        i = words.index("--out")
+        del words[i:i + 2]
+    return " ".join(words)
+
+
 def svoo_section(data: dict, source: str, e2e: List[dict], e2e_sources: List[str]) -> str:
     """The SVOO section: one attention call per case (GPU cluster path), the kernel's launch-config sweep and
     the end-to-end step runs (``bench/svoo_e2e.py``)."""
@@ -106,8 +115,7 @@ def svoo_section(data: dict, source: str, e2e: List[dict], e2e_sources: List[str
         f"{', Triton ' + data['triton'] if 'triton' in data else ''}, Wan 2.1 1.3B shape (12 heads x 128, bf16), 81 frames, 256 query / "
         "1024 key clusters, 2 iterations, top_p 0.9, profile floor = the given keep ratio for every head; synthetic "
         "q/k drawn around 64 shared centres per head (peaked attention, as with trained weights). Command: "
-        "`python3 bench/svoo_bench.py --cases wan720,wan480 --floors 0.15,0.20,0.12 --sweep` "
-        f"(raw: `{source}`). Times in ms (`triton.testing.do_bench` medians; each component timed alone, so "
+        f"`{_svoo_command(data)}` (raw: `{source}`). Times in ms (`triton.testing.do_bench` medians; each component timed alone, so "
         "launch gaps count: the full calls are the numbers to compare). cluster = co-clustering (what a "
         "re-clustering step adds); refresh = centroids from cached labels (reuse steps); select = block map; "
         "permute = K and V into key-cluster order; plan = device schedule; sparse = the cluster kernel alone; "
@@ -115,8 +123,8 @@ def svoo_section(data: dict, source: str, e2e: List[dict], e2e_sources: List[str
         "the kernel on 256 sampled rows vs float32 attention over the selected blocks.",
         "",
         "| case | tokens | floor | density | recall | err | cluster | refresh | select | permute | plan | sparse | "
-        "reuse call | recluster call | dense cuDNN | reuse vs dense | recluster vs dense | (cluster + permute) / sparse | sparse eff. TFLOP/s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "reuse call | recluster call | dense cuDNN | reuse vs dense | recluster vs dense | (cluster + permute) / sparse | sparse eff. TFLOP/s | cluster kernel |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in data["results"]:
         if "ms" not in r:
@@ -127,7 +135,18 @@ def svoo_section(data: dict, source: str, e2e: List[dict], e2e_sources: List[str
             f"{r['rel_err_sampled']:.1e} | {ms['cluster']:.2f} | {ms['refresh']:.2f} | {ms['select']:.2f} | "
             f"{ms['permute']:.2f} | {ms['plan']:.2f} | {ms['sparse_attn']:.2f} | {ms['svoo_reuse']:.2f} | "
             f"{ms['svoo_recluster']:.2f} | {ms['dense']:.2f} | **{r['speedup_reuse']:.2f}x** | "
-            f"{r['speedup_recluster']:.2f}x | {r['cluster_permute_share']:.0%} | {r['sparse_effective_tflops']:.0f} |")
+            f"{r['speedup_recluster']:.2f}x | {r['cluster_permute_share']:.0%} | {r['sparse_effective_tflops']:.0f} | "
+            f"{r.get('config', '')} |")
+    ab = [r for r in data["results"] if len(r.get("kernels", {})) > 1]
+    if ab:
+        lines += ["", "Both cluster kernels on the same plan inputs (same run; `--cluster-kernel both`):", "",
+                  "| case | floor | kernel | config | sparse ms | sparse eff. TFLOP/s | reuse call ms | reuse vs dense |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in ab:
+            for name, k in r["kernels"].items():
+                lines.append(f"| {r['case']} | {r['floor_keep_ratio']:.2f} | {name} | {k['config']} | "
+                             f"{k['ms']['sparse_attn']:.2f} | {k['sparse_effective_tflops']:.0f} | "
+                             f"{k['ms']['svoo_reuse']:.2f} | {k['speedup_reuse']:.2f}x |")
     sweeps = [r for r in data["results"] if r.get("sweep")]
     if sweeps:
         r = sweeps[0]
