@@ -98,7 +98,8 @@ def e2e_train_section(data: dict, source: str) -> str:
 
 def _svoo_command(data: dict) -> str:
     """The run's svoo_bench.py command without its output folder (older JSONs did not record it)."""
-    words = data.get("command", "python3 bench/svoo_bench.py --cases wan720,wan480 --floors 0.15,0.20,0.12 --sweep").split()
+    older = "python3 bench/svoo_bench.py --cases wan720,wan480 --floors 0.15,0.20,0.12 --sweep"
+    words = data.get("command", older).split()
     if "--out" in words:
         i = words.index("--out")
         del words[i:i + 2]

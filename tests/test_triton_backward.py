@@ -148,15 +148,19 @@ def test_hopper_forward_under_autograd(case, dtype):
 
 
 @needs_hopper
-def test_checkpointed_forward_recomputed_in_the_backward_thread(isolated_dispatch_cache):
+def test_checkpointed_forward_recomputed_in_the_backward_thread(monkeypatch, isolated_dispatch_cache):
     """Gradient checkpointing recomputes the forward in autograd's device thread, which must find Triton's
     scratch allocator too (the Hopper kernel's tensor descriptors need one); gradients equal the plain ones."""
     from torch.utils.checkpoint import checkpoint
 
+    from lvsa_kernels.backends.triton_backend import AUTOTUNE_ENV, config_for
+
+    monkeypatch.setenv(AUTOTUNE_ENV, "0")  # the first candidate: the Hopper kernel
     layout = LVSAPattern(window=1).plan(5, 300, step=0)
     q, k, v, do, _ = inputs(layout, 1, 2, 2, 128, seed=13)
     leaves = [t.to(DEVICE, torch.bfloat16).requires_grad_() for t in (q, k, v)]
     do = do.to(DEVICE, torch.float32)
+    assert config_for(*leaves, layout, 128 ** -0.5).kernel == "hopper"
 
     def attend(q, k, v):
         return block_sparse_attn(q, k, v, layout, backend="triton")
@@ -165,6 +169,31 @@ def test_checkpointed_forward_recomputed_in_the_backward_thread(isolated_dispatc
     recomputed = torch.autograd.grad((checkpoint(attend, *leaves, use_reentrant=False).float() * do).sum(), leaves)
     for a, b in zip(recomputed, plain):
         assert torch.equal(a, b)
+
+
+@needs_hopper
+def test_compiled_training_step_on_the_hopper_forward(monkeypatch, isolated_dispatch_cache):
+    """``torch.compile(fullgraph=True)`` traces a training step whose forward is the Hopper kernel (bf16, head
+    dim 128): its key tiles and checks come from the eager warm-up's caches."""
+    from lvsa_kernels.backends.triton_backend import AUTOTUNE_ENV, config_for
+
+    monkeypatch.setenv(AUTOTUNE_ENV, "0")
+    layout = LVSAPattern(window=1).plan(5, 300, step=0, text_tokens=40)
+    q, k, v, do, _ = inputs(layout, 1, 2, 2, 128, seed=14)
+    q, k, v = (t.to(torch.bfloat16).double() for t in (q, k, v))
+    leaves = [t.to(DEVICE, torch.bfloat16).requires_grad_() for t in (q, k, v)]
+    block_sparse_attn(*leaves, layout, backend="triton").sum().backward()  # eager first: caches filled
+    assert config_for(*leaves, layout, 128 ** -0.5).kernel == "hopper"
+
+    @torch.compile(fullgraph=True)
+    def f(q, k, v):
+        return block_sparse_attn(q, k, v, layout, backend="triton")
+
+    got = torch.autograd.grad((f(*leaves).double() * do.to(DEVICE)).sum(), leaves)
+    ref = grads(q, k, v, do, torch.zeros(1, 2, layout.q_len, dtype=torch.float64), layout, None, "reference",
+                torch.float64)
+    for a, b in zip(got, ref):
+        assert rel_err(a, b) <= TOL[torch.bfloat16]
 
 
 def _direct(layout, q, k, v, do, out, lse, fill):

@@ -2,9 +2,10 @@
 
 ``torch.ops.lvsa_kernels.triton_block_sparse_fwd_train`` runs a forward kernel (the portable `launch.launch`,
 or the Hopper `launch.launch_hopper` at exact precision) and has an autograd formula
-(`torch.library.register_autograd`) that calls ``torch.ops.lvsa_kernels.triton_block_sparse_bwd``: the delta pre-pass, then the dK/dV and dQ kernels of `block_sparse_bwd.py`. Both ops
-have fake implementations, so ``torch.compile`` traces forward and backward without graph breaks. The forward
-saves q, k, v (the autograd inputs), ``out`` and ``lse``; the schedules are the layout's cached index arrays.
+(`torch.library.register_autograd`) that calls ``torch.ops.lvsa_kernels.triton_block_sparse_bwd``: the delta
+pre-pass, then the dK/dV and dQ kernels of `block_sparse_bwd.py`. Both ops have fake implementations, so
+``torch.compile`` traces forward and backward without graph breaks. The forward saves q, k, v (the autograd
+inputs), ``out`` and ``lse``; the schedules are the layout's cached index arrays.
 """
 from __future__ import annotations
 
@@ -153,11 +154,11 @@ def _fake_bwd(do, q, k, v, *args):
 
 
 def _setup_context(ctx, inputs, output):
-    (q, k, v, q_sched, k_sched, _key_tiles, max_q_tiles, max_k_tiles, per_head_layout, scale, _kernel, block_m,
+    (q, k, v, q_sched, k_sched, key_tiles, max_q_tiles, max_k_tiles, per_head_layout, scale, _kernel, block_m,
      _block_n, _num_warps, _num_stages, _use_tma, _warp_spec, _exp2_poly, _short_n, *bwd_config) = inputs
     ctx.save_for_backward(q, k, v, *output, *q_sched, *k_sched)
     ctx.n_sched = len(q_sched)
-    ctx.n_key_tiles = len(_key_tiles)
+    ctx.n_key_tiles = len(key_tiles)
     ctx.args = (max_q_tiles, max_k_tiles, per_head_layout, scale, block_m, *bwd_config)
     ctx.n_inputs = len(inputs)
 
@@ -179,6 +180,8 @@ def run_trainable(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout, sc
                   bwd: BackwardConfig) -> Tuple[Tensor, Tensor]:
     """``(out, lse)`` of the forward kernel at ``cfg`` (portable, or Hopper at exact precision), differentiable
     in q, k and v through the backward kernels at ``bwd``. Schedules are built once per layout and cached."""
+    if cfg.kernel not in ("portable", "hopper") or cfg.exp2_poly not in ((0, 4) if cfg.kernel == "hopper" else (0,)):
+        raise ValueError(f"cfg: expected a portable config, or a Hopper one with exp2_poly 0 or 4, got {cfg}")
     q_sched = build_schedule(layout, cfg.block_m, q.device)
     k_sched = build_key_schedule(layout, bwd.block_n, q.device)
     key_tiles, short_n = [], 0

@@ -104,13 +104,14 @@ def cluster_kernel(q: Tensor) -> str:
     """The cluster kernel for ``q``. ``LVSA_KERNELS_CLUSTER_KERNEL``: ``auto`` (default) runs the Hopper kernel
     where `cluster_hopper_refusal` finds nothing against it (0.78-0.82x the portable kernel's time at Wan 2.1
     1.3B shapes on an H100) and the portable one elsewhere; ``hopper`` forces the Hopper kernel (an error where
-    it cannot run), ``portable`` the portable one."""
+    it cannot run), ``portable`` the portable one. Under ``torch.compile`` only the device, dtype and head dim
+    decide (a traced tensor has no address); the alignment is then checked at launch."""
     choice = os.environ.get(KERNEL_ENV, "auto").strip().lower() or "auto"
     if choice not in KERNELS:
         raise ValueError(f"{KERNEL_ENV}: expected one of {', '.join(KERNELS)}, got {choice!r}")
     if choice == "portable":
         return "portable"
-    reason = cluster_hopper_refusal(q)
+    reason = _hopper_shape_refusal(q) if torch.compiler.is_compiling() else cluster_hopper_refusal(q)
     if choice == "hopper" and reason is not None:
         raise ValueError(f"{KERNEL_ENV}=hopper: the Hopper cluster kernel {reason}")
     return "hopper" if reason is None else "portable"

@@ -41,7 +41,8 @@ def _scratch(size: int, alignment: int, stream: Optional[int]) -> Tensor:
 def _ensure_tma_allocator() -> None:
     """On-device tensor descriptors need a global scratch allocator. Triton keeps it in a context variable, which
     a thread that did not set it does not see (the autograd engine's device thread recomputes checkpointed
-    forwards), so it is set before every launch that needs it (a context-variable write)."""
+    forwards), so it is set before every launch that needs it (a context-variable write; it replaces an allocator
+    the caller set)."""
     triton.set_allocator(_scratch)
 
 

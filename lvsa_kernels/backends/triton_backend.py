@@ -11,7 +11,8 @@ on the real inputs and cached on disk
 (`lvsa_kernels.triton_src.tuning`); ``LVSA_KERNELS_TRITON_AUTOTUNE=0`` uses the default config instead.
 
 Inputs that require grad run the differentiable path (`triton_src.backward_launch`): the tuned forward kernel
-(portable or Hopper) and the portable block-sparse backward kernels (precision ``"exact"``; permuted plans through per-batch host layouts).
+(portable or Hopper) and the portable block-sparse backward kernels (precision ``"exact"``; permuted plans
+through per-batch host layouts).
 """
 from __future__ import annotations
 
