@@ -127,7 +127,8 @@ def test_a_layout_without_pairs_backpropagates_zeros(backend):
 @pytest.mark.parametrize("case", ["lvsa_text", "ragged_gqa", "per_head_gqa"])
 def test_hopper_forward_under_autograd(case, dtype):
     """Training where the Hopper kernel won the tuning: its out and lse feed the portable backward (head dim
-    128, every Hopper config); out and the gradients against float64."""
+    128; every Hopper config on the LVSA layout, the default one elsewhere: the forward's configs are
+    test_hopper_kernel's); out and the gradients against float64."""
     layout, H, Hkv = {
         "lvsa_text": (LVSAPattern(window=1, reference_frames=2).plan(5, 300, step=1, text_tokens=77), 2, 2),
         "ragged_gqa": (ragged_layout(seed=2), 4, 2),
@@ -137,7 +138,7 @@ def test_hopper_forward_under_autograd(case, dtype):
     q, k, v = (t.to(dtype).double() for t in (q, k, v))
     ref_out = reference_attention(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), layout)
     ref = grads(q, k, v, do, dlse, layout, None, "reference", torch.float64)
-    for cfg in hopper_configs(128):
+    for cfg in hopper_configs(128) if case == "lvsa_text" else hopper_configs(128)[:1]:
         leaves = [t.to(DEVICE, dtype).requires_grad_() for t in (q, k, v)]
         out, lse = run_trainable(*leaves, layout, 128 ** -0.5, cfg, backward_config(dtype, 128))
         assert rel_err(out, ref_out) <= TOL[dtype], (str(cfg), "out")
