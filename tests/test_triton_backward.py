@@ -172,31 +172,6 @@ def test_checkpointed_forward_recomputed_in_the_backward_thread(monkeypatch, iso
         assert torch.equal(a, b)
 
 
-@needs_hopper
-def test_compiled_training_step_on_the_hopper_forward(monkeypatch, isolated_dispatch_cache):
-    """``torch.compile(fullgraph=True)`` traces a training step whose forward is the Hopper kernel (bf16, head
-    dim 128): its key tiles and checks come from the eager warm-up's caches."""
-    from lvsa_kernels.backends.triton_backend import AUTOTUNE_ENV, config_for
-
-    monkeypatch.setenv(AUTOTUNE_ENV, "0")
-    layout = LVSAPattern(window=1).plan(5, 300, step=0, text_tokens=40)
-    q, k, v, do, _ = inputs(layout, 1, 2, 2, 128, seed=14)
-    q, k, v = (t.to(torch.bfloat16).double() for t in (q, k, v))
-    leaves = [t.to(DEVICE, torch.bfloat16).requires_grad_() for t in (q, k, v)]
-    block_sparse_attn(*leaves, layout, backend="triton").sum().backward()  # eager first: caches filled
-    assert config_for(*leaves, layout, 128 ** -0.5).kernel == "hopper"
-
-    @torch.compile(fullgraph=True)
-    def f(q, k, v):
-        return block_sparse_attn(q, k, v, layout, backend="triton")
-
-    got = torch.autograd.grad((f(*leaves).double() * do.to(DEVICE)).sum(), leaves)
-    ref = grads(q, k, v, do, torch.zeros(1, 2, layout.q_len, dtype=torch.float64), layout, None, "reference",
-                torch.float64)
-    for a, b in zip(got, ref):
-        assert rel_err(a, b) <= TOL[torch.bfloat16]
-
-
 def _direct(layout, q, k, v, do, out, lse, fill):
     """`launch_backward` into buffers pre-filled with ``fill``."""
     bwd = backward_config(q.dtype, q.shape[-1])
@@ -218,16 +193,32 @@ def test_every_gradient_element_is_written_and_runs_are_identical(name):
         assert torch.equal(a, b)
 
 
+def test_trainable_forward_refuses_configs_it_cannot_run():
+    """The differentiable forward shares the inference launch's config checks: an unknown kernel or an exp2
+    split on the portable kernel is an error, not a silent portable run."""
+    from lvsa_kernels.triton_src.tuning import KernelConfig
+
+    layout, _ = layouts()["lvsa_text_after"]
+    q, k, v = (t.float().to(DEVICE) for t in inputs(layout, 1, 2, 2, 16, 3)[:3])
+    bwd = backward_config(q.dtype, 16)
+    with pytest.raises(ValueError, match="cfg.kernel: expected 'portable' or 'hopper', got 'fast'"):
+        run_trainable(q, k, v, layout, 0.25, KernelConfig(16, 16, 1, 1, kernel="fast"), bwd)
+    with pytest.raises(ValueError, match="cfg.exp2_poly: expected 0 or 4"):
+        run_trainable(q, k, v, layout, 0.25, KernelConfig(16, 16, 1, 1, exp2_poly=4), bwd)
+
+
 def test_key_schedule_is_built_once_per_layout():
     layout, _ = layouts()["lvsa_text_after"]
     assert build_key_schedule(layout, 16, DEVICE) is build_key_schedule(layout, 16, DEVICE)
 
 
-def test_compiled_training_step_traces_through_forward_and_backward():
-    layout, _ = layouts()["lvsa_text_after"]
-    q, k, v, do, _ = inputs(layout, 1, 2, 2, 16, 9)
-    leaves = [t.float().to(DEVICE).requires_grad_() for t in (q, k, v)]
-    block_sparse_attn(*leaves, layout, backend="triton").sum().backward()  # eager first: schedules cached
+def compiled_step_grads(layout, dtype, head_dim, seed):
+    """(dq, dk, dv) of a ``torch.compile(fullgraph=True)`` step after one eager step (which fills the tune and
+    schedule caches), and the float64 reference's, on inputs rounded to ``dtype``."""
+    q, k, v, do, _ = inputs(layout, 1, 2, 2, head_dim, seed)
+    q, k, v = (t.to(dtype).double() for t in (q, k, v))
+    leaves = [t.to(DEVICE, dtype).requires_grad_() for t in (q, k, v)]
+    block_sparse_attn(*leaves, layout, backend="triton").sum().backward()
 
     @torch.compile(fullgraph=True, backend="eager" if not CUDA else "inductor")
     def f(q, k, v):
@@ -236,8 +227,26 @@ def test_compiled_training_step_traces_through_forward_and_backward():
     got = torch.autograd.grad((f(*leaves).double() * do.to(DEVICE)).sum(), leaves)
     ref = grads(q, k, v, do, torch.zeros(1, 2, layout.q_len, dtype=torch.float64), layout, None, "reference",
                 torch.float64)
+    return got, ref, leaves
+
+
+def test_compiled_training_step_traces_through_forward_and_backward():
+    got, ref, _ = compiled_step_grads(layouts()["lvsa_text_after"][0], torch.float32, 16, seed=9)
     for a, b in zip(got, ref):
         assert rel_err(a, b) <= TOL[torch.float32]
+
+
+@needs_hopper
+def test_compiled_training_step_on_the_hopper_forward(monkeypatch, isolated_dispatch_cache):
+    """The compiled step with the Hopper kernel as its forward (bf16, head dim 128, autotuning off)."""
+    from lvsa_kernels.backends.triton_backend import AUTOTUNE_ENV, config_for
+
+    monkeypatch.setenv(AUTOTUNE_ENV, "0")
+    layout = LVSAPattern(window=1).plan(5, 300, step=0, text_tokens=40)
+    got, ref, leaves = compiled_step_grads(layout, torch.bfloat16, 128, seed=14)
+    assert config_for(*leaves, layout, 128 ** -0.5).kernel == "hopper"
+    for a, b in zip(got, ref):
+        assert rel_err(a, b) <= TOL[torch.bfloat16]
 
 
 def test_fake_backward_gives_shapes():

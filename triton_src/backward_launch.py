@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .block_sparse_bwd import block_sparse_attn_bwd_dkdv, block_sparse_attn_bwd_dq, bwd_preprocess
 from .interpreter import interpreting, launch_lock
-from .launch import check_hopper_inputs, launch, launch_hopper
+from .launch import check_launch, launch, launch_hopper
 from .schedule import KernelSchedule, build_key_schedule, build_key_tiles, build_schedule
 from .tuning import KernelConfig
 from ..reference.layout import BlockSparseLayout
@@ -180,15 +180,11 @@ def run_trainable(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout, sc
                   bwd: BackwardConfig) -> Tuple[Tensor, Tensor]:
     """``(out, lse)`` of the forward kernel at ``cfg`` (portable, or Hopper at exact precision), differentiable
     in q, k and v through the backward kernels at ``bwd``. Schedules are built once per layout and cached."""
-    if cfg.kernel not in ("portable", "hopper") or cfg.exp2_poly not in ((0, 4) if cfg.kernel == "hopper" else (0,)):
-        raise ValueError(f"cfg: expected a portable config, or a Hopper one with exp2_poly 0 or 4, got {cfg}")
     q_sched = build_schedule(layout, cfg.block_m, q.device)
     k_sched = build_key_schedule(layout, bwd.block_n, q.device)
-    key_tiles, short_n = [], 0
-    if cfg.kernel == "hopper":
-        tiles = build_key_tiles(layout, cfg.block_n, q.device)
-        check_hopper_inputs(q_sched, tiles, cfg, "exact")
-        key_tiles, short_n = list(tiles.tensors()), tiles.short_n
+    tiles = build_key_tiles(layout, cfg.block_n, q.device) if cfg.kernel == "hopper" else None
+    check_launch(q_sched, tiles, cfg, "exact")
+    key_tiles, short_n = (list(tiles.tensors()), tiles.short_n) if tiles is not None else ([], 0)
     return torch.ops.lvsa_kernels.triton_block_sparse_fwd_train(
         q, k, v, list(q_sched.tensors()), list(k_sched.tensors()), key_tiles, q_sched.max_tiles, k_sched.max_tiles,
         layout.num_heads > 1, scale, cfg.kernel, cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages,

@@ -25,7 +25,7 @@ from .interpreter import launch_lock
 from .schedule import KernelSchedule, KeyTiles
 from .tuning import KernelConfig, interpreting
 
-__all__ = ["check_hopper_inputs", "hopper_device_refusal", "hopper_kernel_available", "hopper_meta", "hopper_refusal",
+__all__ = ["check_launch", "hopper_device_refusal", "hopper_kernel_available", "hopper_meta", "hopper_refusal",
            "hopper_supports", "launch", "launch_hopper", "run_scheduled", "tma_eligible"]
 
 # The Hopper kernel's registers: the launch caps every thread at HOPPER_MAXNREG; inside (setmaxnreg) the second
@@ -268,7 +268,17 @@ def _fake(q, k, v, *args, **kwargs):
 triton_block_sparse_fwd_hopper.register_fake(_fake)
 
 
-def check_hopper_inputs(sched: KernelSchedule, key_tiles: Optional[KeyTiles], cfg: KernelConfig, precision: str):
+def check_launch(sched: KernelSchedule, key_tiles: Optional[KeyTiles], cfg: KernelConfig, precision: str):
+    """Raise where ``cfg`` cannot run with this schedule and these key tiles (the Hopper kernel's) at
+    ``precision``; shared by the inference and the differentiable forward."""
+    if cfg.kernel not in ("portable", "hopper"):
+        raise ValueError(f"cfg.kernel: expected 'portable' or 'hopper', got {cfg.kernel!r}")
+    hopper = cfg.kernel == "hopper"
+    if cfg.exp2_poly not in ((0, 4) if hopper else (0,)):
+        raise ValueError(f"cfg.exp2_poly: expected 0 or 4 (one softmax exponential in 4 on the FMA units; the Hopper "
+                         f"kernel only), got {cfg.exp2_poly} for {cfg}")
+    if not hopper:
+        return
     from .hopper_ring import HALF_M  # two consumer warpgroups of HALF_M query rows each
 
     if key_tiles is None or key_tiles.block_n != cfg.block_n:
@@ -288,11 +298,7 @@ def run_scheduled(q: Tensor, k: Tensor, v: Tensor, sched: KernelSchedule, per_he
     """Run with a prepared schedule (and, for the Hopper kernel, the key tiles of ``cfg.block_n``);
     through the custom op unless ``out`` (a buffer to write) is given."""
     hopper = cfg.kernel == "hopper"
-    if cfg.exp2_poly not in ((0, 4) if hopper else (0,)):
-        raise ValueError(f"cfg.exp2_poly: expected 0 or 4 (one softmax exponential in 4 on the FMA units; the Hopper "
-                         f"kernel only), got {cfg.exp2_poly} for {cfg}")
-    if hopper:
-        check_hopper_inputs(sched, key_tiles, cfg, precision)
+    check_launch(sched, key_tiles, cfg, precision)
     if out is None:
         if hopper:
             return torch.ops.lvsa_kernels.triton_block_sparse_fwd_hopper(
