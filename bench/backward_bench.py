@@ -12,8 +12,9 @@
    backward (``torch.autograd.grad`` with a fixed output gradient) and backward alone (``retain_graph``) as median
    ms (`lvsa_kernels.timing.bench_ms`); effective TF/s of the backward (2.5x the forward's FLOPs of the computed
    pairs, dense FLOPs for dense); ratios ours vs flex and vs dense. Our backward runs at each `--bwd-configs`
-   (``block_m x block_n x warps x stages``), the first is `backward_config`'s default (CPU smoke: the
-   interpreter's config only).
+   (``default``, i.e. `backward_config`, or ``DKDV/DQ`` launch tiles; CPU smoke: the interpreter's config).
+3. Optional, before 2: `--dkdv-sweep` / `--dq-sweep` time each backward kernel alone at each of the given tiles
+   (``kernel_sweeps`` in the JSON); the pair of the fastest is then timed in 2 as one more config.
 
 Methods: ``ours`` (`block_sparse_attn`'s differentiable Triton path; the forward kernel at its untuned default
 config unless ``--autotune``), ``flex`` (``torch.compile(flex_attention)`` on `interop.to_flex_block_mask`, forward
@@ -40,8 +41,12 @@ def _parse(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--out", default=os.environ.get("OUT"), help="output folder (default $OUT; --cpu-smoke: a temp dir)")
     p.add_argument("--cases", default=None, help="comma-separated cases of bench/shapes.py (default wan-w4-t121)")
     p.add_argument("--methods", default="ours,flex,dense_cudnn")
-    p.add_argument("--bwd-configs", default="64x128x8x2,32x128x8x2,64x64x8x2,128x64x8x2",
-                   help="our backward configs block_m x block_n x warps x stages; the first is the default one")
+    p.add_argument("--bwd-configs", default="default",
+                   help="our backward configs, comma-separated: 'default' (`backward_config`) or DKDV/DQ, each "
+                        "block_m x block_n x warps x stages (e.g. 64x128x8x2/128x128x8x2)")
+    p.add_argument("--dkdv-sweep", default=None, help="dK/dV kernel tiles to time alone (block_m x block_n x "
+                   "warps x stages, comma-separated); the best with --dq-sweep's best is timed as one more config")
+    p.add_argument("--dq-sweep", default=None, help="dQ kernel tiles to time alone (as --dkdv-sweep)")
     p.add_argument("--autotune", action="store_true", help="tune our forward kernel first (minutes)")
     p.add_argument("--rep-ms", type=float, default=300.0)
     p.add_argument("--min-iters", type=int, default=3)
@@ -49,16 +54,34 @@ def _parse(argv: Optional[List[str]]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _tiles(item: str, flag: str):
+    from lvsa_kernels.triton_src.backward_launch import BackwardTiles
+
+    parts = item.strip().split("x")
+    if len(parts) != 4 or not all(x.isdigit() for x in parts):
+        raise ValueError(f"{flag}: expected block_m x block_n x warps x stages like 64x128x8x2, got {item!r}")
+    return BackwardTiles(*(int(x) for x in parts))
+
+
 def _bwd_configs(spec: str):
+    """``DKDV/DQ`` items (each ``block_m x block_n x warps x stages``), or ``default``."""
     from lvsa_kernels.triton_src.backward_launch import BackwardConfig
 
     configs = []
     for item in spec.split(","):
-        parts = item.strip().split("x")
-        if len(parts) != 4 or not all(x.isdigit() for x in parts):
-            raise ValueError(f"--bwd-configs: expected block_m x block_n x warps x stages like 64x64x8x2, got {item!r}")
-        configs.append(BackwardConfig(*(int(x) for x in parts)))
+        if item.strip() == "default":
+            configs.append(None)
+            continue
+        halves = item.split("/")
+        if len(halves) != 2:
+            raise ValueError(f"--bwd-configs: expected DKDV/DQ like 64x128x8x2/128x128x8x2 or 'default', "
+                             f"got {item!r}")
+        configs.append(BackwardConfig(*(_tiles(h, "--bwd-configs") for h in halves)))
     return configs
+
+
+def _tiles_list(spec: Optional[str], flag: str):
+    return [_tiles(item, flag) for item in spec.split(",")] if spec else []
 
 
 def _rel(a, b) -> float:
@@ -139,9 +162,9 @@ def _ours_at(q, k, v, layout, scale, bwd) -> Method:
 
     with torch.no_grad():
         cfg = config_for(q, k, v, layout, scale)
-    label = f"ours_{bwd.block_m}x{bwd.block_n}x{bwd.num_warps}x{bwd.num_stages}"
+    label = f"ours_{bwd.dkdv}_{bwd.dq}"
     return Method(label, lambda: run_trainable(q, k, v, layout, scale, cfg, bwd)[0],
-                  {"forward_config": str(cfg), "backward_config": label[5:]})
+                  {"forward_config": str(cfg), "backward_config": str(bwd)})
 
 
 def check_gradients(device, dtype, names: List[str]) -> Dict[str, Any]:
@@ -169,11 +192,78 @@ def check_gradients(device, dtype, names: List[str]) -> Dict[str, Any]:
     return result
 
 
+def sweep_kernels(case, device, dkdv_tiles, dq_tiles, rep_ms: float) -> Dict[str, Any]:
+    """Each backward kernel alone at each of its tiles, on one set of inputs (out, lse and delta computed once):
+    median ms, TF/s (dK/dV runs 4 MMAs per pair, 2x the forward's FLOPs; dQ 3, 1.5x) and the relative error of
+    its gradient against the first tiles' (a tile-size bug shows as a large error)."""
+    import torch
+
+    from lvsa_kernels import block_sparse_attn
+    from lvsa_kernels.bench.harness import layout_flops, make_inputs
+    from lvsa_kernels.timing import bench_ms
+    from lvsa_kernels.triton_src.backward_launch import launch_delta, launch_dkdv, launch_dq
+    from lvsa_kernels.triton_src.schedule import build_key_schedule, build_schedule
+
+    layout = case.layout()
+    q, k, v = make_inputs(case, device, seed=0)
+    do = torch.randn_like(q)
+    scale = case.head_dim ** -0.5
+    per_head = layout.num_heads > 1
+    fwd_flops = layout_flops(layout, case.batch, case.heads, case.head_dim)
+    with torch.no_grad():
+        out, lse = block_sparse_attn(q, k, v, layout, backend="triton", scale=scale, return_lse=True)
+    delta = torch.empty(lse.shape, dtype=torch.float32, device=device)
+    launch_delta(do, out, None, delta)
+    rec: Dict[str, Any] = {"case": case.name, "dkdv": {}, "dq": {}}
+    first: Dict[str, Any] = {}
+
+    def run(kind, tiles):
+        if kind == "dkdv":
+            sched = build_key_schedule(layout, tiles.block_n, device)
+            dk, dv = torch.empty_like(k), torch.empty_like(v)
+            fn = lambda: launch_dkdv(do, q, k, v, lse, delta, dk, dv, sched, per_head, scale, tiles)  # noqa: E731
+            return fn, (dk, dv), 2.0
+        sched = build_schedule(layout, tiles.block_m, device)
+        dq = torch.empty_like(q)
+        return (lambda: launch_dq(do, q, k, v, lse, delta, dq, sched, per_head, scale, tiles)), (dq,), 1.5
+
+    for kind, tiles_list in (("dkdv", dkdv_tiles), ("dq", dq_tiles)):
+        for tiles in tiles_list:
+            t0 = time.perf_counter()
+            try:
+                fn, grads, factor = run(kind, tiles)
+                fn()
+                ms = bench_ms(fn, device, 25.0, rep_ms)["ms"]
+            except Exception as exc:  # e.g. out of shared memory: recorded, the others still run
+                rec[kind][str(tiles)] = {"status": "error", "error": f"{type(exc).__name__}: {exc}"[:300]}
+                continue
+            if kind not in first:
+                first[kind] = [g.clone() for g in grads]
+            err = max(_rel(g, f) for g, f in zip(grads, first[kind]))
+            rec[kind][str(tiles)] = {"status": "ok", "ms": ms, "tflops": factor * fwd_flops / (ms * 1e-3) / 1e12,
+                                     "rel_err_vs_first": err, "seconds_incl_compile": round(time.perf_counter() - t0, 1)}
+        ok = {t: r for t, r in rec[kind].items() if r["status"] == "ok" and r["rel_err_vs_first"] <= 1e-2}
+        rec[f"best_{kind}"] = min(ok, key=lambda t: ok[t]["ms"], default=None)
+    return rec
+
+
+def _best_pair(sweep: Dict[str, Any], configs) -> list:
+    """``[BackwardConfig(best dK/dV tiles, best dQ tiles)]`` of a sweep where both kernels were swept and the
+    pair is not among ``configs`` yet; else ``[]``."""
+    from lvsa_kernels.triton_src.backward_launch import BackwardConfig
+
+    if not (sweep.get("best_dkdv") and sweep.get("best_dq")):
+        return []
+    best = BackwardConfig(_tiles(sweep["best_dkdv"], "sweep"), _tiles(sweep["best_dq"], "sweep"))
+    return [] if best in configs else [best]
+
+
 def time_case(case, device, names: List[str], bwd_configs, rep_ms: float, min_iters: int) -> Dict[str, Any]:
     import torch
 
     from lvsa_kernels.bench.harness import layout_flops, make_inputs
     from lvsa_kernels.timing import bench_ms
+    from lvsa_kernels.triton_src.backward_launch import backward_config
 
     layout = case.layout()
     q, k, v = (t.requires_grad_() for t in make_inputs(case, device, seed=0))
@@ -185,7 +275,9 @@ def time_case(case, device, names: List[str], bwd_configs, rep_ms: float, min_it
     methods = []
     for name in names:
         if name == "ours":
-            methods += [_methods(["ours"], q, k, v, layout, device, bwd)[0] for bwd in bwd_configs]
+            for bwd in bwd_configs:
+                bwd = bwd or backward_config(q.dtype, case.head_dim)
+                methods.append(_methods(["ours"], q, k, v, layout, device, bwd)[0])
         else:
             methods += _methods([name], q, k, v, layout, device)
     for m in methods:
@@ -244,6 +336,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         names = [n.strip() for n in args.methods.split(",") if n.strip()]
         bwd_configs = _bwd_configs(args.bwd_configs)
+        sweeps = (_tiles_list(args.dkdv_sweep, "--dkdv-sweep"), _tiles_list(args.dq_sweep, "--dq-sweep"))
         cases = shapes.select_cases(args.cases or ("tiny-text-t8" if args.cpu_smoke else "wan-w4-t121"))
     except ValueError as exc:
         print(f"backward_bench.py: {exc}", file=sys.stderr)
@@ -264,7 +357,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     _write(path, doc)
     failed = [n for n, r in doc["gradient_check"]["methods"].items() if not r["ok"]]
     for case in cases:
-        doc["cases"].append(time_case(case, device, names, bwd_configs, args.rep_ms, args.min_iters))
+        configs = list(bwd_configs)
+        if any(sweeps):
+            doc.setdefault("kernel_sweeps", []).append(sweep_kernels(case, device, *sweeps, args.rep_ms))
+            _write(path, doc)
+            configs += _best_pair(doc["kernel_sweeps"][-1], configs)
+        doc["cases"].append(time_case(case, device, names, configs, args.rep_ms, args.min_iters))
         _write(path, doc)
     print(json.dumps({"gradient_check": doc["gradient_check"]["methods"],
                       "cases": [{"case": c["case"]["name"], "summary": c.get("summary"),

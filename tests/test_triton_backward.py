@@ -11,7 +11,7 @@ from lvsa_kernels import BackendUnavailable, BlockSparseLayout, LVSAPattern, blo
 from lvsa_kernels import reference_attention
 from lvsa_kernels.backends import base as backend_base
 from lvsa_kernels.backends.base import Backend, Capabilities
-from lvsa_kernels.triton_src.backward_launch import backward_config, launch_backward, run_trainable
+from lvsa_kernels.triton_src.backward_launch import BackwardSchedules, backward_config, launch_backward, run_trainable
 from lvsa_kernels.triton_src.schedule import build_key_schedule, build_schedule
 from lvsa_kernels.triton_src.tuning import INTERPRETER_CONFIG, hopper_configs
 from test_hopper_kernel import needs_hopper, ragged_layout
@@ -176,8 +176,8 @@ def _direct(layout, q, k, v, do, out, lse, fill):
     """`launch_backward` into buffers pre-filled with ``fill``."""
     bwd = backward_config(q.dtype, q.shape[-1])
     dq, dk, dv = (torch.full_like(t, fill) for t in (q, k, v))
-    launch_backward(do, q, k, v, out, lse, None, dq, dk, dv, build_schedule(layout, INTERPRETER_CONFIG.block_m, DEVICE),
-                    build_key_schedule(layout, bwd.block_n, DEVICE), layout.num_heads > 1, 0.25, bwd)
+    launch_backward(do, q, k, v, out, lse, None, dq, dk, dv, BackwardSchedules.build(layout, bwd, DEVICE),
+                    layout.num_heads > 1, 0.25, bwd)
     return dq, dk, dv
 
 
@@ -191,6 +191,24 @@ def test_every_gradient_element_is_written_and_runs_are_identical(name):
     assert all(torch.isfinite(t).all() for t in first)
     for a, b in zip(first, _direct(layout, q, k, v, do, out, lse, 7.0)):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", ["ragged_empty_rows", "per_head"])
+def test_backward_tiles_differ_from_the_forward_and_from_each_other(name):
+    """dQ's query tiles (32) are not the forward's (16) and dK/dV steps 16 query rows over key tiles of 32: each
+    kernel reads its own schedule; gradients equal the float64 reference's."""
+    from lvsa_kernels.triton_src.backward_launch import BackwardConfig, BackwardTiles
+
+    layout, heads = layouts()[name]
+    q, k, v, do, _ = inputs(layout, 2, heads, heads, 16, 11)
+    leaves = [t.to(DEVICE, torch.float32).requires_grad_() for t in (q, k, v)]
+    bwd = BackwardConfig(dkdv=BackwardTiles(16, 32, 1, 1), dq=BackwardTiles(32, 16, 1, 1))
+    out, _ = run_trainable(*leaves, layout, 0.3, INTERPRETER_CONFIG, bwd)
+    got = torch.autograd.grad((out.double() * do.to(DEVICE)).sum(), leaves)
+    ref = grads(q, k, v, do, torch.zeros(2, heads, layout.q_len, dtype=torch.float64), layout, 0.3, "reference",
+                torch.float64)
+    for a, b in zip(got, ref):
+        assert rel_err(a, b) <= 1e-5
 
 
 def test_trainable_forward_refuses_configs_it_cannot_run():
@@ -260,7 +278,7 @@ def test_fake_backward_gives_shapes():
         lse = mode.from_tensor(torch.empty(2, 4, layout.q_len, device=DEVICE))
         dq, dk, dv = torch.ops.lvsa_kernels.triton_block_sparse_bwd(
             q, q, k, k, q, lse, None, list(qs.tensors()), list(ks.tensors()), qs.max_tiles, ks.max_tiles, False,
-            0.1, 16, 16, 16, 1, 1)
+            0.1, [16, 16, 1, 1, 16, 16, 1, 1])
     assert dq.shape == q.shape and dk.shape == dv.shape == k.shape
 
 

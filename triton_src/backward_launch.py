@@ -23,79 +23,136 @@ from .schedule import KernelSchedule, build_key_schedule, build_key_tiles, build
 from .tuning import KernelConfig
 from ..reference.layout import BlockSparseLayout
 
-__all__ = ["BackwardConfig", "backward_config", "launch_backward", "run_trainable"]
+__all__ = ["BackwardConfig", "BackwardSchedules", "BackwardTiles", "backward_config", "launch_backward", "launch_delta",
+           "launch_dkdv", "launch_dq", "run_trainable"]
 
 
 @dataclass(frozen=True)
-class BackwardConfig:
-    """Backward tile sizes: dK/dV programs own key tiles of ``block_n`` keys and step through their query spans
-    ``block_m`` rows at a time; dQ programs own the forward's query tiles and step ``block_n`` keys at a time."""
+class BackwardTiles:
+    """One backward kernel's launch: tiles of ``block_m`` query rows and ``block_n`` keys, warps, pipeline stages."""
 
     block_m: int
     block_n: int
     num_warps: int
     num_stages: int
 
+    def __str__(self) -> str:
+        return f"{self.block_m}x{self.block_n}x{self.num_warps}x{self.num_stages}"
 
-INTERPRETER_BACKWARD = BackwardConfig(16, 16, 1, 1)
+
+@dataclass(frozen=True)
+class BackwardConfig:
+    """The two backward kernels' launches. ``dkdv``: programs own key tiles of ``dkdv.block_n`` keys and step
+    through their query spans ``dkdv.block_m`` rows at a time. ``dq``: programs own query tiles of ``dq.block_m``
+    rows and step through their key spans ``dq.block_n`` keys at a time."""
+
+    dkdv: BackwardTiles
+    dq: BackwardTiles
+
+    def __str__(self) -> str:
+        return f"dkdv {self.dkdv}, dq {self.dq}"
+
+
+INTERPRETER_BACKWARD = BackwardConfig(BackwardTiles(16, 16, 1, 1), BackwardTiles(16, 16, 1, 1))
 
 
 def backward_config(dtype: torch.dtype, head_dim: int) -> BackwardConfig:
-    """The default backward config (not tuned per problem): small fp32 tiles; half precision 64 query rows x
-    128 keys, the fastest of four configs at head dim 128 on an H100 (Wan T=121 W=4: 317 ms against 350-514 ms
-    for 32x128, 128x64 and 64x64, `bench/results/h100_s5_backward_bench.json`); head dim 64 takes the same tiles
-    with 4 warps (not measured)."""
+    """The default backward launches (not tuned per problem): small fp32 tiles; half precision dK/dV over key
+    tiles of 128 stepping 64 query rows (the fastest of four at head dim 128 on an H100, Wan T=121 W=4:
+    317 ms against 350-514 ms for 32x128, 128x64 and 64x64, `bench/results/h100_s5_backward_bench_call1.json`)
+    and dQ over query tiles of 128 stepping 128 keys (the tiles it ran with there); head dim 64 takes the same
+    tiles with 4 warps (not measured)."""
     if interpreting():
         return INTERPRETER_BACKWARD
     if dtype == torch.float32:
-        return BackwardConfig(32, 32, 4, 2)
-    return BackwardConfig(64, 128, 4 if head_dim <= 64 else 8, 2)
+        return BackwardConfig(BackwardTiles(32, 32, 4, 2), BackwardTiles(32, 32, 4, 2))
+    warps = 4 if head_dim <= 64 else 8
+    return BackwardConfig(BackwardTiles(64, 128, warps, 2), BackwardTiles(128, 128, warps, 2))
 
 
-def launch_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dlse: Optional[Tensor],
-                    dq: Tensor, dk: Tensor, dv: Tensor, q_sched: KernelSchedule, k_sched: KernelSchedule,
-                    per_head_layout: bool, scale: float, cfg: BackwardConfig) -> None:
-    """Write ``dq [B, Sq, H, D]``, ``dk``, ``dv [B, Skv, H_kv, D]`` (every element).
+@dataclass(frozen=True)
+class BackwardSchedules:
+    """The index arrays the backward reads: ``dq``, the query tiles of ``dq.block_m`` (`build_schedule`);
+    ``dkdv``, the key tiles of ``dkdv.block_n`` (`build_key_schedule`)."""
 
-    ``q_sched``: the forward's query tiles (any ``block_m``); ``k_sched``: `build_key_schedule`'s key tiles of
-    ``cfg.block_n`` keys. ``lse [B, H, Sq]`` float32 from the forward; ``dlse`` its gradient or None.
-    """
-    max_q_tiles, max_k_tiles = q_sched.max_tiles, k_sched.max_tiles
-    B, Sq, H, D = q.shape
-    Skv, Hkv = k.shape[1], k.shape[2]
-    group = H // Hkv
-    if B == 0 or Sq == 0 or max_q_tiles == 0:
-        for t in (dq, dk, dv):
-            t.zero_()
-        return
-    dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"
-    delta = torch.empty(B, H, Sq, dtype=torch.float32, device=q.device)
-    # per-head layouts with GQA: one dK/dV per query head, summed over each group below (no atomics)
-    per_query_head = per_head_layout and group > 1
-    dk_buf = torch.empty(B, Skv, H, D, dtype=torch.float32, device=q.device) if per_query_head else dk
-    dv_buf = torch.empty(B, Skv, H, D, dtype=torch.float32, device=q.device) if per_query_head else dv
-    common = dict(NUM_HEADS=H, KV_GROUP=group, PER_HEAD_LAYOUT=per_head_layout, HEAD_DIM=D,
-                  DOT_PRECISION=dot_precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    dq: KernelSchedule
+    dkdv: KernelSchedule
+
+    @staticmethod
+    def build(layout: BlockSparseLayout, cfg: BackwardConfig, device: torch.device) -> "BackwardSchedules":
+        return BackwardSchedules(build_schedule(layout, cfg.dq.block_m, device),
+                                 build_key_schedule(layout, cfg.dkdv.block_n, device))
+
+
+def launch_delta(do: Tensor, out: Tensor, dlse: Optional[Tensor], delta: Tensor) -> None:
+    """``delta [B, H, Sq]`` float32 = rowsum(out * do) - dlse (`bwd_preprocess`)."""
+    B, Sq, H, D = out.shape
     with launch_lock():
         bwd_preprocess[(triton.cdiv(Sq, 64), B * H)](
             out, do, dlse if dlse is not None else delta, delta,
             out.stride(0), out.stride(1), out.stride(2), do.stride(0), do.stride(1), do.stride(2), Sq,
             NUM_HEADS=H, HEAD_DIM=D, BLOCK_M=64, HAS_DLSE=dlse is not None)
-        if max_k_tiles:
-            block_sparse_attn_bwd_dkdv[(max_k_tiles, B * (H if per_head_layout else Hkv))](
-                q, k, v, do, dk_buf, dv_buf, lse, delta,
-                *_strides(q, k, v, do, dk_buf, dv_buf), *k_sched.tensors(), scale, Sq,
-                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **common)
-        block_sparse_attn_bwd_dq[(max_q_tiles, B * H)](
-            q, k, v, do, dq, lse, delta,
-            *_strides(q, k, v, do, dq), *q_sched.tensors(), scale, Sq,
-            BLOCK_M=q_sched.block_m, BLOCK_N=cfg.block_n, **common)
-    if not max_k_tiles:
+
+
+def launch_dkdv(do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, delta: Tensor, dk: Tensor, dv: Tensor,
+                sched: KernelSchedule, per_head_layout: bool, scale: float, tiles: BackwardTiles) -> None:
+    """Write every element of ``dk``, ``dv [B, Skv, H_kv, D]``; ``sched``: `build_key_schedule` at
+    ``tiles.block_n``. Per-head layouts with GQA go through per-query-head fp32 buffers summed per group
+    (no atomics)."""
+    B, Sq, H, D = q.shape
+    Skv, Hkv = k.shape[1], k.shape[2]
+    group = H // Hkv
+    if B == 0 or sched.max_tiles == 0:
         dk.zero_()
         dv.zero_()
-    elif per_query_head:
+        return
+    per_query_head = per_head_layout and group > 1
+    dk_buf = torch.empty(B, Skv, H, D, dtype=torch.float32, device=q.device) if per_query_head else dk
+    dv_buf = torch.empty(B, Skv, H, D, dtype=torch.float32, device=q.device) if per_query_head else dv
+    with launch_lock():
+        block_sparse_attn_bwd_dkdv[(sched.max_tiles, B * (H if per_head_layout else Hkv))](
+            q, k, v, do, dk_buf, dv_buf, lse, delta,
+            *_strides(q, k, v, do, dk_buf, dv_buf), *sched.tensors(), scale, Sq,
+            BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, **_constants(q, k, per_head_layout, tiles))
+    if per_query_head:
         dk.copy_(dk_buf.view(B, Skv, Hkv, group, D).sum(3))
         dv.copy_(dv_buf.view(B, Skv, Hkv, group, D).sum(3))
+
+
+def launch_dq(do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, delta: Tensor, dq: Tensor,
+              sched: KernelSchedule, per_head_layout: bool, scale: float, tiles: BackwardTiles) -> None:
+    """Write every element of ``dq [B, Sq, H, D]``; ``sched``: `build_schedule` at ``tiles.block_m``."""
+    B, Sq, H, D = q.shape
+    if B == 0 or sched.max_tiles == 0:
+        dq.zero_()
+        return
+    with launch_lock():
+        block_sparse_attn_bwd_dq[(sched.max_tiles, B * H)](
+            q, k, v, do, dq, lse, delta,
+            *_strides(q, k, v, do, dq), *sched.tensors(), scale, Sq,
+            BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, **_constants(q, k, per_head_layout, tiles))
+
+
+def launch_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dlse: Optional[Tensor],
+                    dq: Tensor, dk: Tensor, dv: Tensor, sched: BackwardSchedules, per_head_layout: bool,
+                    scale: float, cfg: BackwardConfig) -> None:
+    """Write ``dq [B, Sq, H, D]``, ``dk``, ``dv [B, Skv, H_kv, D]`` (every element): the delta pre-pass, then
+    the dK/dV and dQ kernels. ``lse [B, H, Sq]`` float32 from the forward; ``dlse`` its gradient or None."""
+    B, Sq, H, _ = q.shape
+    if B == 0 or Sq == 0 or sched.dq.max_tiles == 0:
+        for t in (dq, dk, dv):
+            t.zero_()
+        return
+    delta = torch.empty(B, H, Sq, dtype=torch.float32, device=q.device)
+    launch_delta(do, out, dlse, delta)
+    launch_dkdv(do, q, k, v, lse, delta, dk, dv, sched.dkdv, per_head_layout, scale, cfg.dkdv)
+    launch_dq(do, q, k, v, lse, delta, dq, sched.dq, per_head_layout, scale, cfg.dq)
+
+
+def _constants(q: Tensor, k: Tensor, per_head_layout: bool, tiles: BackwardTiles) -> dict:
+    return dict(NUM_HEADS=q.shape[2], KV_GROUP=q.shape[2] // k.shape[2], PER_HEAD_LAYOUT=per_head_layout,
+                HEAD_DIM=q.shape[3], DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+                num_warps=tiles.num_warps, num_stages=tiles.num_stages)
 
 
 def _strides(*ts: Tensor):
@@ -104,16 +161,18 @@ def _strides(*ts: Tensor):
 
 @torch.library.custom_op("lvsa_kernels::triton_block_sparse_fwd_train", mutates_args=())
 def triton_block_sparse_fwd_train(
-    q: Tensor, k: Tensor, v: Tensor, q_sched: List[Tensor], k_sched: List[Tensor], key_tiles: List[Tensor],
-    max_q_tiles: int, max_k_tiles: int, per_head_layout: bool, scale: float,
+    q: Tensor, k: Tensor, v: Tensor, q_sched: List[Tensor], key_tiles: List[Tensor], max_q_tiles: int,
+    per_head_layout: bool, scale: float,
     kernel: str, block_m: int, block_n: int, num_warps: int, num_stages: int, use_tma: bool, warp_spec: bool,
-    exp2_poly: int, short_n: int, bwd_block_m: int, bwd_block_n: int, bwd_warps: int, bwd_stages: int,
+    exp2_poly: int, short_n: int,
+    dq_sched: List[Tensor], dkdv_sched: List[Tensor], max_dq_tiles: int, max_dkdv_tiles: int, bwd_tiles: List[int],
 ) -> Tuple[Tensor, Tensor]:
-    """The forward (``out [B, Sq, H, D]``, ``lse [B, H, Sq]`` float32) with a backward: ``q_sched`` is its
-    `KernelSchedule` (tiles of ``block_m``), ``k_sched`` the backward's key schedule (tiles of ``bwd_block_n``),
-    both as ``tensors()``. ``kernel`` ``"portable"`` or ``"hopper"`` (then ``key_tiles`` are its `KeyTiles`
-    ``tensors()`` with ``short_n``; empty for the portable kernel); the forward ints are its `KernelConfig`, the
-    ``bwd_*`` ints the `BackwardConfig`."""
+    """The forward (``out [B, Sq, H, D]``, ``lse [B, H, Sq]`` float32) with a backward. ``q_sched``: the
+    forward's `KernelSchedule` (tiles of ``block_m``) as ``tensors()``; ``kernel`` ``"portable"`` or
+    ``"hopper"`` (then ``key_tiles`` are its `KeyTiles` ``tensors()`` with ``short_n``; empty for the portable
+    kernel); the forward ints are its `KernelConfig`. The rest is for the backward: ``dq_sched`` /
+    ``dkdv_sched`` are `BackwardSchedules` as ``tensors()``, ``bwd_tiles`` the 8 ints of the `BackwardConfig`
+    (dK/dV's block_m, block_n, warps, stages, then dQ's)."""
     B, Sq, H, D = q.shape
     out = torch.empty(B, Sq, H, D, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, Sq, dtype=torch.float32, device=q.device)
@@ -135,16 +194,18 @@ def _fake_fwd(q, k, v, *args):
 @torch.library.custom_op("lvsa_kernels::triton_block_sparse_bwd", mutates_args=())
 def triton_block_sparse_bwd(
     do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dlse: Optional[Tensor],
-    q_sched: List[Tensor], k_sched: List[Tensor], max_q_tiles: int, max_k_tiles: int, per_head_layout: bool,
-    scale: float, block_m: int, bwd_block_m: int, bwd_block_n: int, bwd_warps: int, bwd_stages: int,
+    dq_sched: List[Tensor], dkdv_sched: List[Tensor], max_dq_tiles: int, max_dkdv_tiles: int, per_head_layout: bool,
+    scale: float, bwd_tiles: List[int],
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """``(dq, dk, dv)`` of `triton_block_sparse_fwd_train` for output gradient ``do`` (and lse gradient ``dlse``)."""
     if do.stride(-1) != 1:
         do = do.contiguous()
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    launch_backward(do, q, k, v, out, lse, None if dlse is None else dlse.contiguous(), dq, dk, dv,
-                    KernelSchedule(block_m, *q_sched, max_q_tiles), KernelSchedule(bwd_block_n, *k_sched, max_k_tiles),
-                    per_head_layout, scale, BackwardConfig(bwd_block_m, bwd_block_n, bwd_warps, bwd_stages))
+    cfg = BackwardConfig(BackwardTiles(*bwd_tiles[:4]), BackwardTiles(*bwd_tiles[4:]))
+    sched = BackwardSchedules(KernelSchedule(cfg.dq.block_m, *dq_sched, max_dq_tiles),
+                              KernelSchedule(cfg.dkdv.block_n, *dkdv_sched, max_dkdv_tiles))
+    launch_backward(do, q, k, v, out, lse, None if dlse is None else dlse.contiguous(), dq, dk, dv, sched,
+                    per_head_layout, scale, cfg)
     return dq, dk, dv
 
 
@@ -153,24 +214,27 @@ def _fake_bwd(do, q, k, v, *args):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
+_FWD_ARGS = 17   # q, k, v, q_sched, key_tiles, max_q_tiles, per_head_layout, scale and the 9 forward config values
+
+
 def _setup_context(ctx, inputs, output):
-    (q, k, v, q_sched, k_sched, key_tiles, max_q_tiles, max_k_tiles, per_head_layout, scale, _kernel, block_m,
-     _block_n, _num_warps, _num_stages, _use_tma, _warp_spec, _exp2_poly, _short_n, *bwd_config) = inputs
-    ctx.save_for_backward(q, k, v, *output, *q_sched, *k_sched)
-    ctx.n_sched = len(q_sched)
-    ctx.n_key_tiles = len(key_tiles)
-    ctx.args = (max_q_tiles, max_k_tiles, per_head_layout, scale, block_m, *bwd_config)
-    ctx.n_inputs = len(inputs)
+    q, k, v, q_sched, key_tiles = inputs[:5]
+    per_head_layout, scale = inputs[6], inputs[7]
+    dq_sched, dkdv_sched, max_dq_tiles, max_dkdv_tiles, bwd_tiles = inputs[_FWD_ARGS:]
+    ctx.save_for_backward(q, k, v, *output, *dq_sched, *dkdv_sched)
+    ctx.n_dq_sched = len(dq_sched)
+    ctx.list_lens = (len(q_sched), len(key_tiles), len(dq_sched), len(dkdv_sched))
+    ctx.args = (max_dq_tiles, max_dkdv_tiles, per_head_layout, scale, list(bwd_tiles))
 
 
 def _backward(ctx, dout, dlse):
     q, k, v, out, lse, *sched = ctx.saved_tensors
-    n = ctx.n_sched
+    n = ctx.n_dq_sched
     dq, dk, dv = torch.ops.lvsa_kernels.triton_block_sparse_bwd(dout, q, k, v, out, lse, dlse, sched[:n], sched[n:],
                                                                 *ctx.args)
-    # the schedule and key-tile lists take one None per element
-    lists = ([None] * n, [None] * (len(sched) - n), [None] * ctx.n_key_tiles)
-    return (dq, dk, dv) + lists + (None,) * (ctx.n_inputs - 6)
+    n_q, n_tiles, n_dq, n_dkdv = ctx.list_lens  # a list argument takes one None per element
+    return ((dq, dk, dv, [None] * n_q, [None] * n_tiles) + (None,) * (_FWD_ARGS - 5)
+            + ([None] * n_dq, [None] * n_dkdv, None, None, None))
 
 
 triton_block_sparse_fwd_train.register_autograd(_backward, setup_context=_setup_context)
@@ -181,12 +245,14 @@ def run_trainable(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout, sc
     """``(out, lse)`` of the forward kernel at ``cfg`` (portable, or Hopper at exact precision), differentiable
     in q, k and v through the backward kernels at ``bwd``. Schedules are built once per layout and cached."""
     q_sched = build_schedule(layout, cfg.block_m, q.device)
-    k_sched = build_key_schedule(layout, bwd.block_n, q.device)
     tiles = build_key_tiles(layout, cfg.block_n, q.device) if cfg.kernel == "hopper" else None
     check_launch(q_sched, tiles, cfg, "exact")
     key_tiles, short_n = (list(tiles.tensors()), tiles.short_n) if tiles is not None else ([], 0)
+    bsched = BackwardSchedules.build(layout, bwd, q.device)
+    bwd_tiles = [getattr(t, f) for t in (bwd.dkdv, bwd.dq) for f in ("block_m", "block_n", "num_warps", "num_stages")]
     return torch.ops.lvsa_kernels.triton_block_sparse_fwd_train(
-        q, k, v, list(q_sched.tensors()), list(k_sched.tensors()), key_tiles, q_sched.max_tiles, k_sched.max_tiles,
-        layout.num_heads > 1, scale, cfg.kernel, cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages,
-        cfg.use_tma, cfg.warp_spec, cfg.exp2_poly, short_n, bwd.block_m, bwd.block_n, bwd.num_warps,
-        bwd.num_stages)
+        q, k, v, list(q_sched.tensors()), key_tiles, q_sched.max_tiles, layout.num_heads > 1, scale,
+        cfg.kernel, cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, cfg.use_tma, cfg.warp_spec,
+        cfg.exp2_poly, short_n,
+        list(bsched.dq.tensors()), list(bsched.dkdv.tensors()), bsched.dq.max_tiles, bsched.dkdv.max_tiles,
+        bwd_tiles)
