@@ -194,8 +194,9 @@ def check_gradients(device, dtype, names: List[str]) -> Dict[str, Any]:
 
 def sweep_kernels(case, device, dkdv_tiles, dq_tiles, rep_ms: float) -> Dict[str, Any]:
     """Each backward kernel alone at each of its tiles, on one set of inputs (out, lse and delta computed once):
-    median ms, TF/s (dK/dV runs 4 MMAs per pair, 2x the forward's FLOPs; dQ 3, 1.5x) and the relative error of
-    its gradient against the first tiles' (a tile-size bug shows as a large error)."""
+    median ms, TF/s (dK/dV runs 4 MMAs per pair, 2x the forward's FLOPs; dQ 3, 1.5x), registers and spills per
+    thread of the compiled kernel, and the relative error of its gradient against the first tiles' (a tile-size
+    bug shows as a large error)."""
     import torch
 
     from lvsa_kernels import block_sparse_attn
@@ -232,7 +233,7 @@ def sweep_kernels(case, device, dkdv_tiles, dq_tiles, rep_ms: float) -> Dict[str
             t0 = time.perf_counter()
             try:
                 fn, grads, factor = run(kind, tiles)
-                fn()
+                kernel = fn()
                 ms = bench_ms(fn, device, 25.0, rep_ms)["ms"]
             except Exception as exc:  # e.g. out of shared memory: recorded, the others still run
                 rec[kind][str(tiles)] = {"status": "error", "error": f"{type(exc).__name__}: {exc}"[:300]}
@@ -241,7 +242,8 @@ def sweep_kernels(case, device, dkdv_tiles, dq_tiles, rep_ms: float) -> Dict[str
                 first[kind] = [g.clone() for g in grads]
             err = max(_rel(g, f) for g, f in zip(grads, first[kind]))
             rec[kind][str(tiles)] = {"status": "ok", "ms": ms, "tflops": factor * fwd_flops / (ms * 1e-3) / 1e12,
-                                     "rel_err_vs_first": err, "seconds_incl_compile": round(time.perf_counter() - t0, 1)}
+                                     "rel_err_vs_first": err, "registers": getattr(kernel, "n_regs", None),
+                                     "spills": getattr(kernel, "n_spills", None), "seconds_incl_compile": round(time.perf_counter() - t0, 1)}
         ok = {t: r for t, r in rec[kind].items() if r["status"] == "ok" and r["rel_err_vs_first"] <= 1e-2}
         rec[f"best_{kind}"] = min(ok, key=lambda t: ok[t]["ms"], default=None)
     return rec

@@ -95,39 +95,41 @@ def launch_delta(do: Tensor, out: Tensor, dlse: Optional[Tensor], delta: Tensor)
 
 
 def launch_dkdv(do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, delta: Tensor, dk: Tensor, dv: Tensor,
-                sched: KernelSchedule, per_head_layout: bool, scale: float, tiles: BackwardTiles) -> None:
+                sched: KernelSchedule, per_head_layout: bool, scale: float, tiles: BackwardTiles):
     """Write every element of ``dk``, ``dv [B, Skv, H_kv, D]``; ``sched``: `build_key_schedule` at
     ``tiles.block_n``. Per-head layouts with GQA go through per-query-head fp32 buffers summed per group
-    (no atomics)."""
+    (no atomics). Returns the launched compiled kernel (its ``n_regs``, ``n_spills``), None if none ran."""
     B, Sq, H, D = q.shape
     Skv, Hkv = k.shape[1], k.shape[2]
     group = H // Hkv
     if B == 0 or sched.max_tiles == 0:
         dk.zero_()
         dv.zero_()
-        return
+        return None
     per_query_head = per_head_layout and group > 1
     dk_buf = torch.empty(B, Skv, H, D, dtype=torch.float32, device=q.device) if per_query_head else dk
     dv_buf = torch.empty(B, Skv, H, D, dtype=torch.float32, device=q.device) if per_query_head else dv
     with launch_lock():
-        block_sparse_attn_bwd_dkdv[(sched.max_tiles, B * (H if per_head_layout else Hkv))](
+        kernel = block_sparse_attn_bwd_dkdv[(sched.max_tiles, B * (H if per_head_layout else Hkv))](
             q, k, v, do, dk_buf, dv_buf, lse, delta,
             *_strides(q, k, v, do, dk_buf, dv_buf), *sched.tensors(), scale, Sq,
             BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, **_constants(q, k, per_head_layout, tiles))
     if per_query_head:
         dk.copy_(dk_buf.view(B, Skv, Hkv, group, D).sum(3))
         dv.copy_(dv_buf.view(B, Skv, Hkv, group, D).sum(3))
+    return kernel
 
 
 def launch_dq(do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, delta: Tensor, dq: Tensor,
-              sched: KernelSchedule, per_head_layout: bool, scale: float, tiles: BackwardTiles) -> None:
-    """Write every element of ``dq [B, Sq, H, D]``; ``sched``: `build_schedule` at ``tiles.block_m``."""
+              sched: KernelSchedule, per_head_layout: bool, scale: float, tiles: BackwardTiles):
+    """Write every element of ``dq [B, Sq, H, D]``; ``sched``: `build_schedule` at ``tiles.block_m``. Returns
+    the launched compiled kernel, None if none ran."""
     B, Sq, H, D = q.shape
     if B == 0 or sched.max_tiles == 0:
         dq.zero_()
-        return
+        return None
     with launch_lock():
-        block_sparse_attn_bwd_dq[(sched.max_tiles, B * H)](
+        return block_sparse_attn_bwd_dq[(sched.max_tiles, B * H)](
             q, k, v, do, dq, lse, delta,
             *_strides(q, k, v, do, dq), *sched.tensors(), scale, Sq,
             BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, **_constants(q, k, per_head_layout, tiles))
