@@ -57,10 +57,13 @@ def _parse(argv: Optional[List[str]]) -> argparse.Namespace:
 def _tiles(item: str, flag: str):
     from lvsa_kernels.triton_src.backward_launch import BackwardTiles
 
-    parts = item.strip().split("x")
+    text = item.strip()
+    use_tma = text.endswith("+tma")
+    parts = text.removesuffix("+tma").split("x")
     if len(parts) != 4 or not all(x.isdigit() for x in parts):
-        raise ValueError(f"{flag}: expected block_m x block_n x warps x stages like 64x128x8x2, got {item!r}")
-    return BackwardTiles(*(int(x) for x in parts))
+        raise ValueError(f"{flag}: expected block_m x block_n x warps x stages like 64x128x8x2 (+tma: tensor "
+                         f"descriptors), got {item!r}")
+    return BackwardTiles(*(int(x) for x in parts), use_tma)
 
 
 def _bwd_configs(spec: str):

@@ -193,16 +193,20 @@ def test_every_gradient_element_is_written_and_runs_are_identical(name):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("use_tma", [False, True])
 @pytest.mark.parametrize("name", ["ragged_empty_rows", "per_head"])
-def test_backward_tiles_differ_from_the_forward_and_from_each_other(name):
+def test_backward_tiles_differ_from_the_forward_and_from_each_other(name, use_tma):
     """dQ's query tiles (32) are not the forward's (16) and dK/dV steps 16 query rows over key tiles of 32: each
-    kernel reads its own schedule; gradients equal the float64 reference's."""
+    kernel reads its own schedule; both load paths (pointers, tensor descriptors) give the float64 reference's
+    gradients."""
     from lvsa_kernels.triton_src.backward_launch import BackwardConfig, BackwardTiles
 
+    if use_tma and CUDA and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("tensor descriptors need Hopper")
     layout, heads = layouts()[name]
     q, k, v, do, _ = inputs(layout, 2, heads, heads, 16, 11)
     leaves = [t.to(DEVICE, torch.float32).requires_grad_() for t in (q, k, v)]
-    bwd = BackwardConfig(dkdv=BackwardTiles(16, 32, 1, 1), dq=BackwardTiles(32, 16, 1, 1))
+    bwd = BackwardConfig(dkdv=BackwardTiles(16, 32, 1, 1, use_tma), dq=BackwardTiles(32, 16, 1, 1, use_tma))
     out, _ = run_trainable(*leaves, layout, 0.3, INTERPRETER_CONFIG, bwd)
     got = torch.autograd.grad((out.double() * do.to(DEVICE)).sum(), leaves)
     ref = grads(q, k, v, do, torch.zeros(2, heads, layout.q_len, dtype=torch.float64), layout, 0.3, "reference",
@@ -278,7 +282,7 @@ def test_fake_backward_gives_shapes():
         lse = mode.from_tensor(torch.empty(2, 4, layout.q_len, device=DEVICE))
         dq, dk, dv = torch.ops.lvsa_kernels.triton_block_sparse_bwd(
             q, q, k, k, q, lse, None, list(qs.tensors()), list(ks.tensors()), qs.max_tiles, ks.max_tiles, False,
-            0.1, [16, 16, 1, 1, 16, 16, 1, 1])
+            0.1, [16, 16, 1, 1, 0, 16, 16, 1, 1, 0])
     assert dq.shape == q.shape and dk.shape == dv.shape == k.shape
 
 

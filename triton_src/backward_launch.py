@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .block_sparse_bwd import block_sparse_attn_bwd_dkdv, block_sparse_attn_bwd_dq, bwd_preprocess
 from .interpreter import interpreting, launch_lock
-from .launch import check_launch, launch, launch_hopper
+from .launch import check_launch, descriptors_allowed, ensure_tma_allocator, launch, launch_hopper
 from .schedule import KernelSchedule, build_key_schedule, build_key_tiles, build_schedule
 from .tuning import KernelConfig
 from ..reference.layout import BlockSparseLayout
@@ -29,15 +29,18 @@ __all__ = ["BackwardConfig", "BackwardSchedules", "BackwardTiles", "backward_con
 
 @dataclass(frozen=True)
 class BackwardTiles:
-    """One backward kernel's launch: tiles of ``block_m`` query rows and ``block_n`` keys, warps, pipeline stages."""
+    """One backward kernel's launch: tiles of ``block_m`` query rows and ``block_n`` keys, warps, pipeline stages;
+    ``use_tma`` reads the rows it walks through tensor descriptors where the tensors allow (Hopper, 16-byte
+    aligned rows and bases; else pointer loads)."""
 
     block_m: int
     block_n: int
     num_warps: int
     num_stages: int
+    use_tma: bool = False
 
     def __str__(self) -> str:
-        return f"{self.block_m}x{self.block_n}x{self.num_warps}x{self.num_stages}"
+        return f"{self.block_m}x{self.block_n}x{self.num_warps}x{self.num_stages}{'+tma' if self.use_tma else ''}"
 
 
 @dataclass(frozen=True)
@@ -113,7 +116,8 @@ def launch_dkdv(do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, delta:
         kernel = block_sparse_attn_bwd_dkdv[(sched.max_tiles, B * (H if per_head_layout else Hkv))](
             q, k, v, do, dk_buf, dv_buf, lse, delta,
             *_strides(q, k, v, do, dk_buf, dv_buf), *sched.tensors(), scale, Sq,
-            BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, **_constants(q, k, per_head_layout, tiles))
+            BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, USE_TMA=_descriptors(tiles, q, do),
+            **_constants(q, k, per_head_layout, tiles))
     if per_query_head:
         dk.copy_(dk_buf.view(B, Skv, Hkv, group, D).sum(3))
         dv.copy_(dv_buf.view(B, Skv, Hkv, group, D).sum(3))
@@ -131,8 +135,9 @@ def launch_dq(do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, delta: T
     with launch_lock():
         return block_sparse_attn_bwd_dq[(sched.max_tiles, B * H)](
             q, k, v, do, dq, lse, delta,
-            *_strides(q, k, v, do, dq), *sched.tensors(), scale, Sq,
-            BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, **_constants(q, k, per_head_layout, tiles))
+            *_strides(q, k, v, do, dq), *sched.tensors(), scale, Sq, k.shape[1],
+            BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, USE_TMA=_descriptors(tiles, k, v),
+            **_constants(q, k, per_head_layout, tiles))
 
 
 def launch_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dlse: Optional[Tensor],
@@ -149,6 +154,15 @@ def launch_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
     launch_delta(do, out, dlse, delta)
     launch_dkdv(do, q, k, v, lse, delta, dk, dv, sched.dkdv, per_head_layout, scale, cfg.dkdv)
     launch_dq(do, q, k, v, lse, delta, dq, sched.dq, per_head_layout, scale, cfg.dq)
+
+
+def _descriptors(tiles: BackwardTiles, *walked: Tensor) -> bool:
+    """Whether a kernel at ``tiles`` reads the ``walked`` tensors through tensor descriptors (then Triton's
+    scratch allocator is set for the launch)."""
+    if not tiles.use_tma or not (interpreting() or descriptors_allowed(*walked)):
+        return False
+    ensure_tma_allocator()
+    return True
 
 
 def _constants(q: Tensor, k: Tensor, per_head_layout: bool, tiles: BackwardTiles) -> dict:
@@ -173,8 +187,8 @@ def triton_block_sparse_fwd_train(
     forward's `KernelSchedule` (tiles of ``block_m``) as ``tensors()``; ``kernel`` ``"portable"`` or
     ``"hopper"`` (then ``key_tiles`` are its `KeyTiles` ``tensors()`` with ``short_n``; empty for the portable
     kernel); the forward ints are its `KernelConfig`. The rest is for the backward: ``dq_sched`` /
-    ``dkdv_sched`` are `BackwardSchedules` as ``tensors()``, ``bwd_tiles`` the 8 ints of the `BackwardConfig`
-    (dK/dV's block_m, block_n, warps, stages, then dQ's)."""
+    ``dkdv_sched`` are `BackwardSchedules` as ``tensors()``, ``bwd_tiles`` the 10 ints of the `BackwardConfig`
+    (dK/dV's block_m, block_n, warps, stages, use_tma, then dQ's)."""
     B, Sq, H, D = q.shape
     out = torch.empty(B, Sq, H, D, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, Sq, dtype=torch.float32, device=q.device)
@@ -203,7 +217,7 @@ def triton_block_sparse_bwd(
     if do.stride(-1) != 1:
         do = do.contiguous()
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    cfg = BackwardConfig(BackwardTiles(*bwd_tiles[:4]), BackwardTiles(*bwd_tiles[4:]))
+    cfg = BackwardConfig(*(BackwardTiles(*t[:4], bool(t[4])) for t in (bwd_tiles[:5], bwd_tiles[5:])))
     sched = BackwardSchedules(KernelSchedule(cfg.dq.block_m, *dq_sched, max_dq_tiles),
                               KernelSchedule(cfg.dkdv.block_n, *dkdv_sched, max_dkdv_tiles))
     launch_backward(do, q, k, v, out, lse, None if dlse is None else dlse.contiguous(), dq, dk, dv, sched,
@@ -251,7 +265,8 @@ def run_trainable(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout, sc
     check_launch(q_sched, tiles, cfg, "exact")
     key_tiles, short_n = (list(tiles.tensors()), tiles.short_n) if tiles is not None else ([], 0)
     bsched = BackwardSchedules.build(layout, bwd, q.device)
-    bwd_tiles = [getattr(t, f) for t in (bwd.dkdv, bwd.dq) for f in ("block_m", "block_n", "num_warps", "num_stages")]
+    bwd_tiles = [int(getattr(t, f)) for t in (bwd.dkdv, bwd.dq)
+                 for f in ("block_m", "block_n", "num_warps", "num_stages", "use_tma")]
     return torch.ops.lvsa_kernels.triton_block_sparse_fwd_train(
         q, k, v, list(q_sched.tensors()), key_tiles, q_sched.max_tiles, layout.num_heads > 1, scale,
         cfg.kernel, cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, cfg.use_tma, cfg.warp_spec,

@@ -13,10 +13,14 @@ lse's own gradient, see `bwd_preprocess`), ``dS = P * (dP - Delta)``:
 Each output element is written by exactly one program (no atomics, deterministic). Scores live in the exp2
 domain (``qk_scale = scale * log2(e)``), accumulators in fp32; any finite scale sign works (no running max).
 Tensors are ``[B, S, H, D]`` with any batch/sequence/head strides and a contiguous head dim; ``LSE`` and
-``DELTA`` are contiguous ``[B, H, Sq]`` float32.
+``DELTA`` are contiguous ``[B, H, Sq]`` float32. Both kernels walk every span's full steps first (no masks) and
+every ragged tail after; ``USE_TMA`` reads the walked rows (dK/dV: q and dO; dQ: K and V) through on-device
+tensor descriptors (Hopper TMA; 16-byte aligned rows and bases), zeroing rows past a tail's end.
 """
 import triton
 import triton.language as tl
+
+from .block_sparse_fwd import load_rows
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -44,23 +48,17 @@ def bwd_preprocess(O, DO, DLSE, DELTA, stride_ob, stride_os, stride_oh, stride_d
 
 
 @triton.jit
-def _dq_step(dq, q, do, lse2, delta, k_ptr, v_ptr, kv0, kv_end, stride_ks, stride_vs, qk_scale,
-             BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _dq_step(dq, q, do, lse2, delta, k_ptr, v_ptr, k_desc, v_desc, kv0, kv_end, stride_ks, stride_vs, qk_scale,
+             BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, USE_TMA: tl.constexpr,
+             DOT_PRECISION: tl.constexpr):
     """Add key tile ``kv0 .. kv0 + BLOCK_N`` (columns from ``kv_end`` on left out when MASKED) to ``dq`` (unscaled)."""
-    offs_n = kv0 + tl.arange(0, BLOCK_N)
+    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    col_ok = offs_n < kv_end
-    k_ptrs = k_ptr + offs_n[:, None].to(tl.int64) * stride_ks + offs_d[None, :]
-    v_ptrs = v_ptr + offs_n[:, None].to(tl.int64) * stride_vs + offs_d[None, :]
-    if MASKED:
-        k = tl.load(k_ptrs, mask=col_ok[:, None], other=0.0)
-        v = tl.load(v_ptrs, mask=col_ok[:, None], other=0.0)
-    else:
-        k = tl.load(k_ptrs)
-        v = tl.load(v_ptrs)
+    k = load_rows(k_ptr, k_desc, kv0, offs_n, offs_d, stride_ks, kv_end, BLOCK_N, MASKED, USE_TMA)
+    v = load_rows(v_ptr, v_desc, kv0, offs_n, offs_d, stride_vs, kv_end, BLOCK_N, MASKED, USE_TMA)
     p = tl.math.exp2(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale - lse2[:, None])
     if MASKED:
-        p = tl.where(col_ok[None, :], p, 0.0)
+        p = tl.where((kv0 + offs_n)[None, :] < kv_end, p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
     ds = p * (dp - delta[:, None])
     return tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
@@ -76,9 +74,10 @@ def block_sparse_attn_bwd_dq(
     stride_dqb, stride_dqs, stride_dqh,
     tile_ptr, tile_start, tile_end, tile_row,
     span_ptr, span_start, span_end,
-    sm_scale, q_len,
+    sm_scale, q_len, kv_len,
     NUM_HEADS: tl.constexpr, KV_GROUP: tl.constexpr, PER_HEAD_LAYOUT: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """dQ of one query tile (the forward's schedule) of one (batch, head). Grid ``(max query tiles, B * H)``.
     Rows of a tile without keys get dQ = 0."""
@@ -107,37 +106,50 @@ def block_sparse_attn_bwd_dq(
     h_kv = h // KV_GROUP
     k_ptr = K + b * stride_kb + h_kv * stride_kh
     v_ptr = V + b * stride_vb + h_kv * stride_vh
+    k_desc, v_desc = k_ptr, v_ptr
+    if USE_TMA:
+        k_desc = tl.make_tensor_descriptor(k_ptr, shape=[kv_len, HEAD_DIM], strides=[stride_ks, 1],
+                                           block_shape=[BLOCK_N, HEAD_DIM])
+        v_desc = tl.make_tensor_descriptor(v_ptr, shape=[kv_len, HEAD_DIM], strides=[stride_vs, 1],
+                                           block_shape=[BLOCK_N, HEAD_DIM])
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     lo = tl.load(span_ptr + row)
     hi = tl.load(span_ptr + row + 1)
-    for sp in range(lo, hi):  # each span's full tiles, then its ragged tail
+    for sp in range(lo, hi):  # every span's full tiles (no masks), then every ragged tail
+        s = tl.load(span_start + sp)
+        full_end = s + ((tl.load(span_end + sp) - s) // BLOCK_N) * BLOCK_N
+        for kv0 in range(s, full_end, BLOCK_N):
+            dq = _dq_step(dq, q, do, lse2, delta, k_ptr, v_ptr, k_desc, v_desc, kv0, kv0 + BLOCK_N, stride_ks,
+                          stride_vs, qk_scale, BLOCK_N, HEAD_DIM, False, USE_TMA, DOT_PRECISION)
+    for sp in range(lo, hi):
         s = tl.load(span_start + sp)
         e = tl.load(span_end + sp)
         full_end = s + ((e - s) // BLOCK_N) * BLOCK_N
-        for kv0 in range(s, full_end, BLOCK_N):
-            dq = _dq_step(dq, q, do, lse2, delta, k_ptr, v_ptr, kv0, kv0 + BLOCK_N, stride_ks, stride_vs, qk_scale,
-                          BLOCK_N, HEAD_DIM, False, DOT_PRECISION)
         if full_end < e:
-            dq = _dq_step(dq, q, do, lse2, delta, k_ptr, v_ptr, full_end, e, stride_ks, stride_vs, qk_scale,
-                          BLOCK_N, HEAD_DIM, True, DOT_PRECISION)
+            dq = _dq_step(dq, q, do, lse2, delta, k_ptr, v_ptr, k_desc, v_desc, full_end, e, stride_ks, stride_vs,
+                          qk_scale, BLOCK_N, HEAD_DIM, True, USE_TMA, DOT_PRECISION)
     dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + rows * stride_dqs + offs_d[None, :]
     tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
 
 @triton.jit
-def _dkdv_step(dk, dv, k, v, key_ok, q_ptr, do_ptr, lse_ptr, delta_ptr, q0, q_end, stride_qs, stride_dos,
-               qk_scale, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Add query rows ``q0 .. min(q0 + BLOCK_M, q_end)`` of one head to the key tile's ``dk`` (unscaled) and ``dv``;
-    everything is transposed (keys are rows)."""
-    offs_m = q0 + tl.arange(0, BLOCK_M)
+def _dkdv_step(dk, dv, k, v, key_ok, q_ptr, q_desc, do_ptr, do_desc, lse_ptr, delta_ptr, q0, q_end, stride_qs,
+               stride_dos, qk_scale, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
+               USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Add query rows ``q0 .. q0 + BLOCK_M`` of one head (rows from ``q_end`` on left out when MASKED) to the key
+    tile's ``dk`` (unscaled) and ``dv``; everything is transposed (keys are rows)."""
+    offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    row_ok = offs_m < q_end
-    rows = offs_m[:, None].to(tl.int64)
-    q = tl.load(q_ptr + rows * stride_qs + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-    do = tl.load(do_ptr + rows * stride_dos + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-    lse2 = tl.load(lse_ptr + offs_m, mask=row_ok, other=float("inf")) * LOG2E  # padding rows: P = 0
-    delta = tl.load(delta_ptr + offs_m, mask=row_ok, other=0.0)
+    q = load_rows(q_ptr, q_desc, q0, offs_m, offs_d, stride_qs, q_end, BLOCK_M, MASKED, USE_TMA)
+    do = load_rows(do_ptr, do_desc, q0, offs_m, offs_d, stride_dos, q_end, BLOCK_M, MASKED, USE_TMA)
+    if MASKED:
+        row_ok = q0 + offs_m < q_end
+        lse2 = tl.load(lse_ptr + q0 + offs_m, mask=row_ok, other=float("inf")) * LOG2E  # padding rows: P = 0
+        delta = tl.load(delta_ptr + q0 + offs_m, mask=row_ok, other=0.0)
+    else:
+        lse2 = tl.load(lse_ptr + q0 + offs_m) * LOG2E
+        delta = tl.load(delta_ptr + q0 + offs_m)
     pt = tl.math.exp2(tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale - lse2[None, :])
     pt = tl.where(key_ok[:, None], pt, 0.0)  # padding keys of a short tile
     dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
@@ -160,7 +172,8 @@ def block_sparse_attn_bwd_dkdv(
     span_ptr, span_start, span_end,
     sm_scale, q_len,
     NUM_HEADS: tl.constexpr, KV_GROUP: tl.constexpr, PER_HEAD_LAYOUT: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """dK, dV of one key tile (the transpose's schedule: ``tile_*`` are key rows, spans are query tokens).
 
@@ -202,11 +215,27 @@ def block_sparse_attn_bwd_dkdv(
         do_ptr = DO + b * stride_dob + h * stride_doh
         lse_ptr = LSE + (b * NUM_HEADS + h) * q_len
         delta_ptr = DELTA + (b * NUM_HEADS + h) * q_len
+        q_desc, do_desc = q_ptr, do_ptr
+        if USE_TMA:
+            q_desc = tl.make_tensor_descriptor(q_ptr, shape=[q_len, HEAD_DIM], strides=[stride_qs, 1],
+                                               block_shape=[BLOCK_M, HEAD_DIM])
+            do_desc = tl.make_tensor_descriptor(do_ptr, shape=[q_len, HEAD_DIM], strides=[stride_dos, 1],
+                                                block_shape=[BLOCK_M, HEAD_DIM])
+        for sp in range(lo, hi):  # every span's full query steps (no masks), then every ragged tail
+            s = tl.load(span_start + sp)
+            full_end = s + ((tl.load(span_end + sp) - s) // BLOCK_M) * BLOCK_M
+            for q0 in range(s, full_end, BLOCK_M):
+                dk, dv = _dkdv_step(dk, dv, k, v, key_ok, q_ptr, q_desc, do_ptr, do_desc, lse_ptr, delta_ptr, q0,
+                                    q0 + BLOCK_M, stride_qs, stride_dos, qk_scale, BLOCK_M, HEAD_DIM, False, USE_TMA,
+                                    DOT_PRECISION)
         for sp in range(lo, hi):
+            s = tl.load(span_start + sp)
             e = tl.load(span_end + sp)
-            for q0 in range(tl.load(span_start + sp), e, BLOCK_M):
-                dk, dv = _dkdv_step(dk, dv, k, v, key_ok, q_ptr, do_ptr, lse_ptr, delta_ptr, q0, e, stride_qs,
-                                    stride_dos, qk_scale, BLOCK_M, HEAD_DIM, DOT_PRECISION)
+            full_end = s + ((e - s) // BLOCK_M) * BLOCK_M
+            if full_end < e:
+                dk, dv = _dkdv_step(dk, dv, k, v, key_ok, q_ptr, q_desc, do_ptr, do_desc, lse_ptr, delta_ptr,
+                                    full_end, e, stride_qs, stride_dos, qk_scale, BLOCK_M, HEAD_DIM, True, USE_TMA,
+                                    DOT_PRECISION)
     dk_ptrs = DK + b * stride_dkb + oh * stride_dkh + keys * stride_dks + offs_d[None, :]
     dv_ptrs = DV + b * stride_dvb + oh * stride_dvh + keys * stride_dvs + offs_d[None, :]
     tl.store(dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=key_ok[:, None])

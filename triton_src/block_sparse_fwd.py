@@ -29,10 +29,11 @@ KQ_BLOCK = tl.constexpr(KEY_QUANT_BLOCK)  # tokens per K scale
 
 
 @triton.jit
-def _load_kv(ptr, desc, kv0, offs_n, offs_d, stride_s, kv_end,
+def load_rows(ptr, desc, kv0, offs_n, offs_d, stride_s, kv_end,
              BLOCK_N: tl.constexpr, MASKED: tl.constexpr, USE_TMA: tl.constexpr):
-    """Rows ``kv0 .. kv0 + BLOCK_N`` of one K or V head as a [BLOCK_N, HEAD_DIM] tile (rows from ``kv_end``
-    on read as 0 when MASKED, so keys outside the layout never reach the output, even if they hold NaN)."""
+    """Rows ``kv0 .. kv0 + BLOCK_N`` of one head of a ``[S, HEAD_DIM]`` tensor (K, V; the backward's Q, dO) as a
+    tile, through ``desc`` when USE_TMA (rows from ``kv_end`` on read as 0 when MASKED, so rows outside the
+    layout never reach the result, even if they hold NaN)."""
     if USE_TMA:
         tile = desc.load([kv0, 0])
         if MASKED:
@@ -77,7 +78,7 @@ def _step(acc, m_i, l_i, q, k_ptr, v_ptr, k_desc, v_desc, ks_ptr, kv0, kv_end, s
     ``v_ptr`` / ``v_desc`` address V^T in e4m3 and ``stride_vs`` is its channel stride."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    k = _load_kv(k_ptr, k_desc, kv0, offs_n, offs_d, stride_ks, kv_end, BLOCK_N, MASKED, USE_TMA)
+    k = load_rows(k_ptr, k_desc, kv0, offs_n, offs_d, stride_ks, kv_end, BLOCK_N, MASKED, USE_TMA)
     if QK_INT8:  # exact int32 dot products, then each key's block scale
         qk = tl.dot(q, tl.trans(k)).to(tl.float32)
         blocks = (kv0 + offs_n) // KQ_BLOCK
@@ -100,7 +101,7 @@ def _step(acc, m_i, l_i, q, k_ptr, v_ptr, k_desc, v_desc, ks_ptr, kv0, kv_end, s
         vt = _load_vt(v_ptr, v_desc, kv0, offs_n, offs_d, stride_vs, kv_end, MASKED, USE_TMA)
         acc = acc * alpha[:, None] + tl.dot(to_e4m3(p * P_SCALE, INTERPRETED), tl.trans(vt))
     else:
-        v = _load_kv(v_ptr, v_desc, kv0, offs_n, offs_d, stride_vs, kv_end, BLOCK_N, MASKED, USE_TMA)
+        v = load_rows(v_ptr, v_desc, kv0, offs_n, offs_d, stride_vs, kv_end, BLOCK_N, MASKED, USE_TMA)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
     return acc, m_new, l_i
 

@@ -26,7 +26,8 @@ from .schedule import KernelSchedule, KeyTiles
 from .tuning import KernelConfig, interpreting
 
 __all__ = ["check_launch", "hopper_device_refusal", "hopper_kernel_available", "hopper_meta", "hopper_refusal",
-           "hopper_supports", "launch", "launch_hopper", "run_scheduled", "tma_eligible"]
+           "descriptors_allowed", "ensure_tma_allocator", "hopper_supports", "launch", "launch_hopper",
+           "run_scheduled", "tma_eligible"]
 
 # The Hopper kernel's registers: the launch caps every thread at HOPPER_MAXNREG; inside (setmaxnreg) the second
 # consumer warpgroup (a worker partition) takes HOPPER_CONSUMER_REGS and the loader warp 32.
@@ -38,7 +39,7 @@ def _scratch(size: int, alignment: int, stream: Optional[int]) -> Tensor:
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
-def _ensure_tma_allocator() -> None:
+def ensure_tma_allocator() -> None:
     """On-device tensor descriptors need a global scratch allocator. Triton keeps it in a context variable, which
     a thread that did not set it does not see (the autograd engine's device thread recomputes checkpointed
     forwards), so it is set before every launch that needs it (a context-variable write; it replaces an allocator
@@ -48,10 +49,17 @@ def _ensure_tma_allocator() -> None:
 
 def tma_eligible(q: Tensor, k: Tensor, v: Tensor) -> bool:
     """Whether K/V can be read through tensor descriptors (Hopper+, 16-byte aligned rows and bases)."""
-    if k.device.type != "cuda" or torch.cuda.get_device_capability(k.device)[0] < 9:
+    return descriptors_allowed(k, v)
+
+
+def descriptors_allowed(*tensors: Tensor) -> bool:
+    """Whether these ``[B, S, H, D]`` tensors can be read through tensor descriptors: a Hopper+ GPU, 16-byte
+    aligned bases and batch/sequence/head strides."""
+    t0 = tensors[0]
+    if t0.device.type != "cuda" or torch.cuda.get_device_capability(t0.device)[0] < 9:
         return False
-    e = k.element_size()
-    return all(t.data_ptr() % 16 == 0 and all((s * e) % 16 == 0 for s in t.stride()[:3]) for t in (k, v))
+    e = t0.element_size()
+    return all(t.data_ptr() % 16 == 0 and all((s * e) % 16 == 0 for s in t.stride()[:3]) for t in tensors)
 
 
 def hopper_device_refusal(device: torch.device) -> Optional[str]:
@@ -109,7 +117,7 @@ def launch_hopper(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, sch
         return None
     if scale < 0:
         q, scale = -q, -scale
-    _ensure_tma_allocator()
+    ensure_tma_allocator()
     k, v, v_strides, quant = _kv_operands(k, v, precision, interpreted=False)
     q_scale = q_mu = k_scale = v_scale = lse  # unread placeholders where a mode does not read them
     if quant is not None:
@@ -193,7 +201,7 @@ def launch(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, sched_tens
     if max_tiles == 0 or B == 0:
         return None
     if cfg.use_tma:
-        _ensure_tma_allocator()
+        ensure_tma_allocator()
     qk_int8, fp8_pv = precision != "exact", precision == "fp8"
     k, v, v_strides, quant = _kv_operands(k, v, precision, interpreting())
     k_scale = k_mean = v_scale = k  # unread placeholders where a mode does not read them
