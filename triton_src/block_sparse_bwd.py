@@ -134,7 +134,7 @@ def block_sparse_attn_bwd_dq(
 
 
 @triton.jit
-def _dkdv_step(dk, dv, k, v, key_ok, q_ptr, q_desc, do_ptr, do_desc, lse_ptr, delta_ptr, q0, q_end, stride_qs,
+def _dkdv_step(dk, dv, k, v, q_ptr, q_desc, do_ptr, do_desc, lse_ptr, delta_ptr, q0, q_end, stride_qs,
                stride_dos, qk_scale, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
                USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Add query rows ``q0 .. q0 + BLOCK_M`` of one head (rows from ``q_end`` on left out when MASKED) to the key
@@ -150,8 +150,8 @@ def _dkdv_step(dk, dv, k, v, key_ok, q_ptr, q_desc, do_ptr, do_desc, lse_ptr, de
     else:
         lse2 = tl.load(lse_ptr + q0 + offs_m) * LOG2E
         delta = tl.load(delta_ptr + q0 + offs_m)
+    # padding keys of a short tile (zero rows of k, v) only reach their own dk/dv rows, which are never stored
     pt = tl.math.exp2(tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale - lse2[None, :])
-    pt = tl.where(key_ok[:, None], pt, 0.0)  # padding keys of a short tile
     dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
     dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
     dst = pt * (dpt - delta[None, :])
@@ -225,7 +225,7 @@ def block_sparse_attn_bwd_dkdv(
             s = tl.load(span_start + sp)
             full_end = s + ((tl.load(span_end + sp) - s) // BLOCK_M) * BLOCK_M
             for q0 in range(s, full_end, BLOCK_M):
-                dk, dv = _dkdv_step(dk, dv, k, v, key_ok, q_ptr, q_desc, do_ptr, do_desc, lse_ptr, delta_ptr, q0,
+                dk, dv = _dkdv_step(dk, dv, k, v, q_ptr, q_desc, do_ptr, do_desc, lse_ptr, delta_ptr, q0,
                                     q0 + BLOCK_M, stride_qs, stride_dos, qk_scale, BLOCK_M, HEAD_DIM, False, USE_TMA,
                                     DOT_PRECISION)
         for sp in range(lo, hi):
@@ -233,7 +233,7 @@ def block_sparse_attn_bwd_dkdv(
             e = tl.load(span_end + sp)
             full_end = s + ((e - s) // BLOCK_M) * BLOCK_M
             if full_end < e:
-                dk, dv = _dkdv_step(dk, dv, k, v, key_ok, q_ptr, q_desc, do_ptr, do_desc, lse_ptr, delta_ptr,
+                dk, dv = _dkdv_step(dk, dv, k, v, q_ptr, q_desc, do_ptr, do_desc, lse_ptr, delta_ptr,
                                     full_end, e, stride_qs, stride_dos, qk_scale, BLOCK_M, HEAD_DIM, True, USE_TMA,
                                     DOT_PRECISION)
     dk_ptrs = DK + b * stride_dkb + oh * stride_dkh + keys * stride_dks + offs_d[None, :]
