@@ -48,6 +48,20 @@ def bwd_preprocess(O, DO, DLSE, DELTA, stride_ob, stride_os, stride_oh, stride_d
 
 
 @triton.jit
+def _walked_rows(a_ptr, b_ptr, n_rows, stride_a, stride_b, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 USE_TMA: tl.constexpr):
+    """What `load_rows` reads two ``[n_rows, HEAD_DIM]`` heads through: tensor descriptors of ``BLOCK``-row boxes
+    when USE_TMA, else the pointers themselves."""
+    a, b = a_ptr, b_ptr
+    if USE_TMA:
+        a = tl.make_tensor_descriptor(a_ptr, shape=[n_rows, HEAD_DIM], strides=[stride_a, 1],
+                                      block_shape=[BLOCK, HEAD_DIM])
+        b = tl.make_tensor_descriptor(b_ptr, shape=[n_rows, HEAD_DIM], strides=[stride_b, 1],
+                                      block_shape=[BLOCK, HEAD_DIM])
+    return a, b
+
+
+@triton.jit
 def _dq_step(dq, q, do, lse2, delta, k_ptr, v_ptr, k_desc, v_desc, kv0, kv_end, stride_ks, stride_vs, qk_scale,
              BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, USE_TMA: tl.constexpr,
              DOT_PRECISION: tl.constexpr):
@@ -106,12 +120,7 @@ def block_sparse_attn_bwd_dq(
     h_kv = h // KV_GROUP
     k_ptr = K + b * stride_kb + h_kv * stride_kh
     v_ptr = V + b * stride_vb + h_kv * stride_vh
-    k_desc, v_desc = k_ptr, v_ptr
-    if USE_TMA:
-        k_desc = tl.make_tensor_descriptor(k_ptr, shape=[kv_len, HEAD_DIM], strides=[stride_ks, 1],
-                                           block_shape=[BLOCK_N, HEAD_DIM])
-        v_desc = tl.make_tensor_descriptor(v_ptr, shape=[kv_len, HEAD_DIM], strides=[stride_vs, 1],
-                                           block_shape=[BLOCK_N, HEAD_DIM])
+    k_desc, v_desc = _walked_rows(k_ptr, v_ptr, kv_len, stride_ks, stride_vs, BLOCK_N, HEAD_DIM, USE_TMA)
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     lo = tl.load(span_ptr + row)
@@ -215,12 +224,7 @@ def block_sparse_attn_bwd_dkdv(
         do_ptr = DO + b * stride_dob + h * stride_doh
         lse_ptr = LSE + (b * NUM_HEADS + h) * q_len
         delta_ptr = DELTA + (b * NUM_HEADS + h) * q_len
-        q_desc, do_desc = q_ptr, do_ptr
-        if USE_TMA:
-            q_desc = tl.make_tensor_descriptor(q_ptr, shape=[q_len, HEAD_DIM], strides=[stride_qs, 1],
-                                               block_shape=[BLOCK_M, HEAD_DIM])
-            do_desc = tl.make_tensor_descriptor(do_ptr, shape=[q_len, HEAD_DIM], strides=[stride_dos, 1],
-                                                block_shape=[BLOCK_M, HEAD_DIM])
+        q_desc, do_desc = _walked_rows(q_ptr, do_ptr, q_len, stride_qs, stride_dos, BLOCK_M, HEAD_DIM, USE_TMA)
         for sp in range(lo, hi):  # every span's full query steps (no masks), then every ragged tail
             s = tl.load(span_start + sp)
             full_end = s + ((tl.load(span_end + sp) - s) // BLOCK_M) * BLOCK_M
