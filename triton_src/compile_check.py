@@ -1,7 +1,8 @@
-"""Compile the Gluon Hopper kernels for sm_90a without a GPU: the LVSA kernel in every variant the tuner can
-offer, and the SVOO cluster kernel (`cluster_hopper`) in its launch configs.
+"""Compile the Hopper kernels for sm_90a without a GPU: the Gluon LVSA kernel in every variant the tuner can
+offer, the Gluon SVOO cluster kernel (`cluster_hopper`) in its launch configs, and the portable backward
+kernels (`block_sparse_bwd`) at their default tiles.
 
-    python -m lvsa_kernels.triton_src.compile_check [--json FILE] [--quick] [--kernel lvsa|cluster]
+    python -m lvsa_kernels.triton_src.compile_check [--json FILE] [--quick] [--kernel lvsa|cluster|backward]
 
 Triton compiles for a named target on any machine: each variant (head dim x dtype x precision x launch config
 of `tuning.hopper_configs` x short-tile width; cluster kernel: head dim x its `cluster_launch.cluster_config`
@@ -54,8 +55,9 @@ _TRITON_TYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.int8: "i8",
 
 @dataclass
 class Variant:
-    """A variant of the LVSA Hopper kernel (``kernel="lvsa"``) or of the SVOO cluster kernel (``"cluster"``:
-    exact precision, no short tiles)."""
+    """A variant of the LVSA Hopper kernel (``kernel="lvsa"``), of the SVOO cluster kernel (``"cluster"``:
+    exact precision, no short tiles) or of a portable backward kernel (``"bwd_dkdv"``, ``"bwd_dq"``: ``cfg``
+    holds its tiles, warps, stages and use_tma)."""
 
     head_dim: int
     dtype: str
@@ -65,7 +67,16 @@ class Variant:
     kernel: str = "lvsa"
 
     @property
+    def family(self) -> str:
+        """``--kernel``'s name for it: lvsa, cluster or backward."""
+        return "backward" if self.kernel.startswith("bwd_") else self.kernel
+
+    @property
     def name(self) -> str:
+        if self.family == "backward":
+            c = self.cfg
+            return (f"{self.kernel:8s} d{self.head_dim} {self.dtype} BLOCK_M={c.block_m:<3d} BLOCK_N={c.block_n:<3d} "
+                    f"warps={c.num_warps} stages={c.num_stages}{' tma' if c.use_tma else ''}")
         poly = f" exp2_poly={self.cfg.exp2_poly}" if self.cfg.exp2_poly else ""
         return (f"{self.kernel:7s} d{self.head_dim} {self.dtype} {self.precision:7s} BLOCK_N={self.cfg.block_n:<3d} "
                 f"stages={self.cfg.num_stages} short_n={self.short_n}{poly}")
@@ -84,6 +95,19 @@ def variants(quick: bool = False) -> Iterator[Variant]:
                     for short_n in shorts:
                         yield Variant(head_dim, dtype, precision, cfg, short_n)
     yield from cluster_variants()
+    yield from backward_variants()
+
+
+def backward_variants() -> Iterator[Variant]:
+    """The portable backward kernels (`block_sparse_bwd`) at `backward_launch.backward_config`'s bf16 tiles,
+    head dims 64 and 128: the dK/dV kernel (``"bwd_dkdv"``) and the dQ kernel (``"bwd_dq"``)."""
+    from .backward_launch import backward_config
+
+    for head_dim in HEAD_DIMS:
+        bwd = backward_config(torch.bfloat16, head_dim)
+        for kernel, t in (("bwd_dkdv", bwd.dkdv), ("bwd_dq", bwd.dq)):
+            cfg = KernelConfig(t.block_m, t.block_n, t.num_warps, t.num_stages, t.use_tma, kernel="portable")
+            yield Variant(head_dim, "bf16", "exact", cfg, 0, kernel)
 
 
 def cluster_variants() -> Iterator[Variant]:
@@ -132,6 +156,37 @@ def _cluster_source(v: Variant):
     return GluonASTSource(kernel, signature, {k: constexprs[k] for k in signature if k in constexprs}, attrs), options
 
 
+def _backward_source(v: Variant):
+    """A backward kernel as `backward_launch` specialises it for contiguous inputs (shared layout, no GQA)."""
+    from triton.compiler import ASTSource
+
+    from .block_sparse_bwd import block_sparse_attn_bwd_dkdv, block_sparse_attn_bwd_dq
+
+    kernel = block_sparse_attn_bwd_dkdv if v.kernel == "bwd_dkdv" else block_sparse_attn_bwd_dq
+    half = _TRITON_TYPE[DTYPES[v.dtype]]
+    constexprs = dict(NUM_HEADS=12, KV_GROUP=1, PER_HEAD_LAYOUT=False, HEAD_DIM=v.head_dim, BLOCK_M=v.cfg.block_m,
+                      BLOCK_N=v.cfg.block_n, USE_TMA=v.cfg.use_tma, DOT_PRECISION="tf32")
+    signature, attrs = {}, {}
+    for i, name in enumerate(kernel.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+            continue
+        if name in ("LSE", "DELTA"):
+            signature[name] = "*fp32"
+        elif name in ("Q", "K", "V", "DO", "DQ", "DK", "DV"):
+            signature[name] = "*" + half
+        elif name.startswith(("tile_", "span_")):
+            signature[name] = "*i32"
+        elif name == "sm_scale":
+            signature[name] = "fp32"
+        else:  # strides, lengths
+            signature[name] = "i32"
+        if signature[name].startswith("*") or name.startswith("stride_"):
+            attrs[(i, )] = [["tt.divisibility", 16]]
+    options = {"num_warps": v.cfg.num_warps, "num_stages": v.cfg.num_stages}
+    return ASTSource(kernel, signature, {k: constexprs[k] for k in signature if k in constexprs}, attrs), options
+
+
 def _source(v: Variant):
     from triton.experimental.gluon._runtime import GluonASTSource
 
@@ -139,6 +194,8 @@ def _source(v: Variant):
 
     if v.kernel == "cluster":
         return _cluster_source(v)
+    if v.kernel.startswith("bwd_"):
+        return _backward_source(v)
     half = DTYPES[v.dtype]
     ops = _operand_dtypes(v.precision, half)
     meta = hopper_meta(v.head_dim, ops["q"], ops["k"], ops["v"], half, v.cfg, v.short_n, v.precision)
@@ -242,7 +299,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--json", help="write the report (one row per variant) to this file")
     p.add_argument("--quick", action="store_true", help="bf16 only")
     p.add_argument("--jobs", type=int, default=1, help="variants compiled at once (processes)")
-    p.add_argument("--kernel", choices=("lvsa", "cluster"), help="only this kernel's variants")
+    p.add_argument("--kernel", choices=("lvsa", "cluster", "backward"), help="only this kernel's variants")
     args = p.parse_args(argv)
     if interpreting():
         print("compile_check: TRITON_INTERPRET=1 is set; kernels must be compiled, not interpreted: unset it",
@@ -254,7 +311,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     rows = []
     print(f"{'variant':66s} {'regs':>4s} {'stack':>5s} {'STL/LDL/in-loop':>15s} {'smem':>6s} {'SASS':>6s} {'MMA':>4s}  "
           "seconds")
-    todo = [v for v in variants(args.quick) if args.kernel in (None, v.kernel)]
+    todo = [v for v in variants(args.quick) if args.kernel in (None, v.family)]
     with ProcessPoolExecutor(max(1, args.jobs)) as pool:
         results = pool.map(check, todo)
     for v, row in zip(todo, results):
