@@ -25,10 +25,12 @@ from lvsa_kernels.triton_src.gluon_compat import TESTED_TRITON
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the patch release compiled against for each tested Triton release
 RELEASES = {"3.6": "3.6.0", "3.7": "3.7.1", "3.8": "3.8.0", "3.9": "3.9.0"}
-# Local-memory instructions inside a loop, most per variant, as measured (2026-12-07): Triton 3.8.0 keeps 1-4 of
-# them in the d128 exact and int8_qk consumer loops (its 42 variants: 27 clean); the others none. A larger number,
-# or spills on another release, fails; when 3.8 comes clean this allowance goes.
-IN_LOOP_ALLOWANCE = {"3.8": 4}
+# Local-memory instructions inside a loop, most per variant, as measured (2026-12-07), per (release, kernel family):
+# Triton 3.8.0 keeps 1-4 of them in the Gluon LVSA kernel's d128 exact and int8_qk consumer loops (its 42 variants:
+# 27 clean); Triton 3.6.0 keeps 5 in the d128 dK/dV backward kernel's loop (3 stages, the fastest config on an H100
+# even so); the others none. A larger number, or spills anywhere else, fails; an allowance goes when its release
+# comes clean.
+IN_LOOP_ALLOWANCE = {("3.8", "lvsa"): 4, ("3.6", "backward"): 5}
 
 
 def test_every_tested_release_is_in_the_matrix():
@@ -65,5 +67,6 @@ def test_hopper_kernel_compiles_clean(release, tmp_path, capsys):
         assert row["HGMMA"] + row["IGMMA"] + row["QGMMA"] > 0, row["variant"]
         if row["kernel"] == "cluster" and release not in CLUSTER_TRITON:
             continue  # not offered there: compiling is all it has to do
-        allowed = IN_LOOP_ALLOWANCE.get(release, 0) if row["kernel"] == "lvsa" else 0
+        family = "backward" if row["kernel"].startswith("bwd_") else row["kernel"]
+        allowed = IN_LOOP_ALLOWANCE.get((release, family), 0)
         assert row["local_in_loops"] <= allowed, f"{row['variant']}: {row.get('error')}"

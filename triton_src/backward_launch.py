@@ -60,17 +60,17 @@ INTERPRETER_BACKWARD = BackwardConfig(BackwardTiles(16, 16, 1, 1), BackwardTiles
 
 
 def backward_config(dtype: torch.dtype, head_dim: int) -> BackwardConfig:
-    """The default backward launches (not tuned per problem): small fp32 tiles; half precision dK/dV over key
-    tiles of 128 stepping 64 query rows (the fastest of four at head dim 128 on an H100, Wan T=121 W=4:
-    317 ms against 350-514 ms for 32x128, 128x64 and 64x64, `bench/results/h100_s5_backward_bench_call1.json`)
-    and dQ over query tiles of 128 stepping 128 keys (the tiles it ran with there), 8 warps each. Head dim 64
-    takes the same (not timed): with 4 warps both kernels spill registers inside their loops on sm_90
-    (`compile_check --kernel backward`)."""
+    """The default backward launches (not tuned per problem): small fp32 tiles; in half precision, 8 warps and
+    3 stages reading the walked rows through tensor descriptors, dK/dV over key tiles of 128 stepping 64 query
+    rows, dQ over query tiles of 128 stepping 64 keys. Each kernel's fastest in a sweep at head dim 128 on an
+    H100 (Wan T=121 W=4, `bench/results/h100_s7_backward_bench_call1.json`): dK/dV 147 ms against 161-216 ms for
+    four others, dQ 108 ms against 111-127 ms for six others; with 4 warps both kernels spill registers inside
+    their loops on sm_90 (`compile_check --kernel backward`). Head dim 64 takes the same (not timed)."""
     if interpreting():
         return INTERPRETER_BACKWARD
     if dtype == torch.float32:
         return BackwardConfig(BackwardTiles(32, 32, 4, 2), BackwardTiles(32, 32, 4, 2))
-    return BackwardConfig(BackwardTiles(64, 128, 8, 2), BackwardTiles(128, 128, 8, 2))
+    return BackwardConfig(BackwardTiles(64, 128, 8, 3, use_tma=True), BackwardTiles(128, 64, 8, 3, use_tma=True))
 
 
 @dataclass(frozen=True)

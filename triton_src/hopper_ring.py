@@ -5,7 +5,8 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 
-HALF_M = gl.constexpr(64)  # query rows per consumer warpgroup (the wgmma M of one warpgroup)
+TILE_M = 128  # query rows per tile (a plain int: host code, torch.compile included, reads it)
+HALF_M = gl.constexpr(TILE_M // 2)  # query rows per consumer warpgroup (the wgmma M of one warpgroup)
 LN2 = gl.constexpr(0.6931471805599453)
 
 

@@ -110,7 +110,7 @@ def launch_hopper(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, sch
     (the kernel reads Q through TMA, so it cannot quantize it on the fly)."""
     _check_precision(precision)
     from .block_sparse_hopper import block_sparse_attn_fwd_hopper
-    from .hopper_ring import HALF_M
+    from .hopper_ring import TILE_M
 
     B, Sq, H, D = q.shape
     if max_tiles == 0 or B == 0:
@@ -121,7 +121,7 @@ def launch_hopper(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, sch
     k, v, v_strides, quant = _kv_operands(k, v, precision, interpreted=False)
     q_scale = q_mu = k_scale = v_scale = lse  # unread placeholders where a mode does not read them
     if quant is not None:
-        q8 = quantize_q_tiles(q, quant.k_mean, sched_tensors[:3], max_tiles, per_head_layout, 2 * int(HALF_M),
+        q8 = quantize_q_tiles(q, quant.k_mean, sched_tensors[:3], max_tiles, per_head_layout, TILE_M,
                               interpreted=False)
         q, k_scale, q_scale, q_mu = q8.q8, quant.k_scale, q8.q_scale, q8.q_mu
         if quant.v_scale is not None:
@@ -287,7 +287,7 @@ def check_launch(sched: KernelSchedule, key_tiles: Optional[KeyTiles], cfg: Kern
                          f"kernel only), got {cfg.exp2_poly} for {cfg}")
     if not hopper:
         return
-    from .hopper_ring import HALF_M  # two consumer warpgroups of HALF_M query rows each
+    from .hopper_ring import TILE_M  # two consumer warpgroups of half the rows each
 
     if key_tiles is None or key_tiles.block_n != cfg.block_n:
         raise ValueError(f"the hopper kernel needs the key tiles of BLOCK_N={cfg.block_n}")
@@ -296,8 +296,8 @@ def check_launch(sched: KernelSchedule, key_tiles: Optional[KeyTiles], cfg: Kern
     if precision != "exact" and cfg.block_n != KEY_QUANT_BLOCK:
         raise ValueError(f"the hopper kernel's 8-bit modes take key tiles of {KEY_QUANT_BLOCK} keys (one K scale "
                          f"each), got BLOCK_N={cfg.block_n}")
-    if sched.block_m != 2 * int(HALF_M):
-        raise ValueError(f"the hopper kernel takes query tiles of {2 * int(HALF_M)} rows, got {sched.block_m}")
+    if sched.block_m != TILE_M:
+        raise ValueError(f"the hopper kernel takes query tiles of {TILE_M} rows, got {sched.block_m}")
 
 
 def run_scheduled(q: Tensor, k: Tensor, v: Tensor, sched: KernelSchedule, per_head_layout: bool,
