@@ -78,14 +78,24 @@ def environment(device: str) -> Dict[str, Any]:
         props = torch.cuda.get_device_properties(0)
         env.update(device=props.name, sm_count=props.multi_processor_count, cc=f"{props.major}.{props.minor}",
                    gpu_mem_gib=round(props.total_memory / 2**30, 1), cudnn=torch.backends.cudnn.version())
-    try:
-        env["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                           timeout=10, cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        env["git_commit"] = None
+    env["git_commit"], env["git_changed_files"] = _git_state(os.path.dirname(os.path.abspath(__file__)))
     env["env"] = {k: os.environ[k] for k in ("TRITON_INTERPRET", "LVSA_KERNELS_BACKEND", "FLASHINFER_CUDA_ARCH_LIST")
                   if k in os.environ}
     return env
+
+
+def _git_state(cwd: str):
+    """``(HEAD's short hash, number of tracked files changed since it)``; ``(None, None)`` outside a checkout. A
+    device copy of a working tree can carry an older ``.git`` than its files, so the count says whether the
+    hash alone names the code that ran."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, timeout=10, cwd=cwd).stdout.strip()
+
+    try:
+        head = git("rev-parse", "--short", "HEAD") or None
+        return head, (len(git("status", "--porcelain", "--untracked-files=no").splitlines()) if head else None)
+    except (OSError, subprocess.SubprocessError):
+        return None, None
 
 
 def _write_json(path: str, doc: Dict[str, Any]) -> None:

@@ -150,10 +150,13 @@ def merge(docs: Sequence[Dict[str, Any]]) -> Tuple[List[Dict[str, Any]], List[Di
 
 
 def _run_line(doc: Dict[str, Any]) -> str:
+    commit = ""
+    if doc.get("git_commit"):
+        changed = doc.get("git_changed_files")
+        commit = f" (commit {doc['git_commit']}{f' + {changed} changed files' if changed else ''})"
     return (f"{doc['date']} on **{doc['device']}**: torch {doc['torch']} (CUDA {doc.get('cuda')}, cuDNN "
             f"{doc.get('cudnn')}), Triton {doc['triton']}, FlashInfer {doc.get('flashinfer') or 'not installed'}, "
-            f"lvsa_kernels {doc.get('lvsa_kernels')}" + (f" (commit {doc['git_commit']})" if doc.get("git_commit") else "")
-            + f"; command `{doc['command']}`")
+            f"lvsa_kernels {doc.get('lvsa_kernels')}{commit}; command `{doc['command']}`")
 
 
 def render(docs: Sequence[Dict[str, Any]]) -> str:
