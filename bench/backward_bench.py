@@ -268,7 +268,6 @@ def time_case(case, device, names: List[str], bwd_configs, rep_ms: float, min_it
 
     from lvsa_kernels.bench.harness import layout_flops, make_inputs
     from lvsa_kernels.timing import bench_ms
-    from lvsa_kernels.triton_src.backward_launch import backward_config
 
     layout = case.layout()
     q, k, v = (t.requires_grad_() for t in make_inputs(case, device, seed=0))
@@ -280,9 +279,7 @@ def time_case(case, device, names: List[str], bwd_configs, rep_ms: float, min_it
     methods = []
     for name in names:
         if name == "ours":
-            for bwd in bwd_configs:
-                bwd = bwd or backward_config(q.dtype, case.head_dim)
-                methods.append(_methods(["ours"], q, k, v, layout, device, bwd)[0])
+            methods += [_methods(["ours"], q, k, v, layout, device, bwd)[0] for bwd in bwd_configs]
         else:
             methods += _methods([name], q, k, v, layout, device)
     for m in methods:
@@ -361,8 +358,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     doc["gradient_check"] = check_gradients(device, dtype, names)
     _write(path, doc)
     failed = [n for n, r in doc["gradient_check"]["methods"].items() if not r["ok"]]
+    from lvsa_kernels.triton_src.backward_launch import backward_config
+
     for case in cases:
-        configs = list(bwd_configs)
+        configs = [c or backward_config(dtype, case.head_dim, device) for c in bwd_configs]
         if any(sweeps):
             doc.setdefault("kernel_sweeps", []).append(sweep_kernels(case, device, *sweeps, args.rep_ms))
             _write(path, doc)

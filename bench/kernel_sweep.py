@@ -22,7 +22,7 @@ import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lvsa_kernels import LVSAPattern, reference_attention
-from lvsa_kernels.triton_src.launch import hopper_supports, launch, run_scheduled, tma_eligible
+from lvsa_kernels.triton_src.launch import descriptors_allowed, hopper_supports, launch, run_scheduled
 from lvsa_kernels.triton_src.schedule import build_key_tiles, build_schedule
 from lvsa_kernels.timing import bench_ms
 from lvsa_kernels.triton_src.tuning import KernelConfig, candidate_configs
@@ -73,7 +73,7 @@ def main() -> None:
         ref = reference_attention(q.float(), k.float(), v.float(), layout)
         best = None
         for precision in args.precisions.split(","):
-            tma_ok = tma_eligible(q, k, v) and precision != "fp8"
+            tma_ok = descriptors_allowed(k, v) and precision != "fp8"
             configs = candidate_configs(D, tma_ok, q.dtype, hopper_supports(q, k, v), precision)
             if args.max_portable is not None:
                 hopper = [c for c in configs if c.kernel == "hopper"]

@@ -13,7 +13,7 @@ from lvsa_kernels.backends import base as backend_base
 from lvsa_kernels.backends.base import Backend, Capabilities
 from lvsa_kernels.triton_src.backward_launch import BackwardSchedules, backward_config, launch_backward, run_trainable
 from lvsa_kernels.triton_src.schedule import build_key_schedule, build_schedule
-from lvsa_kernels.triton_src.tuning import INTERPRETER_CONFIG, hopper_configs
+from lvsa_kernels.triton_src.tuning import INTERPRETER_CONFIG, KernelConfig, hopper_configs
 from test_hopper_kernel import needs_hopper, ragged_layout
 from test_triton_kernel import random_layout
 
@@ -90,18 +90,21 @@ def test_any_scale(scale):
     check_grads(layouts()["ragged_empty_rows"][0], B=1, H=2, Hkv=1, dtype=torch.float32, scale=scale)
 
 
-def test_head_dims_and_strided_inputs():
-    """Head dim 32, q a view into a fused qkv tensor (sequence and head strides of the fused layout)."""
+@pytest.mark.parametrize("dtype", [torch.float32] + ([torch.bfloat16] if CUDA else []))
+def test_head_dims_and_strided_inputs(dtype):
+    """Head dim 32, q a view into a fused qkv tensor (sequence and head strides of the fused layout); in bf16
+    on a Hopper GPU the default launches read these views through tensor descriptors."""
     layout, _ = layouts()["lvsa_text_before"]
     q64, k, v, do, dlse = inputs(layout, 1, 2, 2, 32, 5)
-    fused = torch.cat([q64, k, v], dim=-1).to(DEVICE, torch.float32).requires_grad_()
+    q64, k, v = (t.to(dtype).double() for t in (q64, k, v))  # the reference sees the same rounded inputs
+    fused = torch.cat([q64, k, v], dim=-1).to(DEVICE, dtype).requires_grad_()
     qs, ks, vs = fused.split(32, dim=-1)
     out, lse = block_sparse_attn(qs, ks, vs, layout, backend="triton", return_lse=True)
     keys = torch.isfinite(lse)
     do, dlse = do.to(DEVICE), dlse.to(DEVICE)
     ((out.double() * do).sum() + (lse.double()[keys] * dlse[keys]).sum()).backward()
     ref = grads(q64, k, v, do, dlse, layout, None, "reference", torch.float64)
-    assert rel_err(fused.grad, torch.cat(ref, dim=-1)) <= TOL[torch.float32]
+    assert rel_err(fused.grad, torch.cat(ref, dim=-1)) <= TOL[dtype]
 
 
 def test_rows_and_keys_without_pairs_get_zero_gradients():
@@ -140,7 +143,7 @@ def test_hopper_forward_under_autograd(case, dtype):
     ref = grads(q, k, v, do, dlse, layout, None, "reference", torch.float64)
     for cfg in hopper_configs(128) if case == "lvsa_text" else hopper_configs(128)[:1]:
         leaves = [t.to(DEVICE, dtype).requires_grad_() for t in (q, k, v)]
-        out, lse = run_trainable(*leaves, layout, 128 ** -0.5, cfg, backward_config(dtype, 128))
+        out, lse = run_trainable(*leaves, layout, 128 ** -0.5, cfg, backward_config(dtype, 128, leaves[0].device))
         assert rel_err(out, ref_out) <= TOL[dtype], (str(cfg), "out")
         keys = torch.isfinite(lse)
         loss = (out.double() * do.to(DEVICE)).sum() + (lse.double()[keys] * dlse.to(DEVICE)[keys]).sum()
@@ -174,7 +177,7 @@ def test_checkpointed_forward_recomputed_in_the_backward_thread(monkeypatch, iso
 
 def _direct(layout, q, k, v, do, out, lse, fill):
     """`launch_backward` into buffers pre-filled with ``fill``."""
-    bwd = backward_config(q.dtype, q.shape[-1])
+    bwd = backward_config(q.dtype, q.shape[-1], q.device)
     dq, dk, dv = (torch.full_like(t, fill) for t in (q, k, v))
     launch_backward(do, q, k, v, out, lse, None, dq, dk, dv, BackwardSchedules.build(layout, bwd, DEVICE),
                     layout.num_heads > 1, 0.25, bwd)
@@ -196,8 +199,9 @@ def test_every_gradient_element_is_written_and_runs_are_identical(name):
 @pytest.mark.parametrize("use_tma", [False, True])
 @pytest.mark.parametrize("name", ["ragged_empty_rows", "per_head"])
 def test_backward_tiles_differ_from_the_forward_and_from_each_other(name, use_tma):
-    """dQ's query tiles (32) are not the forward's (16) and dK/dV steps 16 query rows over key tiles of 32: each
-    kernel reads its own schedule; both load paths (pointers, tensor descriptors) give the float64 reference's
+    """The forward's tiles (32 x 32) are larger than the backward's: dQ owns query tiles of 16 (handed the
+    forward's 32-row schedule it would skip rows), dK/dV key tiles of 16 stepping 32 query rows. Each kernel
+    reads its own schedule; both load paths (pointers, tensor descriptors) give the float64 reference's
     gradients."""
     from lvsa_kernels.triton_src.backward_launch import BackwardConfig, BackwardTiles
 
@@ -206,13 +210,57 @@ def test_backward_tiles_differ_from_the_forward_and_from_each_other(name, use_tm
     layout, heads = layouts()[name]
     q, k, v, do, _ = inputs(layout, 2, heads, heads, 16, 11)
     leaves = [t.to(DEVICE, torch.float32).requires_grad_() for t in (q, k, v)]
-    bwd = BackwardConfig(dkdv=BackwardTiles(16, 32, 1, 1, use_tma), dq=BackwardTiles(32, 16, 1, 1, use_tma))
-    out, _ = run_trainable(*leaves, layout, 0.3, INTERPRETER_CONFIG, bwd)
+    bwd = BackwardConfig(dkdv=BackwardTiles(32, 16, 1, 1, use_tma), dq=BackwardTiles(16, 32, 1, 1, use_tma))
+    out, _ = run_trainable(*leaves, layout, 0.3, KernelConfig(32, 32, 1, 1), bwd)
     got = torch.autograd.grad((out.double() * do.to(DEVICE)).sum(), leaves)
     ref = grads(q, k, v, do, torch.zeros(2, heads, layout.q_len, dtype=torch.float64), layout, 0.3, "reference",
                 torch.float64)
     for a, b in zip(got, ref):
         assert rel_err(a, b) <= 1e-5
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("use_tma", [False, True])
+def test_rows_outside_the_spans_never_reach_the_gradients(use_tma):
+    """NaN in the q/dO rows of a query block without keys and in the K/V rows of a key block nobody attends:
+    ragged tails read past their span's end (descriptor boxes, masked pointer loads), and none of it may leak
+    into a gradient. Every gradient equals the reference's on the same inputs with those rows zeroed."""
+    from lvsa_kernels.triton_src.backward_launch import BackwardConfig, BackwardTiles
+
+    if use_tma and CUDA and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("tensor descriptors need Hopper")
+    layout, _ = layouts()["unattended"]  # query block 1 (rows 9..14) has no keys; key block 3 (30..34) no queries
+    q, k, v, do, _ = inputs(layout, 1, 2, 2, 16, 17)
+    for t, rows in ((q, slice(9, 15)), (do, slice(9, 15)), (k, slice(30, 35)), (v, slice(30, 35))):
+        t[:, rows] = 0.0
+    ref = grads(q.clone(), k.clone(), v.clone(), do, torch.zeros(1, 2, layout.q_len, dtype=torch.float64), layout,
+                0.4, "reference", torch.float64)
+    for t, rows in ((q, slice(9, 15)), (do, slice(9, 15)), (k, slice(30, 35)), (v, slice(30, 35))):
+        t[:, rows] = float("nan")
+    leaves = [t.to(DEVICE, torch.float32).requires_grad_() for t in (q, k, v)]
+    tiles = BackwardTiles(16, 16, 1, 1, use_tma)
+    out, _ = run_trainable(*leaves, layout, 0.4, KernelConfig(16, 16, 1, 1), BackwardConfig(tiles, tiles))
+    keys = torch.ones(layout.q_len, dtype=torch.bool)
+    keys[9:15] = False
+    loss = (out[:, keys].double() * do[:, keys].to(DEVICE)).sum()  # out of rows without keys is 0 either way
+    got = torch.autograd.grad(loss, leaves)
+    for a, b in zip(got, ref):
+        assert torch.isfinite(a).all() and rel_err(a, b) <= 1e-5
+
+
+def test_default_backward_launches_fit_the_device_shared_memory(monkeypatch):
+    """Half precision: the Hopper-sized launches (up to 165 KiB of shared memory) only where a block may use
+    200 KiB or more; an A100 or an Ada GPU gets the small launches; fp32 and CPU callers are unaffected."""
+    from lvsa_kernels.triton_src import backward_launch as bl
+
+    monkeypatch.setattr(bl, "interpreting", lambda: False)
+    cuda = torch.device("cuda", 0)
+    for smem, small in ((232448, False), (166912, True), (101376, True)):
+        monkeypatch.setattr(bl, "_shared_memory", lambda device, smem=smem: smem)
+        cfg = bl.backward_config(torch.bfloat16, 128, cuda)
+        assert (cfg == bl._SMALL_SMEM_BACKWARD) == small and cfg.dkdv.use_tma == (not small)
+        assert bl.backward_config(torch.float32, 128, cuda).dkdv.block_n == 32
+    assert bl.backward_config(torch.bfloat16, 128) == bl.backward_config(torch.bfloat16, 128, torch.device("cpu"))
 
 
 def test_trainable_forward_refuses_configs_it_cannot_run():

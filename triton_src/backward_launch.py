@@ -59,18 +59,33 @@ class BackwardConfig:
 INTERPRETER_BACKWARD = BackwardConfig(BackwardTiles(16, 16, 1, 1), BackwardTiles(16, 16, 1, 1))
 
 
-def backward_config(dtype: torch.dtype, head_dim: int) -> BackwardConfig:
+# Half-precision launches for GPUs with less shared memory per block than Hopper's 227 KiB (A100 164 KiB, Ada and
+# consumer Blackwell 99 KiB): 57 and 74 KiB at head dim 128, no spills compiled for sm_80 and sm_89 (not timed).
+_SMALL_SMEM_BACKWARD = BackwardConfig(BackwardTiles(32, 64, 4, 2), BackwardTiles(64, 64, 4, 2))
+_HOPPER_SMEM = 200 * 1024  # the default launches take up to 165 KiB (3 stages at head dim 128)
+
+
+def backward_config(dtype: torch.dtype, head_dim: int, device: Optional[torch.device] = None) -> BackwardConfig:
     """The default backward launches (not tuned per problem): small fp32 tiles; in half precision, 8 warps and
     3 stages reading the walked rows through tensor descriptors, dK/dV over key tiles of 128 stepping 64 query
     rows, dQ over query tiles of 128 stepping 64 keys. Each kernel's fastest in a sweep at head dim 128 on an
     H100 (Wan T=121 W=4, `bench/results/h100_s7_backward_bench_call1.json`): dK/dV 147 ms against 161-216 ms for
     four others, dQ 108 ms against 111-127 ms for six others; with 4 warps both kernels spill registers inside
-    their loops on sm_90 (`compile_check --kernel backward`). Head dim 64 takes the same (not timed)."""
+    their loops on sm_90 (`compile_check --kernel backward`). Head dim 64 takes the same (not timed). A CUDA
+    ``device`` with less than 200 KiB of shared memory per block gets smaller launches that fit 99 KiB."""
     if interpreting():
         return INTERPRETER_BACKWARD
     if dtype == torch.float32:
         return BackwardConfig(BackwardTiles(32, 32, 4, 2), BackwardTiles(32, 32, 4, 2))
+    if device is not None and torch.device(device).type == "cuda" and _shared_memory(torch.device(device)) < _HOPPER_SMEM:
+        return _SMALL_SMEM_BACKWARD
     return BackwardConfig(BackwardTiles(64, 128, 8, 3, use_tma=True), BackwardTiles(128, 64, 8, 3, use_tma=True))
+
+
+def _shared_memory(device: torch.device) -> int:
+    """Bytes of shared memory one block may use on ``device`` (Triton's own query)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return int(triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"])
 
 
 @dataclass(frozen=True)
@@ -234,6 +249,7 @@ _FWD_ARGS = 17   # q, k, v, q_sched, key_tiles, max_q_tiles, per_head_layout, sc
 
 
 def _setup_context(ctx, inputs, output):
+    assert len(inputs) == _FWD_ARGS + 5, "triton_block_sparse_fwd_train's signature changed: update _FWD_ARGS"
     q, k, v, q_sched, key_tiles = inputs[:5]
     per_head_layout, scale = inputs[6], inputs[7]
     dq_sched, dkdv_sched, max_dq_tiles, max_dkdv_tiles, bwd_tiles = inputs[_FWD_ARGS:]

@@ -27,7 +27,7 @@ from .tuning import KernelConfig, interpreting
 
 __all__ = ["check_launch", "hopper_device_refusal", "hopper_kernel_available", "hopper_meta", "hopper_refusal",
            "descriptors_allowed", "ensure_tma_allocator", "hopper_supports", "launch", "launch_hopper",
-           "run_scheduled", "tma_eligible"]
+           "run_scheduled"]
 
 # The Hopper kernel's registers: the launch caps every thread at HOPPER_MAXNREG; inside (setmaxnreg) the second
 # consumer warpgroup (a worker partition) takes HOPPER_CONSUMER_REGS and the loader warp 32.
@@ -47,19 +47,15 @@ def ensure_tma_allocator() -> None:
     triton.set_allocator(_scratch)
 
 
-def tma_eligible(q: Tensor, k: Tensor, v: Tensor) -> bool:
-    """Whether K/V can be read through tensor descriptors (Hopper+, 16-byte aligned rows and bases)."""
-    return descriptors_allowed(k, v)
-
-
 def descriptors_allowed(*tensors: Tensor) -> bool:
     """Whether these ``[B, S, H, D]`` tensors can be read through tensor descriptors: a Hopper+ GPU, 16-byte
-    aligned bases and batch/sequence/head strides."""
+    aligned bases, non-zero batch/sequence/head strides that are multiples of 16 bytes (an expanded tensor's
+    zero stride is refused: it goes through pointer loads)."""
     t0 = tensors[0]
     if t0.device.type != "cuda" or torch.cuda.get_device_capability(t0.device)[0] < 9:
         return False
     e = t0.element_size()
-    return all(t.data_ptr() % 16 == 0 and all((s * e) % 16 == 0 for s in t.stride()[:3]) for t in tensors)
+    return all(t.data_ptr() % 16 == 0 and all(s > 0 and (s * e) % 16 == 0 for s in t.stride()[:3]) for t in tensors)
 
 
 def hopper_device_refusal(device: torch.device) -> Optional[str]:

@@ -168,7 +168,7 @@ def _run_trainable(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout, s
         raise ValueError(f"precision={precision!r} has no backward (q, k or v requires grad); use precision='exact'")
     with torch.no_grad():  # tuning times the inference forward
         cfg = config_for(q, k, v, layout, scale, precision)
-    out, lse = run_trainable(q, k, v, layout, scale, cfg, backward_config(q.dtype, q.shape[-1]))
+    out, lse = run_trainable(q, k, v, layout, scale, cfg, backward_config(q.dtype, q.shape[-1], q.device))
     return out, (lse if return_lse else None)
 
 
@@ -208,9 +208,9 @@ def _config_can_run(cfg, hopper_ok: bool, tma_ok: bool, precision: str) -> bool:
 def config_key(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout, precision: str = "exact") -> str:
     """The tuning-cache key of these inputs: the problem class, the precision, and the kernels that may compete
     for it (so a config tuned where the Hopper kernel could not run is not reused where it can)."""
-    from ..triton_src.launch import hopper_supports, tma_eligible
+    from ..triton_src.launch import descriptors_allowed, hopper_supports
 
-    tma_ok = tma_eligible(q, k, v) and precision != "fp8"  # the portable fp8 mode reads without TMA, see below
+    tma_ok = descriptors_allowed(k, v) and precision != "fp8"  # the portable fp8 mode reads without TMA, see below
     kernels = "|hopper" if hopper_supports(q, k, v) else "|tma" if tma_ok else "|no-tma"
     if precision != "exact":
         kernels = f"|{precision}" + kernels
@@ -222,9 +222,9 @@ def choose_config(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout, sc
     """Tuned config from the disk cache, else tune now on these inputs (interpreter: fixed small config)."""
     if tuning.interpreting():
         return tuning.INTERPRETER_CONFIG
-    from ..triton_src.launch import hopper_device_refusal, hopper_supports, tma_eligible
+    from ..triton_src.launch import descriptors_allowed, hopper_device_refusal, hopper_supports
 
-    tma_ok = tma_eligible(q, k, v)
+    tma_ok = descriptors_allowed(k, v)
     hopper_ok = hopper_supports(q, k, v)
     device_refusal = hopper_device_refusal(q.device)
     if device_refusal is not None:
