@@ -87,6 +87,12 @@ def _tiles_list(spec: Optional[str], flag: str):
     return [_tiles(item, flag) for item in spec.split(",")] if spec else []
 
 
+def _dkdv_list(spec: Optional[str]):
+    """``--dkdv-sweep`` items as ``(tiles, single_pass)``: a ``+dq`` suffix times the single-pass variant."""
+    items = [item.strip() for item in spec.split(",")] if spec else []
+    return [(_tiles(item.removesuffix("+dq"), "--dkdv-sweep"), item.endswith("+dq")) for item in items]
+
+
 def _rel(a, b) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
 
@@ -199,13 +205,15 @@ def sweep_kernels(case, device, dkdv_tiles, dq_tiles, rep_ms: float) -> Dict[str
     """Each backward kernel alone at each of its tiles, on one set of inputs (out, lse and delta computed once):
     median ms, TF/s (dK/dV runs 4 MMAs per pair, 2x the forward's FLOPs; dQ 3, 1.5x), registers and spills per
     thread of the compiled kernel, and the relative error of its gradient against the first tiles' (a tile-size
-    bug shows as a large error)."""
+    bug shows as a large error). ``dkdv_tiles``: ``(tiles, single_pass)``; the single-pass variant (dK/dV adding
+    dQ with atomics, timed with its accumulator's zeroing and cast, 5 MMAs per pair) is checked against the first
+    plain dK/dV and dQ launches and is what would replace the dQ kernel."""
     import torch
 
     from lvsa_kernels import block_sparse_attn
     from lvsa_kernels.bench.harness import layout_flops, make_inputs
     from lvsa_kernels.timing import bench_ms
-    from lvsa_kernels.triton_src.backward_launch import launch_delta, launch_dkdv, launch_dq
+    from lvsa_kernels.triton_src.backward_launch import backward_config, launch_delta, launch_dkdv, launch_dq
     from lvsa_kernels.triton_src.schedule import build_key_schedule, build_schedule
 
     layout = case.layout()
@@ -218,36 +226,54 @@ def sweep_kernels(case, device, dkdv_tiles, dq_tiles, rep_ms: float) -> Dict[str
         out, lse = block_sparse_attn(q, k, v, layout, backend="triton", scale=scale, return_lse=True)
     delta = torch.empty(lse.shape, dtype=torch.float32, device=device)
     launch_delta(do, out, None, delta)
-    rec: Dict[str, Any] = {"case": case.name, "dkdv": {}, "dq": {}}
+    rec: Dict[str, Any] = {"case": case.name, "dkdv": {}, "dkdv_single_pass": {}, "dq": {}}
     first: Dict[str, Any] = {}
 
     def run(kind, tiles):
-        if kind == "dkdv":
+        if kind in ("dkdv", "dkdv_single_pass"):
             sched = build_key_schedule(layout, tiles.block_n, device)
             dk, dv = torch.empty_like(k), torch.empty_like(v)
-            fn = lambda: launch_dkdv(do, q, k, v, lse, delta, dk, dv, sched, per_head, scale, tiles)  # noqa: E731
-            return fn, (dk, dv), 2.0
+            if kind == "dkdv":
+                return (lambda: launch_dkdv(do, q, k, v, lse, delta, dk, dv, sched, per_head, scale, tiles)), \
+                    (dk, dv), 2.0
+            acc, dq = torch.empty(q.shape, dtype=torch.float32, device=device), torch.empty_like(q)
+
+            def single_pass():  # what replaces the dQ kernel: zero the accumulator, the pass, the cast
+                acc.zero_()
+                kernel = launch_dkdv(do, q, k, v, lse, delta, dk, dv, sched, per_head, scale, tiles, dq_acc=acc)
+                dq.copy_(acc)
+                return kernel
+            return single_pass, (dk, dv, dq), 2.5
         sched = build_schedule(layout, tiles.block_m, device)
         dq = torch.empty_like(q)
         return (lambda: launch_dq(do, q, k, v, lse, delta, dq, sched, per_head, scale, tiles)), (dq,), 1.5
 
-    for kind, tiles_list in (("dkdv", dkdv_tiles), ("dq", dq_tiles)):
+    # the single-pass variant's dk, dv and dq are checked against the plain kernels' (the first launch of each)
+    single = [t for t, one_pass in dkdv_tiles if one_pass]
+    plain = [t for t, one_pass in dkdv_tiles if not one_pass]
+    if single and not dq_tiles:
+        dq_tiles = [backward_config(q.dtype, case.head_dim, device).dq]
+    for kind, tiles_list in (("dkdv", plain), ("dq", dq_tiles), ("dkdv_single_pass", single)):
         for tiles in tiles_list:
+            label = str(tiles) + ("+dq" if kind == "dkdv_single_pass" else "")
             t0 = time.perf_counter()
             try:
                 fn, grads, factor = run(kind, tiles)
                 kernel = fn()
                 ms = bench_ms(fn, device, 25.0, rep_ms)["ms"]
             except Exception as exc:  # e.g. out of shared memory: recorded, the others still run
-                rec[kind][str(tiles)] = {"status": "error", "error": f"{type(exc).__name__}: {exc}"[:300]}
+                rec[kind][label] = {"status": "error", "error": f"{type(exc).__name__}: {exc}"[:300]}
                 continue
-            if kind not in first:
+            if kind in ("dkdv", "dq") and kind not in first:
                 first[kind] = [g.clone() for g in grads]
-            err = max(_rel(g, f) for g, f in zip(grads, first[kind]))
-            rec[kind][str(tiles)] = {"status": "ok", "ms": ms, "tflops": factor * fwd_flops / (ms * 1e-3) / 1e12,
-                                     "rel_err_vs_first": err, "registers": getattr(kernel, "n_regs", None),
-                                     "spills": getattr(kernel, "n_spills", None), "seconds_incl_compile": round(time.perf_counter() - t0, 1)}
-        ok = {t: r for t, r in rec[kind].items() if r["status"] == "ok" and r["rel_err_vs_first"] <= 1e-2}
+            want = first.get("dkdv", []) + first.get("dq", []) if kind == "dkdv_single_pass" else first[kind]
+            err = max((_rel(g, f) for g, f in zip(grads, want)), default=None) if len(want) == len(grads) else None
+            rec[kind][label] = {"status": "ok", "ms": ms, "tflops": factor * fwd_flops / (ms * 1e-3) / 1e12,
+                                "rel_err_vs_first": err, "registers": getattr(kernel, "n_regs", None),
+                                "spills": getattr(kernel, "n_spills", None),
+                                "seconds_incl_compile": round(time.perf_counter() - t0, 1)}
+        ok = {t: r for t, r in rec[kind].items()
+              if r["status"] == "ok" and r["rel_err_vs_first"] is not None and r["rel_err_vs_first"] <= 1e-2}
         rec[f"best_{kind}"] = min(ok, key=lambda t: ok[t]["ms"], default=None)
     return rec
 
@@ -338,7 +364,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         names = [n.strip() for n in args.methods.split(",") if n.strip()]
         bwd_configs = _bwd_configs(args.bwd_configs)
-        sweeps = (_tiles_list(args.dkdv_sweep, "--dkdv-sweep"), _tiles_list(args.dq_sweep, "--dq-sweep"))
+        sweeps = (_dkdv_list(args.dkdv_sweep), _tiles_list(args.dq_sweep, "--dq-sweep"))
         cases = shapes.select_cases(args.cases or ("tiny-text-t8" if args.cpu_smoke else "wan-w4-t121"))
     except ValueError as exc:
         print(f"backward_bench.py: {exc}", file=sys.stderr)

@@ -6,7 +6,7 @@ from lvsa_kernels.bench import backward_bench
 
 def test_cpu_smoke_checks_gradients_and_writes_json(tmp_path):
     assert backward_bench.main(["--cpu-smoke", "--rep-ms", "1", "--min-iters", "1", "--out", str(tmp_path),
-                                "--dkdv-sweep", "16x16x1x1", "--dq-sweep", "16x16x1x1,32x16x1x1"]) == 0
+                                "--dkdv-sweep", "16x16x1x1,16x16x1x1+dq", "--dq-sweep", "16x16x1x1,32x16x1x1"]) == 0
     doc = json.loads((tmp_path / backward_bench.JSON_NAME).read_text())
     check = doc["gradient_check"]["methods"]["ours"]
     assert check["ok"] and max(check["dq"], check["dk"], check["dv"]) <= 1e-5
@@ -14,6 +14,8 @@ def test_cpu_smoke_checks_gradients_and_writes_json(tmp_path):
     (sweep,) = doc["kernel_sweeps"]
     assert set(sweep["dkdv"]) == {"16x16x1x1"} and set(sweep["dq"]) == {"16x16x1x1", "32x16x1x1"}
     assert all(r["status"] == "ok" and r["rel_err_vs_first"] <= 1e-6 for r in sweep["dq"].values())
+    # the single-pass variant's dk, dv and atomically summed dq against the plain kernels'
+    assert sweep["dkdv_single_pass"]["16x16x1x1+dq"]["rel_err_vs_first"] <= 1e-5
     # the fastest dK/dV and dQ tiles are timed together unless that pair is the default already
     timed = {f"ours_{sweep['best_dkdv']}_{sweep['best_dq']}", "ours_16x16x1x1_16x16x1x1"}
     (case,) = doc["cases"]

@@ -113,10 +113,13 @@ def launch_delta(do: Tensor, out: Tensor, dlse: Optional[Tensor], delta: Tensor)
 
 
 def launch_dkdv(do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, delta: Tensor, dk: Tensor, dv: Tensor,
-                sched: KernelSchedule, per_head_layout: bool, scale: float, tiles: BackwardTiles):
+                sched: KernelSchedule, per_head_layout: bool, scale: float, tiles: BackwardTiles,
+                dq_acc: Optional[Tensor] = None):
     """Write every element of ``dk``, ``dv [B, Skv, H_kv, D]``; ``sched``: `build_key_schedule` at
     ``tiles.block_n``. Per-head layouts with GQA go through per-query-head fp32 buffers summed per group
-    (no atomics). Returns the launched compiled kernel (its ``n_regs``, ``n_spills``), None if none ran."""
+    (no atomics). ``dq_acc``: a zeroed float32 ``[B, Sq, H, D]`` the kernel also adds every pair's dQ share to
+    (atomics, not deterministic; the benchmarks' single-pass variant, no dQ kernel needed). Returns the launched
+    compiled kernel (its ``n_regs``, ``n_spills``), None if none ran."""
     B, Sq, H, D = q.shape
     Skv, Hkv = k.shape[1], k.shape[2]
     group = H // Hkv
@@ -128,11 +131,13 @@ def launch_dkdv(do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, delta:
     dk_buf = torch.empty(B, Skv, H, D, dtype=torch.float32, device=q.device) if per_query_head else dk
     dv_buf = torch.empty(B, Skv, H, D, dtype=torch.float32, device=q.device) if per_query_head else dv
     with launch_lock():
+        acc = dq_acc if dq_acc is not None else delta  # unread without ACCUMULATE_DQ
+        acc_strides = _strides(dq_acc) if dq_acc is not None else [0, 0, 0]
         kernel = block_sparse_attn_bwd_dkdv[(sched.max_tiles, B * (H if per_head_layout else Hkv))](
-            q, k, v, do, dk_buf, dv_buf, lse, delta,
-            *_strides(q, k, v, do, dk_buf, dv_buf), *sched.tensors(), scale, Sq,
+            q, k, v, do, dk_buf, dv_buf, lse, delta, acc,
+            *_strides(q, k, v, do, dk_buf, dv_buf), *acc_strides, *sched.tensors(), scale, Sq,
             BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, USE_TMA=_descriptors(tiles, q, do),
-            **_constants(q, k, per_head_layout, tiles))
+            ACCUMULATE_DQ=dq_acc is not None, **_constants(q, k, per_head_layout, tiles))
     if per_query_head:
         dk.copy_(dk_buf.view(B, Skv, Hkv, group, D).sum(3))
         dv.copy_(dv_buf.view(B, Skv, Hkv, group, D).sum(3))

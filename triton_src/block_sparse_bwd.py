@@ -143,11 +143,13 @@ def block_sparse_attn_bwd_dq(
 
 
 @triton.jit
-def _dkdv_step(dk, dv, k, v, q_ptr, q_desc, do_ptr, do_desc, lse_ptr, delta_ptr, q0, q_end, stride_qs,
-               stride_dos, qk_scale, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
-               USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _dkdv_step(dk, dv, k, v, key_ok, q_ptr, q_desc, do_ptr, do_desc, lse_ptr, delta_ptr, acc_ptr, q0, q_end,
+               stride_qs, stride_dos, stride_as, sm_scale, qk_scale, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
+               MASKED: tl.constexpr, USE_TMA: tl.constexpr, ACCUMULATE_DQ: tl.constexpr,
+               DOT_PRECISION: tl.constexpr):
     """Add query rows ``q0 .. q0 + BLOCK_M`` of one head (rows from ``q_end`` on left out when MASKED) to the key
-    tile's ``dk`` (unscaled) and ``dv``; everything is transposed (keys are rows)."""
+    tile's ``dk`` (unscaled) and ``dv``; everything is transposed (keys are rows). ACCUMULATE_DQ: also add these
+    rows' ``scale * dS K`` to the fp32 dQ accumulator at ``acc_ptr`` (atomics)."""
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     q = load_rows(q_ptr, q_desc, q0, offs_m, offs_d, stride_qs, q_end, BLOCK_M, MASKED, USE_TMA)
@@ -165,26 +167,37 @@ def _dkdv_step(dk, dv, k, v, q_ptr, q_desc, do_ptr, do_desc, lse_ptr, delta_ptr,
     dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
     dst = pt * (dpt - delta[None, :])
     dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+    if ACCUMULATE_DQ:  # dQ sums over keys: a short tile's padding keys (whose dS may be inf) must not enter it
+        ds = tl.trans(tl.where(key_ok[:, None], dst, 0.0).to(k.dtype))
+        dq_part = tl.dot(ds, k, input_precision=DOT_PRECISION) * sm_scale
+        acc_ptrs = acc_ptr + (q0 + offs_m)[:, None].to(tl.int64) * stride_as + offs_d[None, :]
+        if MASKED:
+            tl.atomic_add(acc_ptrs, dq_part, mask=(q0 + offs_m < q_end)[:, None], sem="relaxed")
+        else:
+            tl.atomic_add(acc_ptrs, dq_part, sem="relaxed")
     return dk, dv
 
 
 @triton.jit
 def block_sparse_attn_bwd_dkdv(
-    Q, K, V, DO, DK, DV, LSE, DELTA,
+    Q, K, V, DO, DK, DV, LSE, DELTA, DQ_ACC,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     stride_dob, stride_dos, stride_doh,
     stride_dkb, stride_dks, stride_dkh,
     stride_dvb, stride_dvs, stride_dvh,
+    stride_ab, stride_as, stride_ah,
     tile_ptr, tile_start, tile_end, tile_row,
     span_ptr, span_start, span_end,
     sm_scale, q_len,
     NUM_HEADS: tl.constexpr, KV_GROUP: tl.constexpr, PER_HEAD_LAYOUT: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    ACCUMULATE_DQ: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """dK, dV of one key tile (the transpose's schedule: ``tile_*`` are key rows, spans are query tokens).
+    ACCUMULATE_DQ: also adds each pair's dQ share to ``DQ_ACC [B, Sq, H, D]`` float32 with atomics (FlashAttention-2
+    and -3's single pass; not deterministic), so no dQ kernel has to recompute the scores.
 
     Shared layout: grid ``(max key tiles, B * H_kv)``, one program sums the ``KV_GROUP`` query heads of its key
     head and writes ``DK/DV [B, Skv, H_kv, D]``. Per-head layout: grid ``(max key tiles of a head, B * H)``, one
@@ -224,22 +237,23 @@ def block_sparse_attn_bwd_dkdv(
         do_ptr = DO + b * stride_dob + h * stride_doh
         lse_ptr = LSE + (b * NUM_HEADS + h) * q_len
         delta_ptr = DELTA + (b * NUM_HEADS + h) * q_len
+        acc_ptr = DQ_ACC + b * stride_ab + h * stride_ah
         q_desc, do_desc = _walked_rows(q_ptr, do_ptr, q_len, stride_qs, stride_dos, BLOCK_M, HEAD_DIM, USE_TMA)
         for sp in range(lo, hi):  # every span's full query steps (no masks), then every ragged tail
             s = tl.load(span_start + sp)
             full_end = s + ((tl.load(span_end + sp) - s) // BLOCK_M) * BLOCK_M
             for q0 in range(s, full_end, BLOCK_M):
-                dk, dv = _dkdv_step(dk, dv, k, v, q_ptr, q_desc, do_ptr, do_desc, lse_ptr, delta_ptr, q0,
-                                    q0 + BLOCK_M, stride_qs, stride_dos, qk_scale, BLOCK_M, HEAD_DIM, False, USE_TMA,
-                                    DOT_PRECISION)
+                dk, dv = _dkdv_step(dk, dv, k, v, key_ok, q_ptr, q_desc, do_ptr, do_desc, lse_ptr, delta_ptr,
+                                    acc_ptr, q0, q0 + BLOCK_M, stride_qs, stride_dos, stride_as, sm_scale, qk_scale,
+                                    BLOCK_M, HEAD_DIM, False, USE_TMA, ACCUMULATE_DQ, DOT_PRECISION)
         for sp in range(lo, hi):
             s = tl.load(span_start + sp)
             e = tl.load(span_end + sp)
             full_end = s + ((e - s) // BLOCK_M) * BLOCK_M
             if full_end < e:
-                dk, dv = _dkdv_step(dk, dv, k, v, q_ptr, q_desc, do_ptr, do_desc, lse_ptr, delta_ptr,
-                                    full_end, e, stride_qs, stride_dos, qk_scale, BLOCK_M, HEAD_DIM, True, USE_TMA,
-                                    DOT_PRECISION)
+                dk, dv = _dkdv_step(dk, dv, k, v, key_ok, q_ptr, q_desc, do_ptr, do_desc, lse_ptr, delta_ptr,
+                                    acc_ptr, full_end, e, stride_qs, stride_dos, stride_as, sm_scale, qk_scale,
+                                    BLOCK_M, HEAD_DIM, True, USE_TMA, ACCUMULATE_DQ, DOT_PRECISION)
     dk_ptrs = DK + b * stride_dkb + oh * stride_dkh + keys * stride_dks + offs_d[None, :]
     dv_ptrs = DV + b * stride_dvb + oh * stride_dvh + keys * stride_dvs + offs_d[None, :]
     tl.store(dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=key_ok[:, None])

@@ -165,13 +165,14 @@ def _backward_source(v: Variant):
     kernel = block_sparse_attn_bwd_dkdv if v.kernel == "bwd_dkdv" else block_sparse_attn_bwd_dq
     half = _TRITON_TYPE[DTYPES[v.dtype]]
     constexprs = dict(NUM_HEADS=12, KV_GROUP=1, PER_HEAD_LAYOUT=False, HEAD_DIM=v.head_dim, BLOCK_M=v.cfg.block_m,
-                      BLOCK_N=v.cfg.block_n, USE_TMA=v.cfg.use_tma, DOT_PRECISION="tf32")
+                      BLOCK_N=v.cfg.block_n, USE_TMA=v.cfg.use_tma, ACCUMULATE_DQ=False,
+                      DOT_PRECISION="tf32")
     signature, attrs = {}, {}
     for i, name in enumerate(kernel.arg_names):
         if name in constexprs:
             signature[name] = "constexpr"
             continue
-        if name in ("LSE", "DELTA"):
+        if name in ("LSE", "DELTA", "DQ_ACC"):
             signature[name] = "*fp32"
         elif name in ("Q", "K", "V", "DO", "DQ", "DK", "DV"):
             signature[name] = "*" + half
