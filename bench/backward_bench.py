@@ -43,7 +43,8 @@ def _parse(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--methods", default="ours,flex,dense_cudnn")
     p.add_argument("--bwd-configs", default="default",
                    help="our backward configs, comma-separated: 'default' (`backward_config`) or DKDV/DQ, each "
-                        "block_m x block_n x warps x stages (e.g. 64x128x8x2/128x128x8x2)")
+                        "block_m x block_n x warps x stages[+tma] (e.g. 64x128x8x2/128x128x8x2), or DKDV/single "
+                        "(the single pass: dQ added by the dK/dV kernel with atomics)")
     p.add_argument("--dkdv-sweep", default=None, help="dK/dV kernel tiles to time alone (block_m x block_n x "
                    "warps x stages, comma-separated); the best with --dq-sweep's best is timed as one more config")
     p.add_argument("--dq-sweep", default=None, help="dQ kernel tiles to time alone (as --dkdv-sweep)")
@@ -77,9 +78,10 @@ def _bwd_configs(spec: str):
             continue
         halves = item.split("/")
         if len(halves) != 2:
-            raise ValueError(f"--bwd-configs: expected DKDV/DQ like 64x128x8x2/128x128x8x2 or 'default', "
-                             f"got {item!r}")
-        configs.append(BackwardConfig(*(_tiles(h, "--bwd-configs") for h in halves)))
+            raise ValueError(f"--bwd-configs: expected DKDV/DQ like 64x128x8x2/128x128x8x2, DKDV/single or "
+                             f"'default', got {item!r}")
+        dq = None if halves[1].strip() == "single" else _tiles(halves[1], "--bwd-configs")
+        configs.append(BackwardConfig(_tiles(halves[0], "--bwd-configs"), dq))
     return configs
 
 
@@ -171,7 +173,7 @@ def _ours_at(q, k, v, layout, scale, bwd) -> Method:
 
     with torch.no_grad():
         cfg = config_for(q, k, v, layout, scale)
-    label = f"ours_{bwd.dkdv}_{bwd.dq}"
+    label = f"ours_{bwd.dkdv}_{bwd.dq if bwd.dq is not None else 'single-pass'}"
     return Method(label, lambda: run_trainable(q, k, v, layout, scale, cfg, bwd)[0],
                   {"forward_config": str(cfg), "backward_config": str(bwd)})
 

@@ -26,4 +26,4 @@ def test_cpu_smoke_checks_gradients_and_writes_json(tmp_path):
 
 def test_bad_backward_config_is_rejected(capsys):
     assert backward_bench.main(["--cpu-smoke", "--bwd-configs", "64x64"]) == 2
-    assert "--bwd-configs: expected DKDV/DQ like 64x128x8x2/128x128x8x2" in capsys.readouterr().err
+    assert "--bwd-configs: expected DKDV/DQ like 64x128x8x2/128x128x8x2, DKDV/single" in capsys.readouterr().err

@@ -289,6 +289,26 @@ def test_single_pass_dq_accumulation(name, heads, kv_heads):
         assert torch.isfinite(got).all() and rel_err(got, want) <= 1e-5
 
 
+@pytest.mark.parametrize("name", ["lvsa_text_after", "per_head", "unattended"])
+def test_single_pass_backward_through_autograd(name):
+    """`BackwardConfig(dq=None)`: the differentiable op's backward runs the single pass (dQ from the dK/dV
+    kernel's atomics): gradients, the lse's included, equal the float64 reference's, with GQA."""
+    from lvsa_kernels.triton_src.backward_launch import BackwardConfig
+
+    layout, heads = layouts()[name]
+    H = max(2, heads)  # GQA: two query heads per key head
+    q, k, v, do, dlse = inputs(layout, 2, H, H // 2, 16, 23)
+    leaves = [t.to(DEVICE, torch.float32).requires_grad_() for t in (q, k, v)]
+    bwd = BackwardConfig(backward_config(torch.float32, 16, leaves[0].device).dkdv, None)
+    out, lse = run_trainable(*leaves, layout, 0.3, INTERPRETER_CONFIG if not CUDA else KernelConfig(32, 32, 4, 2), bwd)
+    keys = torch.isfinite(lse)
+    loss = (out.double() * do.to(DEVICE)).sum() + (lse.double()[keys] * dlse.to(DEVICE)[keys]).sum()
+    got = torch.autograd.grad(loss, leaves)
+    ref = grads(q.clone(), k.clone(), v.clone(), do, dlse, layout, 0.3, "reference", torch.float64)
+    for a, b in zip(got, ref):
+        assert torch.isfinite(a).all() and rel_err(a, b) <= 1e-5
+
+
 def test_trainable_forward_refuses_configs_it_cannot_run():
     """The differentiable forward shares the inference launch's config checks: an unknown kernel or an exp2
     split on the portable kernel is an error, not a silent portable run."""

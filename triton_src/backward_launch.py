@@ -47,13 +47,15 @@ class BackwardTiles:
 class BackwardConfig:
     """The two backward kernels' launches. ``dkdv``: programs own key tiles of ``dkdv.block_n`` keys and step
     through their query spans ``dkdv.block_m`` rows at a time. ``dq``: programs own query tiles of ``dq.block_m``
-    rows and step through their key spans ``dq.block_n`` keys at a time."""
+    rows and step through their key spans ``dq.block_n`` keys at a time; None: the single pass, where the dK/dV
+    kernel adds dQ with float32 atomics (no dQ kernel, two products fewer per pair, not deterministic; the
+    benchmarks' variant, no default uses it)."""
 
     dkdv: BackwardTiles
-    dq: BackwardTiles
+    dq: Optional[BackwardTiles]
 
     def __str__(self) -> str:
-        return f"dkdv {self.dkdv}, dq {self.dq}"
+        return f"dkdv {self.dkdv}, dq {self.dq if self.dq is not None else 'single-pass'}"
 
 
 INTERPRETER_BACKWARD = BackwardConfig(BackwardTiles(16, 16, 1, 1), BackwardTiles(16, 16, 1, 1))
@@ -90,16 +92,16 @@ def _shared_memory(device: torch.device) -> int:
 
 @dataclass(frozen=True)
 class BackwardSchedules:
-    """The index arrays the backward reads: ``dq``, the query tiles of ``dq.block_m`` (`build_schedule`);
-    ``dkdv``, the key tiles of ``dkdv.block_n`` (`build_key_schedule`)."""
+    """The index arrays the backward reads: ``dq``, the query tiles of ``dq.block_m`` (`build_schedule`; None for
+    the single pass); ``dkdv``, the key tiles of ``dkdv.block_n`` (`build_key_schedule`)."""
 
-    dq: KernelSchedule
+    dq: Optional[KernelSchedule]
     dkdv: KernelSchedule
 
     @staticmethod
     def build(layout: BlockSparseLayout, cfg: BackwardConfig, device: torch.device) -> "BackwardSchedules":
-        return BackwardSchedules(build_schedule(layout, cfg.dq.block_m, device),
-                                 build_key_schedule(layout, cfg.dkdv.block_n, device))
+        dq = build_schedule(layout, cfg.dq.block_m, device) if cfg.dq is not None else None
+        return BackwardSchedules(dq, build_key_schedule(layout, cfg.dkdv.block_n, device))
 
 
 def launch_delta(do: Tensor, out: Tensor, dlse: Optional[Tensor], delta: Tensor) -> None:
@@ -164,14 +166,20 @@ def launch_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
                     dq: Tensor, dk: Tensor, dv: Tensor, sched: BackwardSchedules, per_head_layout: bool,
                     scale: float, cfg: BackwardConfig) -> None:
     """Write ``dq [B, Sq, H, D]``, ``dk``, ``dv [B, Skv, H_kv, D]`` (every element): the delta pre-pass, then
-    the dK/dV and dQ kernels. ``lse [B, H, Sq]`` float32 from the forward; ``dlse`` its gradient or None."""
+    the dK/dV and dQ kernels (single pass: the dK/dV kernel into a zeroed float32 dQ accumulator, then its cast).
+    ``lse [B, H, Sq]`` float32 from the forward; ``dlse`` its gradient or None."""
     B, Sq, H, _ = q.shape
-    if B == 0 or Sq == 0 or sched.dq.max_tiles == 0:
+    if B == 0 or Sq == 0 or sched.dkdv.max_tiles == 0:  # no (query, key) pair
         for t in (dq, dk, dv):
             t.zero_()
         return
     delta = torch.empty(B, H, Sq, dtype=torch.float32, device=q.device)
     launch_delta(do, out, dlse, delta)
+    if cfg.dq is None:
+        acc = torch.zeros(dq.shape, dtype=torch.float32, device=q.device)
+        launch_dkdv(do, q, k, v, lse, delta, dk, dv, sched.dkdv, per_head_layout, scale, cfg.dkdv, dq_acc=acc)
+        dq.copy_(acc)
+        return
     launch_dkdv(do, q, k, v, lse, delta, dk, dv, sched.dkdv, per_head_layout, scale, cfg.dkdv)
     launch_dq(do, q, k, v, lse, delta, dq, sched.dq, per_head_layout, scale, cfg.dq)
 
@@ -191,6 +199,21 @@ def _constants(q: Tensor, k: Tensor, per_head_layout: bool, tiles: BackwardTiles
                 num_warps=tiles.num_warps, num_stages=tiles.num_stages)
 
 
+_TILE_FIELDS = ("block_m", "block_n", "num_warps", "num_stages", "use_tma")
+
+
+def _pack_tiles(cfg: BackwardConfig) -> List[int]:
+    """dK/dV's block_m, block_n, warps, stages, use_tma, then dQ's (all 0 for the single pass)."""
+    dq = [int(getattr(cfg.dq, f)) for f in _TILE_FIELDS] if cfg.dq is not None else [0] * len(_TILE_FIELDS)
+    return [int(getattr(cfg.dkdv, f)) for f in _TILE_FIELDS] + dq
+
+
+def _unpack_tiles(ints: List[int]) -> BackwardConfig:
+    dkdv, dq = ints[:5], ints[5:]
+    return BackwardConfig(BackwardTiles(*dkdv[:4], bool(dkdv[4])),
+                          BackwardTiles(*dq[:4], bool(dq[4])) if dq[0] else None)
+
+
 def _strides(*ts: Tensor):
     return [s for t in ts for s in (t.stride(0), t.stride(1), t.stride(2))]
 
@@ -207,8 +230,8 @@ def triton_block_sparse_fwd_train(
     forward's `KernelSchedule` (tiles of ``block_m``) as ``tensors()``; ``kernel`` ``"portable"`` or
     ``"hopper"`` (then ``key_tiles`` are its `KeyTiles` ``tensors()`` with ``short_n``; empty for the portable
     kernel); the forward ints are its `KernelConfig`. The rest is for the backward: ``dq_sched`` /
-    ``dkdv_sched`` are `BackwardSchedules` as ``tensors()``, ``bwd_tiles`` the 10 ints of the `BackwardConfig`
-    (dK/dV's block_m, block_n, warps, stages, use_tma, then dQ's)."""
+    ``dkdv_sched`` are `BackwardSchedules` as ``tensors()`` (``dq_sched`` empty for the single pass),
+    ``bwd_tiles`` the `BackwardConfig` as 10 ints (`_pack_tiles`)."""
     B, Sq, H, D = q.shape
     out = torch.empty(B, Sq, H, D, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, Sq, dtype=torch.float32, device=q.device)
@@ -237,9 +260,9 @@ def triton_block_sparse_bwd(
     if do.stride(-1) != 1:
         do = do.contiguous()
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    cfg = BackwardConfig(*(BackwardTiles(*t[:4], bool(t[4])) for t in (bwd_tiles[:5], bwd_tiles[5:])))
-    sched = BackwardSchedules(KernelSchedule(cfg.dq.block_m, *dq_sched, max_dq_tiles),
-                              KernelSchedule(cfg.dkdv.block_n, *dkdv_sched, max_dkdv_tiles))
+    cfg = _unpack_tiles(bwd_tiles)
+    dq_schedule = KernelSchedule(cfg.dq.block_m, *dq_sched, max_dq_tiles) if cfg.dq is not None else None
+    sched = BackwardSchedules(dq_schedule, KernelSchedule(cfg.dkdv.block_n, *dkdv_sched, max_dkdv_tiles))
     launch_backward(do, q, k, v, out, lse, None if dlse is None else dlse.contiguous(), dq, dk, dv, sched,
                     per_head_layout, scale, cfg)
     return dq, dk, dv
@@ -286,11 +309,9 @@ def run_trainable(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout, sc
     check_launch(q_sched, tiles, cfg, "exact")
     key_tiles, short_n = (list(tiles.tensors()), tiles.short_n) if tiles is not None else ([], 0)
     bsched = BackwardSchedules.build(layout, bwd, q.device)
-    bwd_tiles = [int(getattr(t, f)) for t in (bwd.dkdv, bwd.dq)
-                 for f in ("block_m", "block_n", "num_warps", "num_stages", "use_tma")]
+    dq_sched, max_dq_tiles = (list(bsched.dq.tensors()), bsched.dq.max_tiles) if bsched.dq is not None else ([], 0)
     return torch.ops.lvsa_kernels.triton_block_sparse_fwd_train(
         q, k, v, list(q_sched.tensors()), key_tiles, q_sched.max_tiles, layout.num_heads > 1, scale,
         cfg.kernel, cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, cfg.use_tma, cfg.warp_spec,
         cfg.exp2_poly, short_n,
-        list(bsched.dq.tensors()), list(bsched.dkdv.tensors()), bsched.dq.max_tiles, bsched.dkdv.max_tiles,
-        bwd_tiles)
+        dq_sched, list(bsched.dkdv.tensors()), max_dq_tiles, bsched.dkdv.max_tiles, _pack_tiles(bwd))
