@@ -12,9 +12,11 @@
    backward (``torch.autograd.grad`` with a fixed output gradient) and backward alone (``retain_graph``) as median
    ms (`lvsa_kernels.timing.bench_ms`); effective TF/s of the backward (2.5x the forward's FLOPs of the computed
    pairs, dense FLOPs for dense); ratios ours vs flex and vs dense. Our backward runs at each `--bwd-configs`
-   (``default``, i.e. `backward_config`, or ``DKDV/DQ`` launch tiles; CPU smoke: the interpreter's config).
+   (``default``, i.e. `backward_config`; ``DKDV/DQ`` launch tiles; ``DKDV/single``, the single pass that adds
+   dQ with atomics in the dK/dV kernel; CPU smoke: the interpreter's config). Step 1 checks each explicit one too.
 3. Optional, before 2: `--dkdv-sweep` / `--dq-sweep` time each backward kernel alone at each of the given tiles
-   (``kernel_sweeps`` in the JSON); the pair of the fastest is then timed in 2 as one more config.
+   (``kernel_sweeps`` in the JSON; a ``+dq`` dK/dV item is the single pass); the pair of the fastest is then timed
+   in 2 as one more config.
 
 Methods: ``ours`` (`block_sparse_attn`'s differentiable Triton path; the forward kernel at its untuned default
 config unless ``--autotune``), ``flex`` (``torch.compile(flex_attention)`` on `interop.to_flex_block_mask`, forward
@@ -55,20 +57,23 @@ def _parse(argv: Optional[List[str]]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _tiles(item: str, flag: str):
+def _tiles(item: str, flag: str, allowed=("tma",)):
+    """``block_m x block_n x warps x stages`` with ``+flag`` suffixes in any order: ``(BackwardTiles, flags)``
+    when ``allowed`` has more than ``tma``, else the tiles alone."""
     from lvsa_kernels.triton_src.backward_launch import BackwardTiles
 
-    text = item.strip()
-    use_tma = text.endswith("+tma")
-    parts = text.removesuffix("+tma").split("x")
-    if len(parts) != 4 or not all(x.isdigit() for x in parts):
-        raise ValueError(f"{flag}: expected block_m x block_n x warps x stages like 64x128x8x2 (+tma: tensor "
-                         f"descriptors), got {item!r}")
-    return BackwardTiles(*(int(x) for x in parts), use_tma)
+    base, *flags = item.strip().split("+")
+    parts = base.split("x")
+    if len(parts) != 4 or not all(x.isdigit() for x in parts) or not set(flags) <= set(allowed):
+        raise ValueError(f"{flag}: expected block_m x block_n x warps x stages like 64x128x8x2, then any of "
+                         f"{', '.join('+' + a for a in allowed)}, got {item!r}")
+    tiles = BackwardTiles(*(int(x) for x in parts), "tma" in flags)
+    return (tiles, set(flags)) if len(allowed) > 1 else tiles
 
 
 def _bwd_configs(spec: str):
-    """``DKDV/DQ`` items (each ``block_m x block_n x warps x stages``), or ``default``."""
+    """``DKDV/DQ`` items (each ``block_m x block_n x warps x stages[+tma]``), ``DKDV/single`` (the single pass:
+    ``BackwardConfig(dq=None)``), or ``default`` (None)."""
     from lvsa_kernels.triton_src.backward_launch import BackwardConfig
 
     configs = []
@@ -90,9 +95,9 @@ def _tiles_list(spec: Optional[str], flag: str):
 
 
 def _dkdv_list(spec: Optional[str]):
-    """``--dkdv-sweep`` items as ``(tiles, single_pass)``: a ``+dq`` suffix times the single-pass variant."""
-    items = [item.strip() for item in spec.split(",")] if spec else []
-    return [(_tiles(item.removesuffix("+dq"), "--dkdv-sweep"), item.endswith("+dq")) for item in items]
+    """``--dkdv-sweep`` items as ``(tiles, single_pass)``: a ``+dq`` flag times the single-pass variant."""
+    parsed = [_tiles(item, "--dkdv-sweep", ("tma", "dq")) for item in spec.split(",")] if spec else []
+    return [(tiles, "dq" in flags) for tiles, flags in parsed]
 
 
 def _rel(a, b) -> float:
@@ -178,8 +183,9 @@ def _ours_at(q, k, v, layout, scale, bwd) -> Method:
                   {"forward_config": str(cfg), "backward_config": str(bwd)})
 
 
-def check_gradients(device, dtype, names: List[str]) -> Dict[str, Any]:
-    """Relative errors of dq, dk, dv per method against float32 reference gradients on a small LVSA case."""
+def check_gradients(device, dtype, names: List[str], bwd_configs=()) -> Dict[str, Any]:
+    """Relative errors of dq, dk, dv per method against float32 reference gradients on a small LVSA case; ours
+    at its default (``ours``) and at each explicit config of ``bwd_configs`` (``ours_<config>``)."""
     import torch
 
     from lvsa_kernels import LVSAPattern, reference_attention
@@ -196,7 +202,10 @@ def check_gradients(device, dtype, names: List[str]) -> Dict[str, Any]:
     result: Dict[str, Any] = {"tokens": layout.q_len, "heads": 2, "head_dim": D, "dtype": str(dtype),
                               "density": layout.density, "methods": {}}
     # dense gives another answer; Flex runs eagerly here (its compiled kernels are what the timing runs)
-    for m in _methods([n for n in names if n != "dense_cudnn"], q, k, v, layout, device, compile_flex=False):
+    methods = _methods([n for n in names if n != "dense_cudnn"], q, k, v, layout, device, compile_flex=False)
+    if "ours" in names:
+        methods += [_methods(["ours"], q, k, v, layout, device, bwd)[0] for bwd in bwd_configs if bwd is not None]
+    for m in methods:
         got = torch.autograd.grad(m.forward(), (q, k, v), do)
         errs = {n: _rel(a, b) for n, a, b in zip(("dq", "dk", "dv"), got, ref)}
         result["methods"][m.name] = {**errs, "ok": all(e <= 1e-2 for e in errs.values())}
@@ -253,8 +262,9 @@ def sweep_kernels(case, device, dkdv_tiles, dq_tiles, rep_ms: float) -> Dict[str
     # the single-pass variant's dk, dv and dq are checked against the plain kernels' (the first launch of each)
     single = [t for t, one_pass in dkdv_tiles if one_pass]
     plain = [t for t, one_pass in dkdv_tiles if not one_pass]
-    if single and not dq_tiles:
-        dq_tiles = [backward_config(q.dtype, case.head_dim, device).dq]
+    if single:  # its references: the default launches where none of a kernel was asked for
+        default = backward_config(q.dtype, case.head_dim, device)
+        plain, dq_tiles = plain or [default.dkdv], dq_tiles or [default.dq]
     for kind, tiles_list in (("dkdv", plain), ("dq", dq_tiles), ("dkdv_single_pass", single)):
         for tiles in tiles_list:
             label = str(tiles) + ("+dq" if kind == "dkdv_single_pass" else "")
@@ -383,7 +393,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, JSON_NAME)
     dtype = torch.float32 if args.cpu_smoke else torch.bfloat16
-    doc["gradient_check"] = check_gradients(device, dtype, names)
+    doc["gradient_check"] = check_gradients(device, dtype, names, [] if args.cpu_smoke else bwd_configs)
     _write(path, doc)
     failed = [n for n, r in doc["gradient_check"]["methods"].items() if not r["ok"]]
     from lvsa_kernels.triton_src.backward_launch import backward_config

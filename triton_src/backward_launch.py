@@ -129,6 +129,9 @@ def launch_dkdv(do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, delta:
         dk.zero_()
         dv.zero_()
         return None
+    if dq_acc is not None and (dq_acc.dtype != torch.float32 or dq_acc.shape != q.shape or dq_acc.stride(-1) != 1):
+        raise ValueError(f"dq_acc: expected float32 {tuple(q.shape)} with a contiguous head dim, got {dq_acc.dtype} "
+                         f"{tuple(dq_acc.shape)} strides {dq_acc.stride()}")
     per_query_head = per_head_layout and group > 1
     dk_buf = torch.empty(B, Skv, H, D, dtype=torch.float32, device=q.device) if per_query_head else dk
     dv_buf = torch.empty(B, Skv, H, D, dtype=torch.float32, device=q.device) if per_query_head else dv
@@ -169,13 +172,16 @@ def launch_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
     the dK/dV and dQ kernels (single pass: the dK/dV kernel into a zeroed float32 dQ accumulator, then its cast).
     ``lse [B, H, Sq]`` float32 from the forward; ``dlse`` its gradient or None."""
     B, Sq, H, _ = q.shape
-    if B == 0 or Sq == 0 or sched.dkdv.max_tiles == 0:  # no (query, key) pair
+    if B == 0 or Sq == 0 or sched.dkdv.max_tiles == 0:  # no key any query attends
         for t in (dq, dk, dv):
             t.zero_()
         return
     delta = torch.empty(B, H, Sq, dtype=torch.float32, device=q.device)
     launch_delta(do, out, dlse, delta)
     if cfg.dq is None:
+        if torch.are_deterministic_algorithms_enabled():
+            raise RuntimeError("the single-pass backward (BackwardConfig.dq=None) adds dQ with atomics, which "
+                               "torch.use_deterministic_algorithms(True) forbids; use a dQ kernel launch")
         acc = torch.zeros(dq.shape, dtype=torch.float32, device=q.device)
         launch_dkdv(do, q, k, v, lse, delta, dk, dv, sched.dkdv, per_head_layout, scale, cfg.dkdv, dq_acc=acc)
         dq.copy_(acc)

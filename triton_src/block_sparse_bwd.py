@@ -10,7 +10,8 @@ lse's own gradient, see `bwd_preprocess`), ``dS = P * (dP - Delta)``:
 * ``dQ = scale * dS K``: `block_sparse_attn_bwd_dq`, one program per query tile of the forward schedule, walking
   its key spans like the forward kernel.
 
-Each output element is written by exactly one program (no atomics, deterministic). Scores live in the exp2
+Each output element is written by exactly one program (no atomics, deterministic), except in the dK/dV kernel's
+opt-in ACCUMULATE_DQ variant, which adds dQ with float32 atomics instead of a dQ kernel. Scores live in the exp2
 domain (``qk_scale = scale * log2(e)``), accumulators in fp32; any finite scale sign works (no running max).
 Tensors are ``[B, S, H, D]`` with any batch/sequence/head strides and a contiguous head dim; ``LSE`` and
 ``DELTA`` are contiguous ``[B, H, Sq]`` float32. Both kernels walk every span's full steps first (no masks) and
