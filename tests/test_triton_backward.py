@@ -342,6 +342,24 @@ def test_single_pass_refuses_deterministic_mode(monkeypatch):
         out.sum().backward()
 
 
+def test_the_shared_memory_query_traces_under_torch_compile(monkeypatch):
+    """A compiled training step picks the backward launches inside the trace: the device query (Triton's driver,
+    which dynamo cannot trace; here a stand-in reading a frame) is read as a constant, not a graph break."""
+    import sys
+
+    from lvsa_kernels.triton_src import backward_launch as bl
+
+    monkeypatch.setattr(bl, "interpreting", lambda: False)
+    monkeypatch.setattr(bl, "_SHARED_MEMORY", {})
+    monkeypatch.setattr(bl, "_device_query", lambda index: (sys._getframe(), 101376)[1])
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def step(x):
+        return x + bl.backward_config(torch.bfloat16, 128, torch.device("cuda", 0)).dkdv.block_m
+
+    assert step(torch.zeros(1)).item() == bl._SMALL_SMEM_BACKWARD.dkdv.block_m
+
+
 def test_trainable_forward_refuses_configs_it_cannot_run():
     """The differentiable forward shares the inference launch's config checks: an unknown kernel or an exp2
     split on the portable kernel is an error, not a silent portable run."""

@@ -84,10 +84,20 @@ def backward_config(dtype: torch.dtype, head_dim: int, device: Optional[torch.de
     return BackwardConfig(BackwardTiles(64, 128, 8, 3, use_tma=True), BackwardTiles(128, 64, 8, 3, use_tma=True))
 
 
-def _shared_memory(device: torch.device) -> int:
-    """Bytes of shared memory one block may use on ``device`` (Triton's own query)."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
+def _device_query(index: int) -> int:
     return int(triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"])
+
+
+_SHARED_MEMORY: dict = {}  # device index -> bytes
+
+
+@torch.compiler.assume_constant_result  # a traced training step reads it as a constant (no graph break)
+def _shared_memory(device: torch.device) -> int:
+    """Bytes of shared memory one block may use on ``device`` (Triton's own query, once per device)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SHARED_MEMORY:
+        _SHARED_MEMORY[index] = _device_query(index)
+    return _SHARED_MEMORY[index]
 
 
 @dataclass(frozen=True)
