@@ -57,9 +57,8 @@ def _parse(argv: Optional[List[str]]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _tiles(item: str, flag: str, allowed=("tma",)):
-    """``block_m x block_n x warps x stages`` with ``+flag`` suffixes in any order: ``(BackwardTiles, flags)``
-    when ``allowed`` has more than ``tma``, else the tiles alone."""
+def _parse_tiles(item: str, flag: str, allowed=("tma",)):
+    """``block_m x block_n x warps x stages`` with ``+flag`` suffixes in any order: ``(BackwardTiles, flags)``."""
     from lvsa_kernels.triton_src.backward_launch import BackwardTiles
 
     base, *flags = item.strip().split("+")
@@ -67,8 +66,11 @@ def _tiles(item: str, flag: str, allowed=("tma",)):
     if len(parts) != 4 or not all(x.isdigit() for x in parts) or not set(flags) <= set(allowed):
         raise ValueError(f"{flag}: expected block_m x block_n x warps x stages like 64x128x8x2, then any of "
                          f"{', '.join('+' + a for a in allowed)}, got {item!r}")
-    tiles = BackwardTiles(*(int(x) for x in parts), "tma" in flags)
-    return (tiles, set(flags)) if len(allowed) > 1 else tiles
+    return BackwardTiles(*(int(x) for x in parts), "tma" in flags), set(flags)
+
+
+def _tiles(item: str, flag: str):
+    return _parse_tiles(item, flag)[0]
 
 
 def _bwd_configs(spec: str):
@@ -96,7 +98,7 @@ def _tiles_list(spec: Optional[str], flag: str):
 
 def _dkdv_list(spec: Optional[str]):
     """``--dkdv-sweep`` items as ``(tiles, single_pass)``: a ``+dq`` flag times the single-pass variant."""
-    parsed = [_tiles(item, "--dkdv-sweep", ("tma", "dq")) for item in spec.split(",")] if spec else []
+    parsed = [_parse_tiles(item, "--dkdv-sweep", ("tma", "dq")) for item in spec.split(",")] if spec else []
     return [(tiles, "dq" in flags) for tiles, flags in parsed]
 
 
