@@ -3,17 +3,22 @@ offer, the Gluon SVOO cluster kernel (`cluster_hopper`) in its launch configs, a
 kernels (`block_sparse_bwd`) at their default tiles.
 
     python -m lvsa_kernels.triton_src.compile_check [--json FILE] [--quick] [--kernel lvsa|cluster|backward]
+                                                    [--loop-mix]
 
 Triton compiles for a named target on any machine: each variant (head dim x dtype x precision x launch config
 of `tuning.hopper_configs` x short-tile width; cluster kernel: head dim x its `cluster_launch.cluster_config`
 plus the 64-column ring at head dim 128, bf16) goes through Gluon -> TTGIR -> LLVM -> PTX -> cubin exactly as
 at run time (Triton's own ``ptxas`` and flags); the cubin's resource usage (``cuobjdump``) gives registers and
 stack frame, its SASS (``nvdisasm``) the instruction counts: all, local-memory (spills) and tensor-core
-(HGMMA, and for the 8-bit modes IGMMA / QGMMA). A variant fails on a compile error, when it has no wgmma, or
-when a local-memory instruction sits inside a loop (between a conditional backward branch and its target),
-where it would run per key tile; local-memory instructions outside loops (Triton 3.9 saves two values at the partitions' entry,
-where ``setmaxnreg`` shrinks the register file) are reported, not failed. Exit status 0 when every variant compiled clean, 1 otherwise. CI runs this against every Triton
-release in `gluon_compat.TESTED_TRITON` (``tests/test_hopper_compile.py``).
+(HGMMA, and for the 8-bit modes IGMMA / QGMMA), and the instruction mix of the innermost loop holding matrix
+products (``key_loop``, printed with ``--loop-mix``: per iteration and thread, the exponentials, shuffles,
+byte permutes, packs and float arithmetic of the softmax path; a GPU-free first look at a consumer-loop
+change). A variant fails on a compile error, when it has no wgmma, or when a local-memory instruction sits
+inside a loop (between a conditional backward branch and its target), where it would run per key tile;
+local-memory instructions outside loops (Triton 3.9 saves two values at the partitions' entry, where
+``setmaxnreg`` shrinks the register file) are reported, not failed. Exit status 0 when every variant compiled
+clean, 1 otherwise. CI runs this against every Triton release in `gluon_compat.TESTED_TRITON`
+(``tests/test_hopper_compile.py``).
 """
 from __future__ import annotations
 
@@ -261,7 +266,29 @@ def _cubin_report(cubin: bytes, tmp: str) -> Dict[str, int]:
     return {"registers": int(regs.group(1)) if regs else -1, "stack_frame": int(stack.group(1)) if stack else -1,
             "instructions": len(ops), "local_stores": names.count("STL"), "local_loads": names.count("LDL"),
             "local_in_loops": sum(any(lo <= a <= hi for lo, hi in loops) for a in local),
-            **{op: names.count(op) for op in ("HGMMA", "IGMMA", "QGMMA")}}
+            **{op: names.count(op) for op in _MMA_OPS}, "key_loop": _key_loop_mix(ops, loops)}
+
+
+_MMA_OPS = ("HGMMA", "IGMMA", "QGMMA")
+# the consumer loop's instruction classes: exponentials (MUFU), warp shuffles, byte permutes, float->8/16-bit
+# packs, max, the other float arithmetic
+_LOOP_OPS = ("MUFU", "SHFL", "PRMT", "F2FP", "FMNMX", "FFMA", "FMUL", "FADD")
+
+
+def _key_loop_mix(ops, loops) -> Dict[str, int]:
+    """The instruction mix of the first innermost loop that holds warpgroup matrix products (the LVSA kernel's
+    walk over full key tiles; a loop that also holds a masked path counts both paths): ``{"instructions": n,
+    "MUFU": .., "SHFL": .., ...}`` per iteration, per thread; empty if no loop holds one."""
+    def holds_mma(lo, hi):
+        return any(lo <= a <= hi and op in _MMA_OPS for a, op in ops)
+
+    inner = [(lo, hi) for lo, hi in loops if holds_mma(lo, hi)
+             and not any((lo, hi) != (l2, h2) and lo <= l2 and h2 <= hi and holds_mma(l2, h2) for l2, h2 in loops)]
+    if not inner:
+        return {}
+    lo, hi = min(inner)
+    body = [op for a, op in ops if lo <= a <= hi]
+    return {"instructions": len(body), **{op: body.count(op) for op in _MMA_OPS + _LOOP_OPS}}
 
 
 def check(v: Variant) -> Dict[str, object]:
@@ -279,7 +306,7 @@ def check(v: Variant) -> Dict[str, object]:
             row["error"] = (f"register spill in a loop: {row['local_in_loops']} of its {row['local_stores']} local "
                             f"stores and {row['local_loads']} local loads run inside a loop of the SASS "
                             f"({row['stack_frame']}-byte stack frame)")
-        elif row["HGMMA"] + row["IGMMA"] + row["QGMMA"] == 0:
+        elif sum(row[op] for op in _MMA_OPS) == 0:
             row["error"] = "no warpgroup matrix products (wgmma) in the SASS"
     except Exception as exc:  # noqa: BLE001 - every compile error is a result to report
         row["error"] = _root_cause(exc)
@@ -301,6 +328,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--quick", action="store_true", help="bf16 only")
     p.add_argument("--jobs", type=int, default=1, help="variants compiled at once (processes)")
     p.add_argument("--kernel", choices=("lvsa", "cluster", "backward"), help="only this kernel's variants")
+    p.add_argument("--loop-mix", action="store_true",
+                   help="also print the instruction mix of each variant's innermost matrix-product loop")
     args = p.parse_args(argv)
     if interpreting():
         print("compile_check: TRITON_INTERPRET=1 is set; kernels must be compiled, not interpreted: unset it",
@@ -318,10 +347,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     for v, row in zip(todo, results):
         rows.append(row)
         if "registers" in row:
-            mma = row["HGMMA"] + row["IGMMA"] + row["QGMMA"]
+            mma = sum(row[op] for op in _MMA_OPS)
             local = f"{row['local_stores']}/{row['local_loads']}/{row['local_in_loops']}"
             print(f"{v.name:66s} {row['registers']:4d} {row['stack_frame']:5d} {local:>15s} {row['shared_bytes']:6d} "
                   f"{row['instructions']:6d} {mma:4d}  {row['seconds']}", flush=True)
+            if args.loop_mix and row["key_loop"]:
+                print("    key loop: " + " ".join(f"{op}={n}" for op, n in row["key_loop"].items() if n), flush=True)
         if "error" in row:
             print(f"  FAILED {v.name}: {row['error']}", flush=True)
     failed = [r for r in rows if "error" in r]
