@@ -37,6 +37,19 @@ def test_every_tested_release_is_in_the_matrix():
     assert sorted(RELEASES) == sorted(TESTED_TRITON)
 
 
+def test_key_loop_mix_counts_the_innermost_loop_with_matrix_products():
+    """An outer loop (0-15) holding a loop with products (2-7) and one without (9-12): the mix is the first's."""
+    from lvsa_kernels.triton_src.compile_check import _key_loop_mix
+
+    names = ["MOV", "MOV", "HGMMA", "MUFU", "MUFU", "SHFL", "FFMA", "BRA", "MOV", "FADD", "MUFU", "MUFU", "BRA",
+             "HGMMA", "MOV", "BRA"]
+    ops = list(enumerate(names))
+    mix = _key_loop_mix(ops, [(0, 15), (2, 7), (9, 12)])
+    assert mix["instructions"] == 6 and mix["HGMMA"] == 1 and mix["MUFU"] == 2 and mix["SHFL"] == 1
+    assert mix["FFMA"] == 1 and mix["FADD"] == 0
+    assert _key_loop_mix(ops, [(9, 12)]) == {}
+
+
 def _installed(version: str) -> str:
     """A folder holding ``triton==version`` (installed on first use)."""
     target = cache_dir() / "triton-releases" / version
@@ -65,6 +78,9 @@ def test_hopper_kernel_compiles_clean(release, tmp_path, capsys):
     for row in doc["rows"]:
         assert "registers" in row, f"{row['variant']}: {row.get('error')}"  # compiled
         assert row["HGMMA"] + row["IGMMA"] + row["QGMMA"] > 0, row["variant"]
+        if row["kernel"] == "lvsa":  # its key walk is found: matrix products and the softmax's exponentials
+            loop = row["key_loop"]
+            assert loop["HGMMA"] + loop["IGMMA"] + loop["QGMMA"] > 0 and loop["MUFU"] > 0, row["variant"]
         if row["kernel"] == "cluster" and release not in CLUSTER_TRITON:
             continue  # not offered there: compiling is all it has to do
         family = "backward" if row["kernel"].startswith("bwd_") else row["kernel"]

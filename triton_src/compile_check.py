@@ -226,6 +226,12 @@ def _source(v: Variant):
     return GluonASTSource(kernel, signature, {k: constexprs[k] for k in signature if k in constexprs}, attrs), options
 
 
+_MMA_OPS = ("HGMMA", "IGMMA", "QGMMA")
+# the consumer loop's instruction classes: exponentials (MUFU), warp shuffles, byte permutes, float->8/16-bit
+# packs, max, the other float arithmetic
+_LOOP_OPS = ("MUFU", "SHFL", "PRMT", "F2FP", "FMNMX", "FFMA", "FMUL", "FADD")
+
+
 def _tool(name: str) -> str:
     """A CUDA binary tool shipped with Triton (``cuobjdump``, ``nvdisasm``)."""
     from triton.backends.nvidia import compiler as nv
@@ -267,12 +273,6 @@ def _cubin_report(cubin: bytes, tmp: str) -> Dict[str, int]:
             "instructions": len(ops), "local_stores": names.count("STL"), "local_loads": names.count("LDL"),
             "local_in_loops": sum(any(lo <= a <= hi for lo, hi in loops) for a in local),
             **{op: names.count(op) for op in _MMA_OPS}, "key_loop": _key_loop_mix(ops, loops)}
-
-
-_MMA_OPS = ("HGMMA", "IGMMA", "QGMMA")
-# the consumer loop's instruction classes: exponentials (MUFU), warp shuffles, byte permutes, float->8/16-bit
-# packs, max, the other float arithmetic
-_LOOP_OPS = ("MUFU", "SHFL", "PRMT", "F2FP", "FMNMX", "FFMA", "FMUL", "FADD")
 
 
 def _key_loop_mix(ops, loops) -> Dict[str, int]:
