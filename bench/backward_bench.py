@@ -13,7 +13,8 @@
    ms (`lvsa_kernels.timing.bench_ms`); effective TF/s of the backward (2.5x the forward's FLOPs of the computed
    pairs, dense FLOPs for dense); ratios ours vs flex and vs dense. Our backward runs at each `--bwd-configs`
    (``default``, i.e. `backward_config`; ``DKDV/DQ`` launch tiles; ``DKDV/single``, the single pass that adds
-   dQ with atomics in the dK/dV kernel; CPU smoke: the interpreter's config). Step 1 checks each explicit one too.
+   dQ with integer atomics in the dK/dV kernel; CPU smoke: the interpreter's config). Step 1 checks each
+   explicit one too.
 3. Optional, before 2: `--dkdv-sweep` / `--dq-sweep` time each backward kernel alone at each of the given tiles
    (``kernel_sweeps`` in the JSON; a ``+dq`` dK/dV item is the single pass); the pair of the fastest is then timed
    in 2 as one more config.
@@ -46,7 +47,8 @@ def _parse(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--bwd-configs", default="default",
                    help="our backward configs, comma-separated: 'default' (`backward_config`) or DKDV/DQ, each "
                         "block_m x block_n x warps x stages[+tma] (e.g. 64x128x8x2/128x128x8x2), or DKDV/single "
-                        "(the single pass: dQ added by the dK/dV kernel with atomics)")
+                        "(the single pass: dQ summed by the dK/dV kernel with integer atomics, e.g. "
+                        "32x128x8x3+tma/single)")
     p.add_argument("--dkdv-sweep", default=None, help="dK/dV kernel tiles to time alone (block_m x block_n x "
                    "warps x stages, comma-separated); the best with --dq-sweep's best is timed as one more config")
     p.add_argument("--dq-sweep", default=None, help="dQ kernel tiles to time alone (as --dkdv-sweep)")
@@ -219,14 +221,15 @@ def sweep_kernels(case, device, dkdv_tiles, dq_tiles, rep_ms: float) -> Dict[str
     median ms, TF/s (dK/dV runs 4 MMAs per pair, 2x the forward's FLOPs; dQ 3, 1.5x), registers and spills per
     thread of the compiled kernel, and the relative error of its gradient against the first tiles' (a tile-size
     bug shows as a large error). ``dkdv_tiles``: ``(tiles, single_pass)``; the single-pass variant (dK/dV adding
-    dQ with atomics, timed with its accumulator's zeroing and cast, 5 MMAs per pair) is checked against the first
-    plain dK/dV and dQ launches and is what would replace the dQ kernel."""
+    dQ with integer atomics, timed with its accumulator's zeroing, its bound pre-pass and its scaling, 5 MMAs per
+    pair) is checked against the first plain dK/dV and dQ launches and is what would replace the dQ kernel."""
     import torch
 
     from lvsa_kernels import block_sparse_attn
     from lvsa_kernels.bench.harness import layout_flops, make_inputs
     from lvsa_kernels.timing import bench_ms
-    from lvsa_kernels.triton_src.backward_launch import backward_config, launch_delta, launch_dkdv, launch_dq
+    from lvsa_kernels.triton_src.backward_launch import (backward_config, dq_from_units, key_bounds, launch_delta,
+                                                         launch_dkdv, launch_dq)
     from lvsa_kernels.triton_src.schedule import build_key_schedule, build_schedule
 
     layout = case.layout()
@@ -249,12 +252,14 @@ def sweep_kernels(case, device, dkdv_tiles, dq_tiles, rep_ms: float) -> Dict[str
             if kind == "dkdv":
                 return (lambda: launch_dkdv(do, q, k, v, lse, delta, dk, dv, sched, per_head, scale, tiles)), \
                     (dk, dv), 2.0
-            acc, dq = torch.empty(q.shape, dtype=torch.float32, device=device), torch.empty_like(q)
+            acc, dq = torch.empty(q.shape, dtype=torch.int64, device=device), torch.empty_like(q)
+            unit, delta1 = torch.empty_like(delta), torch.empty_like(delta)
 
-            def single_pass():  # what replaces the dQ kernel: zero the accumulator, the pass, the cast
+            def single_pass():  # what replaces the dQ kernel: the bound pre-pass, the pass, the scaling
                 acc.zero_()
-                kernel = launch_dkdv(do, q, k, v, lse, delta, dk, dv, sched, per_head, scale, tiles, dq_acc=acc)
-                dq.copy_(acc)
+                launch_delta(do, out, None, delta1, key_bounds(k, v, scale), unit)
+                kernel = launch_dkdv(do, q, k, v, lse, delta1, dk, dv, sched, per_head, scale, tiles, acc, unit)
+                dq.copy_(dq_from_units(acc, unit))
                 return kernel
             return single_pass, (dk, dv, dq), 2.5
         sched = build_schedule(layout, tiles.block_m, device)

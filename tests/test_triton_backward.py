@@ -6,12 +6,15 @@ spans, rows and key blocks without any pair, GQA, per-head layouts (with per-hea
 """
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from lvsa_kernels import BackendUnavailable, BlockSparseLayout, LVSAPattern, block_sparse_attn, dispatch
 from lvsa_kernels import reference_attention
 from lvsa_kernels.backends import base as backend_base
 from lvsa_kernels.backends.base import Backend, Capabilities
 from lvsa_kernels.triton_src.backward_launch import BackwardSchedules, backward_config, launch_backward, run_trainable
+from lvsa_kernels.triton_src.block_sparse_bwd import dq_unit
 from lvsa_kernels.triton_src.schedule import build_key_schedule, build_schedule
 from lvsa_kernels.triton_src.tuning import INTERPRETER_CONFIG, KernelConfig, hopper_configs
 from test_hopper_kernel import needs_hopper, ragged_layout
@@ -304,16 +307,103 @@ def test_single_pass_leaves_padding_keys_out_of_dq():
         assert torch.isfinite(a).all() and rel_err(a, b) <= 1e-3
 
 
-def test_single_pass_refuses_deterministic_mode(monkeypatch):
-    from lvsa_kernels.triton_src.backward_launch import BackwardConfig, BackwardTiles
+def _single_pass(layout, q, k, v, do, dlse, scale, sched):
+    """The single pass alone at 16-row steps over key schedule ``sched``: (dq, its int64 sums, dq_unit)."""
+    from lvsa_kernels.triton_src.backward_launch import BackwardTiles, dq_from_units, key_bounds, launch_delta, launch_dkdv
 
-    layout, _ = layouts()["lvsa_text_after"]
-    leaves = [t.to(DEVICE, torch.float32).requires_grad_() for t in inputs(layout, 1, 2, 2, 16, 3)[:3]]
-    tiles = BackwardTiles(16, 16, 1, 1)
-    out, _ = run_trainable(*leaves, layout, 0.25, KernelConfig(16, 16, 1, 1), BackwardConfig(tiles, None))
-    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
-    with pytest.raises(RuntimeError, match="single-pass backward .* torch.use_deterministic_algorithms"):
-        out.sum().backward()
+    B, Sq, H, _ = q.shape
+    out, lse = block_sparse_attn(q, k, v, layout, backend="triton", scale=scale, return_lse=True)
+    delta, unit = (torch.empty(B, H, Sq, dtype=torch.float32, device=q.device) for _ in range(2))
+    launch_delta(do, out, dlse, delta, key_bounds(k, v, scale), unit)
+    acc = torch.zeros(q.shape, dtype=torch.int64, device=q.device)
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    launch_dkdv(do, q, k, v, lse, delta, dk, dv, sched, layout.num_heads > 1, scale, BackwardTiles(16, 16, 1, 1),
+                acc, unit)
+    return dq_from_units(acc, unit), acc, unit
+
+
+def _reversed_tiles(sched):
+    """``sched`` with each layout head's key tiles in reverse order (so are the programs, and the order in which
+    they add to a row's dQ)."""
+    import dataclasses
+
+    order = torch.cat([torch.arange(int(b) - 1, int(a) - 1, -1) for a, b in zip(sched.tile_ptr[:-1].cpu(),
+                                                                                    sched.tile_ptr[1:].cpu())])
+    order = order.to(sched.tile_start.device)
+    return dataclasses.replace(sched, tile_start=sched.tile_start[order], tile_end=sched.tile_end[order],
+                               tile_row=sched.tile_row[order])
+
+
+@pytest.mark.parametrize("name", ["lvsa_text_after", "per_head"])
+def test_single_pass_dq_does_not_depend_on_the_order_of_key_tiles(name):
+    """The single pass's dQ sums are integers: the key tiles adding in reverse order give the same bits (float32
+    atomics would not: rows here take up to 6 shares, and their rounding depends on the order), and equal the
+    dQ kernel's result within float32 rounding."""
+    layout, heads = layouts()[name]
+    H = max(heads, 4)
+    q, k, v, do, dlse = (t.float().to(DEVICE) for t in inputs(layout, 2, H, H // 2, 16, 21))
+    sched = build_key_schedule(layout, 16, DEVICE)
+    dq, acc, _ = _single_pass(layout, q, k, v, do, dlse, 0.3, sched)
+    dq_rev, acc_rev, _ = _single_pass(layout, q, k, v, do, dlse, 0.3, _reversed_tiles(sched))
+    assert torch.equal(acc, acc_rev) and torch.equal(dq, dq_rev)
+    want = grads(q, k, v, do, dlse, layout, 0.3, "triton", torch.float32)[0]
+    assert rel_err(dq, want) <= 1e-6
+
+
+def test_single_pass_sums_stay_within_their_bound():
+    """Peaked scores, a large lse gradient and a negative scale: every int64 sum stays below 2^61 units (the
+    bound of `dq_unit`), and the unit is fine enough that dq equals the float64 reference to float32 rounding."""
+    layout, _ = layouts()["ragged_empty_rows"]
+    q, k, v, do, dlse = inputs(layout, 1, 2, 1, 16, 22)
+    q, dlse = q * 6.0, dlse * 100.0
+    dq, acc, unit = _single_pass(layout, *(t.float().to(DEVICE) for t in (q, k, v, do, dlse)), -1.3,
+                                 build_key_schedule(layout, 16, DEVICE))
+    assert acc.abs().max() < 2 ** 61 and acc.abs().max() > 2 ** 40
+    assert torch.equal(unit, torch.exp2(torch.log2(unit).round()))  # powers of two
+    keys = torch.isfinite(block_sparse_attn(q, k, v, layout, backend="reference", scale=-1.3, return_lse=True)[1])
+    ref = grads(q, k, v, do, dlse * keys, layout, -1.3, "reference", torch.float64)[0]
+    assert rel_err(dq, ref) <= 1e-5
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's NaN shares
+def test_single_pass_dq_is_nan_exactly_where_a_non_finite_input_is_attended():
+    """A NaN key that some rows attend makes those rows' dq NaN, as with the dQ kernel; one that no row attends
+    (or an inf outside the layout) leaves dq unchanged."""
+    layout, _ = layouts()["unattended"]  # keys 30.. are attended by nothing
+    q, k, v, do, dlse = (t.float().to(DEVICE) for t in inputs(layout, 1, 2, 2, 16, 23))
+    sched = build_key_schedule(layout, 16, DEVICE)
+    clean = _single_pass(layout, q, k, v, do, dlse, 0.5, sched)[0]
+    k_out, v_out = k.clone(), v.clone()
+    k_out[0, 31, 1, 2], v_out[0, 33, 0, 0] = float("nan"), float("inf")
+    assert torch.equal(_single_pass(layout, q, k_out, v_out, do, dlse, 0.5, sched)[0], clean)
+    k_in = k.clone()
+    k_in[0, 3, 1, 0] = float("nan")  # key block 0: attended by query blocks 0 and 2, head 1
+    dq = _single_pass(layout, q, k_in, v, do, dlse, 0.5, sched)[0]
+    want = grads(q, k_in, v, do, dlse, layout, 0.5, "triton", torch.float32)[0]
+    assert torch.equal(dq.isnan(), want.isnan()) and dq[..., 1, :].isnan().any() and not dq[..., 0, :].isnan().any()
+    finite = ~want.isnan()
+    assert rel_err(dq[finite], want[finite]) <= 1e-6
+
+
+@triton.jit
+def _dq_units(B, U, n, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    tl.store(U + offs, dq_unit(tl.load(B + offs, mask=offs < n, other=0.0)), mask=offs < n)
+
+
+def test_dq_unit_is_a_power_of_two_above_the_bound():
+    """`dq_unit`: 2^61 units exceed the bound (bounds from 2^-65 up) and 2^59 do not (a tight unit), unit and
+    1 / unit are normal floats, and a bound that is not finite gives NaN."""
+    bounds = torch.tensor([0.0, 1e-45, 1e-30, 2.0 ** -65, 0.7, 1.0, 2.0, 3.0, 1e20, 2.0 ** 100, 3.4e38,
+                           float("inf"), float("nan")], device=DEVICE)
+    unit = torch.empty_like(bounds)
+    _dq_units[(1,)](bounds, unit, bounds.numel(), BLOCK=16)
+    finite, big = unit[:-2], bounds[:-2].double() >= 2.0 ** -65
+    assert torch.equal(finite, torch.exp2(torch.log2(finite).round()))
+    assert (finite >= 2.0 ** -126).all() and torch.isfinite(1.0 / finite).all()
+    assert (finite.double()[big] * 2.0 ** 61 > bounds[:-2].double()[big]).all()
+    assert (finite.double() * 2.0 ** 59 <= bounds[:-2].double().clamp_min(2.0 ** -66) * 2).all()
+    assert unit[-2:].isnan().all()
 
 
 def test_the_shared_memory_query_traces_under_torch_compile(monkeypatch):

@@ -23,8 +23,8 @@ from .schedule import KernelSchedule, build_key_schedule, build_key_tiles, build
 from .tuning import KernelConfig
 from ..reference.layout import BlockSparseLayout
 
-__all__ = ["BackwardConfig", "BackwardSchedules", "BackwardTiles", "backward_config", "launch_backward", "launch_delta",
-           "launch_dkdv", "launch_dq", "run_trainable"]
+__all__ = ["BackwardConfig", "BackwardSchedules", "BackwardTiles", "backward_config", "dq_from_units", "key_bounds",
+           "launch_backward", "launch_delta", "launch_dkdv", "launch_dq", "run_trainable", "single_pass_config"]
 
 
 @dataclass(frozen=True)
@@ -48,8 +48,8 @@ class BackwardConfig:
     """The two backward kernels' launches. ``dkdv``: programs own key tiles of ``dkdv.block_n`` keys and step
     through their query spans ``dkdv.block_m`` rows at a time. ``dq``: programs own query tiles of ``dq.block_m``
     rows and step through their key spans ``dq.block_n`` keys at a time; None: the single pass, where the dK/dV
-    kernel adds dQ with float32 atomics (no dQ kernel, two products fewer per pair, not deterministic; the
-    benchmarks' variant, no default uses it)."""
+    kernel adds dQ with integer atomics into an exact int64 sum (no dQ kernel, two products fewer per pair,
+    deterministic; the benchmarks' variant, no default uses it yet)."""
 
     dkdv: BackwardTiles
     dq: Optional[BackwardTiles]
@@ -84,6 +84,17 @@ def backward_config(dtype: torch.dtype, head_dim: int, device: Optional[torch.de
     return BackwardConfig(BackwardTiles(64, 128, 8, 3, use_tma=True), BackwardTiles(128, 64, 8, 3, use_tma=True))
 
 
+def single_pass_config(dtype: torch.dtype, head_dim: int, device: Optional[torch.device] = None) -> BackwardConfig:
+    """The single pass's launch (`BackwardConfig` with ``dq=None``): `backward_config`'s dK/dV tiles, except in
+    half precision on Hopper, where its 64-row steps spill registers inside the loop at head dim 128 once the
+    dK/dV kernel also computes dQ; 32-row steps (8 warps, 3 stages, descriptor reads) compile spill-free for
+    sm_90a at head dims 64 and 128 (`compile_check --kernel backward`; not timed yet)."""
+    dkdv = backward_config(dtype, head_dim, device).dkdv
+    if dkdv.use_tma and dkdv.block_m > 32:
+        dkdv = BackwardTiles(32, dkdv.block_n, dkdv.num_warps, dkdv.num_stages, use_tma=True)
+    return BackwardConfig(dkdv, None)
+
+
 def _device_query(index: int) -> int:
     return int(triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"])
 
@@ -114,24 +125,40 @@ class BackwardSchedules:
         return BackwardSchedules(dq, build_key_schedule(layout, cfg.dkdv.block_n, device))
 
 
-def launch_delta(do: Tensor, out: Tensor, dlse: Optional[Tensor], delta: Tensor) -> None:
-    """``delta [B, H, Sq]`` float32 = rowsum(out * do) - dlse (`bwd_preprocess`)."""
+def launch_delta(do: Tensor, out: Tensor, dlse: Optional[Tensor], delta: Tensor,
+                 kv_bound: Optional[Tensor] = None, dq_unit: Optional[Tensor] = None) -> None:
+    """``delta [B, H, Sq]`` float32 = rowsum(out * do) - dlse (`bwd_preprocess`); with ``kv_bound [B, H_kv, 2]``
+    (`key_bounds`) also ``dq_unit [B, H, Sq]`` float32, each row's unit of the single pass's int64 dQ sum."""
     B, Sq, H, D = out.shape
+    kv_group = H // kv_bound.shape[1] if kv_bound is not None else 1
     with launch_lock():
         bwd_preprocess[(triton.cdiv(Sq, 64), B * H)](
             out, do, dlse if dlse is not None else delta, delta,
+            kv_bound if kv_bound is not None else delta, dq_unit if dq_unit is not None else delta,
             out.stride(0), out.stride(1), out.stride(2), do.stride(0), do.stride(1), do.stride(2), Sq,
-            NUM_HEADS=H, HEAD_DIM=D, BLOCK_M=64, HAS_DLSE=dlse is not None)
+            NUM_HEADS=H, KV_GROUP=kv_group, HEAD_DIM=D, BLOCK_M=64, HAS_DLSE=dlse is not None,
+            HAS_UNIT=dq_unit is not None)
+
+
+def key_bounds(k: Tensor, v: Tensor, scale: float) -> Tensor:
+    """``[B, H_kv, 2]`` float32: ``|scale| * max |K|`` and ``max_j ||V_j||`` over each key head's finite values
+    (keys no query attends may hold anything; a non-finite one that is attended makes its rows' dQ NaN in the
+    kernel), the key side of the single pass's bound on dQ (`block_sparse_bwd.dq_unit`)."""
+    k_abs = torch.where(torch.isfinite(k), k.abs(), 0).amax(dim=(1, 3)).float()
+    v_norm = torch.linalg.vector_norm(v, dim=-1, dtype=torch.float32)
+    v_norm = torch.where(torch.isfinite(v_norm), v_norm, 0.0).amax(dim=1)
+    return torch.stack([k_abs * abs(scale), v_norm], dim=-1).contiguous()
 
 
 def launch_dkdv(do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, delta: Tensor, dk: Tensor, dv: Tensor,
                 sched: KernelSchedule, per_head_layout: bool, scale: float, tiles: BackwardTiles,
-                dq_acc: Optional[Tensor] = None):
+                dq_acc: Optional[Tensor] = None, dq_unit: Optional[Tensor] = None):
     """Write every element of ``dk``, ``dv [B, Skv, H_kv, D]``; ``sched``: `build_key_schedule` at
     ``tiles.block_n``. Per-head layouts with GQA go through per-query-head fp32 buffers summed per group
-    (no atomics). ``dq_acc``: a zeroed float32 ``[B, Sq, H, D]`` the kernel also adds every pair's dQ share to
-    (atomics, not deterministic; the benchmarks' single-pass variant, no dQ kernel needed). Returns the launched
-    compiled kernel (its ``n_regs``, ``n_spills``), None if none ran."""
+    (no atomics). ``dq_acc``: a zeroed int64 ``[B, Sq, H, D]`` the kernel also adds every pair's dQ share to, in
+    multiples of its row's ``dq_unit [B, H, Sq]`` (`launch_delta`): the single pass, no dQ kernel needed; integer
+    atomics, so the sums are exact and deterministic. Returns the launched compiled kernel (its ``n_regs``,
+    ``n_spills``), None if none ran."""
     B, Sq, H, D = q.shape
     Skv, Hkv = k.shape[1], k.shape[2]
     group = H // Hkv
@@ -139,9 +166,12 @@ def launch_dkdv(do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, delta:
         dk.zero_()
         dv.zero_()
         return None
-    if dq_acc is not None and (dq_acc.dtype != torch.float32 or dq_acc.shape != q.shape or dq_acc.stride(-1) != 1):
-        raise ValueError(f"dq_acc: expected float32 {tuple(q.shape)} with a contiguous head dim, got {dq_acc.dtype} "
+    if dq_acc is not None and (dq_acc.dtype != torch.int64 or dq_acc.shape != q.shape or dq_acc.stride(-1) != 1):
+        raise ValueError(f"dq_acc: expected int64 {tuple(q.shape)} with a contiguous head dim, got {dq_acc.dtype} "
                          f"{tuple(dq_acc.shape)} strides {dq_acc.stride()}")
+    if dq_acc is not None and (dq_unit is None or dq_unit.shape != lse.shape or not dq_unit.is_contiguous()):
+        raise ValueError(f"dq_unit: expected a contiguous float32 {tuple(lse.shape)} with dq_acc, got "
+                         f"{None if dq_unit is None else tuple(dq_unit.shape)}")
     per_query_head = per_head_layout and group > 1
     dk_buf = torch.empty(B, Skv, H, D, dtype=torch.float32, device=q.device) if per_query_head else dk
     dv_buf = torch.empty(B, Skv, H, D, dtype=torch.float32, device=q.device) if per_query_head else dv
@@ -149,7 +179,7 @@ def launch_dkdv(do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, delta:
         acc = dq_acc if dq_acc is not None else delta  # unread without ACCUMULATE_DQ
         acc_strides = _strides(dq_acc) if dq_acc is not None else [0, 0, 0]
         kernel = block_sparse_attn_bwd_dkdv[(sched.max_tiles, B * (H if per_head_layout else Hkv))](
-            q, k, v, do, dk_buf, dv_buf, lse, delta, acc,
+            q, k, v, do, dk_buf, dv_buf, lse, delta, dq_unit if dq_unit is not None else delta, acc,
             *_strides(q, k, v, do, dk_buf, dv_buf), *acc_strides, *sched.tensors(), scale, Sq,
             BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, USE_TMA=_descriptors(tiles, q, do),
             ACCUMULATE_DQ=dq_acc is not None, **_constants(q, k, per_head_layout, tiles))
@@ -179,25 +209,30 @@ def launch_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
                     dq: Tensor, dk: Tensor, dv: Tensor, sched: BackwardSchedules, per_head_layout: bool,
                     scale: float, cfg: BackwardConfig) -> None:
     """Write ``dq [B, Sq, H, D]``, ``dk``, ``dv [B, Skv, H_kv, D]`` (every element): the delta pre-pass, then
-    the dK/dV and dQ kernels (single pass: the dK/dV kernel into a zeroed float32 dQ accumulator, then its cast).
-    ``lse [B, H, Sq]`` float32 from the forward; ``dlse`` its gradient or None."""
+    the dK/dV and dQ kernels (single pass: the dK/dV kernel into a zeroed int64 dQ sum, then its scaling to
+    ``dq``). ``lse [B, H, Sq]`` float32 from the forward; ``dlse`` its gradient or None."""
     B, Sq, H, _ = q.shape
     if B == 0 or Sq == 0 or sched.dkdv.max_tiles == 0:  # no key any query attends
         for t in (dq, dk, dv):
             t.zero_()
         return
     delta = torch.empty(B, H, Sq, dtype=torch.float32, device=q.device)
-    launch_delta(do, out, dlse, delta)
     if cfg.dq is None:
-        if torch.are_deterministic_algorithms_enabled():
-            raise RuntimeError("the single-pass backward (BackwardConfig.dq=None) adds dQ with atomics, which "
-                               "torch.use_deterministic_algorithms(True) forbids; use a dQ kernel launch")
-        acc = torch.zeros(dq.shape, dtype=torch.float32, device=q.device)
-        launch_dkdv(do, q, k, v, lse, delta, dk, dv, sched.dkdv, per_head_layout, scale, cfg.dkdv, dq_acc=acc)
-        dq.copy_(acc)
+        unit = torch.empty(B, H, Sq, dtype=torch.float32, device=q.device)
+        launch_delta(do, out, dlse, delta, key_bounds(k, v, scale), unit)
+        acc = torch.zeros(dq.shape, dtype=torch.int64, device=q.device)
+        launch_dkdv(do, q, k, v, lse, delta, dk, dv, sched.dkdv, per_head_layout, scale, cfg.dkdv, acc, unit)
+        dq.copy_(dq_from_units(acc, unit))
         return
+    launch_delta(do, out, dlse, delta)
     launch_dkdv(do, q, k, v, lse, delta, dk, dv, sched.dkdv, per_head_layout, scale, cfg.dkdv)
     launch_dq(do, q, k, v, lse, delta, dq, sched.dq, per_head_layout, scale, cfg.dq)
+
+
+def dq_from_units(acc: Tensor, dq_unit: Tensor) -> Tensor:
+    """The single pass's dQ ``[B, Sq, H, D]`` float32: its int64 sums ``acc`` times their rows' ``dq_unit
+    [B, H, Sq]`` (a power of two: the product only rounds to float32 once)."""
+    return acc.to(torch.float32) * dq_unit.transpose(1, 2).unsqueeze(-1)
 
 
 def _descriptors(tiles: BackwardTiles, *walked: Tensor) -> bool:

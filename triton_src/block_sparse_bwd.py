@@ -11,7 +11,9 @@ lse's own gradient, see `bwd_preprocess`), ``dS = P * (dP - Delta)``:
   its key spans like the forward kernel.
 
 Each output element is written by exactly one program (no atomics, deterministic), except in the dK/dV kernel's
-opt-in ACCUMULATE_DQ variant, which adds dQ with float32 atomics instead of a dQ kernel. Scores live in the exp2
+opt-in ACCUMULATE_DQ variant (the single pass), which adds dQ with integer atomics instead of a dQ kernel: each
+row's sum is kept in int64 multiples of a power of two chosen from a bound on it (`dq_unit`), so it is exact and
+the same in any order (deterministic too). Scores live in the exp2
 domain (``qk_scale = scale * log2(e)``), accumulators in fp32; any finite scale sign works (no running max).
 Tensors are ``[B, S, H, D]`` with any batch/sequence/head strides and a contiguous head dim; ``LSE`` and
 ``DELTA`` are contiguous ``[B, H, Sq]`` float32. Both kernels walk every span's full steps first (no masks) and
@@ -27,10 +29,13 @@ LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
-def bwd_preprocess(O, DO, DLSE, DELTA, stride_ob, stride_os, stride_oh, stride_dob, stride_dos, stride_doh, q_len,
-                   NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, HAS_DLSE: tl.constexpr):
+def bwd_preprocess(O, DO, DLSE, DELTA, KV_BOUND, DQ_UNIT, stride_ob, stride_os, stride_oh, stride_dob, stride_dos,
+                   stride_doh, q_len, NUM_HEADS: tl.constexpr, KV_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+                   BLOCK_M: tl.constexpr, HAS_DLSE: tl.constexpr, HAS_UNIT: tl.constexpr):
     """``DELTA[b, h, s] = sum_d O * dO - dLSE`` (fp32): the lse gradient enters dS exactly like ``-Delta``.
-    Grid ``(cdiv(q_len, BLOCK_M), B * H)``."""
+    HAS_UNIT: also ``DQ_UNIT[b, h, s]``, the power of two that one unit of the single pass's int64 dQ sum stands
+    for (`dq_unit`), from ``KV_BOUND [B, H_kv, 2]`` = (``|scale| * max |K|``, ``max_j ||V_j||``) of the row's key
+    head. Grid ``(cdiv(q_len, BLOCK_M), B * H)``."""
     pid_bh = tl.program_id(1)
     b = (pid_bh // NUM_HEADS).to(tl.int64)
     h = pid_bh % NUM_HEADS
@@ -40,12 +45,32 @@ def bwd_preprocess(O, DO, DLSE, DELTA, stride_ob, stride_os, stride_oh, stride_d
     rows = offs_m[:, None].to(tl.int64)
     o = tl.load(O + b * stride_ob + h * stride_oh + rows * stride_os + offs_d[None, :], mask=row_ok[:, None], other=0.0)
     do = tl.load(DO + b * stride_dob + h * stride_doh + rows * stride_dos + offs_d[None, :], mask=row_ok[:, None],
-                 other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+                 other=0.0).to(tl.float32)
+    delta = tl.sum(o.to(tl.float32) * do, 1)
     lse_offs = (b * NUM_HEADS + h) * q_len + offs_m
     if HAS_DLSE:
         delta -= tl.load(DLSE + lse_offs, mask=row_ok, other=0.0)
     tl.store(DELTA + lse_offs, delta, mask=row_ok)
+    if HAS_UNIT:
+        kv = KV_BOUND + (b * (NUM_HEADS // KV_GROUP) + h // KV_GROUP) * 2
+        unit = dq_unit(tl.load(kv) * (tl.sqrt(tl.sum(do * do, 1)) * tl.load(kv + 1) + tl.abs(delta)))
+        tl.store(DQ_UNIT + lse_offs, unit, mask=row_ok)
+
+
+@triton.jit
+def dq_unit(bound):
+    """The single pass sums dQ as int64 multiples of ``unit = 2^(e - 61)``, a power of two with ``2^e > bound``.
+    ``bound`` caps every partial sum of a row's dQ over keys: ``|sum_j dS_ij K_jd| * |scale| <= |scale| max|K|
+    sum_j P_ij |dP_ij - Delta_i| <= |scale| max|K| (||dO_i|| max_j ||V_j|| + |Delta_i|)``, as ``P`` sums to 1 over
+    the row. So every partial sum stays within ``2^61`` units (int64 holds ``2^63``), integer addition makes
+    the sum exact in any order (deterministic), and each key tile's share loses only its own fp32 rounding.
+    ``e`` comes off the float's exponent field (no log), at least -65 so that ``unit`` and ``1 / unit`` are normal
+    floats. A bound that is not finite gives unit NaN, so the row's dQ comes out NaN: that happens exactly when an
+    input the row attends (its q or dO, a key or value of its layout) is NaN or infinite, since then its output
+    or Delta is, or when the bound overflows float32 (inputs near 1e13 in size); a finite share never is."""
+    field = (bound.to(tl.int32, bitcast=True) >> 23) & 0xFF
+    unit = ((tl.maximum(field - 126, -65) + 66) << 23).to(tl.float32, bitcast=True)
+    return tl.where(field == 0xFF, float("nan"), unit)
 
 
 @triton.jit
@@ -144,13 +169,14 @@ def block_sparse_attn_bwd_dq(
 
 
 @triton.jit
-def _dkdv_step(dk, dv, k, v, key_ok, q_ptr, q_desc, do_ptr, do_desc, lse_ptr, delta_ptr, acc_ptr, q0, q_end,
-               stride_qs, stride_dos, stride_as, sm_scale, qk_scale, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
-               MASKED: tl.constexpr, USE_TMA: tl.constexpr, ACCUMULATE_DQ: tl.constexpr,
+def _dkdv_step(dk, dv, k, v, key_ok, q_ptr, q_desc, do_ptr, do_desc, lse_ptr, delta_ptr, unit_ptr, acc_ptr, q0,
+               q_end, stride_qs, stride_dos, stride_as, sm_scale, qk_scale, BLOCK_M: tl.constexpr,
+               HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, USE_TMA: tl.constexpr, ACCUMULATE_DQ: tl.constexpr,
                DOT_PRECISION: tl.constexpr):
     """Add query rows ``q0 .. q0 + BLOCK_M`` of one head (rows from ``q_end`` on left out when MASKED) to the key
     tile's ``dk`` (unscaled) and ``dv``; everything is transposed (keys are rows). ACCUMULATE_DQ: also add these
-    rows' ``scale * dS K`` to the fp32 dQ accumulator at ``acc_ptr`` (atomics)."""
+    rows' ``scale * dS K``, in int64 multiples of their row's `dq_unit` at ``unit_ptr``, to the dQ sum at
+    ``acc_ptr`` (integer atomics: exact, so the order does not matter)."""
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     q = load_rows(q_ptr, q_desc, q0, offs_m, offs_d, stride_qs, q_end, BLOCK_M, MASKED, USE_TMA)
@@ -170,18 +196,23 @@ def _dkdv_step(dk, dv, k, v, key_ok, q_ptr, q_desc, do_ptr, do_desc, lse_ptr, de
     dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
     if ACCUMULATE_DQ:  # dQ sums over keys: a short tile's padding keys (whose dS may be inf) must not enter it
         ds = tl.trans(tl.where(key_ok[:, None], dst, 0.0).to(k.dtype))
-        dq_part = tl.dot(ds, k, input_precision=DOT_PRECISION) * sm_scale
+        if MASKED:
+            per_unit = sm_scale / tl.load(unit_ptr + q0 + offs_m, mask=row_ok, other=1.0)
+        else:
+            per_unit = sm_scale / tl.load(unit_ptr + q0 + offs_m)
+        # |units| < 2^61 (`dq_unit`); a non-finite share converts to anything, but only in a row whose unit is NaN
+        units = (tl.dot(ds, k, input_precision=DOT_PRECISION) * per_unit[:, None]).to(tl.int64)
         acc_ptrs = acc_ptr + (q0 + offs_m)[:, None].to(tl.int64) * stride_as + offs_d[None, :]
         if MASKED:
-            tl.atomic_add(acc_ptrs, dq_part, mask=(q0 + offs_m < q_end)[:, None], sem="relaxed")
+            tl.atomic_add(acc_ptrs, units, mask=row_ok[:, None], sem="relaxed")
         else:
-            tl.atomic_add(acc_ptrs, dq_part, sem="relaxed")
+            tl.atomic_add(acc_ptrs, units, sem="relaxed")
     return dk, dv
 
 
 @triton.jit
 def block_sparse_attn_bwd_dkdv(
-    Q, K, V, DO, DK, DV, LSE, DELTA, DQ_ACC,
+    Q, K, V, DO, DK, DV, LSE, DELTA, DQ_UNIT, DQ_ACC,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -197,8 +228,9 @@ def block_sparse_attn_bwd_dkdv(
     ACCUMULATE_DQ: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """dK, dV of one key tile (the transpose's schedule: ``tile_*`` are key rows, spans are query tokens).
-    ACCUMULATE_DQ: also adds each pair's dQ share to ``DQ_ACC [B, Sq, H, D]`` float32 with atomics (FlashAttention-2
-    and -3's single pass; not deterministic), so no dQ kernel has to recompute the scores.
+    ACCUMULATE_DQ: also adds each pair's dQ share to ``DQ_ACC [B, Sq, H, D]`` int64 with atomics, in multiples
+    of its row's ``DQ_UNIT [B, H, Sq]`` (`dq_unit`): the single pass of FlashAttention-2 and -3, so no dQ kernel has
+    to recompute the scores, but deterministic, since integer sums do not depend on the order.
 
     Shared layout: grid ``(max key tiles, B * H_kv)``, one program sums the ``KV_GROUP`` query heads of its key
     head and writes ``DK/DV [B, Skv, H_kv, D]``. Per-head layout: grid ``(max key tiles of a head, B * H)``, one
@@ -238,6 +270,7 @@ def block_sparse_attn_bwd_dkdv(
         do_ptr = DO + b * stride_dob + h * stride_doh
         lse_ptr = LSE + (b * NUM_HEADS + h) * q_len
         delta_ptr = DELTA + (b * NUM_HEADS + h) * q_len
+        unit_ptr = DQ_UNIT + (b * NUM_HEADS + h) * q_len
         acc_ptr = DQ_ACC + b * stride_ab + h * stride_ah
         q_desc, do_desc = _walked_rows(q_ptr, do_ptr, q_len, stride_qs, stride_dos, BLOCK_M, HEAD_DIM, USE_TMA)
         for sp in range(lo, hi):  # every span's full query steps (no masks), then every ragged tail
@@ -245,16 +278,16 @@ def block_sparse_attn_bwd_dkdv(
             full_end = s + ((tl.load(span_end + sp) - s) // BLOCK_M) * BLOCK_M
             for q0 in range(s, full_end, BLOCK_M):
                 dk, dv = _dkdv_step(dk, dv, k, v, key_ok, q_ptr, q_desc, do_ptr, do_desc, lse_ptr, delta_ptr,
-                                    acc_ptr, q0, q0 + BLOCK_M, stride_qs, stride_dos, stride_as, sm_scale, qk_scale,
-                                    BLOCK_M, HEAD_DIM, False, USE_TMA, ACCUMULATE_DQ, DOT_PRECISION)
+                                    unit_ptr, acc_ptr, q0, q0 + BLOCK_M, stride_qs, stride_dos, stride_as, sm_scale,
+                                    qk_scale, BLOCK_M, HEAD_DIM, False, USE_TMA, ACCUMULATE_DQ, DOT_PRECISION)
         for sp in range(lo, hi):
             s = tl.load(span_start + sp)
             e = tl.load(span_end + sp)
             full_end = s + ((e - s) // BLOCK_M) * BLOCK_M
             if full_end < e:
                 dk, dv = _dkdv_step(dk, dv, k, v, key_ok, q_ptr, q_desc, do_ptr, do_desc, lse_ptr, delta_ptr,
-                                    acc_ptr, full_end, e, stride_qs, stride_dos, stride_as, sm_scale, qk_scale,
-                                    BLOCK_M, HEAD_DIM, True, USE_TMA, ACCUMULATE_DQ, DOT_PRECISION)
+                                    unit_ptr, acc_ptr, full_end, e, stride_qs, stride_dos, stride_as, sm_scale,
+                                    qk_scale, BLOCK_M, HEAD_DIM, True, USE_TMA, ACCUMULATE_DQ, DOT_PRECISION)
     dk_ptrs = DK + b * stride_dkb + oh * stride_dkh + keys * stride_dks + offs_d[None, :]
     dv_ptrs = DV + b * stride_dvb + oh * stride_dvh + keys * stride_dvs + offs_d[None, :]
     tl.store(dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=key_ok[:, None])

@@ -1,6 +1,6 @@
 """Compile the Hopper kernels for sm_90a without a GPU: the Gluon LVSA kernel in every variant the tuner can
 offer, the Gluon SVOO cluster kernel (`cluster_hopper`) in its launch configs, and the portable backward
-kernels (`block_sparse_bwd`) at their default tiles.
+kernels (`block_sparse_bwd`) at their default tiles and the single pass's.
 
     python -m lvsa_kernels.triton_src.compile_check [--json FILE] [--quick] [--kernel lvsa|cluster|backward]
                                                     [--loop-mix]
@@ -61,8 +61,8 @@ _TRITON_TYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.int8: "i8",
 @dataclass
 class Variant:
     """A variant of the LVSA Hopper kernel (``kernel="lvsa"``), of the SVOO cluster kernel (``"cluster"``:
-    exact precision, no short tiles) or of a portable backward kernel (``"bwd_dkdv"``, ``"bwd_dq"``: ``cfg``
-    holds its tiles, warps, stages and use_tma)."""
+    exact precision, no short tiles) or of a portable backward kernel (``"bwd_dkdv"``, ``"bwd_dq"``, or
+    ``"bwd_single"``, the dK/dV kernel summing dQ too: ``cfg`` holds its tiles, warps, stages and use_tma)."""
 
     head_dim: int
     dtype: str
@@ -105,12 +105,14 @@ def variants(quick: bool = False) -> Iterator[Variant]:
 
 def backward_variants() -> Iterator[Variant]:
     """The portable backward kernels (`block_sparse_bwd`) at `backward_launch.backward_config`'s bf16 tiles,
-    head dims 64 and 128: the dK/dV kernel (``"bwd_dkdv"``) and the dQ kernel (``"bwd_dq"``)."""
-    from .backward_launch import backward_config
+    head dims 64 and 128: the dK/dV kernel (``"bwd_dkdv"``) and the dQ kernel (``"bwd_dq"``); then the dK/dV
+    kernel that also sums dQ (``"bwd_single"``) at `backward_launch.single_pass_config`'s."""
+    from .backward_launch import backward_config, single_pass_config
 
     for head_dim in HEAD_DIMS:
         bwd = backward_config(torch.bfloat16, head_dim)
-        for kernel, t in (("bwd_dkdv", bwd.dkdv), ("bwd_dq", bwd.dq)):
+        single = single_pass_config(torch.bfloat16, head_dim)
+        for kernel, t in (("bwd_dkdv", bwd.dkdv), ("bwd_dq", bwd.dq), ("bwd_single", single.dkdv)):
             cfg = KernelConfig(t.block_m, t.block_n, t.num_warps, t.num_stages, t.use_tma, kernel="portable")
             yield Variant(head_dim, "bf16", "exact", cfg, 0, kernel)
 
@@ -167,18 +169,20 @@ def _backward_source(v: Variant):
 
     from .block_sparse_bwd import block_sparse_attn_bwd_dkdv, block_sparse_attn_bwd_dq
 
-    kernel = block_sparse_attn_bwd_dkdv if v.kernel == "bwd_dkdv" else block_sparse_attn_bwd_dq
+    kernel = block_sparse_attn_bwd_dq if v.kernel == "bwd_dq" else block_sparse_attn_bwd_dkdv
     half = _TRITON_TYPE[DTYPES[v.dtype]]
     constexprs = dict(NUM_HEADS=12, KV_GROUP=1, PER_HEAD_LAYOUT=False, HEAD_DIM=v.head_dim, BLOCK_M=v.cfg.block_m,
-                      BLOCK_N=v.cfg.block_n, USE_TMA=v.cfg.use_tma, ACCUMULATE_DQ=False,
+                      BLOCK_N=v.cfg.block_n, USE_TMA=v.cfg.use_tma, ACCUMULATE_DQ=v.kernel == "bwd_single",
                       DOT_PRECISION="tf32")
     signature, attrs = {}, {}
     for i, name in enumerate(kernel.arg_names):
         if name in constexprs:
             signature[name] = "constexpr"
             continue
-        if name in ("LSE", "DELTA", "DQ_ACC"):
+        if name in ("LSE", "DELTA", "DQ_UNIT"):
             signature[name] = "*fp32"
+        elif name == "DQ_ACC":
+            signature[name] = "*i64"
         elif name in ("Q", "K", "V", "DO", "DQ", "DK", "DV"):
             signature[name] = "*" + half
         elif name.startswith(("tile_", "span_")):
