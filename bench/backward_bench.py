@@ -230,7 +230,7 @@ def sweep_kernels(case, device, dkdv_tiles, dq_tiles, rep_ms: float) -> Dict[str
     from lvsa_kernels.timing import bench_ms
     from lvsa_kernels.triton_src.backward_launch import (backward_config, dq_from_units, key_bounds, launch_delta,
                                                          launch_dkdv, launch_dq)
-    from lvsa_kernels.triton_src.schedule import build_key_schedule, build_schedule
+    from lvsa_kernels.triton_src.schedule import build_key_schedule, build_pair_masks, build_schedule
 
     layout = case.layout()
     q, k, v = make_inputs(case, device, seed=0)
@@ -254,12 +254,13 @@ def sweep_kernels(case, device, dkdv_tiles, dq_tiles, rep_ms: float) -> Dict[str
                     (dk, dv), 2.0
             acc, dq = torch.empty(q.shape, dtype=torch.int64, device=device), torch.empty_like(q)
             unit, delta1 = torch.empty_like(delta), torch.empty_like(delta)
+            rows, keys = build_pair_masks(layout, device)
 
             def single_pass():  # what replaces the dQ kernel: the bound pre-pass, the pass, the scaling
                 acc.zero_()
-                launch_delta(do, out, None, delta1, key_bounds(k, v, scale), unit)
+                launch_delta(do, out, None, delta1, q, key_bounds(k, v, keys), unit)
                 kernel = launch_dkdv(do, q, k, v, lse, delta1, dk, dv, sched, per_head, scale, tiles, acc, unit)
-                dq.copy_(dq_from_units(acc, unit))
+                dq.copy_(dq_from_units(acc, unit, scale, rows))
                 return kernel
             return single_pass, (dk, dv, dq), 2.5
         sched = build_schedule(layout, tiles.block_m, device)

@@ -15,7 +15,7 @@ from lvsa_kernels.backends import base as backend_base
 from lvsa_kernels.backends.base import Backend, Capabilities
 from lvsa_kernels.triton_src.backward_launch import BackwardSchedules, backward_config, launch_backward, run_trainable
 from lvsa_kernels.triton_src.block_sparse_bwd import dq_unit
-from lvsa_kernels.triton_src.schedule import build_key_schedule, build_schedule
+from lvsa_kernels.triton_src.schedule import build_key_schedule, build_pair_masks, build_schedule
 from lvsa_kernels.triton_src.tuning import INTERPRETER_CONFIG, KernelConfig, hopper_configs
 from test_hopper_kernel import needs_hopper, ragged_layout
 from test_triton_kernel import random_layout
@@ -314,12 +314,13 @@ def _single_pass(layout, q, k, v, do, dlse, scale, sched):
     B, Sq, H, _ = q.shape
     out, lse = block_sparse_attn(q, k, v, layout, backend="triton", scale=scale, return_lse=True)
     delta, unit = (torch.empty(B, H, Sq, dtype=torch.float32, device=q.device) for _ in range(2))
-    launch_delta(do, out, dlse, delta, key_bounds(k, v, scale), unit)
+    rows, keys = build_pair_masks(layout, q.device)
+    launch_delta(do, out, dlse, delta, q, key_bounds(k, v, keys), unit)
     acc = torch.zeros(q.shape, dtype=torch.int64, device=q.device)
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     launch_dkdv(do, q, k, v, lse, delta, dk, dv, sched, layout.num_heads > 1, scale, BackwardTiles(16, 16, 1, 1),
                 acc, unit)
-    return dq_from_units(acc, unit), acc, unit
+    return dq_from_units(acc, unit, scale, rows), acc, unit
 
 
 def _reversed_tiles(sched):
@@ -365,24 +366,73 @@ def test_single_pass_sums_stay_within_their_bound():
     assert rel_err(dq, ref) <= 1e-5
 
 
+def test_single_pass_bound_is_tight_and_holds():
+    """Inputs that reach the bound (uniform P, keys +-c in every channel and values +-v along dO with signs
+    matching, so every share adds up): the sums sit within a factor 2 of the 2^61 limit (a bound built with the
+    largest value entry instead of the largest value norm would overflow here), and dq equals the reference."""
+    layout = BlockSparseLayout.from_block_mask(torch.ones(1, 1, dtype=torch.bool), [8], [32])
+    sign = torch.tensor([1.0, -1.0]).repeat(16).double()
+    u = torch.randn(16, generator=torch.Generator().manual_seed(24), dtype=torch.float64)
+    q = torch.zeros(1, 8, 1, 16, dtype=torch.float64)
+    k = (3.0 * sign[:, None]).expand(32, 16).reshape(1, 32, 1, 16)
+    v = (0.5 * sign[:, None] * u).reshape(1, 32, 1, 16)
+    do = u.expand(1, 8, 1, 16)
+    dq, acc, _ = _single_pass(layout, *(t.float().to(DEVICE) for t in (q, k, v, do)), None, 0.7,
+                              build_key_schedule(layout, 16, DEVICE))
+    assert acc.abs().max() < 2 ** 61 and acc.abs().max() >= 2 ** 59
+    ref = grads(q, k, v, do, torch.zeros(1, 1, 8, dtype=torch.float64), layout, 0.7, "reference", torch.float64)[0]
+    assert rel_err(dq, ref) <= 1e-6
+
+
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's NaN shares
-def test_single_pass_dq_is_nan_exactly_where_a_non_finite_input_is_attended():
-    """A NaN key that some rows attend makes those rows' dq NaN, as with the dQ kernel; one that no row attends
-    (or an inf outside the layout) leaves dq unchanged."""
-    layout, _ = layouts()["unattended"]  # keys 30.. are attended by nothing
+@pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning")
+def test_single_pass_non_finite_inputs():
+    """NaN or inf inputs: a key no query attends (even a huge finite one) leaves dq's bits unchanged; an attended
+    key holding -inf (score -inf, so out and lse stay finite) makes its head's dq NaN (the dQ kernel: the rows
+    attending it); a NaN q or lse gradient makes only its row NaN, and a row without keys stays 0 whatever its
+    lse gradient, as with the dQ kernel."""
+    layout, _ = layouts()["unattended"]  # keys 30.. are attended by nothing; query rows 9..14 attend nothing
     q, k, v, do, dlse = (t.float().to(DEVICE) for t in inputs(layout, 1, 2, 2, 16, 23))
     sched = build_key_schedule(layout, 16, DEVICE)
-    clean = _single_pass(layout, q, k, v, do, dlse, 0.5, sched)[0]
+
+    def single(q=q, k=k, v=v, dlse=dlse):
+        return _single_pass(layout, q, k, v, do, dlse, 0.5, sched)[0]
+
+    def dq_kernel(q=q, k=k, v=v, dlse=dlse):
+        return grads(q, k, v, do, dlse, layout, 0.5, "triton", torch.float32)[0]
+
+    clean = single()
     k_out, v_out = k.clone(), v.clone()
-    k_out[0, 31, 1, 2], v_out[0, 33, 0, 0] = float("nan"), float("inf")
-    assert torch.equal(_single_pass(layout, q, k_out, v_out, do, dlse, 0.5, sched)[0], clean)
+    k_out[0, 31, 1, 2], k_out[0, 32, 0, 0], v_out[0, 33, 0, 0] = float("nan"), 1e30, float("inf")
+    assert torch.equal(single(k=k_out, v=v_out), clean)
+
     k_in = k.clone()
-    k_in[0, 3, 1, 0] = float("nan")  # key block 0: attended by query blocks 0 and 2, head 1
-    dq = _single_pass(layout, q, k_in, v, do, dlse, 0.5, sched)[0]
-    want = grads(q, k_in, v, do, dlse, layout, 0.5, "triton", torch.float32)[0]
-    assert torch.equal(dq.isnan(), want.isnan()) and dq[..., 1, :].isnan().any() and not dq[..., 0, :].isnan().any()
+    k_in[0, 3, 1, :] = float("-inf")  # key block 0 of head 1
+    got, want = single(k=k_in), dq_kernel(k=k_in)
+    assert want[0, :, 1].isnan().any() and not want[0, :, 0].isnan().any()
+    assert got[0, :, 1][want[0, :, 1].isnan().any(-1)].isnan().all()
+    assert torch.equal(got[0, :, 0], clean[0, :, 0])
+
+    q_in, dlse_in = q.clone(), dlse.clone()
+    q_in[0, 2, 0, 5], dlse_in[0, 1, 20], dlse_in[0, :, 9:15] = float("nan"), float("nan"), float("nan")
+    got, want = single(q=q_in, dlse=dlse_in), dq_kernel(q=q_in, dlse=dlse_in)
+    assert torch.equal(got.isnan(), want.isnan()) and got[0, 2, 0].isnan().all() and got[0, 20, 1].isnan().all()
+    assert (got[0, 9:15] == 0).all()
     finite = ~want.isnan()
-    assert rel_err(dq[finite], want[finite]) <= 1e-6
+    assert rel_err(got[finite], want[finite]) <= 1e-6
+
+
+@pytest.mark.parametrize("scale", [1e-30, 40.0, -1e4])
+def test_single_pass_any_scale_with_zero_rows(scale):
+    """Any finite scale, with a row whose output gradient is 0 (its bound is 0: the smallest unit): dq equals
+    the dQ kernel's (at scale -1e4 float32 scores themselves carry ~1e-3 error, in both)."""
+    layout, _ = layouts()["ragged_empty_rows"]
+    q, k, v, do, dlse = (t.float().to(DEVICE) for t in inputs(layout, 1, 2, 1, 16, 25))
+    do[0, 4], dlse[0, :, 4] = 0.0, 0.0
+    dq = _single_pass(layout, q, k, v, do, dlse, scale, build_key_schedule(layout, 16, DEVICE))[0]
+    want = grads(q, k, v, do, dlse, layout, scale, "triton", torch.float32)[0]
+    assert torch.isfinite(dq).all() and (dq[0, 4] == 0).all() and want.abs().max() > 0
+    assert rel_err(dq, want) <= 1e-5
 
 
 @triton.jit
@@ -392,8 +442,8 @@ def _dq_units(B, U, n, BLOCK: tl.constexpr):
 
 
 def test_dq_unit_is_a_power_of_two_above_the_bound():
-    """`dq_unit`: 2^61 units exceed the bound (bounds from 2^-65 up) and 2^59 do not (a tight unit), unit and
-    1 / unit are normal floats, and a bound that is not finite gives NaN."""
+    """`dq_unit`: the bound lies in [2^60, 2^61) units (bounds from 2^-65 up; below, the smallest unit 2^-126),
+    unit and 1 / unit are normal floats, and a bound that is not finite gives NaN."""
     bounds = torch.tensor([0.0, 1e-45, 1e-30, 2.0 ** -65, 0.7, 1.0, 2.0, 3.0, 1e20, 2.0 ** 100, 3.4e38,
                            float("inf"), float("nan")], device=DEVICE)
     unit = torch.empty_like(bounds)
@@ -401,8 +451,9 @@ def test_dq_unit_is_a_power_of_two_above_the_bound():
     finite, big = unit[:-2], bounds[:-2].double() >= 2.0 ** -65
     assert torch.equal(finite, torch.exp2(torch.log2(finite).round()))
     assert (finite >= 2.0 ** -126).all() and torch.isfinite(1.0 / finite).all()
+    assert (finite.double()[big] * 2.0 ** 60 <= bounds[:-2].double()[big]).all()
     assert (finite.double()[big] * 2.0 ** 61 > bounds[:-2].double()[big]).all()
-    assert (finite.double() * 2.0 ** 59 <= bounds[:-2].double().clamp_min(2.0 ** -66) * 2).all()
+    assert (finite[~big] == 2.0 ** -126).all()
     assert unit[-2:].isnan().all()
 
 

@@ -19,7 +19,7 @@ from torch import Tensor
 from .block_sparse_bwd import block_sparse_attn_bwd_dkdv, block_sparse_attn_bwd_dq, bwd_preprocess
 from .interpreter import interpreting, launch_lock
 from .launch import check_launch, descriptors_allowed, ensure_tma_allocator, launch, launch_hopper
-from .schedule import KernelSchedule, build_key_schedule, build_key_tiles, build_schedule
+from .schedule import KernelSchedule, build_key_schedule, build_key_tiles, build_pair_masks, build_schedule
 from .tuning import KernelConfig
 from ..reference.layout import BlockSparseLayout
 
@@ -113,41 +113,56 @@ def _shared_memory(device: torch.device) -> int:
 
 @dataclass(frozen=True)
 class BackwardSchedules:
-    """The index arrays the backward reads: ``dq``, the query tiles of ``dq.block_m`` (`build_schedule`; None for
-    the single pass); ``dkdv``, the key tiles of ``dkdv.block_n`` (`build_key_schedule`)."""
+    """The index arrays the backward reads: ``dq``, the query tiles of ``dq.block_m`` (`build_schedule`); or,
+    for the single pass, ``pair_masks`` (`build_pair_masks`: the rows with keys, the attended keys); ``dkdv``,
+    the key tiles of ``dkdv.block_n`` (`build_key_schedule`)."""
 
     dq: Optional[KernelSchedule]
     dkdv: KernelSchedule
+    pair_masks: Optional[Tuple[Tensor, Tensor]] = None
 
     @staticmethod
     def build(layout: BlockSparseLayout, cfg: BackwardConfig, device: torch.device) -> "BackwardSchedules":
-        dq = build_schedule(layout, cfg.dq.block_m, device) if cfg.dq is not None else None
-        return BackwardSchedules(dq, build_key_schedule(layout, cfg.dkdv.block_n, device))
+        dkdv = build_key_schedule(layout, cfg.dkdv.block_n, device)
+        if cfg.dq is None:
+            return BackwardSchedules(None, dkdv, build_pair_masks(layout, device))
+        return BackwardSchedules(build_schedule(layout, cfg.dq.block_m, device), dkdv)
+
+    def dq_tensors(self) -> List[Tensor]:
+        """What the differentiable op carries for dQ: the dQ schedule's tensors, or the single pass's masks."""
+        return list(self.dq.tensors()) if self.dq is not None else list(self.pair_masks)
 
 
-def launch_delta(do: Tensor, out: Tensor, dlse: Optional[Tensor], delta: Tensor,
+def launch_delta(do: Tensor, out: Tensor, dlse: Optional[Tensor], delta: Tensor, q: Optional[Tensor] = None,
                  kv_bound: Optional[Tensor] = None, dq_unit: Optional[Tensor] = None) -> None:
-    """``delta [B, H, Sq]`` float32 = rowsum(out * do) - dlse (`bwd_preprocess`); with ``kv_bound [B, H_kv, 2]``
-    (`key_bounds`) also ``dq_unit [B, H, Sq]`` float32, each row's unit of the single pass's int64 dQ sum."""
+    """``delta [B, H, Sq]`` float32 = rowsum(out * do) - dlse (`bwd_preprocess`); with ``q`` and ``kv_bound
+    [B, H_kv, 2]`` (`key_bounds`) also ``dq_unit [B, H, Sq]`` float32, each row's unit of the single pass's
+    int64 dQ sum."""
     B, Sq, H, D = out.shape
     kv_group = H // kv_bound.shape[1] if kv_bound is not None else 1
+    q = q if q is not None else out  # unread without dq_unit
     with launch_lock():
         bwd_preprocess[(triton.cdiv(Sq, 64), B * H)](
-            out, do, dlse if dlse is not None else delta, delta,
+            out, do, q, dlse if dlse is not None else delta, delta,
             kv_bound if kv_bound is not None else delta, dq_unit if dq_unit is not None else delta,
-            out.stride(0), out.stride(1), out.stride(2), do.stride(0), do.stride(1), do.stride(2), Sq,
+            out.stride(0), out.stride(1), out.stride(2), do.stride(0), do.stride(1), do.stride(2),
+            q.stride(0), q.stride(1), q.stride(2), Sq,
             NUM_HEADS=H, KV_GROUP=kv_group, HEAD_DIM=D, BLOCK_M=64, HAS_DLSE=dlse is not None,
             HAS_UNIT=dq_unit is not None)
 
 
-def key_bounds(k: Tensor, v: Tensor, scale: float) -> Tensor:
-    """``[B, H_kv, 2]`` float32: ``|scale| * max |K|`` and ``max_j ||V_j||`` over each key head's finite values
-    (keys no query attends may hold anything; a non-finite one that is attended makes its rows' dQ NaN in the
-    kernel), the key side of the single pass's bound on dQ (`block_sparse_bwd.dq_unit`)."""
-    k_abs = torch.where(torch.isfinite(k), k.abs(), 0).amax(dim=(1, 3)).float()
-    v_norm = torch.linalg.vector_norm(v, dim=-1, dtype=torch.float32)
-    v_norm = torch.where(torch.isfinite(v_norm), v_norm, 0.0).amax(dim=1)
-    return torch.stack([k_abs * abs(scale), v_norm], dim=-1).contiguous()
+def key_bounds(k: Tensor, v: Tensor, attended: Tensor) -> Tensor:
+    """``[B, H_kv, 2]`` float32: ``max |K|`` and ``max_j ||V_j||`` over the keys each key head has attended
+    (``attended``: `build_pair_masks`' bool ``[Hl, Skv]``, Hl 1 or one per query head), the key side of the single
+    pass's bound on dQ (`block_sparse_bwd.dq_unit`). A NaN or inf there makes the head's bound NaN or inf;
+    keys no query attends may hold anything."""
+    Hkv = k.shape[2]
+    if attended.shape[0] > 1:  # a key head has attended what any query head of its group has
+        attended = attended.view(Hkv, -1, attended.shape[-1]).any(1)
+    mask = attended.t()[None, :, :, None]  # [1, Skv, H_kv or 1, 1]
+    k_abs = torch.where(mask, k.abs(), 0).amax(dim=(1, 3)).float()
+    v_norm = torch.where(mask[..., 0], torch.linalg.vector_norm(v, dim=-1, dtype=torch.float32), 0.0).amax(dim=1)
+    return torch.stack([k_abs, v_norm], dim=-1).contiguous()
 
 
 def launch_dkdv(do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, delta: Tensor, dk: Tensor, dv: Tensor,
@@ -218,21 +233,24 @@ def launch_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
         return
     delta = torch.empty(B, H, Sq, dtype=torch.float32, device=q.device)
     if cfg.dq is None:
+        rows, keys = sched.pair_masks
         unit = torch.empty(B, H, Sq, dtype=torch.float32, device=q.device)
-        launch_delta(do, out, dlse, delta, key_bounds(k, v, scale), unit)
+        launch_delta(do, out, dlse, delta, q, key_bounds(k, v, keys), unit)
         acc = torch.zeros(dq.shape, dtype=torch.int64, device=q.device)
         launch_dkdv(do, q, k, v, lse, delta, dk, dv, sched.dkdv, per_head_layout, scale, cfg.dkdv, acc, unit)
-        dq.copy_(dq_from_units(acc, unit))
+        dq.copy_(dq_from_units(acc, unit, scale, rows))
         return
     launch_delta(do, out, dlse, delta)
     launch_dkdv(do, q, k, v, lse, delta, dk, dv, sched.dkdv, per_head_layout, scale, cfg.dkdv)
     launch_dq(do, q, k, v, lse, delta, dq, sched.dq, per_head_layout, scale, cfg.dq)
 
 
-def dq_from_units(acc: Tensor, dq_unit: Tensor) -> Tensor:
+def dq_from_units(acc: Tensor, dq_unit: Tensor, scale: float, rows: Tensor) -> Tensor:
     """The single pass's dQ ``[B, Sq, H, D]`` float32: its int64 sums ``acc`` times their rows' ``dq_unit
-    [B, H, Sq]`` (a power of two: the product only rounds to float32 once)."""
-    return acc.to(torch.float32) * dq_unit.transpose(1, 2).unsqueeze(-1)
+    [B, H, Sq]`` (a power of two) and ``scale``; 0 on rows without keys (``rows``: `build_pair_masks`' bool
+    ``[Hl, Sq]``), whatever their unit, as the dQ kernel writes."""
+    dq = acc.to(torch.float32) * dq_unit.transpose(1, 2).unsqueeze(-1) * scale  # unit * scale may underflow
+    return torch.where(rows.t()[None, :, :, None], dq, 0.0)
 
 
 def _descriptors(tiles: BackwardTiles, *walked: Tensor) -> bool:
@@ -281,7 +299,7 @@ def triton_block_sparse_fwd_train(
     forward's `KernelSchedule` (tiles of ``block_m``) as ``tensors()``; ``kernel`` ``"portable"`` or
     ``"hopper"`` (then ``key_tiles`` are its `KeyTiles` ``tensors()`` with ``short_n``; empty for the portable
     kernel); the forward ints are its `KernelConfig`. The rest is for the backward: ``dq_sched`` /
-    ``dkdv_sched`` are `BackwardSchedules` as ``tensors()`` (``dq_sched`` empty for the single pass),
+    ``dkdv_sched`` are `BackwardSchedules` as tensors (``dq_sched``: `BackwardSchedules.dq_tensors`),
     ``bwd_tiles`` the `BackwardConfig` as 10 ints (`_pack_tiles`)."""
     B, Sq, H, D = q.shape
     out = torch.empty(B, Sq, H, D, dtype=q.dtype, device=q.device)
@@ -312,8 +330,11 @@ def triton_block_sparse_bwd(
         do = do.contiguous()
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     cfg = _unpack_tiles(bwd_tiles)
-    dq_schedule = KernelSchedule(cfg.dq.block_m, *dq_sched, max_dq_tiles) if cfg.dq is not None else None
-    sched = BackwardSchedules(dq_schedule, KernelSchedule(cfg.dkdv.block_n, *dkdv_sched, max_dkdv_tiles))
+    dkdv_schedule = KernelSchedule(cfg.dkdv.block_n, *dkdv_sched, max_dkdv_tiles)
+    if cfg.dq is None:
+        sched = BackwardSchedules(None, dkdv_schedule, tuple(dq_sched))
+    else:
+        sched = BackwardSchedules(KernelSchedule(cfg.dq.block_m, *dq_sched, max_dq_tiles), dkdv_schedule)
     launch_backward(do, q, k, v, out, lse, None if dlse is None else dlse.contiguous(), dq, dk, dv, sched,
                     per_head_layout, scale, cfg)
     return dq, dk, dv
@@ -360,9 +381,9 @@ def run_trainable(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout, sc
     check_launch(q_sched, tiles, cfg, "exact")
     key_tiles, short_n = (list(tiles.tensors()), tiles.short_n) if tiles is not None else ([], 0)
     bsched = BackwardSchedules.build(layout, bwd, q.device)
-    dq_sched, max_dq_tiles = (list(bsched.dq.tensors()), bsched.dq.max_tiles) if bsched.dq is not None else ([], 0)
+    max_dq_tiles = bsched.dq.max_tiles if bsched.dq is not None else 0
     return torch.ops.lvsa_kernels.triton_block_sparse_fwd_train(
         q, k, v, list(q_sched.tensors()), key_tiles, q_sched.max_tiles, layout.num_heads > 1, scale,
         cfg.kernel, cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, cfg.use_tma, cfg.warp_spec,
         cfg.exp2_poly, short_n,
-        dq_sched, list(bsched.dkdv.tensors()), max_dq_tiles, bsched.dkdv.max_tiles, _pack_tiles(bwd))
+        bsched.dq_tensors(), list(bsched.dkdv.tensors()), max_dq_tiles, bsched.dkdv.max_tiles, _pack_tiles(bwd))

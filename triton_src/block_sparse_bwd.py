@@ -29,13 +29,14 @@ LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
-def bwd_preprocess(O, DO, DLSE, DELTA, KV_BOUND, DQ_UNIT, stride_ob, stride_os, stride_oh, stride_dob, stride_dos,
-                   stride_doh, q_len, NUM_HEADS: tl.constexpr, KV_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-                   BLOCK_M: tl.constexpr, HAS_DLSE: tl.constexpr, HAS_UNIT: tl.constexpr):
+def bwd_preprocess(O, DO, Q, DLSE, DELTA, KV_BOUND, DQ_UNIT, stride_ob, stride_os, stride_oh, stride_dob, stride_dos,
+                   stride_doh, stride_qb, stride_qs, stride_qh, q_len, NUM_HEADS: tl.constexpr,
+                   KV_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, HAS_DLSE: tl.constexpr,
+                   HAS_UNIT: tl.constexpr):
     """``DELTA[b, h, s] = sum_d O * dO - dLSE`` (fp32): the lse gradient enters dS exactly like ``-Delta``.
     HAS_UNIT: also ``DQ_UNIT[b, h, s]``, the power of two that one unit of the single pass's int64 dQ sum stands
-    for (`dq_unit`), from ``KV_BOUND [B, H_kv, 2]`` = (``|scale| * max |K|``, ``max_j ||V_j||``) of the row's key
-    head. Grid ``(cdiv(q_len, BLOCK_M), B * H)``."""
+    for (`dq_unit`), from ``KV_BOUND [B, H_kv, 2]`` = (``max |K|``, ``max_j ||V_j||``) over the keys the row's
+    key head has attended, and NaN where the row's q holds a NaN or inf. Grid ``(cdiv(q_len, BLOCK_M), B * H)``."""
     pid_bh = tl.program_id(1)
     b = (pid_bh // NUM_HEADS).to(tl.int64)
     h = pid_bh % NUM_HEADS
@@ -52,22 +53,26 @@ def bwd_preprocess(O, DO, DLSE, DELTA, KV_BOUND, DQ_UNIT, stride_ob, stride_os, 
         delta -= tl.load(DLSE + lse_offs, mask=row_ok, other=0.0)
     tl.store(DELTA + lse_offs, delta, mask=row_ok)
     if HAS_UNIT:
+        q = tl.load(Q + b * stride_qb + h * stride_qh + rows * stride_qs + offs_d[None, :], mask=row_ok[:, None],
+                    other=0.0)
         kv = KV_BOUND + (b * (NUM_HEADS // KV_GROUP) + h // KV_GROUP) * 2
-        unit = dq_unit(tl.load(kv) * (tl.sqrt(tl.sum(do * do, 1)) * tl.load(kv + 1) + tl.abs(delta)))
-        tl.store(DQ_UNIT + lse_offs, unit, mask=row_ok)
+        bound = tl.load(kv) * (tl.sqrt(tl.sum(do * do, 1)) * tl.load(kv + 1) + tl.abs(delta))
+        bound += 0.0 * tl.max(tl.abs(q.to(tl.float32)), 1)  # NaN for a q row with a NaN or inf
+        tl.store(DQ_UNIT + lse_offs, dq_unit(bound), mask=row_ok)
 
 
 @triton.jit
 def dq_unit(bound):
-    """The single pass sums dQ as int64 multiples of ``unit = 2^(e - 61)``, a power of two with ``2^e > bound``.
-    ``bound`` caps every partial sum of a row's dQ over keys: ``|sum_j dS_ij K_jd| * |scale| <= |scale| max|K|
-    sum_j P_ij |dP_ij - Delta_i| <= |scale| max|K| (||dO_i|| max_j ||V_j|| + |Delta_i|)``, as ``P`` sums to 1 over
-    the row. So every partial sum stays within ``2^61`` units (int64 holds ``2^63``), integer addition makes
-    the sum exact in any order (deterministic), and each key tile's share loses only its own fp32 rounding.
-    ``e`` comes off the float's exponent field (no log), at least -65 so that ``unit`` and ``1 / unit`` are normal
-    floats. A bound that is not finite gives unit NaN, so the row's dQ comes out NaN: that happens exactly when an
-    input the row attends (its q or dO, a key or value of its layout) is NaN or infinite, since then its output
-    or Delta is, or when the bound overflows float32 (inputs near 1e13 in size); a finite share never is."""
+    """The single pass sums a row's ``dS K`` (dQ before the softmax scale) as int64 multiples of ``unit =
+    2^(e - 61)``, a power of two with ``2^e > bound``. ``bound`` caps every partial sum over keys:
+    ``|sum_j dS_ij K_jd| <= max|K| sum_j P_ij |dP_ij - Delta_i| <= max|K| (||dO_i|| max_j ||V_j|| + |Delta_i|)``,
+    as ``P`` sums to 1 over the row. So every partial sum stays within ``2^61`` units (int64 holds ``2^63``),
+    integer addition makes the sum exact in any order (deterministic), and each key tile's share loses only its
+    own fp32 rounding. ``e`` comes off the float's exponent field (no log), at least -65 so that ``unit`` and
+    ``1 / unit`` are normal floats. A bound that is not finite gives unit NaN, so the row's dQ comes out NaN:
+    that happens when the row's q or dO, or its output (so ``Delta``), holds a NaN or inf, when a key or value
+    its head attends does (`backward_launch.key_bounds`), or when the bound overflows float32 (inputs near
+    1e13 in size)."""
     field = (bound.to(tl.int32, bitcast=True) >> 23) & 0xFF
     unit = ((tl.maximum(field - 126, -65) + 66) << 23).to(tl.float32, bitcast=True)
     return tl.where(field == 0xFF, float("nan"), unit)
@@ -170,12 +175,11 @@ def block_sparse_attn_bwd_dq(
 
 @triton.jit
 def _dkdv_step(dk, dv, k, v, key_ok, q_ptr, q_desc, do_ptr, do_desc, lse_ptr, delta_ptr, unit_ptr, acc_ptr, q0,
-               q_end, stride_qs, stride_dos, stride_as, sm_scale, qk_scale, BLOCK_M: tl.constexpr,
-               HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, USE_TMA: tl.constexpr, ACCUMULATE_DQ: tl.constexpr,
-               DOT_PRECISION: tl.constexpr):
+               q_end, stride_qs, stride_dos, stride_as, qk_scale, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
+               MASKED: tl.constexpr, USE_TMA: tl.constexpr, ACCUMULATE_DQ: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Add query rows ``q0 .. q0 + BLOCK_M`` of one head (rows from ``q_end`` on left out when MASKED) to the key
     tile's ``dk`` (unscaled) and ``dv``; everything is transposed (keys are rows). ACCUMULATE_DQ: also add these
-    rows' ``scale * dS K``, in int64 multiples of their row's `dq_unit` at ``unit_ptr``, to the dQ sum at
+    rows' ``dS K`` (unscaled), in int64 multiples of their row's `dq_unit` at ``unit_ptr``, to the dQ sum at
     ``acc_ptr`` (integer atomics: exact, so the order does not matter)."""
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -197,10 +201,11 @@ def _dkdv_step(dk, dv, k, v, key_ok, q_ptr, q_desc, do_ptr, do_desc, lse_ptr, de
     if ACCUMULATE_DQ:  # dQ sums over keys: a short tile's padding keys (whose dS may be inf) must not enter it
         ds = tl.trans(tl.where(key_ok[:, None], dst, 0.0).to(k.dtype))
         if MASKED:
-            per_unit = sm_scale / tl.load(unit_ptr + q0 + offs_m, mask=row_ok, other=1.0)
+            per_unit = 1.0 / tl.load(unit_ptr + q0 + offs_m, mask=row_ok, other=1.0)
         else:
-            per_unit = sm_scale / tl.load(unit_ptr + q0 + offs_m)
-        # |units| < 2^61 (`dq_unit`); a non-finite share converts to anything, but only in a row whose unit is NaN
+            per_unit = 1.0 / tl.load(unit_ptr + q0 + offs_m)
+        # |units| < 2^61 (`dq_unit`; exact scaling); a non-finite share converts to anything, but only in a row
+        # whose unit is NaN
         units = (tl.dot(ds, k, input_precision=DOT_PRECISION) * per_unit[:, None]).to(tl.int64)
         acc_ptrs = acc_ptr + (q0 + offs_m)[:, None].to(tl.int64) * stride_as + offs_d[None, :]
         if MASKED:
@@ -278,16 +283,16 @@ def block_sparse_attn_bwd_dkdv(
             full_end = s + ((tl.load(span_end + sp) - s) // BLOCK_M) * BLOCK_M
             for q0 in range(s, full_end, BLOCK_M):
                 dk, dv = _dkdv_step(dk, dv, k, v, key_ok, q_ptr, q_desc, do_ptr, do_desc, lse_ptr, delta_ptr,
-                                    unit_ptr, acc_ptr, q0, q0 + BLOCK_M, stride_qs, stride_dos, stride_as, sm_scale,
-                                    qk_scale, BLOCK_M, HEAD_DIM, False, USE_TMA, ACCUMULATE_DQ, DOT_PRECISION)
+                                    unit_ptr, acc_ptr, q0, q0 + BLOCK_M, stride_qs, stride_dos, stride_as, qk_scale,
+                                    BLOCK_M, HEAD_DIM, False, USE_TMA, ACCUMULATE_DQ, DOT_PRECISION)
         for sp in range(lo, hi):
             s = tl.load(span_start + sp)
             e = tl.load(span_end + sp)
             full_end = s + ((e - s) // BLOCK_M) * BLOCK_M
             if full_end < e:
                 dk, dv = _dkdv_step(dk, dv, k, v, key_ok, q_ptr, q_desc, do_ptr, do_desc, lse_ptr, delta_ptr,
-                                    unit_ptr, acc_ptr, full_end, e, stride_qs, stride_dos, stride_as, sm_scale,
-                                    qk_scale, BLOCK_M, HEAD_DIM, True, USE_TMA, ACCUMULATE_DQ, DOT_PRECISION)
+                                    unit_ptr, acc_ptr, full_end, e, stride_qs, stride_dos, stride_as, qk_scale,
+                                    BLOCK_M, HEAD_DIM, True, USE_TMA, ACCUMULATE_DQ, DOT_PRECISION)
     dk_ptrs = DK + b * stride_dkb + oh * stride_dkh + keys * stride_dks + offs_d[None, :]
     dv_ptrs = DV + b * stride_dvb + oh * stride_dvh + keys * stride_dvs + offs_d[None, :]
     tl.store(dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=key_ok[:, None])

@@ -11,13 +11,14 @@ All arrays are int32 on the target device, built once per (layout, BLOCK_M, devi
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Tuple
 
 import torch
 from torch import Tensor
 
 from ..reference.layout import BlockSparseLayout, LayoutMemo
 
-__all__ = ["KernelSchedule", "KeyTiles", "build_key_schedule", "build_key_tiles", "build_schedule",
+__all__ = ["KernelSchedule", "KeyTiles", "build_key_schedule", "build_key_tiles", "build_pair_masks", "build_schedule",
            "transpose_layout"]
 
 _SCHEDULES = LayoutMemo()   # per layout: the kernel schedule of each (block_m, device)
@@ -68,6 +69,25 @@ def build_key_schedule(layout: BlockSparseLayout, block_n: int, device: torch.de
     tokens. The transpose is built once per layout and kept with the layout's other schedules."""
     transposed = _SCHEDULES.get(layout, ("triton_transpose",), lambda: transpose_layout(layout))
     return build_schedule(transposed, block_n, device)
+
+
+def build_pair_masks(layout: BlockSparseLayout, device: torch.device) -> Tuple[Tensor, Tensor]:
+    """bool ``[Hl, q_len]``, the query tokens of layout head ``h`` that attend some key, and bool ``[Hl, kv_len]``,
+    the key tokens some query of head ``h`` attends; cached with the layout's schedules (the single-pass
+    backward bounds dQ over the attended keys and writes 0 on the other rows)."""
+    def build():
+        transposed = _SCHEDULES.get(layout, ("triton_transpose",), lambda: transpose_layout(layout))
+        rows = _token_mask(layout.keys_per_block() > 0, layout.q_offsets)
+        keys = _token_mask(transposed.keys_per_block() > 0, layout.kv_offsets)
+        return rows.to(device), keys.to(device)
+
+    return _SCHEDULES.get(layout, ("pair_masks", str(device)), build)
+
+
+def _token_mask(block_mask: Tensor, offsets: Tensor) -> Tensor:
+    """bool ``[H, S]`` of a per-block ``[H, n]`` mask, blocks given by token offsets ``[1 or H, n + 1]``."""
+    token_block = BlockSparseLayout.token_to_block(offsets)
+    return torch.gather(block_mask, 1, token_block.expand(block_mask.shape[0], -1))
 
 
 def transpose_layout(layout: BlockSparseLayout) -> BlockSparseLayout:
