@@ -258,7 +258,7 @@ def sweep_kernels(case, device, dkdv_tiles, dq_tiles, rep_ms: float) -> Dict[str
 
             def single_pass():  # what replaces the dQ kernel: the bound pre-pass, the pass, the scaling
                 acc.zero_()
-                launch_delta(do, out, None, delta1, q, key_bounds(k, v, keys), unit)
+                launch_delta(do, out, None, delta1, key_bounds(k, v, keys, q.shape[2]), unit, k.shape[1])
                 kernel = launch_dkdv(do, q, k, v, lse, delta1, dk, dv, sched, per_head, scale, tiles, acc, unit)
                 dq.copy_(dq_from_units(acc, unit, scale, rows))
                 return kernel

@@ -133,36 +133,30 @@ class BackwardSchedules:
         return list(self.dq.tensors()) if self.dq is not None else list(self.pair_masks)
 
 
-def launch_delta(do: Tensor, out: Tensor, dlse: Optional[Tensor], delta: Tensor, q: Optional[Tensor] = None,
-                 kv_bound: Optional[Tensor] = None, dq_unit: Optional[Tensor] = None) -> None:
-    """``delta [B, H, Sq]`` float32 = rowsum(out * do) - dlse (`bwd_preprocess`); with ``q`` and ``kv_bound
-    [B, H_kv, 2]`` (`key_bounds`) also ``dq_unit [B, H, Sq]`` float32, each row's unit of the single pass's
+def launch_delta(do: Tensor, out: Tensor, dlse: Optional[Tensor], delta: Tensor, key_bound: Optional[Tensor] = None,
+                 dq_unit: Optional[Tensor] = None, kv_len: int = 0) -> None:
+    """``delta [B, H, Sq]`` float32 = rowsum(out * do) - dlse (`bwd_preprocess`); with ``key_bound [B, H, 2]``
+    (`key_bounds`) and ``kv_len`` also ``dq_unit [B, H, Sq]`` float32, each row's unit of the single pass's
     int64 dQ sum."""
     B, Sq, H, D = out.shape
-    kv_group = H // kv_bound.shape[1] if kv_bound is not None else 1
-    q = q if q is not None else out  # unread without dq_unit
     with launch_lock():
         bwd_preprocess[(triton.cdiv(Sq, 64), B * H)](
-            out, do, q, dlse if dlse is not None else delta, delta,
-            kv_bound if kv_bound is not None else delta, dq_unit if dq_unit is not None else delta,
-            out.stride(0), out.stride(1), out.stride(2), do.stride(0), do.stride(1), do.stride(2),
-            q.stride(0), q.stride(1), q.stride(2), Sq,
-            NUM_HEADS=H, KV_GROUP=kv_group, HEAD_DIM=D, BLOCK_M=64, HAS_DLSE=dlse is not None,
-            HAS_UNIT=dq_unit is not None)
+            out, do, dlse if dlse is not None else delta, delta,
+            key_bound if key_bound is not None else delta, dq_unit if dq_unit is not None else delta,
+            out.stride(0), out.stride(1), out.stride(2), do.stride(0), do.stride(1), do.stride(2), Sq, kv_len,
+            NUM_HEADS=H, HEAD_DIM=D, BLOCK_M=64, HAS_DLSE=dlse is not None, HAS_UNIT=dq_unit is not None)
 
 
-def key_bounds(k: Tensor, v: Tensor, attended: Tensor) -> Tensor:
-    """``[B, H_kv, 2]`` float32: ``max |K|`` and ``max_j ||V_j||`` over the keys each key head has attended
-    (``attended``: `build_pair_masks`' bool ``[Hl, Skv]``, Hl 1 or one per query head), the key side of the single
-    pass's bound on dQ (`block_sparse_bwd.dq_unit`). A NaN or inf there makes the head's bound NaN or inf;
-    keys no query attends may hold anything."""
-    Hkv = k.shape[2]
-    if attended.shape[0] > 1:  # a key head has attended what any query head of its group has
-        attended = attended.view(Hkv, -1, attended.shape[-1]).any(1)
-    mask = attended.t()[None, :, :, None]  # [1, Skv, H_kv or 1, 1]
-    k_abs = torch.where(mask, k.abs(), 0).amax(dim=(1, 3)).float()
-    v_norm = torch.where(mask[..., 0], torch.linalg.vector_norm(v, dim=-1, dtype=torch.float32), 0.0).amax(dim=1)
-    return torch.stack([k_abs, v_norm], dim=-1).contiguous()
+def key_bounds(k: Tensor, v: Tensor, attended: Tensor, num_heads: int) -> Tensor:
+    """``[B, H, 2]`` float32: ``max |K|`` and ``max_j ||V_j||`` over the keys each of the ``num_heads`` query
+    heads attends (``attended``: `build_pair_masks`' bool ``[Hl, Skv]``, Hl 1 or one per query head), the key
+    side of the single pass's bound on dQ (`block_sparse_bwd.dq_unit`). A NaN or inf among them makes the
+    head's bound NaN or inf; keys the head does not attend may hold anything."""
+    group = num_heads // k.shape[2]
+    per_token = torch.stack([torch.linalg.vector_norm(k, float("inf"), dim=-1, dtype=torch.float32),
+                             torch.linalg.vector_norm(v, dim=-1, dtype=torch.float32)], dim=-1)  # [B, Skv, H_kv, 2]
+    per_token = per_token.repeat_interleave(group, dim=2)  # to query heads
+    return torch.where(attended.t()[None, :, :, None], per_token, 0.0).amax(dim=1).contiguous()
 
 
 def launch_dkdv(do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, delta: Tensor, dk: Tensor, dv: Tensor,
@@ -225,7 +219,13 @@ def launch_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
                     scale: float, cfg: BackwardConfig) -> None:
     """Write ``dq [B, Sq, H, D]``, ``dk``, ``dv [B, Skv, H_kv, D]`` (every element): the delta pre-pass, then
     the dK/dV and dQ kernels (single pass: the dK/dV kernel into a zeroed int64 dQ sum, then its scaling to
-    ``dq``). ``lse [B, H, Sq]`` float32 from the forward; ``dlse`` its gradient or None."""
+    ``dq``). ``lse [B, H, Sq]`` float32 from the forward; ``dlse`` its gradient or None.
+
+    The single pass's dQ on NaN and inf inputs: a row whose dO or lse gradient holds one, or whose output does
+    (as a NaN or inf in its q makes it), gets a NaN unit and so a NaN dQ (the dQ kernel: NaN or inf); a key or value that a query head
+    attends makes that head's units NaN on every row; a bound beyond float32 (inputs around 1e11 in size) also
+    gives NaN; rows without keys get 0. In fp16, a dS beyond fp16's range makes dK non-finite in both backwards,
+    and the single pass's dQ of that row then holds whatever its int64 conversion gave."""
     B, Sq, H, _ = q.shape
     if B == 0 or Sq == 0 or sched.dkdv.max_tiles == 0:  # no key any query attends
         for t in (dq, dk, dv):
@@ -235,7 +235,7 @@ def launch_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
     if cfg.dq is None:
         rows, keys = sched.pair_masks
         unit = torch.empty(B, H, Sq, dtype=torch.float32, device=q.device)
-        launch_delta(do, out, dlse, delta, q, key_bounds(k, v, keys), unit)
+        launch_delta(do, out, dlse, delta, key_bounds(k, v, keys, H), unit, k.shape[1])
         acc = torch.zeros(dq.shape, dtype=torch.int64, device=q.device)
         launch_dkdv(do, q, k, v, lse, delta, dk, dv, sched.dkdv, per_head_layout, scale, cfg.dkdv, acc, unit)
         dq.copy_(dq_from_units(acc, unit, scale, rows))

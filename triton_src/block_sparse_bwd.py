@@ -29,14 +29,13 @@ LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
-def bwd_preprocess(O, DO, Q, DLSE, DELTA, KV_BOUND, DQ_UNIT, stride_ob, stride_os, stride_oh, stride_dob, stride_dos,
-                   stride_doh, stride_qb, stride_qs, stride_qh, q_len, NUM_HEADS: tl.constexpr,
-                   KV_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, HAS_DLSE: tl.constexpr,
-                   HAS_UNIT: tl.constexpr):
+def bwd_preprocess(O, DO, DLSE, DELTA, KEY_BOUND, DQ_UNIT, stride_ob, stride_os, stride_oh, stride_dob, stride_dos,
+                   stride_doh, q_len, kv_len, NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                   HAS_DLSE: tl.constexpr, HAS_UNIT: tl.constexpr):
     """``DELTA[b, h, s] = sum_d O * dO - dLSE`` (fp32): the lse gradient enters dS exactly like ``-Delta``.
     HAS_UNIT: also ``DQ_UNIT[b, h, s]``, the power of two that one unit of the single pass's int64 dQ sum stands
-    for (`dq_unit`), from ``KV_BOUND [B, H_kv, 2]`` = (``max |K|``, ``max_j ||V_j||``) over the keys the row's
-    key head has attended, and NaN where the row's q holds a NaN or inf. Grid ``(cdiv(q_len, BLOCK_M), B * H)``."""
+    for (`dq_unit`), from ``KEY_BOUND [B, H, 2]`` = (``max |K|``, ``max_j ||V_j||``) over the keys query head
+    ``h`` attends. Grid ``(cdiv(q_len, BLOCK_M), B * H)``."""
     pid_bh = tl.program_id(1)
     b = (pid_bh // NUM_HEADS).to(tl.int64)
     h = pid_bh % NUM_HEADS
@@ -53,26 +52,23 @@ def bwd_preprocess(O, DO, Q, DLSE, DELTA, KV_BOUND, DQ_UNIT, stride_ob, stride_o
         delta -= tl.load(DLSE + lse_offs, mask=row_ok, other=0.0)
     tl.store(DELTA + lse_offs, delta, mask=row_ok)
     if HAS_UNIT:
-        q = tl.load(Q + b * stride_qb + h * stride_qh + rows * stride_qs + offs_d[None, :], mask=row_ok[:, None],
-                    other=0.0)
-        kv = KV_BOUND + (b * (NUM_HEADS // KV_GROUP) + h // KV_GROUP) * 2
-        bound = tl.load(kv) * (tl.sqrt(tl.sum(do * do, 1)) * tl.load(kv + 1) + tl.abs(delta))
-        bound += 0.0 * tl.max(tl.abs(q.to(tl.float32)), 1)  # NaN for a q row with a NaN or inf
+        kb = KEY_BOUND + (b * NUM_HEADS + h) * 2
+        bound = tl.load(kb) * (tl.sqrt(tl.sum(do * do, 1)) * tl.load(kb + 1) + tl.abs(delta)) * kv_len
         tl.store(DQ_UNIT + lse_offs, dq_unit(bound), mask=row_ok)
 
 
 @triton.jit
 def dq_unit(bound):
     """The single pass sums a row's ``dS K`` (dQ before the softmax scale) as int64 multiples of ``unit =
-    2^(e - 61)``, a power of two with ``2^e > bound``. ``bound`` caps every partial sum over keys:
-    ``|sum_j dS_ij K_jd| <= max|K| sum_j P_ij |dP_ij - Delta_i| <= max|K| (||dO_i|| max_j ||V_j|| + |Delta_i|)``,
-    as ``P`` sums to 1 over the row. So every partial sum stays within ``2^61`` units (int64 holds ``2^63``),
-    integer addition makes the sum exact in any order (deterministic), and each key tile's share loses only its
-    own fp32 rounding. ``e`` comes off the float's exponent field (no log), at least -65 so that ``unit`` and
-    ``1 / unit`` are normal floats. A bound that is not finite gives unit NaN, so the row's dQ comes out NaN:
-    that happens when the row's q or dO, or its output (so ``Delta``), holds a NaN or inf, when a key or value
-    its head attends does (`backward_launch.key_bounds`), or when the bound overflows float32 (inputs near
-    1e13 in size)."""
+    2^(e - 61)``, a power of two with ``2^(e - 1) <= bound < 2^e``. ``bound = kv_len max|K| (||dO_i||
+    max_j ||V_j|| + |Delta_i|)`` caps every partial sum over keys: ``|sum_j dS_ij K_jd| <= max|K| sum_j P_ij
+    |dP_ij - Delta_i|``, with ``|dP_ij| <= ||dO_i|| ||V_j||`` and every ``P_ij <= 1`` (the single pass clamps the
+    recomputed P to 1; exactly, P even sums to 1, so ``kv_len`` is headroom for scores whose float32 rounding
+    differs between the forward and the backward). So every partial sum stays within ``2^61`` units (int64
+    holds ``2^63``), integer addition makes the sum exact in any order (deterministic), and each key tile's share
+    loses only its own fp32 rounding plus less than a unit (``2^-60 kv_len`` of the bound). ``e`` comes off the
+    float's exponent field (no log), at least -65 so that ``unit`` and ``1 / unit`` are normal floats. A bound
+    that is not finite gives unit NaN, so the row's dQ comes out NaN (see `backward_launch.launch_backward`)."""
     field = (bound.to(tl.int32, bitcast=True) >> 23) & 0xFF
     unit = ((tl.maximum(field - 126, -65) + 66) << 23).to(tl.float32, bitcast=True)
     return tl.where(field == 0xFF, float("nan"), unit)
@@ -194,6 +190,8 @@ def _dkdv_step(dk, dv, k, v, key_ok, q_ptr, q_desc, do_ptr, do_desc, lse_ptr, de
         delta = tl.load(delta_ptr + q0 + offs_m)
     # padding keys of a short tile (zero rows of k, v) only reach their own dk/dv rows, which are never stored
     pt = tl.math.exp2(tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale - lse2[None, :])
+    if ACCUMULATE_DQ:  # P <= 1 holds the single pass's bound (`dq_unit`) even where rounding overshoots it
+        pt = tl.minimum(pt, 1.0, propagate_nan=tl.PropagateNan.ALL)
     dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
     dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
     dst = pt * (dpt - delta[None, :])
@@ -204,8 +202,8 @@ def _dkdv_step(dk, dv, k, v, key_ok, q_ptr, q_desc, do_ptr, do_desc, lse_ptr, de
             per_unit = 1.0 / tl.load(unit_ptr + q0 + offs_m, mask=row_ok, other=1.0)
         else:
             per_unit = 1.0 / tl.load(unit_ptr + q0 + offs_m)
-        # |units| < 2^61 (`dq_unit`; exact scaling); a non-finite share converts to anything, but only in a row
-        # whose unit is NaN
+        # |units| < 2^61 (`dq_unit`; exact scaling); a non-finite share converts to anything, but comes only from
+        # non-finite inputs or fp16 overflow (see `backward_launch.launch_backward`)
         units = (tl.dot(ds, k, input_precision=DOT_PRECISION) * per_unit[:, None]).to(tl.int64)
         acc_ptrs = acc_ptr + (q0 + offs_m)[:, None].to(tl.int64) * stride_as + offs_d[None, :]
         if MASKED:
