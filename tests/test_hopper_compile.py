@@ -1,7 +1,8 @@
 """The Hopper kernels compile for sm_90a on every tested Triton release. The Gluon LVSA kernel has no register
 spill in its loops (Triton 3.8.0: at most its measured few, `IN_LOOP_ALLOWANCE`); the Gluon SVOO cluster kernel
 none on the releases it is offered on (`cluster_launch.CLUSTER_TRITON`; elsewhere it only has to compile); the
-portable backward kernels at their default tiles none beyond Triton 3.6's measured few (`IN_LOOP_ALLOWANCE`).
+portable backward kernels at their default tiles (and the single pass's) none beyond Triton 3.6's measured few
+(`IN_LOOP_ALLOWANCE`).
 
 No GPU is needed: `lvsa_kernels.triton_src.compile_check` compiles every variant the tuner can hand the kernel
 (head dim x precision x launch config x short-tile width, bf16) to a cubin as at run time and reads its
