@@ -36,7 +36,9 @@ cancels it. TMA faults on a
 V^T column block that does not start 16-aligned (1560-token frames start anywhere), so fp8 loads every key tile
 as the aligned block of ``BLOCK_N`` keys that holds it (8-bit tiles never cross one) and masks the columns
 outside the tile (`_tile_origin`); it has no short tiles. Masked columns give P = 0, so the keys around the
-tile are never zeroed: the 8-bit modes need finite inputs on every token.
+tile are never zeroed: the 8-bit modes need finite inputs on every token. Its V^T stores the keys of every
+aligned group of 32 in wgmma key order (`fp8_quant.wgmma_key_slot`), so e4m3 P enters the P V product from
+the registers its scores were computed in (`_pv_operand`).
 
 The kernel takes a non-negative softmax scale (the host negates q for a negative one). Gluon's API still
 changes between Triton releases: the names that moved are bound in `gluon_compat`, which also says on which
@@ -165,9 +167,17 @@ def _pv_operand(p, v_buf, kv0, kv_end, p_layout: gl.constexpr, BLOCK_N: gl.const
                 RAGGED: gl.constexpr):
     """P of key tile ``kv0 ..`` as the A operand of ``P V``: e4m3 against V^T in e4m3 (fp8; P already carries
     its scale 448, see `LOG2_P_SCALE`), else in V's dtype, after zeroing the V rows of a ragged tile (keys
-    outside the span may hold NaN)."""
+    outside the span may hold NaN).
+
+    fp8: V^T stores its keys in wgmma key order (`fp8_quant.wgmma_key_slot`), so P's column ``16h + 8i + 2q + e``
+    of each group of 32 goes to position ``16h + 4q + 2i + e``: a reshape and a permute that leave every score
+    in the thread and register it was computed in (the conversion to the operand layout is asserted free;
+    without the key order it costs a warp shuffle and a byte permute per 4 scores)."""
     if v_buf.dtype == gl.float8e4nv:
-        return gl.convert_layout(p.to(gl.float8e4nv), p_layout)
+        ROWS: gl.constexpr = p.type.shape[0]
+        x = gl.reshape(p.to(gl.float8e4nv), [ROWS, BLOCK_N // 32, 2, 2, 4, 2])  # key = 32g + 16h + 8i + 2q + e
+        x = gl.reshape(gl.permute(x, [0, 1, 2, 4, 3, 5]), [ROWS, BLOCK_N])     # position 32g + 16h + 4q + 2i + e
+        return gl.convert_layout(x, p_layout, assert_trivial=True)
     else:
         if RAGGED:
             _zero_v_tail(v_buf, kv0, kv_end, BLOCK_N, HEAD_DIM)
@@ -418,7 +428,7 @@ def block_sparse_attn_fwd_hopper(
     Precision follows the tensors: Q/K in the input dtype (exact), or `quantize_q_tiles`' INT8 Q with
     ``Q_SCALE [B * H, q_scale_stride]`` and ``Q_MU [B, H, Sq]`` and `quantize_kv`'s INT8 K with ``K_SCALE
     [B, H_kv, cdiv(kv_len, KEY_BLOCK)]`` (8-bit modes); V in the input dtype, or e4m3 V^T ``[B, H_kv, D, S_pad]``
-    (``stride_vs`` = its channel stride) with ``V_SCALE [B, H_kv, D]`` (``precision="fp8"``). Unused pointers
+    in wgmma key order, contiguous (``stride_vs`` = its channel stride = S_pad), with ``V_SCALE [B, H_kv, D]`` (``precision="fp8"``). Unused pointers
     may be any tensor. ``SHORT_N``: `KeyTiles.short_n` (0: no short tiles). ``EXP2_POLY``: 0, or 4 to compute
     one softmax exponential in 4 on the FMA units (`_exp2`)."""
     pid_t = gl.program_id(0)
@@ -458,7 +468,9 @@ def block_sparse_attn_fwd_hopper(
     else:  # no short tiles (the loader and consumers read that off the block shape)
         k_short = k_desc
     if FP8_PV:
-        v_desc = tma.make_tensor_descriptor(V + b64 * stride_vb + h_kv64 * stride_vh, shape=[HEAD_DIM, kv_len],
+        # V^T rows hold S_pad = stride_vs columns, zero past kv_len: in wgmma key order keys near the end may
+        # sit past kv_len (`fp8_quant.wgmma_key_slot`), so the whole row is in bounds
+        v_desc = tma.make_tensor_descriptor(V + b64 * stride_vb + h_kv64 * stride_vh, shape=[HEAD_DIM, stride_vs],
                                             strides=[stride_vs, 1], block_shape=[HEAD_DIM, BLOCK_N],
                                             layout=V_LAYOUT)
         v_smem = gl.allocate_shared_memory(v_dtype, [STAGES, HEAD_DIM, BLOCK_N], V_LAYOUT)

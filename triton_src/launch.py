@@ -114,7 +114,7 @@ def launch_hopper(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, sch
     if scale < 0:
         q, scale = -q, -scale
     ensure_tma_allocator()
-    k, v, v_strides, quant = _kv_operands(k, v, precision, interpreted=False)
+    k, v, v_strides, quant = _kv_operands(k, v, precision, interpreted=False, wgmma_order=True)
     q_scale = q_mu = k_scale = v_scale = lse  # unread placeholders where a mode does not read them
     if quant is not None:
         q8 = quantize_q_tiles(q, quant.k_mean, sched_tensors[:3], max_tiles, per_head_layout, TILE_M,
@@ -157,14 +157,15 @@ def hopper_meta(head_dim: int, q_dtype: torch.dtype, k_dtype: torch.dtype, v_dty
     )
 
 
-def _kv_operands(k: Tensor, v: Tensor, precision: str, interpreted: bool):
+def _kv_operands(k: Tensor, v: Tensor, precision: str, interpreted: bool, wgmma_order: bool = False):
     """K and V as both kernels read them: ``(k, v, v_strides, quant)``. Exact: the inputs and no ``quant``.
-    8-bit: `quantize_kv`'s INT8 K and, for fp8, its e4m3 V^T ``[B, H_kv, D, S_pad]``, whose channel stride
-    takes the kernels' sequence-stride slot; ``quant`` holds the scales and the K mean."""
+    8-bit: `quantize_kv`'s INT8 K and, for fp8, its e4m3 V^T ``[B, H_kv, D, S_pad]`` (``wgmma_order``: the Hopper
+    kernel's key order), whose channel stride (``S_pad``) takes the kernels' sequence-stride slot; ``quant`` holds
+    the scales and the K mean."""
     v_strides = (v.stride(0), v.stride(1), v.stride(2))
     if precision == "exact":
         return k, v, v_strides, None
-    quant = quantize_kv(k, v, precision == "fp8", interpreted)
+    quant = quantize_kv(k, v, precision == "fp8", interpreted, wgmma_order=wgmma_order)
     if precision == "fp8":
         v = quant.vt8
         v_strides = (v.stride(0), v.stride(2), v.stride(1))
