@@ -115,7 +115,11 @@ def _softmax_step(s, m_i, l_i, kv0, kv_end, base, qk_scale, bias, BLOCK_N: gl.co
     if RAGGED:
         if kv0 + BLOCK_N > kv_end:  # scale before masking: 0 * -inf would be NaN
             cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-            valid = (cols >= kv0 - base) & (cols < kv_end - base)
+            # column - (kv0 - base) as a constant per register plus one of two per-thread values: written as
+            # cols - (kv0 - base), the 32 per-thread columns are hoisted out of the walk (Triton 3.9 spilled them)
+            rel = (cols & 7) - (kv0 - base)
+            col8 = cols & ~7
+            valid = (col8 + rel >= 0) & (col8 + rel < kv_end - kv0)
             s = gl.where(valid[None, :], s * qk_scale, float("-inf"))
             m_new = gl.maximum(m_i, gl.max(s, 1) - bias)
             p = _exp2(s - (m_new + (bias - P_SHIFT))[:, None], EXP2_POLY)
