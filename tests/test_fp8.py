@@ -222,14 +222,16 @@ def test_quantize_kv_matches_the_reference_bit_for_bit():
 
 
 @needs_kernel
-def test_hopper_fp8_values_are_stored_in_wgmma_key_order():
+@pytest.mark.parametrize("block_s", [16, 64])
+def test_hopper_fp8_values_are_stored_in_wgmma_key_order(block_s):
     """The Hopper kernel's V^T: within each aligned group of 32 tokens, token 16h + 8i + 2q + e at column
-    16h + 4q + 2i + e (a bijection per group), padding columns to a whole group +0."""
+    16h + 4q + 2i + e (a bijection per group), padding columns to a whole group +0 (also where the programs of
+    ``block_s`` tokens cover the tokens before the padding)."""
     from lvsa_kernels.triton_src.fp8_quant import quantize_kv
 
     k, v = (t.to(DEVICE, torch.float16) for t in distribution("normal", 2, 300, 2, 2, 32, seed=8)[1:])
     natural = quantize_kv(k, v, fp8_pv=True, interpreted=not CUDA).vt8
-    got = quantize_kv(k, v, fp8_pv=True, interpreted=not CUDA, wgmma_order=True).vt8
+    got = quantize_kv(k, v, fp8_pv=True, interpreted=not CUDA, block_s=block_s, wgmma_order=True).vt8
     assert got.shape == (2, 2, 32, 320) and got.is_contiguous()
     token = torch.arange(320)
     h, i, q, e = token % 32 // 16, token % 16 // 8, token % 8 // 2, token % 2

@@ -392,7 +392,7 @@ def _load(args):
         mbarrier.wait(k_empty.index(stage), phase ^ 1)
         _load_rows(k_desc, k_short, k_smem.index(stage), k_ready.index(stage), origin, short)
         mbarrier.wait(v_empty.index(stage), phase ^ 1)
-        if FP8_PV:  # V^T [HEAD_DIM, kv_len]: the key tile's aligned block is a column block (no short tiles)
+        if FP8_PV:  # V^T [HEAD_DIM, S_pad], wgmma key order: the tile's aligned block is a column block (no short tiles)
             mbarrier.expect(v_ready.index(stage), v_desc.block_type.nbytes)
             tma_load(v_desc, [0, origin], v_ready.index(stage), v_smem.index(stage))
         else:
