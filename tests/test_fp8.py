@@ -346,7 +346,7 @@ def test_hopper_int8_rows_of_short_tiles_only():
     k, v = k[:, :layout.kv_len], v[:, :layout.kv_len]
     cfg = hopper_configs(128, "int8_qk")[0]
     tiles = build_key_tiles(layout, 128, q.device, "int8_qk")
-    assert tiles.short_n == 32 and tiles.row_short.tolist() == [4, 4, 3]
+    assert tiles.short_n == 32 and tiles.row_masked.tolist() == [4, 4, 3]
     out, _ = run_scheduled(q, k, v, build_schedule(layout, 128, q.device), False, 0.09, cfg,
                            out=torch.full_like(q, float("nan")), precision="int8_qk", key_tiles=tiles)
     ref = fp8_reference_attention(q, k, v, layout, scale=0.09, fp8_pv=False, **_walk_of(cfg, layout, "int8_qk"))

@@ -19,11 +19,13 @@ modes walk the keys in another order, see `schedule.build_key_tiles`), for bf16/
 Ragged key tiles (``kv_end - kv0`` below the tile's width) are the only masked ones: their scores are scaled
 first, then columns from ``kv_end`` on are set to -inf, and the V rows from ``kv_end`` on are zeroed in shared memory
 before ``P V`` (a TMA tile reads whatever follows the span, which may hold NaN). A row's *short* tiles (at most
-``SHORT_N`` keys, e.g. the 24-key tail of a 1560-token frame; its last ``row_kv_short`` tiles) load only
-``SHORT_N`` rows into the head of a ring slot and run ``SHORT_N``-column products. Outside fp8 every piece of a
-span shorter than ``BLOCK_N`` is cut into short tiles (`schedule.build_key_tiles`), so the walk over the long
-tiles carries no mask (the mask's per-thread column indices would hold registers for the whole walk: on Triton
-3.9 that spilled). A consumer whose 64 rows all lie past the tile's end only walks the barriers. Rows without
+``SHORT_N`` keys, e.g. the 24-key tail of a 1560-token frame) load only ``SHORT_N`` rows into the head of a
+ring slot and run ``SHORT_N``-column products. Outside fp8 every piece of a span shorter than ``BLOCK_N`` is cut
+into short tiles (`schedule.build_key_tiles`); fp8 keeps such pieces as ragged ``BLOCK_N``-wide tiles. Either
+way a row's full tiles come first and its last ``row_kv_masked`` tiles are the masked ones, so the consumers
+walk them in two loops: the full tiles without a mask (the mask's per-thread column indices would hold
+registers for the whole walk: on Triton 3.9 that spilled, and a per-tile branch would keep a masked and an
+unmasked softmax in the loop), then the masked tail. A consumer whose 64 rows all lie past the tile's end only walks the barriers. Rows without
 keys write 0 and lse = -inf.
 
 8-bit modes (``precision="int8_qk"`` / ``"fp8"``, see `fp8_quant.py`) follow the tensors' dtypes: INT8 Q
@@ -304,7 +306,7 @@ def _attend_tiles(q, acc, m_i, l_i, j_lo, j_hi, turn0, pingpong, ring, scales, H
 @gluon.jit
 def _consume(args, HALF: gl.constexpr):
     (q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, turn,
-     kv_tile_start, kv_tile_end, i_lo, n_kv, n_short, q0, q1,
+     kv_tile_start, kv_tile_end, i_lo, n_kv, n_masked, q0, q1,
      o_base, stride_os, lse_base, qk_scale, walk_scale, ks_base, qmu_base, vs_base, k_short, EXP2_POLY) = args
     BLOCK_N: gl.constexpr = k_smem.type.shape[1]
     HEAD_DIM: gl.constexpr = k_smem.type.shape[2]
@@ -330,14 +332,14 @@ def _consume(args, HALF: gl.constexpr):
         mbarrier.wait(q_bar.index(HALF), 0)
         ring = (k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn, kv_tile_start, kv_tile_end, i_lo)
         scales = (qk_scale, walk_scale, ks_base)
-        n_long = n_kv - n_short
-        if n_long > 0:  # only fp8 has ragged long tiles: elsewhere every shorter piece is cut into short tiles
-            acc, m_i, l_i = _attend_tiles(q, acc, m_i, l_i, 0, n_long, 0, pingpong, ring, scales, HALF, BLOCK_N,
-                                          FP8_PV, EXP2_POLY)
-        if SHORT_N < BLOCK_N:
-            if n_short > 0:  # n_long + 1 turns were taken above
-                turn0 = gl.where(n_long > 0, n_long + 1, 0)
-                acc, m_i, l_i = _attend_tiles(q, acc, m_i, l_i, n_long, n_kv, turn0, pingpong, ring, scales, HALF,
+        n_full = n_kv - n_masked
+        if n_full > 0:
+            acc, m_i, l_i = _attend_tiles(q, acc, m_i, l_i, 0, n_full, 0, pingpong, ring, scales, HALF, BLOCK_N,
+                                          False, EXP2_POLY)
+        if SHORT_N < BLOCK_N or FP8_PV:  # a masked tail: short tiles, or fp8's ragged BLOCK_N-wide ones
+            if n_masked > 0:  # n_full + 1 turns were taken above
+                turn0 = gl.where(n_full > 0, n_full + 1, 0)
+                acc, m_i, l_i = _attend_tiles(q, acc, m_i, l_i, n_full, n_kv, turn0, pingpong, ring, scales, HALF,
                                               SHORT_N, True, EXP2_POLY)
 
     has_keys = l_i > 0.0
@@ -370,7 +372,7 @@ def _consume_second_half(args):
 @gluon.jit
 def _load(args):
     (q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, turn,
-     kv_tile_start, kv_tile_end, i_lo, n_kv, n_short, q0, q1, q_desc, k_desc, v_desc, k_short, v_short) = args
+     kv_tile_start, kv_tile_end, i_lo, n_kv, n_masked, q0, q1, q_desc, k_desc, v_desc, k_short, v_short) = args
     STAGES: gl.constexpr = k_smem.type.shape[0]
     BLOCK_N: gl.constexpr = k_smem.type.shape[1]
     ROWS: gl.constexpr = q_smem.type.shape[1]
@@ -382,12 +384,12 @@ def _load(args):
         mbarrier.expect(q_bar.index(half), q_desc.block_type.nbytes, pred=needed)
         tma_load(q_desc, [q0 + half * ROWS, 0], q_bar.index(half), q_smem.index(half),
                                         pred=needed)
-    n_long = n_kv - n_short
+    n_full = n_kv - n_masked
     for j in range(n_kv):
         stage = j % STAGES
         phase = (j // STAGES) & 1
         kv0 = gl.load(kv_tile_start + i_lo + j)
-        short = HAS_SHORT and j >= n_long
+        short = HAS_SHORT and j >= n_full
         origin = _tile_origin(kv0, BLOCK_N, FP8_PV)
         mbarrier.wait(k_empty.index(stage), phase ^ 1)
         _load_rows(k_desc, k_short, k_smem.index(stage), k_ready.index(stage), origin, short)
@@ -419,7 +421,7 @@ def block_sparse_attn_fwd_hopper(
     stride_vb, stride_vs, stride_vh,
     stride_ob, stride_os, stride_oh,
     tile_ptr, tile_start, tile_end, tile_row,
-    row_kv_ptr, kv_tile_start, kv_tile_end, row_kv_short,
+    row_kv_ptr, kv_tile_start, kv_tile_end, row_kv_masked,
     qk_scale, q_len, kv_len,
     Q_SCALE, Q_MU, K_SCALE, V_SCALE, q_scale_stride,
     NUM_HEADS: gl.constexpr, KV_GROUP: gl.constexpr, PER_HEAD_LAYOUT: gl.constexpr,
@@ -452,7 +454,7 @@ def block_sparse_attn_fwd_hopper(
     row = gl.load(tile_row + t, mask=valid, other=0)
     i_lo = gl.load(row_kv_ptr + row)
     n_kv = gl.where(valid, gl.load(row_kv_ptr + row + 1) - i_lo, 0)
-    n_short = gl.where(valid, gl.load(row_kv_short + row), 0)
+    n_masked = gl.where(valid, gl.load(row_kv_masked + row), 0)
 
     b64 = b.to(gl.int64)
     h64 = h.to(gl.int64)
@@ -502,7 +504,7 @@ def block_sparse_attn_fwd_hopper(
         walk_scale = qk_scale * gl.load(Q_SCALE + pid_bh.to(gl.int64) * q_scale_stride + pid_t, mask=valid,
                                         other=1.0)
     ring = (q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, turn,
-            kv_tile_start, kv_tile_end, i_lo, n_kv, n_short, q0, q1)
+            kv_tile_start, kv_tile_end, i_lo, n_kv, n_masked, q0, q1)
     o_base = O + b64 * stride_ob + h64 * stride_oh
     lse_base = LSE + (b64 * NUM_HEADS + h) * q_len
     key_blocks = (kv_len + KEY_BLOCK - 1) // KEY_BLOCK

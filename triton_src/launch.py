@@ -249,7 +249,7 @@ def triton_block_sparse_fwd(
 def triton_block_sparse_fwd_hopper(
     q: Tensor, k: Tensor, v: Tensor,
     tile_ptr: Tensor, tile_start: Tensor, tile_end: Tensor, tile_row: Tensor,
-    row_kv_ptr: Tensor, kv_tile_start: Tensor, kv_tile_end: Tensor, row_kv_short: Tensor,
+    row_kv_ptr: Tensor, kv_tile_start: Tensor, kv_tile_end: Tensor, row_kv_masked: Tensor,
     max_tiles: int, per_head_layout: bool, scale: float, block_n: int, short_n: int, num_stages: int,
     precision: str = "exact", exp2_poly: int = 0,
 ) -> Tuple[Tensor, Tensor]:
@@ -259,7 +259,7 @@ def triton_block_sparse_fwd_hopper(
     lse = torch.empty(B, H, Sq, dtype=torch.float32, device=q.device)
     cfg = KernelConfig(128, block_n, 4, num_stages, True, True, "hopper", exp2_poly)
     launch_hopper(q, k, v, out, lse, (tile_ptr, tile_start, tile_end, tile_row),
-                  (row_kv_ptr, kv_tile_start, kv_tile_end, row_kv_short), short_n, max_tiles, per_head_layout, scale,
+                  (row_kv_ptr, kv_tile_start, kv_tile_end, row_kv_masked), short_n, max_tiles, per_head_layout, scale,
                   cfg, precision)
     return out, lse
 
