@@ -25,8 +25,8 @@ into short tiles (`schedule.build_key_tiles`); fp8 keeps such pieces as ragged `
 way a row's full tiles come first and its last ``row_kv_masked`` tiles are the masked ones, so the consumers
 walk them in two loops: the full tiles without a mask (the mask's per-thread column indices would hold
 registers for the whole walk: on Triton 3.9 that spilled, and a per-tile branch would keep a masked and an
-unmasked softmax in the loop), then the masked tail. A consumer whose 64 rows all lie past the tile's end only walks the barriers. Rows without
-keys write 0 and lse = -inf.
+unmasked softmax in the loop), then the masked tail. A consumer whose 64 rows all lie past the tile's end
+only walks the barriers. Rows without keys write 0 and lse = -inf.
 
 8-bit modes (``precision="int8_qk"`` / ``"fp8"``, see `fp8_quant.py`) follow the tensors' dtypes: INT8 Q
 (quantized per tile by a pre-pass) and K (one scale per aligned block of ``KEY_BLOCK`` tokens; the key tiles
@@ -394,7 +394,7 @@ def _load(args):
         mbarrier.wait(k_empty.index(stage), phase ^ 1)
         _load_rows(k_desc, k_short, k_smem.index(stage), k_ready.index(stage), origin, short)
         mbarrier.wait(v_empty.index(stage), phase ^ 1)
-        if FP8_PV:  # V^T [HEAD_DIM, S_pad], wgmma key order: the tile's aligned block is a column block (no short tiles)
+        if FP8_PV:  # V^T [HEAD_DIM, S_pad] in wgmma key order: the tile's aligned block is a column block
             mbarrier.expect(v_ready.index(stage), v_desc.block_type.nbytes)
             tma_load(v_desc, [0, origin], v_ready.index(stage), v_smem.index(stage))
         else:
@@ -434,8 +434,8 @@ def block_sparse_attn_fwd_hopper(
     Precision follows the tensors: Q/K in the input dtype (exact), or `quantize_q_tiles`' INT8 Q with
     ``Q_SCALE [B * H, q_scale_stride]`` and ``Q_MU [B, H, Sq]`` and `quantize_kv`'s INT8 K with ``K_SCALE
     [B, H_kv, cdiv(kv_len, KEY_BLOCK)]`` (8-bit modes); V in the input dtype, or e4m3 V^T ``[B, H_kv, D, S_pad]``
-    in wgmma key order, contiguous (``stride_vs`` = its channel stride = S_pad), with ``V_SCALE [B, H_kv, D]`` (``precision="fp8"``). Unused pointers
-    may be any tensor. ``SHORT_N``: `KeyTiles.short_n` (0: no short tiles). ``EXP2_POLY``: 0, or 4 to compute
+    in wgmma key order, contiguous (``stride_vs`` = its channel stride = S_pad), with ``V_SCALE [B, H_kv, D]``
+    (``precision="fp8"``). Unused pointers may be any tensor. ``SHORT_N``: `KeyTiles.short_n` (0: no short tiles). ``EXP2_POLY``: 0, or 4 to compute
     one softmax exponential in 4 on the FMA units (`_exp2`)."""
     pid_t = gl.program_id(0)
     pid_bh = gl.program_id(1)

@@ -195,7 +195,8 @@ def quantize_kv(k: Tensor, v: Tensor, fp8_pv: bool, interpreted: bool, block_s: 
     """Quantize k, v ``[B, S, H_kv, D]`` (fp16/bf16/fp32, contiguous head dim) for the FP8 kernel.
 
     ``fp8_pv=False`` skips V (the kernel then multiplies P @ V in the input dtype). ``interpreted``: round in
-    float32 arithmetic first (Triton's CPU interpreter). ``block_s``: tokens per V program. ``wgmma_order``: V^T's tokens at `wgmma_key_slot` columns (the Hopper kernel's layout).
+    float32 arithmetic first (Triton's CPU interpreter). ``block_s``: tokens per V program. ``wgmma_order``:
+    V^T's tokens at `wgmma_key_slot` columns (the Hopper kernel's layout).
     """
     B, S, H, D = k.shape
     mean = k.mean(dim=1, dtype=torch.float32)  # [B, H_kv, D]: the smoothing constant (no float32 copy of k)

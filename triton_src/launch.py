@@ -288,7 +288,7 @@ def check_launch(sched: KernelSchedule, key_tiles: Optional[KeyTiles], cfg: Kern
 
     if key_tiles is None or key_tiles.block_n != cfg.block_n:
         raise ValueError(f"the hopper kernel needs the key tiles of BLOCK_N={cfg.block_n}")
-    if key_tiles.aligned != (precision != "exact") or (precision == "fp8" and key_tiles.short_n):
+    if key_tiles.aligned != (precision != "exact") or key_tiles.cuts_short != (precision != "fp8"):
         raise ValueError(f"key_tiles: built for another precision than {precision!r} (see schedule.build_key_tiles)")
     if precision != "exact" and cfg.block_n != KEY_QUANT_BLOCK:
         raise ValueError(f"the hopper kernel's 8-bit modes take key tiles of {KEY_QUANT_BLOCK} keys (one K scale "

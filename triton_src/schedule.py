@@ -172,11 +172,14 @@ class KeyTiles:
     ``row_masked`` tiles of a row are the masked ones.
     ``aligned``: spans are cut at every multiple of ``block_n`` (token index), so no tile crosses one
     (the 8-bit modes scale K per aligned block); otherwise every ``block_n`` keys from the span's start.
+    ``cuts_short``: pieces shorter than ``block_n`` are cut into short tiles when there are any (every
+    precision but fp8); False: they stay ragged ``block_n``-wide tiles, which only fp8's kernel masks.
     """
 
     block_n: int
     short_n: int
     aligned: bool
+    cuts_short: bool
     row_ptr: Tensor
     start: Tensor
     end: Tensor
@@ -235,8 +238,8 @@ def _build_key_tiles(layout: BlockSparseLayout, bn: int, aligned: bool, short: b
             t = torch.zeros(1, dtype=torch.int64)
         return t.to(torch.int32).to(device)
 
-    return KeyTiles(block_n=bn, short_n=short_n, aligned=aligned, row_ptr=dev(row_ptr), start=dev(start),
-                    end=dev(end), row_masked=dev(row_masked))
+    return KeyTiles(block_n=bn, short_n=short_n, aligned=aligned, cuts_short=short, row_ptr=dev(row_ptr),
+                    start=dev(start), end=dev(end), row_masked=dev(row_masked))
 
 
 def _short_width(length: Tensor, bn: int) -> int:
