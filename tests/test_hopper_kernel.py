@@ -60,6 +60,20 @@ def test_key_tiles_cover_each_rows_spans_exactly(precision):
                 assert 1 not in kinds, "outside fp8 no tile is ragged: the masked tiles are the short ones"
 
 
+@pytest.mark.parametrize("built, run", [("fp8", "int8_qk"), ("int8_qk", "fp8"), ("exact", "int8_qk"),
+                                        ("int8_qk", "exact")])
+def test_key_tiles_built_for_another_precision_are_refused(built, run):
+    """fp8's tiles keep ragged pieces for a masked walk the other modes do not compile: run under int8_qk they
+    would drop those keys, so the launch check refuses them (and every other mismatch)."""
+    from lvsa_kernels.triton_src.launch import check_launch
+
+    layout, cpu = ragged_layout(seed=1, heads=2), torch.device("cpu")
+    sched, cfg = build_schedule(layout, 128, cpu), hopper_configs(128, run)[0]
+    with pytest.raises(ValueError, match="built for another precision"):
+        check_launch(sched, build_key_tiles(layout, 128, cpu, built), cfg, run)
+    check_launch(sched, build_key_tiles(layout, 128, cpu, run), cfg, run)
+
+
 def short_rows_layout():
     """Rows 0 and 1 attend four separate 20-30-key spans each (only short tiles, under ping-pong: 100 and 128
     query rows), row 2 one 204-key span (a full tile, then its 76-key rest as three short tiles)."""
