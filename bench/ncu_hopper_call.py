@@ -1,10 +1,12 @@
-"""Two calls of the Hopper kernel per precision on a Wan-like layout (T=31, W=4, 1536-token frames, 12 x 128, bf16),
-for Nsight Compute: the second call of each precision is the one to profile.
+"""Two calls of the Hopper kernel per precision on a Wan-like layout (T=31 latent frames, W=4, 1560-token
+frames, 12 heads x 128, bf16), for Nsight Compute: the second call of each precision is the one to profile
+(the first compiles). `bench/ncu_hopper.sh` profiles each precision this way.
 
-    ncu --section WarpStateStats --section ComputeWorkloadAnalysis --section SchedulerStats \\
-        -k regex:hopper --launch-skip 1 --launch-count 1 python3 bench/ncu_hopper_call.py int8_qk
+    ncu --set full --clock-control none -k regex:hopper --launch-skip 1 --launch-count 1 python3 bench/ncu_hopper_call.py fp8
+
+``--frame-tokens 1536`` gives frames whose key spans start 128-aligned (no ragged tiles).
 """
-import sys
+import argparse
 
 import torch
 
@@ -14,13 +16,18 @@ from lvsa_kernels.triton_src.schedule import build_key_tiles, build_schedule
 from lvsa_kernels.triton_src.tuning import hopper_configs
 
 
-def main(precisions: str) -> None:
-    layout = LVSAPattern(window=4).plan(31, 1536, step=0)
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("precisions", nargs="?", default="exact", help="comma list of exact, int8_qk, fp8")
+    p.add_argument("--frame-tokens", type=int, default=1560)
+    p.add_argument("--config", type=int, default=0, help="index into tuning.hopper_configs(128, precision)")
+    args = p.parse_args()
+    layout = LVSAPattern(window=4).plan(31, args.frame_tokens, step=0)
     q, k, v = (torch.randn(1, layout.q_len, 12, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     sched = build_schedule(layout, 128, q.device)
-    for precision in precisions.split(","):
+    for precision in args.precisions.split(","):
         tiles = build_key_tiles(layout, 128, q.device, precision)
-        cfg = hopper_configs(128, precision)[1]  # 128 x 128, 3 stages
+        cfg = hopper_configs(128, precision)[args.config]
         for _ in range(2):
             run_scheduled(q, k, v, sched, False, 0.088, cfg, precision=precision, key_tiles=tiles)
         torch.cuda.synchronize()
@@ -28,4 +35,4 @@ def main(precisions: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "exact")
+    main()

@@ -215,8 +215,31 @@ def test_quantize_kv_matches_the_reference_bit_for_bit():
     assert got.k_scale.shape == (2, 2, 3) and got.k_scale.is_contiguous()  # blocks of 128, 128, 44 tokens
     assert torch.equal(got.k8.float(), k8) and torch.equal(got.k_scale, ks)
     assert (ks[1, 1] == 1).all() and (ks[:, 0, 1] > 10 * ks[:, 0, 0]).all()
+    assert got.vt8.shape == (2, 2, 32, 304)  # tokens padded to 16
     assert torch.equal(got.vt8[..., :300].view(torch.uint8), v8.permute(0, 2, 3, 1).view(torch.uint8))
+    assert not got.vt8[..., 300:].view(torch.uint8).any()  # the padding columns are +0
     assert torch.equal(got.v_scale, v_scale)
+
+
+@needs_kernel
+@pytest.mark.parametrize("block_s", [16, 64])
+def test_hopper_fp8_values_are_stored_in_wgmma_key_order(block_s):
+    """The Hopper kernel's V^T: within each aligned group of 32 tokens, token 16h + 8i + 2q + e at column
+    16h + 4q + 2i + e (a bijection per group), padding columns to a whole group +0 (also where the programs of
+    ``block_s`` tokens cover the tokens before the padding)."""
+    from lvsa_kernels.triton_src.fp8_quant import quantize_kv
+
+    k, v = (t.to(DEVICE, torch.float16) for t in distribution("normal", 2, 300, 2, 2, 32, seed=8)[1:])
+    natural = quantize_kv(k, v, fp8_pv=True, interpreted=not CUDA).vt8
+    got = quantize_kv(k, v, fp8_pv=True, interpreted=not CUDA, block_s=block_s, wgmma_order=True).vt8
+    assert got.shape == (2, 2, 32, 320) and got.is_contiguous()
+    token = torch.arange(320)
+    h, i, q, e = token % 32 // 16, token % 16 // 8, token % 8 // 2, token % 2
+    column = token // 32 * 32 + 16 * h + 4 * q + 2 * i + e
+    assert torch.equal(column.sort().values, token)
+    expected = torch.zeros_like(got.view(torch.uint8))
+    expected[..., column[:300].to(DEVICE)] = natural[..., :300].view(torch.uint8)
+    assert torch.equal(got.view(torch.uint8), expected)
 
 
 @needs_kernel
@@ -323,7 +346,7 @@ def test_hopper_int8_rows_of_short_tiles_only():
     k, v = k[:, :layout.kv_len], v[:, :layout.kv_len]
     cfg = hopper_configs(128, "int8_qk")[0]
     tiles = build_key_tiles(layout, 128, q.device, "int8_qk")
-    assert tiles.short_n == 32 and tiles.row_short.tolist() == [4, 4, 3]
+    assert tiles.short_n == 32 and tiles.row_masked.tolist() == [4, 4, 3]
     out, _ = run_scheduled(q, k, v, build_schedule(layout, 128, q.device), False, 0.09, cfg,
                            out=torch.full_like(q, float("nan")), precision="int8_qk", key_tiles=tiles)
     ref = fp8_reference_attention(q, k, v, layout, scale=0.09, fp8_pv=False, **_walk_of(cfg, layout, "int8_qk"))

@@ -55,9 +55,23 @@ def test_key_tiles_cover_each_rows_spans_exactly(precision):
                 kinds.append(0 if b - a == bn else 1 if b - a > kt.short_n else 2)
             assert torch.equal(got, want), "key tiles cover the row's keys exactly once"
             assert kinds == sorted(kinds), "full tiles first, then the ragged ones, then the short ones"
-            assert kinds.count(2) == int(kt.row_short[row])
-            if kt.short_n:
-                assert 1 not in kinds, "with short tiles every tile of the long walk is full (it runs unmasked)"
+            assert len(kinds) - kinds.count(0) == int(kt.row_masked[row]), "the masked tiles are the last"
+            if precision != "fp8":
+                assert 1 not in kinds, "outside fp8 no tile is ragged: the masked tiles are the short ones"
+
+
+@pytest.mark.parametrize("built, run", [("fp8", "int8_qk"), ("int8_qk", "fp8"), ("exact", "int8_qk"),
+                                        ("int8_qk", "exact")])
+def test_key_tiles_built_for_another_precision_are_refused(built, run):
+    """fp8's tiles keep ragged pieces for a masked walk the other modes do not compile: run under int8_qk they
+    would drop those keys, so the launch check refuses them (and every other mismatch)."""
+    from lvsa_kernels.triton_src.launch import check_launch
+
+    layout, cpu = ragged_layout(seed=1, heads=2), torch.device("cpu")
+    sched, cfg = build_schedule(layout, 128, cpu), hopper_configs(128, run)[0]
+    with pytest.raises(ValueError, match="built for another precision"):
+        check_launch(sched, build_key_tiles(layout, 128, cpu, built), cfg, run)
+    check_launch(sched, build_key_tiles(layout, 128, cpu, run), cfg, run)
 
 
 def short_rows_layout():
@@ -92,7 +106,7 @@ def test_short_tiles_take_the_width_that_loads_fewer_keys():
     whole_blocks = LVSAPattern(window=4).plan(31, 1536, step=0)  # every span a multiple of 128 keys
     assert build_key_tiles(whole_blocks, 128, torch.device("cpu")).short_n == 0
     kt = build_key_tiles(short_rows_layout(), 128, torch.device("cpu"))
-    assert kt.short_n == 32 and kt.row_short.tolist() == [4, 4, 3]
+    assert kt.short_n == 32 and kt.row_masked.tolist() == [4, 4, 3]
     # a 100-key rest: two 64-key tiles load as many keys as four 32-key ones, in fewer tiles
     hundreds = BlockSparseLayout.from_block_mask(torch.ones(1, 1, dtype=torch.bool), [64], [228])
     assert build_key_tiles(hundreds, 128, torch.device("cpu")).short_n == 64

@@ -19,12 +19,14 @@ modes walk the keys in another order, see `schedule.build_key_tiles`), for bf16/
 Ragged key tiles (``kv_end - kv0`` below the tile's width) are the only masked ones: their scores are scaled
 first, then columns from ``kv_end`` on are set to -inf, and the V rows from ``kv_end`` on are zeroed in shared memory
 before ``P V`` (a TMA tile reads whatever follows the span, which may hold NaN). A row's *short* tiles (at most
-``SHORT_N`` keys, e.g. the 24-key tail of a 1560-token frame; its last ``row_kv_short`` tiles) load only
-``SHORT_N`` rows into the head of a ring slot and run ``SHORT_N``-column products. Outside fp8 every piece of a
-span shorter than ``BLOCK_N`` is cut into short tiles (`schedule.build_key_tiles`), so the walk over the long
-tiles carries no mask (the mask's per-thread column indices would hold registers for the whole walk: on Triton
-3.9 that spilled). A consumer whose 64 rows all lie past the tile's end only walks the barriers. Rows without
-keys write 0 and lse = -inf.
+``SHORT_N`` keys, e.g. the 24-key tail of a 1560-token frame) load only ``SHORT_N`` rows into the head of a
+ring slot and run ``SHORT_N``-column products. Outside fp8 every piece of a span shorter than ``BLOCK_N`` is cut
+into short tiles (`schedule.build_key_tiles`); fp8 keeps such pieces as ragged ``BLOCK_N``-wide tiles. Either
+way a row's full tiles come first and its last ``row_kv_masked`` tiles are the masked ones, so the consumers
+walk them in two loops: the full tiles without a mask (the mask's per-thread column indices would hold
+registers for the whole walk: on Triton 3.9 that spilled, and a per-tile branch would keep a masked and an
+unmasked softmax in the loop), then the masked tail. A consumer whose 64 rows all lie past the tile's end
+only walks the barriers. Rows without keys write 0 and lse = -inf.
 
 8-bit modes (``precision="int8_qk"`` / ``"fp8"``, see `fp8_quant.py`) follow the tensors' dtypes: INT8 Q
 (quantized per tile by a pre-pass) and K (one scale per aligned block of ``KEY_BLOCK`` tokens; the key tiles
@@ -36,7 +38,9 @@ cancels it. TMA faults on a
 V^T column block that does not start 16-aligned (1560-token frames start anywhere), so fp8 loads every key tile
 as the aligned block of ``BLOCK_N`` keys that holds it (8-bit tiles never cross one) and masks the columns
 outside the tile (`_tile_origin`); it has no short tiles. Masked columns give P = 0, so the keys around the
-tile are never zeroed: the 8-bit modes need finite inputs on every token.
+tile are never zeroed: the 8-bit modes need finite inputs on every token. Its V^T stores the keys of every
+aligned group of 32 in wgmma key order (`fp8_quant.wgmma_key_slot`), so e4m3 P enters the P V product from
+the registers its scores were computed in (`_pv_operand`).
 
 The kernel takes a non-negative softmax scale (the host negates q for a negative one). Gluon's API still
 changes between Triton releases: the names that moved are bound in `gluon_compat`, which also says on which
@@ -113,7 +117,11 @@ def _softmax_step(s, m_i, l_i, kv0, kv_end, base, qk_scale, bias, BLOCK_N: gl.co
     if RAGGED:
         if kv0 + BLOCK_N > kv_end:  # scale before masking: 0 * -inf would be NaN
             cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-            valid = (cols >= kv0 - base) & (cols < kv_end - base)
+            # column - (kv0 - base) as a constant per register plus one of two per-thread values: written as
+            # cols - (kv0 - base), the 32 per-thread columns are hoisted out of the walk (Triton 3.9 spilled them)
+            rel = (cols & 7) - (kv0 - base)
+            col8 = cols & ~7
+            valid = (col8 + rel >= 0) & (col8 + rel < kv_end - kv0)
             s = gl.where(valid[None, :], s * qk_scale, float("-inf"))
             m_new = gl.maximum(m_i, gl.max(s, 1) - bias)
             p = _exp2(s - (m_new + (bias - P_SHIFT))[:, None], EXP2_POLY)
@@ -165,9 +173,17 @@ def _pv_operand(p, v_buf, kv0, kv_end, p_layout: gl.constexpr, BLOCK_N: gl.const
                 RAGGED: gl.constexpr):
     """P of key tile ``kv0 ..`` as the A operand of ``P V``: e4m3 against V^T in e4m3 (fp8; P already carries
     its scale 448, see `LOG2_P_SCALE`), else in V's dtype, after zeroing the V rows of a ragged tile (keys
-    outside the span may hold NaN)."""
+    outside the span may hold NaN).
+
+    fp8: V^T stores its keys in wgmma key order (`fp8_quant.wgmma_key_slot`), so P's column ``16h + 8i + 2q + e``
+    of each group of 32 goes to position ``16h + 4q + 2i + e``: a reshape and a permute that leave every score
+    in the thread and register it was computed in (the conversion to the operand layout is asserted free;
+    without the key order it costs a warp shuffle and a byte permute per 4 scores)."""
     if v_buf.dtype == gl.float8e4nv:
-        return gl.convert_layout(p.to(gl.float8e4nv), p_layout)
+        ROWS: gl.constexpr = p.type.shape[0]
+        x = gl.reshape(p.to(gl.float8e4nv), [ROWS, BLOCK_N // 32, 2, 2, 4, 2])  # key = 32g + 16h + 8i + 2q + e
+        x = gl.reshape(gl.permute(x, [0, 1, 2, 4, 3, 5]), [ROWS, BLOCK_N])     # position 32g + 16h + 4q + 2i + e
+        return gl.convert_layout(x, p_layout, assert_trivial=True)
     else:
         if RAGGED:
             _zero_v_tail(v_buf, kv0, kv_end, BLOCK_N, HEAD_DIM)
@@ -290,7 +306,7 @@ def _attend_tiles(q, acc, m_i, l_i, j_lo, j_hi, turn0, pingpong, ring, scales, H
 @gluon.jit
 def _consume(args, HALF: gl.constexpr):
     (q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, turn,
-     kv_tile_start, kv_tile_end, i_lo, n_kv, n_short, q0, q1,
+     kv_tile_start, kv_tile_end, i_lo, n_kv, n_masked, q0, q1,
      o_base, stride_os, lse_base, qk_scale, walk_scale, ks_base, qmu_base, vs_base, k_short, EXP2_POLY) = args
     BLOCK_N: gl.constexpr = k_smem.type.shape[1]
     HEAD_DIM: gl.constexpr = k_smem.type.shape[2]
@@ -316,14 +332,14 @@ def _consume(args, HALF: gl.constexpr):
         mbarrier.wait(q_bar.index(HALF), 0)
         ring = (k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn, kv_tile_start, kv_tile_end, i_lo)
         scales = (qk_scale, walk_scale, ks_base)
-        n_long = n_kv - n_short
-        if n_long > 0:  # only fp8 has ragged long tiles: elsewhere every shorter piece is cut into short tiles
-            acc, m_i, l_i = _attend_tiles(q, acc, m_i, l_i, 0, n_long, 0, pingpong, ring, scales, HALF, BLOCK_N,
-                                          FP8_PV, EXP2_POLY)
-        if SHORT_N < BLOCK_N:
-            if n_short > 0:  # n_long + 1 turns were taken above
-                turn0 = gl.where(n_long > 0, n_long + 1, 0)
-                acc, m_i, l_i = _attend_tiles(q, acc, m_i, l_i, n_long, n_kv, turn0, pingpong, ring, scales, HALF,
+        n_full = n_kv - n_masked
+        if n_full > 0:
+            acc, m_i, l_i = _attend_tiles(q, acc, m_i, l_i, 0, n_full, 0, pingpong, ring, scales, HALF, BLOCK_N,
+                                          False, EXP2_POLY)
+        if SHORT_N < BLOCK_N or FP8_PV:  # a masked tail: short tiles, or fp8's ragged BLOCK_N-wide ones
+            if n_masked > 0:  # n_full + 1 turns were taken above
+                turn0 = gl.where(n_full > 0, n_full + 1, 0)
+                acc, m_i, l_i = _attend_tiles(q, acc, m_i, l_i, n_full, n_kv, turn0, pingpong, ring, scales, HALF,
                                               SHORT_N, True, EXP2_POLY)
 
     has_keys = l_i > 0.0
@@ -356,7 +372,7 @@ def _consume_second_half(args):
 @gluon.jit
 def _load(args):
     (q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, turn,
-     kv_tile_start, kv_tile_end, i_lo, n_kv, n_short, q0, q1, q_desc, k_desc, v_desc, k_short, v_short) = args
+     kv_tile_start, kv_tile_end, i_lo, n_kv, n_masked, q0, q1, q_desc, k_desc, v_desc, k_short, v_short) = args
     STAGES: gl.constexpr = k_smem.type.shape[0]
     BLOCK_N: gl.constexpr = k_smem.type.shape[1]
     ROWS: gl.constexpr = q_smem.type.shape[1]
@@ -368,17 +384,17 @@ def _load(args):
         mbarrier.expect(q_bar.index(half), q_desc.block_type.nbytes, pred=needed)
         tma_load(q_desc, [q0 + half * ROWS, 0], q_bar.index(half), q_smem.index(half),
                                         pred=needed)
-    n_long = n_kv - n_short
+    n_full = n_kv - n_masked
     for j in range(n_kv):
         stage = j % STAGES
         phase = (j // STAGES) & 1
         kv0 = gl.load(kv_tile_start + i_lo + j)
-        short = HAS_SHORT and j >= n_long
+        short = HAS_SHORT and j >= n_full
         origin = _tile_origin(kv0, BLOCK_N, FP8_PV)
         mbarrier.wait(k_empty.index(stage), phase ^ 1)
         _load_rows(k_desc, k_short, k_smem.index(stage), k_ready.index(stage), origin, short)
         mbarrier.wait(v_empty.index(stage), phase ^ 1)
-        if FP8_PV:  # V^T [HEAD_DIM, kv_len]: the key tile's aligned block is a column block (no short tiles)
+        if FP8_PV:  # V^T [HEAD_DIM, S_pad] in wgmma key order: the tile's aligned block is a column block
             mbarrier.expect(v_ready.index(stage), v_desc.block_type.nbytes)
             tma_load(v_desc, [0, origin], v_ready.index(stage), v_smem.index(stage))
         else:
@@ -405,7 +421,7 @@ def block_sparse_attn_fwd_hopper(
     stride_vb, stride_vs, stride_vh,
     stride_ob, stride_os, stride_oh,
     tile_ptr, tile_start, tile_end, tile_row,
-    row_kv_ptr, kv_tile_start, kv_tile_end, row_kv_short,
+    row_kv_ptr, kv_tile_start, kv_tile_end, row_kv_masked,
     qk_scale, q_len, kv_len,
     Q_SCALE, Q_MU, K_SCALE, V_SCALE, q_scale_stride,
     NUM_HEADS: gl.constexpr, KV_GROUP: gl.constexpr, PER_HEAD_LAYOUT: gl.constexpr,
@@ -418,8 +434,8 @@ def block_sparse_attn_fwd_hopper(
     Precision follows the tensors: Q/K in the input dtype (exact), or `quantize_q_tiles`' INT8 Q with
     ``Q_SCALE [B * H, q_scale_stride]`` and ``Q_MU [B, H, Sq]`` and `quantize_kv`'s INT8 K with ``K_SCALE
     [B, H_kv, cdiv(kv_len, KEY_BLOCK)]`` (8-bit modes); V in the input dtype, or e4m3 V^T ``[B, H_kv, D, S_pad]``
-    (``stride_vs`` = its channel stride) with ``V_SCALE [B, H_kv, D]`` (``precision="fp8"``). Unused pointers
-    may be any tensor. ``SHORT_N``: `KeyTiles.short_n` (0: no short tiles). ``EXP2_POLY``: 0, or 4 to compute
+    in wgmma key order, contiguous (``stride_vs`` = its channel stride = S_pad), with ``V_SCALE [B, H_kv, D]``
+    (``precision="fp8"``). Unused pointers may be any tensor. ``SHORT_N``: `KeyTiles.short_n` (0: no short tiles). ``EXP2_POLY``: 0, or 4 to compute
     one softmax exponential in 4 on the FMA units (`_exp2`)."""
     pid_t = gl.program_id(0)
     pid_bh = gl.program_id(1)
@@ -438,7 +454,7 @@ def block_sparse_attn_fwd_hopper(
     row = gl.load(tile_row + t, mask=valid, other=0)
     i_lo = gl.load(row_kv_ptr + row)
     n_kv = gl.where(valid, gl.load(row_kv_ptr + row + 1) - i_lo, 0)
-    n_short = gl.where(valid, gl.load(row_kv_short + row), 0)
+    n_masked = gl.where(valid, gl.load(row_kv_masked + row), 0)
 
     b64 = b.to(gl.int64)
     h64 = h.to(gl.int64)
@@ -458,7 +474,9 @@ def block_sparse_attn_fwd_hopper(
     else:  # no short tiles (the loader and consumers read that off the block shape)
         k_short = k_desc
     if FP8_PV:
-        v_desc = tma.make_tensor_descriptor(V + b64 * stride_vb + h_kv64 * stride_vh, shape=[HEAD_DIM, kv_len],
+        # V^T rows hold S_pad = stride_vs columns, zero past kv_len: in wgmma key order keys near the end may
+        # sit past kv_len (`fp8_quant.wgmma_key_slot`), so the whole row is in bounds
+        v_desc = tma.make_tensor_descriptor(V + b64 * stride_vb + h_kv64 * stride_vh, shape=[HEAD_DIM, stride_vs],
                                             strides=[stride_vs, 1], block_shape=[HEAD_DIM, BLOCK_N],
                                             layout=V_LAYOUT)
         v_smem = gl.allocate_shared_memory(v_dtype, [STAGES, HEAD_DIM, BLOCK_N], V_LAYOUT)
@@ -486,7 +504,7 @@ def block_sparse_attn_fwd_hopper(
         walk_scale = qk_scale * gl.load(Q_SCALE + pid_bh.to(gl.int64) * q_scale_stride + pid_t, mask=valid,
                                         other=1.0)
     ring = (q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, turn,
-            kv_tile_start, kv_tile_end, i_lo, n_kv, n_short, q0, q1)
+            kv_tile_start, kv_tile_end, i_lo, n_kv, n_masked, q0, q1)
     o_base = O + b64 * stride_ob + h64 * stride_oh
     lse_base = LSE + (b64 * NUM_HEADS + h) * q_len
     key_blocks = (kv_len + KEY_BLOCK - 1) // KEY_BLOCK

@@ -53,7 +53,7 @@ PRECISIONS = ("exact", "int8_qk", "fp8")
 _POINTERS = {"Q": "q", "K": "k", "V": "v", "O": "half", "LSE": "fp32", "Q_SCALE": "fp32", "Q_MU": "fp32",
              "K_SCALE": "fp32", "V_SCALE": "fp32"}
 _INT32_ARRAYS = ("tile_ptr", "tile_start", "tile_end", "tile_row", "row_kv_ptr", "kv_tile_start", "kv_tile_end",
-                 "row_kv_short")
+                 "row_kv_masked")
 _CLUSTER_INT32_ARRAYS = ("Q_PERM", "tile_row", "tile_q0", "tile_q1", "key_tiles", "key_count")
 _TRITON_TYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.int8: "i8", torch.float8_e4m3fn: "fp8e4nv"}
 

@@ -9,8 +9,10 @@
   amax over the block's tokens (the last block may be partial) and all channels. A key tile that lies in one
   aligned block needs one scale.
 * V is quantized per channel, ``v_scale[b, h, d] = amax over tokens / 448``, and written transposed,
-  ``vt8 [B, H_kv, D, S_pad]`` (tokens contiguous): Hopper's FP8 MMA wants its B operand K-major,
-  and for ``P @ V`` the reduction runs over the tokens.
+  ``vt8 [B, H_kv, D, S_pad]`` (tokens contiguous, ``S_pad - S`` zero columns): Hopper's FP8 MMA wants its B
+  operand K-major, and for ``P @ V`` the reduction runs over the tokens. For the Hopper kernel the tokens of
+  every aligned group of 32 are stored in "wgmma key order" (`wgmma_key_slot`), which lets the kernel hand its
+  e4m3 P to the MMA without moving it between threads.
 
 Q is quantized to INT8 per query tile of the kernel schedule (`quantize_q_tile`): in the portable
 kernel's prologue, or by the `quantize_q_tiles` pre-pass for the Hopper kernel (which reads Q through TMA);
@@ -30,10 +32,11 @@ from torch import Tensor
 from .interpreter import launch_lock
 
 
-__all__ = ["Fp8KV", "KEY_QUANT_BLOCK", "QuantizedQ", "quantize_kv", "quantize_q_tile", "quantize_q_tiles", "to_e4m3",
-           "to_int8"]
+__all__ = ["Fp8KV", "KEY_GROUP", "KEY_QUANT_BLOCK", "QuantizedQ", "quantize_kv", "quantize_q_tile", "quantize_q_tiles",
+           "to_e4m3", "to_int8", "wgmma_key_slot"]
 
 KEY_QUANT_BLOCK = 128  # tokens per K scale, blocks aligned to token 0
+KEY_GROUP = 32  # tokens per group of the wgmma key order (`wgmma_key_slot`): K of one 8-bit wgmma
 _RNE = 12582912.0  # 1.5 * 2**23: (x + _RNE) - _RNE rounds |x| < 2**22 to an integer, nearest even
 
 
@@ -140,14 +143,30 @@ def _quantize_k(K, MEAN, K8, KS, stride_kb, stride_ks, stride_kh, seq_len, num_b
 
 
 @triton.jit
+def wgmma_key_slot(token):
+    """The V^T column of ``token`` in the Hopper kernel's fp8 layout ("wgmma key order").
+
+    Within an aligned group of `KEY_GROUP` tokens, a wgmma accumulator thread holds the scores of keys
+    ``2q + {0, 1} + 8i`` (``q`` its lane in the quad, ``i = 0..3``) while an 8-bit A operand thread must hold
+    the product's K positions ``4q + {0..3}`` and ``16 + 4q + {0..3}``. Storing key ``16h + 8i + 2q + e`` at
+    column ``16h + 4q + 2i + e`` (bit 3 of the index to bit 1, bits 1-2 to bits 2-3) makes each thread's own
+    scores the operand it needs: ``P V`` sums over positions, so permuting P's columns and V's rows alike
+    leaves it unchanged."""
+    return (token & ~14) | ((token & 8) >> 2) | ((token & 6) << 1)
+
+
+@triton.jit
 def _quantize_vt(V, INV, VT8, stride_vb, stride_vs, stride_vh, seq_len, padded_len,
-                 NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, INTERPRETED: tl.constexpr):
-    """Tokens ``program_id(0) * BLOCK_S ..`` of head ``program_id(1)``: scale per channel, cast, store transposed."""
+                 NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr,
+                 WGMMA_ORDER: tl.constexpr, INTERPRETED: tl.constexpr):
+    """Tokens ``program_id(0) * BLOCK_S ..`` of head ``program_id(1)``: scale per channel, cast, store
+    transposed (at `wgmma_key_slot` columns with WGMMA_ORDER); columns from ``seq_len`` to ``padded_len`` get 0."""
     bh, b, h, rows, offs_d, ok, x = _program_rows(V, stride_vb, stride_vs, stride_vh, seq_len, NUM_KV_HEADS,
                                                   HEAD_DIM, BLOCK_S)
     v8 = to_e4m3(x * tl.load(INV + bh * HEAD_DIM + offs_d)[None, :], INTERPRETED)
-    out = VT8 + (bh.to(tl.int64) * HEAD_DIM + offs_d[:, None]) * padded_len + rows[None, :]
-    tl.store(out, tl.trans(v8), mask=ok[None, :])
+    cols = wgmma_key_slot(rows) if WGMMA_ORDER else rows
+    out = VT8 + (bh.to(tl.int64) * HEAD_DIM + offs_d[:, None]) * padded_len + cols[None, :]
+    tl.store(out, tl.trans(v8), mask=(rows < padded_len)[None, :])
 
 
 def _channel_scales(v: Tensor):
@@ -166,15 +185,18 @@ class Fp8KV(NamedTuple):
     k8: Tensor        # int8 [B, S, H_kv, D], contiguous
     k_scale: Tensor   # float32 [B, H_kv, ceil(S / KEY_QUANT_BLOCK)], contiguous: one scale per 128-token block
     k_mean: Tensor    # float32 [B, H_kv, D]
-    vt8: Tensor       # float8_e4m3fn [B, H_kv, D, S_pad] (S_pad = S rounded up to 16), or None without FP8 P @ V
+    vt8: Tensor       # float8_e4m3fn [B, H_kv, D, S_pad] (S_pad = S rounded up to 16; to 32 in wgmma key order),
+                      # or None without FP8 P @ V
     v_scale: Tensor   # float32 [B, H_kv, D], or None without FP8 P @ V
 
 
-def quantize_kv(k: Tensor, v: Tensor, fp8_pv: bool, interpreted: bool, block_s: int = 64) -> Fp8KV:
+def quantize_kv(k: Tensor, v: Tensor, fp8_pv: bool, interpreted: bool, block_s: int = 64,
+                wgmma_order: bool = False) -> Fp8KV:
     """Quantize k, v ``[B, S, H_kv, D]`` (fp16/bf16/fp32, contiguous head dim) for the FP8 kernel.
 
     ``fp8_pv=False`` skips V (the kernel then multiplies P @ V in the input dtype). ``interpreted``: round in
-    float32 arithmetic first (Triton's CPU interpreter). ``block_s``: tokens per V program.
+    float32 arithmetic first (Triton's CPU interpreter). ``block_s``: tokens per V program. ``wgmma_order``:
+    V^T's tokens at `wgmma_key_slot` columns (the Hopper kernel's layout).
     """
     B, S, H, D = k.shape
     mean = k.mean(dim=1, dtype=torch.float32)  # [B, H_kv, D]: the smoothing constant (no float32 copy of k)
@@ -189,13 +211,14 @@ def quantize_kv(k: Tensor, v: Tensor, fp8_pv: bool, interpreted: bool, block_s: 
     if not fp8_pv:
         return Fp8KV(k8, k_scale, mean, None, None)
     v_scale, inv = _channel_scales(v)
-    padded = triton.cdiv(max(S, 1), 16) * 16  # 16-byte rows for tensor descriptors
+    align = KEY_GROUP if wgmma_order else 16  # 16-byte rows for tensor descriptors; whole groups to permute
+    padded = triton.cdiv(max(S, 1), align) * align
     vt8 = torch.empty(B, H, D, padded, dtype=torch.float8_e4m3fn, device=v.device)
     if B * H * S:
         with launch_lock():
-            _quantize_vt[(triton.cdiv(S, block_s), B * H)](
+            _quantize_vt[(triton.cdiv(padded, block_s), B * H)](
                 v, inv, vt8, v.stride(0), v.stride(1), v.stride(2), S, padded,
-                NUM_KV_HEADS=H, HEAD_DIM=D, BLOCK_S=block_s, INTERPRETED=interpreted)
+                NUM_KV_HEADS=H, HEAD_DIM=D, BLOCK_S=block_s, WGMMA_ORDER=wgmma_order, INTERPRETED=interpreted)
     return Fp8KV(k8, k_scale, mean, vt8, v_scale)
 
 

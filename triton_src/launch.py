@@ -114,7 +114,7 @@ def launch_hopper(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, sch
     if scale < 0:
         q, scale = -q, -scale
     ensure_tma_allocator()
-    k, v, v_strides, quant = _kv_operands(k, v, precision, interpreted=False)
+    k, v, v_strides, quant = _kv_operands(k, v, precision, interpreted=False, wgmma_order=True)
     q_scale = q_mu = k_scale = v_scale = lse  # unread placeholders where a mode does not read them
     if quant is not None:
         q8 = quantize_q_tiles(q, quant.k_mean, sched_tensors[:3], max_tiles, per_head_layout, TILE_M,
@@ -157,14 +157,15 @@ def hopper_meta(head_dim: int, q_dtype: torch.dtype, k_dtype: torch.dtype, v_dty
     )
 
 
-def _kv_operands(k: Tensor, v: Tensor, precision: str, interpreted: bool):
+def _kv_operands(k: Tensor, v: Tensor, precision: str, interpreted: bool, wgmma_order: bool = False):
     """K and V as both kernels read them: ``(k, v, v_strides, quant)``. Exact: the inputs and no ``quant``.
-    8-bit: `quantize_kv`'s INT8 K and, for fp8, its e4m3 V^T ``[B, H_kv, D, S_pad]``, whose channel stride
-    takes the kernels' sequence-stride slot; ``quant`` holds the scales and the K mean."""
+    8-bit: `quantize_kv`'s INT8 K and, for fp8, its e4m3 V^T ``[B, H_kv, D, S_pad]`` (``wgmma_order``: the Hopper
+    kernel's key order), whose channel stride (``S_pad``) takes the kernels' sequence-stride slot; ``quant`` holds
+    the scales and the K mean."""
     v_strides = (v.stride(0), v.stride(1), v.stride(2))
     if precision == "exact":
         return k, v, v_strides, None
-    quant = quantize_kv(k, v, precision == "fp8", interpreted)
+    quant = quantize_kv(k, v, precision == "fp8", interpreted, wgmma_order=wgmma_order)
     if precision == "fp8":
         v = quant.vt8
         v_strides = (v.stride(0), v.stride(2), v.stride(1))
@@ -248,7 +249,7 @@ def triton_block_sparse_fwd(
 def triton_block_sparse_fwd_hopper(
     q: Tensor, k: Tensor, v: Tensor,
     tile_ptr: Tensor, tile_start: Tensor, tile_end: Tensor, tile_row: Tensor,
-    row_kv_ptr: Tensor, kv_tile_start: Tensor, kv_tile_end: Tensor, row_kv_short: Tensor,
+    row_kv_ptr: Tensor, kv_tile_start: Tensor, kv_tile_end: Tensor, row_kv_masked: Tensor,
     max_tiles: int, per_head_layout: bool, scale: float, block_n: int, short_n: int, num_stages: int,
     precision: str = "exact", exp2_poly: int = 0,
 ) -> Tuple[Tensor, Tensor]:
@@ -258,7 +259,7 @@ def triton_block_sparse_fwd_hopper(
     lse = torch.empty(B, H, Sq, dtype=torch.float32, device=q.device)
     cfg = KernelConfig(128, block_n, 4, num_stages, True, True, "hopper", exp2_poly)
     launch_hopper(q, k, v, out, lse, (tile_ptr, tile_start, tile_end, tile_row),
-                  (row_kv_ptr, kv_tile_start, kv_tile_end, row_kv_short), short_n, max_tiles, per_head_layout, scale,
+                  (row_kv_ptr, kv_tile_start, kv_tile_end, row_kv_masked), short_n, max_tiles, per_head_layout, scale,
                   cfg, precision)
     return out, lse
 
@@ -287,7 +288,7 @@ def check_launch(sched: KernelSchedule, key_tiles: Optional[KeyTiles], cfg: Kern
 
     if key_tiles is None or key_tiles.block_n != cfg.block_n:
         raise ValueError(f"the hopper kernel needs the key tiles of BLOCK_N={cfg.block_n}")
-    if key_tiles.aligned != (precision != "exact") or (precision == "fp8" and key_tiles.short_n):
+    if key_tiles.aligned != (precision != "exact") or key_tiles.cuts_short != (precision != "fp8"):
         raise ValueError(f"key_tiles: built for another precision than {precision!r} (see schedule.build_key_tiles)")
     if precision != "exact" and cfg.block_n != KEY_QUANT_BLOCK:
         raise ValueError(f"the hopper kernel's 8-bit modes take key tiles of {KEY_QUANT_BLOCK} keys (one K scale "

@@ -181,27 +181,32 @@ class KeyTiles:
     row_ptr   [Hl*nQB + 1]  key tiles of flat row r: row_ptr[r] : row_ptr[r + 1]
     start     [nK]          first key token of the tile
     end       [nK]          one past its last key token (``end - start < block_n`` only for a ragged piece)
-    row_short [Hl*nQB]      how many of row r's tiles are *short* (``end - start <= short_n``): its last ones
+    row_masked [Hl*nQB]     how many of row r's tiles need a column mask: its last ones (the short tiles,
+                            ``end - start <= short_n``, or with ``short_n = 0`` the ragged ones)
 
     The tiles of a row cover its merged key spans exactly, each class in span order: full tiles of ``block_n``
     keys first. With ``short_n > 0`` every shorter piece is cut into short tiles of at most ``short_n`` keys,
-    which come last (the kernel runs them as ``short_n``-column products on ``short_n``-row loads), so the long
-    tiles are all full and need no mask. With ``short_n = 0`` (fp8, or no piece shorter than ``block_n``) the
-    ragged pieces follow the full tiles as masked ``block_n``-wide tiles.
+    which come last (the kernel runs them as ``short_n``-column products on ``short_n``-row loads). With
+    ``short_n = 0`` (fp8, or no piece shorter than ``block_n``) the ragged pieces follow the full tiles as
+    masked ``block_n``-wide tiles. Either way the full tiles come first and run unmasked, and the last
+    ``row_masked`` tiles of a row are the masked ones.
     ``aligned``: spans are cut at every multiple of ``block_n`` (token index), so no tile crosses one
     (the 8-bit modes scale K per aligned block); otherwise every ``block_n`` keys from the span's start.
+    ``cuts_short``: pieces shorter than ``block_n`` are cut into short tiles when there are any (every
+    precision but fp8); False: they stay ragged ``block_n``-wide tiles, which only fp8's kernel masks.
     """
 
     block_n: int
     short_n: int
     aligned: bool
+    cuts_short: bool
     row_ptr: Tensor
     start: Tensor
     end: Tensor
-    row_short: Tensor
+    row_masked: Tensor
 
     def tensors(self):
-        return (self.row_ptr, self.start, self.end, self.row_short)
+        return (self.row_ptr, self.start, self.end, self.row_masked)
 
 
 def build_key_tiles(layout: BlockSparseLayout, block_n: int, device: torch.device,
@@ -244,7 +249,7 @@ def _build_key_tiles(layout: BlockSparseLayout, bn: int, aligned: bool, short: b
     kind = (length < bn).long() + (length <= short_n).long()  # 0 full, 1 ragged (no short tiles), 2 short
     order = torch.argsort(row * 3 + kind, stable=True)
     start, end = start[order], end[order]
-    row_short = torch.bincount(row[kind == 2], minlength=n_rows)
+    row_masked = torch.bincount(row[kind > 0], minlength=n_rows)
 
     def dev(t: Tensor) -> Tensor:
         if t.numel() and int(t.max()) >= 2**31:
@@ -253,8 +258,8 @@ def _build_key_tiles(layout: BlockSparseLayout, bn: int, aligned: bool, short: b
             t = torch.zeros(1, dtype=torch.int64)
         return t.to(torch.int32).to(device)
 
-    return KeyTiles(block_n=bn, short_n=short_n, aligned=aligned, row_ptr=dev(row_ptr), start=dev(start),
-                    end=dev(end), row_short=dev(row_short))
+    return KeyTiles(block_n=bn, short_n=short_n, aligned=aligned, cuts_short=short, row_ptr=dev(row_ptr),
+                    start=dev(start), end=dev(end), row_masked=dev(row_masked))
 
 
 def _short_width(length: Tensor, bn: int) -> int:
