@@ -228,8 +228,8 @@ def sweep_kernels(case, device, dkdv_tiles, dq_tiles, rep_ms: float) -> Dict[str
     from lvsa_kernels import block_sparse_attn
     from lvsa_kernels.bench.harness import layout_flops, make_inputs
     from lvsa_kernels.timing import bench_ms
-    from lvsa_kernels.triton_src.backward_launch import (backward_config, dq_from_units, key_bounds, launch_delta,
-                                                         launch_dkdv, launch_dq)
+    from lvsa_kernels.triton_src.backward_launch import (backward_config, launch_delta, launch_dkdv, launch_dq,
+                                                         launch_single_pass)
     from lvsa_kernels.triton_src.schedule import build_key_schedule, build_pair_masks, build_schedule
 
     layout = case.layout()
@@ -252,16 +252,11 @@ def sweep_kernels(case, device, dkdv_tiles, dq_tiles, rep_ms: float) -> Dict[str
             if kind == "dkdv":
                 return (lambda: launch_dkdv(do, q, k, v, lse, delta, dk, dv, sched, per_head, scale, tiles)), \
                     (dk, dv), 2.0
-            acc, dq = torch.empty(q.shape, dtype=torch.int64, device=device), torch.empty_like(q)
-            unit, delta1 = torch.empty_like(delta), torch.empty_like(delta)
-            rows, keys = build_pair_masks(layout, device)
+            dq, masks = torch.empty_like(q), build_pair_masks(layout, device)
 
             def single_pass():  # what replaces the dQ kernel: the bound pre-pass, the pass, the scaling
-                acc.zero_()
-                launch_delta(do, out, None, delta1, key_bounds(k, v, keys, q.shape[2]), unit, k.shape[1])
-                kernel = launch_dkdv(do, q, k, v, lse, delta1, dk, dv, sched, per_head, scale, tiles, acc, unit)
-                dq.copy_(dq_from_units(acc, unit, scale, rows))
-                return kernel
+                return launch_single_pass(do, q, k, v, out, lse, None, dq, dk, dv, sched, masks, per_head, scale,
+                                          tiles)[0]
             return single_pass, (dk, dv, dq), 2.5
         sched = build_schedule(layout, tiles.block_m, device)
         dq = torch.empty_like(q)

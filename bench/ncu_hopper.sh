@@ -16,10 +16,12 @@ status=0
 for precision in ${precisions//,/ }; do
   rep="$OUT/ncu_$precision"
   ncu --set full --clock-control none -k regex:hopper --launch-skip 1 --launch-count 1 -f -o "$rep" \
-    python3 bench/ncu_hopper_call.py "$precision" "$@" > "$rep.log" 2>&1 || { status=1; tail -n 5 "$rep.log"; continue; }
+    python3 bench/ncu_hopper_call.py "$precision" "$@" > "$rep.log" 2>&1 \
+    || { status=1; tail -n 5 "$rep.log"; continue; }
   ncu --import "$rep.ncu-rep" --print-details all > "$rep.txt" 2>&1 \
     || ncu --import "$rep.ncu-rep" > "$rep.txt" 2>&1 || status=1
-  ncu --import "$rep.ncu-rep" --page source --csv --print-source sass > "${rep}_sass.csv" 2>&1 || rm -f "${rep}_sass.csv"
+  ncu --import "$rep.ncu-rep" --page source --csv --print-source sass > "${rep}_sass.csv" 2>&1 \
+    || rm -f "${rep}_sass.csv"
   echo "ncu $precision: $(grep -m1 -E 'Duration' "$rep.txt" | tr -s ' ')"
 done
 exit $status

@@ -309,18 +309,14 @@ def test_single_pass_leaves_padding_keys_out_of_dq():
 
 def _single_pass(layout, q, k, v, do, dlse, scale, sched):
     """The single pass alone at 16-row steps over key schedule ``sched``: (dq, its int64 sums, dq_unit)."""
-    from lvsa_kernels.triton_src.backward_launch import BackwardTiles, dq_from_units, key_bounds, launch_delta, launch_dkdv
+    from lvsa_kernels.triton_src.backward_launch import BackwardTiles, launch_single_pass
 
-    B, Sq, H, _ = q.shape
     out, lse = block_sparse_attn(q, k, v, layout, backend="triton", scale=scale, return_lse=True)
-    delta, unit = (torch.empty(B, H, Sq, dtype=torch.float32, device=q.device) for _ in range(2))
-    rows, keys = build_pair_masks(layout, q.device)
-    launch_delta(do, out, dlse, delta, key_bounds(k, v, keys, H), unit, k.shape[1])
-    acc = torch.zeros(q.shape, dtype=torch.int64, device=q.device)
-    dk, dv = torch.empty_like(k), torch.empty_like(v)
-    launch_dkdv(do, q, k, v, lse, delta, dk, dv, sched, layout.num_heads > 1, scale, BackwardTiles(16, 16, 1, 1),
-                acc, unit)
-    return dq_from_units(acc, unit, scale, rows), acc, unit
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    _, acc, unit = launch_single_pass(do, q, k, v, out, lse, dlse, dq, dk, dv, sched,
+                                      build_pair_masks(layout, q.device), layout.num_heads > 1, scale,
+                                      BackwardTiles(16, 16, 1, 1))
+    return dq, acc, unit
 
 
 def _reversed_tiles(sched):

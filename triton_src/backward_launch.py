@@ -23,8 +23,8 @@ from .schedule import KernelSchedule, build_key_schedule, build_key_tiles, build
 from .tuning import KernelConfig
 from ..reference.layout import BlockSparseLayout
 
-__all__ = ["BackwardConfig", "BackwardSchedules", "BackwardTiles", "backward_config", "dq_from_units", "key_bounds",
-           "launch_backward", "launch_delta", "launch_dkdv", "launch_dq", "run_trainable", "single_pass_config"]
+__all__ = ["BackwardConfig", "BackwardSchedules", "BackwardTiles", "backward_config", "launch_backward", "launch_delta",
+           "launch_dkdv", "launch_dq", "launch_single_pass", "run_trainable", "single_pass_config"]
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ class BackwardConfig:
     through their query spans ``dkdv.block_m`` rows at a time. ``dq``: programs own query tiles of ``dq.block_m``
     rows and step through their key spans ``dq.block_n`` keys at a time; None: the single pass, where the dK/dV
     kernel adds dQ with integer atomics into an exact int64 sum (no dQ kernel, two products fewer per pair,
-    deterministic; the benchmarks' variant, no default uses it yet)."""
+    deterministic; the benchmarks' variant, 3x slower than the two kernels on an H100, no default uses it)."""
 
     dkdv: BackwardTiles
     dq: Optional[BackwardTiles]
@@ -88,7 +88,8 @@ def single_pass_config(dtype: torch.dtype, head_dim: int, device: Optional[torch
     """The single pass's launch (`BackwardConfig` with ``dq=None``): `backward_config`'s dK/dV tiles, except in
     half precision on Hopper, where its 64-row steps spill registers inside the loop at head dim 128 once the
     dK/dV kernel also computes dQ; 32-row steps (8 warps, 3 stages, descriptor reads) compile spill-free for
-    sm_90a at head dims 64 and 128 (`compile_check --kernel backward`; not timed yet)."""
+    sm_90a at head dims 64 and 128 (`compile_check --kernel backward`). On an H100 at Wan T=121 W=4 this
+    launch took 750 ms against 146 + 103 ms for the two kernels (its atomics are the bound)."""
     dkdv = backward_config(dtype, head_dim, device).dkdv
     if dkdv.use_tma and dkdv.block_m > 32:
         dkdv = BackwardTiles(32, dkdv.block_n, dkdv.num_warps, dkdv.num_stages, use_tma=True)
@@ -222,27 +223,41 @@ def launch_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
     ``dq``). ``lse [B, H, Sq]`` float32 from the forward; ``dlse`` its gradient or None.
 
     The single pass's dQ on NaN and inf inputs: a row whose dO or lse gradient holds one, or whose output does
-    (as a NaN or inf in its q makes it), gets a NaN unit and so a NaN dQ (the dQ kernel: NaN or inf); a key or value that a query head
-    attends makes that head's units NaN on every row; a bound beyond float32 (inputs around 1e11 in size) also
-    gives NaN; rows without keys get 0. In fp16, a dS beyond fp16's range makes dK non-finite in both backwards,
-    and the single pass's dQ of that row then holds whatever its int64 conversion gave."""
+    (as a NaN or inf in its q makes it), gets a NaN unit and so a NaN dQ (the dQ kernel: NaN or inf); one in a
+    key or value that a query head attends makes that head's units NaN on every row; a bound beyond float32
+    (inputs around 1e11 in size) also gives NaN; rows without keys get 0. In fp16, a dS beyond fp16's range
+    makes dK non-finite in both backwards, and the single pass's dQ of that row then holds whatever its int64
+    conversion gave."""
     B, Sq, H, _ = q.shape
     if B == 0 or Sq == 0 or sched.dkdv.max_tiles == 0:  # no key any query attends
         for t in (dq, dk, dv):
             t.zero_()
         return
-    delta = torch.empty(B, H, Sq, dtype=torch.float32, device=q.device)
     if cfg.dq is None:
-        rows, keys = sched.pair_masks
-        unit = torch.empty(B, H, Sq, dtype=torch.float32, device=q.device)
-        launch_delta(do, out, dlse, delta, key_bounds(k, v, keys, H), unit, k.shape[1])
-        acc = torch.zeros(dq.shape, dtype=torch.int64, device=q.device)
-        launch_dkdv(do, q, k, v, lse, delta, dk, dv, sched.dkdv, per_head_layout, scale, cfg.dkdv, acc, unit)
-        dq.copy_(dq_from_units(acc, unit, scale, rows))
+        launch_single_pass(do, q, k, v, out, lse, dlse, dq, dk, dv, sched.dkdv, sched.pair_masks, per_head_layout,
+                           scale, cfg.dkdv)
         return
+    delta = torch.empty(B, H, Sq, dtype=torch.float32, device=q.device)
     launch_delta(do, out, dlse, delta)
     launch_dkdv(do, q, k, v, lse, delta, dk, dv, sched.dkdv, per_head_layout, scale, cfg.dkdv)
     launch_dq(do, q, k, v, lse, delta, dq, sched.dq, per_head_layout, scale, cfg.dq)
+
+
+def launch_single_pass(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dlse: Optional[Tensor],
+                       dq: Tensor, dk: Tensor, dv: Tensor, sched: KernelSchedule, pair_masks: Tuple[Tensor, Tensor],
+                       per_head_layout: bool, scale: float, tiles: BackwardTiles):
+    """The single pass: the delta and bound pre-pass, the dK/dV kernel summing dQ into a zeroed int64 tensor,
+    then its scaling into ``dq``. ``sched``: `build_key_schedule` at ``tiles.block_n``; ``pair_masks``:
+    `build_pair_masks`. Returns ``(kernel, int64 sums, dq_unit)``: the launched compiled kernel (None if none
+    ran) and what the scaling read."""
+    B, Sq, H, _ = q.shape
+    rows, keys = pair_masks
+    delta, unit = (torch.empty(B, H, Sq, dtype=torch.float32, device=q.device) for _ in range(2))
+    launch_delta(do, out, dlse, delta, key_bounds(k, v, keys, H), unit, k.shape[1])
+    acc = torch.zeros(dq.shape, dtype=torch.int64, device=q.device)
+    kernel = launch_dkdv(do, q, k, v, lse, delta, dk, dv, sched, per_head_layout, scale, tiles, acc, unit)
+    dq.copy_(dq_from_units(acc, unit, scale, rows))
+    return kernel, acc, unit
 
 
 def dq_from_units(acc: Tensor, dq_unit: Tensor, scale: float, rows: Tensor) -> Tensor:

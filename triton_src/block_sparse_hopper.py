@@ -435,8 +435,8 @@ def block_sparse_attn_fwd_hopper(
     ``Q_SCALE [B * H, q_scale_stride]`` and ``Q_MU [B, H, Sq]`` and `quantize_kv`'s INT8 K with ``K_SCALE
     [B, H_kv, cdiv(kv_len, KEY_BLOCK)]`` (8-bit modes); V in the input dtype, or e4m3 V^T ``[B, H_kv, D, S_pad]``
     in wgmma key order, contiguous (``stride_vs`` = its channel stride = S_pad), with ``V_SCALE [B, H_kv, D]``
-    (``precision="fp8"``). Unused pointers may be any tensor. ``SHORT_N``: `KeyTiles.short_n` (0: no short tiles). ``EXP2_POLY``: 0, or 4 to compute
-    one softmax exponential in 4 on the FMA units (`_exp2`)."""
+    (``precision="fp8"``). Unused pointers may be any tensor. ``SHORT_N``: `KeyTiles.short_n` (0: no short
+    tiles). ``EXP2_POLY``: 0, or 4 to compute one softmax exponential in 4 on the FMA units (`_exp2`)."""
     pid_t = gl.program_id(0)
     pid_bh = gl.program_id(1)
     b = pid_bh // NUM_HEADS
