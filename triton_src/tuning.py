@@ -51,15 +51,15 @@ INTERPRETER_CONFIG = KernelConfig(block_m=16, block_n=16, num_warps=1, num_stage
 def hopper_configs(head_dim: int, precision: str = "exact") -> List[KernelConfig]:
     """Configs of the warp-specialised Hopper kernel (128-row query tiles; shared memory holds Q and the ring,
     whose 8-bit K (and V^T) tiles take half the bytes, leaving room for a deeper ring)."""
-    # Fastest first, measured at Wan T=121 W=4 (exact: H200, bench/results/h200_hopper_sweep_run2.json; 8-bit:
-    # H100, h100_s5_sweep_8bit_call2.json). fp8 also with one softmax exponential in 4 on the FMA units
-    # (exp2_poly=4: 2% faster there, 6% slower for int8_qk; one in 2 was slower for both and is gone).
+    # Fastest first, measured at Wan T=121 W=4 (exact: H200, bench/results/h200_hopper_sweep_run2.json; int8_qk:
+    # H100, h100_s5_sweep_8bit_call2.json; fp8: H100, h100_s10_sweep_fp8_no_turns.json). fp8 also with one softmax
+    # exponential in 4 on the FMA units (exp2_poly=4: 2% faster with turns, 6% slower without; slower for int8_qk).
     if precision == "exact":
         ring = [(128, 2, 0), (128, 3, 0), (64, 4, 0)]
     elif precision == "int8_qk":
         ring = [(128, 3, 0), (128, 4, 0), (128, 2, 0)]
     else:
-        ring = [(128, 2, 4), (128, 3, 0), (128, 2, 0), (128, 4, 0)]
+        ring = [(128, 2, 0), (128, 4, 0), (128, 3, 0), (128, 2, 4)]
     return [KernelConfig(128, bn, 4, stages, True, True, "hopper", poly) for bn, stages, poly in ring]
 
 
