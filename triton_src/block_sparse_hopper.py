@@ -237,8 +237,9 @@ def _attend_tiles(q, acc, m_i, l_i, j_lo, j_hi, turn0, pingpong, ring, scales, H
     """Fold key tiles ``j_lo .. j_hi`` (> j_lo) of the row, all ``N`` keys wide, into ``(acc, m_i, l_i)``;
     ``RAGGED``: some may hold fewer keys (masked; otherwise every tile is full).
 
-    ``S_j = Q K_j^T`` is issued before ``O += P_{j-1} V_{j-1}``, so the softmax of ``S_j`` overlaps the
-    ``P V`` product; matrix-product issue ``t`` of this walk is turn ``turn0 + t`` (`hopper_ring.wait_turn`)."""
+    ``S_j = Q K_j^T`` is issued together with ``O += P_{j-1} V_{j-1}`` (ptxas waits for both before the
+    softmax of ``S_j``, see the module docstring); matrix-product issue ``t`` of this walk is turn ``turn0 + t``
+    (`hopper_ring.wait_turn`)."""
     (k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn, kv_tile_start, kv_tile_end, i_lo) = ring
     qk_scale, walk_scale, ks_base = scales
     STAGES: gl.constexpr = k_smem.type.shape[0]

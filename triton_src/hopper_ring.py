@@ -35,7 +35,7 @@ def wait_turn(turn, HALF: gl.constexpr, j, pingpong):
 
     Consumer 0 goes first (its first wait is on the barrier's pre-completed phase); each consumer hands
     the turn over with `give_turn` once its products are issued. Tiles of at most 64 rows (one busy
-    consumer) take no turns (``pingpong`` false)."""
+    consumer) take no turns (``pingpong`` false), nor does the LVSA kernel's fp8 mode."""
     mbarrier.wait(turn.index(HALF), (j & 1) ^ (1 - HALF), pred=pingpong)
 
 

@@ -53,7 +53,8 @@ def hopper_configs(head_dim: int, precision: str = "exact") -> List[KernelConfig
     whose 8-bit K (and V^T) tiles take half the bytes, leaving room for a deeper ring)."""
     # Fastest first, measured at Wan T=121 W=4 (exact: H200, bench/results/h200_hopper_sweep_run2.json; int8_qk:
     # H100, h100_s5_sweep_8bit_call2.json; fp8: H100, h100_s10_sweep_fp8_no_turns.json). fp8 also with one softmax
-    # exponential in 4 on the FMA units (exp2_poly=4: 2% faster with turns, 6% slower without; slower for int8_qk).
+    # exponential in 4 on the FMA units (exp2_poly=4: 2% faster in the fifth session, 3% slower since the wgmma
+    # key order, 6% slower without turns; slower for int8_qk).
     if precision == "exact":
         ring = [(128, 2, 0), (128, 3, 0), (64, 4, 0)]
     elif precision == "int8_qk":
