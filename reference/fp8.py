@@ -132,10 +132,18 @@ def _walk(starts, ends, block_n: int, aligned: bool = False, short_n: int = 0) -
     return full + rest
 
 
+def _steps(walk: List[Tuple[int, int]], block_n: int, tiles_per_step: int) -> List[List[Tuple[int, int]]]:
+    """The walk's tiles as softmax steps: one tile each, or (``tiles_per_step=2``) the full tiles (``block_n``
+    keys, at the walk's head) in consecutive pairs, then every tile left one at a time."""
+    full = sum(1 for a, e in walk if e - a == block_n) if tiles_per_step == 2 else 0
+    paired = full - full % 2
+    return [walk[i:i + 2] for i in range(0, paired, 2)] + [[t] for t in walk[paired:]]
+
+
 def fp8_reference_attention(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout,
                             scale: Optional[float] = None, block_m: int = 128, block_n: int = 128,
                             fp8_pv: bool = True, return_lse: bool = False, aligned_tiles: bool = False,
-                            short_n: int = 0) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+                            short_n: int = 0, tiles_per_step: int = 1) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     """Block-sparse attention as the 8-bit kernel computes it with tiles ``block_m`` x ``block_n``.
 
     Args:
@@ -144,6 +152,9 @@ def fp8_reference_attention(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparse
         fp8_pv: P and V in e4m3 (``precision="fp8"``); False: P rounded to v's dtype (``"int8_qk"``).
         return_lse: also return lse ``[B, H, Sq]`` (float32, natural log), un-smoothed.
         aligned_tiles, short_n: the key walk (`_walk`); defaults: the portable kernel's.
+        tiles_per_step: 2 folds the walk's full tiles two at a time (one running-max update per pair, as the
+            Hopper kernel's fp8 mode with ``tiles_per_step=2``; an odd full tile left over and the shorter ones
+            one at a time); 1: every tile alone.
 
     Returns:
         ``out [B, Sq, H, D]`` in q's dtype (and lse).
@@ -154,6 +165,8 @@ def fp8_reference_attention(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparse
         raise ValueError(f"layout covers {layout.q_len}x{layout.kv_len} tokens, inputs are {Sq}x{k.shape[1]}")
     if not 0 <= short_n < block_n:
         raise ValueError(f"short_n: expected 0 <= short_n < block_n = {block_n}, got {short_n}")
+    if tiles_per_step not in (1, 2):
+        raise ValueError(f"tiles_per_step: expected 1 or 2, got {tiles_per_step}")
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     qk_scale = scale * _LOG2E
     mean = key_mean(k)                                                    # [B, Hkv, D]
@@ -181,9 +194,11 @@ def fp8_reference_attention(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparse
             m_i = torch.full((B, len(heads), tiles, block_m, 1), float("-inf"), device=q.device)
             l_i = torch.zeros_like(m_i)
             acc = torch.zeros(B, len(heads), tiles, block_m, D, device=q.device)
-            for a, e in _walk(sp.start[s0:s1].tolist(), sp.end[s0:s1].tolist(), block_n, aligned_tiles, short_n):
-                kk = k8[:, a:e][:, :, kvh].permute(0, 2, 3, 1)[:, :, None]      # [B, h, 1, D, n]
-                blocks = torch.arange(a, e, device=q.device) // KEY_QUANT_BLOCK
+            walk = _walk(sp.start[s0:s1].tolist(), sp.end[s0:s1].tolist(), block_n, aligned_tiles, short_n)
+            for step in _steps(walk, block_n, tiles_per_step):
+                keys = torch.cat([torch.arange(a, e, device=q.device) for a, e in step])
+                kk = k8[:, keys][:, :, kvh].permute(0, 2, 3, 1)[:, :, None]     # [B, h, 1, D, n]
+                blocks = keys // KEY_QUANT_BLOCK
                 ks = k_scale[:, kvh][:, :, blocks][:, :, None, None]                 # [B, h, 1, 1, n]
                 qk = torch.matmul(q8, kk) * ks
                 m_new = torch.maximum(m_i, qk.amax(-1, keepdim=True) * row_scale)
@@ -191,7 +206,7 @@ def fp8_reference_attention(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparse
                 alpha = torch.exp2(m_i - m_new)
                 l_i = l_i * alpha + p.sum(-1, keepdim=True)
                 p = _e4m3(p * P_SCALE) if fp8_pv else p.to(v.dtype).float()
-                vv = v_used[:, a:e][:, :, kvh].transpose(1, 2)[:, :, None]      # [B, h, 1, n, D]
+                vv = v_used[:, keys][:, :, kvh].transpose(1, 2)[:, :, None]     # [B, h, 1, n, D]
                 acc = acc * alpha + torch.matmul(p, vv)
                 m_i = m_new
             o = acc / l_i

@@ -32,14 +32,16 @@ def distribution(name, B, S, H, Hkv, D, seed):
 
 
 def layouts():
-    """Named layouts: LVSA with text after the video, long rows (T=121, window 3), and ragged blocks with
-    empty query rows and an empty key block."""
+    """Named layouts: LVSA with text after the video, long rows (T=121, window 3), wide frames (31 frames of 100
+    tokens, text after them), and ragged blocks with empty query rows and an empty key block."""
     mask = torch.rand(6, 7, generator=torch.Generator().manual_seed(3)) < 0.5
     mask[0] = False   # a query block with no keys
     mask[1] = True    # a dense row
     return {
         "text": LVSAPattern(window=3, n_first=1, reference_frames=13).plan(13, 16, step=1, text_tokens=24),
         "long_rows": LVSAPattern(window=3, n_first=1, reference_frames=21).plan(121, 4, step=0),
+        # frames of 100 tokens: spans of several aligned 128-key blocks, so the fp8 walk pairs full tiles
+        "wide_frames": LVSAPattern(window=3, n_first=1, reference_frames=21).plan(31, 100, step=1, text_tokens=24),
         "empty_rows": BlockSparseLayout.from_block_mask(mask, [20, 64, 17, 30, 33, 40], [30, 0, 50, 41, 22, 25, 36]),
     }
 

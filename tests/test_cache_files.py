@@ -12,7 +12,7 @@ from lvsa_kernels.triton_src import tuning
 from lvsa_kernels.triton_src.tuning import KernelConfig
 
 GOOD = {"block_m": 64, "block_n": 32, "num_warps": 4, "num_stages": 2, "use_tma": False, "warp_spec": False,
-        "kernel": "portable", "exp2_poly": 0}
+        "kernel": "portable", "exp2_poly": 0, "tiles_per_step": 1}
 BAD_CONFIGS = {
     "list": [64, 32], "string": "64", "missing": {"block_m": 64}, "text field": {**GOOD, "block_m": "64"},
     "bool field": {**GOOD, "num_warps": True}, "float field": {**GOOD, "block_n": 32.0},
@@ -21,6 +21,10 @@ BAD_CONFIGS = {
     "unknown kernel": {**GOOD, "kernel": "cuda"}, "no kernel field (older cache)": {k: v for k, v in GOOD.items() if k != "kernel"},
     "no exp2_poly field (older cache)": {k: v for k, v in GOOD.items() if k != "exp2_poly"},
     "exp2_poly on the portable kernel": {**GOOD, "exp2_poly": 4}, "exp2_poly 2": {**GOOD, "kernel": "hopper", "exp2_poly": 2},
+    "no tiles_per_step field (older cache)": {k: v for k, v in GOOD.items() if k != "tiles_per_step"},
+    "tiles_per_step on the portable kernel": {**GOOD, "tiles_per_step": 2},
+    "tiles_per_step 3": {**GOOD, "kernel": "hopper", "tiles_per_step": 3},
+    "tiles_per_step as bool": {**GOOD, "kernel": "hopper", "tiles_per_step": True},
 }
 
 
@@ -43,12 +47,14 @@ def test_tuning_cache_ignores_bad_entries_with_one_warning(cache_dir, caplog):
     assert len(caplog.records) == 1 and f"{len(BAD_CONFIGS)} invalid entries" in caplog.text
 
 
-def test_tuning_cache_keeps_a_hopper_config_with_the_exp2_split(cache_dir):
-    cfg = KernelConfig(128, 128, 4, 2, True, True, "hopper", 4)
-    tuning.store("split", cfg)
+@pytest.mark.parametrize("cfg", [KernelConfig(128, 128, 4, 2, True, True, "hopper", 4),
+                                 KernelConfig(128, 128, 4, 4, True, True, "hopper", 0, 2)], ids=str)
+def test_tuning_cache_keeps_hopper_configs(cache_dir, cfg):
+    """The exp2 split and the fp8 pair walk survive the disk cache."""
+    tuning.store("hopper", cfg)
     tuning._memory.clear()
     tuning._loaded_from = None
-    assert tuning.lookup("split") == cfg
+    assert tuning.lookup("hopper") == cfg
 
 
 @pytest.mark.parametrize("content", ["[1, 2]", '{"version": 1, "entries": []}', "\xff\xfe not utf-8", "null"])

@@ -12,7 +12,8 @@ from fp8_cases import distribution, errors, layouts
 from lvsa_kernels import BackendUnavailable, BlockSparseLayout, LVSAPattern, block_sparse_attn, reference_attention
 from lvsa_kernels import dispatch
 from lvsa_kernels.backends import get_backend
-from lvsa_kernels.reference.fp8 import (KEY_QUANT_BLOCK, _walk, fp8_reference_attention, key_mean, quantize_int8,
+from lvsa_kernels.reference.fp8 import (KEY_QUANT_BLOCK, _steps, _walk, fp8_reference_attention, key_mean,
+                                        quantize_int8,
                                         quantize_keys, value_channel_scale)
 
 CUDA = torch.cuda.is_available()
@@ -67,6 +68,29 @@ def test_fake_quant_with_the_aligned_walk_within_error_bound(layout_name, dist, 
     aligned = fp8_reference_attention(q, k, v, layout, aligned_tiles=True, short_n=short_n, **kw)
     _check_bound(aligned, exact, mode)
     assert errors(aligned, fp8_reference_attention(q, k, v, layout, **kw))[0] <= 5e-3  # measured <= 2.2e-3
+
+
+def test_fake_quant_pair_walk_within_error_bound():
+    """fp8 folding the full tiles two per softmax step (one running max per pair, as the Hopper kernel's
+    ``tiles_per_step=2``) keeps the bound; P is rounded against another running max, nothing else changes."""
+    layout = LAYOUTS["wide_frames"]
+    q, k, v = (t.bfloat16() for t in distribution("normal", 1, layout.q_len, 2, 1, 64, seed=3))
+    exact = reference_attention(q.float(), k.float(), v.float(), layout)
+    kw = dict(block_m=64, block_n=128, aligned_tiles=True)
+    pairs = fp8_reference_attention(q, k, v, layout, tiles_per_step=2, **kw)
+    _check_bound(pairs, exact, "fp8")
+    assert 0 < errors(pairs, fp8_reference_attention(q, k, v, layout, **kw))[0] <= 4e-2
+
+
+def test_pair_steps_take_the_full_tiles_two_at_a_time():
+    walk = [(0, 128), (256, 384), (512, 640), (130, 200), (700, 710)]
+    assert _steps(walk, 128, 2) == [[(0, 128), (256, 384)], [(512, 640)], [(130, 200)], [(700, 710)]]
+    assert _steps(walk[1:], 128, 2) == [[(256, 384), (512, 640)], [(130, 200)], [(700, 710)]]
+    assert _steps(walk, 128, 1) == [[t] for t in walk]
+    layout = LAYOUTS["empty_rows"]
+    q, k, v = distribution("normal", 1, layout.q_len, 1, 1, 32, seed=0)
+    with pytest.raises(ValueError, match="tiles_per_step: expected 1 or 2, got 3"):
+        fp8_reference_attention(q, k, v, layout, tiles_per_step=3)
 
 
 def _brute_force_walk(spans, block_n, aligned, short_n):
@@ -288,16 +312,18 @@ needs_hopper = pytest.mark.skipif(not _hopper_ready(), reason="the Gluon kernel 
 
 def _walk_of(cfg, layout, precision):
     """The fake-quant reference's tile arguments for the kernel ``cfg`` runs: the Hopper kernel's 8-bit walk keeps
-    each key tile inside one aligned 128-token block (one K scale per tile) and takes its short tiles last."""
+    each key tile inside one aligned 128-token block (one K scale per tile), takes its short tiles last and
+    (``tiles_per_step=2``) folds its full tiles in pairs."""
     from lvsa_kernels.triton_src.schedule import build_key_tiles
 
     if cfg.kernel == "hopper":
         tiles = build_key_tiles(layout, cfg.block_n, torch.device("cpu"), precision)
-        return dict(block_n=cfg.block_n, aligned_tiles=True, short_n=tiles.short_n)
+        return dict(block_n=cfg.block_n, aligned_tiles=True, short_n=tiles.short_n, tiles_per_step=cfg.tiles_per_step)
     return dict(block_n=cfg.block_n)
 
 
-HOPPER_CASES = [("text", "kbias", False), ("empty_rows", "peaked", True), ("long_rows", "normal", False)]
+HOPPER_CASES = [("text", "kbias", False), ("empty_rows", "peaked", True), ("long_rows", "normal", False),
+                ("wide_frames", "peaked", True)]
 
 
 @needs_hopper
@@ -480,3 +506,22 @@ def test_run_scheduled_refuses_an_exp2_split_it_cannot_run():
         run_scheduled(q, q[:, :layout.kv_len], q[:, :layout.kv_len], sched, False, 0.1, portable)
     with pytest.raises(ValueError, match="got 2"):
         run_scheduled(q, q, q, sched, False, 0.1, KernelConfig(128, 128, 4, 2, True, True, "hopper", 2))
+
+
+@pytest.mark.parametrize("precision", ["exact", "int8_qk", "fp8"])
+def test_run_scheduled_refuses_pairs_outside_the_hopper_fp8_mode(precision):
+    """``tiles_per_step=2`` exists in the Hopper kernel's fp8 mode only (P in e4m3 leaves registers for two
+    score tiles)."""
+    from lvsa_kernels.triton_src.launch import run_scheduled
+    from lvsa_kernels.triton_src.schedule import build_schedule
+    from lvsa_kernels.triton_src.tuning import KernelConfig
+
+    layout = LAYOUTS["text"]
+    q = torch.zeros(1, layout.q_len, 1, 32, dtype=torch.float16)
+    sched = build_schedule(layout, 16, q.device)
+    with pytest.raises(ValueError, match="cfg.tiles_per_step: expected 1, got 2"):
+        run_scheduled(q, q, q, sched, False, 0.1, KernelConfig(16, 16, 1, 1, tiles_per_step=2), precision=precision)
+    if precision != "fp8":
+        with pytest.raises(ValueError, match="cfg.tiles_per_step: expected 1, got 2"):
+            run_scheduled(q, q, q, sched, False, 0.1, KernelConfig(128, 128, 4, 4, True, True, "hopper", 0, 2),
+                          precision=precision)

@@ -307,7 +307,98 @@ def _attend_tiles(q, acc, m_i, l_i, j_lo, j_hi, turn0, pingpong, ring, scales, H
 
 
 @gluon.jit
-def _consume(args, HALF: gl.constexpr):
+def _fold_pair(sa, sb, m_i, l_i, kv_a, kv_b, walk_scale, ks_base, EXP2_POLY: gl.constexpr):
+    """fp8: `_fold_scores` of two full key tiles at once (``sa``, ``sb``: int32 scores of the aligned blocks from
+    ``kv_a`` and ``kv_b``, one K scale each): one running-max update, one ``alpha`` and one row-sum update for
+    both; returns (p_a, p_b, m, l, alpha)."""
+    ca = walk_scale * gl.load(ks_base + kv_a // KEY_BLOCK)
+    cb = walk_scale * gl.load(ks_base + kv_b // KEY_BLOCK)
+    fa = (sa + 0x4B400000).to(gl.float32, bitcast=True)
+    fb = (sb + 0x4B400000).to(gl.float32, bitcast=True)
+    bias_a = 12582912.0 * ca
+    bias_b = 12582912.0 * cb
+    m_new = gl.maximum(m_i, gl.maximum(gl.max(fa, 1) * ca - bias_a, gl.max(fb, 1) * cb - bias_b))
+    pa = _exp2(fa * ca - (m_new + (bias_a - LOG2_P_SCALE))[:, None], EXP2_POLY)
+    pb = _exp2(fb * cb - (m_new + (bias_b - LOG2_P_SCALE))[:, None], EXP2_POLY)
+    alpha = gl.exp2(m_i - m_new)
+    l_i = l_i * alpha + (gl.sum(pa, 1) + gl.sum(pb, 1))
+    return pa, pb, m_new, l_i, alpha
+
+
+@gluon.jit
+def _attend_tile_pairs(q, acc, m_i, l_i, j_lo, j_hi, ring, scales, EXP2_POLY: gl.constexpr):
+    """fp8: fold the full key tiles ``j_lo .. j_hi`` (an even count > 0) two per step into ``(acc, m_i, l_i)``:
+    both tiles' ``Q K^T`` are issued together, one softmax step takes both, and both ``P V`` products are issued
+    together, so the per-step chain (barrier waits, product round trip, reductions, rescale of O) runs once per
+    two tiles. Each tile keeps its ring slot and its K scale. ``S`` of the next pair is issued with ``P V`` of
+    the previous one, as in `_attend_tiles`."""
+    (k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn, kv_tile_start, kv_tile_end, i_lo) = ring
+    qk_scale, walk_scale, ks_base = scales
+    STAGES: gl.constexpr = k_smem.type.shape[0]
+    N: gl.constexpr = k_smem.type.shape[1]
+    ROWS: gl.constexpr = q.type.shape[0]
+    HEAD_DIM: gl.constexpr = k_smem.type.shape[2]
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, N, 32])
+    o_layout: gl.constexpr = acc.type.layout
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4)
+    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+    s_init = gl.zeros([ROWS, N], gl.int32, s_layout)
+    m_i = gl.convert_layout(m_i, gl.SliceLayout(1, s_layout))
+    l_i = gl.convert_layout(l_i, gl.SliceLayout(1, s_layout))
+
+    a = j_lo % STAGES
+    b = (j_lo + 1) % STAGES
+    kv_a = gl.load(kv_tile_start + i_lo + j_lo)
+    kv_b = gl.load(kv_tile_start + i_lo + j_lo + 1)
+    mbarrier.wait(k_ready.index(a), (j_lo // STAGES) & 1)
+    mbarrier.wait(k_ready.index(b), ((j_lo + 1) // STAGES) & 1)
+    sa_tok = warpgroup_mma(q, _k_view(k_smem, a, N), s_init, use_acc=False, is_async=True)
+    sb_tok = warpgroup_mma(q, _k_view(k_smem, b, N), s_init, use_acc=False, is_async=True)
+    sa, sb = warpgroup_mma_wait(0, deps=(sa_tok, sb_tok))
+    mbarrier.arrive(k_empty.index(a), count=1)
+    mbarrier.arrive(k_empty.index(b), count=1)
+    pa, pb, m_i, l_i, alpha = _fold_pair(sa, sb, m_i, l_i, kv_a, kv_b, walk_scale, ks_base, EXP2_POLY)
+    acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+    for j in range(j_lo + 2, j_hi, 2):
+        prev_a = a
+        prev_b = b
+        a = j % STAGES
+        b = (j + 1) % STAGES
+        mbarrier.wait(v_ready.index(prev_a), ((j - 2) // STAGES) & 1)
+        mbarrier.wait(v_ready.index(prev_b), ((j - 1) // STAGES) & 1)
+        va = v_smem.index(prev_a)
+        vb = v_smem.index(prev_b)
+        pv_tok = _issue_pv(_pv_operand(pa, va, 0, 0, p_layout, N, HEAD_DIM, False), va, acc)
+        pv_tok = _issue_pv(_pv_operand(pb, vb, 0, 0, p_layout, N, HEAD_DIM, False), vb, pv_tok)
+        mbarrier.wait(k_ready.index(a), (j // STAGES) & 1)
+        sa_tok = warpgroup_mma(q, _k_view(k_smem, a, N), s_init, use_acc=False, is_async=True)
+        kv_a = gl.load(kv_tile_start + i_lo + j)  # read while the products run, not after them
+        kv_b = gl.load(kv_tile_start + i_lo + j + 1)
+        acc = warpgroup_mma_wait(1, deps=(pv_tok, ))  # P V done: P's registers take S_b
+        mbarrier.arrive(v_empty.index(prev_a), count=1)
+        mbarrier.arrive(v_empty.index(prev_b), count=1)
+        mbarrier.wait(k_ready.index(b), ((j + 1) // STAGES) & 1)
+        sb_tok = warpgroup_mma(q, _k_view(k_smem, b, N), s_init, use_acc=False, is_async=True)
+        sa, sb = warpgroup_mma_wait(0, deps=(sa_tok, sb_tok))
+        mbarrier.arrive(k_empty.index(a), count=1)
+        mbarrier.arrive(k_empty.index(b), count=1)
+        pa, pb, m_i, l_i, alpha = _fold_pair(sa, sb, m_i, l_i, kv_a, kv_b, walk_scale, ks_base, EXP2_POLY)
+        acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+    mbarrier.wait(v_ready.index(a), ((j_hi - 2) // STAGES) & 1)
+    mbarrier.wait(v_ready.index(b), ((j_hi - 1) // STAGES) & 1)
+    va = v_smem.index(a)
+    vb = v_smem.index(b)
+    pv_tok = _issue_pv(_pv_operand(pa, va, 0, 0, p_layout, N, HEAD_DIM, False), va, acc)
+    pv_tok = _issue_pv(_pv_operand(pb, vb, 0, 0, p_layout, N, HEAD_DIM, False), vb, pv_tok)
+    acc = warpgroup_mma_wait(0, deps=(pv_tok, ))
+    mbarrier.arrive(v_empty.index(a), count=1)
+    mbarrier.arrive(v_empty.index(b), count=1)
+    return acc, gl.convert_layout(m_i, row_o), gl.convert_layout(l_i, row_o)
+
+
+@gluon.jit
+def _consume(args, HALF: gl.constexpr, TILES_PER_STEP: gl.constexpr):
     (q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, turn,
      kv_tile_start, kv_tile_end, i_lo, n_kv, n_masked, q0, q1,
      o_base, stride_os, lse_base, qk_scale, walk_scale, ks_base, qmu_base, vs_base, k_short, EXP2_POLY) = args
@@ -339,14 +430,22 @@ def _consume(args, HALF: gl.constexpr):
         ring = (k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn, kv_tile_start, kv_tile_end, i_lo)
         scales = (qk_scale, walk_scale, ks_base)
         n_full = n_kv - n_masked
-        if n_full > 0:
-            acc, m_i, l_i = _attend_tiles(q, acc, m_i, l_i, 0, n_full, 0, pingpong, ring, scales, HALF, BLOCK_N,
-                                          False, EXP2_POLY)
-        if SHORT_N < BLOCK_N or FP8_PV:  # a masked tail: short tiles, or fp8's ragged BLOCK_N-wide ones
-            if n_masked > 0:  # n_full + 1 turns were taken above
-                turn0 = gl.where(n_full > 0, n_full + 1, 0)
-                acc, m_i, l_i = _attend_tiles(q, acc, m_i, l_i, n_full, n_kv, turn0, pingpong, ring, scales, HALF,
-                                              SHORT_N, True, EXP2_POLY)
+        if TILES_PER_STEP == 2:  # fp8: the full tiles two per step; an odd one left joins the masked walk
+            n_pairs = n_full - n_full % 2
+            if n_pairs > 0:
+                acc, m_i, l_i = _attend_tile_pairs(q, acc, m_i, l_i, 0, n_pairs, ring, scales, EXP2_POLY)
+            if n_kv > n_pairs:
+                acc, m_i, l_i = _attend_tiles(q, acc, m_i, l_i, n_pairs, n_kv, 0, pingpong, ring, scales, HALF,
+                                              BLOCK_N, True, EXP2_POLY)
+        else:
+            if n_full > 0:
+                acc, m_i, l_i = _attend_tiles(q, acc, m_i, l_i, 0, n_full, 0, pingpong, ring, scales, HALF,
+                                              BLOCK_N, False, EXP2_POLY)
+            if SHORT_N < BLOCK_N or FP8_PV:  # a masked tail: short tiles, or fp8's ragged BLOCK_N-wide ones
+                if n_masked > 0:  # n_full + 1 turns were taken above
+                    turn0 = gl.where(n_full > 0, n_full + 1, 0)
+                    acc, m_i, l_i = _attend_tiles(q, acc, m_i, l_i, n_full, n_kv, turn0, pingpong, ring, scales,
+                                                  HALF, SHORT_N, True, EXP2_POLY)
 
     has_keys = l_i > 0.0
     l_safe = gl.where(has_keys, l_i, 1.0)
@@ -365,14 +464,27 @@ def _consume(args, HALF: gl.constexpr):
     gl.store(lse_base + rows_o, lse, mask=rows_o < q1)
 
 
+# The partitions' entry points. Constexprs reach them as arguments of their own (HALF, TILES_PER_STEP), not
+# through the argument tuple: Triton 3.8 passes a tuple's constexprs as run-time values, and there a branch on
+# one that calls a function fails to compile.
 @gluon.jit
 def _consume_first_half(args):
-    _consume(args, 0)
+    _consume(args, 0, 1)
 
 
 @gluon.jit
 def _consume_second_half(args):
-    _consume(args, 1)
+    _consume(args, 1, 1)
+
+
+@gluon.jit
+def _consume_first_half_pairs(args):
+    _consume(args, 0, 2)
+
+
+@gluon.jit
+def _consume_second_half_pairs(args):
+    _consume(args, 1, 2)
 
 
 @gluon.jit
@@ -433,7 +545,7 @@ def block_sparse_attn_fwd_hopper(
     NUM_HEADS: gl.constexpr, KV_GROUP: gl.constexpr, PER_HEAD_LAYOUT: gl.constexpr,
     HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, SHORT_N: gl.constexpr, STAGES: gl.constexpr,
     Q_LAYOUT: gl.constexpr, K_LAYOUT: gl.constexpr, V_LAYOUT: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-    EXP2_POLY: gl.constexpr,
+    EXP2_POLY: gl.constexpr, TILES_PER_STEP: gl.constexpr,
 ):
     """Grid ``(max query tiles per layout head, B * H)``; ``num_warps`` must be 4 (the first consumer).
 
@@ -516,8 +628,16 @@ def block_sparse_attn_fwd_hopper(
     key_blocks = (kv_len + KEY_BLOCK - 1) // KEY_BLOCK
     consumer_args = ring + (o_base, stride_os, lse_base, qk_scale, walk_scale, K_SCALE + bh_kv * key_blocks,
                             Q_MU + (b64 * NUM_HEADS + h) * q_len, V_SCALE + bh_kv * HEAD_DIM, k_short, EXP2_POLY)
-    gl.warp_specialize([
-        (_consume_first_half, (consumer_args, )),
-        (_consume_second_half, (consumer_args, )),
-        (_load, (ring + (q_desc, k_desc, v_desc, k_short, v_short), )),
-    ], [4, 1], [CONSUMER_REGS, 32])
+    loader_args = ring + (q_desc, k_desc, v_desc, k_short, v_short)
+    if TILES_PER_STEP == 2:
+        gl.warp_specialize([
+            (_consume_first_half_pairs, (consumer_args, )),
+            (_consume_second_half_pairs, (consumer_args, )),
+            (_load, (loader_args, )),
+        ], [4, 1], [CONSUMER_REGS, 32])
+    else:
+        gl.warp_specialize([
+            (_consume_first_half, (consumer_args, )),
+            (_consume_second_half, (consumer_args, )),
+            (_load, (loader_args, )),
+        ], [4, 1], [CONSUMER_REGS, 32])

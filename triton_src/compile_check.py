@@ -83,8 +83,9 @@ class Variant:
             return (f"{self.kernel:8s} d{self.head_dim} {self.dtype} BLOCK_M={c.block_m:<3d} BLOCK_N={c.block_n:<3d} "
                     f"warps={c.num_warps} stages={c.num_stages}{' tma' if c.use_tma else ''}")
         poly = f" exp2_poly={self.cfg.exp2_poly}" if self.cfg.exp2_poly else ""
+        pairs = f" tiles_per_step={self.cfg.tiles_per_step}" if self.cfg.tiles_per_step != 1 else ""
         return (f"{self.kernel:7s} d{self.head_dim} {self.dtype} {self.precision:7s} BLOCK_N={self.cfg.block_n:<3d} "
-                f"stages={self.cfg.num_stages} short_n={self.short_n}{poly}")
+                f"stages={self.cfg.num_stages} short_n={self.short_n}{poly}{pairs}")
 
 
 def variants(quick: bool = False) -> Iterator[Variant]:
@@ -298,7 +299,8 @@ def _key_loop_mix(ops, loops) -> Dict[str, int]:
 def check(v: Variant) -> Dict[str, object]:
     """Compile one variant; its row of the report (``error`` set when it failed)."""
     row: Dict[str, object] = {"variant": v.name, **{k: val for k, val in asdict(v).items() if k != "cfg"},
-                              "block_n": v.cfg.block_n, "stages": v.cfg.num_stages, "exp2_poly": v.cfg.exp2_poly}
+                              "block_n": v.cfg.block_n, "stages": v.cfg.num_stages, "exp2_poly": v.cfg.exp2_poly,
+                              "tiles_per_step": v.cfg.tiles_per_step}
     t0 = time.perf_counter()
     try:
         src, options = _source(v)

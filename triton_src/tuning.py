@@ -36,11 +36,13 @@ class KernelConfig:
     warp_spec: bool = False
     kernel: str = "portable"  # "portable" (block_sparse_fwd.py) or "hopper" (block_sparse_hopper.py, sm_90 only)
     exp2_poly: int = 0  # hopper: 4 = one softmax exponential in 4 on the FMA units; 0: none
+    tiles_per_step: int = 1  # hopper fp8: 2 = full key tiles folded two per softmax step; 1: one
 
     def __str__(self) -> str:
         if self.kernel == "hopper":
             poly = f" exp2_poly={self.exp2_poly}" if self.exp2_poly else ""
-            return f"hopper BLOCK_M={self.block_m} BLOCK_N={self.block_n} stages={self.num_stages}{poly}"
+            pairs = f" tiles_per_step={self.tiles_per_step}" if self.tiles_per_step != 1 else ""
+            return f"hopper BLOCK_M={self.block_m} BLOCK_N={self.block_n} stages={self.num_stages}{poly}{pairs}"
         return (f"BLOCK_M={self.block_m} BLOCK_N={self.block_n} warps={self.num_warps} "
                 f"stages={self.num_stages} tma={self.use_tma} warp_spec={self.warp_spec}")
 
@@ -60,8 +62,8 @@ def hopper_configs(head_dim: int, precision: str = "exact") -> List[KernelConfig
     elif precision == "int8_qk":
         ring = [(128, 3, 0), (128, 4, 0), (128, 2, 0)]
     else:
-        ring = [(128, 2, 0), (128, 4, 0), (128, 3, 0), (128, 2, 4)]
-    return [KernelConfig(128, bn, 4, stages, True, True, "hopper", poly) for bn, stages, poly in ring]
+        ring = [(128, 2, 0), (128, 4, 0), (128, 3, 0), (128, 2, 4), (128, 4, 0, 2), (128, 6, 0, 2)]
+    return [KernelConfig(128, c[0], 4, c[1], True, True, "hopper", c[2], *c[3:]) for c in ring]
 
 
 def candidate_configs(head_dim: int, tma_ok: bool, dtype: torch.dtype = torch.bfloat16,
@@ -99,6 +101,9 @@ def cache_path() -> Path:
 def _valid_config(key: str, raw: Any) -> Optional[KernelConfig]:
     """The `KernelConfig` a cache entry describes, or None when any field is missing or of the wrong kind."""
     if not isinstance(raw, dict) or set(raw) != {f.name for f in fields(KernelConfig)}:
+        return None
+    if type(raw["tiles_per_step"]) is not int or raw["tiles_per_step"] not in (1, 2) or (
+            raw["tiles_per_step"] == 2 and raw["kernel"] != "hopper"):
         return None
     if type(raw["exp2_poly"]) is not int or raw["exp2_poly"] not in (0, 4) or (
             raw["exp2_poly"] and raw["kernel"] != "hopper"):
