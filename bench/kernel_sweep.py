@@ -6,7 +6,7 @@ against a float32 reference (into a NaN-poisoned output). Candidates include the
 kernel on sm_90. Used to choose the tuning candidates and to explain the kernels' speed.
 
     python3 bench/kernel_sweep.py --out "$OUT" [--cases wan_w4_t121,...] [--time-budget 300]
-                                  [--precisions exact,fp8,int8_qk] [--max-portable N]
+                                  [--precisions exact,fp8,int8_qk] [--max-portable N] [--unmeasured]
 
 With 8-bit precisions (docs/fp8.md) a config counts as correct within 5e-2 of float32 attention (exact: 1e-2).
 """
@@ -25,7 +25,7 @@ from lvsa_kernels import LVSAPattern, reference_attention
 from lvsa_kernels.triton_src.launch import descriptors_allowed, hopper_supports, launch, run_scheduled
 from lvsa_kernels.triton_src.schedule import build_key_tiles, build_schedule
 from lvsa_kernels.timing import bench_ms
-from lvsa_kernels.triton_src.tuning import KernelConfig, candidate_configs
+from lvsa_kernels.triton_src.tuning import KernelConfig, candidate_configs, hopper_configs
 
 CASES = {  # (pattern, latent frames, tokens per frame)
     "wan_w4_t121": (LVSAPattern(window=4), 121, 1560),
@@ -50,6 +50,8 @@ def main() -> None:
     ap.add_argument("--extra-configs", default="", help="semicolon-separated BM,BN,warps,stages,tma,ws")
     ap.add_argument("--max-portable", type=int, default=None, help="time only the first N portable-kernel candidates")
     ap.add_argument("--precisions", default="exact", help="comma list of exact, fp8, int8_qk")
+    ap.add_argument("--unmeasured", action="store_true",
+                    help="also the Hopper configs no GPU run has timed yet (tuning.hopper_configs(unmeasured=True))")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     t_start = time.time()
@@ -75,6 +77,8 @@ def main() -> None:
         for precision in args.precisions.split(","):
             tma_ok = descriptors_allowed(k, v) and precision != "fp8"
             configs = candidate_configs(D, tma_ok, q.dtype, hopper_supports(q, k, v), precision)
+            if args.unmeasured and hopper_supports(q, k, v):
+                configs += [c for c in hopper_configs(D, precision, unmeasured=True) if c not in configs]
             if args.max_portable is not None:
                 hopper = [c for c in configs if c.kernel == "hopper"]
                 configs = hopper + [c for c in configs if c.kernel != "hopper"][:args.max_portable]

@@ -20,14 +20,15 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("precisions", nargs="?", default="exact", help="comma list of exact, int8_qk, fp8")
     p.add_argument("--frame-tokens", type=int, default=1560)
-    p.add_argument("--config", type=int, default=0, help="index into tuning.hopper_configs(128, precision)")
+    p.add_argument("--config", type=int, default=0,
+                   help="index into tuning.hopper_configs(128, precision, unmeasured=True)")
     args = p.parse_args()
     layout = LVSAPattern(window=4).plan(31, args.frame_tokens, step=0)
     q, k, v = (torch.randn(1, layout.q_len, 12, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     sched = build_schedule(layout, 128, q.device)
     for precision in args.precisions.split(","):
         tiles = build_key_tiles(layout, 128, q.device, precision)
-        cfg = hopper_configs(128, precision)[args.config]
+        cfg = hopper_configs(128, precision, unmeasured=True)[args.config]
         for _ in range(2):
             run_scheduled(q, k, v, sched, False, 0.088, cfg, precision=precision, key_tiles=tiles)
         torch.cuda.synchronize()

@@ -267,9 +267,10 @@ def test_hopper_fp8_values_are_stored_in_wgmma_key_order(block_s):
 
 
 @needs_kernel
-@pytest.mark.parametrize("per_head", [False, True])
-def test_quantize_q_tiles_matches_the_reference_bit_for_bit(per_head):
-    """The Hopper kernel's Q pre-pass: per schedule tile, the reference's INT8 values and scale, and q . k_mean."""
+@pytest.mark.parametrize("per_head,block_m", [(False, 64), (True, 64), (False, 96)])
+def test_quantize_q_tiles_matches_the_reference_bit_for_bit(per_head, block_m):
+    """The Hopper kernel's Q pre-pass: per schedule tile, the reference's INT8 values and scale, and q . k_mean;
+    also for tiles whose height is not a power of two (the 192-row tiles of three consumers, here 96)."""
     from lvsa_kernels.triton_src.fp8_quant import quantize_q_tiles
     from lvsa_kernels.triton_src.schedule import build_schedule
 
@@ -280,8 +281,8 @@ def test_quantize_q_tiles_matches_the_reference_bit_for_bit(per_head):
     q, k, _ = (t.to(DEVICE, torch.float16) for t in distribution("peaked", 2, layout.q_len, 2, 1, 32, seed=9))
     q = torch.cat([q, q], dim=2)[:, :, :2]  # strided heads
     mean = key_mean(k)
-    sched = build_schedule(layout, 64, q.device)
-    got = quantize_q_tiles(q, mean, sched.tensors()[:3], sched.max_tiles, per_head, 64, interpreted=not CUDA)
+    sched = build_schedule(layout, block_m, q.device)
+    got = quantize_q_tiles(q, mean, sched.tensors()[:3], sched.max_tiles, per_head, block_m, interpreted=not CUDA)
     tile_ptr, starts, ends = (t.tolist() for t in sched.tensors()[:3])
     for b in range(2):
         for h in range(2):
@@ -298,7 +299,7 @@ def test_quantize_q_tiles_matches_the_reference_bit_for_bit(per_head):
 def _hopper_8bit_configs():
     from lvsa_kernels.triton_src.tuning import hopper_configs
 
-    return [(mode, cfg) for mode in ("fp8", "int8_qk") for cfg in hopper_configs(128, mode)]
+    return [(mode, cfg) for mode in ("fp8", "int8_qk") for cfg in hopper_configs(128, mode, unmeasured=True)]
 
 
 def _hopper_ready():
@@ -332,8 +333,8 @@ HOPPER_CASES = [("text", "kbias", False), ("empty_rows", "peaked", True), ("long
 @pytest.mark.parametrize("layout_name,dist,strided", HOPPER_CASES, ids=[c[0] for c in HOPPER_CASES])
 def test_hopper_kernel_matches_fake_quant(layout_name, dist, strided, mode, cfg, dtype):
     """The 8-bit Hopper kernel (poisoned output buffer, GQA, batch 2) against the fake-quant reference with its
-    128-row query tiles and aligned key walk (tight), and against float32 attention (the accuracy bound); rows
-    without keys: 0, -inf."""
+    query tiles (128 rows, or 192 with three consumers) and aligned key walk (tight), and against float32
+    attention (the accuracy bound); rows without keys: 0, -inf."""
     from lvsa_kernels.triton_src.launch import hopper_refusal, run_scheduled
     from lvsa_kernels.triton_src.schedule import build_key_tiles, build_schedule
 
@@ -344,9 +345,9 @@ def test_hopper_kernel_matches_fake_quant(layout_name, dist, strided, mode, cfg,
         k, v = (torch.cat([t, t], dim=2)[:, :, :2] for t in (k, v))
     assert hopper_refusal(q, k, v) is None
     out = torch.full_like(q, float("nan"))
-    out, lse = run_scheduled(q, k, v, build_schedule(layout, 128, q.device), False, 0.09, cfg, out=out,
+    out, lse = run_scheduled(q, k, v, build_schedule(layout, cfg.block_m, q.device), False, 0.09, cfg, out=out,
                              precision=mode, key_tiles=build_key_tiles(layout, cfg.block_n, q.device, mode))
-    ref, ref_lse = fp8_reference_attention(q, k, v, layout, scale=0.09, block_m=128, fp8_pv=mode == "fp8",
+    ref, ref_lse = fp8_reference_attention(q, k, v, layout, scale=0.09, block_m=cfg.block_m, fp8_pv=mode == "fp8",
                                            return_lse=True, **_walk_of(cfg, layout, mode))
     assert torch.isfinite(out).all()
     assert errors(out, ref)[0] <= 3e-3, errors(out, ref)

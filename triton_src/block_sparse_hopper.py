@@ -5,9 +5,9 @@ modes walk the keys in another order, see `schedule.build_key_tiles`), for bf16/
 64 or 128. One program computes one query tile of up to 128 rows (rows that attend identical keys, see
 `schedule.py`) for one (batch, head), with three partitions that meet in shared memory:
 
-* loader (1 warp): TMA-loads the tile's two 64-row halves of Q once, then every key tile of the tile's
+* loader (1 warp): TMA-loads the tile's 64-row parts of Q once, then every key tile of the tile's
   key list (``kv_tile_start/kv_tile_end``, see `schedule.build_key_tiles`) as a K tile and a V tile into a
-  ``STAGES``-deep ring; ``*_ready`` barriers say a slot is filled, ``*_empty`` barriers (two arrivals, one per
+  ``STAGES``-deep ring; ``*_ready`` barriers say a slot is filled, ``*_empty`` barriers (one arrival per
   consumer) that it may be refilled;
 * two consumers (one warpgroup each, 64 query rows each): ``S = Q K^T`` on the tensor cores (wgmma, both
   operands in shared memory), online softmax in registers (exp2 domain, fp32), ``O += P V`` with P from
@@ -17,6 +17,11 @@ modes walk the keys in another order, see `schedule.build_key_tiles`), for bf16/
   issuing their matrix products (two ``turn`` barriers, FA3's ping-pong), so one warpgroup's softmax runs
   while the other's products occupy the tensor cores. fp8 takes no turns: its products are short next to its
   softmax, and the turns only made each consumer wait for the other.
+
+Two fp8 variants wait for their first GPU measurement (`tuning.hopper_configs`' ``unmeasured``): folding the
+full key tiles two per softmax step (``TILES_PER_STEP = 2``, `_attend_tile_pairs`: one product round trip,
+one running-max update and one rescale of O per two tiles), and query tiles of 192 rows with three consumers
+(``CONSUMERS = 3``, 160 registers each, so ``P V`` completes before the next ``Q K^T`` is issued).
 
 Ragged key tiles (``kv_end - kv0`` below the tile's width) are the only masked ones: their scores are scaled
 first, then columns from ``kv_end`` on are set to -inf, and the V rows from ``kv_end`` on are zeroed in shared memory
@@ -233,17 +238,19 @@ def _v_view(v_smem, stage, N: gl.constexpr):
 
 @gluon.jit
 def _attend_tiles(q, acc, m_i, l_i, j_lo, j_hi, turn0, pingpong, ring, scales, HALF: gl.constexpr,
-                  N: gl.constexpr, RAGGED: gl.constexpr, EXP2_POLY: gl.constexpr):
+                  N: gl.constexpr, RAGGED: gl.constexpr, EXP2_POLY: gl.constexpr, CONSUMERS: gl.constexpr):
     """Fold key tiles ``j_lo .. j_hi`` (> j_lo) of the row, all ``N`` keys wide, into ``(acc, m_i, l_i)``;
     ``RAGGED``: some may hold fewer keys (masked; otherwise every tile is full).
 
     ``S_j = Q K_j^T`` is issued together with ``O += P_{j-1} V_{j-1}`` (ptxas waits for both before the
     softmax of ``S_j``, see the module docstring); matrix-product issue ``t`` of this walk is turn ``turn0 + t``
-    (`hopper_ring.wait_turn`)."""
+    (`hopper_ring.wait_turn`). With ``CONSUMERS = 3`` (fp8, no turns) ``P V`` completes before ``Q K^T`` is
+    issued: 160 registers per thread do not hold both products' operands and accumulators."""
     (k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn, kv_tile_start, kv_tile_end, i_lo) = ring
     qk_scale, walk_scale, ks_base = scales
     STAGES: gl.constexpr = k_smem.type.shape[0]
     ROWS: gl.constexpr = q.type.shape[0]
+    SERIAL: gl.constexpr = CONSUMERS > 2  # three consumers: 160 registers each, no room for both products
     HEAD_DIM: gl.constexpr = k_smem.type.shape[2]
     QK_INT8: gl.constexpr = q.dtype == gl.int8
     FP8_PV: gl.constexpr = v_smem.dtype == gl.float8e4nv
@@ -278,22 +285,37 @@ def _attend_tiles(q, acc, m_i, l_i, j_lo, j_hi, turn0, pingpong, ring, scales, H
         prev = stage
         stage = j % STAGES
         prev_v = _v_view(v_smem, prev, N)
-        mbarrier.wait(k_ready.index(stage), (j // STAGES) & 1)
-        mbarrier.wait(v_ready.index(prev), ((j - 1) // STAGES) & 1)
-        p_op = _pv_operand(p, prev_v, kv0, kv_end, p_layout, N, HEAD_DIM, RAGGED)
-        wait_turn(turn, HALF, turn0 + j - j_lo, pingpong)
-        s_tok = warpgroup_mma(q, _k_view(k_smem, stage, N), s_init, use_acc=False, is_async=True)
-        pv_tok = _issue_pv(p_op, prev_v, acc)
-        give_turn(turn, HALF, pingpong)
-        kv0 = gl.load(kv_tile_start + i_lo + j)  # read while the products run, not after them
-        kv_end = gl.load(kv_tile_end + i_lo + j)
-        s = warpgroup_mma_wait(1, deps=(s_tok, ))
-        mbarrier.arrive(k_empty.index(stage), count=1)
-        p, m_i, l_i, alpha = _fold_scores(s, m_i, l_i, kv0, kv_end, _tile_origin(kv0, N, FP8_PV), qk_scale,
-                                          walk_scale, ks_base, s_layout, QK_INT8, RAGGED, P_SHIFT, EXP2_POLY)
-        pv = warpgroup_mma_wait(0, deps=(pv_tok, ))
-        mbarrier.arrive(v_empty.index(prev), count=1)
-        acc = pv * gl.convert_layout(alpha, row_o)[:, None]
+        if SERIAL:  # P V of the previous tile done before Q K^T is issued: P's registers take S
+            mbarrier.wait(v_ready.index(prev), ((j - 1) // STAGES) & 1)
+            pv_tok = _issue_pv(_pv_operand(p, prev_v, kv0, kv_end, p_layout, N, HEAD_DIM, RAGGED), prev_v, acc)
+            kv0 = gl.load(kv_tile_start + i_lo + j)  # read while the product runs, not after it
+            kv_end = gl.load(kv_tile_end + i_lo + j)
+            acc = warpgroup_mma_wait(0, deps=(pv_tok, ))
+            mbarrier.arrive(v_empty.index(prev), count=1)
+            mbarrier.wait(k_ready.index(stage), (j // STAGES) & 1)
+            s_tok = warpgroup_mma(q, _k_view(k_smem, stage, N), s_init, use_acc=False, is_async=True)
+            s = warpgroup_mma_wait(0, deps=(s_tok, ))
+            mbarrier.arrive(k_empty.index(stage), count=1)
+            p, m_i, l_i, alpha = _fold_scores(s, m_i, l_i, kv0, kv_end, _tile_origin(kv0, N, FP8_PV), qk_scale,
+                                              walk_scale, ks_base, s_layout, QK_INT8, RAGGED, P_SHIFT, EXP2_POLY)
+            acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+        else:
+            mbarrier.wait(k_ready.index(stage), (j // STAGES) & 1)
+            mbarrier.wait(v_ready.index(prev), ((j - 1) // STAGES) & 1)
+            p_op = _pv_operand(p, prev_v, kv0, kv_end, p_layout, N, HEAD_DIM, RAGGED)
+            wait_turn(turn, HALF, turn0 + j - j_lo, pingpong)
+            s_tok = warpgroup_mma(q, _k_view(k_smem, stage, N), s_init, use_acc=False, is_async=True)
+            pv_tok = _issue_pv(p_op, prev_v, acc)
+            give_turn(turn, HALF, pingpong)
+            kv0 = gl.load(kv_tile_start + i_lo + j)  # read while the products run, not after them
+            kv_end = gl.load(kv_tile_end + i_lo + j)
+            s = warpgroup_mma_wait(1, deps=(s_tok, ))
+            mbarrier.arrive(k_empty.index(stage), count=1)
+            p, m_i, l_i, alpha = _fold_scores(s, m_i, l_i, kv0, kv_end, _tile_origin(kv0, N, FP8_PV), qk_scale,
+                                              walk_scale, ks_base, s_layout, QK_INT8, RAGGED, P_SHIFT, EXP2_POLY)
+            pv = warpgroup_mma_wait(0, deps=(pv_tok, ))
+            mbarrier.arrive(v_empty.index(prev), count=1)
+            acc = pv * gl.convert_layout(alpha, row_o)[:, None]
     v_buf = _v_view(v_smem, stage, N)
     mbarrier.wait(v_ready.index(stage), ((j_hi - 1) // STAGES) & 1)
     p_op = _pv_operand(p, v_buf, kv0, kv_end, p_layout, N, HEAD_DIM, RAGGED)
@@ -407,6 +429,7 @@ def _consume(args, HALF: gl.constexpr, TILES_PER_STEP: gl.constexpr):
     ROWS: gl.constexpr = q_smem.type.shape[1]
     QK_INT8: gl.constexpr = q_smem.dtype == gl.int8
     FP8_PV: gl.constexpr = v_smem.dtype == gl.float8e4nv  # V^T tiles [HEAD_DIM, BLOCK_N], P in e4m3
+    CONSUMERS: gl.constexpr = q_smem.type.shape[0]
     out_dtype: gl.constexpr = o_base.dtype.element_ty
     SHORT_N: gl.constexpr = k_short.block_type.shape[0]  # BLOCK_N: no short tiles
     pv_k: gl.constexpr = 32 if FP8_PV else 16
@@ -436,16 +459,16 @@ def _consume(args, HALF: gl.constexpr, TILES_PER_STEP: gl.constexpr):
                 acc, m_i, l_i = _attend_tile_pairs(q, acc, m_i, l_i, 0, n_pairs, ring, scales, EXP2_POLY)
             if n_kv > n_pairs:
                 acc, m_i, l_i = _attend_tiles(q, acc, m_i, l_i, n_pairs, n_kv, 0, pingpong, ring, scales, HALF,
-                                              BLOCK_N, True, EXP2_POLY)
+                                              BLOCK_N, True, EXP2_POLY, CONSUMERS)
         else:
             if n_full > 0:
                 acc, m_i, l_i = _attend_tiles(q, acc, m_i, l_i, 0, n_full, 0, pingpong, ring, scales, HALF,
-                                              BLOCK_N, False, EXP2_POLY)
+                                              BLOCK_N, False, EXP2_POLY, CONSUMERS)
             if SHORT_N < BLOCK_N or FP8_PV:  # a masked tail: short tiles, or fp8's ragged BLOCK_N-wide ones
                 if n_masked > 0:  # n_full + 1 turns were taken above
                     turn0 = gl.where(n_full > 0, n_full + 1, 0)
                     acc, m_i, l_i = _attend_tiles(q, acc, m_i, l_i, n_full, n_kv, turn0, pingpong, ring, scales,
-                                                  HALF, SHORT_N, True, EXP2_POLY)
+                                                  HALF, SHORT_N, True, EXP2_POLY, CONSUMERS)
 
     has_keys = l_i > 0.0
     l_safe = gl.where(has_keys, l_i, 1.0)
@@ -464,9 +487,9 @@ def _consume(args, HALF: gl.constexpr, TILES_PER_STEP: gl.constexpr):
     gl.store(lse_base + rows_o, lse, mask=rows_o < q1)
 
 
-# The partitions' entry points. Constexprs reach them as arguments of their own (HALF, TILES_PER_STEP), not
-# through the argument tuple: Triton 3.8 passes a tuple's constexprs as run-time values, and there a branch on
-# one that calls a function fails to compile.
+# The partitions' entry points. Constexprs reach them as arguments of their own (the consumer's index,
+# TILES_PER_STEP), not through the argument tuple: Triton 3.8 passes a tuple's constexprs as run-time values, and
+# there a branch on one that calls a function fails to compile.
 @gluon.jit
 def _consume_first_half(args):
     _consume(args, 0, 1)
@@ -475,6 +498,11 @@ def _consume_first_half(args):
 @gluon.jit
 def _consume_second_half(args):
     _consume(args, 1, 1)
+
+
+@gluon.jit
+def _consume_third_part(args):
+    _consume(args, 2, 1)
 
 
 @gluon.jit
@@ -497,7 +525,8 @@ def _load(args):
     FP8_PV: gl.constexpr = v_smem.dtype == gl.float8e4nv
     SHORT_N: gl.constexpr = k_short.block_type.shape[0]
     HAS_SHORT: gl.constexpr = SHORT_N < BLOCK_N
-    for half in gl.static_range(2):  # only halves a consumer will wait for (no copy may outlive the program)
+    CONSUMERS: gl.constexpr = q_smem.type.shape[0]
+    for half in gl.static_range(CONSUMERS):  # only parts a consumer will wait for (no copy may outlive the program)
         needed = (n_kv > 0) & (q0 + half * ROWS < q1)
         mbarrier.expect(q_bar.index(half), q_desc.block_type.nbytes, pred=needed)
         tma_load(q_desc, [q0 + half * ROWS, 0], q_bar.index(half), q_smem.index(half),
@@ -545,7 +574,7 @@ def block_sparse_attn_fwd_hopper(
     NUM_HEADS: gl.constexpr, KV_GROUP: gl.constexpr, PER_HEAD_LAYOUT: gl.constexpr,
     HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, SHORT_N: gl.constexpr, STAGES: gl.constexpr,
     Q_LAYOUT: gl.constexpr, K_LAYOUT: gl.constexpr, V_LAYOUT: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-    EXP2_POLY: gl.constexpr, TILES_PER_STEP: gl.constexpr,
+    EXP2_POLY: gl.constexpr, TILES_PER_STEP: gl.constexpr, CONSUMERS: gl.constexpr,
 ):
     """Grid ``(max query tiles per layout head, B * H)``; ``num_warps`` must be 4 (the first consumer).
 
@@ -610,12 +639,12 @@ def block_sparse_attn_fwd_hopper(
                                                  block_shape=[SHORT_N, HEAD_DIM], layout=V_LAYOUT)
         else:
             v_short = v_desc
-    q_smem = gl.allocate_shared_memory(q_dtype, [2, HALF_M, HEAD_DIM], Q_LAYOUT)
+    q_smem = gl.allocate_shared_memory(q_dtype, [CONSUMERS, HALF_M, HEAD_DIM], Q_LAYOUT)
     k_smem = gl.allocate_shared_memory(k_dtype, [STAGES, BLOCK_N, HEAD_DIM], K_LAYOUT)
-    q_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(2):
+    q_bar = gl.allocate_shared_memory(gl.int64, [CONSUMERS, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(CONSUMERS):
         mbarrier.init(q_bar.index(i), count=1)
-    k_ready, k_empty, v_ready, v_empty, turn = ring_barriers(STAGES)
+    k_ready, k_empty, v_ready, v_empty, turn = ring_barriers(STAGES, CONSUMERS)
 
     walk_scale = qk_scale
     if q_dtype == gl.int8:  # the tile's Q scale folds into the softmax scale
@@ -629,7 +658,14 @@ def block_sparse_attn_fwd_hopper(
     consumer_args = ring + (o_base, stride_os, lse_base, qk_scale, walk_scale, K_SCALE + bh_kv * key_blocks,
                             Q_MU + (b64 * NUM_HEADS + h) * q_len, V_SCALE + bh_kv * HEAD_DIM, k_short, EXP2_POLY)
     loader_args = ring + (q_desc, k_desc, v_desc, k_short, v_short)
-    if TILES_PER_STEP == 2:
+    if CONSUMERS == 3:
+        gl.warp_specialize([
+            (_consume_first_half, (consumer_args, )),
+            (_consume_second_half, (consumer_args, )),
+            (_consume_third_part, (consumer_args, )),
+            (_load, (loader_args, )),
+        ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, 32])
+    elif TILES_PER_STEP == 2:
         gl.warp_specialize([
             (_consume_first_half_pairs, (consumer_args, )),
             (_consume_second_half_pairs, (consumer_args, )),

@@ -84,18 +84,19 @@ class Variant:
                     f"warps={c.num_warps} stages={c.num_stages}{' tma' if c.use_tma else ''}")
         poly = f" exp2_poly={self.cfg.exp2_poly}" if self.cfg.exp2_poly else ""
         pairs = f" tiles_per_step={self.cfg.tiles_per_step}" if self.cfg.tiles_per_step != 1 else ""
+        rows = f" BLOCK_M={self.cfg.block_m}" if self.cfg.block_m != 128 else ""
         return (f"{self.kernel:7s} d{self.head_dim} {self.dtype} {self.precision:7s} BLOCK_N={self.cfg.block_n:<3d} "
-                f"stages={self.cfg.num_stages} short_n={self.short_n}{poly}{pairs}")
+                f"stages={self.cfg.num_stages} short_n={self.short_n}{poly}{pairs}{rows}")
 
 
 def variants(quick: bool = False) -> Iterator[Variant]:
-    """Every (head dim, dtype, precision, config, short width) the tuner can hand the LVSA kernel, then the
-    cluster kernel's configs; ``quick``: bf16 only (fp16 differs from it only in the element type of the same
-    products)."""
+    """Every (head dim, dtype, precision, config, short width) the tuner can hand the LVSA kernel and the ones
+    waiting for a GPU measurement (`tuning.hopper_configs`' ``unmeasured``), then the cluster kernel's configs;
+    ``quick``: bf16 only (fp16 differs from it only in the element type of the same products)."""
     for head_dim in HEAD_DIMS:
         for dtype in (("bf16",) if quick else tuple(DTYPES)):
             for precision in PRECISIONS:
-                for cfg in hopper_configs(head_dim, precision):
+                for cfg in hopper_configs(head_dim, precision, unmeasured=True):
                     # short tiles: none, or block_n / 2 or / 4 (`schedule._short_width`); fp8 has none
                     shorts = (0,) if precision == "fp8" else (0, cfg.block_n // 2, cfg.block_n // 4)
                     for short_n in shorts:
@@ -299,8 +300,8 @@ def _key_loop_mix(ops, loops) -> Dict[str, int]:
 def check(v: Variant) -> Dict[str, object]:
     """Compile one variant; its row of the report (``error`` set when it failed)."""
     row: Dict[str, object] = {"variant": v.name, **{k: val for k, val in asdict(v).items() if k != "cfg"},
-                              "block_n": v.cfg.block_n, "stages": v.cfg.num_stages, "exp2_poly": v.cfg.exp2_poly,
-                              "tiles_per_step": v.cfg.tiles_per_step}
+                              "block_m": v.cfg.block_m, "block_n": v.cfg.block_n, "stages": v.cfg.num_stages,
+                              "exp2_poly": v.cfg.exp2_poly, "tiles_per_step": v.cfg.tiles_per_step}
     t0 = time.perf_counter()
     try:
         src, options = _source(v)

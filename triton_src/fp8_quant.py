@@ -234,7 +234,8 @@ def quantize_q_tiles(q: Tensor, k_mean: Tensor, tiles: Tuple[Tensor, Tensor, Ten
                      per_head_layout: bool, block_m: int, interpreted: bool) -> QuantizedQ:
     """Quantize q ``[B, Sq, H, D]`` to INT8 with one scale per query tile, as the portable kernel's prologue does.
 
-    ``tiles``: the schedule's ``(tile_ptr, tile_start, tile_end)`` for ``block_m``-row tiles (`schedule.py`);
+    ``tiles``: the schedule's ``(tile_ptr, tile_start, tile_end)`` for ``block_m``-row tiles (`schedule.py`; any
+    height: the program reads the next power of two of rows, masked at each tile's end);
     ``k_mean``: `quantize_kv`'s smoothing constant ``[B, H_kv, D]``. A negative softmax scale is the caller's
     to fold in (pass ``-q``)."""
     B, Sq, H, D = q.shape
@@ -246,5 +247,5 @@ def quantize_q_tiles(q: Tensor, k_mean: Tensor, tiles: Tuple[Tensor, Tensor, Ten
             _quantize_q_tiles[(max_tiles, B * H)](
                 q, k_mean, q8, q_scale, q_mu, q.stride(0), q.stride(1), q.stride(2), *tiles, Sq, q_scale.shape[1],
                 NUM_HEADS=H, KV_GROUP=H // k_mean.shape[1], PER_HEAD_LAYOUT=per_head_layout, HEAD_DIM=D,
-                BLOCK_M=block_m, INTERPRETED=interpreted)
+                BLOCK_M=triton.next_power_of_2(block_m), INTERPRETED=interpreted)
     return QuantizedQ(q8, q_scale, q_mu)

@@ -29,10 +29,11 @@ __all__ = ["check_launch", "hopper_device_refusal", "hopper_kernel_available", "
            "descriptors_allowed", "ensure_tma_allocator", "hopper_supports", "launch", "launch_hopper",
            "run_scheduled"]
 
-# The Hopper kernel's registers: the launch caps every thread at HOPPER_MAXNREG; inside (setmaxnreg) the second
-# consumer warpgroup (a worker partition) takes HOPPER_CONSUMER_REGS and the loader warp 32.
-HOPPER_MAXNREG = 168
-HOPPER_CONSUMER_REGS = 240
+# The Hopper kernel's registers: the launch caps every thread at HOPPER_MAXNREG; inside (setmaxnreg) each
+# consumer warpgroup of a worker partition takes HOPPER_CONSUMER_REGS and the loader warp 32; the first consumer
+# (the default partition) gets what is left. Keyed by the number of consumer warpgroups (query tile rows / 64).
+HOPPER_MAXNREG = {2: 168, 3: 128}
+HOPPER_CONSUMER_REGS = {2: 240, 3: 160}
 
 
 def _scratch(size: int, alignment: int, stream: Optional[int]) -> Tensor:
@@ -103,10 +104,10 @@ def launch_hopper(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, sch
 
     ``key_tiles``: `KeyTiles.tensors()` built for ``precision`` (``short_n``: its `KeyTiles.short_n`). The 8-bit
     precisions quantize first: K and V with `quantize_kv`, Q per 128-row schedule tile with `quantize_q_tiles`
-    (the kernel reads Q through TMA, so it cannot quantize it on the fly)."""
+    (the kernel reads Q through TMA, so it cannot quantize it on the fly). ``cfg.block_m``: the schedule's
+    query tile height, 128, or 192 (three consumer warpgroups; fp8 only)."""
     _check_precision(precision)
     from .block_sparse_hopper import block_sparse_attn_fwd_hopper
-    from .hopper_ring import TILE_M
 
     B, Sq, H, D = q.shape
     if max_tiles == 0 or B == 0:
@@ -117,7 +118,7 @@ def launch_hopper(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, sch
     k, v, v_strides, quant = _kv_operands(k, v, precision, interpreted=False, wgmma_order=True)
     q_scale = q_mu = k_scale = v_scale = lse  # unread placeholders where a mode does not read them
     if quant is not None:
-        q8 = quantize_q_tiles(q, quant.k_mean, sched_tensors[:3], max_tiles, per_head_layout, TILE_M,
+        q8 = quantize_q_tiles(q, quant.k_mean, sched_tensors[:3], max_tiles, per_head_layout, cfg.block_m,
                               interpreted=False)
         q, k_scale, q_scale, q_mu = q8.q8, quant.k_scale, q8.q_scale, q8.q_mu
         if quant.v_scale is not None:
@@ -148,12 +149,14 @@ def hopper_meta(head_dim: int, q_dtype: torch.dtype, k_dtype: torch.dtype, v_dty
 
     half = gl.bfloat16 if out_dtype == torch.bfloat16 else gl.float16
     v_block = [head_dim, cfg.block_n] if precision == "fp8" else [cfg.block_n, head_dim]
+    consumers = cfg.block_m // int(HALF_M)
     return dict(
         HEAD_DIM=head_dim, BLOCK_N=cfg.block_n, SHORT_N=short_n, STAGES=cfg.num_stages,
         Q_LAYOUT=gl.NVMMASharedLayout.get_default_for([int(HALF_M), head_dim], _gluon_dtype(q_dtype, half)),
         K_LAYOUT=gl.NVMMASharedLayout.get_default_for([cfg.block_n, head_dim], _gluon_dtype(k_dtype, half)),
         V_LAYOUT=gl.NVMMASharedLayout.get_default_for(v_block, _gluon_dtype(v_dtype, half)),
-        CONSUMER_REGS=HOPPER_CONSUMER_REGS, EXP2_POLY=cfg.exp2_poly, TILES_PER_STEP=cfg.tiles_per_step, num_warps=4, maxnreg=HOPPER_MAXNREG,
+        CONSUMER_REGS=HOPPER_CONSUMER_REGS[consumers], EXP2_POLY=cfg.exp2_poly, TILES_PER_STEP=cfg.tiles_per_step,
+        CONSUMERS=consumers, num_warps=4, maxnreg=HOPPER_MAXNREG[consumers],
     )
 
 
@@ -251,13 +254,13 @@ def triton_block_sparse_fwd_hopper(
     tile_ptr: Tensor, tile_start: Tensor, tile_end: Tensor, tile_row: Tensor,
     row_kv_ptr: Tensor, kv_tile_start: Tensor, kv_tile_end: Tensor, row_kv_masked: Tensor,
     max_tiles: int, per_head_layout: bool, scale: float, block_n: int, short_n: int, num_stages: int,
-    precision: str = "exact", exp2_poly: int = 0, tiles_per_step: int = 1,
+    precision: str = "exact", exp2_poly: int = 0, tiles_per_step: int = 1, block_m: int = 128,
 ) -> Tuple[Tensor, Tensor]:
     """Block-sparse attention forward on Hopper: returns ``(out [B, Sq, H, D], lse [B, H, Sq] float32)``."""
     B, Sq, H, D = q.shape
     out = torch.empty(B, Sq, H, D, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, Sq, dtype=torch.float32, device=q.device)
-    cfg = KernelConfig(128, block_n, 4, num_stages, True, True, "hopper", exp2_poly, tiles_per_step)
+    cfg = KernelConfig(block_m, block_n, 4, num_stages, True, True, "hopper", exp2_poly, tiles_per_step)
     launch_hopper(q, k, v, out, lse, (tile_ptr, tile_start, tile_end, tile_row),
                   (row_kv_ptr, kv_tile_start, kv_tile_end, row_kv_masked), short_n, max_tiles, per_head_layout, scale,
                   cfg, precision)
@@ -289,8 +292,11 @@ def check_launch(sched: KernelSchedule, key_tiles: Optional[KeyTiles], cfg: Kern
                          f"the Hopper kernel's fp8 mode only)")
     if not hopper:
         return
-    from .hopper_ring import TILE_M  # two consumer warpgroups of half the rows each
-
+    if cfg.block_m not in ((128, 192) if precision == "fp8" else (128,)):
+        raise ValueError(f"cfg.block_m: the hopper kernel takes query tiles of 128 rows (two consumer warpgroups)"
+                         f"{', or 192 in fp8 (three)' if precision == 'fp8' else ''}, got {cfg.block_m}")
+    if cfg.block_m == 192 and cfg.tiles_per_step != 1:
+        raise ValueError(f"cfg.tiles_per_step: 192-row query tiles fold one key tile per step, got {cfg}")
     if key_tiles is None or key_tiles.block_n != cfg.block_n:
         raise ValueError(f"the hopper kernel needs the key tiles of BLOCK_N={cfg.block_n}")
     if key_tiles.aligned != (precision != "exact") or key_tiles.cuts_short != (precision != "fp8"):
@@ -298,8 +304,8 @@ def check_launch(sched: KernelSchedule, key_tiles: Optional[KeyTiles], cfg: Kern
     if precision != "exact" and cfg.block_n != KEY_QUANT_BLOCK:
         raise ValueError(f"the hopper kernel's 8-bit modes take key tiles of {KEY_QUANT_BLOCK} keys (one K scale "
                          f"each), got BLOCK_N={cfg.block_n}")
-    if sched.block_m != TILE_M:
-        raise ValueError(f"the hopper kernel takes query tiles of {TILE_M} rows, got {sched.block_m}")
+    if sched.block_m != cfg.block_m:
+        raise ValueError(f"the schedule has query tiles of {sched.block_m} rows, cfg {cfg.block_m}")
 
 
 def run_scheduled(q: Tensor, k: Tensor, v: Tensor, sched: KernelSchedule, per_head_layout: bool,
@@ -313,7 +319,8 @@ def run_scheduled(q: Tensor, k: Tensor, v: Tensor, sched: KernelSchedule, per_he
         if hopper:
             return torch.ops.lvsa_kernels.triton_block_sparse_fwd_hopper(
                 q, k, v, *sched.tensors()[:4], *key_tiles.tensors(), sched.max_tiles, per_head_layout, scale,
-                cfg.block_n, key_tiles.short_n, cfg.num_stages, precision, cfg.exp2_poly, cfg.tiles_per_step)
+                cfg.block_n, key_tiles.short_n, cfg.num_stages, precision, cfg.exp2_poly, cfg.tiles_per_step,
+                cfg.block_m)
         return torch.ops.lvsa_kernels.triton_block_sparse_fwd(
             q, k, v, *sched.tensors(), sched.max_tiles, per_head_layout, scale,
             cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, cfg.use_tma, cfg.warp_spec, precision)
