@@ -25,10 +25,10 @@ def main() -> None:
     args = p.parse_args()
     layout = LVSAPattern(window=4).plan(31, args.frame_tokens, step=0)
     q, k, v = (torch.randn(1, layout.q_len, 12, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    sched = build_schedule(layout, 128, q.device)
     for precision in args.precisions.split(","):
-        tiles = build_key_tiles(layout, 128, q.device, precision)
         cfg = hopper_configs(128, precision, unmeasured=True)[args.config]
+        sched = build_schedule(layout, cfg.block_m, q.device)
+        tiles = build_key_tiles(layout, cfg.block_n, q.device, precision)
         for _ in range(2):
             run_scheduled(q, k, v, sched, False, 0.088, cfg, precision=precision, key_tiles=tiles)
         torch.cuda.synchronize()

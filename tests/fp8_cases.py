@@ -31,9 +31,19 @@ def distribution(name, B, S, H, Hkv, D, seed):
     raise ValueError(f"distribution: unknown {name!r}")
 
 
+def _aligned_blocks():
+    mask = torch.rand(8, 7, generator=torch.Generator().manual_seed(5)) < 0.5
+    mask[0] = False                                  # no keys
+    mask[1] = torch.arange(7) == 3                   # one full tile
+    mask[2] = (torch.arange(7) == 1) | (torch.arange(7) == 5)   # two, from two spans
+    mask[3] = True                                   # seven: three pairs and one left over
+    return BlockSparseLayout.from_block_mask(mask, [40, 64, 100, 128, 130, 170, 190, 150], [128] * 7)
+
+
 def layouts():
     """Named layouts: LVSA with text after the video, long rows (T=121, window 3), wide frames (31 frames of 100
-    tokens, text after them), and ragged blocks with empty query rows and an empty key block."""
+    tokens, text after them), key blocks of 128 tokens (aligned blocks: rows of 0 to 7 full fp8 key tiles and
+    no masked ones), and ragged blocks with empty query rows and an empty key block."""
     mask = torch.rand(6, 7, generator=torch.Generator().manual_seed(3)) < 0.5
     mask[0] = False   # a query block with no keys
     mask[1] = True    # a dense row
@@ -42,6 +52,8 @@ def layouts():
         "long_rows": LVSAPattern(window=3, n_first=1, reference_frames=21).plan(121, 4, step=0),
         # frames of 100 tokens: spans of several aligned 128-key blocks, so the fp8 walk pairs full tiles
         "wide_frames": LVSAPattern(window=3, n_first=1, reference_frames=21).plan(31, 100, step=1, text_tokens=24),
+        # key blocks of 128 tokens: every fp8 key tile is full (no masked walk), rows hold 0-7 of them
+        "aligned_blocks": _aligned_blocks(),
         "empty_rows": BlockSparseLayout.from_block_mask(mask, [20, 64, 17, 30, 33, 40], [30, 0, 50, 41, 22, 25, 36]),
     }
 

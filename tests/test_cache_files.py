@@ -25,6 +25,8 @@ BAD_CONFIGS = {
     "tiles_per_step on the portable kernel": {**GOOD, "tiles_per_step": 2},
     "tiles_per_step 3": {**GOOD, "kernel": "hopper", "tiles_per_step": 3},
     "tiles_per_step as bool": {**GOOD, "kernel": "hopper", "tiles_per_step": True},
+    "pairs in a 1-stage ring": {**GOOD, "kernel": "hopper", "block_m": 128, "num_stages": 1, "tiles_per_step": 2},
+    "pairs with 192-row tiles": {**GOOD, "kernel": "hopper", "block_m": 192, "tiles_per_step": 2},
 }
 
 

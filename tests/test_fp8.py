@@ -296,10 +296,10 @@ def test_quantize_q_tiles_matches_the_reference_bit_for_bit(per_head, block_m):
 
 
 # ----------------------------------------------------------------------------------- Hopper kernel (sm_90 GPU)
-def _hopper_8bit_configs():
+def _hopper_8bit_configs(unmeasured=True):
     from lvsa_kernels.triton_src.tuning import hopper_configs
 
-    return [(mode, cfg) for mode in ("fp8", "int8_qk") for cfg in hopper_configs(128, mode, unmeasured=True)]
+    return [(mode, cfg) for mode in ("fp8", "int8_qk") for cfg in hopper_configs(128, mode, unmeasured=unmeasured)]
 
 
 def _hopper_ready():
@@ -324,7 +324,7 @@ def _walk_of(cfg, layout, precision):
 
 
 HOPPER_CASES = [("text", "kbias", False), ("empty_rows", "peaked", True), ("long_rows", "normal", False),
-                ("wide_frames", "peaked", True)]
+                ("wide_frames", "peaked", True), ("aligned_blocks", "normal", False)]
 
 
 @needs_hopper
@@ -335,11 +335,27 @@ def test_hopper_kernel_matches_fake_quant(layout_name, dist, strided, mode, cfg,
     """The 8-bit Hopper kernel (poisoned output buffer, GQA, batch 2) against the fake-quant reference with its
     query tiles (128 rows, or 192 with three consumers) and aligned key walk (tight), and against float32
     attention (the accuracy bound); rows without keys: 0, -inf."""
+    _check_hopper_8bit(LAYOUTS[layout_name], dist, strided, mode, cfg, dtype, 128)
+
+
+@needs_hopper
+@pytest.mark.parametrize("cfg", [c for c in _hopper_8bit_configs() if c not in _hopper_8bit_configs(False)],
+                         ids=lambda x: str(x).replace(" ", "_"))
+@pytest.mark.parametrize("layout_name", ["wide_frames", "aligned_blocks"])
+def test_hopper_unmeasured_fp8_variants_at_head_dim_64(layout_name, cfg):
+    """The variants waiting for their first GPU measurement (two key tiles per step, 192-row tiles) at head
+    dim 64 too, on the layouts where the pair walk runs."""
+    _check_hopper_8bit(LAYOUTS[layout_name], "normal", False, cfg[0], cfg[1], torch.bfloat16, 64)
+
+
+def _check_hopper_8bit(layout, dist, strided, mode, cfg, dtype, head_dim):
     from lvsa_kernels.triton_src.launch import hopper_refusal, run_scheduled
     from lvsa_kernels.triton_src.schedule import build_key_tiles, build_schedule
 
-    layout = LAYOUTS[layout_name]  # key spans start anywhere (fp8 loads the aligned block holding each tile)
-    q, k, v = (t.to("cuda", dtype) for t in distribution(dist, 2, layout.q_len, 4, 2, 128, seed=11))
+    # key spans start anywhere (fp8 loads the aligned block holding each tile)
+    q, k, v = (t.to("cuda", dtype) for t in distribution(dist, 2, max(layout.q_len, layout.kv_len), 4, 2, head_dim,
+                                                          seed=11))
+    q, k, v = q[:, :layout.q_len], k[:, :layout.kv_len], v[:, :layout.kv_len]
     if strided:
         q = torch.cat([q, q], dim=2)[:, :, :4]
         k, v = (torch.cat([t, t], dim=2)[:, :, :2] for t in (k, v))
@@ -347,10 +363,16 @@ def test_hopper_kernel_matches_fake_quant(layout_name, dist, strided, mode, cfg,
     out = torch.full_like(q, float("nan"))
     out, lse = run_scheduled(q, k, v, build_schedule(layout, cfg.block_m, q.device), False, 0.09, cfg, out=out,
                              precision=mode, key_tiles=build_key_tiles(layout, cfg.block_n, q.device, mode))
+    walk = _walk_of(cfg, layout, mode)
     ref, ref_lse = fp8_reference_attention(q, k, v, layout, scale=0.09, block_m=cfg.block_m, fp8_pv=mode == "fp8",
-                                           return_lse=True, **_walk_of(cfg, layout, mode))
+                                           return_lse=True, **walk)
     assert torch.isfinite(out).all()
     assert errors(out, ref)[0] <= 3e-3, errors(out, ref)
+    if cfg.tiles_per_step == 2:  # closer to the pairs it makes than to one tile per step, where they differ
+        single = fp8_reference_attention(q, k, v, layout, scale=0.09, block_m=cfg.block_m,
+                                         **dict(walk, tiles_per_step=1))
+        if not torch.equal(single, ref):
+            assert errors(out, ref)[0] < 0.5 * errors(out, single)[0], (errors(out, ref), errors(out, single))
     finite = torch.isfinite(ref_lse)
     assert torch.equal(torch.isfinite(lse), finite)
     assert torch.allclose(lse[finite], ref_lse[finite], atol=2e-3), (lse[finite] - ref_lse[finite]).abs().max()
@@ -417,6 +439,11 @@ def test_launch_guards_the_8bit_paths_that_fault():
     assert not _config_can_run(tma, False, False, "exact")
     assert not _config_can_run(hopper_configs(128)[0], False, True, "exact")
     assert _config_can_run(hopper_configs(128)[0], True, True, "fp8")
+    pairs = KernelConfig(128, 128, 4, 4, True, True, "hopper", 0, 2)
+    three_consumers = KernelConfig(192, 128, 4, 2, True, True, "hopper")
+    for fp8_only in (pairs, three_consumers):  # a cache entry for another precision is tuned again
+        assert _config_can_run(fp8_only, True, True, "fp8")
+        assert not any(_config_can_run(fp8_only, True, True, p) for p in ("exact", "int8_qk"))
 
 
 # ----------------------------------------------------------------------------------- precision checks
@@ -514,7 +541,7 @@ def test_run_scheduled_refuses_pairs_outside_the_hopper_fp8_mode(precision):
     """``tiles_per_step=2`` exists in the Hopper kernel's fp8 mode only (P in e4m3 leaves registers for two
     score tiles)."""
     from lvsa_kernels.triton_src.launch import run_scheduled
-    from lvsa_kernels.triton_src.schedule import build_schedule
+    from lvsa_kernels.triton_src.schedule import build_key_tiles, build_schedule
     from lvsa_kernels.triton_src.tuning import KernelConfig
 
     layout = LAYOUTS["text"]
@@ -522,6 +549,15 @@ def test_run_scheduled_refuses_pairs_outside_the_hopper_fp8_mode(precision):
     sched = build_schedule(layout, 16, q.device)
     with pytest.raises(ValueError, match="cfg.tiles_per_step: expected 1, got 2"):
         run_scheduled(q, q, q, sched, False, 0.1, KernelConfig(16, 16, 1, 1, tiles_per_step=2), precision=precision)
+    if precision == "fp8":  # a pair holds two ring slots; 192-row tiles walk one tile per step
+        with pytest.raises(ValueError, match="at least 2 stages"):
+            run_scheduled(q, q, q, build_schedule(layout, 128, q.device), False, 0.1,
+                          KernelConfig(128, 128, 4, 1, True, True, "hopper", 0, 2), precision=precision,
+                          key_tiles=build_key_tiles(layout, 128, q.device, precision))
+        with pytest.raises(ValueError, match="192-row query tiles fold one key tile per step"):
+            run_scheduled(q, q, q, build_schedule(layout, 192, q.device), False, 0.1,
+                          KernelConfig(192, 128, 4, 4, True, True, "hopper", 0, 2), precision=precision,
+                          key_tiles=build_key_tiles(layout, 128, q.device, precision))
     if precision != "fp8":
         with pytest.raises(ValueError, match="cfg.tiles_per_step: expected 1, got 2"):
             run_scheduled(q, q, q, sched, False, 0.1, KernelConfig(128, 128, 4, 4, True, True, "hopper", 0, 2),

@@ -2,16 +2,17 @@
 
 Same inputs and schedule as the portable kernel (`block_sparse_fwd.py`; same results in exact mode, the 8-bit
 modes walk the keys in another order, see `schedule.build_key_tiles`), for bf16/fp16 with head dim
-64 or 128. One program computes one query tile of up to 128 rows (rows that attend identical keys, see
-`schedule.py`) for one (batch, head), with three partitions that meet in shared memory:
+64 or 128. One program computes one query tile of up to 128 rows (192 in one unmeasured fp8 variant, below;
+rows that attend identical keys, see `schedule.py`) for one (batch, head), with three partitions that meet in
+shared memory:
 
 * loader (1 warp): TMA-loads the tile's 64-row parts of Q once, then every key tile of the tile's
   key list (``kv_tile_start/kv_tile_end``, see `schedule.build_key_tiles`) as a K tile and a V tile into a
   ``STAGES``-deep ring; ``*_ready`` barriers say a slot is filled, ``*_empty`` barriers (one arrival per
   consumer) that it may be refilled;
-* two consumers (one warpgroup each, 64 query rows each): ``S = Q K^T`` on the tensor cores (wgmma, both
-  operands in shared memory), online softmax in registers (exp2 domain, fp32), ``O += P V`` with P from
-  registers. The next tile's ``Q K^T`` is issued with the previous tile's ``P V``; ptxas waits for both
+* two consumers (one warpgroup each, 64 query rows each; three in that variant): ``S = Q K^T`` on the tensor
+  cores (wgmma, both operands in shared memory), online softmax in registers (exp2 domain, fp32), ``O += P V``
+  with P from registers. The next tile's ``Q K^T`` is issued with the previous tile's ``P V``; ptxas waits for both
   before the softmax (overlapping it with ``P V`` would keep P and O's registers busy through it: where it
   compiles spill-free, fp8, the overlap measured 3-8% slower on an H100). The two consumers take turns
   issuing their matrix products (two ``turn`` barriers, FA3's ping-pong), so one warpgroup's softmax runs

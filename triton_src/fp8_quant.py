@@ -38,6 +38,7 @@ __all__ = ["Fp8KV", "KEY_GROUP", "KEY_QUANT_BLOCK", "QuantizedQ", "quantize_kv",
 KEY_QUANT_BLOCK = 128  # tokens per K scale, blocks aligned to token 0
 KEY_GROUP = 32  # tokens per group of the wgmma key order (`wgmma_key_slot`): K of one 8-bit wgmma
 _RNE = 12582912.0  # 1.5 * 2**23: (x + _RNE) - _RNE rounds |x| < 2**22 to an integer, nearest even
+_Q_CHUNK = 32  # query rows the Q pre-pass holds at once
 
 
 @triton.jit
@@ -74,19 +75,28 @@ def quantize_q_tile(qf, k_mean, INTERPRETED: tl.constexpr):
     values with one scale for the tile (``amax / 127``; 1 for an all-zero tile) and each row's ``q . k_mean``
     (float32 ``[BLOCK_M]``, which undoes the key smoothing in the lse)."""
     q_mu = tl.sum(qf * k_mean[None, :], 1)
-    amax = tl.max(tl.max(tl.abs(qf), 1), 0)
+    inv, scale = _int8_scales(tl.max(tl.max(tl.abs(qf), 1), 0))
+    return to_int8(qf * inv, INTERPRETED), scale, q_mu
+
+
+@triton.jit
+def _int8_scales(amax):
+    """``(127 / amax, amax / 127)`` of a tile's absolute maximum (1 and 1 for an all-zero tile), each an IEEE
+    division."""
     nonzero = amax > 0.0
     inv = tl.where(nonzero, tl.math.div_rn(tl.full(amax.shape, 127.0, tl.float32), tl.where(nonzero, amax, 1.0)), 1.0)
     scale = tl.where(nonzero, tl.math.div_rn(amax, tl.full(amax.shape, 127.0, tl.float32)), 1.0)
-    return to_int8(qf * inv, INTERPRETED), scale, q_mu
+    return inv, scale
 
 
 @triton.jit
 def _quantize_q_tiles(Q, K_MEAN, Q8, QS, QMU, stride_qb, stride_qs, stride_qh, tile_ptr, tile_start, tile_end,
                       q_len, max_tiles, NUM_HEADS: tl.constexpr, KV_GROUP: tl.constexpr,
                       PER_HEAD_LAYOUT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                      INTERPRETED: tl.constexpr):
-    """Query tile ``program_id(0)`` of head ``program_id(1) = b * H + h`` (the attention kernels' grid)."""
+                      CHUNK: tl.constexpr, INTERPRETED: tl.constexpr):
+    """Query tile ``program_id(0)`` of head ``program_id(1) = b * H + h`` (the attention kernels' grid), read
+    ``CHUNK`` rows at a time (``BLOCK_M`` a multiple of it): one pass for the tile's absolute maximum, a second
+    to quantize and store (a whole 128- or 192-row tile in registers spilled)."""
     pid_t = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // NUM_HEADS
@@ -95,17 +105,29 @@ def _quantize_q_tiles(Q, K_MEAN, Q8, QS, QMU, stride_qb, stride_qs, stride_qh, t
     t_lo = tl.load(tile_ptr + lh)
     if pid_t >= tl.load(tile_ptr + lh + 1) - t_lo:
         return
-    rows = tl.load(tile_start + t_lo + pid_t) + tl.arange(0, BLOCK_M)
-    ok = rows < tl.load(tile_end + t_lo + pid_t)
+    row0 = tl.load(tile_start + t_lo + pid_t)
+    row_end = tl.load(tile_end + t_lo + pid_t)
     offs_d = tl.arange(0, HEAD_DIM)
     b64 = b.to(tl.int64)
-    qf = tl.load(Q + b64 * stride_qb + h * stride_qh + rows[:, None].to(tl.int64) * stride_qs + offs_d[None, :],
-                 mask=ok[:, None], other=0.0).to(tl.float32)
+    q_head = Q + b64 * stride_qb + h * stride_qh
+    amax = tl.zeros([HEAD_DIM], tl.float32)
+    for c in range(BLOCK_M // CHUNK):
+        rows = row0 + c * CHUNK + tl.arange(0, CHUNK)
+        ok = rows < row_end
+        qf = tl.load(q_head + rows[:, None].to(tl.int64) * stride_qs + offs_d[None, :], mask=ok[:, None],
+                     other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.max(tl.abs(qf), 0))
+    inv, scale = _int8_scales(tl.max(amax, 0))
     k_mean = tl.load(K_MEAN + (b * (NUM_HEADS // KV_GROUP) + h // KV_GROUP) * HEAD_DIM + offs_d)
-    q8, scale, q_mu = quantize_q_tile(qf, k_mean, INTERPRETED)
-    tl.store(Q8 + ((b64 * q_len + rows[:, None]) * NUM_HEADS + h) * HEAD_DIM + offs_d[None, :], q8, mask=ok[:, None])
+    for c in range(BLOCK_M // CHUNK):
+        rows = row0 + c * CHUNK + tl.arange(0, CHUNK)
+        ok = rows < row_end
+        qf = tl.load(q_head + rows[:, None].to(tl.int64) * stride_qs + offs_d[None, :], mask=ok[:, None],
+                     other=0.0).to(tl.float32)
+        tl.store(Q8 + ((b64 * q_len + rows[:, None]) * NUM_HEADS + h) * HEAD_DIM + offs_d[None, :],
+                 to_int8(qf * inv, INTERPRETED), mask=ok[:, None])
+        tl.store(QMU + pid_bh.to(tl.int64) * q_len + rows, tl.sum(qf * k_mean[None, :], 1), mask=ok)
     tl.store(QS + pid_bh.to(tl.int64) * max_tiles + pid_t, scale)
-    tl.store(QMU + pid_bh.to(tl.int64) * q_len + rows, q_mu, mask=ok)
 
 
 @triton.jit
@@ -234,11 +256,13 @@ def quantize_q_tiles(q: Tensor, k_mean: Tensor, tiles: Tuple[Tensor, Tensor, Ten
                      per_head_layout: bool, block_m: int, interpreted: bool) -> QuantizedQ:
     """Quantize q ``[B, Sq, H, D]`` to INT8 with one scale per query tile, as the portable kernel's prologue does.
 
-    ``tiles``: the schedule's ``(tile_ptr, tile_start, tile_end)`` for ``block_m``-row tiles (`schedule.py`; any
-    height: the program reads the next power of two of rows, masked at each tile's end);
+    ``tiles``: the schedule's ``(tile_ptr, tile_start, tile_end)`` for ``block_m``-row tiles (`schedule.py`; a
+    multiple of 32 rows);
     ``k_mean``: `quantize_kv`'s smoothing constant ``[B, H_kv, D]``. A negative softmax scale is the caller's
     to fold in (pass ``-q``)."""
     B, Sq, H, D = q.shape
+    if block_m % _Q_CHUNK:
+        raise ValueError(f"block_m: expected a multiple of {_Q_CHUNK} query rows, got {block_m}")
     q8 = torch.empty(B, Sq, H, D, dtype=torch.int8, device=q.device)
     q_scale = torch.empty(B * H, max(max_tiles, 1), dtype=torch.float32, device=q.device)
     q_mu = torch.empty(B, H, Sq, dtype=torch.float32, device=q.device)
@@ -247,5 +271,5 @@ def quantize_q_tiles(q: Tensor, k_mean: Tensor, tiles: Tuple[Tensor, Tensor, Ten
             _quantize_q_tiles[(max_tiles, B * H)](
                 q, k_mean, q8, q_scale, q_mu, q.stride(0), q.stride(1), q.stride(2), *tiles, Sq, q_scale.shape[1],
                 NUM_HEADS=H, KV_GROUP=H // k_mean.shape[1], PER_HEAD_LAYOUT=per_head_layout, HEAD_DIM=D,
-                BLOCK_M=triton.next_power_of_2(block_m), INTERPRETED=interpreted)
+                BLOCK_M=block_m, CHUNK=_Q_CHUNK, INTERPRETED=interpreted)
     return QuantizedQ(q8, q_scale, q_mu)

@@ -105,7 +105,7 @@ def launch_hopper(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, sch
     ``key_tiles``: `KeyTiles.tensors()` built for ``precision`` (``short_n``: its `KeyTiles.short_n`). The 8-bit
     precisions quantize first: K and V with `quantize_kv`, Q per 128-row schedule tile with `quantize_q_tiles`
     (the kernel reads Q through TMA, so it cannot quantize it on the fly). ``cfg.block_m``: the schedule's
-    query tile height, 128, or 192 (three consumer warpgroups; fp8 only)."""
+    query tile height, 128, or 192 (three consumer warpgroups; fp8 only); Q is quantized per tile of it."""
     _check_precision(precision)
     from .block_sparse_hopper import block_sparse_attn_fwd_hopper
 
@@ -297,6 +297,8 @@ def check_launch(sched: KernelSchedule, key_tiles: Optional[KeyTiles], cfg: Kern
                          f"{', or 192 in fp8 (three)' if precision == 'fp8' else ''}, got {cfg.block_m}")
     if cfg.block_m == 192 and cfg.tiles_per_step != 1:
         raise ValueError(f"cfg.tiles_per_step: 192-row query tiles fold one key tile per step, got {cfg}")
+    if cfg.tiles_per_step == 2 and cfg.num_stages < 2:  # a pair holds two ring slots at once
+        raise ValueError(f"cfg.num_stages: two key tiles per step need a ring of at least 2 stages, got {cfg}")
     if key_tiles is None or key_tiles.block_n != cfg.block_n:
         raise ValueError(f"the hopper kernel needs the key tiles of BLOCK_N={cfg.block_n}")
     if key_tiles.aligned != (precision != "exact") or key_tiles.cuts_short != (precision != "fp8"):

@@ -53,8 +53,9 @@ INTERPRETER_CONFIG = KernelConfig(block_m=16, block_n=16, num_warps=1, num_stage
 def hopper_configs(head_dim: int, precision: str = "exact", unmeasured: bool = False) -> List[KernelConfig]:
     """Configs of the warp-specialised Hopper kernel (128-row query tiles; shared memory holds Q and the ring,
     whose 8-bit K (and V^T) tiles take half the bytes, leaving room for a deeper ring). ``unmeasured``: also
-    the variants no GPU run has timed yet (compiled by `compile_check`, run by the GPU tests and the sweep's
-    ``--unmeasured``; the tuner leaves them out until a run has measured them)."""
+    the fp8 variants no GPU run has timed yet, two key tiles per softmax step (``tiles_per_step=2``) and
+    192-row query tiles (``block_m=192``): compiled by `compile_check`, run by the GPU tests and the sweep's
+    ``--unmeasured``; the tuner leaves them out until a run has measured them."""
     # Fastest first, measured at Wan T=121 W=4 (exact: H200, bench/results/h200_hopper_sweep_run2.json; int8_qk:
     # H100, h100_s5_sweep_8bit_call2.json; fp8: H100, h100_s10_sweep_fp8_no_turns.json). fp8 also with one softmax
     # exponential in 4 on the FMA units (exp2_poly=4: 2% faster in the fifth session, 3% slower since the wgmma
@@ -111,7 +112,8 @@ def _valid_config(key: str, raw: Any) -> Optional[KernelConfig]:
     if not isinstance(raw, dict) or set(raw) != {f.name for f in fields(KernelConfig)}:
         return None
     if type(raw["tiles_per_step"]) is not int or raw["tiles_per_step"] not in (1, 2) or (
-            raw["tiles_per_step"] == 2 and raw["kernel"] != "hopper"):
+            raw["tiles_per_step"] == 2 and (raw["kernel"] != "hopper" or raw["block_m"] != 128
+                                            or raw["num_stages"] < 2)):
         return None
     if type(raw["exp2_poly"]) is not int or raw["exp2_poly"] not in (0, 4) or (
             raw["exp2_poly"] and raw["kernel"] != "hopper"):

@@ -200,8 +200,8 @@ def _tma_strides_ok(q: Tensor, k: Tensor, v: Tensor) -> bool:
 
 def _config_can_run(cfg, hopper_ok: bool, tma_ok: bool, precision: str) -> bool:
     """Whether a cached config fits these inputs (a hand-edited or stale cache entry is tuned again)."""
-    if cfg.kernel == "hopper":
-        return hopper_ok
+    if cfg.kernel == "hopper":  # two key tiles per step and 192-row tiles exist in fp8 only
+        return hopper_ok and (precision == "fp8" or (cfg.tiles_per_step == 1 and cfg.block_m == 128))
     return not cfg.use_tma or (tma_ok and precision != "fp8")
 
 
