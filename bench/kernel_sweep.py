@@ -131,6 +131,14 @@ def main() -> None:
             print(f"   {e.get('ms', float('nan')):8.2f} ms  {e.get('eff_tflops', 0):6.1f} TF/s  regs={e.get('regs')} "
                   f"spills={e.get('spills')} err={e.get('rel_err', float('nan')):.1e}  {e['precision']:7s} "
                   f"{e['config']}  {e.get('error', '')[:120]}")
+        if "best_ms" in row:  # each precision's fastest correct config against the exact best of this run
+            for precision in sorted({e["precision"] for e in row["configs"]} - {"exact"}):
+                ok = [e for e in row["configs"] if e["precision"] == precision and "ms" in e
+                      and e["rel_err"] <= 5e-2 and not e["nan_out"]]
+                if ok:
+                    e = min(ok, key=lambda e: e["ms"])
+                    print(f"   {precision}: {row['best_ms'] / e['ms']:.3f}x faster than exact ({e['ms']:.2f} vs "
+                          f"{row['best_ms']:.2f} ms) [{e['config']}]")
 
 
 if __name__ == "__main__":
