@@ -143,7 +143,8 @@ def _steps(walk: List[Tuple[int, int]], block_n: int, tiles_per_step: int) -> Li
 def fp8_reference_attention(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseLayout,
                             scale: Optional[float] = None, block_m: int = 128, block_n: int = 128,
                             fp8_pv: bool = True, return_lse: bool = False, aligned_tiles: bool = False,
-                            short_n: int = 0, tiles_per_step: int = 1) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+                            short_n: int = 0, tiles_per_step: int = 1,
+                            rowsum_rounded: bool = False) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     """Block-sparse attention as the 8-bit kernel computes it with tiles ``block_m`` x ``block_n``.
 
     Args:
@@ -155,6 +156,8 @@ def fp8_reference_attention(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparse
         tiles_per_step: 2 folds the walk's full tiles two at a time (one running-max update per pair, as the
             Hopper kernel's fp8 mode with ``tiles_per_step=2``; an odd full tile left over and the shorter ones
             one at a time); 1: every tile alone.
+        rowsum_rounded: with ``fp8_pv``, the softmax normaliser sums the e4m3-rounded P the output is made of
+            (the Hopper kernel's ``rowsum_mma``, which sums on the tensor cores); False: the unrounded P.
 
     Returns:
         ``out [B, Sq, H, D]`` in q's dtype (and lse).
@@ -167,6 +170,8 @@ def fp8_reference_attention(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparse
         raise ValueError(f"short_n: expected 0 <= short_n < block_n = {block_n}, got {short_n}")
     if tiles_per_step not in (1, 2):
         raise ValueError(f"tiles_per_step: expected 1 or 2, got {tiles_per_step}")
+    if rowsum_rounded and not fp8_pv:
+        raise ValueError("rowsum_rounded: sums the e4m3-rounded P, so it needs fp8_pv=True")
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     qk_scale = scale * _LOG2E
     mean = key_mean(k)                                                    # [B, Hkv, D]
@@ -204,8 +209,10 @@ def fp8_reference_attention(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparse
                 m_new = torch.maximum(m_i, qk.amax(-1, keepdim=True) * row_scale)
                 p = torch.exp2(qk * row_scale - m_new)
                 alpha = torch.exp2(m_i - m_new)
-                l_i = l_i * alpha + p.sum(-1, keepdim=True)
-                p = _e4m3(p * P_SCALE) if fp8_pv else p.to(v.dtype).float()
+                p_used = _e4m3(p * P_SCALE) if fp8_pv else p.to(v.dtype).float()
+                summed = p_used / P_SCALE if fp8_pv and rowsum_rounded else p
+                l_i = l_i * alpha + summed.sum(-1, keepdim=True)
+                p = p_used
                 vv = v_used[:, keys][:, :, kvh].transpose(1, 2)[:, :, None]     # [B, h, 1, n, D]
                 acc = acc * alpha + torch.matmul(p, vv)
                 m_i = m_new

@@ -12,7 +12,7 @@ from lvsa_kernels.triton_src import tuning
 from lvsa_kernels.triton_src.tuning import KernelConfig
 
 GOOD = {"block_m": 64, "block_n": 32, "num_warps": 4, "num_stages": 2, "use_tma": False, "warp_spec": False,
-        "kernel": "portable", "exp2_poly": 0, "tiles_per_step": 1}
+        "kernel": "portable", "exp2_poly": 0, "tiles_per_step": 1, "rowsum_mma": False}
 BAD_CONFIGS = {
     "list": [64, 32], "string": "64", "missing": {"block_m": 64}, "text field": {**GOOD, "block_m": "64"},
     "bool field": {**GOOD, "num_warps": True}, "float field": {**GOOD, "block_n": 32.0},
@@ -27,6 +27,10 @@ BAD_CONFIGS = {
     "tiles_per_step as bool": {**GOOD, "kernel": "hopper", "tiles_per_step": True},
     "pairs in a 1-stage ring": {**GOOD, "kernel": "hopper", "block_m": 128, "num_stages": 1, "tiles_per_step": 2},
     "pairs with 192-row tiles": {**GOOD, "kernel": "hopper", "block_m": 192, "tiles_per_step": 2},
+    "no rowsum_mma field (older cache)": {k: v for k, v in GOOD.items() if k != "rowsum_mma"},
+    "rowsum_mma on the portable kernel": {**GOOD, "rowsum_mma": True},
+    "rowsum_mma with 192-row tiles": {**GOOD, "kernel": "hopper", "block_m": 192, "rowsum_mma": True},
+    "rowsum_mma as int": {**GOOD, "kernel": "hopper", "block_m": 128, "rowsum_mma": 1},
 }
 
 
@@ -50,9 +54,9 @@ def test_tuning_cache_ignores_bad_entries_with_one_warning(cache_dir, caplog):
 
 
 @pytest.mark.parametrize("cfg", [KernelConfig(128, 128, 4, 2, True, True, "hopper", 4),
-                                 KernelConfig(128, 128, 4, 4, True, True, "hopper", 0, 2)], ids=str)
+                                 KernelConfig(128, 128, 4, 4, True, True, "hopper", 0, 2, True)], ids=str)
 def test_tuning_cache_keeps_hopper_configs(cache_dir, cfg):
-    """The exp2 split and the fp8 pair walk survive the disk cache."""
+    """The exp2 split and the fp8 pair walk with the row sums on the tensor cores survive the disk cache."""
     tuning.store("hopper", cfg)
     tuning._memory.clear()
     tuning._loaded_from = None

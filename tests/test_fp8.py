@@ -82,6 +82,20 @@ def test_fake_quant_pair_walk_within_error_bound():
     assert 0 < errors(pairs, fp8_reference_attention(q, k, v, layout, **kw))[0] <= 4e-2
 
 
+def test_fake_quant_rounded_row_sums_within_error_bound():
+    """fp8 normalising by the sum of the e4m3-rounded P (the Hopper kernel's ``rowsum_mma``) keeps the bound and
+    moves the output by far less than the rounding of P itself."""
+    layout = LAYOUTS["wide_frames"]
+    q, k, v = (t.bfloat16() for t in distribution("peaked", 1, layout.q_len, 2, 1, 64, seed=4))
+    exact = reference_attention(q.float(), k.float(), v.float(), layout)
+    kw = dict(block_m=128, block_n=128, aligned_tiles=True, tiles_per_step=2)
+    rounded = fp8_reference_attention(q, k, v, layout, rowsum_rounded=True, **kw)
+    _check_bound(rounded, exact, "fp8")
+    assert 0 < errors(rounded, fp8_reference_attention(q, k, v, layout, **kw))[0] <= 5e-3
+    with pytest.raises(ValueError, match="rowsum_rounded: sums the e4m3-rounded P, so it needs fp8_pv=True"):
+        fp8_reference_attention(q, k, v, layout, fp8_pv=False, rowsum_rounded=True)
+
+
 def test_pair_steps_take_the_full_tiles_two_at_a_time():
     walk = [(0, 128), (256, 384), (512, 640), (130, 200), (700, 710)]
     assert _steps(walk, 128, 2) == [[(0, 128), (256, 384)], [(512, 640)], [(130, 200)], [(700, 710)]]
@@ -313,13 +327,14 @@ needs_hopper = pytest.mark.skipif(not _hopper_ready(), reason="the Gluon kernel 
 
 def _walk_of(cfg, layout, precision):
     """The fake-quant reference's tile arguments for the kernel ``cfg`` runs: the Hopper kernel's 8-bit walk keeps
-    each key tile inside one aligned 128-token block (one K scale per tile), takes its short tiles last and
-    (``tiles_per_step=2``) folds its full tiles in pairs."""
+    each key tile inside one aligned 128-token block (one K scale per tile), takes its short tiles last,
+    (``tiles_per_step=2``) folds its full tiles in pairs and (``rowsum_mma``) sums the rounded P."""
     from lvsa_kernels.triton_src.schedule import build_key_tiles
 
     if cfg.kernel == "hopper":
         tiles = build_key_tiles(layout, cfg.block_n, torch.device("cpu"), precision)
-        return dict(block_n=cfg.block_n, aligned_tiles=True, short_n=tiles.short_n, tiles_per_step=cfg.tiles_per_step)
+        return dict(block_n=cfg.block_n, aligned_tiles=True, short_n=tiles.short_n, tiles_per_step=cfg.tiles_per_step,
+                    rowsum_rounded=cfg.rowsum_mma)
     return dict(block_n=cfg.block_n)
 
 
@@ -441,7 +456,8 @@ def test_launch_guards_the_8bit_paths_that_fault():
     assert _config_can_run(hopper_configs(128)[0], True, True, "fp8")
     pairs = KernelConfig(128, 128, 4, 4, True, True, "hopper", 0, 2)
     three_consumers = KernelConfig(192, 128, 4, 2, True, True, "hopper")
-    for fp8_only in (pairs, three_consumers):  # a cache entry for another precision is tuned again
+    row_sums = KernelConfig(128, 128, 4, 2, True, True, "hopper", 0, 1, True)
+    for fp8_only in (pairs, three_consumers, row_sums):  # a cache entry for another precision is tuned again
         assert _config_can_run(fp8_only, True, True, "fp8")
         assert not any(_config_can_run(fp8_only, True, True, p) for p in ("exact", "int8_qk"))
 
@@ -537,9 +553,9 @@ def test_run_scheduled_refuses_an_exp2_split_it_cannot_run():
 
 
 @pytest.mark.parametrize("precision", ["exact", "int8_qk", "fp8"])
-def test_run_scheduled_refuses_pairs_outside_the_hopper_fp8_mode(precision):
-    """``tiles_per_step=2`` exists in the Hopper kernel's fp8 mode only (P in e4m3 leaves registers for two
-    score tiles)."""
+def test_run_scheduled_refuses_fp8_variants_elsewhere(precision):
+    """``tiles_per_step=2`` and ``rowsum_mma`` exist in the Hopper kernel's fp8 mode only (P in e4m3 leaves
+    registers for two score tiles; the row sums multiply e4m3 P), ``rowsum_mma`` with 128-row tiles only."""
     from lvsa_kernels.triton_src.launch import run_scheduled
     from lvsa_kernels.triton_src.schedule import build_key_tiles, build_schedule
     from lvsa_kernels.triton_src.tuning import KernelConfig
@@ -549,7 +565,18 @@ def test_run_scheduled_refuses_pairs_outside_the_hopper_fp8_mode(precision):
     sched = build_schedule(layout, 16, q.device)
     with pytest.raises(ValueError, match="cfg.tiles_per_step: expected 1, got 2"):
         run_scheduled(q, q, q, sched, False, 0.1, KernelConfig(16, 16, 1, 1, tiles_per_step=2), precision=precision)
-    if precision == "fp8":  # a pair holds two ring slots; 192-row tiles walk one tile per step
+    rowsum = "cfg.rowsum_mma: the row sums on the tensor cores exist in the hopper kernel's fp8 mode"
+    with pytest.raises(ValueError, match=rowsum):
+        run_scheduled(q, q, q, sched, False, 0.1, KernelConfig(16, 16, 1, 1, rowsum_mma=True), precision=precision)
+    if precision != "fp8":
+        with pytest.raises(ValueError, match=rowsum):
+            run_scheduled(q, q, q, sched, False, 0.1, KernelConfig(128, 128, 4, 2, True, True, "hopper", 0, 1, True),
+                          precision=precision)
+    if precision == "fp8":  # a pair holds two ring slots; 192-row tiles walk one tile per step and sum on the FMA units
+        with pytest.raises(ValueError, match=rowsum):
+            run_scheduled(q, q, q, build_schedule(layout, 192, q.device), False, 0.1,
+                          KernelConfig(192, 128, 4, 2, True, True, "hopper", 0, 1, True), precision=precision,
+                          key_tiles=build_key_tiles(layout, 128, q.device, precision))
         with pytest.raises(ValueError, match="at least 2 stages"):
             run_scheduled(q, q, q, build_schedule(layout, 128, q.device), False, 0.1,
                           KernelConfig(128, 128, 4, 1, True, True, "hopper", 0, 2), precision=precision,

@@ -1,5 +1,5 @@
 """The Hopper kernels compile for sm_90a on every tested Triton release. The Gluon LVSA kernel has no register
-spill in its loops (Triton 3.8.0, and the unmeasured 192-row fp8 tiles on 3.8/3.9: at most their measured few,
+spill in its loops (Triton 3.8.0, and the unmeasured fp8 variants on 3.8/3.9: at most their measured few,
 `IN_LOOP_ALLOWANCE`); the Gluon SVOO cluster kernel
 none on the releases it is offered on (`cluster_launch.CLUSTER_TRITON`; elsewhere it only has to compile); the
 portable backward kernels at their default tiles (and the single pass's) none beyond Triton 3.6's measured few
@@ -33,10 +33,11 @@ RELEASES = {"3.6": "3.6.0", "3.7": "3.7.1", "3.8": "3.8.0", "3.9": "3.9.0"}
 # fastest launch on an H100 even so); the others none. A larger number, or spills anywhere else, fails; an allowance goes when its release
 # comes clean.
 IN_LOOP_ALLOWANCE = {("3.8", "lvsa"): 4, ("3.6", "backward"): 5}
-# fp8 with 192-row query tiles (three consumer warpgroups of 160 registers; not offered by the tuner until a GPU run
-# has measured it, which runs Triton 3.6): clean on 3.6 and 3.7, and 4 (3.8.0) or 14 (3.9.0) local-memory
-# instructions in its loops, measured 2026-12-08.
-IN_LOOP_ALLOWANCE.update({("3.8", "lvsa192"): 4, ("3.9", "lvsa192"): 14})
+# The fp8 variants no GPU run has measured yet (`hopper_configs(unmeasured=True)`; the tuner does not offer them, and
+# the GPU machine runs Triton 3.6): clean on 3.6 and 3.7; on 3.8.0 the 192-row tiles keep 4 local-memory
+# instructions in their loops, on 3.9.0 14 (192-row tiles) and 3 (two key tiles per step with the row sums on the
+# tensor cores), measured 2026-12-08.
+IN_LOOP_ALLOWANCE.update({("3.8", "lvsa-unmeasured"): 4, ("3.9", "lvsa-unmeasured"): 14})
 
 
 def test_every_tested_release_is_in_the_matrix():
@@ -90,7 +91,7 @@ def test_hopper_kernel_compiles_clean(release, tmp_path, capsys):
         if row["kernel"] == "cluster" and release not in CLUSTER_TRITON:
             continue  # not offered there: compiling is all it has to do
         family = "backward" if row["kernel"].startswith("bwd_") else row["kernel"]
-        if family == "lvsa" and row["block_m"] == 192:
-            family = "lvsa192"
+        if family == "lvsa" and row["unmeasured"]:
+            family = "lvsa-unmeasured"
         allowed = IN_LOOP_ALLOWANCE.get((release, family), 0)
         assert row["local_in_loops"] <= allowed, f"{row['variant']}: {row.get('error')}"

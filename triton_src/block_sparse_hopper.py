@@ -19,10 +19,13 @@ shared memory:
   while the other's products occupy the tensor cores. fp8 takes no turns: its products are short next to its
   softmax, and the turns only made each consumer wait for the other.
 
-Two fp8 variants wait for their first GPU measurement (`tuning.hopper_configs`' ``unmeasured``): folding the
+Three fp8 variants wait for their first GPU measurement (`tuning.hopper_configs`' ``unmeasured``): folding the
 full key tiles two per softmax step (``TILES_PER_STEP = 2``, `_attend_tile_pairs`: one product round trip,
-one running-max update and one rescale of O per two tiles), and query tiles of 192 rows with three consumers
-(``CONSUMERS = 3``, 160 registers each, so ``P V`` completes before the next ``Q K^T`` is issued).
+one running-max update and one rescale of O per two tiles); query tiles of 192 rows with three consumers
+(``CONSUMERS = 3``, 160 registers each, so ``P V`` completes before the next ``Q K^T`` is issued); and the row
+sums of P from the tensor cores (``ROWSUM_MMA``: e4m3 P times a tile of ones, an N=8 product issued with
+``P V``, in place of 64 additions per key tile and thread; the normaliser is then the sum of the rounded P
+the output is made of).
 
 Ragged key tiles (``kv_end - kv0`` below the tile's width) are the only masked ones: their scores are scaled
 first, then columns from ``kv_end`` on are set to -inf, and the V rows from ``kv_end`` on are zeroed in shared memory
@@ -66,6 +69,9 @@ from .fp8_quant import KEY_QUANT_BLOCK
 from .gluon_compat import cta_barrier, tma_load
 from .hopper_ring import HALF_M, LN2, give_turn, pass_ring, ring_barriers, wait_turn
 
+# fp8, ``rowsum_mma``: the accumulator of ``P 1``, the row sums of e4m3 P as 8 equal columns (4 registers)
+ROW_SUM_LAYOUT = gl.constexpr(gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                        instr_shape=[16, 8, 32]))
 LOG2_P_SCALE = gl.constexpr(8.807354922057604)  # fp8: P = 448 * 2^(s - m) <= 448, e4m3's largest finite value
 KEY_BLOCK = gl.constexpr(KEY_QUANT_BLOCK)  # 8-bit modes: tokens per K scale; key tiles never cross a block
 
@@ -116,7 +122,7 @@ def _full_tile_scores(s, m_i, qk_scale, bias, P_SHIFT: gl.constexpr, EXP2_POLY: 
 
 @gluon.jit
 def _softmax_step(s, m_i, l_i, kv0, kv_end, base, qk_scale, bias, BLOCK_N: gl.constexpr, s_layout: gl.constexpr,
-                  RAGGED: gl.constexpr, P_SHIFT: gl.constexpr, EXP2_POLY: gl.constexpr):
+                  RAGGED: gl.constexpr, P_SHIFT: gl.constexpr, EXP2_POLY: gl.constexpr, SUM_ROWS: gl.constexpr):
     """Fold the scores ``s * qk_scale - bias`` (``qk_scale >= 0``) of key tile ``kv0 .. kv_end`` into the
     running max/sum; returns (p, m, l, alpha) with p and l scaled by ``2^P_SHIFT`` (the exponent takes the
     scale for free). ``s [64, BLOCK_N]``: column c is key ``base + c`` (``base <= kv0``: the tile was loaded
@@ -138,13 +144,15 @@ def _softmax_step(s, m_i, l_i, kv0, kv_end, base, qk_scale, bias, BLOCK_N: gl.co
     else:
         p, m_new = _full_tile_scores(s, m_i, qk_scale, bias, P_SHIFT, EXP2_POLY)
     alpha = gl.exp2(m_i - m_new)
-    l_i = l_i * alpha + gl.sum(p, 1)
+    if SUM_ROWS:  # else the walk sums P on the tensor cores
+        l_i = l_i * alpha + gl.sum(p, 1)
     return p, m_new, l_i, alpha
 
 
 @gluon.jit
 def _fold_scores(s, m_i, l_i, kv0, kv_end, base, qk_scale, walk_scale, ks_base, s_layout: gl.constexpr,
-                 QK_INT8: gl.constexpr, RAGGED: gl.constexpr, P_SHIFT: gl.constexpr, EXP2_POLY: gl.constexpr):
+                 QK_INT8: gl.constexpr, RAGGED: gl.constexpr, P_SHIFT: gl.constexpr, EXP2_POLY: gl.constexpr,
+                 SUM_ROWS: gl.constexpr):
     """`_softmax_step` of the ``Q K^T`` accumulator ``s`` of key tile ``kv0 .. kv_end`` loaded from key
     ``base``; returns (p, m, l, alpha).
 
@@ -158,10 +166,10 @@ def _fold_scores(s, m_i, l_i, kv0, kv_end, base, qk_scale, walk_scale, ks_base, 
         c = walk_scale * gl.load(ks_base + kv0 // KEY_BLOCK)
         f = (s + 0x4B400000).to(gl.float32, bitcast=True)
         return _softmax_step(f, m_i, l_i, kv0, kv_end, base, c, 12582912.0 * c, BLOCK_N, s_layout, RAGGED,
-                             P_SHIFT, EXP2_POLY)
+                             P_SHIFT, EXP2_POLY, SUM_ROWS)
     else:
         return _softmax_step(s, m_i, l_i, kv0, kv_end, base, qk_scale, 0.0, BLOCK_N, s_layout, RAGGED, P_SHIFT,
-                             EXP2_POLY)
+                             EXP2_POLY, SUM_ROWS)
 
 
 @gluon.jit
@@ -238,8 +246,29 @@ def _v_view(v_smem, stage, N: gl.constexpr):
 
 
 @gluon.jit
+def _ones_operand(ones_smem, HALF: gl.constexpr, N: gl.constexpr):
+    """Fill this consumer's tile of ones ``[8, N]`` (e4m3) and return it as the B operand ``[N, 8]`` of the
+    row-sum product `_issue_row_sum`."""
+    buf = ones_smem.index(HALF)
+    blk: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+    buf.store(gl.full([8, N], 1.0, gl.float32, blk).to(gl.float8e4nv))
+    fence_async_shared()
+    cta_barrier()
+    return buf.permute((1, 0))
+
+
+@gluon.jit
+def _issue_row_sum(p_op, ones_t, l_acc):
+    """Issue ``l_acc += P 1`` asynchronously: the row sums of e4m3 P on the tensor cores (an N=8 product; the
+    operand P is already in registers, in the layout `ROW_SUM_LAYOUT`'s product takes)."""
+    pl_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=ROW_SUM_LAYOUT, k_width=4)
+    return warpgroup_mma(gl.convert_layout(p_op, pl_layout, assert_trivial=True), ones_t, l_acc, is_async=True)
+
+
+@gluon.jit
 def _attend_tiles(q, acc, m_i, l_i, j_lo, j_hi, turn0, pingpong, ring, scales, HALF: gl.constexpr,
-                  N: gl.constexpr, RAGGED: gl.constexpr, EXP2_POLY: gl.constexpr, CONSUMERS: gl.constexpr):
+                  N: gl.constexpr, RAGGED: gl.constexpr, EXP2_POLY: gl.constexpr, CONSUMERS: gl.constexpr,
+                  ones_smem):
     """Fold key tiles ``j_lo .. j_hi`` (> j_lo) of the row, all ``N`` keys wide, into ``(acc, m_i, l_i)``;
     ``RAGGED``: some may hold fewer keys (masked; otherwise every tile is full).
 
@@ -269,6 +298,11 @@ def _attend_tiles(q, acc, m_i, l_i, j_lo, j_hi, turn0, pingpong, ring, scales, H
         s_init = gl.zeros([ROWS, N], gl.float32, s_layout)
     m_i = gl.convert_layout(m_i, gl.SliceLayout(1, s_layout))
     l_i = gl.convert_layout(l_i, gl.SliceLayout(1, s_layout))
+    ROWSUM: gl.constexpr = ones_smem.dtype == gl.float8e4nv  # row sums on the tensor cores (fp8, rowsum_mma)
+    row_l: gl.constexpr = gl.SliceLayout(1, ROW_SUM_LAYOUT)
+    if ROWSUM:
+        ones_t = _ones_operand(ones_smem, HALF, N)
+        l_acc = gl.zeros([ROWS, 8], gl.float32, ROW_SUM_LAYOUT) + gl.convert_layout(l_i, row_l)[:, None]
 
     stage = j_lo % STAGES
     kv0 = gl.load(kv_tile_start + i_lo + j_lo)
@@ -280,26 +314,37 @@ def _attend_tiles(q, acc, m_i, l_i, j_lo, j_hi, turn0, pingpong, ring, scales, H
     s = warpgroup_mma_wait(0, deps=(s_tok, ))
     mbarrier.arrive(k_empty.index(stage), count=1)
     p, m_i, l_i, alpha = _fold_scores(s, m_i, l_i, kv0, kv_end, _tile_origin(kv0, N, FP8_PV), qk_scale, walk_scale,
-                                      ks_base, s_layout, QK_INT8, RAGGED, P_SHIFT, EXP2_POLY)
+                                      ks_base, s_layout, QK_INT8, RAGGED, P_SHIFT, EXP2_POLY, not ROWSUM)
     acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+    if ROWSUM:
+        l_acc = l_acc * gl.convert_layout(alpha, row_l)[:, None]
     for j in range(j_lo + 1, j_hi):
         prev = stage
         stage = j % STAGES
         prev_v = _v_view(v_smem, prev, N)
         if SERIAL:  # P V of the previous tile done before Q K^T is issued: P's registers take S
             mbarrier.wait(v_ready.index(prev), ((j - 1) // STAGES) & 1)
-            pv_tok = _issue_pv(_pv_operand(p, prev_v, kv0, kv_end, p_layout, N, HEAD_DIM, RAGGED), prev_v, acc)
+            p_op = _pv_operand(p, prev_v, kv0, kv_end, p_layout, N, HEAD_DIM, RAGGED)
+            pv_tok = _issue_pv(p_op, prev_v, acc)
+            if ROWSUM:
+                l_tok = _issue_row_sum(p_op, ones_t, l_acc)
             kv0 = gl.load(kv_tile_start + i_lo + j)  # read while the product runs, not after it
             kv_end = gl.load(kv_tile_end + i_lo + j)
-            acc = warpgroup_mma_wait(0, deps=(pv_tok, ))
+            if ROWSUM:
+                acc, l_acc = warpgroup_mma_wait(0, deps=(pv_tok, l_tok))
+            else:
+                acc = warpgroup_mma_wait(0, deps=(pv_tok, ))
             mbarrier.arrive(v_empty.index(prev), count=1)
             mbarrier.wait(k_ready.index(stage), (j // STAGES) & 1)
             s_tok = warpgroup_mma(q, _k_view(k_smem, stage, N), s_init, use_acc=False, is_async=True)
             s = warpgroup_mma_wait(0, deps=(s_tok, ))
             mbarrier.arrive(k_empty.index(stage), count=1)
             p, m_i, l_i, alpha = _fold_scores(s, m_i, l_i, kv0, kv_end, _tile_origin(kv0, N, FP8_PV), qk_scale,
-                                              walk_scale, ks_base, s_layout, QK_INT8, RAGGED, P_SHIFT, EXP2_POLY)
+                                              walk_scale, ks_base, s_layout, QK_INT8, RAGGED, P_SHIFT, EXP2_POLY,
+                                              not ROWSUM)
             acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+            if ROWSUM:
+                l_acc = l_acc * gl.convert_layout(alpha, row_l)[:, None]
         else:
             mbarrier.wait(k_ready.index(stage), (j // STAGES) & 1)
             mbarrier.wait(v_ready.index(prev), ((j - 1) // STAGES) & 1)
@@ -307,14 +352,21 @@ def _attend_tiles(q, acc, m_i, l_i, j_lo, j_hi, turn0, pingpong, ring, scales, H
             wait_turn(turn, HALF, turn0 + j - j_lo, pingpong)
             s_tok = warpgroup_mma(q, _k_view(k_smem, stage, N), s_init, use_acc=False, is_async=True)
             pv_tok = _issue_pv(p_op, prev_v, acc)
+            if ROWSUM:
+                l_tok = _issue_row_sum(p_op, ones_t, l_acc)
             give_turn(turn, HALF, pingpong)
             kv0 = gl.load(kv_tile_start + i_lo + j)  # read while the products run, not after them
             kv_end = gl.load(kv_tile_end + i_lo + j)
-            s = warpgroup_mma_wait(1, deps=(s_tok, ))
+            s = warpgroup_mma_wait(2 if ROWSUM else 1, deps=(s_tok, ))
             mbarrier.arrive(k_empty.index(stage), count=1)
             p, m_i, l_i, alpha = _fold_scores(s, m_i, l_i, kv0, kv_end, _tile_origin(kv0, N, FP8_PV), qk_scale,
-                                              walk_scale, ks_base, s_layout, QK_INT8, RAGGED, P_SHIFT, EXP2_POLY)
-            pv = warpgroup_mma_wait(0, deps=(pv_tok, ))
+                                              walk_scale, ks_base, s_layout, QK_INT8, RAGGED, P_SHIFT, EXP2_POLY,
+                                              not ROWSUM)
+            if ROWSUM:
+                pv, l_acc = warpgroup_mma_wait(0, deps=(pv_tok, l_tok))
+                l_acc = l_acc * gl.convert_layout(alpha, row_l)[:, None]
+            else:
+                pv = warpgroup_mma_wait(0, deps=(pv_tok, ))
             mbarrier.arrive(v_empty.index(prev), count=1)
             acc = pv * gl.convert_layout(alpha, row_o)[:, None]
     v_buf = _v_view(v_smem, stage, N)
@@ -323,14 +375,19 @@ def _attend_tiles(q, acc, m_i, l_i, j_lo, j_hi, turn0, pingpong, ring, scales, H
     wait_turn(turn, HALF, turn0 + j_hi - j_lo, pingpong)
     pv_tok = _issue_pv(p_op, v_buf, acc)
     give_turn(turn, HALF, pingpong)
-    pv = warpgroup_mma_wait(0, deps=(pv_tok, ))
+    if ROWSUM:
+        l_tok = _issue_row_sum(p_op, ones_t, l_acc)
+        pv, l_acc = warpgroup_mma_wait(0, deps=(pv_tok, l_tok))
+        l_i = gl.convert_layout(gl.max(l_acc, 1), gl.SliceLayout(1, s_layout))
+    else:
+        pv = warpgroup_mma_wait(0, deps=(pv_tok, ))
     mbarrier.arrive(v_empty.index(stage), count=1)
     acc = pv
     return acc, gl.convert_layout(m_i, row_o), gl.convert_layout(l_i, row_o)
 
 
 @gluon.jit
-def _fold_pair(sa, sb, m_i, l_i, kv_a, kv_b, walk_scale, ks_base, EXP2_POLY: gl.constexpr):
+def _fold_pair(sa, sb, m_i, l_i, kv_a, kv_b, walk_scale, ks_base, EXP2_POLY: gl.constexpr, SUM_ROWS: gl.constexpr):
     """fp8: `_fold_scores` of two full key tiles at once (``sa``, ``sb``: int32 scores of the aligned blocks from
     ``kv_a`` and ``kv_b``, one K scale each): one running-max update, one ``alpha`` and one row-sum update for
     both; returns (p_a, p_b, m, l, alpha)."""
@@ -344,12 +401,14 @@ def _fold_pair(sa, sb, m_i, l_i, kv_a, kv_b, walk_scale, ks_base, EXP2_POLY: gl.
     pa = _exp2(fa * ca - (m_new + (bias_a - LOG2_P_SCALE))[:, None], EXP2_POLY)
     pb = _exp2(fb * cb - (m_new + (bias_b - LOG2_P_SCALE))[:, None], EXP2_POLY)
     alpha = gl.exp2(m_i - m_new)
-    l_i = l_i * alpha + (gl.sum(pa, 1) + gl.sum(pb, 1))
+    if SUM_ROWS:  # else the walk sums P on the tensor cores
+        l_i = l_i * alpha + (gl.sum(pa, 1) + gl.sum(pb, 1))
     return pa, pb, m_new, l_i, alpha
 
 
 @gluon.jit
-def _attend_tile_pairs(q, acc, m_i, l_i, j_lo, j_hi, ring, scales, EXP2_POLY: gl.constexpr):
+def _attend_tile_pairs(q, acc, m_i, l_i, j_lo, j_hi, ring, scales, ones_smem, HALF: gl.constexpr,
+                       EXP2_POLY: gl.constexpr):
     """fp8: fold the full key tiles ``j_lo .. j_hi`` (an even count > 0) two per step into ``(acc, m_i, l_i)``:
     both tiles' ``Q K^T`` are issued together, one softmax step takes both, and both ``P V`` products are issued
     together, so the per-step chain (barrier waits, product round trip, reductions, rescale of O) runs once per
@@ -369,6 +428,11 @@ def _attend_tile_pairs(q, acc, m_i, l_i, j_lo, j_hi, ring, scales, EXP2_POLY: gl
     s_init = gl.zeros([ROWS, N], gl.int32, s_layout)
     m_i = gl.convert_layout(m_i, gl.SliceLayout(1, s_layout))
     l_i = gl.convert_layout(l_i, gl.SliceLayout(1, s_layout))
+    ROWSUM: gl.constexpr = ones_smem.dtype == gl.float8e4nv  # row sums on the tensor cores (rowsum_mma)
+    row_l: gl.constexpr = gl.SliceLayout(1, ROW_SUM_LAYOUT)
+    if ROWSUM:
+        ones_t = _ones_operand(ones_smem, HALF, N)
+        l_acc = gl.zeros([ROWS, 8], gl.float32, ROW_SUM_LAYOUT) + gl.convert_layout(l_i, row_l)[:, None]
 
     a = j_lo % STAGES
     b = (j_lo + 1) % STAGES
@@ -381,8 +445,11 @@ def _attend_tile_pairs(q, acc, m_i, l_i, j_lo, j_hi, ring, scales, EXP2_POLY: gl
     sa, sb = warpgroup_mma_wait(0, deps=(sa_tok, sb_tok))
     mbarrier.arrive(k_empty.index(a), count=1)
     mbarrier.arrive(k_empty.index(b), count=1)
-    pa, pb, m_i, l_i, alpha = _fold_pair(sa, sb, m_i, l_i, kv_a, kv_b, walk_scale, ks_base, EXP2_POLY)
+    pa, pb, m_i, l_i, alpha = _fold_pair(sa, sb, m_i, l_i, kv_a, kv_b, walk_scale, ks_base, EXP2_POLY,
+                                             not ROWSUM)
     acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+    if ROWSUM:
+        l_acc = l_acc * gl.convert_layout(alpha, row_l)[:, None]
     for j in range(j_lo + 2, j_hi, 2):
         prev_a = a
         prev_b = b
@@ -392,13 +459,20 @@ def _attend_tile_pairs(q, acc, m_i, l_i, j_lo, j_hi, ring, scales, EXP2_POLY: gl
         mbarrier.wait(v_ready.index(prev_b), ((j - 1) // STAGES) & 1)
         va = v_smem.index(prev_a)
         vb = v_smem.index(prev_b)
-        pv_tok = _issue_pv(_pv_operand(pa, va, 0, 0, p_layout, N, HEAD_DIM, False), va, acc)
-        pv_tok = _issue_pv(_pv_operand(pb, vb, 0, 0, p_layout, N, HEAD_DIM, False), vb, pv_tok)
+        pa_op = _pv_operand(pa, va, 0, 0, p_layout, N, HEAD_DIM, False)
+        pb_op = _pv_operand(pb, vb, 0, 0, p_layout, N, HEAD_DIM, False)
+        pv_tok = _issue_pv(pa_op, va, acc)
+        pv_tok = _issue_pv(pb_op, vb, pv_tok)
+        if ROWSUM:
+            l_tok = _issue_row_sum(pb_op, ones_t, _issue_row_sum(pa_op, ones_t, l_acc))
         mbarrier.wait(k_ready.index(a), (j // STAGES) & 1)
         sa_tok = warpgroup_mma(q, _k_view(k_smem, a, N), s_init, use_acc=False, is_async=True)
         kv_a = gl.load(kv_tile_start + i_lo + j)  # read while the products run, not after them
         kv_b = gl.load(kv_tile_start + i_lo + j + 1)
-        acc = warpgroup_mma_wait(1, deps=(pv_tok, ))  # P V done: P's registers take S_b
+        if ROWSUM:
+            acc, l_acc = warpgroup_mma_wait(1, deps=(pv_tok, l_tok))
+        else:
+            acc = warpgroup_mma_wait(1, deps=(pv_tok, ))  # P V done: P's registers take S_b
         mbarrier.arrive(v_empty.index(prev_a), count=1)
         mbarrier.arrive(v_empty.index(prev_b), count=1)
         mbarrier.wait(k_ready.index(b), ((j + 1) // STAGES) & 1)
@@ -406,15 +480,25 @@ def _attend_tile_pairs(q, acc, m_i, l_i, j_lo, j_hi, ring, scales, EXP2_POLY: gl
         sa, sb = warpgroup_mma_wait(0, deps=(sa_tok, sb_tok))
         mbarrier.arrive(k_empty.index(a), count=1)
         mbarrier.arrive(k_empty.index(b), count=1)
-        pa, pb, m_i, l_i, alpha = _fold_pair(sa, sb, m_i, l_i, kv_a, kv_b, walk_scale, ks_base, EXP2_POLY)
+        pa, pb, m_i, l_i, alpha = _fold_pair(sa, sb, m_i, l_i, kv_a, kv_b, walk_scale, ks_base, EXP2_POLY,
+                                             not ROWSUM)
         acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+        if ROWSUM:
+            l_acc = l_acc * gl.convert_layout(alpha, row_l)[:, None]
     mbarrier.wait(v_ready.index(a), ((j_hi - 2) // STAGES) & 1)
     mbarrier.wait(v_ready.index(b), ((j_hi - 1) // STAGES) & 1)
     va = v_smem.index(a)
     vb = v_smem.index(b)
-    pv_tok = _issue_pv(_pv_operand(pa, va, 0, 0, p_layout, N, HEAD_DIM, False), va, acc)
-    pv_tok = _issue_pv(_pv_operand(pb, vb, 0, 0, p_layout, N, HEAD_DIM, False), vb, pv_tok)
-    acc = warpgroup_mma_wait(0, deps=(pv_tok, ))
+    pa_op = _pv_operand(pa, va, 0, 0, p_layout, N, HEAD_DIM, False)
+    pb_op = _pv_operand(pb, vb, 0, 0, p_layout, N, HEAD_DIM, False)
+    pv_tok = _issue_pv(pa_op, va, acc)
+    pv_tok = _issue_pv(pb_op, vb, pv_tok)
+    if ROWSUM:
+        l_tok = _issue_row_sum(pb_op, ones_t, _issue_row_sum(pa_op, ones_t, l_acc))
+        acc, l_acc = warpgroup_mma_wait(0, deps=(pv_tok, l_tok))
+        l_i = gl.convert_layout(gl.max(l_acc, 1), gl.SliceLayout(1, s_layout))
+    else:
+        acc = warpgroup_mma_wait(0, deps=(pv_tok, ))
     mbarrier.arrive(v_empty.index(a), count=1)
     mbarrier.arrive(v_empty.index(b), count=1)
     return acc, gl.convert_layout(m_i, row_o), gl.convert_layout(l_i, row_o)
@@ -424,7 +508,8 @@ def _attend_tile_pairs(q, acc, m_i, l_i, j_lo, j_hi, ring, scales, EXP2_POLY: gl
 def _consume(args, HALF: gl.constexpr, TILES_PER_STEP: gl.constexpr):
     (q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, turn,
      kv_tile_start, kv_tile_end, i_lo, n_kv, n_masked, q0, q1,
-     o_base, stride_os, lse_base, qk_scale, walk_scale, ks_base, qmu_base, vs_base, k_short, EXP2_POLY) = args
+     o_base, stride_os, lse_base, qk_scale, walk_scale, ks_base, qmu_base, vs_base, k_short, EXP2_POLY,
+     ones_smem) = args
     BLOCK_N: gl.constexpr = k_smem.type.shape[1]
     HEAD_DIM: gl.constexpr = k_smem.type.shape[2]
     ROWS: gl.constexpr = q_smem.type.shape[1]
@@ -457,19 +542,20 @@ def _consume(args, HALF: gl.constexpr, TILES_PER_STEP: gl.constexpr):
         if TILES_PER_STEP == 2:  # fp8: the full tiles two per step; an odd one left joins the masked walk
             n_pairs = n_full - n_full % 2
             if n_pairs > 0:
-                acc, m_i, l_i = _attend_tile_pairs(q, acc, m_i, l_i, 0, n_pairs, ring, scales, EXP2_POLY)
+                acc, m_i, l_i = _attend_tile_pairs(q, acc, m_i, l_i, 0, n_pairs, ring, scales, ones_smem, HALF,
+                                                   EXP2_POLY)
             if n_kv > n_pairs:
                 acc, m_i, l_i = _attend_tiles(q, acc, m_i, l_i, n_pairs, n_kv, 0, pingpong, ring, scales, HALF,
-                                              BLOCK_N, True, EXP2_POLY, CONSUMERS)
+                                              BLOCK_N, True, EXP2_POLY, CONSUMERS, ones_smem)
         else:
             if n_full > 0:
                 acc, m_i, l_i = _attend_tiles(q, acc, m_i, l_i, 0, n_full, 0, pingpong, ring, scales, HALF,
-                                              BLOCK_N, False, EXP2_POLY, CONSUMERS)
+                                              BLOCK_N, False, EXP2_POLY, CONSUMERS, ones_smem)
             if SHORT_N < BLOCK_N or FP8_PV:  # a masked tail: short tiles, or fp8's ragged BLOCK_N-wide ones
                 if n_masked > 0:  # n_full + 1 turns were taken above
                     turn0 = gl.where(n_full > 0, n_full + 1, 0)
                     acc, m_i, l_i = _attend_tiles(q, acc, m_i, l_i, n_full, n_kv, turn0, pingpong, ring, scales,
-                                                  HALF, SHORT_N, True, EXP2_POLY, CONSUMERS)
+                                                  HALF, SHORT_N, True, EXP2_POLY, CONSUMERS, ones_smem)
 
     has_keys = l_i > 0.0
     l_safe = gl.where(has_keys, l_i, 1.0)
@@ -575,7 +661,7 @@ def block_sparse_attn_fwd_hopper(
     NUM_HEADS: gl.constexpr, KV_GROUP: gl.constexpr, PER_HEAD_LAYOUT: gl.constexpr,
     HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, SHORT_N: gl.constexpr, STAGES: gl.constexpr,
     Q_LAYOUT: gl.constexpr, K_LAYOUT: gl.constexpr, V_LAYOUT: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-    EXP2_POLY: gl.constexpr, TILES_PER_STEP: gl.constexpr, CONSUMERS: gl.constexpr,
+    EXP2_POLY: gl.constexpr, TILES_PER_STEP: gl.constexpr, CONSUMERS: gl.constexpr, ROWSUM_MMA: gl.constexpr,
 ):
     """Grid ``(max query tiles per layout head, B * H)``; ``num_warps`` must be 4 (the first consumer).
 
@@ -584,7 +670,9 @@ def block_sparse_attn_fwd_hopper(
     [B, H_kv, cdiv(kv_len, KEY_BLOCK)]`` (8-bit modes); V in the input dtype, or e4m3 V^T ``[B, H_kv, D, S_pad]``
     in wgmma key order, contiguous (``stride_vs`` = its channel stride = S_pad), with ``V_SCALE [B, H_kv, D]``
     (``precision="fp8"``). Unused pointers may be any tensor. ``SHORT_N``: `KeyTiles.short_n` (0: no short
-    tiles). ``EXP2_POLY``: 0, or 4 to compute one softmax exponential in 4 on the FMA units (`_exp2`)."""
+    tiles). ``EXP2_POLY``: 0, or 4 to compute one softmax exponential in 4 on the FMA units (`_exp2`).
+    fp8 only: ``TILES_PER_STEP`` 2 folds the full key tiles in pairs; ``CONSUMERS`` 3 takes 192-row query tiles;
+    ``ROWSUM_MMA`` sums P's rows on the tensor cores (two consumers)."""
     pid_t = gl.program_id(0)
     pid_bh = gl.program_id(1)
     b = pid_bh // NUM_HEADS
@@ -658,6 +746,11 @@ def block_sparse_attn_fwd_hopper(
     key_blocks = (kv_len + KEY_BLOCK - 1) // KEY_BLOCK
     consumer_args = ring + (o_base, stride_os, lse_base, qk_scale, walk_scale, K_SCALE + bh_kv * key_blocks,
                             Q_MU + (b64 * NUM_HEADS + h) * q_len, V_SCALE + bh_kv * HEAD_DIM, k_short, EXP2_POLY)
+    if ROWSUM_MMA:  # each consumer's tile of ones (`_ones_operand`)
+        ones_smem = gl.allocate_shared_memory(gl.float8e4nv, [CONSUMERS, 8, BLOCK_N], V_LAYOUT)
+    else:  # an unread placeholder of another dtype: the consumers read the choice off it
+        ones_smem = q_bar
+    consumer_args = consumer_args + (ones_smem, )
     loader_args = ring + (q_desc, k_desc, v_desc, k_short, v_short)
     if CONSUMERS == 3:
         gl.warp_specialize([

@@ -85,8 +85,9 @@ class Variant:
         poly = f" exp2_poly={self.cfg.exp2_poly}" if self.cfg.exp2_poly else ""
         pairs = f" tiles_per_step={self.cfg.tiles_per_step}" if self.cfg.tiles_per_step != 1 else ""
         rows = f" BLOCK_M={self.cfg.block_m}" if self.cfg.block_m != 128 else ""
+        rowsum = " rowsum_mma" if self.cfg.rowsum_mma else ""
         return (f"{self.kernel:7s} d{self.head_dim} {self.dtype} {self.precision:7s} BLOCK_N={self.cfg.block_n:<3d} "
-                f"stages={self.cfg.num_stages} short_n={self.short_n}{poly}{pairs}{rows}")
+                f"stages={self.cfg.num_stages} short_n={self.short_n}{poly}{pairs}{rows}{rowsum}")
 
 
 def variants(quick: bool = False) -> Iterator[Variant]:
@@ -301,7 +302,10 @@ def check(v: Variant) -> Dict[str, object]:
     """Compile one variant; its row of the report (``error`` set when it failed)."""
     row: Dict[str, object] = {"variant": v.name, **{k: val for k, val in asdict(v).items() if k != "cfg"},
                               "block_m": v.cfg.block_m, "block_n": v.cfg.block_n, "stages": v.cfg.num_stages,
-                              "exp2_poly": v.cfg.exp2_poly, "tiles_per_step": v.cfg.tiles_per_step}
+                              "exp2_poly": v.cfg.exp2_poly, "tiles_per_step": v.cfg.tiles_per_step,
+                              "rowsum_mma": v.cfg.rowsum_mma,
+                              "unmeasured": v.kernel == "lvsa" and v.cfg not in hopper_configs(v.head_dim,
+                                                                                                v.precision)}
     t0 = time.perf_counter()
     try:
         src, options = _source(v)

@@ -156,7 +156,7 @@ def hopper_meta(head_dim: int, q_dtype: torch.dtype, k_dtype: torch.dtype, v_dty
         K_LAYOUT=gl.NVMMASharedLayout.get_default_for([cfg.block_n, head_dim], _gluon_dtype(k_dtype, half)),
         V_LAYOUT=gl.NVMMASharedLayout.get_default_for(v_block, _gluon_dtype(v_dtype, half)),
         CONSUMER_REGS=HOPPER_CONSUMER_REGS[consumers], EXP2_POLY=cfg.exp2_poly, TILES_PER_STEP=cfg.tiles_per_step,
-        CONSUMERS=consumers, num_warps=4, maxnreg=HOPPER_MAXNREG[consumers],
+        CONSUMERS=consumers, ROWSUM_MMA=cfg.rowsum_mma, num_warps=4, maxnreg=HOPPER_MAXNREG[consumers],
     )
 
 
@@ -255,12 +255,13 @@ def triton_block_sparse_fwd_hopper(
     row_kv_ptr: Tensor, kv_tile_start: Tensor, kv_tile_end: Tensor, row_kv_masked: Tensor,
     max_tiles: int, per_head_layout: bool, scale: float, block_n: int, short_n: int, num_stages: int,
     precision: str = "exact", exp2_poly: int = 0, tiles_per_step: int = 1, block_m: int = 128,
+    rowsum_mma: bool = False,
 ) -> Tuple[Tensor, Tensor]:
     """Block-sparse attention forward on Hopper: returns ``(out [B, Sq, H, D], lse [B, H, Sq] float32)``."""
     B, Sq, H, D = q.shape
     out = torch.empty(B, Sq, H, D, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, Sq, dtype=torch.float32, device=q.device)
-    cfg = KernelConfig(block_m, block_n, 4, num_stages, True, True, "hopper", exp2_poly, tiles_per_step)
+    cfg = KernelConfig(block_m, block_n, 4, num_stages, True, True, "hopper", exp2_poly, tiles_per_step, rowsum_mma)
     launch_hopper(q, k, v, out, lse, (tile_ptr, tile_start, tile_end, tile_row),
                   (row_kv_ptr, kv_tile_start, kv_tile_end, row_kv_masked), short_n, max_tiles, per_head_layout, scale,
                   cfg, precision)
@@ -290,6 +291,9 @@ def check_launch(sched: KernelSchedule, key_tiles: Optional[KeyTiles], cfg: Kern
         raise ValueError(f"cfg.tiles_per_step: expected {'1 or 2' if pairs_ok else '1'}, got {cfg.tiles_per_step} "
                          f"for {cfg} at precision {precision!r} (2, full key tiles two per softmax step, exists in "
                          f"the Hopper kernel's fp8 mode only)")
+    if cfg.rowsum_mma and not (hopper and precision == "fp8" and cfg.block_m == 128):
+        raise ValueError(f"cfg.rowsum_mma: the row sums on the tensor cores exist in the hopper kernel's fp8 mode "
+                         f"with 128-row tiles only, got {cfg} at precision {precision!r}")
     if not hopper:
         return
     if cfg.block_m not in ((128, 192) if precision == "fp8" else (128,)):
@@ -322,7 +326,7 @@ def run_scheduled(q: Tensor, k: Tensor, v: Tensor, sched: KernelSchedule, per_he
             return torch.ops.lvsa_kernels.triton_block_sparse_fwd_hopper(
                 q, k, v, *sched.tensors()[:4], *key_tiles.tensors(), sched.max_tiles, per_head_layout, scale,
                 cfg.block_n, key_tiles.short_n, cfg.num_stages, precision, cfg.exp2_poly, cfg.tiles_per_step,
-                cfg.block_m)
+                cfg.block_m, cfg.rowsum_mma)
         return torch.ops.lvsa_kernels.triton_block_sparse_fwd(
             q, k, v, *sched.tensors(), sched.max_tiles, per_head_layout, scale,
             cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, cfg.use_tma, cfg.warp_spec, precision)

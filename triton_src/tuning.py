@@ -37,12 +37,15 @@ class KernelConfig:
     kernel: str = "portable"  # "portable" (block_sparse_fwd.py) or "hopper" (block_sparse_hopper.py, sm_90 only)
     exp2_poly: int = 0  # hopper: 4 = one softmax exponential in 4 on the FMA units; 0: none
     tiles_per_step: int = 1  # hopper fp8: 2 = full key tiles folded two per softmax step; 1: one
+    rowsum_mma: bool = False  # hopper fp8, 128-row tiles: the row sums of P on the tensor cores
 
     def __str__(self) -> str:
         if self.kernel == "hopper":
             poly = f" exp2_poly={self.exp2_poly}" if self.exp2_poly else ""
             pairs = f" tiles_per_step={self.tiles_per_step}" if self.tiles_per_step != 1 else ""
-            return f"hopper BLOCK_M={self.block_m} BLOCK_N={self.block_n} stages={self.num_stages}{poly}{pairs}"
+            rowsum = " rowsum_mma" if self.rowsum_mma else ""
+            return (f"hopper BLOCK_M={self.block_m} BLOCK_N={self.block_n} stages={self.num_stages}{poly}{pairs}"
+                    f"{rowsum}")
         return (f"BLOCK_M={self.block_m} BLOCK_N={self.block_n} warps={self.num_warps} "
                 f"stages={self.num_stages} tma={self.use_tma} warp_spec={self.warp_spec}")
 
@@ -53,9 +56,10 @@ INTERPRETER_CONFIG = KernelConfig(block_m=16, block_n=16, num_warps=1, num_stage
 def hopper_configs(head_dim: int, precision: str = "exact", unmeasured: bool = False) -> List[KernelConfig]:
     """Configs of the warp-specialised Hopper kernel (128-row query tiles; shared memory holds Q and the ring,
     whose 8-bit K (and V^T) tiles take half the bytes, leaving room for a deeper ring). ``unmeasured``: also
-    the fp8 variants no GPU run has timed yet, two key tiles per softmax step (``tiles_per_step=2``) and
-    192-row query tiles (``block_m=192``): compiled by `compile_check`, run by the GPU tests and the sweep's
-    ``--unmeasured``; the tuner leaves them out until a run has measured them."""
+    the fp8 variants no GPU run has timed yet, two key tiles per softmax step (``tiles_per_step=2``),
+    192-row query tiles (``block_m=192``) and the row sums on the tensor cores (``rowsum_mma``): compiled by
+    `compile_check`, run by the GPU tests and the sweep's ``--unmeasured``; the tuner leaves them out until a
+    run has measured them."""
     # Fastest first, measured at Wan T=121 W=4 (exact: H200, bench/results/h200_hopper_sweep_run2.json; int8_qk:
     # H100, h100_s5_sweep_8bit_call2.json; fp8: H100, h100_s10_sweep_fp8_no_turns.json). fp8 also with one softmax
     # exponential in 4 on the FMA units (exp2_poly=4: 2% faster in the fifth session, 3% slower since the wgmma
@@ -72,6 +76,9 @@ def hopper_configs(head_dim: int, precision: str = "exact", unmeasured: bool = F
         # key tiles two per softmax step, and 192-row query tiles (three consumer warpgroups)
         configs += [KernelConfig(128, 128, 4, stages, True, True, "hopper", 0, 2) for stages in (4, 6)]
         configs += [KernelConfig(192, 128, 4, stages, True, True, "hopper") for stages in (2, 4)]
+        # the row sums of P on the tensor cores, one and two key tiles per step
+        configs += [KernelConfig(128, 128, 4, stages, True, True, "hopper", 0, tiles, True)
+                    for stages, tiles in ((2, 1), (4, 2))]
     return configs
 
 
@@ -114,6 +121,9 @@ def _valid_config(key: str, raw: Any) -> Optional[KernelConfig]:
     if type(raw["tiles_per_step"]) is not int or raw["tiles_per_step"] not in (1, 2) or (
             raw["tiles_per_step"] == 2 and (raw["kernel"] != "hopper" or raw["block_m"] != 128
                                             or raw["num_stages"] < 2)):
+        return None
+    if type(raw["rowsum_mma"]) is not bool or (raw["rowsum_mma"] and (raw["kernel"] != "hopper"
+                                                                   or raw["block_m"] != 128)):
         return None
     if type(raw["exp2_poly"]) is not int or raw["exp2_poly"] not in (0, 4) or (
             raw["exp2_poly"] and raw["kernel"] != "hopper"):
