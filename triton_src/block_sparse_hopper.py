@@ -258,17 +258,20 @@ def _ones_operand(ones_smem, HALF: gl.constexpr, N: gl.constexpr):
 
 
 @gluon.jit
-def _issue_row_sum(p_op, ones_t, l_acc):
-    """Issue ``l_acc += P 1`` asynchronously: the row sums of e4m3 P on the tensor cores (an N=8 product; the
-    operand P is already in registers, in the layout `ROW_SUM_LAYOUT`'s product takes)."""
+def _issue_row_sum(p_op, ones_t, acc, USE_ACC: gl.constexpr):
+    """Issue ``P 1`` (``USE_ACC``: ``acc + P 1``) asynchronously: the row sums of e4m3 P on the tensor cores (an
+    N=8 product; the operand P is already in registers, in the layout `ROW_SUM_LAYOUT`'s product takes). The
+    walks take a fresh product per step and add it to their running sums in float32: the tensor cores' own
+    accumulation over a whole row would keep only some 14 bits of mantissa, and lse reads l directly."""
     pl_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=ROW_SUM_LAYOUT, k_width=4)
-    return warpgroup_mma(gl.convert_layout(p_op, pl_layout, assert_trivial=True), ones_t, l_acc, is_async=True)
+    return warpgroup_mma(gl.convert_layout(p_op, pl_layout, assert_trivial=True), ones_t, acc, use_acc=USE_ACC,
+                         is_async=True)
 
 
 @gluon.jit
 def _attend_tiles(q, acc, m_i, l_i, j_lo, j_hi, turn0, pingpong, ring, scales, HALF: gl.constexpr,
                   N: gl.constexpr, RAGGED: gl.constexpr, EXP2_POLY: gl.constexpr, CONSUMERS: gl.constexpr,
-                  ones_smem):
+                  ones_t):
     """Fold key tiles ``j_lo .. j_hi`` (> j_lo) of the row, all ``N`` keys wide, into ``(acc, m_i, l_i)``;
     ``RAGGED``: some may hold fewer keys (masked; otherwise every tile is full).
 
@@ -298,11 +301,11 @@ def _attend_tiles(q, acc, m_i, l_i, j_lo, j_hi, turn0, pingpong, ring, scales, H
         s_init = gl.zeros([ROWS, N], gl.float32, s_layout)
     m_i = gl.convert_layout(m_i, gl.SliceLayout(1, s_layout))
     l_i = gl.convert_layout(l_i, gl.SliceLayout(1, s_layout))
-    ROWSUM: gl.constexpr = ones_smem.dtype == gl.float8e4nv  # row sums on the tensor cores (fp8, rowsum_mma)
+    ROWSUM: gl.constexpr = ones_t.dtype == gl.float8e4nv  # row sums on the tensor cores (fp8, rowsum_mma)
     row_l: gl.constexpr = gl.SliceLayout(1, ROW_SUM_LAYOUT)
-    if ROWSUM:
-        ones_t = _ones_operand(ones_smem, HALF, N)
-        l_acc = gl.zeros([ROWS, 8], gl.float32, ROW_SUM_LAYOUT) + gl.convert_layout(l_i, row_l)[:, None]
+    if ROWSUM:  # l_acc: the running sums in float32, 8 equal columns; l_zero: each step's fresh product
+        l_zero = gl.zeros([ROWS, 8], gl.float32, ROW_SUM_LAYOUT)
+        l_acc = l_zero + gl.convert_layout(l_i, row_l)[:, None]
 
     stage = j_lo % STAGES
     kv0 = gl.load(kv_tile_start + i_lo + j_lo)
@@ -327,11 +330,12 @@ def _attend_tiles(q, acc, m_i, l_i, j_lo, j_hi, turn0, pingpong, ring, scales, H
             p_op = _pv_operand(p, prev_v, kv0, kv_end, p_layout, N, HEAD_DIM, RAGGED)
             pv_tok = _issue_pv(p_op, prev_v, acc)
             if ROWSUM:
-                l_tok = _issue_row_sum(p_op, ones_t, l_acc)
+                l_tok = _issue_row_sum(p_op, ones_t, l_zero, False)
             kv0 = gl.load(kv_tile_start + i_lo + j)  # read while the product runs, not after it
             kv_end = gl.load(kv_tile_end + i_lo + j)
             if ROWSUM:
-                acc, l_acc = warpgroup_mma_wait(0, deps=(pv_tok, l_tok))
+                acc, l_step = warpgroup_mma_wait(0, deps=(pv_tok, l_tok))
+                l_acc = l_acc + l_step
             else:
                 acc = warpgroup_mma_wait(0, deps=(pv_tok, ))
             mbarrier.arrive(v_empty.index(prev), count=1)
@@ -353,7 +357,7 @@ def _attend_tiles(q, acc, m_i, l_i, j_lo, j_hi, turn0, pingpong, ring, scales, H
             s_tok = warpgroup_mma(q, _k_view(k_smem, stage, N), s_init, use_acc=False, is_async=True)
             pv_tok = _issue_pv(p_op, prev_v, acc)
             if ROWSUM:
-                l_tok = _issue_row_sum(p_op, ones_t, l_acc)
+                l_tok = _issue_row_sum(p_op, ones_t, l_zero, False)
             give_turn(turn, HALF, pingpong)
             kv0 = gl.load(kv_tile_start + i_lo + j)  # read while the products run, not after them
             kv_end = gl.load(kv_tile_end + i_lo + j)
@@ -363,8 +367,8 @@ def _attend_tiles(q, acc, m_i, l_i, j_lo, j_hi, turn0, pingpong, ring, scales, H
                                               walk_scale, ks_base, s_layout, QK_INT8, RAGGED, P_SHIFT, EXP2_POLY,
                                               not ROWSUM)
             if ROWSUM:
-                pv, l_acc = warpgroup_mma_wait(0, deps=(pv_tok, l_tok))
-                l_acc = l_acc * gl.convert_layout(alpha, row_l)[:, None]
+                pv, l_step = warpgroup_mma_wait(0, deps=(pv_tok, l_tok))
+                l_acc = (l_acc + l_step) * gl.convert_layout(alpha, row_l)[:, None]
             else:
                 pv = warpgroup_mma_wait(0, deps=(pv_tok, ))
             mbarrier.arrive(v_empty.index(prev), count=1)
@@ -374,11 +378,12 @@ def _attend_tiles(q, acc, m_i, l_i, j_lo, j_hi, turn0, pingpong, ring, scales, H
     p_op = _pv_operand(p, v_buf, kv0, kv_end, p_layout, N, HEAD_DIM, RAGGED)
     wait_turn(turn, HALF, turn0 + j_hi - j_lo, pingpong)
     pv_tok = _issue_pv(p_op, v_buf, acc)
+    if ROWSUM:
+        l_tok = _issue_row_sum(p_op, ones_t, l_zero, False)
     give_turn(turn, HALF, pingpong)
     if ROWSUM:
-        l_tok = _issue_row_sum(p_op, ones_t, l_acc)
-        pv, l_acc = warpgroup_mma_wait(0, deps=(pv_tok, l_tok))
-        l_i = gl.convert_layout(gl.max(l_acc, 1), gl.SliceLayout(1, s_layout))
+        pv, l_step = warpgroup_mma_wait(0, deps=(pv_tok, l_tok))
+        l_i = gl.convert_layout(gl.max(l_acc + l_step, 1), gl.SliceLayout(1, s_layout))
     else:
         pv = warpgroup_mma_wait(0, deps=(pv_tok, ))
     mbarrier.arrive(v_empty.index(stage), count=1)
@@ -407,7 +412,7 @@ def _fold_pair(sa, sb, m_i, l_i, kv_a, kv_b, walk_scale, ks_base, EXP2_POLY: gl.
 
 
 @gluon.jit
-def _attend_tile_pairs(q, acc, m_i, l_i, j_lo, j_hi, ring, scales, ones_smem, HALF: gl.constexpr,
+def _attend_tile_pairs(q, acc, m_i, l_i, j_lo, j_hi, ring, scales, ones_t, HALF: gl.constexpr,
                        EXP2_POLY: gl.constexpr):
     """fp8: fold the full key tiles ``j_lo .. j_hi`` (an even count > 0) two per step into ``(acc, m_i, l_i)``:
     both tiles' ``Q K^T`` are issued together, one softmax step takes both, and both ``P V`` products are issued
@@ -428,11 +433,11 @@ def _attend_tile_pairs(q, acc, m_i, l_i, j_lo, j_hi, ring, scales, ones_smem, HA
     s_init = gl.zeros([ROWS, N], gl.int32, s_layout)
     m_i = gl.convert_layout(m_i, gl.SliceLayout(1, s_layout))
     l_i = gl.convert_layout(l_i, gl.SliceLayout(1, s_layout))
-    ROWSUM: gl.constexpr = ones_smem.dtype == gl.float8e4nv  # row sums on the tensor cores (rowsum_mma)
+    ROWSUM: gl.constexpr = ones_t.dtype == gl.float8e4nv  # row sums on the tensor cores (rowsum_mma)
     row_l: gl.constexpr = gl.SliceLayout(1, ROW_SUM_LAYOUT)
-    if ROWSUM:
-        ones_t = _ones_operand(ones_smem, HALF, N)
-        l_acc = gl.zeros([ROWS, 8], gl.float32, ROW_SUM_LAYOUT) + gl.convert_layout(l_i, row_l)[:, None]
+    if ROWSUM:  # l_acc: the running sums in float32 (see `_issue_row_sum`); l_zero: each pair's fresh product
+        l_zero = gl.zeros([ROWS, 8], gl.float32, ROW_SUM_LAYOUT)
+        l_acc = l_zero + gl.convert_layout(l_i, row_l)[:, None]
 
     a = j_lo % STAGES
     b = (j_lo + 1) % STAGES
@@ -464,13 +469,14 @@ def _attend_tile_pairs(q, acc, m_i, l_i, j_lo, j_hi, ring, scales, ones_smem, HA
         pv_tok = _issue_pv(pa_op, va, acc)
         pv_tok = _issue_pv(pb_op, vb, pv_tok)
         if ROWSUM:
-            l_tok = _issue_row_sum(pb_op, ones_t, _issue_row_sum(pa_op, ones_t, l_acc))
+            l_tok = _issue_row_sum(pb_op, ones_t, _issue_row_sum(pa_op, ones_t, l_zero, False), True)
         mbarrier.wait(k_ready.index(a), (j // STAGES) & 1)
         sa_tok = warpgroup_mma(q, _k_view(k_smem, a, N), s_init, use_acc=False, is_async=True)
         kv_a = gl.load(kv_tile_start + i_lo + j)  # read while the products run, not after them
         kv_b = gl.load(kv_tile_start + i_lo + j + 1)
         if ROWSUM:
-            acc, l_acc = warpgroup_mma_wait(1, deps=(pv_tok, l_tok))
+            acc, l_step = warpgroup_mma_wait(1, deps=(pv_tok, l_tok))
+            l_acc = l_acc + l_step
         else:
             acc = warpgroup_mma_wait(1, deps=(pv_tok, ))  # P V done: P's registers take S_b
         mbarrier.arrive(v_empty.index(prev_a), count=1)
@@ -494,9 +500,9 @@ def _attend_tile_pairs(q, acc, m_i, l_i, j_lo, j_hi, ring, scales, ones_smem, HA
     pv_tok = _issue_pv(pa_op, va, acc)
     pv_tok = _issue_pv(pb_op, vb, pv_tok)
     if ROWSUM:
-        l_tok = _issue_row_sum(pb_op, ones_t, _issue_row_sum(pa_op, ones_t, l_acc))
-        acc, l_acc = warpgroup_mma_wait(0, deps=(pv_tok, l_tok))
-        l_i = gl.convert_layout(gl.max(l_acc, 1), gl.SliceLayout(1, s_layout))
+        l_tok = _issue_row_sum(pb_op, ones_t, _issue_row_sum(pa_op, ones_t, l_zero, False), True)
+        acc, l_step = warpgroup_mma_wait(0, deps=(pv_tok, l_tok))
+        l_i = gl.convert_layout(gl.max(l_acc + l_step, 1), gl.SliceLayout(1, s_layout))
     else:
         acc = warpgroup_mma_wait(0, deps=(pv_tok, ))
     mbarrier.arrive(v_empty.index(a), count=1)
@@ -538,24 +544,28 @@ def _consume(args, HALF: gl.constexpr, TILES_PER_STEP: gl.constexpr):
         mbarrier.wait(q_bar.index(HALF), 0)
         ring = (k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn, kv_tile_start, kv_tile_end, i_lo)
         scales = (qk_scale, walk_scale, ks_base)
+        if ones_smem.dtype == gl.float8e4nv:  # rowsum_mma: this consumer's tile of ones, filled once
+            ones_t = _ones_operand(ones_smem, HALF, BLOCK_N)
+        else:
+            ones_t = ones_smem
         n_full = n_kv - n_masked
         if TILES_PER_STEP == 2:  # fp8: the full tiles two per step; an odd one left joins the masked walk
             n_pairs = n_full - n_full % 2
             if n_pairs > 0:
-                acc, m_i, l_i = _attend_tile_pairs(q, acc, m_i, l_i, 0, n_pairs, ring, scales, ones_smem, HALF,
+                acc, m_i, l_i = _attend_tile_pairs(q, acc, m_i, l_i, 0, n_pairs, ring, scales, ones_t, HALF,
                                                    EXP2_POLY)
             if n_kv > n_pairs:
                 acc, m_i, l_i = _attend_tiles(q, acc, m_i, l_i, n_pairs, n_kv, 0, pingpong, ring, scales, HALF,
-                                              BLOCK_N, True, EXP2_POLY, CONSUMERS, ones_smem)
+                                              BLOCK_N, True, EXP2_POLY, CONSUMERS, ones_t)
         else:
             if n_full > 0:
                 acc, m_i, l_i = _attend_tiles(q, acc, m_i, l_i, 0, n_full, 0, pingpong, ring, scales, HALF,
-                                              BLOCK_N, False, EXP2_POLY, CONSUMERS, ones_smem)
+                                              BLOCK_N, False, EXP2_POLY, CONSUMERS, ones_t)
             if SHORT_N < BLOCK_N or FP8_PV:  # a masked tail: short tiles, or fp8's ragged BLOCK_N-wide ones
                 if n_masked > 0:  # n_full + 1 turns were taken above
                     turn0 = gl.where(n_full > 0, n_full + 1, 0)
                     acc, m_i, l_i = _attend_tiles(q, acc, m_i, l_i, n_full, n_kv, turn0, pingpong, ring, scales,
-                                                  HALF, SHORT_N, True, EXP2_POLY, CONSUMERS, ones_smem)
+                                                  HALF, SHORT_N, True, EXP2_POLY, CONSUMERS, ones_t)
 
     has_keys = l_i > 0.0
     l_safe = gl.where(has_keys, l_i, 1.0)
@@ -746,6 +756,7 @@ def block_sparse_attn_fwd_hopper(
     key_blocks = (kv_len + KEY_BLOCK - 1) // KEY_BLOCK
     consumer_args = ring + (o_base, stride_os, lse_base, qk_scale, walk_scale, K_SCALE + bh_kv * key_blocks,
                             Q_MU + (b64 * NUM_HEADS + h) * q_len, V_SCALE + bh_kv * HEAD_DIM, k_short, EXP2_POLY)
+    gl.static_assert(not ROWSUM_MMA or (FP8_PV and CONSUMERS == 2), "rowsum_mma: fp8 with two consumers only")
     if ROWSUM_MMA:  # each consumer's tile of ones (`_ones_operand`)
         ones_smem = gl.allocate_shared_memory(gl.float8e4nv, [CONSUMERS, 8, BLOCK_N], V_LAYOUT)
     else:  # an unread placeholder of another dtype: the consumers read the choice off it
