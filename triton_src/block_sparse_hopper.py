@@ -284,6 +284,7 @@ def _attend_tiles(q, acc, m_i, l_i, j_lo, j_hi, turn0, pingpong, ring, scales, H
     STAGES: gl.constexpr = k_smem.type.shape[0]
     ROWS: gl.constexpr = q.type.shape[0]
     SERIAL: gl.constexpr = CONSUMERS > 2  # three consumers: 160 registers each, no room for both products
+    gl.static_assert(not SERIAL or ones_t.dtype != gl.float8e4nv, "three consumers sum P on the FMA units")
     HEAD_DIM: gl.constexpr = k_smem.type.shape[2]
     QK_INT8: gl.constexpr = q.dtype == gl.int8
     FP8_PV: gl.constexpr = v_smem.dtype == gl.float8e4nv
@@ -327,17 +328,10 @@ def _attend_tiles(q, acc, m_i, l_i, j_lo, j_hi, turn0, pingpong, ring, scales, H
         prev_v = _v_view(v_smem, prev, N)
         if SERIAL:  # P V of the previous tile done before Q K^T is issued: P's registers take S
             mbarrier.wait(v_ready.index(prev), ((j - 1) // STAGES) & 1)
-            p_op = _pv_operand(p, prev_v, kv0, kv_end, p_layout, N, HEAD_DIM, RAGGED)
-            pv_tok = _issue_pv(p_op, prev_v, acc)
-            if ROWSUM:
-                l_tok = _issue_row_sum(p_op, ones_t, l_zero, False)
+            pv_tok = _issue_pv(_pv_operand(p, prev_v, kv0, kv_end, p_layout, N, HEAD_DIM, RAGGED), prev_v, acc)
             kv0 = gl.load(kv_tile_start + i_lo + j)  # read while the product runs, not after it
             kv_end = gl.load(kv_tile_end + i_lo + j)
-            if ROWSUM:
-                acc, l_step = warpgroup_mma_wait(0, deps=(pv_tok, l_tok))
-                l_acc = l_acc + l_step
-            else:
-                acc = warpgroup_mma_wait(0, deps=(pv_tok, ))
+            acc = warpgroup_mma_wait(0, deps=(pv_tok, ))
             mbarrier.arrive(v_empty.index(prev), count=1)
             mbarrier.wait(k_ready.index(stage), (j // STAGES) & 1)
             s_tok = warpgroup_mma(q, _k_view(k_smem, stage, N), s_init, use_acc=False, is_async=True)
@@ -345,10 +339,8 @@ def _attend_tiles(q, acc, m_i, l_i, j_lo, j_hi, turn0, pingpong, ring, scales, H
             mbarrier.arrive(k_empty.index(stage), count=1)
             p, m_i, l_i, alpha = _fold_scores(s, m_i, l_i, kv0, kv_end, _tile_origin(kv0, N, FP8_PV), qk_scale,
                                               walk_scale, ks_base, s_layout, QK_INT8, RAGGED, P_SHIFT, EXP2_POLY,
-                                              not ROWSUM)
+                                              True)
             acc = acc * gl.convert_layout(alpha, row_o)[:, None]
-            if ROWSUM:
-                l_acc = l_acc * gl.convert_layout(alpha, row_l)[:, None]
         else:
             mbarrier.wait(k_ready.index(stage), (j // STAGES) & 1)
             mbarrier.wait(v_ready.index(prev), ((j - 1) // STAGES) & 1)
@@ -584,34 +576,6 @@ def _consume(args, HALF: gl.constexpr, TILES_PER_STEP: gl.constexpr):
     gl.store(lse_base + rows_o, lse, mask=rows_o < q1)
 
 
-# The partitions' entry points. Constexprs reach them as arguments of their own (the consumer's index,
-# TILES_PER_STEP), not through the argument tuple: Triton 3.8 passes a tuple's constexprs as run-time values, and
-# there a branch on one that calls a function fails to compile.
-@gluon.jit
-def _consume_first_half(args):
-    _consume(args, 0, 1)
-
-
-@gluon.jit
-def _consume_second_half(args):
-    _consume(args, 1, 1)
-
-
-@gluon.jit
-def _consume_third_part(args):
-    _consume(args, 2, 1)
-
-
-@gluon.jit
-def _consume_first_half_pairs(args):
-    _consume(args, 0, 2)
-
-
-@gluon.jit
-def _consume_second_half_pairs(args):
-    _consume(args, 1, 2)
-
-
 @gluon.jit
 def _load(args):
     (q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, turn,
@@ -763,22 +727,18 @@ def block_sparse_attn_fwd_hopper(
         ones_smem = q_bar
     consumer_args = consumer_args + (ones_smem, )
     loader_args = ring + (q_desc, k_desc, v_desc, k_short, v_short)
+    # a consumer's constexprs are arguments of their own: Triton 3.8 passes the constexprs inside a tuple as
+    # run-time values, and there a branch on one that calls a function fails to compile
     if CONSUMERS == 3:
         gl.warp_specialize([
-            (_consume_first_half, (consumer_args, )),
-            (_consume_second_half, (consumer_args, )),
-            (_consume_third_part, (consumer_args, )),
+            (_consume, (consumer_args, 0, TILES_PER_STEP)),
+            (_consume, (consumer_args, 1, TILES_PER_STEP)),
+            (_consume, (consumer_args, 2, TILES_PER_STEP)),
             (_load, (loader_args, )),
         ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, 32])
-    elif TILES_PER_STEP == 2:
-        gl.warp_specialize([
-            (_consume_first_half_pairs, (consumer_args, )),
-            (_consume_second_half_pairs, (consumer_args, )),
-            (_load, (loader_args, )),
-        ], [4, 1], [CONSUMER_REGS, 32])
     else:
         gl.warp_specialize([
-            (_consume_first_half, (consumer_args, )),
-            (_consume_second_half, (consumer_args, )),
+            (_consume, (consumer_args, 0, TILES_PER_STEP)),
+            (_consume, (consumer_args, 1, TILES_PER_STEP)),
             (_load, (loader_args, )),
         ], [4, 1], [CONSUMER_REGS, 32])
