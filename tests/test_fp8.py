@@ -13,8 +13,7 @@ from lvsa_kernels import BackendUnavailable, BlockSparseLayout, LVSAPattern, blo
 from lvsa_kernels import dispatch
 from lvsa_kernels.backends import get_backend
 from lvsa_kernels.reference.fp8 import (KEY_QUANT_BLOCK, _steps, _walk, fp8_reference_attention, key_mean,
-                                        quantize_int8,
-                                        quantize_keys, value_channel_scale)
+                                        quantize_int8, quantize_keys, value_channel_scale)
 
 CUDA = torch.cuda.is_available()
 FP8_GPU = CUDA and torch.cuda.get_device_capability() >= (8, 9)
@@ -362,8 +361,8 @@ def test_hopper_kernel_matches_fake_quant(layout_name, dist, strided, mode, cfg,
                          ids=lambda x: str(x).replace(" ", "_"))
 @pytest.mark.parametrize("layout_name", ["wide_frames", "aligned_blocks"])
 def test_hopper_unmeasured_fp8_variants_at_head_dim_64(layout_name, cfg):
-    """The variants waiting for their first GPU measurement (two key tiles per step, 192-row tiles) at head
-    dim 64 too, on the layouts where the pair walk runs."""
+    """The variants waiting for their first GPU measurement (two key tiles per step, 192-row tiles, row sums on
+    the tensor cores) at head dim 64 too, on the layouts where the pair walk runs."""
     _check_hopper_8bit(LAYOUTS[layout_name], "normal", False, cfg[0], cfg[1], torch.bfloat16, 64)
 
 
@@ -576,7 +575,7 @@ def test_run_scheduled_refuses_fp8_variants_elsewhere(precision):
         with pytest.raises(ValueError, match=rowsum):
             run_scheduled(q, q, q, sched, False, 0.1, KernelConfig(128, 128, 4, 2, True, True, "hopper", 0, 1, True),
                           precision=precision)
-    if precision == "fp8":  # a pair holds two ring slots; 192-row tiles walk one tile per step and sum on the FMA units
+    else:  # a pair holds two ring slots; 192-row tiles walk one tile per step and sum on the FMA units
         with pytest.raises(ValueError, match=rowsum):
             run_scheduled(q, q, q, build_schedule(layout, 192, q.device), False, 0.1,
                           KernelConfig(192, 128, 4, 2, True, True, "hopper", 0, 1, True), precision=precision,

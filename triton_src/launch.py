@@ -103,9 +103,9 @@ def launch_hopper(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, sch
     """Run the Hopper kernel (same contract as `launch`); a negative ``scale`` runs as ``-q`` with ``-scale``.
 
     ``key_tiles``: `KeyTiles.tensors()` built for ``precision`` (``short_n``: its `KeyTiles.short_n`). The 8-bit
-    precisions quantize first: K and V with `quantize_kv`, Q per 128-row schedule tile with `quantize_q_tiles`
-    (the kernel reads Q through TMA, so it cannot quantize it on the fly). ``cfg.block_m``: the schedule's
-    query tile height, 128, or 192 (three consumer warpgroups; fp8 only); Q is quantized per tile of it."""
+    precisions quantize first: K and V with `quantize_kv`, Q per schedule tile with `quantize_q_tiles` (the
+    kernel reads Q through TMA, so it cannot quantize it on the fly). ``cfg.block_m``: the schedule's query tile
+    height, 128, or 192 (three consumer warpgroups; fp8 only)."""
     _check_precision(precision)
     from .block_sparse_hopper import block_sparse_attn_fwd_hopper
 

@@ -39,6 +39,12 @@ class KernelConfig:
     tiles_per_step: int = 1  # hopper fp8: 2 = full key tiles folded two per softmax step; 1: one
     rowsum_mma: bool = False  # hopper fp8, 128-row tiles: the row sums of P on the tensor cores
 
+    @property
+    def fp8_only(self) -> bool:
+        """Whether this is a Hopper variant that exists in fp8 only (two key tiles per step, 192-row tiles, row
+        sums on the tensor cores)."""
+        return self.kernel == "hopper" and (self.tiles_per_step != 1 or self.block_m != 128 or self.rowsum_mma)
+
     def __str__(self) -> str:
         if self.kernel == "hopper":
             poly = f" exp2_poly={self.exp2_poly}" if self.exp2_poly else ""

@@ -200,9 +200,8 @@ def _tma_strides_ok(q: Tensor, k: Tensor, v: Tensor) -> bool:
 
 def _config_can_run(cfg, hopper_ok: bool, tma_ok: bool, precision: str) -> bool:
     """Whether a cached config fits these inputs (a hand-edited or stale cache entry is tuned again)."""
-    if cfg.kernel == "hopper":  # two key tiles per step, 192-row tiles and row sums on the tensor cores: fp8 only
-        fp8_only = cfg.tiles_per_step != 1 or cfg.block_m != 128 or cfg.rowsum_mma
-        return hopper_ok and (precision == "fp8" or not fp8_only)
+    if cfg.kernel == "hopper":
+        return hopper_ok and (precision == "fp8" or not cfg.fp8_only)
     return not cfg.use_tma or (tma_ok and precision != "fp8")
 
 
